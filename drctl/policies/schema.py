@@ -1,0 +1,190 @@
+"""The DR policy file as pydantic models.
+
+The seed's ``dr-policy.yaml`` (seed §4.1) loads exactly as written: camelCase keys per model, the
+snake_case ``az_failover`` section, duration strings, ``rpo: 0``. Every section it does not have
+gets a default that a platform team would pick. Unknown keys are errors, so a typo is named instead
+of silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic.alias_generators import to_camel
+
+from drctl.policies.durations import format_duration, parse_duration
+from drctl.policies.sizes import parse_size
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+"""A duration written as ``10s``/``1m``/``0`` in the file and serialised back the same way."""
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$"
+"""DNS-label-like: safe in Envoy cluster names, workflow IDs, file names and Kubernetes labels."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Priority(StrEnum):
+    """How much a model matters when capacity is short. Critical models are recovered first."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+
+    @property
+    def rank(self) -> int:
+        """Higher is more important."""
+        return {Priority.CRITICAL: 2, Priority.HIGH: 1, Priority.NORMAL: 0}[self]
+
+
+class ModelPolicy(_Section):
+    """What one model needs: how many serving instances, standbys per tier, and its recovery targets."""
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    priority: Priority = Priority.NORMAL
+    tenant: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = "default"
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    """Serving instances (priority 0 in the load balancer). The seed implies one."""
+    hot_standby: Annotated[int, Field(ge=0, le=64)] = 0
+    warm_standby: Annotated[int, Field(ge=0, le=64)] = 0
+    cold_standby: Annotated[int, Field(ge=0, le=64)] = 0
+    rto: Duration = timedelta(minutes=5)
+    rpo: Duration = timedelta(minutes=5)
+    gpu_memory: ByteSize = parse_size("16Gi")
+    """GPU memory one loaded instance needs (used by placement)."""
+    checkpoint_size: ByteSize | None = None
+    """Size of the demo checkpoint on the local platform; defaults to ``local.checkpointSize``."""
+
+
+class ZoneFailoverStrategy(StrEnum):
+    ACTIVE_PASSIVE = "active-passive"
+
+
+class ZoneFailoverPolicy(_Section):
+    """The seed's ``az_failover`` section: active-passive across zones."""
+
+    strategy: ZoneFailoverStrategy = ZoneFailoverStrategy.ACTIVE_PASSIVE
+    active_zones: list[str] = Field(default_factory=lambda: ["az-1"])
+    standby_zone: str | None = None
+    health_check_interval: Duration = timedelta(seconds=10)
+    failover_threshold: Annotated[int, Field(ge=1)] = 3
+
+
+class HealthCheckPolicy(_Section):
+    """Envoy's active health check of every endpoint (seed §3: 5 s / 3 fails / 2 passes).
+
+    The local default checks every second so the demo stack reacts quickly; retries on the
+    route, not the health check, are what keep clients from seeing a failure.
+    """
+
+    interval: Duration = timedelta(seconds=1)
+    timeout: Duration = timedelta(milliseconds=500)
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    path: str = "/healthz"
+
+
+class OutlierDetectionPolicy(_Section):
+    """Passive ejection of endpoints that return 5xx (seed §3: 5 consecutive, 30 s, 60 s, 50 %)."""
+
+    consecutive5xx: Annotated[int, Field(ge=1, alias="consecutive5xx")] = 5
+    interval: Duration = timedelta(seconds=30)
+    base_ejection_time: Duration = timedelta(seconds=60)
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
+class RetryPolicy(_Section):
+    """Route retries (seed §3: connect-failure, refused-stream, gateway errors)."""
+
+    attempts: Annotated[int, Field(ge=0, le=10)] = 3
+    per_try_timeout: Duration = timedelta(seconds=5)
+    retry_on: str = "connect-failure,refused-stream,gateway-error,reset"
+
+
+class LoadBalancerPolicy(_Section):
+    health_check: HealthCheckPolicy = HealthCheckPolicy()
+    outlier_detection: OutlierDetectionPolicy = OutlierDetectionPolicy()
+    retries: RetryPolicy = RetryPolicy()
+    request_timeout: Duration = timedelta(seconds=30)
+
+
+class LocalPlatformPolicy(_Section):
+    """How the embedded local platform runs model instances."""
+
+    command: list[str] = Field(
+        default_factory=lambda: [
+            "{python}",
+            "-m",
+            "drctl.workers.demo_server",
+            "--model",
+            "{model}",
+            "--instance",
+            "{instance}",
+            "--port",
+            "{port}",
+            "--checkpoint",
+            "{checkpoint}",
+        ]
+    )
+    """Command template for one instance. Placeholders: ``{python} {model} {instance} {port}
+    {checkpoint} {gpu}``. On a GPU box this can run vLLM instead of the demo server."""
+    checkpoint_size: ByteSize = parse_size("4MiB")
+    load_seconds_per_gib: Annotated[float, Field(ge=0)] = 0.0
+    """Extra simulated load time of the demo server, to mimic real weight loading."""
+
+    @model_validator(mode="after")
+    def _template_names_known_placeholders(self) -> LocalPlatformPolicy:
+        known = {"python", "model", "instance", "port", "checkpoint", "gpu"}
+        for arg in self.command:
+            for name in re.findall(r"{(\w*)}", arg):
+                if name not in known:
+                    raise ValueError(
+                        f"command template uses unknown placeholder {{{name}}}; known: "
+                        + ", ".join(sorted(known))
+                    )
+        if not self.command:
+            raise ValueError("command template is empty")
+        return self
+
+
+class DRPolicy(_Section):
+    """The whole policy file."""
+
+    models: Annotated[list[ModelPolicy], Field(min_length=1)]
+    az_failover: ZoneFailoverPolicy = Field(default_factory=ZoneFailoverPolicy, alias="az_failover")
+    load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
+    local: LocalPlatformPolicy = Field(default_factory=LocalPlatformPolicy)
+
+    @model_validator(mode="after")
+    def _model_names_unique(self) -> DRPolicy:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model {model.name!r} is listed twice")
+            seen.add(model.name)
+        return self
+
+    def model(self, name: str) -> ModelPolicy:
+        """The policy of one model; raises ``KeyError`` with the known names when absent."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]

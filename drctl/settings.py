@@ -1,0 +1,86 @@
+"""Where drctl finds Temporal, which ports the local stack uses, and where it keeps its state.
+
+Every setting can be overridden with an environment variable prefixed ``DRCTL_`` (for example
+``DRCTL_TEMPORAL_ADDRESS=temporal.example.com:7233``) or a ``.env`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DrctlSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRCTL_", env_file=".env", extra="ignore")
+
+    policy: Path = Field(Path("examples/dr-policy.yaml"), description="DR policy file")
+    state_dir: Path = Field(Path(".drctl"), description="state folder of the local platform")
+    host: str = "127.0.0.1"
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "drctl"
+    temporal_ui_port: int = 8233
+
+    envoy_port: int = 10000
+    envoy_admin_port: int = 9901
+    instance_base_port: int = 18000
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://{self.host}:{self.envoy_port}"
+
+    @property
+    def envoy_admin_url(self) -> str:
+        return f"http://{self.host}:{self.envoy_admin_port}"
+
+    @property
+    def temporal_ui_url(self) -> str:
+        return f"http://{self.host}:{self.temporal_ui_port}"
+
+
+class StateLayout:
+    """The files of the local platform inside the state folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    @property
+    def temporal_db(self) -> Path:
+        return self.root / "temporal.db"
+
+    @property
+    def envoy_dir(self) -> Path:
+        return self.root / "envoy"
+
+    @property
+    def envoy_bootstrap(self) -> Path:
+        return self.envoy_dir / "bootstrap.yaml"
+
+    @property
+    def eds_dir(self) -> Path:
+        return self.envoy_dir / "eds"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def instances_file(self) -> Path:
+        return self.root / "instances.json"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def checkpoint(self, model: str) -> Path:
+        return self.checkpoints_dir / f"{model}.ckpt"
+
+    def eds_file(self, model: str) -> Path:
+        return self.eds_dir / f"{model}.yaml"
