@@ -1,0 +1,1 @@
+"""Temporal activities: the side-effecting steps that workflows call."""

@@ -1,0 +1,1 @@
+"""Activities of the embedded local platform (model processes, checkpoints, Envoy on this machine)."""

@@ -1,0 +1,201 @@
+"""Typed payloads shared by workflows, activities and clients.
+
+These are the wire format of every runbook: Temporal carries them as JSON through
+``temporalio.contrib.pydantic``. The same JSON starts a failover from the CLI, an alert or the
+Temporal UI's "Start Workflow" form. Pure data, no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from drctl.policies.schema import MODEL_NAME_PATTERN
+
+INSTANCE_ID_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,125}[a-z0-9])?$"
+
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="model name from the DR policy")]
+InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN, description="instance id, e.g. llama-2-7b-0")]
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Trigger(StrEnum):
+    """What started a runbook; recorded as a search attribute."""
+
+    MANUAL = "manual"
+    ALERT = "alert"
+    PROBE = "probe"
+    DRILL = "drill"
+
+
+class Role(StrEnum):
+    """What an instance is for. Hot/warm/cold are the standby tiers of seed §4.1."""
+
+    SERVING = "serving"
+    HOT = "hot"
+    WARM = "warm"
+    COLD = "cold"
+    PROMOTING = "promoting"
+    FAILED = "failed"
+
+    @property
+    def is_standby(self) -> bool:
+        return self in (Role.HOT, Role.WARM, Role.COLD)
+
+
+class Instance(Payload):
+    """One model instance as the platform sees it."""
+
+    id: InstanceId
+    model: ModelName
+    role: Role
+    host: str = "127.0.0.1"
+    port: int | None = None
+    """None for a cold standby: it has no process yet."""
+    lb_priority: int | None = None
+    """Priority in the load balancer (0 serves, 1 is the hot backup); None when not registered."""
+    pid: int | None = None
+    gpu: str | None = None
+    zone: str | None = None
+    node: str | None = None
+    note: str = ""
+
+
+class InstanceRef(Payload):
+    model: ModelName
+    instance: InstanceId
+
+
+class ModelRef(Payload):
+    model: ModelName
+
+
+class InstanceList(Payload):
+    model: str
+    instances: list[Instance]
+
+
+class RegisterRequest(Payload):
+    model: ModelName
+    instance: InstanceId
+    priority: Annotated[int, Field(ge=0, le=1)] = 0
+
+
+class EjectRequest(Payload):
+    model: ModelName
+    instance: InstanceId
+    reason: str = ""
+
+
+class ProbeResult(Payload):
+    instance: str
+    healthy: bool
+    detail: str
+    duration_ms: float
+
+
+class StepReport(Payload):
+    """What an activity did and how long it took by its own clock (excludes orchestration)."""
+
+    detail: str = ""
+    duration_ms: float = 0.0
+
+
+class FailoverRequest(Payload):
+    """Input of ``FailoverWorkflow``. This exact JSON works in the Temporal UI's Start Workflow form."""
+
+    model: ModelName
+    instance: InstanceId
+    reason: Annotated[str, Field(max_length=500)] = ""
+    trigger: Trigger = Trigger.MANUAL
+    failed_at: datetime | None = None
+    """When the failure began, if known (an alert's startsAt, a drill's kill). RTO counts from here;
+    without it, from the start of the workflow."""
+
+
+class FailoverOutcome(StrEnum):
+    RUNNING = "running"
+    RECOVERED = "recovered"
+    FALSE_ALARM = "false-alarm"
+    NO_STANDBY = "no-standby"
+    FAILED = "failed"
+
+
+class StepTiming(Payload):
+    step: str
+    started_at: datetime
+    duration_ms: float
+    """As the workflow saw it: activity time plus scheduling."""
+    activity_ms: float | None = None
+    """As the activity measured itself."""
+    ok: bool = True
+    detail: str = ""
+
+
+class FailoverResult(Payload):
+    model: str
+    instance: str
+    outcome: FailoverOutcome
+    reason: str = ""
+    promoted: str | None = None
+    tier: Role | None = None
+    eject_deferred: bool = False
+    """True when the failed instance was the last serving one and was ejected only after its
+    replacement served (the last-instance safety rule)."""
+    steps: list[StepTiming] = Field(default_factory=list)
+    started_at: datetime
+    finished_at: datetime | None = None
+    switch_ms: float | None = None
+    """Workflow start to replacement verified."""
+    rto_ms: float | None = None
+    """Failure (``failed_at``, else workflow start) to replacement verified."""
+    orchestration_ms: float | None = None
+    """Workflow wall time minus the sum of the activities' own durations."""
+
+
+class ActivityName:
+    """Activity type names. Workflows call activities by these names so any implementation (local,
+    Kubernetes, a test fake) registers under the same name."""
+
+    PROBE_INSTANCE = "probe_instance"
+    LIST_INSTANCES = "list_instances"
+    EJECT_INSTANCE = "eject_instance"
+    PROMOTE_STANDBY = "promote_standby"
+    LOAD_MODEL = "load_model"
+    REGISTER_INSTANCE = "register_instance"
+    VERIFY_SERVING = "verify_serving"
+
+
+class ErrorType:
+    """Application error types that activities raise and workflows treat as final (non-retryable)."""
+
+    UNKNOWN_INSTANCE = "UnknownInstance"
+    UNKNOWN_MODEL = "UnknownModel"
+    MODEL_LOAD_FAILED = "ModelLoadFailed"
+    NOT_A_STANDBY = "NotAStandby"
+    INSTANCE_FAILED = "InstanceFailed"
+
+
+class SearchAttr:
+    """Custom search attributes registered by ``drctl up`` and set on every runbook."""
+
+    MODEL = "DrctlModel"
+    INSTANCE = "DrctlInstance"
+    TRIGGER = "DrctlTrigger"
+    OUTCOME = "DrctlOutcome"
+    TIER = "DrctlTier"
+    RTO_MS = "DrctlRtoMs"
+
+    KEYWORDS = (MODEL, INSTANCE, TRIGGER, OUTCOME, TIER)
+    INTS = (RTO_MS,)
+
+
+def failover_workflow_id(model: str, instance: str) -> str:
+    """One failover per failed instance: a second start with this ID joins the running one."""
+    return f"failover-{model}-{instance}"

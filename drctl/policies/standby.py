@@ -1,0 +1,35 @@
+"""Pure decisions of the failover runbook: which standby to promote, and when ejecting is safe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from drctl.payloads import Instance, Role
+
+TIER_ORDER: tuple[Role, ...] = (Role.HOT, Role.WARM, Role.COLD)
+"""Promotion order (seed §4.1): hot takes over in < 1 s, warm in seconds, cold in minutes."""
+
+
+def standby_candidates(instances: Sequence[Instance], failed_instance: str) -> list[Instance]:
+    """Standbys to try, best first: hot, then warm, then cold; stable by id within a tier."""
+    rank = {role: i for i, role in enumerate(TIER_ORDER)}
+    standbys = [i for i in instances if i.id != failed_instance and i.role in rank]
+    return sorted(standbys, key=lambda i: (rank[i.role], i.id))
+
+
+def serving_others(instances: Sequence[Instance], failed_instance: str) -> list[Instance]:
+    """Instances of the model other than the failed one that serve traffic now."""
+    return [i for i in instances if i.id != failed_instance and i.role == Role.SERVING]
+
+
+def must_defer_eject(instances: Sequence[Instance], failed_instance: str) -> bool:
+    """The last serving instance of a model is not ejected before a replacement serves.
+
+    Ejecting it first would leave the model with nothing registered at priority 0 for the whole
+    promotion; deferring costs nothing (Envoy's health check already steers traffic away from a
+    dead endpoint) and protects against a wrong confirmation of a half-alive instance.
+    """
+    failed = next((i for i in instances if i.id == failed_instance), None)
+    if failed is None or failed.role != Role.SERVING:
+        return False
+    return not serving_others(instances, failed_instance)

@@ -1,0 +1,1 @@
+"""Processes drctl runs: the Temporal worker, the CLI and the demo inference server."""

@@ -1,0 +1,1 @@
+"""Deterministic Temporal workflows: they decide and call activities by name, nothing else."""

@@ -1,0 +1,249 @@
+"""FailoverWorkflow: the seed's failover sequence (seed §4.3) as a durable runbook.
+
+confirm → eject → pick standby (hot, warm, cold) → promote → load → register → verify → record.
+
+Every step is an activity called by name, so the same workflow runs against the local platform,
+Kubernetes, or fakes in tests. When the failed instance is the last one serving its model, the
+eject waits until the replacement has been verified (``FailoverResult.eject_deferred``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TypeVar, cast
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from drctl.payloads import (
+        ActivityName,
+        EjectRequest,
+        ErrorType,
+        FailoverOutcome,
+        FailoverRequest,
+        FailoverResult,
+        Instance,
+        InstanceList,
+        InstanceRef,
+        ModelRef,
+        ProbeResult,
+        RegisterRequest,
+        SearchAttr,
+        StepReport,
+        StepTiming,
+    )
+    from drctl.policies.standby import must_defer_eject, standby_candidates
+
+R = TypeVar("R", bound=BaseModel)
+
+MODEL_KEY = SearchAttributeKey.for_keyword(SearchAttr.MODEL)
+INSTANCE_KEY = SearchAttributeKey.for_keyword(SearchAttr.INSTANCE)
+TRIGGER_KEY = SearchAttributeKey.for_keyword(SearchAttr.TRIGGER)
+OUTCOME_KEY = SearchAttributeKey.for_keyword(SearchAttr.OUTCOME)
+TIER_KEY = SearchAttributeKey.for_keyword(SearchAttr.TIER)
+RTO_KEY = SearchAttributeKey.for_int(SearchAttr.RTO_MS)
+
+FINAL_ERRORS = [
+    ErrorType.UNKNOWN_INSTANCE,
+    ErrorType.UNKNOWN_MODEL,
+    ErrorType.MODEL_LOAD_FAILED,
+    ErrorType.NOT_A_STANDBY,
+    ErrorType.INSTANCE_FAILED,
+]
+
+QUICK = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=2),
+    maximum_attempts=3,
+    non_retryable_error_types=FINAL_ERRORS,
+)
+"""Steps against the platform are short; three tries, then the workflow decides (next standby)."""
+
+STEP_TIMEOUTS = {
+    ActivityName.PROBE_INSTANCE: timedelta(seconds=10),
+    ActivityName.LIST_INSTANCES: timedelta(seconds=10),
+    ActivityName.EJECT_INSTANCE: timedelta(seconds=20),
+    ActivityName.PROMOTE_STANDBY: timedelta(seconds=60),
+    ActivityName.LOAD_MODEL: timedelta(minutes=10),
+    ActivityName.REGISTER_INSTANCE: timedelta(seconds=20),
+    ActivityName.VERIFY_SERVING: timedelta(seconds=45),
+}
+HEARTBEAT_TIMEOUTS = {ActivityName.LOAD_MODEL: timedelta(seconds=15)}
+
+
+def _ms(delta: timedelta) -> float:
+    return round(delta.total_seconds() * 1000, 1)
+
+
+@workflow.defn(name="FailoverWorkflow")
+class FailoverWorkflow:
+    """One failover per failed instance (workflow ID ``failover-{model}-{instance}``)."""
+
+    def __init__(self) -> None:
+        self._result: FailoverResult | None = None
+        self._verified_at: datetime | None = None
+
+    @workflow.query(name="progress")
+    def progress(self) -> FailoverResult | None:
+        """The steps done so far; ``drctl failover`` polls this to show progress."""
+        return self._result
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        try:
+            return await self._run(request)
+        except (ActivityError, ApplicationError) as err:
+            # The run fails, but its outcome is still searchable.
+            if self._result is not None:
+                self._result.outcome = FailoverOutcome.FAILED
+                self._result.reason = str(err.cause or err) if isinstance(err, ActivityError) else str(err)
+            workflow.upsert_search_attributes([OUTCOME_KEY.value_set(FailoverOutcome.FAILED.value)])
+            raise
+
+    async def _run(self, request: FailoverRequest) -> FailoverResult:
+        started = workflow.now()
+        result = FailoverResult(
+            model=request.model,
+            instance=request.instance,
+            outcome=FailoverOutcome.RUNNING,
+            reason=request.reason,
+            started_at=started,
+        )
+        self._result = result
+        workflow.upsert_search_attributes(
+            [
+                MODEL_KEY.value_set(request.model),
+                INSTANCE_KEY.value_set(request.instance),
+                TRIGGER_KEY.value_set(request.trigger.value),
+                OUTCOME_KEY.value_set(FailoverOutcome.RUNNING.value),
+            ]
+        )
+        ref = InstanceRef(model=request.model, instance=request.instance)
+
+        probe = await self._step("confirm", ActivityName.PROBE_INSTANCE, ref, ProbeResult)
+        if probe.healthy:
+            return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
+
+        listing = await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=request.model), InstanceList)
+        if not any(i.id == request.instance for i in listing.instances):
+            raise ApplicationError(
+                f"instance {request.instance} is not an instance of {request.model}",
+                type=ErrorType.UNKNOWN_INSTANCE,
+                non_retryable=True,
+            )
+        result.eject_deferred = must_defer_eject(listing.instances, request.instance)
+        eject = EjectRequest(model=request.model, instance=request.instance, reason=request.reason)
+        if not result.eject_deferred:
+            await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
+
+        candidates = standby_candidates(listing.instances, request.instance)
+        self._record("pick", workflow.now(), workflow.now(), None, True, self._describe(candidates))
+        promoted = await self._promote_first_that_works(candidates)
+        if promoted is None:
+            # Nothing replaced it: leave a last serving instance registered (its health check
+            # keeps traffic off it while it is down) and report.
+            return self._finish(FailoverOutcome.NO_STANDBY, "no standby could be promoted")
+
+        if result.eject_deferred:
+            await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
+
+        verified_at = self._verified_at or workflow.now()
+        failure_start = request.failed_at or started
+        result.promoted = promoted.id
+        result.tier = promoted.role
+        result.switch_ms = _ms(verified_at - started)
+        result.rto_ms = max(0.0, _ms(verified_at - failure_start))
+        workflow.upsert_search_attributes(
+            [TIER_KEY.value_set(promoted.role.value), RTO_KEY.value_set(int(result.rto_ms))]
+        )
+        return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({promoted.role}) serves {request.model}")
+
+    async def _promote_first_that_works(self, candidates: list[Instance]) -> Instance | None:
+        for candidate in candidates:
+            ref = InstanceRef(model=candidate.model, instance=candidate.id)
+            try:
+                await self._step("promote", ActivityName.PROMOTE_STANDBY, ref, StepReport, candidate.id)
+                await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, candidate.id)
+                await self._step(
+                    "register",
+                    ActivityName.REGISTER_INSTANCE,
+                    RegisterRequest(model=candidate.model, instance=candidate.id, priority=0),
+                    StepReport,
+                    candidate.id,
+                )
+                await self._step("verify", ActivityName.VERIFY_SERVING, ref, StepReport, candidate.id)
+                self._verified_at = workflow.now()
+                return candidate
+            except ActivityError as err:
+                workflow.logger.warning("standby %s could not take over: %s", candidate.id, err.cause or err)
+                # A standby that cannot take over is broken too: take it out so no one tries it again.
+                await self._try_eject_broken(candidate, str(err.cause or err))
+        return None
+
+    async def _try_eject_broken(self, candidate: Instance, why: str) -> None:
+        request = EjectRequest(model=candidate.model, instance=candidate.id, reason=f"promotion failed: {why}")
+        try:
+            await self._step("eject-standby", ActivityName.EJECT_INSTANCE, request, StepReport, candidate.id)
+        except ActivityError:
+            workflow.logger.warning("could not eject broken standby %s", candidate.id)
+
+    async def _step(
+        self,
+        step: str,
+        activity: str,
+        arg: BaseModel,
+        result_type: type[R],
+        subject: str | None = None,
+    ) -> R:
+        start = workflow.now()
+        try:
+            out = await workflow.execute_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=STEP_TIMEOUTS[activity],
+                heartbeat_timeout=HEARTBEAT_TIMEOUTS.get(activity),
+                retry_policy=QUICK,
+            )
+        except ActivityError as err:
+            self._record(step, start, workflow.now(), None, False, f"{subject or ''} {err.cause or err}".strip())
+            raise
+        own = getattr(out, "duration_ms", None)
+        detail = getattr(out, "detail", "")
+        self._record(step, start, workflow.now(), own, True, f"{subject}: {detail}" if subject else detail)
+        return cast(R, out)
+
+    def _record(self, step: str, start: datetime, end: datetime, own: float | None, ok: bool, detail: str) -> None:
+        assert self._result is not None
+        self._result.steps.append(
+            StepTiming(
+                step=step,
+                started_at=start,
+                duration_ms=_ms(end - start),
+                activity_ms=own,
+                ok=ok,
+                detail=detail,
+            )
+        )
+
+    @staticmethod
+    def _describe(candidates: list[Instance]) -> str:
+        if not candidates:
+            return "no standby"
+        return "candidates: " + ", ".join(f"{c.id} ({c.role})" for c in candidates)
+
+    def _finish(self, outcome: FailoverOutcome, reason: str) -> FailoverResult:
+        assert self._result is not None
+        result = self._result
+        result.outcome = outcome
+        result.reason = reason
+        result.finished_at = workflow.now()
+        activity_total = sum(s.activity_ms or 0.0 for s in result.steps)
+        result.orchestration_ms = max(0.0, _ms(result.finished_at - result.started_at) - activity_total)
+        workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome.value)])
+        return result

@@ -1,0 +1,99 @@
+"""Fake activities registered under the real activity names, over an in-memory fleet."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from drctl.payloads import (
+    ActivityName,
+    EjectRequest,
+    ErrorType,
+    Instance,
+    InstanceList,
+    InstanceRef,
+    ModelRef,
+    ProbeResult,
+    RegisterRequest,
+    Role,
+    StepReport,
+)
+
+
+@dataclass
+class FakeFleet:
+    """What the fake platform knows, and the calls it saw, in order."""
+
+    instances: dict[str, Instance]
+    healthy: set[str] = field(default_factory=set)
+    broken: set[str] = field(default_factory=set)
+    """Standbys whose promotion fails."""
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    promote_gate: asyncio.Event | None = None
+
+    @classmethod
+    def of(cls, *specs: tuple[str, Role]) -> FakeFleet:
+        fleet = {
+            iid: Instance(id=iid, model="llama-2-7b", role=role, lb_priority={Role.SERVING: 0, Role.HOT: 1}.get(role))
+            for iid, role in specs
+        }
+        return cls(instances=fleet)
+
+    def activities(self) -> list[object]:
+        fleet = self
+
+        @activity.defn(name=ActivityName.PROBE_INSTANCE)
+        async def probe(ref: InstanceRef) -> ProbeResult:
+            fleet.calls.append(("probe", ref.instance))
+            if ref.instance not in fleet.instances:
+                raise ApplicationError("no such instance", type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True)
+            ok = ref.instance in fleet.healthy
+            return ProbeResult(instance=ref.instance, healthy=ok, detail="200" if ok else "refused", duration_ms=1)
+
+        @activity.defn(name=ActivityName.LIST_INSTANCES)
+        async def list_instances(ref: ModelRef) -> InstanceList:
+            fleet.calls.append(("list", ref.model))
+            return InstanceList(model=ref.model, instances=list(fleet.instances.values()))
+
+        @activity.defn(name=ActivityName.EJECT_INSTANCE)
+        async def eject(req: EjectRequest) -> StepReport:
+            fleet.calls.append(("eject", req.instance))
+            inst = fleet.instances[req.instance]
+            fleet.instances[req.instance] = inst.model_copy(update={"role": Role.FAILED, "lb_priority": None})
+            return StepReport(detail="ejected", duration_ms=2)
+
+        @activity.defn(name=ActivityName.PROMOTE_STANDBY)
+        async def promote(ref: InstanceRef) -> StepReport:
+            fleet.calls.append(("promote", ref.instance))
+            if fleet.promote_gate is not None:
+                await fleet.promote_gate.wait()
+            if ref.instance in fleet.broken:
+                raise ApplicationError("checksum mismatch", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True)
+            inst = fleet.instances[ref.instance]
+            fleet.instances[ref.instance] = inst.model_copy(update={"role": Role.PROMOTING})
+            return StepReport(detail="promoted", duration_ms=3)
+
+        @activity.defn(name=ActivityName.LOAD_MODEL)
+        async def load(ref: InstanceRef) -> StepReport:
+            fleet.calls.append(("load", ref.instance))
+            return StepReport(detail="loaded", duration_ms=4)
+
+        @activity.defn(name=ActivityName.REGISTER_INSTANCE)
+        async def register(req: RegisterRequest) -> StepReport:
+            fleet.calls.append(("register", req.instance))
+            inst = fleet.instances[req.instance]
+            fleet.instances[req.instance] = inst.model_copy(update={"role": Role.SERVING, "lb_priority": req.priority})
+            return StepReport(detail="registered", duration_ms=5)
+
+        @activity.defn(name=ActivityName.VERIFY_SERVING)
+        async def verify(ref: InstanceRef) -> StepReport:
+            fleet.calls.append(("verify", ref.instance))
+            return StepReport(detail="200 via LB", duration_ms=6)
+
+        return [probe, list_instances, eject, promote, load, register, verify]
+
+    def steps(self) -> list[str]:
+        return [f"{name}:{subject}" for name, subject in self.calls]

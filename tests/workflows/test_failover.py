@@ -1,0 +1,141 @@
+"""FailoverWorkflow logic on the time-skipping test server, with fake activities swapped in by name."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.payloads import FailoverOutcome, FailoverRequest, FailoverResult, Role, failover_workflow_id
+from drctl.workflows.failover import FailoverWorkflow
+from tests.workflows.fakes import FakeFleet
+
+
+@asynccontextmanager
+async def worker_for(env: WorkflowEnvironment, fleet: FakeFleet) -> AsyncIterator[tuple[Client, str]]:
+    queue = f"test-{uuid.uuid4()}"
+    async with Worker(env.client, task_queue=queue, workflows=[FailoverWorkflow], activities=fleet.activities()):
+        yield env.client, queue
+
+
+async def run_failover(env: WorkflowEnvironment, fleet: FakeFleet, instance: str = "llama-2-7b-0") -> FailoverResult:
+    async with worker_for(env, fleet) as (client, queue):
+        return await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance=instance, reason="test"),
+            id=f"{failover_workflow_id('llama-2-7b', instance)}-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+
+
+async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.COLD))
+    result = await run_failover(time_skipping_env, fleet)
+
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert result.promoted == "llama-2-7b-1"
+    assert result.tier == Role.HOT
+    # The failed instance was the only one serving: it is ejected only once the standby serves.
+    assert result.eject_deferred
+    assert fleet.steps() == [
+        "probe:llama-2-7b-0",
+        "list:llama-2-7b",
+        "promote:llama-2-7b-1",
+        "load:llama-2-7b-1",
+        "register:llama-2-7b-1",
+        "verify:llama-2-7b-1",
+        "eject:llama-2-7b-0",
+    ]
+    assert [s.step for s in result.steps] == [
+        "confirm", "list", "pick", "promote", "load", "register", "verify", "eject",
+    ]  # fmt: skip
+    assert all(s.ok for s in result.steps)
+    assert result.rto_ms is not None and result.switch_ms is not None
+    # Activity-reported time: probe 1 + list 0 + promote 3 + load 4 + register 5 + verify 6 + eject 2.
+    assert sum(s.activity_ms or 0 for s in result.steps) == 21
+
+
+async def test_eject_first_when_another_instance_still_serves(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(
+        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.WARM)
+    )
+    result = await run_failover(time_skipping_env, fleet)
+
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert not result.eject_deferred
+    assert fleet.steps()[2] == "eject:llama-2-7b-0"
+    assert result.tier == Role.WARM
+    assert fleet.instances["llama-2-7b-0"].role == Role.FAILED
+
+
+async def test_false_alarm_touches_nothing(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.healthy.add("llama-2-7b-0")
+    result = await run_failover(time_skipping_env, fleet)
+
+    assert result.outcome == FailoverOutcome.FALSE_ALARM
+    assert fleet.steps() == ["probe:llama-2-7b-0"]
+    assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
+
+
+async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(
+        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM)
+    )
+    fleet.broken.add("llama-2-7b-1")
+    result = await run_failover(time_skipping_env, fleet)
+
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert result.promoted == "llama-2-7b-2"
+    assert result.tier == Role.WARM
+    assert "promote:llama-2-7b-1" in fleet.steps()
+    # The broken standby is taken out so nobody tries it again.
+    assert fleet.instances["llama-2-7b-1"].role == Role.FAILED
+    assert [s.ok for s in result.steps if s.step == "promote"] == [False, True]
+
+
+async def test_no_standby_keeps_last_instance_registered(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD))
+    fleet.broken.add("llama-2-7b-1")
+    result = await run_failover(time_skipping_env, fleet)
+
+    assert result.outcome == FailoverOutcome.NO_STANDBY
+    # Last-instance safety: nothing replaced it, so it was never ejected.
+    assert "eject:llama-2-7b-0" not in fleet.steps()
+    assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
+    assert fleet.instances["llama-2-7b-0"].lb_priority == 0
+
+
+async def test_unknown_instance_fails_without_side_effects(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    with pytest.raises(WorkflowFailureError):
+        await run_failover(time_skipping_env, fleet, instance="llama-2-7b-9")
+    assert [c[0] for c in fleet.calls] == ["probe"]
+
+
+async def test_duplicate_start_joins_the_running_failover(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.promote_gate = asyncio.Event()
+    wf_id = f"{failover_workflow_id('llama-2-7b', 'llama-2-7b-0')}-{uuid.uuid4().hex[:6]}"
+    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0")
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        first = await client.start_workflow(
+            FailoverWorkflow.run, request, id=wf_id, task_queue=queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )  # fmt: skip
+        second = await client.start_workflow(
+            FailoverWorkflow.run, request, id=wf_id, task_queue=queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )  # fmt: skip
+        assert second.result_run_id == first.result_run_id
+        fleet.promote_gate.set()
+        result = await second.result()
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert [c for c in fleet.calls if c[0] == "promote"] == [("promote", "llama-2-7b-1")]
