@@ -1,0 +1,112 @@
+"""Model instance processes on the local platform: start from a command template, check, stop.
+
+Instances run in their own session (process group) so they outlive a crashed worker and a
+``kill -9`` of one never takes its siblings down; stopping one signals its whole group, which
+matters for servers such as vLLM that fork workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Processes this process started, kept so that they are reaped (no zombies) once they exit."""
+
+
+def render_command(template: Iterable[str], values: Mapping[str, object]) -> list[str]:
+    merged = {"python": sys.executable, **{k: str(v) for k, v in values.items()}}
+    return [arg.format_map(merged) for arg in template]
+
+
+def spawn(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
+    """Start a process in a new session, output appended to ``log_path``; returns its pid."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def reap() -> None:
+    """Collect exited children so they do not linger as zombies."""
+    for pid, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[pid]
+
+
+def is_alive(pid: int | None) -> bool:
+    """True when the process exists and is not a zombie (a ``kill -9``'d child not yet reaped)."""
+    if pid is None or pid <= 0:
+        return False
+    reap()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
+    """SIGTERM the process group, SIGKILL after ``grace_s``; True if it had been running."""
+    if not is_alive(pid):
+        return False
+    assert pid is not None
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not is_alive(pid):
+            return True
+        time.sleep(0.02)
+    _signal_group(pid, signal.SIGKILL)
+    return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_port(host: str, start: int, taken: Iterable[int]) -> int:
+    """The first port from ``start`` that no instance holds and nothing is bound to."""
+    used = set(taken)
+    port = start
+    while port in used or not port_is_free(host, port):
+        port += 1
+        if port > 65535:
+            raise RuntimeError(f"no free port from {start} upward on {host}")
+    return port
