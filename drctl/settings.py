@@ -23,10 +23,17 @@ class DrctlSettings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "drctl"
     temporal_ui_port: int = 8233
+    temporal_http_port: int = 7243
+    temporal_metrics_port: int = 7244
 
     envoy_port: int = 10000
     envoy_admin_port: int = 9901
     instance_base_port: int = 18000
+
+    @property
+    def temporal_host_port(self) -> tuple[str, int]:
+        host, _, port = self.temporal_address.rpartition(":")
+        return host or self.host, int(port)
 
     @property
     def lb_url(self) -> str:

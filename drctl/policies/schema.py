@@ -151,8 +151,7 @@ class LocalPlatformPolicy(_Section):
             for name in re.findall(r"{(\w*)}", arg):
                 if name not in known:
                     raise ValueError(
-                        f"command template uses unknown placeholder {{{name}}}; known: "
-                        + ", ".join(sorted(known))
+                        f"command template uses unknown placeholder {{{name}}}; known: " + ", ".join(sorted(known))
                     )
         if not self.command:
             raise ValueError("command template is empty")

@@ -1,0 +1,32 @@
+"""Named, non-retryable errors that activities raise (their types are in ``drctl.payloads.ErrorType``)."""
+
+from __future__ import annotations
+
+from temporalio.exceptions import ApplicationError
+
+from drctl.payloads import ErrorType
+
+
+def unknown_instance(model: str, instance: str, known: list[str]) -> ApplicationError:
+    listed = ", ".join(known) or "none"
+    return ApplicationError(
+        f"{model} has no instance {instance!r} (known: {listed})", type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True
+    )
+
+
+def unknown_model(model: str, known: list[str]) -> ApplicationError:
+    return ApplicationError(
+        f"unknown model {model!r} (known: {', '.join(known)})", type=ErrorType.UNKNOWN_MODEL, non_retryable=True
+    )
+
+
+def model_load_failed(instance: str, why: str) -> ApplicationError:
+    return ApplicationError(
+        f"{instance} failed to load its model: {why}", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True
+    )
+
+
+def not_a_standby(instance: str, role: str) -> ApplicationError:
+    return ApplicationError(
+        f"{instance} is {role}, not a standby that can be promoted", type=ErrorType.NOT_A_STANDBY, non_retryable=True
+    )

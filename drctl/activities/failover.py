@@ -1,0 +1,97 @@
+"""The failover runbook's activities, written once against the :class:`Platform` interface.
+
+Each activity is idempotent (Temporal runs it at least once), measures its own duration so the
+workflow can tell orchestration overhead from work, and heartbeats while it waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from drctl.activities.platform import Platform
+from drctl.payloads import (
+    ActivityName,
+    EjectRequest,
+    InstanceList,
+    InstanceRef,
+    ModelRef,
+    ProbeResult,
+    RegisterRequest,
+    StepReport,
+)
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)
+
+
+def _heartbeat(fraction: float, what: str) -> None:
+    activity.heartbeat({"progress": round(fraction, 3), "detail": what})
+
+
+class FailoverActivities:
+    """Bind the runbook's activities to one platform; register ``.all()`` on a worker."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.probe_instance,
+            self.list_instances,
+            self.eject_instance,
+            self.promote_standby,
+            self.load_model,
+            self.register_instance,
+            self.verify_serving,
+        ]
+
+    @activity.defn(name=ActivityName.PROBE_INSTANCE)
+    async def probe_instance(self, ref: InstanceRef) -> ProbeResult:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(ref.model, ref.instance)
+        healthy, detail = await self.platform.probe(instance)
+        return ProbeResult(instance=ref.instance, healthy=healthy, detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.LIST_INSTANCES)
+    async def list_instances(self, ref: ModelRef) -> InstanceList:
+        return InstanceList(model=ref.model, instances=await self.platform.list_instances(ref.model))
+
+    @activity.defn(name=ActivityName.EJECT_INSTANCE)
+    async def eject_instance(self, request: EjectRequest) -> StepReport:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(request.model, request.instance)
+        detail = await self.platform.eject(instance, request.reason)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.PROMOTE_STANDBY)
+    async def promote_standby(self, ref: InstanceRef) -> StepReport:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(ref.model, ref.instance)
+        detail = await self.platform.promote(instance)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.LOAD_MODEL)
+    async def load_model(self, ref: InstanceRef) -> StepReport:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(ref.model, ref.instance)
+        detail = await self.platform.wait_loaded(instance, _heartbeat)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.REGISTER_INSTANCE)
+    async def register_instance(self, request: RegisterRequest) -> StepReport:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(request.model, request.instance)
+        detail = await self.platform.register(instance, request.priority)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.VERIFY_SERVING)
+    async def verify_serving(self, ref: InstanceRef) -> StepReport:
+        start = time.monotonic()
+        instance = await self.platform.get_instance(ref.model, ref.instance)
+        detail = await self.platform.verify(instance, _heartbeat)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))

