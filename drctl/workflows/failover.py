@@ -17,7 +17,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
 
     from drctl.payloads import (
         ActivityName,
@@ -80,9 +80,13 @@ def _ms(delta: timedelta) -> float:
     return round(delta.total_seconds() * 1000, 1)
 
 
-@workflow.defn(name="FailoverWorkflow")
+@workflow.defn(name="FailoverWorkflow", failure_exception_types=[ValidationError])
 class FailoverWorkflow:
-    """One failover per failed instance (workflow ID ``failover-{model}-{instance}``)."""
+    """One failover per failed instance (workflow ID ``failover-{model}-{instance}``).
+
+    Input that does not validate (say, JSON typed into the UI without ``instance``) fails the run at
+    once with pydantic's message, instead of retrying the workflow task forever.
+    """
 
     def __init__(self) -> None:
         self._result: FailoverResult | None = None

@@ -135,3 +135,15 @@ async def test_duplicate_start_joins_the_running_failover(time_skipping_env: Wor
         result = await second.result()
     assert result.outcome == FailoverOutcome.RECOVERED
     assert [c for c in fleet.calls if c[0] == "promote"] == [("promote", "llama-2-7b-1")]
+
+
+async def test_invalid_input_fails_the_run_instead_of_retrying_forever(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING))
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        handle = await client.start_workflow(
+            "FailoverWorkflow", {"model": "llama-2-7b"}, id=f"bad-input-{uuid.uuid4()}", task_queue=queue
+        )
+        with pytest.raises(WorkflowFailureError) as info:
+            await asyncio.wait_for(handle.result(), timeout=30)
+    assert "instance" in str(info.value.cause)
+    assert fleet.calls == []
