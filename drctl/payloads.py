@@ -79,6 +79,7 @@ class ModelRef(Payload):
 class InstanceList(Payload):
     model: str
     instances: list[Instance]
+    duration_ms: float = 0.0
 
 
 class RegisterRequest(Payload):
@@ -117,6 +118,10 @@ class FailoverRequest(Payload):
     failed_at: datetime | None = None
     """When the failure began, if known (an alert's startsAt, a drill's kill). RTO counts from here;
     without it, from the start of the workflow."""
+    local_activities: bool = True
+    """Run the short steps as local activities (recorded as markers in the history, about one
+    server round trip cheaper each; see docs/benchmarks.md). The model load always runs as a regular
+    activity: it can take minutes and heartbeats. False: every step is a regular activity."""
 
 
 class FailoverOutcome(StrEnum):

@@ -30,7 +30,8 @@ def _elapsed_ms(start: float) -> float:
 
 
 def _heartbeat(fraction: float, what: str) -> None:
-    activity.heartbeat({"progress": round(fraction, 3), "detail": what})
+    if not activity.info().is_local:  # local activities cannot heartbeat
+        activity.heartbeat({"progress": round(fraction, 3), "detail": what})
 
 
 class FailoverActivities:
@@ -59,7 +60,9 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.LIST_INSTANCES)
     async def list_instances(self, ref: ModelRef) -> InstanceList:
-        return InstanceList(model=ref.model, instances=await self.platform.list_instances(ref.model))
+        start = time.monotonic()
+        instances = await self.platform.list_instances(ref.model)
+        return InstanceList(model=ref.model, instances=instances, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:

@@ -136,17 +136,20 @@ class LocalPlatformPolicy(_Section):
             "{port}",
             "--checkpoint",
             "{checkpoint}",
+            "--load-seconds-per-gib",
+            "{load_seconds_per_gib}",
         ]
     )
     """Command template for one instance. Placeholders: ``{python} {model} {instance} {port}
-    {checkpoint} {gpu}``. On a GPU box this can run vLLM instead of the demo server."""
+    {checkpoint} {gpu} {load_seconds_per_gib}``. On a GPU box this can run vLLM instead of the demo server."""
     checkpoint_size: ByteSize = parse_size("4MiB")
     load_seconds_per_gib: Annotated[float, Field(ge=0)] = 0.0
-    """Extra simulated load time of the demo server, to mimic real weight loading."""
+    """Extra simulated load time of the demo server (``{load_seconds_per_gib}`` in the template), to
+    mimic real weight loading."""
 
     @model_validator(mode="after")
     def _template_names_known_placeholders(self) -> LocalPlatformPolicy:
-        known = {"python", "model", "instance", "port", "checkpoint", "gpu"}
+        known = {"python", "model", "instance", "port", "checkpoint", "gpu", "load_seconds_per_gib"}
         for arg in self.command:
             for name in re.findall(r"{(\w*)}", arg):
                 if name not in known:

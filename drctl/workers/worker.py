@@ -37,6 +37,9 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         workflows=WORKFLOWS,
         activities=FailoverActivities(platform).all(),
         graceful_shutdown_timeout=timedelta(seconds=5),
+        # A failover must not wait long for a crashed worker's sticky queue (default 10 s): after
+        # this, its next workflow task goes to any worker, which replays the short history.
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
     )
     log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
     try:

@@ -14,7 +14,8 @@ from typing import TypeVar, cast
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, ValidationError
@@ -73,7 +74,23 @@ STEP_TIMEOUTS = {
     ActivityName.REGISTER_INSTANCE: timedelta(seconds=20),
     ActivityName.VERIFY_SERVING: timedelta(seconds=45),
 }
-HEARTBEAT_TIMEOUTS = {ActivityName.LOAD_MODEL: timedelta(seconds=15)}
+HEARTBEAT_TIMEOUTS = {ActivityName.LOAD_MODEL: timedelta(seconds=3), ActivityName.VERIFY_SERVING: timedelta(seconds=3)}
+"""Both heartbeat every ~50 ms: a worker that dies mid-step is noticed within seconds, and the step
+is retried on another (or the restarted) worker."""
+
+
+REGULAR_ONLY = frozenset({ActivityName.LOAD_MODEL})
+"""Steps that always run as regular activities: loading can take minutes and must heartbeat so a
+dead worker is noticed; a local activity can do neither."""
+
+
+STEP_ERRORS = (ActivityError, ApplicationError, TemporalTimeoutError)
+"""How a step fails once its retries are spent: regular activities raise ``ActivityError``; local
+activities surface the activity's own ``ApplicationError`` or a timeout."""
+
+
+def _why(err: FailureError) -> str:
+    return str(err.cause or err) if isinstance(err, ActivityError) else str(err)
 
 
 def _ms(delta: timedelta) -> float:
@@ -90,6 +107,7 @@ class FailoverWorkflow:
 
     def __init__(self) -> None:
         self._result: FailoverResult | None = None
+        self._local_activities = True
         self._verified_at: datetime | None = None
 
     @workflow.query(name="progress")
@@ -101,15 +119,16 @@ class FailoverWorkflow:
     async def run(self, request: FailoverRequest) -> FailoverResult:
         try:
             return await self._run(request)
-        except (ActivityError, ApplicationError) as err:
+        except STEP_ERRORS as err:
             # The run fails, but its outcome is still searchable.
             if self._result is not None:
                 self._result.outcome = FailoverOutcome.FAILED
-                self._result.reason = str(err.cause or err) if isinstance(err, ActivityError) else str(err)
+                self._result.reason = _why(err)
             workflow.upsert_search_attributes([OUTCOME_KEY.value_set(FailoverOutcome.FAILED.value)])
             raise
 
     async def _run(self, request: FailoverRequest) -> FailoverResult:
+        self._local_activities = request.local_activities
         started = workflow.now()
         result = FailoverResult(
             model=request.model,
@@ -183,17 +202,17 @@ class FailoverWorkflow:
                 await self._step("verify", ActivityName.VERIFY_SERVING, ref, StepReport, candidate.id)
                 self._verified_at = workflow.now()
                 return candidate
-            except ActivityError as err:
-                workflow.logger.warning("standby %s could not take over: %s", candidate.id, err.cause or err)
+            except STEP_ERRORS as err:
+                workflow.logger.warning("standby %s could not take over: %s", candidate.id, _why(err))
                 # A standby that cannot take over is broken too: take it out so no one tries it again.
-                await self._try_eject_broken(candidate, str(err.cause or err))
+                await self._try_eject_broken(candidate, _why(err))
         return None
 
     async def _try_eject_broken(self, candidate: Instance, why: str) -> None:
         request = EjectRequest(model=candidate.model, instance=candidate.id, reason=f"promotion failed: {why}")
         try:
             await self._step("eject-standby", ActivityName.EJECT_INSTANCE, request, StepReport, candidate.id)
-        except ActivityError:
+        except STEP_ERRORS:
             workflow.logger.warning("could not eject broken standby %s", candidate.id)
 
     async def _step(
@@ -206,16 +225,25 @@ class FailoverWorkflow:
     ) -> R:
         start = workflow.now()
         try:
-            out = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                start_to_close_timeout=STEP_TIMEOUTS[activity],
-                heartbeat_timeout=HEARTBEAT_TIMEOUTS.get(activity),
-                retry_policy=QUICK,
-            )
-        except ActivityError as err:
-            self._record(step, start, workflow.now(), None, False, f"{subject or ''} {err.cause or err}".strip())
+            if self._local_activities and activity not in REGULAR_ONLY:
+                out = await workflow.execute_local_activity(
+                    activity,
+                    arg,
+                    result_type=result_type,
+                    start_to_close_timeout=STEP_TIMEOUTS[activity],
+                    retry_policy=QUICK,
+                )
+            else:
+                out = await workflow.execute_activity(
+                    activity,
+                    arg,
+                    result_type=result_type,
+                    start_to_close_timeout=STEP_TIMEOUTS[activity],
+                    heartbeat_timeout=HEARTBEAT_TIMEOUTS.get(activity),
+                    retry_policy=QUICK,
+                )
+        except STEP_ERRORS as err:
+            self._record(step, start, workflow.now(), None, False, f"{subject or ''} {_why(err)}".strip())
             raise
         own = getattr(out, "duration_ms", None)
         detail = getattr(out, "detail", "")
@@ -248,6 +276,6 @@ class FailoverWorkflow:
         result.reason = reason
         result.finished_at = workflow.now()
         activity_total = sum(s.activity_ms or 0.0 for s in result.steps)
-        result.orchestration_ms = max(0.0, _ms(result.finished_at - result.started_at) - activity_total)
+        result.orchestration_ms = round(max(0.0, _ms(result.finished_at - result.started_at) - activity_total), 1)
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome.value)])
         return result

@@ -17,6 +17,8 @@ from drctl.payloads import FailoverOutcome, FailoverRequest, FailoverResult, Rol
 from drctl.workflows.failover import FailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 
+BOTH_MODES = pytest.mark.parametrize("local_activities", [True, False], ids=["local-activities", "regular-activities"])
+
 
 @asynccontextmanager
 async def worker_for(env: WorkflowEnvironment, fleet: FakeFleet) -> AsyncIterator[tuple[Client, str]]:
@@ -25,19 +27,24 @@ async def worker_for(env: WorkflowEnvironment, fleet: FakeFleet) -> AsyncIterato
         yield env.client, queue
 
 
-async def run_failover(env: WorkflowEnvironment, fleet: FakeFleet, instance: str = "llama-2-7b-0") -> FailoverResult:
+async def run_failover(
+    env: WorkflowEnvironment, fleet: FakeFleet, instance: str = "llama-2-7b-0", local_activities: bool = True
+) -> FailoverResult:
     async with worker_for(env, fleet) as (client, queue):
         return await client.execute_workflow(
             FailoverWorkflow.run,
-            FailoverRequest(model="llama-2-7b", instance=instance, reason="test"),
+            FailoverRequest(model="llama-2-7b", instance=instance, reason="test", local_activities=local_activities),
             id=f"{failover_workflow_id('llama-2-7b', instance)}-{uuid.uuid4().hex[:6]}",
             task_queue=queue,
         )
 
 
-async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(time_skipping_env: WorkflowEnvironment) -> None:
+@BOTH_MODES
+async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(
+    time_skipping_env: WorkflowEnvironment, local_activities: bool
+) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.COLD))
-    result = await run_failover(time_skipping_env, fleet)
+    result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
 
     assert result.outcome == FailoverOutcome.RECOVERED
     assert result.promoted == "llama-2-7b-1"
@@ -83,10 +90,11 @@ async def test_false_alarm_touches_nothing(time_skipping_env: WorkflowEnvironmen
     assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
 
 
-async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnvironment) -> None:
+@BOTH_MODES
+async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnvironment, local_activities: bool) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM))
     fleet.broken.add("llama-2-7b-1")
-    result = await run_failover(time_skipping_env, fleet)
+    result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
 
     assert result.outcome == FailoverOutcome.RECOVERED
     assert result.promoted == "llama-2-7b-2"
@@ -97,10 +105,13 @@ async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnviro
     assert [s.ok for s in result.steps if s.step == "promote"] == [False, True]
 
 
-async def test_no_standby_keeps_last_instance_registered(time_skipping_env: WorkflowEnvironment) -> None:
+@BOTH_MODES
+async def test_no_standby_keeps_last_instance_registered(
+    time_skipping_env: WorkflowEnvironment, local_activities: bool
+) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD))
     fleet.broken.add("llama-2-7b-1")
-    result = await run_failover(time_skipping_env, fleet)
+    result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
 
     assert result.outcome == FailoverOutcome.NO_STANDBY
     # Last-instance safety: nothing replaced it, so it was never ejected.

@@ -225,6 +225,7 @@ class LocalPlatform:
                     "port": port,
                     "checkpoint": self.layout.checkpoint(instance.model),
                     "gpu": instance.gpu or "",
+                    "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
                 },
             )
             pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
