@@ -120,8 +120,9 @@ class FailoverRequest(Payload):
     without it, from the start of the workflow."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
-    server round trip cheaper each; see docs/benchmarks.md). The model load always runs as a regular
-    activity: it can take minutes and heartbeats. False: every step is a regular activity."""
+    server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always
+    runs as a regular activity: it can take minutes and heartbeats. False: every step is a regular
+    activity, each an ActivityTaskScheduled event in the UI."""
 
 
 class FailoverOutcome(StrEnum):

@@ -7,7 +7,7 @@ workflow can tell orchestration overhead from work, and heartbeats while it wait
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import activity
@@ -16,6 +16,7 @@ from drctl.activities.platform import Platform
 from drctl.payloads import (
     ActivityName,
     EjectRequest,
+    Instance,
     InstanceList,
     InstanceRef,
     ModelRef,
@@ -66,35 +67,33 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:
-        start = time.monotonic()
-        instance = await self.platform.get_instance(request.model, request.instance)
-        detail = await self.platform.eject(instance, request.reason)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        return await self._on_instance(
+            request.model, request.instance, lambda i: self.platform.eject(i, request.reason)
+        )
 
     @activity.defn(name=ActivityName.PROMOTE_STANDBY)
     async def promote_standby(self, ref: InstanceRef) -> StepReport:
-        start = time.monotonic()
-        instance = await self.platform.get_instance(ref.model, ref.instance)
-        detail = await self.platform.promote(instance)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        return await self._on_instance(ref.model, ref.instance, self.platform.promote)
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, ref: InstanceRef) -> StepReport:
-        start = time.monotonic()
-        instance = await self.platform.get_instance(ref.model, ref.instance)
-        detail = await self.platform.wait_loaded(instance, _heartbeat)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.wait_loaded(i, _heartbeat))
 
     @activity.defn(name=ActivityName.REGISTER_INSTANCE)
     async def register_instance(self, request: RegisterRequest) -> StepReport:
-        start = time.monotonic()
-        instance = await self.platform.get_instance(request.model, request.instance)
-        detail = await self.platform.register(instance, request.priority)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        return await self._on_instance(
+            request.model, request.instance, lambda i: self.platform.register(i, request.priority)
+        )
 
     @activity.defn(name=ActivityName.VERIFY_SERVING)
     async def verify_serving(self, ref: InstanceRef) -> StepReport:
+        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.verify(i, _heartbeat))
+
+    async def _on_instance(
+        self, model: str, instance_id: str, action: Callable[[Instance], Awaitable[str]]
+    ) -> StepReport:
+        """Look the instance up afresh (a retry sees what the last attempt changed), act, time it."""
         start = time.monotonic()
-        instance = await self.platform.get_instance(ref.model, ref.instance)
-        detail = await self.platform.verify(instance, _heartbeat)
+        instance = await self.platform.get_instance(model, instance_id)
+        detail = await action(instance)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))

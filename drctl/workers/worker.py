@@ -30,6 +30,7 @@ WORKFLOWS = [FailoverWorkflow]
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     policy = load_policy_file(settings.policy)
     platform = LocalPlatform(settings, policy)
+    await platform.warm_up()
     client = await connect(settings)
     worker = Worker(
         client,

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         ModelRef,
         ProbeResult,
         RegisterRequest,
+        Role,
         SearchAttr,
         StepReport,
         StepTiming,
@@ -77,11 +78,6 @@ STEP_TIMEOUTS = {
 HEARTBEAT_TIMEOUTS = {ActivityName.LOAD_MODEL: timedelta(seconds=3), ActivityName.VERIFY_SERVING: timedelta(seconds=3)}
 """Both heartbeat every ~50 ms: a worker that dies mid-step is noticed within seconds, and the step
 is retried on another (or the restarted) worker."""
-
-
-REGULAR_ONLY = frozenset({ActivityName.LOAD_MODEL})
-"""Steps that always run as regular activities: loading can take minutes and must heartbeat so a
-dead worker is noticed; a local activity can do neither."""
 
 
 STEP_ERRORS = (ActivityError, ApplicationError, TemporalTimeoutError)
@@ -191,7 +187,11 @@ class FailoverWorkflow:
             ref = InstanceRef(model=candidate.model, instance=candidate.id)
             try:
                 await self._step("promote", ActivityName.PROMOTE_STANDBY, ref, StepReport, candidate.id)
-                await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, candidate.id)
+                # Loading a warm or cold standby can take minutes and must heartbeat so a dead worker
+                # is noticed: a regular activity. A hot standby is loaded already: a quick check.
+                await self._step(
+                    "load", ActivityName.LOAD_MODEL, ref, StepReport, candidate.id, long=candidate.role != Role.HOT
+                )
                 await self._step(
                     "register",
                     ActivityName.REGISTER_INSTANCE,
@@ -222,10 +222,11 @@ class FailoverWorkflow:
         arg: BaseModel,
         result_type: type[R],
         subject: str | None = None,
+        long: bool = False,
     ) -> R:
         start = workflow.now()
         try:
-            if self._local_activities and activity not in REGULAR_ONLY:
+            if self._local_activities and not long:
                 out = await workflow.execute_local_activity(
                     activity,
                     arg,
