@@ -166,6 +166,11 @@ class LocalPlatform:
             )
             on_progress(f"checkpoint {info.path.name} ({info.size} bytes, sha256 {info.sha256[:12]}…)")
         with self.registry.edit() as instances:
+            # Instances left running by an earlier `drctl up` that did not shut down cleanly.
+            for leftover in instances.values():
+                if processes.runs_instance(leftover.pid, leftover.id):
+                    processes.terminate(leftover.pid)
+                    on_progress(f"stopped leftover {leftover.id} (pid {leftover.pid}) from an earlier run")
             instances.clear()
             for model in self.policy.models:
                 roles = (

@@ -68,6 +68,18 @@ def is_alive(pid: int | None) -> bool:
     return state not in ("Z", "X")
 
 
+def runs_instance(pid: int | None, instance_id: str) -> bool:
+    """True when ``pid`` is alive and its command line names ``instance_id`` (guards against a
+    recycled pid before stopping a leftover process)."""
+    if not is_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return instance_id.encode() in argv
+
+
 def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
     """SIGTERM the process group, SIGKILL after ``grace_s``; True if it had been running."""
     if not is_alive(pid):
@@ -80,6 +92,9 @@ def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
             return True
         time.sleep(0.02)
     _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return True
 
 

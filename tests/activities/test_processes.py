@@ -1,0 +1,66 @@
+"""Instance processes and the instance registry of the local platform, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from drctl.activities.local import processes
+from drctl.activities.local.registry import InstanceRegistry
+from drctl.payloads import Instance, Role
+
+
+def test_render_command_fills_placeholders_and_python() -> None:
+    argv = processes.render_command(
+        ["{python}", "-m", "x", "--port", "{port}", "--id={instance}"], {"port": 5, "instance": "m-0"}
+    )
+    assert argv == [sys.executable, "-m", "x", "--port", "5", "--id=m-0"]
+
+
+def test_kill_9_is_seen_at_once_even_before_reaping(tmp_path: Path) -> None:
+    pid = processes.spawn([sys.executable, "-c", "import time; time.sleep(30)", "m-7"], tmp_path / "p.log")
+    assert processes.is_alive(pid)
+    assert processes.runs_instance(pid, "m-7")
+    assert not processes.runs_instance(pid, "m-8")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while processes.is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not processes.is_alive(pid)
+    assert not processes.terminate(pid)
+
+
+def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(30)"
+    )
+    log = tmp_path / "s.log"
+    pid = processes.spawn([sys.executable, "-c", stubborn], log)
+    deadline = time.monotonic() + 5
+    while "up" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert processes.terminate(pid, grace_s=0.3)
+    assert not processes.is_alive(pid)
+    assert time.monotonic() - started < 3
+
+
+def test_pick_port_skips_taken_ports() -> None:
+    port = processes.pick_port("127.0.0.1", 23000, taken=[23000, 23001])
+    assert port >= 23002
+
+
+def test_registry_edits_are_persisted_atomically(tmp_path: Path) -> None:
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    assert registry.load() == {}
+    with registry.edit() as instances:
+        instances["m-0"] = Instance(id="m-0", model="m", role=Role.SERVING, lb_priority=0)
+        instances["m-1"] = Instance(id="m-1", model="m", role=Role.HOT, lb_priority=1)
+    updated = registry.update("m-1", role=Role.SERVING, lb_priority=0)
+    assert updated.role == Role.SERVING
+    reread = InstanceRegistry(tmp_path / "instances.json").of_model("m")
+    assert [(i.id, i.role, i.lb_priority) for i in reread] == [("m-0", Role.SERVING, 0), ("m-1", Role.SERVING, 0)]
+    assert not list(tmp_path.glob(".*.tmp"))
