@@ -129,6 +129,10 @@ class FailoverOutcome(StrEnum):
     RUNNING = "running"
     RECOVERED = "recovered"
     FALSE_ALARM = "false-alarm"
+    ALREADY_EJECTED = "already-ejected"
+    """An earlier failover already took this instance out; nothing left to do."""
+    STANDBY_EJECTED = "standby-ejected"
+    """The failed instance was a standby: it was ejected; reconciliation replaces it."""
     NO_STANDBY = "no-standby"
     FAILED = "failed"
 

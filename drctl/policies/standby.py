@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 
 from drctl.payloads import Instance, Role
 
@@ -33,3 +34,23 @@ def must_defer_eject(instances: Sequence[Instance], failed_instance: str) -> boo
     if failed is None or failed.role != Role.SERVING:
         return False
     return not serving_others(instances, failed_instance)
+
+
+class FailoverPlan(StrEnum):
+    """What a confirmed failure of one instance calls for."""
+
+    REPLACE = "replace"
+    """A serving instance: promote a standby in its place."""
+    EJECT_ONLY = "eject-only"
+    """A standby (or one mid-promotion): take it out; promoting another would add a server."""
+    NOTHING = "nothing"
+    """Already failed and ejected by an earlier run."""
+
+
+def plan_failover(instances: Sequence[Instance], failed_instance: str) -> FailoverPlan:
+    failed = next((i for i in instances if i.id == failed_instance), None)
+    if failed is None or failed.role == Role.FAILED:
+        return FailoverPlan.NOTHING
+    if failed.role == Role.SERVING:
+        return FailoverPlan.REPLACE
+    return FailoverPlan.EJECT_ONLY

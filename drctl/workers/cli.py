@@ -61,6 +61,12 @@ if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 colu
 err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+SUCCESSFUL_OUTCOMES = {
+    FailoverOutcome.RECOVERED,
+    FailoverOutcome.FALSE_ALARM,
+    FailoverOutcome.ALREADY_EJECTED,
+    FailoverOutcome.STANDBY_EJECTED,
+}
 EXIT_FAILED = 1
 
 PolicyOption = Annotated[
@@ -273,7 +279,7 @@ def failover(
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     result = asyncio.run(_run_failover(settings, request, wait, as_json))
-    if result is not None and result.outcome not in (FailoverOutcome.RECOVERED, FailoverOutcome.FALSE_ALARM):
+    if result is not None and result.outcome not in SUCCESSFUL_OUTCOMES:
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         StepReport,
         StepTiming,
     )
-    from drctl.policies.standby import must_defer_eject, standby_candidates
+    from drctl.policies.standby import FailoverPlan, must_defer_eject, plan_failover, standby_candidates
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -155,8 +155,14 @@ class FailoverWorkflow:
                 type=ErrorType.UNKNOWN_INSTANCE,
                 non_retryable=True,
             )
-        result.eject_deferred = must_defer_eject(listing.instances, request.instance)
         eject = EjectRequest(model=request.model, instance=request.instance, reason=request.reason)
+        plan = plan_failover(listing.instances, request.instance)
+        if plan == FailoverPlan.NOTHING:
+            return self._finish(FailoverOutcome.ALREADY_EJECTED, "already failed and ejected by an earlier failover")
+        if plan == FailoverPlan.EJECT_ONLY:
+            await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
+            return self._finish(FailoverOutcome.STANDBY_EJECTED, "a standby failed: ejected, nothing to promote")
+        result.eject_deferred = must_defer_eject(listing.instances, request.instance)
         if not result.eject_deferred:
             await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
 

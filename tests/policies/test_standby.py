@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drctl.payloads import Instance, Role
-from drctl.policies.standby import must_defer_eject, standby_candidates
+from drctl.policies.standby import FailoverPlan, must_defer_eject, plan_failover, standby_candidates
 
 
 def fleet(*roles: Role) -> list[Instance]:
@@ -26,3 +26,13 @@ def test_last_serving_instance_is_ejected_only_after_replacement() -> None:
     # A failed standby is not serving anything: eject at once.
     assert not must_defer_eject(fleet(Role.SERVING, Role.HOT), "m-1")
     assert not must_defer_eject(fleet(Role.SERVING), "m-9")
+
+
+def test_plan_depends_on_the_role_of_the_failed_instance() -> None:
+    instances = fleet(Role.SERVING, Role.HOT, Role.WARM, Role.FAILED, Role.PROMOTING)
+    assert plan_failover(instances, "m-0") == FailoverPlan.REPLACE
+    assert plan_failover(instances, "m-1") == FailoverPlan.EJECT_ONLY
+    assert plan_failover(instances, "m-2") == FailoverPlan.EJECT_ONLY
+    assert plan_failover(instances, "m-3") == FailoverPlan.NOTHING
+    assert plan_failover(instances, "m-4") == FailoverPlan.EJECT_ONLY
+    assert plan_failover(instances, "m-9") == FailoverPlan.NOTHING

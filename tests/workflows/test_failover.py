@@ -158,3 +158,23 @@ async def test_invalid_input_fails_the_run_instead_of_retrying_forever(time_skip
             await asyncio.wait_for(handle.result(), timeout=30)
     assert "instance" in str(info.value.cause)
     assert fleet.calls == []
+
+
+async def test_second_failover_of_an_ejected_instance_does_nothing(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
+    first = await run_failover(time_skipping_env, fleet)
+    assert first.outcome == FailoverOutcome.RECOVERED
+    fleet.calls.clear()
+    second = await run_failover(time_skipping_env, fleet)
+    assert second.outcome == FailoverOutcome.ALREADY_EJECTED
+    assert [c[0] for c in fleet.calls] == ["probe", "list"]
+    assert fleet.instances["llama-2-7b-2"].role == Role.HOT
+
+
+async def test_failed_standby_is_ejected_without_promoting_another(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
+    result = await run_failover(time_skipping_env, fleet, instance="llama-2-7b-1")
+    assert result.outcome == FailoverOutcome.STANDBY_EJECTED
+    assert fleet.steps() == ["probe:llama-2-7b-1", "list:llama-2-7b", "eject:llama-2-7b-1"]
+    assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
+    assert fleet.instances["llama-2-7b-2"].role == Role.HOT
