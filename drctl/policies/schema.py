@@ -161,13 +161,93 @@ class LocalPlatformPolicy(_Section):
         return self
 
 
+class GpuNodePolicy(_Section):
+    """One GPU node of the shared pool."""
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    zone: str = "az-1"
+    gpus: Annotated[int, Field(ge=0, le=64)] = 4
+    gpu_memory: ByteSize = parse_size("80Gi")
+    """Memory of each GPU on the node."""
+
+
+def _seed_nodes() -> list[GpuNodePolicy]:
+    # The seed's pool (§2.1): gpu-node-0..3, 16 GPUs in all.
+    zones = ["az-1", "az-2", "az-3", "az-1"]
+    return [GpuNodePolicy(name=f"gpu-node-{i}", zone=zones[i]) for i in range(4)]
+
+
+class GpuPoolPolicy(_Section):
+    """The shared GPU pool (seed §2): nodes, GPUs per node and their memory, overcommit ratio.
+
+    Overcommit applies only to warm/cold reservations; loaded models never exceed a GPU's memory.
+    """
+
+    overcommit_ratio: Annotated[float, Field(ge=1.0, le=10.0)] = 1.5
+    discover: bool = False
+    """Take the GPUs from NVML (the node agent) instead of ``nodes``; ``nodes`` is the fallback."""
+    nodes: list[GpuNodePolicy] = Field(default_factory=_seed_nodes)
+
+    @model_validator(mode="after")
+    def _node_names_unique(self) -> GpuPoolPolicy:
+        names = [n.name for n in self.nodes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"node(s) listed twice: {', '.join(duplicates)}")
+        return self
+
+
+class TenantCapability(_Section):
+    """Caps of one tenant (seed §2.1 ``capability``); None = no cap."""
+
+    gpus: Annotated[int, Field(ge=0)] | None = None
+    memory: ByteSize | None = None
+
+
+class TenantPolicy(_Section):
+    """A tenant's queue on the shared pool (seed §2.1: weight, capability, reclaimable)."""
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    capability: TenantCapability = TenantCapability()
+    reclaimable: bool = True
+    """Whether capacity this tenant does not use may be lent to others (and taken back)."""
+
+
+class ReconcilePolicy(_Section):
+    """How often standbys are brought back to the policy's counts (a Temporal Schedule)."""
+
+    interval: Duration = timedelta(seconds=30)
+    enabled: bool = True
+
+
 class DRPolicy(_Section):
     """The whole policy file."""
 
     models: Annotated[list[ModelPolicy], Field(min_length=1)]
     az_failover: ZoneFailoverPolicy = Field(default_factory=ZoneFailoverPolicy, alias="az_failover")
+    gpu_pool: GpuPoolPolicy = Field(default_factory=GpuPoolPolicy)
+    tenants: list[TenantPolicy] = Field(default_factory=lambda: [TenantPolicy(name="default")])
+    reconcile: ReconcilePolicy = ReconcilePolicy()
     load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
     local: LocalPlatformPolicy = Field(default_factory=LocalPlatformPolicy)
+
+    @model_validator(mode="after")
+    def _tenants_known(self) -> DRPolicy:
+        known = {t.name for t in self.tenants}
+        for model in self.models:
+            if model.tenant not in known:
+                raise ValueError(
+                    f"model {model.name!r} names tenant {model.tenant!r}, which is not in tenants "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+        return self
+
+    def tenant(self, name: str) -> TenantPolicy:
+        for tenant in self.tenants:
+            if tenant.name == name:
+                return tenant
+        raise KeyError(name)
 
     @model_validator(mode="after")
     def _model_names_unique(self) -> DRPolicy:
