@@ -155,6 +155,11 @@ class FailoverResult(Payload):
     reason: str = ""
     promoted: str | None = None
     tier: Role | None = None
+    """The standby tier that took over; None for an emergency instance (see ``emergency``)."""
+    emergency: bool = False
+    """No standby could take over: a new serving instance was placed on the pool."""
+    preempted: list[str] = Field(default_factory=list)
+    """Lower-priority instances an emergency placement took capacity from."""
     eject_deferred: bool = False
     """True when the failed instance was the last serving one and was ejected only after its
     replacement served (the last-instance safety rule)."""
@@ -180,6 +185,11 @@ class ActivityName:
     LOAD_MODEL = "load_model"
     REGISTER_INSTANCE = "register_instance"
     VERIFY_SERVING = "verify_serving"
+    REQUEST_RECONCILE = "request_reconcile"
+    OBSERVE_FLEET = "observe_fleet"
+    CREATE_INSTANCE = "create_instance"
+    RETIER_INSTANCE = "retier_instance"
+    DELETE_INSTANCE = "delete_instance"
 
 
 class ErrorType:
@@ -206,6 +216,73 @@ class SearchAttr:
     INTS = (RTO_MS,)
 
 
+RECONCILE_SCHEDULE_ID = "drctl-reconcile-standbys"
+RECONCILE_WORKFLOW_ID = "reconcile-standbys"
+
+
 def failover_workflow_id(model: str, instance: str) -> str:
     """One failover per failed instance: a second start with this ID joins the running one."""
     return f"failover-{model}-{instance}"
+
+
+# -- standby reconciliation -------------------------------------------------------------------------
+
+
+class ReconcileActionKind(StrEnum):
+    CREATE = "create"
+    """Start a new instance of a tier on the GPU placement chose (a cold one only reserves)."""
+    RETIER = "retier"
+    """Move an existing standby to another tier (a surplus warm standby becomes the missing hot)."""
+    DELETE = "delete"
+    """Remove a surplus instance: out of the load balancer, process stopped, record dropped."""
+
+
+class ReconcileAction(Payload):
+    kind: ReconcileActionKind
+    model: str
+    instance: str
+    tier: Role
+    """Tier after the action (for DELETE: the tier it had)."""
+    gpu: str | None = None
+    node: str | None = None
+    zone: str | None = None
+    preempts: list[str] = Field(default_factory=list)
+    """Instances placement takes capacity from (quota reclaim or a critical emergency)."""
+    reason: str = ""
+
+
+class ReconcileRequest(Payload):
+    """Input of ``ReconcileStandbysWorkflow``; ``{}`` reconciles every model."""
+
+    models: list[ModelName] | None = None
+    dry_run: bool = False
+
+
+class FleetSnapshot(Payload):
+    """What exists now, with the policy it is measured against (read by one activity)."""
+
+    policy: dict[str, object]
+    """The DR policy as plain data (``DRPolicy.model_dump``), so a workflow sees one consistent
+    version for its whole run, even if the file changes meanwhile."""
+    instances: list[Instance]
+
+
+class ReconcilePlan(Payload):
+    actions: list[ReconcileAction] = Field(default_factory=list)
+    unplaceable: list[str] = Field(default_factory=list)
+    """Wanted instances placement could not fit, each with the reason."""
+    skipped_models: list[str] = Field(default_factory=list)
+    """Models left alone this round (an instance is mid-promotion: a failover is running)."""
+
+
+class ReconcileResult(Payload):
+    plan: ReconcilePlan
+    dry_run: bool
+    applied: list[str] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+
+
+class InstanceChange(Payload):
+    """Input of the create/retier/delete activities."""
+
+    action: ReconcileAction

@@ -30,7 +30,7 @@ def _elapsed_ms(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 1)
 
 
-def _heartbeat(fraction: float, what: str) -> None:
+def heartbeat_progress(fraction: float, what: str) -> None:
     if not activity.info().is_local:  # local activities cannot heartbeat
         activity.heartbeat({"progress": round(fraction, 3), "detail": what})
 
@@ -77,7 +77,9 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.wait_loaded(i, _heartbeat))
+        return await self._on_instance(
+            ref.model, ref.instance, lambda i: self.platform.wait_loaded(i, heartbeat_progress)
+        )
 
     @activity.defn(name=ActivityName.REGISTER_INSTANCE)
     async def register_instance(self, request: RegisterRequest) -> StepReport:
@@ -87,7 +89,7 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.VERIFY_SERVING)
     async def verify_serving(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.verify(i, _heartbeat))
+        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.verify(i, heartbeat_progress))
 
     async def _on_instance(
         self, model: str, instance_id: str, action: Callable[[Instance], Awaitable[str]]

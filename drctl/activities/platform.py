@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from drctl.payloads import Instance
+from drctl.payloads import Instance, ReconcileAction
+from drctl.policies.schema import DRPolicy
 
 ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done, what is happening) during long steps; activities heartbeat it."""
@@ -46,4 +47,28 @@ class Platform(Protocol):
 
     async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
         """A real request through the load balancer succeeds with the instance serving."""
+        ...
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    async def current_policy(self) -> DRPolicy:
+        """The DR policy as it is now (re-read, so a changed policy is reconciled towards)."""
+        ...
+
+    async def all_instances(self) -> list[Instance]:
+        """Every instance of every model, failed ones included."""
+        ...
+
+    async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        """Create the instance the action names on its GPU, in its tier: loaded and registered at
+        priority 1 (hot), loaded and asleep (warm), a reservation only (cold). Idempotent: a retry
+        finds the instance created by the last attempt and carries on."""
+        ...
+
+    async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        """Move a standby to the action's tier (warm → hot: wake up, register at priority 1)."""
+        ...
+
+    async def delete_instance(self, action: ReconcileAction) -> str:
+        """Out of the load balancer, process stopped, record dropped. Idempotent."""
         ...

@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -31,9 +32,12 @@ from temporalio.common import (
 from drctl.activities.local import envoy, processes
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.payloads import (
+    RECONCILE_WORKFLOW_ID,
     FailoverOutcome,
     FailoverRequest,
     FailoverResult,
+    ReconcileRequest,
+    ReconcileResult,
     SearchAttr,
     StepTiming,
     Trigger,
@@ -359,6 +363,77 @@ def _print_result(result: FailoverResult) -> None:
         )
 
 
+# -- reconcile ---------------------------------------------------------------------------------
+
+
+@app.command()
+def reconcile(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the diff, change nothing")] = False,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="only this model (repeatable)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Bring standbys back to the policy's hot/warm/cold counts (what the schedule runs), now.
+
+    With --dry-run, only show what it would create, re-tier or delete, and where placement puts it.
+    """
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    for name in model or []:
+        if name not in dr_policy.model_names:
+            _fail(f"unknown model {name!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    request = ReconcileRequest(models=model or None, dry_run=dry_run)
+    result = asyncio.run(_run_reconcile(settings, request))
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        _print_reconcile(result)
+    if result.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def _run_reconcile(settings: DrctlSettings, request: ReconcileRequest) -> ReconcileResult:
+    client = await _connect(settings)
+    workflow_id = f"reconcile-dry-run-{uuid.uuid4().hex[:8]}" if request.dry_run else RECONCILE_WORKFLOW_ID
+    try:
+        result: ReconcileResult = await client.execute_workflow(
+            "ReconcileStandbysWorkflow",
+            request,
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            result_type=ReconcileResult,
+        )
+    except WorkflowFailureError as exc:
+        _fail(f"reconciliation failed: {exc.cause or exc}")
+    return result
+
+
+def _print_reconcile(result: ReconcileResult) -> None:
+    plan = result.plan
+    if not plan.actions:
+        out.print("[green]in line with the policy[/]: nothing to create, re-tier or delete")
+    else:
+        title = "plan (dry run: nothing changed)" if result.dry_run else "plan"
+        table = Table(title=title, title_justify="left")
+        for column in ("action", "model", "instance", "tier", "gpu", "node", "zone", "why"):
+            table.add_column(column)
+        for a in plan.actions:
+            table.add_row(
+                a.kind.value, a.model, a.instance, a.tier.value, a.gpu or "-", a.node or "-", a.zone or "-", a.reason
+            )
+        out.print(table)
+    for line in plan.unplaceable:
+        out.print(f"[yellow]not placed[/]: {line}", highlight=False)
+    for line in plan.skipped_models:
+        out.print(f"[yellow]skipped[/]: {line}", highlight=False)
+    for line in result.applied:
+        out.print(f"[green]✓[/] {line}", highlight=False)
+    for line in result.failed:
+        out.print(f"[red]✗[/] {line}", highlight=False)
+
+
 # -- audit -------------------------------------------------------------------------------------
 
 
@@ -441,6 +516,79 @@ def policy_validate(file: Annotated[Path, typer.Argument(help="policy YAML file"
     except PolicyError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     out.print(f"[green]ok[/]: {file} — {len(dr_policy.models)} model(s): {', '.join(dr_policy.model_names)}")
+
+
+@policy_app.command("explain")
+def policy_explain(
+    file: Annotated[Path, typer.Argument(help="policy YAML file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Per model: instances per tier, GPU memory per zone, expected RTO after each failure vs the target."""
+    from drctl.policies.durations import format_duration
+    from drctl.policies.explain import RtoAssumptions, explain
+    from drctl.policies.sizes import format_size
+
+    try:
+        dr_policy = load_policy_file(file)
+    except PolicyError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    items = explain(dr_policy)
+    if as_json:
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "model": i.name,
+                        "priority": i.priority,
+                        "tenant": i.tenant,
+                        "rto_target_s": i.rto_target.total_seconds(),
+                        "rpo_target_s": i.rpo_target.total_seconds(),
+                        "instances": {k.value: v for k, v in i.instances.items()},
+                        "memory_by_zone": i.memory_by_zone,
+                        "failures": [
+                            {
+                                "failure": f.failure,
+                                "tier": f.tier.value if f.tier else "emergency",
+                                "expected_rto_s": f.expected_rto_s,
+                                "meets_target": f.meets_target,
+                            }
+                            for f in i.failures
+                        ],
+                        "unplaced": i.unplaced,
+                    }
+                    for i in items
+                ]
+            )
+        )
+        return
+    for item in items:
+        tiers = ", ".join(f"{n} {role.value}" for role, n in item.instances.items() if n)
+        out.print(
+            f"[bold]{item.name}[/] ({item.priority}, tenant {item.tenant}): {tiers}; "
+            f"RTO target {format_duration(item.rto_target)}, RPO {format_duration(item.rpo_target)}",
+            highlight=False,
+        )
+        zones = "; ".join(
+            f"{zone}: {format_size(m['loaded'])} loaded + {format_size(m['reserved'])} reserved"
+            for zone, m in sorted(item.memory_by_zone.items())
+        )
+        out.print(f"  GPU memory by zone: {zones or 'none'}", highlight=False)
+        steps = []
+        for f in item.failures:
+            mark = "[green]✓[/]" if f.meets_target else "[red]✗ misses target[/]"
+            steps.append(
+                f"#{f.failure} → {f.tier.value if f.tier else 'emergency instance'} ~{f.expected_rto_s:g}s {mark}"
+            )
+        out.print("  after each lost serving instance: " + " · ".join(steps), highlight=False)
+        for line in item.unplaced:
+            out.print(f"  [yellow]does not fit the pool[/]: {line}", highlight=False)
+    a = RtoAssumptions()
+    out.print(
+        f"[dim]estimates: detection {a.detection_s:g}s; hot switch {a.hot_switch_s:g}s (measured, docs/benchmarks.md); "
+        f"warm wakes at {a.wake_gib_per_s:g} GiB/s; cold starts in {a.cold_start_s:g}s and loads at "
+        f"{a.cold_load_gib_per_s:g} GiB/s; plus one health-check interval for a new endpoint[/]",
+        highlight=False,
+    )
 
 
 # -- worker ------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from temporalio.client import Client
 
 from drctl.activities.local import envoy, processes
 from drctl.activities.local.platform import LocalPlatform
+from drctl.policies.durations import format_duration
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.binaries import find_binary
+from drctl.workers.schedules import ensure_reconcile_schedule
 from drctl.workers.search_attributes import dev_server_flags, register_search_attributes
 from drctl.workers.temporal_client import connect
 
@@ -61,6 +63,10 @@ class LocalStack:
         await self._wait_lb_healthy()
         self.start_worker()
         await self._wait_worker_polling()
+        assert self.client is not None
+        every = self.policy.reconcile.interval
+        done = await ensure_reconcile_schedule(self.client, self.policy, self.settings.task_queue)
+        self.say(f"reconcile schedule {done}: every {format_duration(every)}, overlapping runs skipped")
         self._write_stack_file()
         self.say(f"stack up in {time.monotonic() - started:.1f}s")
 

@@ -17,14 +17,16 @@ from temporalio.worker import Worker
 
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.local.platform import LocalPlatform
+from drctl.activities.reconcile import ReconcileActivities
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
 from drctl.workers.temporal_client import connect
 from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 
 log = logging.getLogger("drctl.worker")
 
-WORKFLOWS = [FailoverWorkflow]
+WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow]
 
 
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
@@ -36,7 +38,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=FailoverActivities(platform).all(),
+        activities=[*FailoverActivities(platform).all(), *ReconcileActivities(platform).all()],
         graceful_shutdown_timeout=timedelta(seconds=5),
         # A failover must not wait long for a crashed worker's sticky queue (default 10 s): after
         # this, its next workflow task goes to any worker, which replays the short history.

@@ -27,17 +27,22 @@ with workflow.unsafe.imports_passed_through():
         FailoverOutcome,
         FailoverRequest,
         FailoverResult,
+        FleetSnapshot,
         Instance,
+        InstanceChange,
         InstanceList,
         InstanceRef,
         ModelRef,
         ProbeResult,
+        ReconcileActionKind,
         RegisterRequest,
         Role,
         SearchAttr,
         StepReport,
         StepTiming,
     )
+    from drctl.policies.reconcile import plan_emergency
+    from drctl.policies.schema import DRPolicy
     from drctl.policies.standby import FailoverPlan, must_defer_eject, plan_failover, standby_candidates
 
 R = TypeVar("R", bound=BaseModel)
@@ -67,6 +72,10 @@ QUICK = RetryPolicy(
 """Steps against the platform are short; three tries, then the workflow decides (next standby)."""
 
 STEP_TIMEOUTS = {
+    ActivityName.OBSERVE_FLEET: timedelta(seconds=30),
+    ActivityName.DELETE_INSTANCE: timedelta(seconds=30),
+    ActivityName.CREATE_INSTANCE: timedelta(minutes=10),
+    ActivityName.REQUEST_RECONCILE: timedelta(seconds=10),
     ActivityName.PROBE_INSTANCE: timedelta(seconds=10),
     ActivityName.LIST_INSTANCES: timedelta(seconds=10),
     ActivityName.EJECT_INSTANCE: timedelta(seconds=20),
@@ -75,7 +84,11 @@ STEP_TIMEOUTS = {
     ActivityName.REGISTER_INSTANCE: timedelta(seconds=20),
     ActivityName.VERIFY_SERVING: timedelta(seconds=45),
 }
-HEARTBEAT_TIMEOUTS = {ActivityName.LOAD_MODEL: timedelta(seconds=3), ActivityName.VERIFY_SERVING: timedelta(seconds=3)}
+HEARTBEAT_TIMEOUTS = {
+    ActivityName.LOAD_MODEL: timedelta(seconds=3),
+    ActivityName.VERIFY_SERVING: timedelta(seconds=3),
+    ActivityName.CREATE_INSTANCE: timedelta(seconds=5),
+}
 """Both heartbeat every ~50 ms: a worker that dies mid-step is noticed within seconds, and the step
 is retried on another (or the restarted) worker."""
 
@@ -85,7 +98,7 @@ STEP_ERRORS = (ActivityError, ApplicationError, TemporalTimeoutError)
 activities surface the activity's own ``ApplicationError`` or a timeout."""
 
 
-def _why(err: FailureError) -> str:
+def why_failed(err: FailureError) -> str:
     return str(err.cause or err) if isinstance(err, ActivityError) else str(err)
 
 
@@ -119,7 +132,7 @@ class FailoverWorkflow:
             # The run fails, but its outcome is still searchable.
             if self._result is not None:
                 self._result.outcome = FailoverOutcome.FAILED
-                self._result.reason = _why(err)
+                self._result.reason = why_failed(err)
             workflow.upsert_search_attributes([OUTCOME_KEY.value_set(FailoverOutcome.FAILED.value)])
             raise
 
@@ -170,6 +183,8 @@ class FailoverWorkflow:
         self._record("pick", workflow.now(), workflow.now(), None, True, self._describe(candidates))
         promoted = await self._promote_first_that_works(candidates)
         if promoted is None:
+            promoted = await self._emergency_instance(request)
+        if promoted is None:
             # Nothing replaced it: leave a last serving instance registered (its health check
             # keeps traffic off it while it is down) and report.
             return self._finish(FailoverOutcome.NO_STANDBY, "no standby could be promoted")
@@ -180,13 +195,18 @@ class FailoverWorkflow:
         verified_at = self._verified_at or workflow.now()
         failure_start = request.failed_at or started
         result.promoted = promoted.id
-        result.tier = promoted.role
+        result.tier = None if result.emergency else promoted.role
         result.switch_ms = _ms(verified_at - started)
         result.rto_ms = max(0.0, _ms(verified_at - failure_start))
         workflow.upsert_search_attributes(
-            [TIER_KEY.value_set(promoted.role.value), RTO_KEY.value_set(int(result.rto_ms))]
+            [
+                TIER_KEY.value_set("emergency" if result.emergency else promoted.role.value),
+                RTO_KEY.value_set(int(result.rto_ms)),
+            ]
         )
-        return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({promoted.role}) serves {request.model}")
+        await self._replenish(request.model)
+        how = "an emergency instance" if result.emergency else str(promoted.role)
+        return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
 
     async def _promote_first_that_works(self, candidates: list[Instance]) -> Instance | None:
         for candidate in candidates:
@@ -209,10 +229,75 @@ class FailoverWorkflow:
                 self._verified_at = workflow.now()
                 return candidate
             except STEP_ERRORS as err:
-                workflow.logger.warning("standby %s could not take over: %s", candidate.id, _why(err))
+                workflow.logger.warning("standby %s could not take over: %s", candidate.id, why_failed(err))
                 # A standby that cannot take over is broken too: take it out so no one tries it again.
-                await self._try_eject_broken(candidate, _why(err))
+                await self._try_eject_broken(candidate, why_failed(err))
         return None
+
+    async def _emergency_instance(self, request: FailoverRequest) -> Instance | None:
+        """Hot, warm and cold are exhausted: place a new serving instance on the pool (a critical
+        model may preempt lower-priority instances), start it, and verify it."""
+        assert self._result is not None
+        try:
+            snapshot = await self._step("observe", ActivityName.OBSERVE_FLEET, None, FleetSnapshot)
+        except STEP_ERRORS:
+            return None
+        plan = plan_emergency(
+            DRPolicy.model_validate(snapshot.policy), snapshot.instances, request.model, request.instance
+        )
+        self._record(
+            "place",
+            workflow.now(),
+            workflow.now(),
+            None,
+            bool(plan.actions),
+            "; ".join(plan.unplaceable)
+            or (plan.actions[-1].reason + f" → {plan.actions[-1].gpu}" if plan.actions else ""),
+        )
+        if not plan.actions:
+            return None
+        try:
+            for action in plan.actions:
+                if action.kind == ReconcileActionKind.DELETE:
+                    await self._step(
+                        "preempt",
+                        ActivityName.DELETE_INSTANCE,
+                        InstanceChange(action=action),
+                        StepReport,
+                        action.instance,
+                    )
+                    self._result.preempted.append(action.instance)
+            create = plan.actions[-1]
+            await self._step(
+                "emergency",
+                ActivityName.CREATE_INSTANCE,
+                InstanceChange(action=create),
+                StepReport,
+                create.instance,
+                long=True,
+            )
+            ref = InstanceRef(model=create.model, instance=create.instance)
+            await self._step("verify", ActivityName.VERIFY_SERVING, ref, StepReport, create.instance)
+        except STEP_ERRORS:
+            return None
+        self._verified_at = workflow.now()
+        self._result.emergency = True
+        return Instance(
+            id=create.instance,
+            model=create.model,
+            role=Role.SERVING,
+            gpu=create.gpu,
+            node=create.node,
+            zone=create.zone,
+        )
+
+    async def _replenish(self, model: str) -> None:
+        """A standby was used up: ask reconciliation to restore the policy's counts now. Failing to
+        ask does not fail the failover (the schedule runs anyway)."""
+        try:
+            await self._step("replenish", ActivityName.REQUEST_RECONCILE, ModelRef(model=model), StepReport)
+        except STEP_ERRORS:
+            workflow.logger.warning("could not trigger reconciliation after the failover of %s", model)
 
     async def _try_eject_broken(self, candidate: Instance, why: str) -> None:
         request = EjectRequest(model=candidate.model, instance=candidate.id, reason=f"promotion failed: {why}")
@@ -225,17 +310,18 @@ class FailoverWorkflow:
         self,
         step: str,
         activity: str,
-        arg: BaseModel,
+        arg: BaseModel | None,
         result_type: type[R],
         subject: str | None = None,
         long: bool = False,
     ) -> R:
         start = workflow.now()
         try:
+            args = [] if arg is None else [arg]
             if self._local_activities and not long:
                 out = await workflow.execute_local_activity(
                     activity,
-                    arg,
+                    args=args,
                     result_type=result_type,
                     start_to_close_timeout=STEP_TIMEOUTS[activity],
                     retry_policy=QUICK,
@@ -243,14 +329,14 @@ class FailoverWorkflow:
             else:
                 out = await workflow.execute_activity(
                     activity,
-                    arg,
+                    args=args,
                     result_type=result_type,
                     start_to_close_timeout=STEP_TIMEOUTS[activity],
                     heartbeat_timeout=HEARTBEAT_TIMEOUTS.get(activity),
                     retry_policy=QUICK,
                 )
         except STEP_ERRORS as err:
-            self._record(step, start, workflow.now(), None, False, f"{subject or ''} {_why(err)}".strip())
+            self._record(step, start, workflow.now(), None, False, f"{subject or ''} {why_failed(err)}".strip())
             raise
         own = getattr(out, "duration_ms", None)
         detail = getattr(out, "detail", "")

@@ -96,7 +96,7 @@ async def test_kill_serving_instance_then_failover_loses_no_request(local_stack:
     assert result.promoted == hot[0]
     assert result.tier == Role.HOT
     assert [s.step for s in result.steps] == [
-        "confirm", "list", "pick", "promote", "load", "register", "verify", "eject",
+        "confirm", "list", "pick", "promote", "load", "register", "verify", "eject", "replenish",
     ]  # fmt: skip
     assert all(s.ok and s.duration_ms >= 0 for s in result.steps)
     assert result.rto_ms is not None and 0 < result.rto_ms < 30_000
@@ -111,6 +111,7 @@ async def test_kill_serving_instance_then_failover_loses_no_request(local_stack:
         ActivityName.REGISTER_INSTANCE,
         ActivityName.VERIFY_SERVING,
         ActivityName.EJECT_INSTANCE,
+        ActivityName.REQUEST_RECONCILE,
     ]
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
 
@@ -123,6 +124,20 @@ async def test_kill_serving_instance_then_failover_loses_no_request(local_stack:
     registry = {i.id: i for i in local_stack.platform.registry.of_model(MODEL)}
     assert registry[victim].role == Role.FAILED
     assert registry[hot[0]].role == Role.SERVING and registry[hot[0]].lb_priority == 0
+
+    # Replenish: the failover triggered reconciliation, which brings back a second hot standby.
+    replenish = next(s for s in result.steps if s.step == "replenish")
+    assert replenish.ok and "triggered" in replenish.detail
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        hot_now = [
+            i for i in local_stack.platform.registry.of_model(MODEL) if i.role == Role.HOT and i.lb_priority == 1
+        ]
+        if len(hot_now) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(hot_now) == 2, local_stack.platform.registry.of_model(MODEL)
+    assert {i.id for i in hot_now} - {hot[1]} == {f"{MODEL}-4"}
 
 
 async def test_audit_lists_the_failover_from_visibility(local_stack: LocalStack) -> None:

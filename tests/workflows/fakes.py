@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -12,7 +13,9 @@ from drctl.payloads import (
     ActivityName,
     EjectRequest,
     ErrorType,
+    FleetSnapshot,
     Instance,
+    InstanceChange,
     InstanceList,
     InstanceRef,
     ModelRef,
@@ -21,6 +24,10 @@ from drctl.payloads import (
     Role,
     StepReport,
 )
+from drctl.policies.loader import load_policy_file
+from drctl.policies.schema import DRPolicy
+
+EXAMPLE_POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
 
 
 @dataclass
@@ -33,6 +40,7 @@ class FakeFleet:
     """Standbys whose promotion fails."""
     calls: list[tuple[str, str]] = field(default_factory=list)
     promote_gate: asyncio.Event | None = None
+    policy: DRPolicy = field(default_factory=lambda: EXAMPLE_POLICY)
 
     @classmethod
     def of(cls, *specs: tuple[str, Role]) -> FakeFleet:
@@ -93,7 +101,46 @@ class FakeFleet:
             fleet.calls.append(("verify", ref.instance))
             return StepReport(detail="200 via LB", duration_ms=6)
 
-        return [probe, list_instances, eject, promote, load, register, verify]
+        @activity.defn(name=ActivityName.REQUEST_RECONCILE)
+        async def request_reconcile(ref: ModelRef) -> StepReport:
+            fleet.calls.append(("replenish", ref.model))
+            return StepReport(detail="triggered", duration_ms=0.5)
+
+        @activity.defn(name=ActivityName.OBSERVE_FLEET)
+        async def observe() -> FleetSnapshot:
+            fleet.calls.append(("observe", "fleet"))
+            return FleetSnapshot(
+                policy=fleet.policy.model_dump(mode="json", by_alias=True), instances=list(fleet.instances.values())
+            )
+
+        @activity.defn(name=ActivityName.CREATE_INSTANCE)
+        async def create(change: InstanceChange) -> StepReport:
+            a = change.action
+            fleet.calls.append(("create", a.instance))
+            fleet.instances[a.instance] = Instance(
+                id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone, lb_priority=0
+            )
+            return StepReport(detail=f"created on {a.gpu}", duration_ms=7)
+
+        @activity.defn(name=ActivityName.DELETE_INSTANCE)
+        async def delete(change: InstanceChange) -> StepReport:
+            fleet.calls.append(("delete", change.action.instance))
+            fleet.instances.pop(change.action.instance, None)
+            return StepReport(detail="deleted", duration_ms=1)
+
+        return [
+            probe,
+            list_instances,
+            eject,
+            promote,
+            load,
+            register,
+            verify,
+            request_reconcile,
+            observe,
+            create,
+            delete,
+        ]
 
     def steps(self) -> list[str]:
         return [f"{name}:{subject}" for name, subject in self.calls]

@@ -59,14 +59,16 @@ async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(
         "register:llama-2-7b-1",
         "verify:llama-2-7b-1",
         "eject:llama-2-7b-0",
+        "replenish:llama-2-7b",
     ]
     assert [s.step for s in result.steps] == [
-        "confirm", "list", "pick", "promote", "load", "register", "verify", "eject",
+        "confirm", "list", "pick", "promote", "load", "register", "verify", "eject", "replenish",
     ]  # fmt: skip
     assert all(s.ok for s in result.steps)
     assert result.rto_ms is not None and result.switch_ms is not None
-    # Activity-reported time: probe 1 + list 0 + promote 3 + load 4 + register 5 + verify 6 + eject 2.
-    assert sum(s.activity_ms or 0 for s in result.steps) == 21
+    # Activity-reported time: probe 1 + list 0 + promote 3 + load 4 + register 5 + verify 6 + eject 2
+    # + replenish 0.5.
+    assert sum(s.activity_ms or 0 for s in result.steps) == 21.5
 
 
 async def test_eject_first_when_another_instance_still_serves(time_skipping_env: WorkflowEnvironment) -> None:
@@ -106,14 +108,35 @@ async def test_promote_fails_then_next_standby(time_skipping_env: WorkflowEnviro
 
 
 @BOTH_MODES
-async def test_no_standby_keeps_last_instance_registered(
+async def test_no_standby_left_places_an_emergency_instance(
     time_skipping_env: WorkflowEnvironment, local_activities: bool
 ) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD))
     fleet.broken.add("llama-2-7b-1")
     result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
 
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert result.emergency and result.tier is None and result.promoted == "llama-2-7b-2"
+    assert fleet.instances["llama-2-7b-2"].role == Role.SERVING and fleet.instances["llama-2-7b-2"].gpu
+    steps = [s.step for s in result.steps]
+    assert steps[-6:] == ["observe", "place", "emergency", "verify", "eject", "replenish"]
+    # Ejected only once the emergency instance served (last-instance safety).
+    assert fleet.instances["llama-2-7b-0"].role == Role.FAILED
+
+
+@BOTH_MODES
+async def test_no_standby_and_no_room_keeps_last_instance_registered(
+    time_skipping_env: WorkflowEnvironment, local_activities: bool
+) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD))
+    fleet.broken.add("llama-2-7b-1")
+    huge = [m.model_copy(update={"gpu_memory": 1024 * 2**30}) for m in fleet.policy.models]
+    fleet.policy = fleet.policy.model_copy(update={"models": huge})
+    result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
+
     assert result.outcome == FailoverOutcome.NO_STANDBY
+    place = next(s for s in result.steps if s.step == "place")
+    assert not place.ok and "llama-2-7b-2" in place.detail
     # Last-instance safety: nothing replaced it, so it was never ejected.
     assert "eject:llama-2-7b-0" not in fleet.steps()
     assert fleet.instances["llama-2-7b-0"].role == Role.SERVING

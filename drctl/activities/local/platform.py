@@ -19,7 +19,9 @@ from drctl.activities.local import envoy, processes
 from drctl.activities.local.checkpoints import ensure_checkpoint
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.activities.platform import ProgressCallback
-from drctl.payloads import Instance, Role
+from drctl.payloads import Instance, ReconcileAction, Role
+from drctl.policies.loader import load_policy_file
+from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DRPolicy, ModelPolicy
 from drctl.settings import DrctlSettings, StateLayout
 
@@ -151,6 +153,73 @@ class LocalPlatform:
             await asyncio.sleep(0.05)
         raise RuntimeError(f"verification through the load balancer failed: {last}")
 
+    # -- reconciliation ----------------------------------------------------------------------
+
+    async def current_policy(self) -> DRPolicy:
+        self.policy = load_policy_file(self.settings.policy)
+        return self.policy
+
+    async def all_instances(self) -> list[Instance]:
+        return list(self.registry.load().values())
+
+    async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        if action.model not in self.policy.model_names:
+            raise errors.unknown_model(action.model, self.policy.model_names)
+        template = Instance(
+            id=action.instance,
+            model=action.model,
+            role=Role.COLD if action.tier == Role.COLD else Role.PROMOTING,
+            host=self.settings.host,
+            gpu=action.gpu,
+            node=action.node,
+            zone=action.zone,
+        )
+        # Record and start in one locked step, so two runs creating the same id start one process.
+        with self.registry.edit() as instances:
+            existing = instances.get(action.instance, template)
+            done = existing.role == action.tier and (existing.lb_priority is not None or action.tier != Role.HOT)
+            if action.tier != Role.COLD and not done and not processes.is_alive(existing.pid):
+                existing = self._spawn(instances, existing)
+            instances[existing.id] = existing
+        if action.tier == Role.COLD:
+            return f"cold standby reserved on {action.gpu} (checkpoint only, no process)"
+        if done:
+            return f"already {action.tier}"
+        await self.wait_loaded(existing, progress)
+        if action.tier == Role.WARM:
+            response = await self._http.post(self._url(existing, "/sleep"), params={"level": 1}, timeout=10.0)
+            response.raise_for_status()
+        self.registry.update(existing.id, role=action.tier, lb_priority=LB_PRIORITY.get(action.tier))
+        self.sync_load_balancer(action.model)
+        where = f"on {action.gpu} ({action.node}, {action.zone})"
+        return f"{action.tier} {existing.id} {where}, pid {existing.pid}, port {existing.port}"
+
+    async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        instance = await self.get_instance(action.model, action.instance)
+        if instance.role == action.tier:
+            return f"already {action.tier}"
+        if action.tier != Role.HOT or instance.role != Role.WARM:
+            raise errors.not_a_standby(instance.id, f"{instance.role} (only warm → hot is supported)")
+        if not processes.is_alive(instance.pid):
+            instance = self._start_process(instance)
+        else:
+            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+            response.raise_for_status()
+        await self.wait_loaded(instance, progress)
+        self.registry.update(instance.id, role=Role.HOT, lb_priority=LB_PRIORITY[Role.HOT])
+        self.sync_load_balancer(instance.model)
+        return f"{instance.id} warm → hot, registered at priority 1"
+
+    async def delete_instance(self, action: ReconcileAction) -> str:
+        instance = self.registry.load().get(action.instance)
+        if instance is None:
+            return "already gone"
+        with self.registry.edit() as instances:
+            instances.pop(action.instance, None)
+        self.sync_load_balancer(action.model)
+        stopped = processes.terminate(instance.pid)
+        return f"{action.instance} deleted" + (" (process stopped)" if stopped else "")
+
     # -- fleet management (used by `drctl up`) -----------------------------------------------
 
     def load_timeout_s(self, model: str) -> float:
@@ -172,16 +241,20 @@ class LocalPlatform:
                     processes.terminate(leftover.pid)
                     on_progress(f"stopped leftover {leftover.id} (pid {leftover.pid}) from an earlier run")
             instances.clear()
-            for model in self.policy.models:
-                roles = (
-                    [Role.SERVING] * model.replicas
-                    + [Role.HOT] * model.hot_standby
-                    + [Role.WARM] * model.warm_standby
-                    + [Role.COLD] * model.cold_standby
+            # The same planner as reconciliation, from an empty fleet: ids, tiers and GPUs.
+            plan = plan_reconcile(self.policy, [])
+            for action in plan.actions:
+                instances[action.instance] = Instance(
+                    id=action.instance,
+                    model=action.model,
+                    role=action.tier,
+                    host=self.settings.host,
+                    gpu=action.gpu,
+                    node=action.node,
+                    zone=action.zone,
                 )
-                for index, role in enumerate(roles):
-                    iid = f"{model.name}-{index}"
-                    instances[iid] = Instance(id=iid, model=model.name, role=role, host=self.settings.host)
+        for problem in plan.unplaceable:
+            on_progress(f"WARNING: not placed: {problem}")
         for instance in self.registry.load().values():
             if instance.role != Role.COLD:
                 started = self._start_process(instance)
@@ -227,23 +300,27 @@ class LocalPlatform:
 
     def _start_process(self, instance: Instance) -> Instance:
         with self.registry.edit() as instances:
-            taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
-            port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
-            command = processes.render_command(
-                self.policy.local.command,
-                {
-                    "model": instance.model,
-                    "instance": instance.id,
-                    "port": port,
-                    "checkpoint": self.layout.checkpoint(instance.model),
-                    "gpu": instance.gpu or "",
-                    "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
-                },
-            )
-            pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
-            updated = instance.model_copy(update={"port": port, "pid": pid})
-            instances[instance.id] = updated
-            return updated
+            return self._spawn(instances, instance)
+
+    def _spawn(self, instances: dict[str, Instance], instance: Instance) -> Instance:
+        """Start the instance's process (inside a registry edit) and record its port and pid."""
+        taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
+        port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
+        command = processes.render_command(
+            self.policy.local.command,
+            {
+                "model": instance.model,
+                "instance": instance.id,
+                "port": port,
+                "checkpoint": self.layout.checkpoint(instance.model),
+                "gpu": instance.gpu or "",
+                "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
+            },
+        )
+        pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
+        updated = instance.model_copy(update={"port": port, "pid": pid})
+        instances[instance.id] = updated
+        return updated
 
     @staticmethod
     def _url(instance: Instance, path: str) -> str:

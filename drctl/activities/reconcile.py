@@ -1,0 +1,84 @@
+"""Activities of standby reconciliation, and the failover's request for one, on the Platform."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import ScheduleOverlapPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from drctl.activities.failover import heartbeat_progress
+from drctl.activities.platform import Platform
+from drctl.payloads import (
+    RECONCILE_SCHEDULE_ID,
+    ActivityName,
+    FleetSnapshot,
+    InstanceChange,
+    ModelRef,
+    StepReport,
+)
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)
+
+
+class ReconcileActivities:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.observe_fleet,
+            self.create_instance,
+            self.retier_instance,
+            self.delete_instance,
+            self.request_reconcile,
+        ]
+
+    @activity.defn(name=ActivityName.OBSERVE_FLEET)
+    async def observe_fleet(self) -> FleetSnapshot:
+        policy = await self.platform.current_policy()
+        return FleetSnapshot(
+            policy=policy.model_dump(mode="json", by_alias=True), instances=await self.platform.all_instances()
+        )
+
+    @activity.defn(name=ActivityName.CREATE_INSTANCE)
+    async def create_instance(self, change: InstanceChange) -> StepReport:
+        start = time.monotonic()
+        detail = await self.platform.create_instance(change.action, heartbeat_progress)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.RETIER_INSTANCE)
+    async def retier_instance(self, change: InstanceChange) -> StepReport:
+        start = time.monotonic()
+        detail = await self.platform.retier_instance(change.action, heartbeat_progress)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.DELETE_INSTANCE)
+    async def delete_instance(self, change: InstanceChange) -> StepReport:
+        start = time.monotonic()
+        detail = await self.platform.delete_instance(change.action)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.REQUEST_RECONCILE)
+    async def request_reconcile(self, ref: ModelRef) -> StepReport:
+        """Run the reconciliation schedule now (after a failover used up a standby).
+
+        Triggered through the schedule, so its overlap policy holds: a run already going is not
+        doubled; one more is buffered to start after it.
+        """
+        start = time.monotonic()
+        handle = activity.client().get_schedule_handle(RECONCILE_SCHEDULE_ID)
+        try:
+            await handle.trigger(overlap=ScheduleOverlapPolicy.BUFFER_ONE)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return StepReport(
+                detail="no reconcile schedule (drctl up creates it); not replenished", duration_ms=_elapsed_ms(start)
+            )
+        return StepReport(detail=f"reconciliation triggered for {ref.model}'s standbys", duration_ms=_elapsed_ms(start))

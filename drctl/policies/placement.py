@@ -1,0 +1,949 @@
+"""Placement of model instances and standbys on the shared GPU pool (seed §2).
+
+Pure and deterministic: a decision is a function of (request, inventory, allocations, pool, tenants)
+only, so a workflow can compute it and a dry run shows the same answer.
+
+Capacity model
+    Every allocation sits on one GPU. *Loaded* tiers (serving, hot, promoting) hold weights in GPU
+    memory; *reserved* tiers (warm, cold) hold a reservation that is only real once promoted. So:
+
+    - per GPU, loaded memory never exceeds the GPU's physical memory;
+    - per GPU, loaded + reserved never exceeds ``memory x overcommit_ratio`` (the overcommitted
+      capacity; rounded down to a byte);
+    - over the pool, all allocations (all tiers, also those on GPUs no longer in the inventory) never
+      exceed ``Σ memory x overcommit_ratio`` (the seed's global check);
+    - a request bigger than the largest GPU is refused for every tier: a reservation that can never
+      be loaded on its GPU cannot be promoted there.
+
+Tenant quotas (``TenantPolicy.capability``; ``None`` = no cap in that dimension)
+    A tenant's **own usage** counts its allocations with ``borrowed=False``:
+
+    - ``memory`` = the sum of their memory, every tier (a reservation reserves capacity too);
+    - ``gpus``   = the number of distinct GPUs on which it has at least one *loaded* allocation
+      (reservations are overcommitted and pin no GPU).
+
+    A placement is **within cap** when own usage plus the request stays within every cap of the tenant.
+    Otherwise the whole allocation is **borrowed** (``Allocation.borrowed=True``; it then counts in
+    no own usage but in the borrowed totals), which is allowed only when, in every dimension the
+    borrowing tenant is capped in, ``borrowed in use + the request ≤ lendable``, where
+
+    - *lendable* = Σ over the *other* tenants that are ``reclaimable`` and capped in that dimension of
+      ``max(0, cap - own usage)``;
+    - *borrowed in use* = Σ over tenants capped in that dimension of their borrowed footprint
+      (memory of their borrowed allocations; GPUs holding their borrowed loaded allocations and none
+      of their own).
+
+    A tenant without any cap never borrows. A tenant not in ``tenants`` is treated as uncapped and
+    lends nothing. When a capped tenant's request is within its cap but nothing fits, borrowed
+    allocations of *other* tenants are reclaimed (preempted): allocations held within their owner's
+    cap never are. A borrowed allocation stays marked borrowed until it is re-placed; use
+    :func:`assign_borrowed` to re-derive the marks from the current caps (e.g. after a restart that
+    lost them).
+
+Choice among GPUs, in order
+    1. no preemption before any preemption (plain fit → quota reclaim → emergency);
+    2. anti-affinity: not on a node in ``request.protects`` while another node fits;
+    3. within the tenant's cap before borrowed capacity;
+    4. (preemption only) the least important victims: fewest victims of the highest priority
+       involved, then reserved tiers before loaded ones, …, then fewest victims, then least memory;
+    5. zone spread: the zone with the fewest allocations of the model (DR: standbys must survive a
+       zone outage, so spreading beats packing; with one zone this is a no-op);
+    6. best fit: the least free memory left on the GPU after placement, measured on the capacity the
+       tier uses (loaded: ``min(physical free, overcommitted free)``; reserved: overcommitted free);
+    7. the model already on the GPU (more copies first, as the seed's +50 per copy);
+    8. GPU order (node name, then index).
+
+:class:`PlacementEngine` keeps indexes (usage per GPU, free capacity sorted per zone, usage per
+tenant and model) and updates them incrementally, so a decision costs about O(log G) plus the
+candidates it has to skip instead of a scan of every GPU and allocation. :func:`place` builds one
+for a single decision; :func:`place_many` reuses one for a sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from drctl.policies.schema import GpuPoolPolicy, Priority, TenantPolicy
+
+LOADED_TIERS = frozenset({"serving", "hot", "promoting"})
+"""Tiers that occupy physical GPU memory."""
+RESERVED_TIERS = frozenset({"warm", "cold"})
+"""Tiers that only reserve capacity; they count against the overcommitted capacity."""
+TIERS = LOADED_TIERS | RESERVED_TIERS
+
+# Victim classes, most important first: (priority rank, loaded?).
+_RANKS = sorted({p.rank for p in Priority}, reverse=True)
+_CLASSES: tuple[tuple[int, bool], ...] = tuple((rank, loaded) for rank in _RANKS for loaded in (True, False))
+_CLASS_POS = {c: i for i, c in enumerate(_CLASSES)}
+
+
+def format_size(size: int) -> str:
+    """``80 GiB``, ``13.5 GiB``, ``512 MiB``, ``0 B``: sizes in reasons."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(size) >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+def overcommitted(memory: int, ratio: float) -> int:
+    """Capacity of ``memory`` under the overcommit ratio, rounded down to a byte."""
+    return math.floor(memory * ratio)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """One GPU of the pool."""
+
+    id: str
+    """``{node}/{index}``"""
+    node: str
+    zone: str
+    index: int
+    memory: int
+    """Physical memory in bytes."""
+
+
+def gpu_inventory(pool: GpuPoolPolicy) -> list[GpuSlot]:
+    """The GPUs the policy declares, node by node (``discover`` is the caller's business: pass the
+    discovered inventory to :func:`place` instead)."""
+    return [
+        GpuSlot(id=f"{node.name}/{index}", node=node.name, zone=node.zone, index=index, memory=node.gpu_memory)
+        for node in pool.nodes
+        for index in range(node.gpus)
+    ]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Capacity one instance holds on one GPU."""
+
+    instance: str
+    model: str
+    tenant: str
+    priority: Priority
+    tier: str
+    memory: int
+    gpu: str
+    borrowed: bool = False
+    """Placed on capacity lent by other tenants (over its tenant's cap); reclaimable by them."""
+
+    @property
+    def loaded(self) -> bool:
+        """Anything not a reservation counts as loaded (a conservative reading of unknown tiers)."""
+        return self.tier not in RESERVED_TIERS
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    instance: str
+    model: str
+    tenant: str
+    priority: Priority
+    tier: str
+    memory: int
+    protects: frozenset[str] = frozenset()
+    """Nodes of the instances this one stands by for (anti-affinity)."""
+    emergency: bool = False
+    """Critical failover: may preempt allocations of strictly lower priority when nothing fits."""
+
+    @property
+    def loaded(self) -> bool:
+        return self.tier in LOADED_TIERS
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpu: GpuSlot
+    preempted: tuple[Allocation, ...] = ()
+    """Allocations to remove first (quota reclaim or emergency), least important first."""
+    borrowed: bool = False
+    reason: str = ""
+
+    def allocation(self, request: PlacementRequest) -> Allocation:
+        return Allocation(
+            instance=request.instance,
+            model=request.model,
+            tenant=request.tenant,
+            priority=request.priority,
+            tier=request.tier,
+            memory=request.memory,
+            gpu=self.gpu.id,
+            borrowed=self.borrowed,
+        )
+
+
+class PlacementError(ValueError):
+    """Nothing fits; ``reason`` says why and ``kind`` classifies it."""
+
+    KINDS = ("invalid", "too-large", "capacity", "quota")
+
+    def __init__(self, reason: str, kind: str = "capacity") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+# -- bookkeeping -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _TenantUse:
+    own_mem: int = 0
+    bor_mem: int = 0
+    own_gpus: dict[str, int] = field(default_factory=dict)
+    """GPU → number of own (not borrowed) loaded allocations on it."""
+    bor_gpus: dict[str, int] = field(default_factory=dict)
+    """GPU → number of borrowed loaded allocations on it."""
+    bor_only: int = 0
+    """GPUs in ``bor_gpus`` and not in ``own_gpus``: the borrowed GPU footprint."""
+
+
+@dataclass(frozen=True)
+class _TenantNumbers:
+    own_mem: int
+    own_gpus: int
+    bor_mem: int
+    bor_gpus: int
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: tuple[object, ...]
+    slot: GpuSlot
+    victims: tuple[Allocation, ...]
+    borrowed: bool
+    leftover: int
+
+
+class PlacementEngine:
+    """The pool's state, indexed for fast decisions; :meth:`decide` then :meth:`apply`."""
+
+    def __init__(
+        self,
+        inventory: Sequence[GpuSlot],
+        allocations: Iterable[Allocation],
+        pool: GpuPoolPolicy,
+        tenants: Sequence[TenantPolicy],
+    ) -> None:
+        self.ratio = pool.overcommit_ratio
+        self._slots = sorted(inventory, key=lambda s: (s.node, s.index, s.id))
+        self._ord: dict[str, int] = {}
+        for i, slot in enumerate(self._slots):
+            if slot.id in self._ord:
+                raise PlacementError(f"GPU {slot.id} is listed twice in the inventory", "invalid")
+            self._ord[slot.id] = i
+        n = len(self._slots)
+        self._cap = [overcommitted(s.memory, self.ratio) for s in self._slots]
+        self._loaded = [0] * n
+        self._total = [0] * n
+        self.physical = sum(s.memory for s in self._slots)
+        self.pool_cap = overcommitted(self.physical, self.ratio)
+        self.allocated = 0
+        self.largest = max((s.memory for s in self._slots), default=0)
+        self.zones = sorted({s.zone for s in self._slots})
+        self._allocs: dict[str, Allocation] = {}
+        self._by_gpu: list[dict[str, Allocation]] = [{} for _ in range(n)]
+        self._model_gpus: dict[str, dict[str, dict[int, int]]] = {}
+        """model → zone → GPU ordinal → copies."""
+        self._model_zones: dict[str, dict[str, int]] = {}
+        self._tenants: dict[str, TenantPolicy] = {}
+        for tenant in tenants:
+            self._tenants.setdefault(tenant.name, tenant)
+        self._use: dict[str, _TenantUse] = {}
+        # Per zone, (free, ordinal) sorted: free for a loaded request and free for a reservation.
+        # Built once the allocations are in; kept up to date by every add/remove afterwards.
+        self._eff_idx: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
+        self._oc_idx: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
+        self._indexed = False
+        for allocation in allocations:
+            self.add(allocation)
+        for i, slot in enumerate(self._slots):
+            self._eff_idx[slot.zone].append((self._eff_free(i), i))
+            self._oc_idx[slot.zone].append((self._oc_free(i), i))
+        for z in self.zones:
+            self._eff_idx[z].sort()
+            self._oc_idx[z].sort()
+        self._indexed = True
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def allocations(self) -> list[Allocation]:
+        return list(self._allocs.values())
+
+    def slot(self, gpu: str) -> GpuSlot | None:
+        i = self._ord.get(gpu)
+        return None if i is None else self._slots[i]
+
+    def _eff_free(self, i: int) -> int:
+        return min(self._slots[i].memory - self._loaded[i], self._cap[i] - self._total[i])
+
+    def _oc_free(self, i: int) -> int:
+        return self._cap[i] - self._total[i]
+
+    def _reindex(self, i: int, d_loaded: int, d_total: int) -> None:
+        if not self._indexed:
+            self._loaded[i] += d_loaded
+            self._total[i] += d_total
+            return
+        zone = self._slots[i].zone
+        for idx, old in ((self._eff_idx[zone], self._eff_free(i)), (self._oc_idx[zone], self._oc_free(i))):
+            del idx[bisect_left(idx, (old, i))]
+        self._loaded[i] += d_loaded
+        self._total[i] += d_total
+        insort(self._eff_idx[zone], (self._eff_free(i), i))
+        insort(self._oc_idx[zone], (self._oc_free(i), i))
+
+    def add(self, a: Allocation) -> None:
+        if a.instance in self._allocs:
+            raise PlacementError(f"instance {a.instance} is allocated twice", "invalid")
+        if a.memory < 0:
+            raise PlacementError(f"allocation of {a.instance} has negative memory", "invalid")
+        self._allocs[a.instance] = a
+        self._account(a, +1)
+
+    def remove(self, instance: str) -> Allocation:
+        a = self._allocs.pop(instance)
+        self._account(a, -1)
+        return a
+
+    def _account(self, a: Allocation, sign: int) -> None:
+        self.allocated += sign * a.memory
+        use = self._use.setdefault(a.tenant, _TenantUse())
+        if a.borrowed:
+            use.bor_mem += sign * a.memory
+        else:
+            use.own_mem += sign * a.memory
+        if a.loaded:
+            mine, other = (use.bor_gpus, use.own_gpus) if a.borrowed else (use.own_gpus, use.bor_gpus)
+            before = mine.get(a.gpu, 0)
+            after = before + sign
+            if after:
+                mine[a.gpu] = after
+            else:
+                mine.pop(a.gpu, None)
+            if (before == 0) != (after == 0):  # the GPU entered or left this set
+                entered = 1 if after else -1
+                if a.borrowed and a.gpu not in other:
+                    use.bor_only += entered
+                elif not a.borrowed and a.gpu in other:
+                    use.bor_only -= entered
+        i = self._ord.get(a.gpu)
+        if i is None:
+            return  # a GPU gone from the inventory: counts globally and in quotas only
+        self._reindex(i, sign * a.memory if a.loaded else 0, sign * a.memory)
+        if sign > 0:
+            self._by_gpu[i][a.instance] = a
+        else:
+            self._by_gpu[i].pop(a.instance, None)
+        zone = self._slots[i].zone
+        per_zone = self._model_gpus.setdefault(a.model, {}).setdefault(zone, {})
+        copies = per_zone.get(i, 0) + sign
+        if copies:
+            per_zone[i] = copies
+        else:
+            per_zone.pop(i, None)
+        zones = self._model_zones.setdefault(a.model, {})
+        zones[zone] = zones.get(zone, 0) + sign
+
+    def apply(self, request: PlacementRequest, placement: Placement) -> Allocation:
+        """Remove the preempted allocations (and an earlier allocation of the same instance), add the new one."""
+        for victim in placement.preempted:
+            if victim.instance in self._allocs:
+                self.remove(victim.instance)
+        if request.instance in self._allocs:
+            self.remove(request.instance)
+        allocation = placement.allocation(request)
+        self.add(allocation)
+        return allocation
+
+    @contextmanager
+    def _without(self, instance: str) -> Iterator[None]:
+        """The request replaces an earlier allocation of the same instance: decide as if it were gone."""
+        existing = self._allocs.get(instance)
+        if existing is None:
+            yield
+            return
+        self.remove(instance)
+        try:
+            yield
+        finally:
+            self.add(existing)
+
+    # -- quotas ---------------------------------------------------------------------------------
+
+    def _caps(self, tenant: str) -> tuple[int | None, int | None]:
+        policy = self._tenants.get(tenant)
+        if policy is None:
+            return None, None
+        return policy.capability.memory, policy.capability.gpus
+
+    def _numbers(self, tenant: str, victims: Sequence[Allocation] = ()) -> _TenantNumbers:
+        use = self._use.get(tenant) or _TenantUse()
+        own_mem, bor_mem, own_gpus, bor_gpus = use.own_mem, use.bor_mem, len(use.own_gpus), use.bor_only
+        mine = [v for v in victims if v.tenant == tenant]
+        for v in mine:
+            if v.borrowed:
+                bor_mem -= v.memory
+            else:
+                own_mem -= v.memory
+        for gpu in {v.gpu for v in mine if v.loaded}:
+            own_before = use.own_gpus.get(gpu, 0)
+            bor_before = use.bor_gpus.get(gpu, 0)
+            own_after = own_before - sum(1 for v in mine if v.gpu == gpu and v.loaded and not v.borrowed)
+            bor_after = bor_before - sum(1 for v in mine if v.gpu == gpu and v.loaded and v.borrowed)
+            bor_gpus += int(bor_after > 0 and own_after == 0) - int(bor_before > 0 and own_before == 0)
+            own_gpus -= int(own_before > 0 and own_after == 0)
+        return _TenantNumbers(own_mem, own_gpus, bor_mem, bor_gpus)
+
+    def _borrow_room(self, tenant: str, victims: Sequence[Allocation] = ()) -> tuple[int, int]:
+        """(memory, GPUs) other tenants lend and nobody borrows yet; negative when over-borrowed."""
+        lend_mem = lend_gpus = used_mem = used_gpus = 0
+        for name, policy in self._tenants.items():
+            if name == tenant or not policy.reclaimable:
+                continue
+            cap_mem, cap_gpus = policy.capability.memory, policy.capability.gpus
+            if cap_mem is None and cap_gpus is None:
+                continue
+            numbers = self._numbers(name, victims)
+            if cap_mem is not None:
+                lend_mem += max(0, cap_mem - numbers.own_mem)
+            if cap_gpus is not None:
+                lend_gpus += max(0, cap_gpus - numbers.own_gpus)
+        for name in self._use:
+            cap_mem, cap_gpus = self._caps(name)
+            if cap_mem is None and cap_gpus is None:
+                continue
+            numbers = self._numbers(name, victims)
+            if cap_mem is not None:
+                used_mem += numbers.bor_mem
+            if cap_gpus is not None:
+                used_gpus += numbers.bor_gpus
+        return lend_mem - used_mem, lend_gpus - used_gpus
+
+    def _membership(self, tenant: str, gpu: str, victims: Sequence[Allocation]) -> tuple[bool, bool]:
+        """Whether the tenant has own / borrowed loaded allocations on ``gpu`` once victims are gone."""
+        use = self._use.get(tenant) or _TenantUse()
+        own = use.own_gpus.get(gpu, 0)
+        bor = use.bor_gpus.get(gpu, 0)
+        for v in victims:
+            if v.tenant == tenant and v.gpu == gpu and v.loaded:
+                if v.borrowed:
+                    bor -= 1
+                else:
+                    own -= 1
+        return own > 0, bor > 0
+
+    def quota_mode(self, request: PlacementRequest, gpu: str, victims: Sequence[Allocation] = ()) -> bool | None:
+        """False: within the tenant's cap on ``gpu``; True: only on borrowed capacity; None: not allowed."""
+        cap_mem, cap_gpus = self._caps(request.tenant)
+        if cap_mem is None and cap_gpus is None:
+            return False
+        numbers = self._numbers(request.tenant, victims)
+        on_own, on_bor = self._membership(request.tenant, gpu, victims) if request.loaded else (True, True)
+        if (cap_mem is None or numbers.own_mem + request.memory <= cap_mem) and (
+            cap_gpus is None or on_own or numbers.own_gpus + 1 <= cap_gpus
+        ):
+            return False
+        room_mem, room_gpus = self._borrow_room(request.tenant, victims)
+        if cap_mem is not None and request.memory > room_mem:
+            return None
+        if cap_gpus is not None and not (on_own or on_bor) and room_gpus < 1:
+            return None
+        return True
+
+    # -- searching ------------------------------------------------------------------------------
+
+    def _zone_groups(self, model: str) -> list[list[str]]:
+        """Zones grouped by how many allocations of the model they hold, fewest first."""
+        counts = self._model_zones.get(model, {})
+        groups: dict[int, list[str]] = {}
+        for zone in self.zones:
+            groups.setdefault(counts.get(zone, 0), []).append(zone)
+        return [groups[c] for c in sorted(groups)]
+
+    def _free(self, i: int, loaded: bool) -> int:
+        return self._eff_free(i) if loaded else self._oc_free(i)
+
+    def _copies(self, model: str, i: int) -> int:
+        return self._model_gpus.get(model, {}).get(self._slots[i].zone, {}).get(i, 0)
+
+    def _search_zone(self, request: PlacementRequest, zone: str, excluded: frozenset[str]) -> tuple[int, int] | None:
+        """Best (free, ordinal) in one zone by (leftover, most copies of the model, GPU order)."""
+        index = self._eff_idx[zone] if request.loaded else self._oc_idx[zone]
+        m = request.memory
+        slots = self._slots
+        first: tuple[int, int] | None = None
+        pos = bisect_left(index, (m, -1))
+        while pos < len(index):
+            entry = index[pos]
+            if not (excluded and slots[entry[1]].node in excluded):
+                first = entry
+                break
+            pos += 1
+        if first is None:
+            return None
+        free, i = first
+        if pos + 1 == len(index) or index[pos + 1][0] != free:
+            return first  # no other GPU leaves the same: no tie to break
+        # Ties: the GPU with the most copies of the model, then the first; look through whichever
+        # is shorter, the tied entries or the GPUs of the zone that hold the model.
+        best = (-self._copies(request.model, i), i)
+        holders = self._model_gpus.get(request.model, {}).get(zone, {})
+        if not holders:
+            return first
+        end = bisect_left(index, (free + 1, -1), pos)
+        if end - pos <= len(holders):
+            for k in range(pos + 1, end):
+                j = index[k][1]
+                copies = holders.get(j, 0)
+                if copies > -best[0] and not (excluded and slots[j].node in excluded):
+                    best = (-copies, j)
+        else:
+            for j, copies in holders.items():
+                if (-copies, j) < best and self._free(j, request.loaded) == free:
+                    if not (excluded and slots[j].node in excluded):
+                        best = (-copies, j)
+        return free, best[1]
+
+    def _search_all(self, request: PlacementRequest, excluded: frozenset[str]) -> int | None:
+        for group in self._zone_groups(request.model):
+            found = [f for f in (self._search_zone(request, z, excluded) for z in group) if f is not None]
+            if found:
+                return min(found, key=lambda f: (f[0], -self._copies(request.model, f[1]), f[1]))[1]
+        return None
+
+    def _search_set(self, request: PlacementRequest, gpus: Iterable[str], excluded: frozenset[str]) -> int | None:
+        zone_counts = self._model_zones.get(request.model, {})
+        best: tuple[int, int, int, int] | None = None
+        for gpu in gpus:
+            i = self._ord.get(gpu)
+            if i is None or (excluded and self._slots[i].node in excluded):
+                continue
+            free = self._free(i, request.loaded)
+            if free < request.memory:
+                continue
+            key = (zone_counts.get(self._slots[i].zone, 0), free, -self._copies(request.model, i), i)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[3]
+
+    def _plain(self, request: PlacementRequest) -> tuple[int, bool, bool] | None:
+        """(GPU ordinal, borrowed, on a protected node) of the best placement without preemption."""
+        if self.allocated + request.memory > self.pool_cap:
+            return None
+        cap_mem, cap_gpus = self._caps(request.tenant)
+        use = self._use.get(request.tenant) or _TenantUse()
+        capped = cap_mem is not None or cap_gpus is not None
+        mem_within = cap_mem is None or use.own_mem + request.memory <= cap_mem
+        gpu_room = cap_gpus is None or not request.loaded or len(use.own_gpus) + 1 <= cap_gpus
+        borrow_all: bool | None = None  # None: no borrowing; True: anywhere; False: own/borrowed GPUs only
+        if capped and not (mem_within and gpu_room):
+            room_mem, room_gpus = self._borrow_room(request.tenant)
+            if cap_mem is None or request.memory <= room_mem:
+                borrow_all = cap_gpus is None or not request.loaded or room_gpus >= 1
+        passes = [request.protects, frozenset()] if request.protects else [frozenset()]
+        for excluded in passes:
+            if mem_within:
+                found = (
+                    self._search_all(request, excluded)
+                    if gpu_room
+                    else self._search_set(request, list(use.own_gpus), excluded)
+                )
+                if found is not None:
+                    return found, False, self._slots[found].node in request.protects
+            if borrow_all is not None:
+                found = (
+                    self._search_all(request, excluded)
+                    if borrow_all
+                    else self._search_set(request, [*use.own_gpus, *use.bor_gpus], excluded)
+                )
+                if found is not None:
+                    return found, True, self._slots[found].node in request.protects
+        return None
+
+    # -- preemption -----------------------------------------------------------------------------
+
+    def _needs(self, request: PlacementRequest, i: int) -> tuple[int, int]:
+        """Loaded and total memory that must be freed on GPU ``i`` for the request to fit."""
+        m = request.memory
+        need_loaded = max(0, self._loaded[i] + m - self._slots[i].memory) if request.loaded else 0
+        need_total = max(0, self._total[i] + m - self._cap[i], self.allocated + m - self.pool_cap)
+        return need_loaded, need_total
+
+    def _preempting(self, request: PlacementRequest, reclaim: bool) -> _Candidate | None:
+        zone_counts = self._model_zones.get(request.model, {})
+        rank = request.priority.rank
+        best: _Candidate | None = None
+        for i, held in enumerate(self._by_gpu):
+            if reclaim:
+                eligible = [a for a in held.values() if a.borrowed and a.tenant != request.tenant]
+            else:
+                eligible = [a for a in held.values() if a.priority.rank < rank]
+            if not eligible:
+                continue
+            need_loaded, need_total = self._needs(request, i)
+            if need_loaded == 0 and need_total == 0:
+                continue  # fits without preemption: the plain search refused it for its quota
+            victims = select_victims(eligible, need_loaded, need_total)
+            if victims is None:
+                continue
+            slot = self._slots[i]
+            mode = self.quota_mode(request, slot.id, victims)
+            if mode is None or (reclaim and mode):
+                continue
+            freed = sum(v.memory for v in victims)
+            freed_loaded = sum(v.memory for v in victims if v.loaded)
+            oc_left = self._cap[i] - (self._total[i] - freed) - request.memory
+            leftover = (
+                min(slot.memory - (self._loaded[i] - freed_loaded) - request.memory, oc_left)
+                if request.loaded
+                else oc_left
+            )
+            key = (
+                slot.node in request.protects,
+                victim_cost(victims),
+                len(victims),
+                freed,
+                mode,
+                zone_counts.get(slot.zone, 0),
+                leftover,
+                -self._copies(request.model, i),
+                i,
+            )
+            if best is None or key < best.key:
+                best = _Candidate(key, slot, victims, mode, leftover)
+        return best
+
+    # -- deciding -------------------------------------------------------------------------------
+
+    def decide(self, request: PlacementRequest) -> Placement:
+        """Where the request goes; raises :class:`PlacementError` saying why when nothing fits."""
+        self._validate(request)
+        with self._without(request.instance):
+            return self._decide(request)
+
+    def _validate(self, request: PlacementRequest) -> None:
+        if request.tier not in TIERS:
+            raise PlacementError(
+                f"{request.instance}: unknown tier {request.tier!r} (expected one of {', '.join(sorted(TIERS))})",
+                "invalid",
+            )
+        if request.memory < 0:
+            raise PlacementError(f"{request.instance}: negative memory {request.memory}", "invalid")
+        if not self._slots:
+            raise PlacementError("the GPU pool has no GPUs", "capacity")
+        if request.memory > self.largest:
+            raise PlacementError(
+                f"{request.instance} needs {format_size(request.memory)} but the largest GPU of the pool has "
+                f"{format_size(self.largest)}: it fits on no GPU, in any tier",
+                "too-large",
+            )
+
+    def _decide(self, request: PlacementRequest) -> Placement:
+        m = request.memory
+        what = "loaded" if request.loaded else "overcommitted"
+        plain = self._plain(request)
+        if plain is not None:
+            i, borrowed, protected = plain
+            slot = self._slots[i]
+            leftover = self._free(i, request.loaded) - m
+            reason = f"{request.tier} on {slot.id} (zone {slot.zone}): best fit, leaves {format_size(leftover)} {what}"
+            if borrowed:
+                reason += f"; on capacity borrowed from reclaimable tenants ({self._cap_text(request.tenant)})"
+            if protected:
+                reason += f"; on protected node {slot.node}: no other node fits"
+            return Placement(gpu=slot, borrowed=borrowed, reason=reason)
+        notes: list[str] = []
+        cap_mem, cap_gpus = self._caps(request.tenant)
+        own_mem = self._numbers(request.tenant).own_mem
+        if (cap_mem is not None or cap_gpus is not None) and (cap_mem is None or own_mem + m <= cap_mem):
+            candidate = self._preempting(request, reclaim=True)
+            if candidate is not None:
+                return self._preempted(request, candidate, "reclaimed borrowed capacity")
+            notes.append("reclaiming other tenants' borrowed allocations would free room on no GPU")
+        if request.emergency:
+            candidate = self._preempting(request, reclaim=False)
+            if candidate is not None:
+                return self._preempted(request, candidate, f"emergency ({request.priority})")
+            notes.append(
+                f"emergency: preempting allocations of lower priority than {request.priority} would free room on no GPU"
+            )
+        raise self._failure(request, notes)
+
+    def _preempted(self, request: PlacementRequest, candidate: _Candidate, why: str) -> Placement:
+        slot = candidate.slot
+        victims = ", ".join(f"{v.instance} ({v.priority} {v.tier}, {format_size(v.memory)})" for v in candidate.victims)
+        reason = f"{why}: {request.tier} on {slot.id} (zone {slot.zone}) after preempting {victims}"
+        if candidate.borrowed:
+            reason += "; on borrowed capacity"
+        if slot.node in request.protects:
+            reason += f"; on protected node {slot.node}: no other node fits"
+        return Placement(gpu=slot, preempted=candidate.victims, borrowed=candidate.borrowed, reason=reason)
+
+    def _cap_text(self, tenant: str) -> str:
+        cap_mem, cap_gpus = self._caps(tenant)
+        numbers = self._numbers(tenant)
+        parts = []
+        if cap_mem is not None:
+            parts.append(f"memory {format_size(numbers.own_mem)} of {format_size(cap_mem)}")
+        if cap_gpus is not None:
+            parts.append(f"GPUs {numbers.own_gpus} of {cap_gpus}")
+        return f"tenant {tenant!r} uses " + ", ".join(parts)
+
+    def _failure(self, request: PlacementRequest, notes: list[str]) -> PlacementError:
+        m = request.memory
+        tail = "".join(f"; {note}" for note in notes)
+        head = f"{request.instance} ({request.tier}, {format_size(m)})"
+        if self.allocated + m > self.pool_cap:
+            return PlacementError(
+                f"{head}: the pool is full: {format_size(self.allocated)} of {format_size(self.pool_cap)} allocated "
+                f"({format_size(self.physical)} x overcommit {self.ratio:g}){tail}",
+                "capacity",
+            )
+        fitting = [i for i in range(len(self._slots)) if self._free(i, request.loaded) >= m]
+        if not fitting:
+            most = max(range(len(self._slots)), key=lambda i: (self._free(i, request.loaded), -i))
+            what = "loaded capacity (physical, and overcommitted)" if request.loaded else "overcommitted capacity"
+            return PlacementError(
+                f"{head}: no GPU has {format_size(m)} of free {what}; the most free is "
+                f"{format_size(max(0, self._free(most, request.loaded)))} on {self._slots[most].id}{tail}",
+                "capacity",
+            )
+        room_mem, room_gpus = self._borrow_room(request.tenant)
+        cap_mem, cap_gpus = self._caps(request.tenant)
+        lend = []
+        if cap_mem is not None:
+            lend.append(f"{format_size(max(0, room_mem))} of memory")
+        if cap_gpus is not None and request.loaded:
+            lend.append(f"{max(0, room_gpus)} GPU(s)")
+        return PlacementError(
+            f"{head}: over its tenant's cap and nothing left to borrow: {self._cap_text(request.tenant)}, "
+            f"+{format_size(m)} would exceed it on every GPU with room ({len(fitting)}), and reclaimable tenants "
+            f"have {' and '.join(lend) or 'nothing'} left to lend{tail}",
+            "quota",
+        )
+
+
+def victim_cost(victims: Iterable[Allocation]) -> tuple[int, ...]:
+    """How much a set of victims hurts, compared lexicographically: the number of victims per class,
+    most important class first (critical loaded, critical reserved, high loaded, …)."""
+    counts = [0] * len(_CLASSES)
+    for v in victims:
+        counts[_CLASS_POS[(v.priority.rank, v.loaded)]] += 1
+    return tuple(counts)
+
+
+def select_victims(eligible: Sequence[Allocation], need_loaded: int, need_total: int) -> tuple[Allocation, ...] | None:
+    """The least important allocations whose removal frees ``need_loaded`` loaded and ``need_total``
+    memory in all; None when even all of them do not.
+
+    Minimises :func:`victim_cost`: it finds the least important class that, with every class below
+    it, frees enough; takes the fewest (largest) victims of that class that still suffice with all
+    lower classes; and repeats for each lower class. The result is irreducible: without any one of
+    its victims it would not free enough.
+    """
+    classes = list(reversed(_CLASSES))  # least important first
+    members: list[list[Allocation]] = [[] for _ in classes]
+    position = {c: i for i, c in enumerate(classes)}
+    for a in eligible:
+        members[position[(a.priority.rank, a.loaded)]].append(a)
+    for group in members:
+        group.sort(key=lambda a: (-a.memory, a.instance))
+    below_loaded = [0]
+    below_total = [0]
+    for c, group in zip(classes, members, strict=True):
+        size = sum(a.memory for a in group)
+        below_total.append(below_total[-1] + size)
+        below_loaded.append(below_loaded[-1] + (size if c[1] else 0))
+    top = next(
+        (k for k in range(len(classes)) if below_loaded[k + 1] >= need_loaded and below_total[k + 1] >= need_total),
+        None,
+    )
+    if top is None:
+        return None
+    chosen: list[Allocation] = []
+    fixed_loaded = fixed_total = 0
+    for j in range(top, -1, -1):
+        is_loaded = classes[j][1]
+        base_loaded = fixed_loaded + below_loaded[j]
+        base_total = fixed_total + below_total[j]
+        taken = 0
+        for a in members[j]:
+            if base_loaded + (taken if is_loaded else 0) >= need_loaded and base_total + taken >= need_total:
+                break
+            chosen.append(a)
+            taken += a.memory
+        fixed_total += taken
+        if is_loaded:
+            fixed_loaded += taken
+    return tuple(chosen)
+
+
+def assign_borrowed(allocations: Iterable[Allocation], tenants: Sequence[TenantPolicy]) -> list[Allocation]:
+    """Re-derive the ``borrowed`` marks from the caps: per tenant, its most important allocations
+    (priority, then loaded before reserved, then instance) are within its cap as long as they fit;
+    the rest are borrowed. For callers that lost the marks, or to give capacity back to the owner
+    after deletions. Order is preserved."""
+    policies: dict[str, TenantPolicy] = {}
+    for tenant in tenants:
+        policies.setdefault(tenant.name, tenant)
+    items = list(allocations)
+    order = sorted(range(len(items)), key=lambda k: (-items[k].priority.rank, not items[k].loaded, items[k].instance))
+    own_mem: dict[str, int] = {}
+    own_gpus: dict[str, set[str]] = {}
+    marks = [False] * len(items)
+    for k in order:
+        a = items[k]
+        policy = policies.get(a.tenant)
+        if policy is None:
+            continue
+        cap_mem, cap_gpus = policy.capability.memory, policy.capability.gpus
+        mem = own_mem.get(a.tenant, 0)
+        gpus = own_gpus.setdefault(a.tenant, set())
+        fits_mem = cap_mem is None or mem + a.memory <= cap_mem
+        fits_gpus = cap_gpus is None or not a.loaded or a.gpu in gpus or len(gpus) + 1 <= cap_gpus
+        if fits_mem and fits_gpus:
+            own_mem[a.tenant] = mem + a.memory
+            if a.loaded:
+                gpus.add(a.gpu)
+        else:
+            marks[k] = True
+    return [
+        a
+        if a.borrowed == marks[k]
+        else Allocation(a.instance, a.model, a.tenant, a.priority, a.tier, a.memory, a.gpu, borrowed=marks[k])
+        for k, a in enumerate(items)
+    ]
+
+
+# -- the public functions ---------------------------------------------------------------------------
+
+
+def place(
+    request: PlacementRequest,
+    inventory: Sequence[GpuSlot],
+    allocations: Sequence[Allocation],
+    pool: GpuPoolPolicy,
+    tenants: Sequence[TenantPolicy],
+) -> Placement:
+    """Where ``request`` goes on the pool as ``allocations`` occupy it (see the module's rules).
+
+    An allocation with the request's instance id is treated as replaced (re-placing an instance).
+    Raises :class:`PlacementError` with the precise reason when nothing fits.
+    """
+    return PlacementEngine(inventory, allocations, pool, tenants).decide(request)
+
+
+def place_many(
+    requests: Iterable[PlacementRequest],
+    inventory: Sequence[GpuSlot],
+    allocations: Sequence[Allocation],
+    pool: GpuPoolPolicy,
+    tenants: Sequence[TenantPolicy],
+) -> tuple[list[Placement | PlacementError], list[Allocation]]:
+    """Place requests one after another, each seeing the ones before (preempted allocations removed).
+
+    Returns one result per request (a :class:`Placement` or the :class:`PlacementError`) and the
+    allocations afterwards.
+    """
+    engine = PlacementEngine(inventory, allocations, pool, tenants)
+    results: list[Placement | PlacementError] = []
+    for request in requests:
+        try:
+            placement = engine.decide(request)
+        except PlacementError as exc:
+            results.append(exc)
+            continue
+        engine.apply(request, placement)
+        results.append(placement)
+    return results, engine.allocations
+
+
+# -- the seed's scheduler, as a reference ----------------------------------------------------------
+
+
+class SeedPool:
+    """The seed's ``GPUPool.ScheduleModel`` (§2.2), faithfully.
+
+    Global check ``total x overcommit - allocated ≥ required``; then per GPU skip when
+    ``total - used - reserved < required``; score = 50 per copy of the model already on the GPU
+    (the seed's loop adds 50 for each matching entry of ``ActiveModels``) + free ratio x 50; the
+    first GPU with the highest score wins. What the seed leaves open, read here as: ``used +
+    reserved`` of a GPU is the memory of every allocation on it (the scheduler books every tier as
+    ``ReservedMemory``), ``ActiveModels`` lists the model of each allocation, GPUs are visited in
+    inventory order (Go's map order is random), and tiers, tenants and anti-affinity are ignored
+    (the seed has none). So per GPU it never overcommits: only the global check uses the ratio.
+    """
+
+    def __init__(self, inventory: Sequence[GpuSlot], allocations: Iterable[Allocation], pool: GpuPoolPolicy) -> None:
+        self.slots = list(inventory)
+        self.ratio = pool.overcommit_ratio
+        self.total_memory = sum(s.memory for s in self.slots)
+        self.allocated = 0
+        self._ord = {s.id: i for i, s in enumerate(self.slots)}
+        self._mem = [s.memory for s in self.slots]
+        self._booked = [0] * len(self.slots)
+        self._models: dict[str, dict[int, int]] = {}
+        """model → GPU position → entries in ``ActiveModels``."""
+        for a in allocations:
+            self.book(a.model, a.memory, a.gpu)
+
+    def book(self, model: str, memory: int, gpu: str) -> None:
+        self.allocated += memory
+        i = self._ord.get(gpu)
+        if i is not None:
+            self._booked[i] += memory
+            copies = self._models.setdefault(model, {})
+            copies[i] = copies.get(i, 0) + 1
+
+    def select(self, model: str, memory: int) -> GpuSlot:
+        available_pool = int(self.total_memory * self.ratio) - self.allocated
+        if memory > available_pool:
+            raise PlacementError(
+                f"insufficient memory: needs {format_size(memory)}, the pool has {format_size(available_pool)} left",
+                "capacity",
+            )
+        copies = self._models.get(model, {})
+        best = -1
+        best_score = -1.0
+        mem, booked = self._mem, self._booked
+        for i in range(len(mem)):
+            available = mem[i] - booked[i]
+            if available < memory:
+                continue
+            score = available / mem[i] * 50
+            if copies:
+                score += 50 * copies.get(i, 0)
+            if score > best_score:
+                best_score = score
+                best = i
+        if best < 0:
+            raise PlacementError(f"no suitable GPU for {format_size(memory)}", "capacity")
+        return self.slots[best]
+
+    def schedule(self, request: PlacementRequest) -> Placement:
+        slot = self.select(request.model, request.memory)
+        self.book(request.model, request.memory, slot.id)
+        return Placement(gpu=slot, reason="seed score: cached model +50, free ratio x 50")
+
+
+def seed_place(
+    request: PlacementRequest,
+    inventory: Sequence[GpuSlot],
+    allocations: Sequence[Allocation],
+    pool: GpuPoolPolicy,
+    tenants: Sequence[TenantPolicy] = (),
+) -> Placement:
+    """The seed's algorithm (see :class:`SeedPool`) with :func:`place`'s signature; ``tenants`` is unused."""
+    pool_state = SeedPool(inventory, allocations, pool)
+    slot = pool_state.select(request.model, request.memory)
+    return Placement(gpu=slot, reason="seed score: cached model +50, free ratio x 50")

@@ -1,0 +1,256 @@
+"""Pure planning of standby reconciliation: compare what exists with the policy, and say what to
+create, re-tier or delete so every model gets back to its serving/hot/warm/cold counts.
+
+The plan is a function of (policy, instances) only, so ``ReconcileStandbysWorkflow`` computes it
+deterministically inside the workflow and the same plan is what ``drctl reconcile --dry-run`` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
+from drctl.policies.placement import (
+    LOADED_TIERS,
+    Allocation,
+    GpuSlot,
+    PlacementError,
+    PlacementRequest,
+    gpu_inventory,
+    place,
+)
+from drctl.policies.schema import DRPolicy, ModelPolicy, Priority
+
+TIERS: tuple[Role, ...] = (Role.SERVING, Role.HOT, Role.WARM, Role.COLD)
+
+
+def instance_index(instance_id: str) -> int:
+    tail = instance_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def wanted_counts(model: ModelPolicy) -> dict[Role, int]:
+    return {
+        Role.SERVING: model.replicas,
+        Role.HOT: model.hot_standby,
+        Role.WARM: model.warm_standby,
+        Role.COLD: model.cold_standby,
+    }
+
+
+def allocation_of(policy: DRPolicy, instance: Instance) -> Allocation | None:
+    """The pool capacity an instance holds; None when it holds none (failed, or never placed)."""
+    if instance.gpu is None or instance.role == Role.FAILED or instance.model not in policy.model_names:
+        return None
+    model = policy.model(instance.model)
+    return Allocation(
+        instance=instance.id,
+        model=instance.model,
+        tenant=model.tenant,
+        priority=model.priority,
+        tier=instance.role.value,
+        memory=model.gpu_memory,
+        gpu=instance.gpu,
+    )
+
+
+def plan_reconcile(
+    policy: DRPolicy, instances: Sequence[Instance], models: Sequence[str] | None = None
+) -> ReconcilePlan:
+    """The actions that bring each model back to its policy counts, placed on the GPU pool.
+
+    Most important models are planned first so they get capacity first. A model with an instance
+    mid-promotion is left alone: a failover is running and will settle it.
+    """
+    inventory = gpu_inventory(policy.gpu_pool)
+    slots = {slot.id: slot for slot in inventory}
+    allocations = [a for a in (allocation_of(policy, i) for i in instances) if a is not None]
+    plan = ReconcilePlan()
+    order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
+    for model in order:
+        if models is not None and model.name not in models:
+            continue
+        mine = [i for i in instances if i.model == model.name]
+        live = [i for i in mine if i.role != Role.FAILED]
+        if any(i.role == Role.PROMOTING for i in live):
+            plan.skipped_models.append(f"{model.name}: an instance is being promoted (failover running)")
+            continue
+        next_index = max((instance_index(i.id) for i in mine), default=-1) + 1
+        by_tier = {
+            tier: sorted((i for i in live if i.role == tier), key=lambda i: instance_index(i.id)) for tier in TIERS
+        }
+        want = wanted_counts(model)
+        # 1. Surplus goes first (newest first), freeing its capacity for what is missing.
+        for tier in TIERS:
+            surplus = by_tier[tier][want[tier] :]
+            # A surplus warm standby that can become a missing hot one is kept for step 2.
+            if tier == Role.WARM:
+                hot_missing = max(0, want[Role.HOT] - len(by_tier[Role.HOT]))
+                surplus = surplus[hot_missing:] if hot_missing else surplus
+            for instance in reversed(surplus):
+                plan.actions.append(_delete(instance, f"{tier} surplus: policy wants {want[tier]}"))
+                allocations = [a for a in allocations if a.instance != instance.id]
+                by_tier[tier].remove(instance)
+        # 2. A surplus warm standby becomes a missing hot one when its GPU can hold it loaded.
+        while len(by_tier[Role.HOT]) < want[Role.HOT] and len(by_tier[Role.WARM]) > want[Role.WARM]:
+            warm = by_tier[Role.WARM].pop()
+            if warm.gpu is None or not _fits_loaded(slots.get(warm.gpu), allocations, warm.id, model.gpu_memory):
+                by_tier[Role.WARM].append(warm)
+                break
+            plan.actions.append(
+                ReconcileAction(
+                    kind=ReconcileActionKind.RETIER,
+                    model=model.name,
+                    instance=warm.id,
+                    tier=Role.HOT,
+                    gpu=warm.gpu,
+                    node=warm.node,
+                    zone=warm.zone,
+                    reason="warm surplus becomes the missing hot standby",
+                )
+            )
+            allocations = [a if a.instance != warm.id else _as_tier(a, Role.HOT) for a in allocations]
+            by_tier[Role.HOT].append(warm)
+        # 3. Whatever is still missing is created where placement puts it.
+        serving_nodes = {i.node for i in by_tier[Role.SERVING] if i.node}
+        for tier in TIERS:
+            for _ in range(want[tier] - len(by_tier[tier])):
+                instance_id = f"{model.name}-{next_index}"
+                next_index += 1
+                request = PlacementRequest(
+                    instance=instance_id,
+                    model=model.name,
+                    tenant=model.tenant,
+                    priority=model.priority,
+                    tier=tier.value,
+                    memory=model.gpu_memory,
+                    protects=frozenset() if tier == Role.SERVING else frozenset(serving_nodes),
+                )
+                try:
+                    placement = place(request, inventory, allocations, policy.gpu_pool, policy.tenants)
+                except PlacementError as exc:
+                    plan.unplaceable.append(f"{instance_id} ({tier}): {exc.reason}")
+                    continue
+                victims = {a.instance for a in placement.preempted}
+                for victim in placement.preempted:
+                    plan.actions.append(
+                        ReconcileAction(
+                            kind=ReconcileActionKind.DELETE,
+                            model=victim.model,
+                            instance=victim.instance,
+                            tier=Role(victim.tier),
+                            gpu=victim.gpu,
+                            reason=f"preempted for {instance_id}: {placement.reason}",
+                        )
+                    )
+                allocations = [a for a in allocations if a.instance not in victims]
+                allocations.append(placement.allocation(request))
+                if tier == Role.SERVING:
+                    serving_nodes.add(placement.gpu.node)
+                plan.actions.append(
+                    ReconcileAction(
+                        kind=ReconcileActionKind.CREATE,
+                        model=model.name,
+                        instance=instance_id,
+                        tier=tier,
+                        gpu=placement.gpu.id,
+                        node=placement.gpu.node,
+                        zone=placement.gpu.zone,
+                        preempts=sorted(victims),
+                        reason=f"{tier} missing: policy wants {want[tier]}"
+                        + (" (borrowed capacity)" if placement.borrowed else ""),
+                    )
+                )
+    return plan
+
+
+def _delete(instance: Instance, reason: str) -> ReconcileAction:
+    return ReconcileAction(
+        kind=ReconcileActionKind.DELETE,
+        model=instance.model,
+        instance=instance.id,
+        tier=instance.role,
+        gpu=instance.gpu,
+        node=instance.node,
+        zone=instance.zone,
+        reason=reason,
+    )
+
+
+def _fits_loaded(slot: GpuSlot | None, allocations: Sequence[Allocation], instance_id: str, memory: int) -> bool:
+    if slot is None:
+        return False
+    loaded = sum(
+        a.memory for a in allocations if a.gpu == slot.id and a.tier in LOADED_TIERS and a.instance != instance_id
+    )
+    return loaded + memory <= slot.memory
+
+
+def _as_tier(allocation: Allocation, tier: Role) -> Allocation:
+    return Allocation(
+        instance=allocation.instance,
+        model=allocation.model,
+        tenant=allocation.tenant,
+        priority=allocation.priority,
+        tier=tier.value,
+        memory=allocation.memory,
+        gpu=allocation.gpu,
+        borrowed=allocation.borrowed,
+    )
+
+
+def plan_emergency(
+    policy: DRPolicy, instances: Sequence[Instance], model_name: str, failed_instance: str
+) -> ReconcilePlan:
+    """A new serving instance for a model whose standbys are all used up or broken.
+
+    Placed on the pool away from the failed instance's node; a critical model may preempt strictly
+    lower-priority instances (placement says which, and the plan deletes them first).
+    """
+    model = policy.model(model_name)
+    inventory = gpu_inventory(policy.gpu_pool)
+    allocations = [a for a in (allocation_of(policy, i) for i in instances) if a is not None]
+    failed = next((i for i in instances if i.id == failed_instance), None)
+    next_index = max((instance_index(i.id) for i in instances if i.model == model_name), default=-1) + 1
+    instance_id = f"{model_name}-{next_index}"
+    request = PlacementRequest(
+        instance=instance_id,
+        model=model_name,
+        tenant=model.tenant,
+        priority=model.priority,
+        tier=Role.SERVING.value,
+        memory=model.gpu_memory,
+        protects=frozenset({failed.node}) if failed is not None and failed.node else frozenset(),
+        emergency=model.priority == Priority.CRITICAL,
+    )
+    plan = ReconcilePlan()
+    try:
+        placement = place(request, inventory, allocations, policy.gpu_pool, policy.tenants)
+    except PlacementError as exc:
+        plan.unplaceable.append(f"{instance_id} (emergency): {exc.reason}")
+        return plan
+    for victim in placement.preempted:
+        plan.actions.append(
+            ReconcileAction(
+                kind=ReconcileActionKind.DELETE,
+                model=victim.model,
+                instance=victim.instance,
+                tier=Role(victim.tier),
+                gpu=victim.gpu,
+                reason=f"preempted by the emergency instance {instance_id} of {model_name} ({model.priority})",
+            )
+        )
+    plan.actions.append(
+        ReconcileAction(
+            kind=ReconcileActionKind.CREATE,
+            model=model_name,
+            instance=instance_id,
+            tier=Role.SERVING,
+            gpu=placement.gpu.id,
+            node=placement.gpu.node,
+            zone=placement.gpu.zone,
+            preempts=[v.instance for v in placement.preempted],
+            reason=f"emergency: no standby of {model_name} could take over from {failed_instance}",
+        )
+    )
+    return plan

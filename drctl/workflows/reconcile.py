@@ -1,0 +1,104 @@
+"""ReconcileStandbysWorkflow: bring every model back to its serving/hot/warm/cold counts.
+
+Observe (one activity) → plan (pure, in the workflow: ``drctl.policies.reconcile``) → act. Runs
+from a Temporal Schedule (overlapping runs skipped), right after a failover (the failover
+triggers the schedule), or by hand (``drctl reconcile [--dry-run]``). Idempotent: when the fleet
+matches the policy the plan is empty, so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from drctl.payloads import (
+        ActivityName,
+        ErrorType,
+        FleetSnapshot,
+        InstanceChange,
+        ReconcileAction,
+        ReconcileActionKind,
+        ReconcileRequest,
+        ReconcileResult,
+        StepReport,
+    )
+    from drctl.policies.reconcile import plan_reconcile
+    from drctl.policies.schema import DRPolicy
+    from drctl.workflows.failover import STEP_ERRORS, why_failed
+
+RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=3,
+    non_retryable_error_types=[
+        ErrorType.UNKNOWN_MODEL,
+        ErrorType.UNKNOWN_INSTANCE,
+        ErrorType.MODEL_LOAD_FAILED,
+        ErrorType.NOT_A_STANDBY,
+    ],
+)
+ACTIVITY_FOR = {
+    ReconcileActionKind.CREATE: ActivityName.CREATE_INSTANCE,
+    ReconcileActionKind.RETIER: ActivityName.RETIER_INSTANCE,
+    ReconcileActionKind.DELETE: ActivityName.DELETE_INSTANCE,
+}
+MAX_PARALLEL_CREATES = 4
+"""Instances start and load in parallel, a few at a time (each loads a checkpoint)."""
+
+
+@workflow.defn(name="ReconcileStandbysWorkflow", failure_exception_types=[ValidationError])
+class ReconcileStandbysWorkflow:
+    def __init__(self) -> None:
+        self._result: ReconcileResult | None = None
+
+    @workflow.query(name="progress")
+    def progress(self) -> ReconcileResult | None:
+        return self._result
+
+    @workflow.run
+    async def run(self, request: ReconcileRequest) -> ReconcileResult:
+        snapshot = await workflow.execute_activity(
+            ActivityName.OBSERVE_FLEET,
+            result_type=FleetSnapshot,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RETRY,
+        )
+        policy = DRPolicy.model_validate(snapshot.policy)
+        plan = plan_reconcile(policy, snapshot.instances, request.models)
+        result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
+        if request.dry_run or not plan.actions:
+            return result
+        # Deletes first and one by one (they free capacity the creates were planned into).
+        for action in (a for a in plan.actions if a.kind == ReconcileActionKind.DELETE):
+            await self._apply(action, result)
+        gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
+
+        async def bounded(action: ReconcileAction) -> None:
+            async with gate:
+                await self._apply(action, result)
+
+        await asyncio.gather(*(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE))
+        return result
+
+    async def _apply(self, action: ReconcileAction, result: ReconcileResult) -> None:
+        label = f"{action.kind} {action.instance} ({action.tier})"
+        long = action.kind != ReconcileActionKind.DELETE
+        try:
+            report = await workflow.execute_activity(
+                ACTIVITY_FOR[action.kind],
+                InstanceChange(action=action),
+                result_type=StepReport,
+                start_to_close_timeout=timedelta(minutes=10) if long else timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=5) if long else None,
+                retry_policy=RETRY,
+            )
+        except STEP_ERRORS as err:
+            result.failed.append(f"{label}: {why_failed(err)}")
+            return
+        result.applied.append(f"{label}: {report.detail}")

@@ -1,0 +1,117 @@
+"""ReconcileStandbysWorkflow on the time-skipping server with fake platform activities."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from temporalio import activity
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.payloads import (
+    ActivityName,
+    FleetSnapshot,
+    Instance,
+    InstanceChange,
+    ReconcileActionKind,
+    ReconcileRequest,
+    ReconcileResult,
+    Role,
+    StepReport,
+)
+from drctl.policies.loader import load_policy_file
+from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+
+POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
+
+
+@dataclass
+class FakePlatform:
+    instances: dict[str, Instance] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def activities(self) -> list[object]:
+        platform = self
+
+        @activity.defn(name=ActivityName.OBSERVE_FLEET)
+        async def observe() -> FleetSnapshot:
+            platform.calls.append("observe")
+            return FleetSnapshot(
+                policy=POLICY.model_dump(mode="json", by_alias=True), instances=list(platform.instances.values())
+            )
+
+        @activity.defn(name=ActivityName.CREATE_INSTANCE)
+        async def create(change: InstanceChange) -> StepReport:
+            a = change.action
+            platform.calls.append(f"create {a.instance} {a.tier}")
+            platform.instances[a.instance] = Instance(
+                id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone
+            )
+            return StepReport(detail="created")
+
+        @activity.defn(name=ActivityName.RETIER_INSTANCE)
+        async def retier(change: InstanceChange) -> StepReport:
+            a = change.action
+            platform.calls.append(f"retier {a.instance} {a.tier}")
+            platform.instances[a.instance] = platform.instances[a.instance].model_copy(update={"role": a.tier})
+            return StepReport(detail="retiered")
+
+        @activity.defn(name=ActivityName.DELETE_INSTANCE)
+        async def delete(change: InstanceChange) -> StepReport:
+            platform.calls.append(f"delete {change.action.instance}")
+            platform.instances.pop(change.action.instance, None)
+            return StepReport(detail="deleted")
+
+        return [observe, create, retier, delete]
+
+
+async def reconcile(env: WorkflowEnvironment, platform: FakePlatform, **request: object) -> ReconcileResult:
+    queue = f"reconcile-{uuid.uuid4()}"
+    async with Worker(
+        env.client, task_queue=queue, workflows=[ReconcileStandbysWorkflow], activities=platform.activities()
+    ):
+        return await env.client.execute_workflow(
+            ReconcileStandbysWorkflow.run,
+            ReconcileRequest.model_validate(request),
+            id=f"reconcile-{uuid.uuid4()}",
+            task_queue=queue,
+        )
+
+
+async def test_builds_the_fleet_then_is_idempotent(time_skipping_env: WorkflowEnvironment) -> None:
+    platform = FakePlatform()
+    first = await reconcile(time_skipping_env, platform)
+    assert len(first.applied) == 12 and first.failed == []
+    roles = sorted((i.model, i.role.value) for i in platform.instances.values())
+    assert roles.count(("llama-2-7b", "hot")) == 2 and roles.count(("gpt-4-8b", "cold")) == 2
+    platform.calls.clear()
+    second = await reconcile(time_skipping_env, platform)
+    assert second.plan.actions == [] and second.applied == []
+    assert platform.calls == ["observe"]
+
+
+async def test_dry_run_plans_but_changes_nothing(time_skipping_env: WorkflowEnvironment) -> None:
+    platform = FakePlatform()
+    result = await reconcile(time_skipping_env, platform, dry_run=True)
+    assert result.dry_run and len(result.plan.actions) == 12
+    assert platform.calls == ["observe"] and platform.instances == {}
+
+
+async def test_restores_lost_standbys_deletes_surplus_first(time_skipping_env: WorkflowEnvironment) -> None:
+    platform = FakePlatform()
+    await reconcile(time_skipping_env, platform)
+    lost = [i.id for i in platform.instances.values() if i.model == "mistral-7b" and i.role in (Role.HOT, Role.WARM)]
+    for instance_id in lost:
+        del platform.instances[instance_id]
+    platform.instances["gpt-4-8b-9"] = Instance(
+        id="gpt-4-8b-9", model="gpt-4-8b", role=Role.COLD, gpu="gpu-node-3/0", node="gpu-node-3", zone="az-1"
+    )
+    platform.calls.clear()
+    result = await reconcile(time_skipping_env, platform)
+    kinds = [a.kind for a in result.plan.actions]
+    assert kinds.count(ReconcileActionKind.CREATE) == 2 and kinds.count(ReconcileActionKind.DELETE) == 1
+    assert platform.calls[1] == "delete gpt-4-8b-9"
+    mistral = sorted(i.role.value for i in platform.instances.values() if i.model == "mistral-7b")
+    assert mistral == ["cold", "hot", "serving", "warm"]
