@@ -212,6 +212,8 @@ async def _status_rows(settings: DrctlSettings, policy: DRPolicy) -> list[dict[s
                         "instance": inst.id,
                         "role": inst.role.value,
                         "lb_priority": inst.lb_priority,
+                        "gpu": inst.gpu,
+                        "zone": inst.zone,
                         "port": inst.port,
                         "pid": inst.pid,
                         "process": "running"
@@ -233,7 +235,7 @@ def _process_state(pid: int | None) -> str:
 
 def _render_status(rows: list[dict[str, object]]) -> None:
     table = Table(title="instances", title_justify="left")
-    for column in ("model", "instance", "role", "LB prio", "port", "pid", "process", "envoy", "serves"):
+    for column in ("model", "instance", "role", "LB prio", "gpu", "zone", "port", "pid", "process", "envoy", "serves"):
         table.add_column(column)
     role_style = {"serving": "bold green", "hot": "red", "warm": "yellow", "cold": "cyan", "failed": "dim"}
     for row in rows:
@@ -242,6 +244,8 @@ def _render_status(rows: list[dict[str, object]]) -> None:
             str(row["instance"]),
             f"[{role_style.get(str(row['role']), '')}]{row['role']}[/]",
             "-" if row["lb_priority"] is None else str(row["lb_priority"]),
+            str(row["gpu"] or "-"),
+            str(row["zone"] or "-"),
             "-" if row["port"] is None else str(row["port"]),
             "-" if row["pid"] is None else str(row["pid"]),
             str(row["process"]),
