@@ -20,11 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 
 from drctl.activities.local import envoy, processes
 from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role, Trigger
 from drctl.workers.cli import start_failover
 from drctl.workers.stack import LocalStack
+from drctl.workflows.failover import FailoverWorkflow
 from tests.integration.history import activities_in_history
 
 pytestmark = pytest.mark.integration
@@ -114,6 +117,9 @@ async def test_kill_serving_instance_then_failover_loses_no_request(local_stack:
         ActivityName.REQUEST_RECONCILE,
     ]
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    # The recorded history replays against the current workflow code (no non-determinism).
+    replayer = Replayer(workflows=[FailoverWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(await handle.fetch_history())
 
     # The standby now serves at priority 0 in Envoy; the dead instance is gone from the cluster.
     hosts = await envoy.cluster_hosts(settings.envoy_admin_url, MODEL)
