@@ -8,10 +8,11 @@ import uuid
 
 import httpx
 import pytest
-from drctl.policies.placement import LOADED_TIERS, gpu_inventory
+from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 
 from drctl.activities.local import envoy, processes
-from drctl.payloads import ReconcileRequest, ReconcileResult, Role
+from drctl.payloads import RECONCILE_SCHEDULE_ID, ReconcileRequest, ReconcileResult, Role
+from drctl.policies.placement import LOADED_TIERS, gpu_inventory
 from drctl.workers.stack import LocalStack
 from tests.integration.test_failover_stack import _cli
 
@@ -83,3 +84,14 @@ async def test_lost_hot_and_warm_standbys_come_back_placed_by_the_rules(local_st
     # Idempotent: nothing left to do.
     again = await _reconcile(local_stack)
     assert again.plan.actions == [] and again.applied == []
+
+
+async def test_up_created_the_reconcile_schedule_from_the_policy(local_stack: LocalStack) -> None:
+    assert local_stack.client is not None
+    described = await local_stack.client.get_schedule_handle(RECONCILE_SCHEDULE_ID).describe()
+    [interval] = described.schedule.spec.intervals
+    assert interval.every == local_stack.policy.reconcile.interval
+    assert described.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    action = described.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert action.workflow == "ReconcileStandbysWorkflow" and action.task_queue == local_stack.settings.task_queue
