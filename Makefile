@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install up test check lint typecheck layers pytest bench clean
+.PHONY: install up test check lint typecheck layers pytest bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ typecheck: install
 layers: install
 	$(BIN)/lint-imports
 
-pytest: install
+system-deps:
+	./scripts/install-system-deps.sh
+
+pytest: install system-deps
 	$(BIN)/pytest
 
 bench: install ## failover benchmark on a private stack (see docs/benchmarks.md)
