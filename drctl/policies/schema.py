@@ -214,6 +214,23 @@ class TenantPolicy(_Section):
     """Whether capacity this tenant does not use may be lent to others (and taken back)."""
 
 
+class DetectionPolicy(_Section):
+    """The health prober (seed §3: every 5 s, 3 failures mark down, 2 successes mark up)."""
+
+    probe_interval: Duration = timedelta(seconds=5)
+    probe_timeout: Duration = timedelta(seconds=1)
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    flap_window: Duration = timedelta(minutes=5)
+    flap_limit: Annotated[int, Field(ge=2)] = 3
+    """This many down-transitions within ``flapWindow`` hold the instance out instead of failing
+    it over again and again."""
+    hold_down: Duration = timedelta(minutes=10)
+    max_failovers_per_model: Annotated[int, Field(ge=1)] = 1
+    max_failovers_per_zone: Annotated[int, Field(ge=1)] = 3
+    """Past either cap the prober stops acting and raises an alert instead (panic mode)."""
+
+
 class ReconcilePolicy(_Section):
     """How often standbys are brought back to the policy's counts (a Temporal Schedule)."""
 
@@ -229,6 +246,7 @@ class DRPolicy(_Section):
     gpu_pool: GpuPoolPolicy = Field(default_factory=GpuPoolPolicy)
     tenants: list[TenantPolicy] = Field(default_factory=lambda: [TenantPolicy(name="default")])
     reconcile: ReconcilePolicy = ReconcilePolicy()
+    detection: DetectionPolicy = DetectionPolicy()
     load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
     local: LocalPlatformPolicy = Field(default_factory=LocalPlatformPolicy)
 

@@ -21,11 +21,9 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import (
     SearchAttributeKey,
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
 
@@ -41,13 +39,13 @@ from drctl.payloads import (
     SearchAttr,
     StepTiming,
     Trigger,
-    failover_workflow_id,
 )
 from drctl.policies.durations import parse_duration
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.binaries import MissingBinaryError
+from drctl.workers.runbooks import start_failover
 from drctl.workers.temporal_client import connect
 
 app = typer.Typer(
@@ -121,6 +119,7 @@ def up(
     policy: PolicyOption = None,
     state_dir: StateOption = None,
     fresh: Annotated[bool, typer.Option(help="delete the state folder first (Temporal history too)")] = False,
+    prober: Annotated[bool, typer.Option(help="run the health prober, which starts failovers by itself")] = True,
 ) -> None:
     """Bring up the local stack on loopback and keep it running until Ctrl-C.
 
@@ -136,7 +135,9 @@ def up(
         out.print(f"removed {settings.state_dir}")
 
     async def _run() -> None:
-        stack = LocalStack(settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False))
+        stack = LocalStack(
+            settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False), with_prober=prober
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -289,25 +290,6 @@ def failover(
     result = asyncio.run(_run_failover(settings, request, wait, as_json))
     if result is not None and result.outcome not in SUCCESSFUL_OUTCOMES:
         raise typer.Exit(EXIT_FAILED)
-
-
-async def start_failover(client: Client, settings: DrctlSettings, request: FailoverRequest) -> WorkflowHandle:  # type: ignore[type-arg]
-    """Start (or join) the failover of one instance; the ID makes duplicate starts join."""
-    return await client.start_workflow(
-        "FailoverWorkflow",
-        request,
-        id=failover_workflow_id(request.model, request.instance),
-        task_queue=settings.task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        result_type=FailoverResult,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), request.model),
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.INSTANCE), request.instance),
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER), request.trigger.value),
-            ]
-        ),
-    )
 
 
 async def _run_failover(

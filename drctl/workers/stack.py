@@ -43,6 +43,8 @@ class LocalStack:
     platform: LocalPlatform = field(init=False)
     pids: dict[str, int] = field(default_factory=dict)
     client: Client | None = None
+    with_prober: bool = False
+    """Run the health prober too (``drctl up`` does), so failures start runbooks by themselves."""
 
     def __post_init__(self) -> None:
         self.layout = StateLayout(self.settings.state_dir)
@@ -63,6 +65,10 @@ class LocalStack:
         await self._wait_lb_healthy()
         self.start_worker()
         await self._wait_worker_polling()
+        if self.with_prober:
+            self.start_prober()
+            interval = format_duration(self.policy.detection.probe_interval)
+            self.say(f"health prober running (pid {self.pids['prober']}), probing every {interval}")
         assert self.client is not None
         every = self.policy.reconcile.interval
         done = await ensure_reconcile_schedule(self.client, self.policy, self.settings.task_queue)
@@ -72,6 +78,8 @@ class LocalStack:
 
     async def stop(self) -> None:
         self.say("stopping…")
+        if "prober" in self.pids:
+            processes.terminate(self.pids.pop("prober"), grace_s=3.0)
         if "worker" in self.pids:
             processes.terminate(self.pids.pop("worker"), grace_s=6.0)
         stopped = self.platform.stop_all()
@@ -94,6 +102,10 @@ class LocalStack:
             if "worker" in self.pids and not processes.is_alive(self.pids["worker"]):
                 self.say("worker exited; restarting it (failovers in flight resume where they stopped)")
                 self.start_worker()
+                self._write_stack_file()
+            if "prober" in self.pids and not processes.is_alive(self.pids["prober"]):
+                self.say("prober exited; restarting it")
+                self.start_prober()
                 self._write_stack_file()
             try:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -194,6 +206,12 @@ class LocalStack:
                 await asyncio.sleep(0.05)
 
     def start_worker(self) -> None:
+        self.pids["worker"] = self._start_python_process("drctl.workers.worker", "worker.log")
+
+    def start_prober(self) -> None:
+        self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log")
+
+    def _start_python_process(self, module: str, log_name: str) -> int:
         env = {
             "DRCTL_" + name.upper(): str(value)
             for name, value in self.settings.model_dump().items()
@@ -202,8 +220,7 @@ class LocalStack:
         env["DRCTL_POLICY"] = str(Path(self.settings.policy).resolve())
         env["DRCTL_STATE_DIR"] = str(self.layout.root)
         env["PYTHONUNBUFFERED"] = "1"
-        command = [sys.executable, "-m", "drctl.workers.worker"]
-        self.pids["worker"] = processes.spawn(command, self.layout.logs_dir / "worker.log", env=env)
+        return processes.spawn([sys.executable, "-m", module], self.layout.logs_dir / log_name, env=env)
 
     async def _wait_worker_polling(self, timeout_s: float = 30.0) -> None:
         from temporalio.api.enums.v1 import TaskQueueType

@@ -25,7 +25,7 @@ from temporalio.worker import Replayer
 
 from drctl.activities.local import envoy, processes
 from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role, Trigger
-from drctl.workers.cli import start_failover
+from drctl.workers.runbooks import start_failover
 from drctl.workers.stack import LocalStack
 from drctl.workflows.failover import FailoverWorkflow
 from tests.integration.history import activities_in_history

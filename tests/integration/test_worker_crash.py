@@ -14,7 +14,7 @@ from temporalio.api.enums.v1 import EventType
 from drctl.activities.local import processes
 from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role
 from drctl.policies.loader import load_policy_file
-from drctl.workers.cli import start_failover
+from drctl.workers.runbooks import start_failover
 from drctl.workers.stack import LocalStack, isolated_settings
 from tests.integration.history import activities_in_history
 

@@ -65,16 +65,17 @@ class LocalPlatform:
         if not processes.is_alive(instance.pid):
             return False, f"process {instance.pid} is not running"
         last = ""
+        timeout = self.policy.detection.probe_timeout.total_seconds()
         for attempt in range(3):
             try:
-                response = await self._http.get(self._url(instance, "/healthz"), timeout=1.0)
+                response = await self._http.get(self._url(instance, "/healthz"), timeout=timeout)
                 if response.status_code == 200:
                     return True, "healthz 200"
                 last = f"healthz {response.status_code}: {response.text[:200]}"
             except httpx.HTTPError as exc:
                 last = f"healthz unreachable: {type(exc).__name__}"
             if attempt < 2:
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
         return False, last
 
     async def eject(self, instance: Instance, reason: str) -> str:

@@ -1,0 +1,190 @@
+"""The health prober: watches every serving instance and hot standby and starts the failover
+runbook when one is confirmed down — the same runbook an alert or an operator starts.
+
+    python -m drctl.workers.prober        # settings from DRCTL_* variables; `drctl up` starts it
+
+On the local platform a process that exits is noticed within one tick (100 ms), without waiting
+for failed probes; a hung process is noticed after ``unhealthyThreshold`` probes time out.
+Hysteresis, flap hold-down and the failover caps are pure decisions in ``drctl.policies.probing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from temporalio.client import Client, WorkflowHandle
+
+from drctl.activities.local import processes
+from drctl.activities.local.registry import InstanceRegistry
+from drctl.payloads import FailoverRequest, Instance, Role, Trigger
+from drctl.policies.loader import load_policy_file
+from drctl.policies.probing import ProbeEvent, ProbeTracker, failover_allowed
+from drctl.policies.schema import DRPolicy
+from drctl.settings import DrctlSettings, StateLayout
+from drctl.workers.temporal_client import connect
+
+log = logging.getLogger("drctl.prober")
+
+PROBED_ROLES = (Role.SERVING, Role.HOT)
+TICK_S = 0.1
+
+StartFailover = Callable[[FailoverRequest], Awaitable[WorkflowHandle[Any, Any]]]
+
+
+@dataclass
+class Detection:
+    """One confirmed-down instance, for logs and benchmarks."""
+
+    instance: str
+    model: str
+    first_failure_at: float
+    detected_at: float
+    exited: bool
+    action: str
+
+
+class Prober:
+    def __init__(self, policy: DRPolicy, registry: InstanceRegistry, start_failover: StartFailover) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.start_failover = start_failover
+        self.trackers: dict[str, ProbeTracker] = {}
+        self.next_probe: dict[str, float] = {}
+        self.in_flight: dict[str, tuple[str, str | None, asyncio.Task[Any]]] = {}
+        self.detections: list[Detection] = []
+        self.panic: str | None = None
+        self._http = httpx.AsyncClient()
+
+    async def aclose(self) -> None:
+        for _, _, task in self.in_flight.values():
+            task.cancel()
+        await self._http.aclose()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.tick(time.monotonic())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=TICK_S)
+            except TimeoutError:
+                pass
+
+    async def tick(self, now: float) -> None:
+        instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
+        interval = self.policy.detection.probe_interval.total_seconds()
+        due: list[Instance] = []
+        for instance in instances:
+            tracker = self.trackers.setdefault(instance.id, ProbeTracker(self.policy.detection))
+            if not processes.is_alive(instance.pid):
+                await self._handle(instance, tracker.observe(False, now, exited=True), tracker, now, exited=True)
+            elif now >= self.next_probe.get(instance.id, 0.0):
+                self.next_probe[instance.id] = now + interval
+                due.append(instance)
+        results = await asyncio.gather(*(self._probe(i) for i in due))
+        for instance, ok in zip(due, results, strict=True):
+            tracker = self.trackers[instance.id]
+            await self._handle(instance, tracker.observe(ok, time.monotonic()), tracker, now, exited=False)
+        for instance_id in set(self.trackers) - {i.id for i in instances}:
+            del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
+
+    async def _probe(self, instance: Instance) -> bool:
+        timeout = self.policy.detection.probe_timeout.total_seconds()
+        try:
+            response = await self._http.get(f"http://{instance.host}:{instance.port}/healthz", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _handle(
+        self, instance: Instance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool
+    ) -> None:
+        if event is None or event == ProbeEvent.UP:
+            if event == ProbeEvent.UP:
+                log.info("%s is up again", instance.id)
+            return
+        first = tracker.first_failure_at or now
+        if event == ProbeEvent.FLAPPING:
+            log.warning("%s is flapping: held out until it settles, not failed over again", instance.id)
+            self._record(instance, first, exited, "held (flapping)")
+            return
+        if instance.id in self.in_flight:
+            return
+        decision = failover_allowed(
+            instance.model, instance.zone, [(m, z) for m, z, _ in self.in_flight.values()], self.policy.detection
+        )
+        if not decision.allowed:
+            self.panic = decision.reason
+            log.error("PANIC: %s is down but the prober stops acting: %s", instance.id, decision.reason)
+            self._record(instance, first, exited, f"panic: {decision.reason}")
+            return
+        failed_at = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
+        how = "process exited" if exited else f"{tracker.failures} failed probes"
+        request = FailoverRequest(
+            model=instance.model,
+            instance=instance.id,
+            trigger=Trigger.PROBE,
+            failed_at=failed_at,
+            reason=f"prober: {how}",
+        )
+        handle = await self.start_failover(request)
+        self.in_flight[instance.id] = (
+            instance.model,
+            instance.zone,
+            asyncio.create_task(self._follow(instance.id, handle)),
+        )
+        self._record(instance, first, exited, f"failover {handle.id}")
+        log.info("%s down (%s): started %s", instance.id, how, handle.id)
+
+    async def _follow(self, instance_id: str, handle: WorkflowHandle[Any, Any]) -> None:
+        try:
+            await handle.result()
+        except Exception as exc:
+            log.warning("failover %s ended with %s", handle.id, exc)
+        finally:
+            self.in_flight.pop(instance_id, None)
+
+    def _record(self, instance: Instance, first: float, exited: bool, action: str) -> None:
+        self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
+
+
+async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Client | None = None) -> None:
+    from drctl.workers.runbooks import start_failover
+
+    policy = load_policy_file(settings.policy)
+    client = client or await connect(settings)
+    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+
+    async def start(request: FailoverRequest) -> WorkflowHandle[Any, Any]:
+        return await start_failover(client, settings, request)
+
+    prober = Prober(policy, registry, start)
+    log.info("probing every %s", policy.detection.probe_interval)
+    try:
+        await prober.run(stop)
+    finally:
+        await prober.aclose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = DrctlSettings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_prober(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Starting runbooks: one place that knows workflow IDs, conflict policies and search attributes,
+shared by the CLI, the prober and the alert receiver."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+
+from drctl.payloads import FailoverRequest, FailoverResult, SearchAttr, failover_workflow_id
+from drctl.settings import DrctlSettings
+
+
+async def start_failover(
+    client: Client, settings: DrctlSettings, request: FailoverRequest
+) -> WorkflowHandle[Any, FailoverResult]:
+    """Start (or join) the failover of one instance; the ID makes duplicate starts join."""
+    return await client.start_workflow(
+        "FailoverWorkflow",
+        request,
+        id=failover_workflow_id(request.model, request.instance),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        result_type=FailoverResult,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), request.model),
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.INSTANCE), request.instance),
+                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER), request.trigger.value),
+            ]
+        ),
+    )
