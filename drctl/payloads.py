@@ -125,6 +125,13 @@ class FailoverRequest(Payload):
     activity, each an ActivityTaskScheduled event in the UI."""
 
 
+class AlertResolved(Payload):
+    """Signal ``alert_resolved`` to a failover started by an alert: Alertmanager says it resolved."""
+
+    fingerprint: str
+    ends_at: datetime | None = None
+
+
 class FailoverOutcome(StrEnum):
     RUNNING = "running"
     RECOVERED = "recovered"
@@ -172,6 +179,9 @@ class FailoverResult(Payload):
     """Failure (``failed_at``, else workflow start) to replacement verified."""
     orchestration_ms: float | None = None
     """Workflow wall time minus the sum of the activities' own durations."""
+    alert_resolved: AlertResolved | None = None
+    """Set when the alert that started the run resolved meanwhile. The run still trusts its own
+    probe: a healthy instance at confirm ends it as a false alarm; a dead one is failed over."""
 
 
 class ActivityName:

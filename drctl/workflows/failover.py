@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
 
     from drctl.payloads import (
         ActivityName,
+        AlertResolved,
         EjectRequest,
         ErrorType,
         FailoverOutcome,
@@ -117,7 +118,15 @@ class FailoverWorkflow:
     def __init__(self) -> None:
         self._result: FailoverResult | None = None
         self._local_activities = True
+        self._alert_resolved: AlertResolved | None = None
         self._verified_at: datetime | None = None
+
+    @workflow.signal(name="alert_resolved")
+    def alert_resolved(self, resolved: AlertResolved) -> None:
+        """The alert behind this run resolved. Recorded; the confirm probe still decides."""
+        self._alert_resolved = resolved
+        if self._result is not None:
+            self._result.alert_resolved = resolved
 
     @workflow.query(name="progress")
     def progress(self) -> FailoverResult | None:
@@ -145,6 +154,7 @@ class FailoverWorkflow:
             outcome=FailoverOutcome.RUNNING,
             reason=request.reason,
             started_at=started,
+            alert_resolved=self._alert_resolved,
         )
         self._result = result
         workflow.upsert_search_attributes(

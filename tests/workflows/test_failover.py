@@ -13,7 +13,15 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from drctl.payloads import FailoverOutcome, FailoverRequest, FailoverResult, Role, failover_workflow_id
+from drctl.payloads import (
+    AlertResolved,
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    Role,
+    Trigger,
+    failover_workflow_id,
+)
 from drctl.workflows.failover import FailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 
@@ -201,3 +209,21 @@ async def test_failed_standby_is_ejected_without_promoting_another(time_skipping
     assert fleet.steps() == ["probe:llama-2-7b-1", "list:llama-2-7b", "eject:llama-2-7b-1"]
     assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
     assert fleet.instances["llama-2-7b-2"].role == Role.HOT
+
+
+async def test_resolved_alert_is_recorded_and_the_probe_still_decides(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.promote_gate = asyncio.Event()
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        handle = await client.start_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT),
+            id=f"alert-{uuid.uuid4()}",
+            task_queue=queue,
+        )
+        await handle.signal(FailoverWorkflow.alert_resolved, AlertResolved(fingerprint="abc123"))
+        fleet.promote_gate.set()
+        result = await handle.result()
+    assert result.alert_resolved == AlertResolved(fingerprint="abc123")
+    # The instance was dead at confirm: the failover went ahead regardless of the resolution.
+    assert result.outcome == FailoverOutcome.RECOVERED
