@@ -44,8 +44,10 @@ Choice among GPUs, in order
     1. no preemption before any preemption (plain fit → quota reclaim → emergency);
     2. anti-affinity: not on a node in ``request.protects`` while another node fits;
     3. within the tenant's cap before borrowed capacity;
-    4. (preemption only) the least important victims: fewest victims of the highest priority
-       involved, then reserved tiers before loaded ones, …, then fewest victims, then least memory;
+    4. (preemption only) the least important victims: victim sets compare by their number of victims
+       per class, most important class first (critical loaded, critical reserved, high loaded, high
+       reserved, normal loaded, normal reserved), so lower priority goes first and, within a
+       priority, reservations before loaded instances; then fewest victims, then least memory freed;
     5. zone spread: the zone with the fewest allocations of the model (DR: standbys must survive a
        zone outage, so spreading beats packing; with one zone this is a no-op);
     6. best fit: the least free memory left on the GPU after placement, measured on the capacity the
@@ -53,10 +55,12 @@ Choice among GPUs, in order
     7. the model already on the GPU (more copies first, as the seed's +50 per copy);
     8. GPU order (node name, then index).
 
-:class:`PlacementEngine` keeps indexes (usage per GPU, free capacity sorted per zone, usage per
-tenant and model) and updates them incrementally, so a decision costs about O(log G) plus the
-candidates it has to skip instead of a scan of every GPU and allocation. :func:`place` builds one
-for a single decision; :func:`place_many` reuses one for a sequence.
+:class:`PlacementEngine` holds the state with its indexes (usage per GPU and tenant; free capacity
+sorted per zone; allocations per model and per GPU) and updates them incrementally, so with the
+sorted indexes a decision costs about O(log G) plus the candidates it has to skip, instead of a scan
+of every GPU and allocation. :func:`place` builds one for a single decision (and scans, as sorting
+would not pay off); :func:`place_many` reuses one for a sequence; callers that decide many times
+over a changing state (reconciliation) should keep one and :meth:`~PlacementEngine.apply`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from drctl.policies.schema import GpuPoolPolicy, Priority, TenantPolicy
 
@@ -75,10 +80,15 @@ RESERVED_TIERS = frozenset({"warm", "cold"})
 """Tiers that only reserve capacity; they count against the overcommitted capacity."""
 TIERS = LOADED_TIERS | RESERVED_TIERS
 
+_RANK = {p: p.rank for p in Priority}
+"""``Priority.rank`` without building its dict on every call (hot paths)."""
 # Victim classes, most important first: (priority rank, loaded?).
 _RANKS = sorted({p.rank for p in Priority}, reverse=True)
 _CLASSES: tuple[tuple[int, bool], ...] = tuple((rank, loaded) for rank in _RANKS for loaded in (True, False))
 _CLASS_POS = {c: i for i, c in enumerate(_CLASSES)}
+_CLASSES_UP = tuple(reversed(_CLASSES))
+"""Least important first."""
+_CLASS_UP_POS = {c: i for i, c in enumerate(_CLASSES_UP)}
 
 
 def format_size(size: int) -> str:
@@ -190,6 +200,9 @@ class PlacementError(ValueError):
         self.reason = reason
         self.kind = kind
 
+    def __reduce__(self) -> tuple[type[PlacementError], tuple[str, str]]:
+        return PlacementError, (self.reason, self.kind)  # keeps ``kind`` through pickling
+
 
 # -- bookkeeping -----------------------------------------------------------------------------------
 
@@ -223,8 +236,23 @@ class _Candidate:
     leftover: int
 
 
+@dataclass
+class _ModelUse:
+    zones: dict[str, int] = field(default_factory=dict)
+    """zone → allocations of the model there."""
+    gpus: dict[str, dict[int, int]] = field(default_factory=dict)
+    """zone → GPU ordinal → copies of the model on it."""
+
+
 class PlacementEngine:
-    """The pool's state, indexed for fast decisions; :meth:`decide` then :meth:`apply`."""
+    """The pool's state, indexed for fast decisions; :meth:`decide` then :meth:`apply`.
+
+    Loading costs O(allocations + GPUs). What a single decision does not need is built on first use
+    and then kept up to date: the per-model maps (for the requested model only), the allocations
+    per GPU (preemption), and with ``index=True`` the free capacity of every GPU sorted per zone,
+    which turns the search from a scan of every GPU into a binary search (O(G log G) to build, paid
+    back after a few decisions; :func:`place` decides once and scans instead).
+    """
 
     def __init__(
         self,
@@ -232,46 +260,69 @@ class PlacementEngine:
         allocations: Iterable[Allocation],
         pool: GpuPoolPolicy,
         tenants: Sequence[TenantPolicy],
+        *,
+        index: bool = True,
     ) -> None:
         self.ratio = pool.overcommit_ratio
-        self._slots = sorted(inventory, key=lambda s: (s.node, s.index, s.id))
-        self._ord: dict[str, int] = {}
-        for i, slot in enumerate(self._slots):
-            if slot.id in self._ord:
-                raise PlacementError(f"GPU {slot.id} is listed twice in the inventory", "invalid")
-            self._ord[slot.id] = i
+        self._slots = sorted(inventory, key=attrgetter("node", "index", "id"))
+        self._ord: dict[str, int] = {slot.id: i for i, slot in enumerate(self._slots)}
+        if len(self._ord) != len(self._slots):
+            ids = [slot.id for slot in self._slots]
+            twice = sorted({gpu for gpu in ids if ids.count(gpu) > 1})
+            raise PlacementError(f"GPU(s) listed twice in the inventory: {', '.join(twice)}", "invalid")
         n = len(self._slots)
-        self._cap = [overcommitted(s.memory, self.ratio) for s in self._slots]
+        self._mem = [s.memory for s in self._slots]
+        self._zone_of = [s.zone for s in self._slots]
+        ratio = self.ratio
+        self._cap = [math.floor(m * ratio) for m in self._mem]  # overcommitted(), inlined
         self._loaded = [0] * n
         self._total = [0] * n
-        self.physical = sum(s.memory for s in self._slots)
+        self.physical = sum(self._mem)
         self.pool_cap = overcommitted(self.physical, self.ratio)
-        self.allocated = 0
-        self.largest = max((s.memory for s in self._slots), default=0)
-        self.zones = sorted({s.zone for s in self._slots})
-        self._allocs: dict[str, Allocation] = {}
-        self._by_gpu: list[dict[str, Allocation]] = [{} for _ in range(n)]
-        self._model_gpus: dict[str, dict[str, dict[int, int]]] = {}
-        """model → zone → GPU ordinal → copies."""
-        self._model_zones: dict[str, dict[str, int]] = {}
+        self.largest = max(self._mem, default=0)
+        self.zones = sorted(set(self._zone_of))
         self._tenants: dict[str, TenantPolicy] = {}
         for tenant in tenants:
             self._tenants.setdefault(tenant.name, tenant)
         self._use: dict[str, _TenantUse] = {}
-        # Per zone, (free, ordinal) sorted: free for a loaded request and free for a reservation.
-        # Built once the allocations are in; kept up to date by every add/remove afterwards.
-        self._eff_idx: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
-        self._oc_idx: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
-        self._indexed = False
-        for allocation in allocations:
-            self.add(allocation)
-        for i, slot in enumerate(self._slots):
-            self._eff_idx[slot.zone].append((self._eff_free(i), i))
-            self._oc_idx[slot.zone].append((self._oc_free(i), i))
-        for z in self.zones:
-            self._eff_idx[z].sort()
-            self._oc_idx[z].sort()
-        self._indexed = True
+        self._allocs: dict[str, Allocation] = {}
+        self._models: dict[str, _ModelUse] = {}
+        """Built per model on first use."""
+        self._by_gpu: list[dict[str, Allocation]] | None = None
+        """Built on the first preemption, with ``_class_mem``."""
+        self._class_mem: list[list[int]] = []
+        """Per victim class (least important first), the memory of that class on each GPU."""
+        self._want_index = index
+        self._eff_idx: dict[str, list[tuple[int, int]]] | None = None
+        """Per zone, (free for a loaded request, ordinal), sorted; built on the first decision."""
+        self._oc_idx: dict[str, list[tuple[int, int]]] = {}
+        """Per zone, (free for a reservation, ordinal), sorted."""
+        self.allocated = 0
+        # Bulk load: only what every decision needs (usage per GPU and per tenant).
+        allocs, ords, loaded, total, uses = self._allocs, self._ord, self._loaded, self._total, self._use
+        for a in allocations:
+            if a.instance in allocs:
+                raise PlacementError(f"instance {a.instance} is allocated twice", "invalid")
+            if a.memory < 0:
+                raise PlacementError(f"allocation of {a.instance} has negative memory", "invalid")
+            allocs[a.instance] = a
+            i = ords.get(a.gpu)
+            if a.tier in RESERVED_TIERS:
+                use = uses.get(a.tenant)
+                if use is None:
+                    use = uses[a.tenant] = _TenantUse()
+                if a.borrowed:
+                    use.bor_mem += a.memory
+                else:
+                    use.own_mem += a.memory
+                if i is not None:
+                    total[i] += a.memory
+            else:
+                self._account_tenant(a, 1)
+                if i is not None:
+                    total[i] += a.memory
+                    loaded[i] += a.memory
+        self.allocated = sum(a.memory for a in allocs.values())
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -284,23 +335,52 @@ class PlacementEngine:
         return None if i is None else self._slots[i]
 
     def _eff_free(self, i: int) -> int:
-        return min(self._slots[i].memory - self._loaded[i], self._cap[i] - self._total[i])
+        return min(self._mem[i] - self._loaded[i], self._cap[i] - self._total[i])
 
     def _oc_free(self, i: int) -> int:
         return self._cap[i] - self._total[i]
 
-    def _reindex(self, i: int, d_loaded: int, d_total: int) -> None:
-        if not self._indexed:
-            self._loaded[i] += d_loaded
-            self._total[i] += d_total
+    def _frees(self, loaded: bool) -> list[int]:
+        """Free capacity of every GPU for a loaded request or a reservation."""
+        if loaded:
+            return [
+                min(m - u, c - t) for m, u, c, t in zip(self._mem, self._loaded, self._cap, self._total, strict=True)
+            ]
+        return [c - t for c, t in zip(self._cap, self._total, strict=True)]
+
+    def _ensure_index(self) -> None:
+        if self._eff_idx is not None:
             return
-        zone = self._slots[i].zone
-        for idx, old in ((self._eff_idx[zone], self._eff_free(i)), (self._oc_idx[zone], self._oc_free(i))):
-            del idx[bisect_left(idx, (old, i))]
-        self._loaded[i] += d_loaded
-        self._total[i] += d_total
-        insort(self._eff_idx[zone], (self._eff_free(i), i))
-        insort(self._oc_idx[zone], (self._oc_free(i), i))
+        eff: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
+        oc: dict[str, list[tuple[int, int]]] = {z: [] for z in self.zones}
+        for i, (e, o) in enumerate(zip(self._frees(True), self._frees(False), strict=True)):
+            zone = self._zone_of[i]
+            eff[zone].append((e, i))
+            oc[zone].append((o, i))
+        for z in self.zones:
+            eff[z].sort()
+            oc[z].sort()
+        self._eff_idx, self._oc_idx = eff, oc
+
+    def _model(self, model: str) -> _ModelUse:
+        use = self._models.get(model)
+        if use is None:
+            use = self._models[model] = _ModelUse()
+            for a in self._allocs.values():
+                if a.model == model:
+                    self._account_model(use, a, 1)
+        return use
+
+    def _gpu_allocs(self) -> list[dict[str, Allocation]]:
+        if self._by_gpu is None:
+            self._by_gpu = [{} for _ in self._slots]
+            self._class_mem = [[0] * len(self._slots) for _ in _CLASSES_UP]
+            for a in self._allocs.values():
+                i = self._ord.get(a.gpu)
+                if i is not None:
+                    self._by_gpu[i][a.instance] = a
+                    self._class_mem[_CLASS_UP_POS[(_RANK[a.priority], a.loaded)]][i] += a.memory
+        return self._by_gpu
 
     def add(self, a: Allocation) -> None:
         if a.instance in self._allocs:
@@ -315,44 +395,70 @@ class PlacementEngine:
         self._account(a, -1)
         return a
 
-    def _account(self, a: Allocation, sign: int) -> None:
-        self.allocated += sign * a.memory
-        use = self._use.setdefault(a.tenant, _TenantUse())
+    def _account_tenant(self, a: Allocation, sign: int) -> None:
+        use = self._use.get(a.tenant)
+        if use is None:
+            use = self._use[a.tenant] = _TenantUse()
         if a.borrowed:
             use.bor_mem += sign * a.memory
         else:
             use.own_mem += sign * a.memory
-        if a.loaded:
-            mine, other = (use.bor_gpus, use.own_gpus) if a.borrowed else (use.own_gpus, use.bor_gpus)
-            before = mine.get(a.gpu, 0)
-            after = before + sign
-            if after:
-                mine[a.gpu] = after
-            else:
-                mine.pop(a.gpu, None)
-            if (before == 0) != (after == 0):  # the GPU entered or left this set
-                entered = 1 if after else -1
-                if a.borrowed and a.gpu not in other:
-                    use.bor_only += entered
-                elif not a.borrowed and a.gpu in other:
-                    use.bor_only -= entered
+        if a.tier in RESERVED_TIERS:
+            return
+        mine, other = (use.bor_gpus, use.own_gpus) if a.borrowed else (use.own_gpus, use.bor_gpus)
+        before = mine.get(a.gpu, 0)
+        after = before + sign
+        if after:
+            mine[a.gpu] = after
+        else:
+            del mine[a.gpu]
+        if (before == 0) != (after == 0):  # the GPU entered or left this set
+            entered = 1 if after else -1
+            if a.borrowed and a.gpu not in other:
+                use.bor_only += entered
+            elif not a.borrowed and a.gpu in other:
+                use.bor_only -= entered
+
+    def _account_model(self, use: _ModelUse, a: Allocation, sign: int) -> None:
         i = self._ord.get(a.gpu)
         if i is None:
-            return  # a GPU gone from the inventory: counts globally and in quotas only
-        self._reindex(i, sign * a.memory if a.loaded else 0, sign * a.memory)
-        if sign > 0:
-            self._by_gpu[i][a.instance] = a
-        else:
-            self._by_gpu[i].pop(a.instance, None)
-        zone = self._slots[i].zone
-        per_zone = self._model_gpus.setdefault(a.model, {}).setdefault(zone, {})
+            return
+        zone = self._zone_of[i]
+        use.zones[zone] = use.zones.get(zone, 0) + sign
+        per_zone = use.gpus.setdefault(zone, {})
         copies = per_zone.get(i, 0) + sign
         if copies:
             per_zone[i] = copies
         else:
-            per_zone.pop(i, None)
-        zones = self._model_zones.setdefault(a.model, {})
-        zones[zone] = zones.get(zone, 0) + sign
+            del per_zone[i]
+
+    def _account(self, a: Allocation, sign: int) -> None:
+        self.allocated += sign * a.memory
+        self._account_tenant(a, sign)
+        model = self._models.get(a.model)
+        if model is not None:
+            self._account_model(model, a, sign)
+        i = self._ord.get(a.gpu)
+        if i is None:
+            return  # a GPU gone from the inventory: counts globally and in quotas only
+        if self._by_gpu is not None:
+            if sign > 0:
+                self._by_gpu[i][a.instance] = a
+            else:
+                del self._by_gpu[i][a.instance]
+            self._class_mem[_CLASS_UP_POS[(_RANK[a.priority], a.loaded)]][i] += sign * a.memory
+        d_loaded = sign * a.memory if a.loaded else 0
+        if self._eff_idx is None:
+            self._loaded[i] += d_loaded
+            self._total[i] += sign * a.memory
+            return
+        zone = self._zone_of[i]
+        for idx, old in ((self._eff_idx[zone], self._eff_free(i)), (self._oc_idx[zone], self._oc_free(i))):
+            del idx[bisect_left(idx, (old, i))]
+        self._loaded[i] += d_loaded
+        self._total[i] += sign * a.memory
+        insort(self._eff_idx[zone], (self._eff_free(i), i))
+        insort(self._oc_idx[zone], (self._oc_free(i), i))
 
     def apply(self, request: PlacementRequest, placement: Placement) -> Allocation:
         """Remove the preempted allocations (and an earlier allocation of the same instance), add the new one."""
@@ -464,7 +570,7 @@ class PlacementEngine:
 
     def _zone_groups(self, model: str) -> list[list[str]]:
         """Zones grouped by how many allocations of the model they hold, fewest first."""
-        counts = self._model_zones.get(model, {})
+        counts = self._model(model).zones
         groups: dict[int, list[str]] = {}
         for zone in self.zones:
             groups.setdefault(counts.get(zone, 0), []).append(zone)
@@ -474,10 +580,11 @@ class PlacementEngine:
         return self._eff_free(i) if loaded else self._oc_free(i)
 
     def _copies(self, model: str, i: int) -> int:
-        return self._model_gpus.get(model, {}).get(self._slots[i].zone, {}).get(i, 0)
+        return self._model(model).gpus.get(self._zone_of[i], {}).get(i, 0)
 
     def _search_zone(self, request: PlacementRequest, zone: str, excluded: frozenset[str]) -> tuple[int, int] | None:
         """Best (free, ordinal) in one zone by (leftover, most copies of the model, GPU order)."""
+        assert self._eff_idx is not None
         index = self._eff_idx[zone] if request.loaded else self._oc_idx[zone]
         m = request.memory
         slots = self._slots
@@ -497,7 +604,7 @@ class PlacementEngine:
         # Ties: the GPU with the most copies of the model, then the first; look through whichever
         # is shorter, the tied entries or the GPUs of the zone that hold the model.
         best = (-self._copies(request.model, i), i)
-        holders = self._model_gpus.get(request.model, {}).get(zone, {})
+        holders = self._model(request.model).gpus.get(zone, {})
         if not holders:
             return first
         end = bisect_left(index, (free + 1, -1), pos)
@@ -514,15 +621,41 @@ class PlacementEngine:
                         best = (-copies, j)
         return free, best[1]
 
-    def _search_all(self, request: PlacementRequest, excluded: frozenset[str]) -> int | None:
-        for group in self._zone_groups(request.model):
-            found = [f for f in (self._search_zone(request, z, excluded) for z in group) if f is not None]
-            if found:
-                return min(found, key=lambda f: (f[0], -self._copies(request.model, f[1]), f[1]))[1]
-        return None
+    def _search_all(self, request: PlacementRequest, excluded: frozenset[str], frees: list[int] | None) -> int | None:
+        if self._eff_idx is not None:
+            for group in self._zone_groups(request.model):
+                found = [f for f in (self._search_zone(request, z, excluded) for z in group) if f is not None]
+                if found:
+                    return min(found, key=lambda f: (f[0], -self._copies(request.model, f[1]), f[1]))[1]
+            return None
+        # No index: one pass over every GPU, same order of preference.
+        assert frees is not None
+        m = request.memory
+        candidates = [i for i, f in enumerate(frees) if f >= m]
+        if excluded:
+            slots = self._slots
+            candidates = [i for i in candidates if slots[i].node not in excluded]
+        if not candidates:
+            return None
+        model = self._model(request.model)
+        if model.zones and len(self.zones) > 1:
+            zone_of = self._zone_of
+            present = {zone_of[i] for i in candidates}
+            fewest = min(model.zones.get(z, 0) for z in present)
+            spread = {z for z in present if model.zones.get(z, 0) == fewest}
+            if len(spread) < len(present):
+                candidates = [i for i in candidates if zone_of[i] in spread]
+        tightest = min(frees[i] for i in candidates)
+        tied = [i for i in candidates if frees[i] == tightest]
+        # Ties: most copies of the model, then GPU order (``tied`` is in GPU order).
+        if len(tied) == 1 or not model.gpus:
+            return tied[0]
+        ties = set(tied)
+        cached = [(-c, i) for per_zone in model.gpus.values() for i, c in per_zone.items() if i in ties]
+        return min(cached)[1] if cached else tied[0]
 
     def _search_set(self, request: PlacementRequest, gpus: Iterable[str], excluded: frozenset[str]) -> int | None:
-        zone_counts = self._model_zones.get(request.model, {})
+        zone_counts = self._model(request.model).zones
         best: tuple[int, int, int, int] | None = None
         for gpu in gpus:
             i = self._ord.get(gpu)
@@ -531,7 +664,7 @@ class PlacementEngine:
             free = self._free(i, request.loaded)
             if free < request.memory:
                 continue
-            key = (zone_counts.get(self._slots[i].zone, 0), free, -self._copies(request.model, i), i)
+            key = (zone_counts.get(self._zone_of[i], 0), free, -self._copies(request.model, i), i)
             if best is None or key < best:
                 best = key
         return None if best is None else best[3]
@@ -551,10 +684,11 @@ class PlacementEngine:
             if cap_mem is None or request.memory <= room_mem:
                 borrow_all = cap_gpus is None or not request.loaded or room_gpus >= 1
         passes = [request.protects, frozenset()] if request.protects else [frozenset()]
+        frees = None if self._eff_idx is not None else self._frees(request.loaded)
         for excluded in passes:
             if mem_within:
                 found = (
-                    self._search_all(request, excluded)
+                    self._search_all(request, excluded, frees)
                     if gpu_room
                     else self._search_set(request, list(use.own_gpus), excluded)
                 )
@@ -562,7 +696,7 @@ class PlacementEngine:
                     return found, False, self._slots[found].node in request.protects
             if borrow_all is not None:
                 found = (
-                    self._search_all(request, excluded)
+                    self._search_all(request, excluded, frees)
                     if borrow_all
                     else self._search_set(request, [*use.own_gpus, *use.bor_gpus], excluded)
                 )
@@ -575,59 +709,112 @@ class PlacementEngine:
     def _needs(self, request: PlacementRequest, i: int) -> tuple[int, int]:
         """Loaded and total memory that must be freed on GPU ``i`` for the request to fit."""
         m = request.memory
-        need_loaded = max(0, self._loaded[i] + m - self._slots[i].memory) if request.loaded else 0
+        need_loaded = max(0, self._loaded[i] + m - self._mem[i]) if request.loaded else 0
         need_total = max(0, self._total[i] + m - self._cap[i], self.allocated + m - self.pool_cap)
         return need_loaded, need_total
 
-    def _preempting(self, request: PlacementRequest, reclaim: bool) -> _Candidate | None:
-        zone_counts = self._model_zones.get(request.model, {})
-        rank = request.priority.rank
+    def _reclaiming(self, request: PlacementRequest) -> _Candidate | None:
+        """Best GPU after reclaiming other tenants' borrowed allocations, for a request within its cap."""
         best: _Candidate | None = None
-        for i, held in enumerate(self._by_gpu):
-            if reclaim:
-                eligible = [a for a in held.values() if a.borrowed and a.tenant != request.tenant]
-            else:
-                eligible = [a for a in held.values() if a.priority.rank < rank]
-            if not eligible:
+        for i, held in enumerate(self._gpu_allocs()):
+            if not held:
                 continue
-            need_loaded, need_total = self._needs(request, i)
-            if need_loaded == 0 and need_total == 0:
-                continue  # fits without preemption: the plain search refused it for its quota
-            victims = select_victims(eligible, need_loaded, need_total)
-            if victims is None:
-                continue
-            slot = self._slots[i]
-            mode = self.quota_mode(request, slot.id, victims)
-            if mode is None or (reclaim and mode):
-                continue
-            freed = sum(v.memory for v in victims)
-            freed_loaded = sum(v.memory for v in victims if v.loaded)
-            oc_left = self._cap[i] - (self._total[i] - freed) - request.memory
-            leftover = (
-                min(slot.memory - (self._loaded[i] - freed_loaded) - request.memory, oc_left)
-                if request.loaded
-                else oc_left
-            )
-            key = (
-                slot.node in request.protects,
-                victim_cost(victims),
-                len(victims),
-                freed,
-                mode,
-                zone_counts.get(slot.zone, 0),
-                leftover,
-                -self._copies(request.model, i),
-                i,
-            )
-            if best is None or key < best.key:
-                best = _Candidate(key, slot, victims, mode, leftover)
+            eligible = [a for a in held.values() if a.borrowed and a.tenant != request.tenant]
+            if eligible:
+                candidate = self._preempt_on(request, i, eligible, reclaim=True)
+                if candidate is not None and (best is None or candidate.key < best.key):
+                    best = candidate
         return best
+
+    def _emergency(self, request: PlacementRequest) -> _Candidate | None:
+        """Best GPU after preempting strictly lower-priority allocations.
+
+        The cost of a victim set is lexicographic, most important class first, so only the GPUs
+        whose least important sufficient class is the lowest over the pool can win: the per-class
+        sums find that class for every GPU in a few passes, and victims are chosen on those GPUs only
+        (then the next class up, when the quota refuses all of them).
+        """
+        by_gpu = self._gpu_allocs()
+        rank = _RANK[request.priority]
+        allowed = [k for k, (r, _) in enumerate(_CLASSES_UP) if r < rank]
+        m = request.memory
+        over = self.allocated + m - self.pool_cap
+        need_total = [max(0, t + m - c, over) for t, c in zip(self._total, self._cap, strict=True)]
+        if request.loaded:
+            need_loaded = [max(0, u + m - mem) for u, mem in zip(self._loaded, self._mem, strict=True)]
+        else:
+            need_loaded = [0] * len(need_total)
+        # GPUs with room already were refused by the plain search for their quota: no victims help.
+        pending = [i for i, held in enumerate(by_gpu) if held and (need_total[i] or need_loaded[i])]
+        freed_loaded = [0] * len(need_total)
+        freed_total = [0] * len(need_total)
+        tops: list[list[int]] = []
+        for k in allowed:
+            column = self._class_mem[k]
+            if _CLASSES_UP[k][1]:
+                for i in pending:
+                    freed_loaded[i] += column[i]
+            for i in pending:
+                freed_total[i] += column[i]
+            enough = [i for i in pending if freed_loaded[i] >= need_loaded[i] and freed_total[i] >= need_total[i]]
+            tops.append(enough)
+            if enough:
+                done = set(enough)
+                pending = [i for i in pending if i not in done]
+        protects = request.protects
+        for protected in (False, True) if protects else (False,):
+            for gpus in tops:
+                best: _Candidate | None = None
+                for i in gpus:
+                    if (self._slots[i].node in protects) != protected:
+                        continue
+                    eligible = [a for a in by_gpu[i].values() if _RANK[a.priority] < rank]
+                    candidate = self._preempt_on(request, i, eligible, reclaim=False)
+                    if candidate is not None and (best is None or candidate.key < best.key):
+                        best = candidate
+                if best is not None:
+                    return best
+        return None
+
+    def _preempt_on(
+        self, request: PlacementRequest, i: int, eligible: list[Allocation], reclaim: bool
+    ) -> _Candidate | None:
+        need_loaded, need_total = self._needs(request, i)
+        if need_loaded == 0 and need_total == 0:
+            return None  # fits without preemption: the plain search refused it for its quota
+        victims = select_victims(eligible, need_loaded, need_total)
+        if victims is None:
+            return None
+        slot = self._slots[i]
+        mode = self.quota_mode(request, slot.id, victims)
+        if mode is None or (reclaim and mode):
+            return None
+        freed = sum(v.memory for v in victims)
+        freed_loaded = sum(v.memory for v in victims if v.loaded)
+        oc_left = self._cap[i] - (self._total[i] - freed) - request.memory
+        leftover = (
+            min(slot.memory - (self._loaded[i] - freed_loaded) - request.memory, oc_left) if request.loaded else oc_left
+        )
+        key = (
+            slot.node in request.protects,
+            victim_cost(victims),
+            len(victims),
+            freed,
+            mode,
+            self._model(request.model).zones.get(slot.zone, 0),
+            leftover,
+            -self._copies(request.model, i),
+            i,
+        )
+        return _Candidate(key, slot, victims, mode, leftover)
 
     # -- deciding -------------------------------------------------------------------------------
 
     def decide(self, request: PlacementRequest) -> Placement:
         """Where the request goes; raises :class:`PlacementError` saying why when nothing fits."""
         self._validate(request)
+        if self._want_index:
+            self._ensure_index()
         with self._without(request.instance):
             return self._decide(request)
 
@@ -666,12 +853,12 @@ class PlacementEngine:
         cap_mem, cap_gpus = self._caps(request.tenant)
         own_mem = self._numbers(request.tenant).own_mem
         if (cap_mem is not None or cap_gpus is not None) and (cap_mem is None or own_mem + m <= cap_mem):
-            candidate = self._preempting(request, reclaim=True)
+            candidate = self._reclaiming(request)
             if candidate is not None:
                 return self._preempted(request, candidate, "reclaimed borrowed capacity")
             notes.append("reclaiming other tenants' borrowed allocations would free room on no GPU")
         if request.emergency:
-            candidate = self._preempting(request, reclaim=False)
+            candidate = self._emergency(request)
             if candidate is not None:
                 return self._preempted(request, candidate, f"emergency ({request.priority})")
             notes.append(
@@ -738,7 +925,7 @@ def victim_cost(victims: Iterable[Allocation]) -> tuple[int, ...]:
     most important class first (critical loaded, critical reserved, high loaded, …)."""
     counts = [0] * len(_CLASSES)
     for v in victims:
-        counts[_CLASS_POS[(v.priority.rank, v.loaded)]] += 1
+        counts[_CLASS_POS[(_RANK[v.priority], v.loaded)]] += 1
     return tuple(counts)
 
 
@@ -751,13 +938,10 @@ def select_victims(eligible: Sequence[Allocation], need_loaded: int, need_total:
     lower classes; and repeats for each lower class. The result is irreducible: without any one of
     its victims it would not free enough.
     """
-    classes = list(reversed(_CLASSES))  # least important first
+    classes = _CLASSES_UP
     members: list[list[Allocation]] = [[] for _ in classes]
-    position = {c: i for i, c in enumerate(classes)}
     for a in eligible:
-        members[position[(a.priority.rank, a.loaded)]].append(a)
-    for group in members:
-        group.sort(key=lambda a: (-a.memory, a.instance))
+        members[_CLASS_UP_POS[(_RANK[a.priority], a.tier not in RESERVED_TIERS)]].append(a)
     below_loaded = [0]
     below_total = [0]
     for c, group in zip(classes, members, strict=True):
@@ -770,6 +954,8 @@ def select_victims(eligible: Sequence[Allocation], need_loaded: int, need_total:
     )
     if top is None:
         return None
+    for group in members[: top + 1]:
+        group.sort(key=lambda a: (-a.memory, a.instance))
     chosen: list[Allocation] = []
     fixed_loaded = fixed_total = 0
     for j in range(top, -1, -1):
@@ -797,7 +983,7 @@ def assign_borrowed(allocations: Iterable[Allocation], tenants: Sequence[TenantP
     for tenant in tenants:
         policies.setdefault(tenant.name, tenant)
     items = list(allocations)
-    order = sorted(range(len(items)), key=lambda k: (-items[k].priority.rank, not items[k].loaded, items[k].instance))
+    order = sorted(range(len(items)), key=lambda k: (-_RANK[items[k].priority], not items[k].loaded, items[k].instance))
     own_mem: dict[str, int] = {}
     own_gpus: dict[str, set[str]] = {}
     marks = [False] * len(items)
@@ -840,7 +1026,7 @@ def place(
     An allocation with the request's instance id is treated as replaced (re-placing an instance).
     Raises :class:`PlacementError` with the precise reason when nothing fits.
     """
-    return PlacementEngine(inventory, allocations, pool, tenants).decide(request)
+    return PlacementEngine(inventory, allocations, pool, tenants, index=False).decide(request)
 
 
 def place_many(

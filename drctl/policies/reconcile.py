@@ -16,6 +16,7 @@ from drctl.policies.placement import (
     GpuSlot,
     PlacementError,
     PlacementRequest,
+    assign_borrowed,
     gpu_inventory,
     place,
 )
@@ -54,6 +55,13 @@ def allocation_of(policy: DRPolicy, instance: Instance) -> Allocation | None:
     )
 
 
+def current_allocations(policy: DRPolicy, instances: Sequence[Instance]) -> list[Allocation]:
+    """The pool as the instances hold it, with borrowed capacity marked again (instances do not
+    record it), so a borrower is not mistaken for a tenant over its cap and can be reclaimed."""
+    held = [a for a in (allocation_of(policy, i) for i in instances) if a is not None]
+    return assign_borrowed(held, policy.tenants)
+
+
 def plan_reconcile(
     policy: DRPolicy, instances: Sequence[Instance], models: Sequence[str] | None = None
 ) -> ReconcilePlan:
@@ -64,7 +72,7 @@ def plan_reconcile(
     """
     inventory = gpu_inventory(policy.gpu_pool)
     slots = {slot.id: slot for slot in inventory}
-    allocations = [a for a in (allocation_of(policy, i) for i in instances) if a is not None]
+    allocations = current_allocations(policy, instances)
     plan = ReconcilePlan()
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     for model in order:
@@ -209,7 +217,7 @@ def plan_emergency(
     """
     model = policy.model(model_name)
     inventory = gpu_inventory(policy.gpu_pool)
-    allocations = [a for a in (allocation_of(policy, i) for i in instances) if a is not None]
+    allocations = current_allocations(policy, instances)
     failed = next((i for i in instances if i.id == failed_instance), None)
     next_index = max((instance_index(i.id) for i in instances if i.model == model_name), default=-1) + 1
     instance_id = f"{model_name}-{next_index}"
