@@ -32,6 +32,7 @@ class Trigger(StrEnum):
     ALERT = "alert"
     PROBE = "probe"
     DRILL = "drill"
+    GPU_HEALTH = "gpu-health"
 
 
 class Role(StrEnum):
@@ -118,6 +119,9 @@ class FailoverRequest(Payload):
     failed_at: datetime | None = None
     """When the failure began, if known (an alert's startsAt, a drill's kill). RTO counts from here;
     without it, from the start of the workflow."""
+    confirmed: bool = False
+    """The failure is already established by the caller (its GPU is being drained): skip the
+    confirm probe, which would see a process that still answers."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always
@@ -197,6 +201,7 @@ class ActivityName:
     VERIFY_SERVING = "verify_serving"
     REQUEST_RECONCILE = "request_reconcile"
     OBSERVE_FLEET = "observe_fleet"
+    CORDON_GPU = "cordon_gpu"
     CREATE_INSTANCE = "create_instance"
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
@@ -271,6 +276,8 @@ class ReconcileRequest(Payload):
 class FleetSnapshot(Payload):
     """What exists now, with the policy it is measured against (read by one activity)."""
 
+    cordoned_gpus: list[str] = Field(default_factory=list)
+    """GPUs kept out of placement (drained after a GPU failure)."""
     policy: dict[str, object]
     """The DR policy as plain data (``DRPolicy.model_dump``), so a workflow sees one consistent
     version for its whole run, even if the file changes meanwhile."""
@@ -296,3 +303,26 @@ class InstanceChange(Payload):
     """Input of the create/retier/delete activities."""
 
     action: ReconcileAction
+
+
+# -- GPU drain ----------------------------------------------------------------------------------------
+
+
+class DrainGpuRequest(Payload):
+    """Input of ``DrainGpuWorkflow``: move everything off one GPU and keep it out of placement."""
+
+    gpu: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*/[0-9]{1,3}$", description="GPU id, {node}/{index}")]
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class DrainGpuResult(Payload):
+    gpu: str
+    failovers: list[str] = Field(default_factory=list)
+    """Serving instances failed over (each its own FailoverWorkflow, as a child)."""
+    deleted: list[str] = Field(default_factory=list)
+    """Standbys removed from the GPU (reconciliation recreates them elsewhere)."""
+    failed: list[str] = Field(default_factory=list)
+
+
+def drain_workflow_id(gpu: str) -> str:
+    return "drain-gpu-" + gpu.replace("/", "-")

@@ -72,3 +72,9 @@ class Platform(Protocol):
     async def delete_instance(self, action: ReconcileAction) -> str:
         """Out of the load balancer, process stopped, record dropped. Idempotent."""
         ...
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        """Keep a GPU out of placement from now on (idempotent)."""
+        ...
+
+    async def cordoned_gpus(self) -> list[str]: ...

@@ -15,6 +15,7 @@ from drctl.activities.platform import Platform
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
+    DrainGpuRequest,
     FleetSnapshot,
     InstanceChange,
     ModelRef,
@@ -37,14 +38,23 @@ class ReconcileActivities:
             self.retier_instance,
             self.delete_instance,
             self.request_reconcile,
+            self.cordon_gpu,
         ]
 
     @activity.defn(name=ActivityName.OBSERVE_FLEET)
     async def observe_fleet(self) -> FleetSnapshot:
         policy = await self.platform.current_policy()
         return FleetSnapshot(
-            policy=policy.model_dump(mode="json", by_alias=True), instances=await self.platform.all_instances()
+            policy=policy.model_dump(mode="json", by_alias=True),
+            instances=await self.platform.all_instances(),
+            cordoned_gpus=await self.platform.cordoned_gpus(),
         )
+
+    @activity.defn(name=ActivityName.CORDON_GPU)
+    async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:
+        start = time.monotonic()
+        detail = await self.platform.cordon_gpu(request.gpu, request.reason)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:

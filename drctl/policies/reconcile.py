@@ -7,7 +7,7 @@ deterministically inside the workflow and the same plan is what ``drctl reconcil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.placement import (
@@ -62,15 +62,24 @@ def current_allocations(policy: DRPolicy, instances: Sequence[Instance]) -> list
     return assign_borrowed(held, policy.tenants)
 
 
+def usable_inventory(policy: DRPolicy, cordoned: Iterable[str] = ()) -> list[GpuSlot]:
+    """The pool's GPUs less the cordoned ones (drained after a GPU failure)."""
+    out = set(cordoned)
+    return [slot for slot in gpu_inventory(policy.gpu_pool) if slot.id not in out]
+
+
 def plan_reconcile(
-    policy: DRPolicy, instances: Sequence[Instance], models: Sequence[str] | None = None
+    policy: DRPolicy,
+    instances: Sequence[Instance],
+    models: Sequence[str] | None = None,
+    cordoned: Iterable[str] = (),
 ) -> ReconcilePlan:
     """The actions that bring each model back to its policy counts, placed on the GPU pool.
 
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    inventory = gpu_inventory(policy.gpu_pool)
+    inventory = usable_inventory(policy, cordoned)
     slots = {slot.id: slot for slot in inventory}
     allocations = current_allocations(policy, instances)
     plan = ReconcilePlan()
@@ -208,7 +217,11 @@ def _as_tier(allocation: Allocation, tier: Role) -> Allocation:
 
 
 def plan_emergency(
-    policy: DRPolicy, instances: Sequence[Instance], model_name: str, failed_instance: str
+    policy: DRPolicy,
+    instances: Sequence[Instance],
+    model_name: str,
+    failed_instance: str,
+    cordoned: Iterable[str] = (),
 ) -> ReconcilePlan:
     """A new serving instance for a model whose standbys are all used up or broken.
 
@@ -216,7 +229,7 @@ def plan_emergency(
     lower-priority instances (placement says which, and the plan deletes them first).
     """
     model = policy.model(model_name)
-    inventory = gpu_inventory(policy.gpu_pool)
+    inventory = usable_inventory(policy, cordoned)
     allocations = current_allocations(policy, instances)
     failed = next((i for i in instances if i.id == failed_instance), None)
     next_index = max((instance_index(i.id) for i in instances if i.model == model_name), default=-1) + 1

@@ -13,7 +13,15 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
 )
 
-from drctl.payloads import FailoverRequest, FailoverResult, SearchAttr, failover_workflow_id
+from drctl.payloads import (
+    DrainGpuRequest,
+    DrainGpuResult,
+    FailoverRequest,
+    FailoverResult,
+    SearchAttr,
+    drain_workflow_id,
+    failover_workflow_id,
+)
 from drctl.settings import DrctlSettings
 
 
@@ -35,4 +43,18 @@ async def start_failover(
                 SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER), request.trigger.value),
             ]
         ),
+    )
+
+
+async def start_gpu_drain(
+    client: Client, settings: DrctlSettings, request: DrainGpuRequest
+) -> WorkflowHandle[Any, DrainGpuResult]:
+    """Start (or join) the drain of one GPU: one drain per GPU at a time."""
+    return await client.start_workflow(
+        "DrainGpuWorkflow",
+        request,
+        id=drain_workflow_id(request.gpu),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        result_type=DrainGpuResult,
     )

@@ -21,12 +21,13 @@ from drctl.activities.reconcile import ReconcileActivities
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
 from drctl.workers.temporal_client import connect
+from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 
 log = logging.getLogger("drctl.worker")
 
-WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow]
+WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow]
 
 
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:

@@ -167,7 +167,14 @@ class FailoverWorkflow:
         )
         ref = InstanceRef(model=request.model, instance=request.instance)
 
-        probe = await self._step("confirm", ActivityName.PROBE_INSTANCE, ref, ProbeResult)
+        if request.confirmed:
+            now = workflow.now()
+            self._record(
+                "confirm", now, now, None, True, f"skipped: failure established by the caller ({request.trigger})"
+            )
+            probe = ProbeResult(instance=request.instance, healthy=False, detail="confirmed by caller", duration_ms=0)
+        else:
+            probe = await self._step("confirm", ActivityName.PROBE_INSTANCE, ref, ProbeResult)
         if probe.healthy:
             return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
 
@@ -253,7 +260,11 @@ class FailoverWorkflow:
         except STEP_ERRORS:
             return None
         plan = plan_emergency(
-            DRPolicy.model_validate(snapshot.policy), snapshot.instances, request.model, request.instance
+            DRPolicy.model_validate(snapshot.policy),
+            snapshot.instances,
+            request.model,
+            request.instance,
+            snapshot.cordoned_gpus,
         )
         self._record(
             "place",

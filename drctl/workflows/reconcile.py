@@ -70,7 +70,7 @@ class ReconcileStandbysWorkflow:
             retry_policy=RETRY,
         )
         policy = DRPolicy.model_validate(snapshot.policy)
-        plan = plan_reconcile(policy, snapshot.instances, request.models)
+        plan = plan_reconcile(policy, snapshot.instances, request.models, snapshot.cordoned_gpus)
         result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
         if request.dry_run or not plan.actions:
             return result

@@ -11,6 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import (
     ActivityName,
+    DrainGpuRequest,
     EjectRequest,
     ErrorType,
     FleetSnapshot,
@@ -41,6 +42,7 @@ class FakeFleet:
     calls: list[tuple[str, str]] = field(default_factory=list)
     promote_gate: asyncio.Event | None = None
     policy: DRPolicy = field(default_factory=lambda: EXAMPLE_POLICY)
+    cordoned: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, *specs: tuple[str, Role]) -> FakeFleet:
@@ -110,7 +112,9 @@ class FakeFleet:
         async def observe() -> FleetSnapshot:
             fleet.calls.append(("observe", "fleet"))
             return FleetSnapshot(
-                policy=fleet.policy.model_dump(mode="json", by_alias=True), instances=list(fleet.instances.values())
+                policy=fleet.policy.model_dump(mode="json", by_alias=True),
+                instances=list(fleet.instances.values()),
+                cordoned_gpus=sorted(fleet.cordoned),
             )
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
@@ -128,7 +132,14 @@ class FakeFleet:
             fleet.instances.pop(change.action.instance, None)
             return StepReport(detail="deleted", duration_ms=1)
 
+        @activity.defn(name=ActivityName.CORDON_GPU)
+        async def cordon(request: DrainGpuRequest) -> StepReport:
+            fleet.calls.append(("cordon", request.gpu))
+            fleet.cordoned.add(request.gpu)
+            return StepReport(detail="cordoned")
+
         return [
+            cordon,
             probe,
             list_instances,
             eject,

@@ -162,7 +162,8 @@ async def test_duplicate_start_joins_the_running_failover(time_skipping_env: Wor
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
     fleet.promote_gate = asyncio.Event()
     wf_id = f"{failover_workflow_id('llama-2-7b', 'llama-2-7b-0')}-{uuid.uuid4().hex[:6]}"
-    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0")
+    # Regular activities, so the promote held open by the gate is not a local activity (see below).
+    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", local_activities=False)
     async with worker_for(time_skipping_env, fleet) as (client, queue):
         first = await client.start_workflow(
             FailoverWorkflow.run, request, id=wf_id, task_queue=queue,
@@ -217,7 +218,9 @@ async def test_resolved_alert_is_recorded_and_the_probe_still_decides(time_skipp
     async with worker_for(time_skipping_env, fleet) as (client, queue):
         handle = await client.start_workflow(
             FailoverWorkflow.run,
-            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT),
+            # Regular activities: a local activity held open across the signal can be re-run when the
+            # time-skipping server jumps past the workflow task timeout, which muddles the fake's state.
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT, local_activities=False),
             id=f"alert-{uuid.uuid4()}",
             task_queue=queue,
         )

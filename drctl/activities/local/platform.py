@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import Callable
 
@@ -159,6 +161,27 @@ class LocalPlatform:
     async def current_policy(self) -> DRPolicy:
         self.policy = load_policy_file(self.settings.policy)
         return self.policy
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        cordoned = dict(self._read_cordoned())
+        if gpu in cordoned:
+            return f"{gpu} already cordoned ({cordoned[gpu]})"
+        cordoned[gpu] = reason or "drained"
+        path = self.layout.root / "cordoned-gpus.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cordoned, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return f"{gpu} cordoned: kept out of placement"
+
+    async def cordoned_gpus(self) -> list[str]:
+        return sorted(self._read_cordoned())
+
+    def _read_cordoned(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.layout.root / "cordoned-gpus.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
 
     async def all_instances(self) -> list[Instance]:
         return list(self.registry.load().values())
