@@ -577,6 +577,72 @@ def policy_explain(
     )
 
 
+# -- detection -----------------------------------------------------------------------------------
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("alert-receiver", context_settings=PASS_THROUGH, add_help_option=False)
+def alert_receiver(ctx: typer.Context) -> None:
+    """Receive Alertmanager webhooks and start runbooks (tokens: DRCTL_ALERT_TOKENS or _FILE).
+
+    Options are those of `python -m drctl.workers.alert_receiver` (see --help): --host, --port.
+    """
+    from drctl.workers.alert_receiver import main as receiver_main
+
+    receiver_main(list(ctx.args))
+
+
+@app.command("node-agent", context_settings=PASS_THROUGH, add_help_option=False)
+def node_agent(ctx: typer.Context) -> None:
+    """Report this node's GPUs from NVML (or the policy without NVML); a GPU in "drain" starts
+    DrainGpuWorkflow. Options: --node NAME [--host --port 9400 --interval 5 --policy FILE]."""
+    from drctl.workers.node_agent import main as agent_main
+
+    raise typer.Exit(agent_main(list(ctx.args)))
+
+
+@app.command()
+def drain(
+    gpu: Annotated[str, typer.Argument(help="GPU id as {node}/{index}, e.g. gpu-node-0/1 (see `drctl status`)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual drain",
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Drain one GPU: keep it out of placement, fail over its serving instances, move its standbys."""
+    from drctl.payloads import DrainGpuRequest
+    from drctl.policies.placement import gpu_inventory
+    from drctl.workers.runbooks import start_gpu_drain
+
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    known = [slot.id for slot in gpu_inventory(dr_policy.gpu_pool)]
+    if gpu not in known:
+        _fail(
+            f"unknown GPU {gpu!r}; the pool has {', '.join(known[:8])}{' …' if len(known) > 8 else ''}", EXIT_BAD_INPUT
+        )
+
+    async def _run() -> None:
+        client = await _connect(settings)
+        handle = await start_gpu_drain(client, settings, DrainGpuRequest(gpu=gpu, reason=reason))
+        out.print(f"drain workflow [bold]{handle.id}[/]", highlight=False)
+        try:
+            result = await handle.result()
+        except WorkflowFailureError as exc:
+            _fail(f"drain failed: {exc.cause or exc}")
+        for line in result.failovers:
+            out.print(f"[green]✓[/] failed over {line}", highlight=False)
+        for line in result.deleted:
+            out.print(f"[green]✓[/] removed standby {line} (reconciliation recreates it elsewhere)", highlight=False)
+        for line in result.failed:
+            out.print(f"[red]✗[/] {line}", highlight=False)
+        out.print(f"{gpu} cordoned: placement no longer uses it")
+        if result.failed:
+            raise typer.Exit(EXIT_FAILED)
+
+    asyncio.run(_run())
+
+
 # -- worker ------------------------------------------------------------------------------------
 
 

@@ -949,8 +949,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
             args.interval,
             xid_window=args.xid_window,
+            on_drain=drain_runbook_hook(settings),
         )
     )
+
+
+def drain_runbook_hook(settings: Any) -> OnDrain:
+    """The ``on_drain`` hook of a real agent: start ``DrainGpuWorkflow`` for the GPU on Temporal.
+
+    Connects on first use; if Temporal cannot be reached the hook raises, the agent logs it, and
+    the GPU stays reported as ``drain`` on ``/gpus`` for an operator (``drctl drain GPU``)."""
+    from drctl.payloads import DrainGpuRequest
+    from drctl.workers.runbooks import start_gpu_drain
+    from drctl.workers.temporal_client import connect
+
+    async def hook(report: GpuReport) -> None:
+        client = await connect(settings)
+        reason = "; ".join(report.reasons)[:500] or "drain"
+        handle = await start_gpu_drain(client, settings, DrainGpuRequest(gpu=report.gpu_id, reason=reason))
+        log.warning("GPU %s drains: started %s", report.gpu_id, handle.id)
+
+    return hook
 
 
 if __name__ == "__main__":
