@@ -136,7 +136,11 @@ def up(
 
     async def _run() -> None:
         stack = LocalStack(
-            settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False), with_prober=prober
+            settings,
+            dr_policy,
+            say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False),
+            with_prober=prober,
+            with_alert_receiver=True,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

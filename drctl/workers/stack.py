@@ -44,6 +44,8 @@ class LocalStack:
     pids: dict[str, int] = field(default_factory=dict)
     client: Client | None = None
     with_prober: bool = False
+    with_alert_receiver: bool = False
+    """Run the Alertmanager webhook receiver too, when alert tokens are configured."""
     """Run the health prober too (``drctl up`` does), so failures start runbooks by themselves."""
 
     def __post_init__(self) -> None:
@@ -65,6 +67,9 @@ class LocalStack:
         await self._wait_lb_healthy()
         self.start_worker()
         await self._wait_worker_polling()
+        if self.with_alert_receiver and alert_tokens_configured():
+            self.start_alert_receiver()
+            self.say(f"alert receiver on http://{self.settings.host}:{alert_receiver_port()}/alerts")
         if self.with_prober:
             self.start_prober()
             interval = format_duration(self.policy.detection.probe_interval)
@@ -78,8 +83,9 @@ class LocalStack:
 
     async def stop(self) -> None:
         self.say("stopping…")
-        if "prober" in self.pids:
-            processes.terminate(self.pids.pop("prober"), grace_s=3.0)
+        for name in ("prober", "alert_receiver"):
+            if name in self.pids:
+                processes.terminate(self.pids.pop(name), grace_s=3.0)
         if "worker" in self.pids:
             processes.terminate(self.pids.pop("worker"), grace_s=6.0)
         stopped = self.platform.stop_all()
@@ -106,6 +112,10 @@ class LocalStack:
             if "prober" in self.pids and not processes.is_alive(self.pids["prober"]):
                 self.say("prober exited; restarting it")
                 self.start_prober()
+                self._write_stack_file()
+            if "alert_receiver" in self.pids and not processes.is_alive(self.pids["alert_receiver"]):
+                self.say(f"alert receiver exited; see {self.layout.logs_dir / 'alert-receiver.log'}; restarting it")
+                self.start_alert_receiver()
                 self._write_stack_file()
             try:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -211,6 +221,9 @@ class LocalStack:
     def start_prober(self) -> None:
         self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log")
 
+    def start_alert_receiver(self) -> None:
+        self.pids["alert_receiver"] = self._start_python_process("drctl.workers.alert_receiver", "alert-receiver.log")
+
     def _start_python_process(self, module: str, log_name: str) -> int:
         env = {
             "DRCTL_" + name.upper(): str(value)
@@ -257,6 +270,14 @@ class LocalStack:
             "supervisor_pid": os.getpid(),
         }
         self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def alert_tokens_configured() -> bool:
+    return bool(os.environ.get("DRCTL_ALERT_TOKENS") or os.environ.get("DRCTL_ALERT_TOKENS_FILE"))
+
+
+def alert_receiver_port() -> int:
+    return int(os.environ.get("DRCTL_ALERT_RECEIVER_PORT", "9095"))
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
