@@ -71,6 +71,7 @@ from drctl.settings import DrctlSettings
 from drctl.workers.alerts import (
     MAX_BODY_BYTES,
     NO_RUNBOOK_YET,
+    PLATFORM_TENANT,
     RESOLVED_SIGNAL,
     AlertPlan,
     PlanKind,
@@ -471,7 +472,7 @@ def _event(level: int, event: str, **fields: Any) -> None:
 
 def check_token_tenants(tokens: TokenSet, policy: DRPolicy) -> None:
     """A token for a tenant the policy lacks is a typo or a leftover: refuse to start."""
-    unknown = tokens.tenants - {t.name for t in policy.tenants}
+    unknown = tokens.tenants - {t.name for t in policy.tenants} - {PLATFORM_TENANT}
     if unknown:
         raise TokenError(
             f"alert tokens name tenant(s) the policy lacks: {', '.join(sorted(unknown))} "

@@ -33,11 +33,14 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from drctl.payloads import (
     INSTANCE_ID_PATTERN,
     AlertResolved,
+    DrainGpuRequest,
     FailoverRequest,
     SearchAttr,
     Trigger,
+    drain_workflow_id,
     failover_workflow_id,
 )
+from drctl.policies.placement import gpu_inventory
 from drctl.policies.schema import MODEL_NAME_PATTERN, DRPolicy
 
 MAX_BODY_BYTES = 1 << 20
@@ -239,8 +242,10 @@ def runbook_for(target: Failure, alert: WebhookAlert, episode: str, tenant: str)
     match target:
         case InstanceFailure():
             return _failover_runbook(target, alert, episode, tenant)
-        case GpuFailure() | ZoneFailure():
-            return None  # zone failover and GPU drain runbooks plug in here
+        case GpuFailure():
+            return _drain_runbook(target, alert, episode)
+        case ZoneFailure():
+            return None  # the zone failover runbook plugs in here
 
 
 def resolved_workflow_id(target: Failure, episode: str) -> str | None:
@@ -248,8 +253,25 @@ def resolved_workflow_id(target: Failure, episode: str) -> str | None:
     match target:
         case InstanceFailure():
             return alert_failover_workflow_id(target.model, target.instance, episode)
-        case GpuFailure() | ZoneFailure():
+        case GpuFailure():
+            return f"{drain_workflow_id(f'{target.node}/{target.gpu}')}-{episode}"
+        case ZoneFailure():
             return None
+
+
+def _drain_runbook(target: GpuFailure, alert: WebhookAlert, episode: str) -> RunbookStart:
+    gpu = f"{target.node}/{target.gpu}"
+    reason = alert.labels.get("alertname", "alert")
+    summary = alert.annotations.get("summary", "").strip()
+    request = DrainGpuRequest(gpu=gpu, reason=(f"{reason}: {summary}" if summary else reason)[:MAX_REASON])
+    return RunbookStart(
+        workflow_type="DrainGpuWorkflow",
+        workflow_id=f"{drain_workflow_id(gpu)}-{episode}",
+        input=request,
+        search_attributes={SearchAttr.TRIGGER: Trigger.ALERT.value},
+        memo={"fingerprint": alert.fingerprint, "startsAt": alert.starts_at.isoformat(), "gpu": gpu},
+        covered_by=drain_workflow_id(gpu),
+    )
 
 
 def _failover_runbook(target: InstanceFailure, alert: WebhookAlert, episode: str, tenant: str) -> RunbookStart:
@@ -284,6 +306,11 @@ def _failover_runbook(target: InstanceFailure, alert: WebhookAlert, episode: str
     )
 
 
+PLATFORM_TENANT = "platform"
+"""The token name of the platform team: the only one that may send GPU (and later zone) alerts.
+It needs no tenant in the policy."""
+
+
 def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenant: str) -> list[AlertPlan]:
     """Check every alert of the notification, then say what to do about each.
 
@@ -311,6 +338,12 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
             elif policy.model(model_name).tenant != tenant:
                 forbidden.append(f"{where}: model {model_name!r} does not belong to tenant {tenant!r}")
         target = classify(alert.labels)
+        if isinstance(target, GpuFailure):
+            # A GPU is shared by tenants: only the platform team's token may drain one.
+            if tenant != PLATFORM_TENANT:
+                forbidden.append(f"{where}: GPU alerts need the {PLATFORM_TENANT!r} token, not tenant {tenant!r}")
+            elif f"{target.node}/{target.gpu}" not in {slot.id for slot in gpu_inventory(policy.gpu_pool)}:
+                unknown.append(f"{where}: unknown GPU {target.node}/{target.gpu} (not in gpuPool)")
         if isinstance(target, InstanceFailure) and not re.fullmatch(INSTANCE_ID_PATTERN, target.instance):
             bad.append(
                 f"{where}.labels.instance: {target.instance!r} is not a drctl instance id ({INSTANCE_ID_PATTERN})"
@@ -319,7 +352,7 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
         raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid alert labels", bad)
     if unknown:
         known = ", ".join(policy.model_names)
-        raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, f"unknown model (the policy has: {known})", unknown)
+        raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, f"unknown model or GPU (the policy has: {known})", unknown)
     if forbidden:
         raise Rejection(HTTPStatus.FORBIDDEN, "alerts about another tenant's models", forbidden)
     return [_plan_alert(i, alert, tenant) for i, alert in enumerate(notification.alerts)]

@@ -52,7 +52,8 @@ from drctl.workers.alerts import (
 
 TOKEN_A = "team-a-0123456789abcdef0123456789"
 TOKEN_B = "team-b-fedcba9876543210fedcba9876"
-TOKENS = {"team-a": TOKEN_A, "team-b": TOKEN_B}
+TOKEN_PLATFORM = "platform-0123456789abcdef01234567"
+TOKENS = {"team-a": TOKEN_A, "team-b": TOKEN_B, "platform": TOKEN_PLATFORM}
 POLICY = DRPolicy.model_validate(
     {
         "models": [
@@ -301,19 +302,37 @@ async def test_a_running_manual_or_prober_failover_of_the_instance_is_joined(rx:
         await handle.terminate()
 
 
-async def test_zone_and_gpu_alerts_are_accepted_with_202_and_start_nothing(rx: Receiver) -> None:
+async def test_zone_alerts_are_accepted_with_202_and_start_nothing(rx: Receiver) -> None:
     zone = alert({"zone": "az-1", "alertname": "ZoneDown"})
-    gpu = alert({"node": "gpu-node-1", "gpu": "3", "zone": "az-2", "alertname": "GpuXidError"})
-    response = await rx.post(notification(zone, gpu))
+    response = await rx.post(notification(zone))
 
     assert response.status_code == 202, response.text
     body = response.json()
     assert "no runbook for zone/gpu alerts yet" in body["message"]
-    assert [r["action"] for r in body["alerts"]] == ["ignored", "ignored"]
+    assert [r["action"] for r in body["alerts"]] == ["ignored"]
     assert not rx.receiver.starts
     metrics = await rx.metrics()
-    assert metrics[("drctl_alerts_total", (("action", "ignored"),))] == 2
+    assert metrics[("drctl_alerts_total", (("action", "ignored"),))] == 1
     assert metrics[("drctl_alert_notifications_total", (("code", "202"),))] == 1
+
+
+async def test_gpu_alert_needs_the_platform_token_and_starts_the_drain(rx: Receiver) -> None:
+    gpu = alert({"node": "gpu-node-1", "gpu": "3", "zone": "az-2", "alertname": "GpuXidError"})
+    refused = await rx.post(notification(gpu))
+    assert refused.status_code == 403 and "platform" in refused.text
+    assert not rx.receiver.starts
+
+    unknown = await rx.post(notification(alert({"node": "gpu-node-9", "gpu": "0"})), token=TOKEN_PLATFORM)
+    assert unknown.status_code == 422 and "gpu-node-9/0" in unknown.text
+
+    response = await rx.post(notification(gpu), token=TOKEN_PLATFORM)
+    assert response.status_code == 200, response.text
+    [result] = response.json()["alerts"]
+    assert result["action"] == "started" and result["workflow_id"].startswith("drain-gpu-gpu-node-1-3-")
+    described = await rx.client.get_workflow_handle(result["workflow_id"]).describe()
+    assert described.workflow_type == "DrainGpuWorkflow"
+    again = await rx.post(notification(gpu), token=TOKEN_PLATFORM)
+    assert [r["action"] for r in again.json()["alerts"]] == ["duplicate"]
 
 
 async def test_mixed_notification_acts_on_instance_alerts_and_ignores_the_rest(rx: Receiver) -> None:
@@ -570,11 +589,12 @@ def test_token_set_finds_the_tenant() -> None:
     assert tokens.tenant_for(TOKEN_B) == "team-b"
     assert tokens.tenant_for(TOKEN_A + "x") is None
     assert tokens.tenant_for("") is None
-    assert tokens.tenants == {"team-a", "team-b"}
+    assert tokens.tenant_for(TOKEN_PLATFORM) == "platform"
+    assert tokens.tenants == {"team-a", "team-b", "platform"}
 
 
 def test_parse_tokens_lines_and_json() -> None:
-    text = f"# tenants\nteam-a: {TOKEN_A}\n\n  team-b :  {TOKEN_B}  \n"
+    text = f"# tenants\nteam-a: {TOKEN_A}\n\n  team-b :  {TOKEN_B}  \nplatform: {TOKEN_PLATFORM}\n"
     assert parse_tokens(text, "f") == TOKENS
     assert parse_tokens(json.dumps(TOKENS), "env") == TOKENS
 
