@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,8 @@ PROBED_ROLES = (Role.SERVING, Role.HOT)
 TICK_S = 0.1
 
 StartFailover = Callable[[FailoverRequest], Awaitable[WorkflowHandle[Any, Any]]]
+RaiseAlert = Callable[[dict[str, Any]], Awaitable[None]]
+"""Sends one alert in Alertmanager's API format (``POST /api/v2/alerts``)."""
 
 
 @dataclass
@@ -52,8 +55,16 @@ class Detection:
 
 
 class Prober:
-    def __init__(self, policy: DRPolicy, registry: InstanceRegistry, start_failover: StartFailover) -> None:
+    def __init__(
+        self,
+        policy: DRPolicy,
+        registry: InstanceRegistry,
+        start_failover: StartFailover,
+        raise_alert: RaiseAlert | None = None,
+    ) -> None:
         self.policy = policy
+        self.raise_alert = raise_alert
+        self.alerted: set[str] = set()
         self.registry = registry
         self.start_failover = start_failover
         self.trackers: dict[str, ProbeTracker] = {}
@@ -123,7 +134,9 @@ class Prober:
             self.panic = decision.reason
             log.error("PANIC: %s is down but the prober stops acting: %s", instance.id, decision.reason)
             self._record(instance, first, exited, f"panic: {decision.reason}")
+            await self._raise_panic_alert(instance, decision.reason)
             return
+        self.alerted.discard(instance.model)
         failed_at = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
         how = "process exited" if exited else f"{tracker.failures} failed probes"
         request = FailoverRequest(
@@ -141,6 +154,30 @@ class Prober:
         )
         self._record(instance, first, exited, f"failover {handle.id}")
         log.info("%s down (%s): started %s", instance.id, how, handle.id)
+
+    async def _raise_panic_alert(self, instance: Instance, reason: str) -> None:
+        """Panic mode: tell people instead of acting. One alert per model until it may act again."""
+        if self.raise_alert is None or instance.model in self.alerted:
+            return
+        self.alerted.add(instance.model)
+        alert = {
+            "labels": {
+                "alertname": "DrctlProberPanic",
+                "severity": "critical",
+                "model": instance.model,
+                "zone": instance.zone or "",
+                "instance": instance.id,
+            },
+            "annotations": {
+                "summary": f"drctl prober stopped acting: {reason}",
+                "description": f"{instance.id} is down; failover caps reached, so no runbook was started for it.",
+            },
+            "startsAt": datetime.now(UTC).isoformat(),
+        }
+        try:
+            await self.raise_alert(alert)
+        except Exception as exc:  # the alert is best effort; the log line above always exists
+            log.error("could not raise the panic alert: %s", exc)
 
     async def _follow(self, instance_id: str, handle: WorkflowHandle[Any, Any]) -> None:
         try:
@@ -164,7 +201,15 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     async def start(request: FailoverRequest) -> WorkflowHandle[Any, Any]:
         return await start_failover(client, settings, request)
 
-    prober = Prober(policy, registry, start)
+    alertmanager = os.environ.get("DRCTL_ALERTMANAGER_URL")
+
+    async def raise_alert(alert: dict[str, Any]) -> None:
+        assert alertmanager is not None
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.post(f"{alertmanager.rstrip('/')}/api/v2/alerts", json=[alert])
+            response.raise_for_status()
+
+    prober = Prober(policy, registry, start, raise_alert if alertmanager else None)
     log.info("probing every %s", policy.detection.probe_interval)
     try:
         await prober.run(stop)
