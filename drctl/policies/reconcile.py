@@ -150,16 +150,7 @@ def plan_reconcile(
                     continue
                 victims = {a.instance for a in placement.preempted}
                 for victim in placement.preempted:
-                    plan.actions.append(
-                        ReconcileAction(
-                            kind=ReconcileActionKind.DELETE,
-                            model=victim.model,
-                            instance=victim.instance,
-                            tier=Role(victim.tier),
-                            gpu=victim.gpu,
-                            reason=f"preempted for {instance_id}: {placement.reason}",
-                        )
-                    )
+                    plan.actions.append(_preempt(victim, f"preempted for {instance_id}: {placement.reason}"))
                 allocations = [a for a in allocations if a.instance not in victims]
                 allocations.append(placement.allocation(request))
                 if tier == Role.SERVING:
@@ -179,6 +170,17 @@ def plan_reconcile(
                     )
                 )
     return plan
+
+
+def _preempt(victim: Allocation, reason: str) -> ReconcileAction:
+    return ReconcileAction(
+        kind=ReconcileActionKind.DELETE,
+        model=victim.model,
+        instance=victim.instance,
+        tier=Role(victim.tier),
+        gpu=victim.gpu,
+        reason=reason,
+    )
 
 
 def _delete(instance: Instance, reason: str) -> ReconcileAction:
@@ -251,16 +253,8 @@ def plan_emergency(
         plan.unplaceable.append(f"{instance_id} (emergency): {exc.reason}")
         return plan
     for victim in placement.preempted:
-        plan.actions.append(
-            ReconcileAction(
-                kind=ReconcileActionKind.DELETE,
-                model=victim.model,
-                instance=victim.instance,
-                tier=Role(victim.tier),
-                gpu=victim.gpu,
-                reason=f"preempted by the emergency instance {instance_id} of {model_name} ({model.priority})",
-            )
-        )
+        reason = f"preempted by the emergency instance {instance_id} of {model_name} ({model.priority})"
+        plan.actions.append(_preempt(victim, reason))
     plan.actions.append(
         ReconcileAction(
             kind=ReconcileActionKind.CREATE,

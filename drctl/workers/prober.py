@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from drctl.policies.loader import load_policy_file
 from drctl.policies.probing import ProbeEvent, ProbeTracker, failover_allowed
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
+from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
 
 log = logging.getLogger("drctl.prober")
@@ -218,17 +218,7 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = DrctlSettings()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_prober(settings, stop)
-
-    asyncio.run(_main())
+    run_service(run_prober)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from datetime import timedelta
 
 from temporalio.worker import Worker
@@ -20,6 +19,7 @@ from drctl.activities.local.platform import LocalPlatform
 from drctl.activities.reconcile import ReconcileActivities
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
+from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -54,17 +54,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = DrctlSettings()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop)
-
-    asyncio.run(_main())
+    run_service(run_worker)
 
 
 if __name__ == "__main__":
