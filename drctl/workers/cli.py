@@ -132,6 +132,11 @@ def up(
     settings = _settings(policy, state_dir)
     dr_policy = _load_policy(settings)
     if fresh and settings.state_dir.exists():
+        # Never wipe the state of a stack that is running: check its ports first.
+        try:
+            LocalStack(settings, dr_policy, say=lambda _: None).check_ports_free()
+        except StackError as exc:
+            _fail(f"not removing {settings.state_dir}: {exc}")
         shutil.rmtree(settings.state_dir)
         out.print(f"removed {settings.state_dir}")
 

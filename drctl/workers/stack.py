@@ -58,7 +58,7 @@ class LocalStack:
         started = time.monotonic()
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._check_ports_free()
+        self.check_ports_free()
         await self._start_temporal()
         await self._start_envoy()
         self.platform.ensure_fleet(self.say)
@@ -124,7 +124,7 @@ class LocalStack:
 
     # -- parts -------------------------------------------------------------------------------
 
-    def _check_ports_free(self) -> None:
+    def check_ports_free(self) -> None:
         s = self.settings
         _, temporal_port = s.temporal_host_port
         wanted = {
