@@ -7,8 +7,9 @@ Every setting can be overridden with an environment variable prefixed ``DRCTL_``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +23,19 @@ class DrctlSettings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "drctl"
+    temporal_tls: bool = False
+    """Use TLS to Temporal (implied by a client certificate or an API key)."""
+    temporal_tls_cert: Path | None = None
+    """Client certificate (PEM) for mTLS, e.g. Temporal Cloud with certificates."""
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    """Server CA (PEM) when the server's certificate is not publicly trusted."""
+    temporal_api_key: SecretStr | None = None
+    """Temporal Cloud API key (sent as a bearer token over TLS)."""
+
+    platform: Literal["local", "kubernetes"] = "local"
+    """Where instances run: the embedded local platform or a Kubernetes cluster."""
+    kubernetes_namespace: str = "drctl"
     temporal_ui_port: int = 8233
     temporal_http_port: int = 7243
     temporal_metrics_port: int = 7244

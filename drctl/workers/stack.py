@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
 from temporalio.client import Client
 
 from drctl.activities.local import envoy, processes
@@ -226,7 +227,7 @@ class LocalStack:
 
     def _start_python_process(self, module: str, log_name: str) -> int:
         env = {
-            "DRCTL_" + name.upper(): str(value)
+            "DRCTL_" + name.upper(): value.get_secret_value() if isinstance(value, SecretStr) else str(value)
             for name, value in self.settings.model_dump().items()
             if value is not None
         }

@@ -1,16 +1,47 @@
-"""One way to connect to Temporal, with the pydantic data converter every drctl payload needs."""
+"""One way to connect to Temporal, with the pydantic data converter every drctl payload needs.
+
+TLS and Temporal Cloud come from settings: ``DRCTL_TEMPORAL_TLS_CERT``/``_KEY`` (mTLS),
+``DRCTL_TEMPORAL_TLS_CA``, or ``DRCTL_TEMPORAL_API_KEY``; any of them turns TLS on.
+"""
 
 from __future__ import annotations
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import TLSConfig
 
 from drctl.settings import DrctlSettings
 
 
+class TemporalSettingsError(ValueError):
+    pass
+
+
+def tls_config(settings: DrctlSettings) -> TLSConfig | bool:
+    """The TLS to use for ``settings``: False (plain), True (system CAs) or a ``TLSConfig``."""
+    if (settings.temporal_tls_cert is None) != (settings.temporal_tls_key is None):
+        raise TemporalSettingsError(
+            "DRCTL_TEMPORAL_TLS_CERT and DRCTL_TEMPORAL_TLS_KEY go together: set both or neither"
+        )
+    wants_tls = settings.temporal_tls or settings.temporal_api_key is not None
+    if settings.temporal_tls_cert is None and settings.temporal_tls_ca is None:
+        return wants_tls
+    try:
+        return TLSConfig(
+            client_cert=settings.temporal_tls_cert.read_bytes() if settings.temporal_tls_cert else None,
+            client_private_key=settings.temporal_tls_key.read_bytes() if settings.temporal_tls_key else None,
+            server_root_ca_cert=settings.temporal_tls_ca.read_bytes() if settings.temporal_tls_ca else None,
+        )
+    except OSError as exc:
+        raise TemporalSettingsError(f"cannot read a Temporal TLS file: {exc}") from None
+
+
 async def connect(settings: DrctlSettings) -> Client:
+    api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        tls=tls_config(settings),
+        api_key=api_key,
     )
