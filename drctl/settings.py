@@ -36,6 +36,10 @@ class DrctlSettings(BaseSettings):
     platform: Literal["local", "kubernetes"] = "local"
     """Where instances run: the embedded local platform or a Kubernetes cluster."""
     kubernetes_namespace: str = "drctl"
+    kubernetes_image: str = "vllm/vllm-openai:latest"
+    """Image of model instances that reconciliation creates on Kubernetes."""
+    kubernetes_context: str | None = None
+    """kubeconfig context outside a cluster; inside one the service account is used."""
     temporal_ui_port: int = 8233
     temporal_http_port: int = 7243
     temporal_metrics_port: int = 7244

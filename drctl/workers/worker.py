@@ -15,9 +15,11 @@ from datetime import timedelta
 from temporalio.worker import Worker
 
 from drctl.activities.failover import FailoverActivities
+from drctl.activities.kubernetes.platform import KubernetesPlatform
 from drctl.activities.local.platform import LocalPlatform
 from drctl.activities.reconcile import ReconcileActivities
 from drctl.policies.loader import load_policy_file
+from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
 from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
@@ -30,10 +32,26 @@ log = logging.getLogger("drctl.worker")
 WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow]
 
 
+def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | KubernetesPlatform:
+    """The platform the settings choose (``DRCTL_PLATFORM=local|kubernetes``); workflows never know."""
+    if settings.platform == "local":
+        return LocalPlatform(settings, policy)
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(context=settings.kubernetes_context)  # type: ignore[no-untyped-call]
+    return KubernetesPlatform(
+        client.ApiClient(), settings.kubernetes_namespace, policy, image=settings.kubernetes_image
+    )
+
+
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     policy = load_policy_file(settings.policy)
-    platform = LocalPlatform(settings, policy)
-    await platform.warm_up()
+    platform = make_platform(settings, policy)
+    if isinstance(platform, LocalPlatform):
+        await platform.warm_up()
     client = await connect(settings)
     worker = Worker(
         client,
@@ -50,7 +68,8 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         async with worker:
             await stop.wait()
     finally:
-        await platform.aclose()
+        if isinstance(platform, LocalPlatform):
+            await platform.aclose()
 
 
 def main() -> None:

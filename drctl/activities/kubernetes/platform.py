@@ -1,0 +1,355 @@
+"""The Kubernetes platform: model instances are pods, each model's Service is the load balancer.
+
+Pods carry ``drctl.io/model``, ``drctl.io/role`` and ``drctl.io/instance``; the model's Service
+selects ``drctl.io/serving=true``, so putting a pod in or out of the load balancer is a label flip.
+Reconciliation creates one Deployment per instance (named after it, selecting on the instance and
+model labels only, so relabelling a pod's role or serving flag never orphans it).
+
+Every API call runs the official (blocking) client in a thread. 429/5xx are retried with backoff,
+409 conflicts (stale resourceVersion) are re-read and retried, 403 is a non-retryable
+``PermissionDenied`` error that names the verb and resource. Not built yet: promoting warm and cold
+standbys (a non-retryable ``NotBuiltOnKubernetes`` error). GPU cordons are kept in memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api, V1Deployment
+from kubernetes.client.exceptions import ApiException
+from temporalio.exceptions import ApplicationError
+
+from drctl.activities import errors
+from drctl.activities.platform import ProgressCallback
+from drctl.payloads import Instance, ReconcileAction, Role
+from drctl.policies.schema import DRPolicy
+
+MODEL = "drctl.io/model"
+ROLE = "drctl.io/role"
+INSTANCE = "drctl.io/instance"
+SERVING = "drctl.io/serving"
+GPU_ANNOTATION = "drctl.io/gpu"
+ZONE = "topology.kubernetes.io/zone"
+GPU_RESOURCE = "nvidia.com/gpu"
+MERGE_PATCH = "application/merge-patch+json"
+
+PERMISSION_DENIED = "PermissionDenied"
+NOT_BUILT = "NotBuiltOnKubernetes"
+
+T = TypeVar("T")
+
+
+def permission_denied(verb: str, resource: str, namespace: str, exc: ApiException) -> ApplicationError:
+    detail = _api_message(exc)
+    return ApplicationError(
+        f"Kubernetes denied {verb} on {resource} in namespace {namespace!r} (HTTP 403): {detail}",
+        type=PERMISSION_DENIED,
+        non_retryable=True,
+    )
+
+
+def not_built(what: str) -> ApplicationError:
+    return ApplicationError(f"{what}: not built on Kubernetes yet", type=NOT_BUILT, non_retryable=True)
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "")["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc.reason or exc.body or "")
+
+
+def _labels(obj: Any) -> dict[str, str]:
+    return dict(obj.metadata.labels or {})
+
+
+def _ready(pod: Any) -> bool:
+    conditions = (pod.status.conditions if pod.status else None) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def _phase(pod: Any) -> str:
+    return str(pod.status.phase) if pod.status and pod.status.phase else "Unknown"
+
+
+API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
+    ("", "pods"): frozenset({"get", "list", "patch"}),
+    ("apps", "deployments"): frozenset({"create", "delete"}),
+    ("", "nodes"): frozenset({"get"}),
+}
+"""Exactly the (API group, resource) → verbs this module calls; the RBAC manifests in
+``deploy/kubernetes`` must grant these and nothing more (checked by tests/deploy)."""
+
+
+class KubernetesPlatform:
+    def __init__(
+        self,
+        api_client: ApiClient,
+        namespace: str,
+        policy: DRPolicy,
+        *,
+        image: str = "vllm/vllm-openai:latest",
+        attempts: int = 5,
+        backoff_s: float = 0.2,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.core = CoreV1Api(api_client)
+        self.apps = AppsV1Api(api_client)
+        self.namespace = namespace
+        self.policy = policy
+        self.image = image
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.poll_s = poll_s
+        self._cordoned: dict[str, str] = {}
+        """In memory only: lost when the worker restarts (a node taint or ConfigMap would persist it)."""
+
+    # -- API calls ---------------------------------------------------------------------------
+
+    async def _call(self, verb: str, resource: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One API call in a thread: 429/5xx retried with exponential backoff, 403 made final."""
+        for attempt in range(self.attempts):
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except ApiException as exc:
+                if exc.status == 403:
+                    raise permission_denied(verb, resource, self.namespace, exc) from exc
+                transient = exc.status == 429 or (exc.status or 0) >= 500
+                if not transient or attempt == self.attempts - 1:
+                    raise
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _pods(self, selector: str) -> list[Any]:
+        pods = await self._call("list", "pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector)
+        items: list[Any] = pods.items
+        return [p for p in items if not p.metadata.deletion_timestamp]
+
+    async def _zone(self, node: str | None, cache: dict[str, str | None]) -> str | None:
+        """The node's zone label, if this identity may read nodes (None otherwise)."""
+        if node is None:
+            return None
+        if node not in cache:
+            try:
+                found = await asyncio.to_thread(self.core.read_node, node)
+                cache[node] = _labels(found).get(ZONE)
+            except ApiException:
+                cache[node] = None
+        return cache[node]
+
+    async def _instances(self, selector: str) -> list[Instance]:
+        zones: dict[str, str | None] = {}
+        instances = []
+        for pod in await self._pods(selector):
+            labels = _labels(pod)
+            try:
+                role = Role(labels.get(ROLE, ""))
+            except ValueError:
+                continue  # not ours to manage
+            serving = labels.get(SERVING) == "true"
+            ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
+            node = pod.spec.node_name
+            instances.append(
+                Instance(
+                    id=labels.get(INSTANCE, pod.metadata.name),
+                    model=labels[MODEL],
+                    role=role,
+                    host=(pod.status.pod_ip if pod.status else None) or pod.metadata.name,
+                    port=ports[0] if ports else None,
+                    lb_priority=0 if serving else (1 if role == Role.HOT else None),
+                    gpu=(pod.metadata.annotations or {}).get(GPU_ANNOTATION),
+                    node=node,
+                    zone=await self._zone(node, zones),
+                    note=pod.metadata.name,
+                )
+            )
+        return sorted(instances, key=lambda i: i.id)
+
+    async def _instance_pods(self, instance: Instance) -> list[Any]:
+        return await self._pods(f"{MODEL}={instance.model},{INSTANCE}={instance.id}")
+
+    async def _set_labels(self, instance: Instance, labels: dict[str, str]) -> bool:
+        """Set labels on the instance's pods; False if they all had them already. A 409 (another
+        writer changed the pod since we read it) is re-read and retried, up to ``attempts`` times."""
+        pods = await self._instance_pods(instance)
+        if not pods:
+            raise errors.unknown_instance(instance.model, instance.id, [])
+        changed = False
+        for name in [p.metadata.name for p in pods]:
+            for attempt in range(self.attempts):
+                pod: Any = await self._call("get", "pods", self.core.read_namespaced_pod, name, self.namespace)
+                if all(_labels(pod).get(k) == v for k, v in labels.items()):
+                    break
+                metadata: dict[str, Any] = {"labels": labels}
+                if pod.metadata.resource_version:
+                    metadata["resourceVersion"] = pod.metadata.resource_version  # optimistic concurrency
+                try:
+                    await self._call(
+                        "patch",
+                        "pods",
+                        self.core.patch_namespaced_pod,
+                        name,
+                        self.namespace,
+                        {"metadata": metadata},
+                        _content_type=MERGE_PATCH,
+                    )
+                    changed = True
+                    break
+                except ApiException as exc:
+                    if exc.status != 409 or attempt == self.attempts - 1:
+                        raise
+        return changed
+
+    # -- the Platform interface -------------------------------------------------------------
+
+    async def list_instances(self, model: str) -> list[Instance]:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return await self._instances(f"{MODEL}={model}")
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        instances = await self.list_instances(model)
+        for instance in instances:
+            if instance.id == instance_id:
+                return instance
+        raise errors.unknown_instance(model, instance_id, [i.id for i in instances])
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        pods = await self._instance_pods(instance)
+        if not pods:
+            return False, "no pod"
+        pod = pods[0]
+        if _phase(pod) != "Running":
+            return False, f"pod {pod.metadata.name} is {_phase(pod)}"
+        if not _ready(pod):
+            return False, f"pod {pod.metadata.name} is Running but not Ready"
+        return True, f"pod {pod.metadata.name} Running and Ready"
+
+    async def eject(self, instance: Instance, reason: str) -> str:
+        changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value})
+        if not changed:
+            return "already ejected"
+        return f"{SERVING}=false (out of the Service), marked failed: {reason[:200]}"
+
+    async def promote(self, instance: Instance) -> str:
+        if instance.role in (Role.SERVING, Role.PROMOTING):
+            return f"already {instance.role}"
+        if instance.role == Role.HOT:
+            await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
+            return "hot standby: already loaded, marked promoting"
+        if instance.role in (Role.WARM, Role.COLD):
+            raise not_built(f"promoting a {instance.role} standby ({instance.id})")
+        raise errors.not_a_standby(instance.id, instance.role)
+
+    async def wait_loaded(self, instance: Instance, progress: ProgressCallback, timeout_s: float = 600.0) -> str:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            pods = await self._instance_pods(instance)
+            if pods and _phase(pods[0]) == "Failed":
+                raise errors.model_load_failed(instance.id, f"pod {pods[0].metadata.name} failed")
+            if pods and _ready(pods[0]):
+                return f"pod {pods[0].metadata.name} Ready after {time.monotonic() - start:.2f}s"
+            progress(0.0, f"pod {_phase(pods[0]) if pods else 'not created yet'}")
+            await asyncio.sleep(self.poll_s)
+        raise TimeoutError(f"{instance.id} was not Ready within {timeout_s:.0f}s")
+
+    async def register(self, instance: Instance, priority: int) -> str:
+        if priority == 0:
+            labels = {SERVING: "true", ROLE: Role.SERVING.value}
+        else:  # a Service has no priorities: the hot backup stays out of it until promoted
+            labels = {SERVING: "false", ROLE: Role.HOT.value}
+        changed = await self._set_labels(instance, labels)
+        return f"{'registered' if changed else 'already registered'} at priority {priority}"
+
+    async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
+        """The pod is Ready and selected by the Service (no request goes through the Service)."""
+        pods = await self._instance_pods(instance)
+        if not pods:
+            raise RuntimeError(f"{instance.id} has no pod")
+        pod = pods[0]
+        if _labels(pod).get(SERVING) != "true":
+            raise RuntimeError(f"pod {pod.metadata.name} is not labelled {SERVING}=true")
+        if not _ready(pod):
+            raise RuntimeError(f"pod {pod.metadata.name} is not Ready")
+        progress(1.0, "Ready and serving")
+        return f"pod {pod.metadata.name} Ready and labelled {SERVING}=true"
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    async def current_policy(self) -> DRPolicy:
+        return self.policy
+
+    async def all_instances(self) -> list[Instance]:
+        return await self._instances(MODEL)
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        if gpu in self._cordoned:
+            return f"{gpu} already cordoned ({self._cordoned[gpu]})"
+        self._cordoned[gpu] = reason or "drained"
+        return f"{gpu} cordoned (in this worker's memory only)"
+
+    async def cordoned_gpus(self) -> list[str]:
+        return sorted(self._cordoned)
+
+    def deployment(self, action: ReconcileAction) -> dict[str, Any]:
+        """The Deployment for one instance: selected by instance and model, labelled with its tier."""
+        selector = {MODEL: action.model, INSTANCE: action.instance}
+        labels = {**selector, ROLE: action.tier.value, SERVING: "false"}
+        container: dict[str, Any] = {"name": "model", "image": self.image, "args": ["--model", action.model]}
+        if action.tier != Role.COLD:
+            container["resources"] = {"limits": {GPU_RESOURCE: "1"}}
+        pod_spec: dict[str, Any] = {"containers": [container]}
+        if action.node:
+            pod_spec["nodeSelector"] = {"kubernetes.io/hostname": action.node}
+        annotations = {GPU_ANNOTATION: action.gpu} if action.gpu else {}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": action.instance, "labels": labels, "annotations": annotations},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": selector},
+                "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+            },
+        }
+
+    async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        if action.model not in self.policy.model_names:
+            raise errors.unknown_model(action.model, self.policy.model_names)
+        body = V1Deployment.from_dict(self.deployment(action))
+        try:
+            await self._call("create", "deployments.apps", self.apps.create_namespaced_deployment, self.namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return f"deployment {action.instance} already exists"
+        gpu = "no GPU" if action.tier == Role.COLD else f"1 GPU ({action.gpu or 'any'})"
+        return f"deployment {action.instance} created: {action.tier}, {gpu}"
+
+    async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        instance = await self.get_instance(action.model, action.instance)
+        if instance.role == action.tier:
+            return f"already {action.tier}"
+        if action.tier != Role.HOT or instance.role != Role.WARM:
+            raise not_built(f"retiering {instance.id} {instance.role} → {action.tier}")
+        await self._set_labels(instance, {ROLE: Role.HOT.value})
+        return f"{instance.id} warm → hot (pod relabelled; both tiers hold a GPU)"
+
+    async def delete_instance(self, action: ReconcileAction) -> str:
+        try:
+            await self._call(
+                "delete",
+                "deployments.apps",
+                self.apps.delete_namespaced_deployment,
+                action.instance,
+                self.namespace,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return "already gone"
+        return f"deployment {action.instance} deleted"
