@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from drctl.activities import errors
 from drctl.payloads import Instance, ReconcileAction
 from drctl.policies.schema import DRPolicy
 
@@ -78,3 +79,11 @@ class Platform(Protocol):
         ...
 
     async def cordoned_gpus(self) -> list[str]: ...
+
+
+def find_instance(instances: list[Instance], model: str, instance_id: str) -> Instance:
+    """The instance with ``instance_id``, or the non-retryable ``UnknownInstance`` naming the known ones."""
+    for instance in instances:
+        if instance.id == instance_id:
+            return instance
+    raise errors.unknown_instance(model, instance_id, [i.id for i in instances])

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from temporalio.exceptions import ApplicationError
 
 from drctl.activities import errors
-from drctl.activities.platform import ProgressCallback
+from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.policies.schema import DRPolicy
 
@@ -212,11 +212,7 @@ class KubernetesPlatform:
         return await self._instances(f"{MODEL}={model}")
 
     async def get_instance(self, model: str, instance_id: str) -> Instance:
-        instances = await self.list_instances(model)
-        for instance in instances:
-            if instance.id == instance_id:
-                return instance
-        raise errors.unknown_instance(model, instance_id, [i.id for i in instances])
+        return find_instance(await self.list_instances(model), model, instance_id)
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
         pods = await self._instance_pods(instance)

@@ -20,7 +20,7 @@ from drctl.activities import errors
 from drctl.activities.local import envoy, processes
 from drctl.activities.local.checkpoints import ensure_checkpoint
 from drctl.activities.local.registry import InstanceRegistry
-from drctl.activities.platform import ProgressCallback
+from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
@@ -55,11 +55,7 @@ class LocalPlatform:
         return self.registry.of_model(model)
 
     async def get_instance(self, model: str, instance_id: str) -> Instance:
-        instances = await self.list_instances(model)
-        for instance in instances:
-            if instance.id == instance_id:
-                return instance
-        raise errors.unknown_instance(model, instance_id, [i.id for i in instances])
+        return find_instance(await self.list_instances(model), model, instance_id)
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
         if instance.role == Role.COLD:
