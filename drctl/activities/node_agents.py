@@ -1,0 +1,40 @@
+"""GPU health from the node agents (the DaemonSet on Kubernetes) over HTTP.
+
+Each agent answers ``GET /gpus?status=drain`` with the GPUs it wants drained; their ids
+(``{node}/{index}``) are what placement keeps out and what ``DrainGpuWorkflow`` takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class AgentGpus:
+    agent: str
+    drain: list[str]
+    error: str | None = None
+    """Set when the agent could not be read: its GPUs are then unknown, not healthy."""
+
+
+async def drained_gpus(
+    agent_urls: Sequence[str], client: httpx.AsyncClient, request_timeout_s: float = 2.0
+) -> list[AgentGpus]:
+    """Ask every agent at once which of its GPUs must be drained."""
+
+    async def ask(url: str) -> AgentGpus:
+        try:
+            response = await client.get(
+                f"{url.rstrip('/')}/gpus", params={"status": "drain"}, timeout=request_timeout_s
+            )
+            response.raise_for_status()
+            reports = response.json()
+            return AgentGpus(url, sorted(f"{r['node']}/{r['index']}" for r in reports))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return AgentGpus(url, [], f"{type(exc).__name__}: {exc}")
+
+    return list(await asyncio.gather(*(ask(url) for url in agent_urls)))
