@@ -7,6 +7,7 @@ Each agent answers ``GET /gpus?status=drain`` with the GPUs it wants drained; th
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,3 +39,18 @@ async def drained_gpus(
             return AgentGpus(url, [], f"{type(exc).__name__}: {exc}")
 
     return list(await asyncio.gather(*(ask(url) for url in agent_urls)))
+
+
+async def agent_urls(urls: Sequence[str], service: str | None) -> list[str]:
+    """Agents to ask: the configured URLs, plus every address of a headless Service
+    (``host:port``, e.g. the DaemonSet's ``drctl-node-agent.drctl.svc:9400``) — no RBAC needed."""
+    found = list(urls)
+    if service:
+        host, _, port = service.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            infos = []
+        addresses = {str(info[4][0]) for info in infos}
+        found += sorted(f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses)
+    return found

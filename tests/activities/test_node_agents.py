@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from aiohttp import web
 
-from drctl.activities.node_agents import drained_gpus
+from drctl.activities.node_agents import agent_urls, drained_gpus
 
 
 async def _serve(handler: web.Application) -> tuple[web.AppRunner, str]:
@@ -30,3 +30,11 @@ async def test_drained_gpus_are_collected_and_unreachable_agents_reported() -> N
         await runner.cleanup()
     assert results[0].drain == ["gpu-node-1/3"] and results[0].error is None
     assert results[1].drain == [] and results[1].error is not None
+
+
+async def test_agents_from_urls_and_a_service_name() -> None:
+    assert await agent_urls(["http://a:9400"], None) == ["http://a:9400"]
+    resolved = await agent_urls([], "localhost:9400")
+    assert "http://127.0.0.1:9400" in resolved
+    assert set(resolved) <= {"http://127.0.0.1:9400", "http://[::1]:9400"}
+    assert await agent_urls([], "no-such-host.invalid:9400") == []
