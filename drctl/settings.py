@@ -38,6 +38,10 @@ class DrctlSettings(BaseSettings):
     kubernetes_namespace: str = "drctl"
     kubernetes_image: str = "vllm/vllm-openai:latest"
     """Image of model instances that reconciliation creates on Kubernetes."""
+    node_agent_urls: list[str] = Field(default_factory=list)
+    """GPU node agents to ask for GPUs to drain (JSON list), e.g. '["http://10.0.0.5:9400"]'."""
+    node_agent_service: str | None = None
+    """Or a headless Service of the node agent DaemonSet, ``host:port``; every address is asked."""
     kubernetes_context: str | None = None
     """kubeconfig context outside a cluster; inside one the service account is used."""
     temporal_ui_port: int = 8233

@@ -43,7 +43,12 @@ def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | 
     except config.ConfigException:
         config.load_kube_config(context=settings.kubernetes_context)  # type: ignore[no-untyped-call]
     return KubernetesPlatform(
-        client.ApiClient(), settings.kubernetes_namespace, policy, image=settings.kubernetes_image
+        client.ApiClient(),
+        settings.kubernetes_namespace,
+        policy,
+        image=settings.kubernetes_image,
+        node_agent_urls=settings.node_agent_urls,
+        node_agent_service=settings.node_agent_service,
     )
 
 

@@ -11,15 +11,19 @@ import pytest
 import yaml
 
 from drctl.activities.kubernetes.platform import API_PERMISSIONS
+from drctl.workers.kube_watcher import WATCH_VERBS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 NAMESPACE = "drctl"
 IMAGE = "ghcr.io/example/drctl:0.1.0"
 
-CODE_USES = API_PERMISSIONS
-"""(apiGroup, resource) → the API verbs drctl/activities/kubernetes/platform.py calls, declared next
-to the calls; rbac.yaml must grant exactly these."""
+CODE_USES = {
+    key: API_PERMISSIONS.get(key, frozenset()) | WATCH_VERBS.get(key, frozenset())
+    for key in API_PERMISSIONS.keys() | WATCH_VERBS.keys()
+}
+"""(apiGroup, resource) → the API verbs the code calls, declared next to the calls (the platform's
+``API_PERMISSIONS``, the watcher's ``WATCH_VERBS``); rbac.yaml must grant exactly these."""
 
 CLUSTER_SCOPED = {("", "nodes")}
 READ_VERBS = frozenset({"get", "list", "watch"})
@@ -188,23 +192,24 @@ def test_worker_and_receiver_get_temporal_settings() -> None:
     assert env_config["DRCTL_TEMPORAL_ADDRESS"].rpartition(":")[2].isdigit()
     assert env_config["DRCTL_TEMPORAL_NAMESPACE"]
     for name in ("drctl-worker", "drctl-alert-receiver"):
-        (container,) = one("Deployment", name)["spec"]["template"]["spec"]["containers"]
-        assert container["image"] == IMAGE
-        assert {"configMapRef": {"name": "drctl-env"}} in container["envFrom"], name
+        for container in one("Deployment", name)["spec"]["template"]["spec"]["containers"]:
+            assert container["image"] == IMAGE
+            assert {"configMapRef": {"name": "drctl-env"}} in container["envFrom"], name
 
 
 def test_drctl_commands_are_the_documented_modules() -> None:
     modules = {
-        "drctl-worker": "drctl.workers.worker",
-        "drctl-alert-receiver": "drctl.workers.alert_receiver",
-        "drctl-node-agent": "drctl.workers.node_agent",
+        "drctl-worker": ["drctl.workers.worker", "drctl.workers.kube_watcher"],
+        "drctl-alert-receiver": ["drctl.workers.alert_receiver"],
+        "drctl-node-agent": ["drctl.workers.node_agent"],
     }
     for workload in [*of_kind("Deployment"), *of_kind("DaemonSet")]:
         name = workload["metadata"]["name"]
         if name in modules:
-            (container,) = containers(workload)
-            assert container["command"][:3] == ["python", "-m", modules[name]]
-            assert (ROOT / (modules[name].replace(".", "/") + ".py")).is_file()
+            commands = [c["command"][:3] for c in containers(workload)]
+            assert commands == [["python", "-m", module] for module in modules[name]], name
+            for module in modules[name]:
+                assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
 
 
 def test_policy_configmap_is_the_example_policy() -> None:

@@ -7,8 +7,17 @@ model labels only, so relabelling a pod's role or serving flag never orphans it)
 
 Every API call runs the official (blocking) client in a thread. 429/5xx are retried with backoff,
 409 conflicts (stale resourceVersion) are re-read and retried, 403 is a non-retryable
-``PermissionDenied`` error that names the verb and resource. Not built yet: promoting warm and cold
-standbys (a non-retryable ``NotBuiltOnKubernetes`` error). GPU cordons are kept in memory only.
+``PermissionDenied`` error that names the verb and resource. GPU cordons are kept in memory only.
+
+Promotion: a hot standby is relabelled; a warm standby (running, model asleep) is woken with
+``POST /wake_up`` on its pod IP and container port, then relabelled; a cold standby (a Deployment
+scaled to 0, or running without a GPU) is promoted by patching its Deployment: one GPU requested and
+limited, replicas 1, role ``promoting`` on the Deployment and its pod template (this rolls out a new
+pod, which ``wait_loaded`` waits for). Relabelling a running pod does not touch its Deployment's
+pod template: changing the template rolls the pod out, which would unload a loaded standby.
+
+Optional Istio mode (``istio_virtual_service=``): registering an instance at priority 0 also shifts
+the model's VirtualService weights from the primary to the standby destination (see ``istio``).
 """
 
 from __future__ import annotations
@@ -16,14 +25,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api, V1Deployment
+import httpx
+from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api, CustomObjectsApi, V1Deployment
 from kubernetes.client.exceptions import ApiException
 from temporalio.exceptions import ApplicationError
 
-from drctl.activities import errors
+from drctl.activities import errors, node_agents
+from drctl.activities.kubernetes import istio
 from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.policies.schema import DRPolicy
@@ -76,10 +87,29 @@ def _phase(pod: Any) -> str:
     return str(pod.status.phase) if pod.status and pod.status.phase else "Unknown"
 
 
+def _has_gpu(containers: Any) -> bool:
+    """Whether any container (client objects) requests or limits a GPU."""
+    for c in containers or []:
+        resources = c.resources
+        if resources and (GPU_RESOURCE in (resources.limits or {}) or GPU_RESOURCE in (resources.requests or {})):
+            return True
+    return False
+
+
+WakeUp = Callable[[str], Awaitable[int]]
+"""POST to a URL, return the HTTP status (injectable so tests need no model server)."""
+
+
+async def http_wake_up(url: str) -> int:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=2.0)) as client:
+        return (await client.post(url)).status_code
+
+
 API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "pods"): frozenset({"get", "list", "patch"}),
-    ("apps", "deployments"): frozenset({"create", "delete"}),
+    ("apps", "deployments"): frozenset({"create", "delete", "get", "list", "patch"}),
     ("", "nodes"): frozenset({"get"}),
+    (istio.GROUP, istio.PLURAL): frozenset({"get", "patch"}),
 }
 """Exactly the (API group, resource) → verbs this module calls; the RBAC manifests in
 ``deploy/kubernetes`` must grant these and nothing more (checked by tests/deploy)."""
@@ -96,9 +126,23 @@ class KubernetesPlatform:
         attempts: int = 5,
         backoff_s: float = 0.2,
         poll_s: float = 1.0,
+        wake_up: WakeUp = http_wake_up,
+        istio_virtual_service: str | None = None,
+        node_agent_urls: Sequence[str] = (),
+        node_agent_service: str | None = None,
     ) -> None:
+        self._agent_urls = list(node_agent_urls)
+        self._agent_service = node_agent_service
         self.core = CoreV1Api(api_client)
         self.apps = AppsV1Api(api_client)
+        self.wake_up = wake_up
+        self.istio = (
+            istio.IstioRouting(
+                CustomObjectsApi(api_client), self._call, namespace, istio_virtual_service, attempts=attempts
+            )
+            if istio_virtual_service
+            else None
+        )
         self.namespace = namespace
         self.policy = policy
         self.image = image
@@ -141,10 +185,28 @@ class KubernetesPlatform:
                 cache[node] = None
         return cache[node]
 
+    async def _deployments(self, selector: str) -> list[Any]:
+        found = await self._call(
+            "list", "deployments.apps", self.apps.list_namespaced_deployment, self.namespace, label_selector=selector
+        )
+        items: list[Any] = found.items
+        return [d for d in items if not d.metadata.deletion_timestamp]
+
+    async def _read_deployment(self, name: str) -> Any | None:
+        try:
+            return await self._call(
+                "get", "deployments.apps", self.apps.read_namespaced_deployment, name, self.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def _instances(self, selector: str) -> list[Instance]:
         zones: dict[str, str | None] = {}
         instances = []
-        for pod in await self._pods(selector):
+        pods, deployments = await asyncio.gather(self._pods(selector), self._deployments(selector))
+        for pod in pods:
             labels = _labels(pod)
             try:
                 role = Role(labels.get(ROLE, ""))
@@ -165,6 +227,26 @@ class KubernetesPlatform:
                     node=node,
                     zone=await self._zone(node, zones),
                     note=pod.metadata.name,
+                )
+            )
+        with_pods = {(i.model, i.id) for i in instances}
+        for deployment in deployments:  # e.g. a cold standby scaled to 0: a Deployment without a pod
+            labels = _labels(deployment)
+            key = (labels.get(MODEL, ""), labels.get(INSTANCE, deployment.metadata.name))
+            try:
+                role = Role(labels.get(ROLE, ""))
+            except ValueError:
+                continue
+            if key in with_pods or not key[0]:
+                continue
+            instances.append(
+                Instance(
+                    id=key[1],
+                    model=key[0],
+                    role=role,
+                    host=deployment.metadata.name,
+                    gpu=(deployment.metadata.annotations or {}).get(GPU_ANNOTATION),
+                    note=f"deployment {deployment.metadata.name}, no pod",
                 )
             )
         return sorted(instances, key=lambda i: i.id)
@@ -237,18 +319,93 @@ class KubernetesPlatform:
         if instance.role == Role.HOT:
             await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
             return "hot standby: already loaded, marked promoting"
-        if instance.role in (Role.WARM, Role.COLD):
-            raise not_built(f"promoting a {instance.role} standby ({instance.id})")
+        if instance.role == Role.WARM:
+            pods = [p for p in await self._instance_pods(instance) if p.status and p.status.pod_ip]
+            if pods:
+                return await self._wake(instance, pods[0])
+        if instance.role in (Role.WARM, Role.COLD):  # a warm standby without a pod is started like a cold one
+            return await self._promote_deployment(instance)
         raise errors.not_a_standby(instance.id, instance.role)
 
+    async def _wake(self, instance: Instance, pod: Any) -> str:
+        ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
+        if not ports:
+            raise errors.model_load_failed(instance.id, f"pod {pod.metadata.name} exposes no container port")
+        url = f"http://{pod.status.pod_ip}:{ports[0]}/wake_up"
+        try:
+            status = await self.wake_up(url)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from exc  # retryable
+        if status != 200:
+            raise errors.model_load_failed(instance.id, f"wake_up answered {status}")
+        await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
+        return f"warm standby woken up ({url}), marked promoting"
+
+    async def _promote_deployment(self, instance: Instance) -> str:
+        """GPU request and limit, replicas 1, role promoting on the Deployment and its pod template."""
+        name = instance.id
+        labels = {ROLE: Role.PROMOTING.value}
+        for attempt in range(self.attempts):
+            deployment = await self._read_deployment(name)
+            if deployment is None:
+                raise errors.model_load_failed(instance.id, f"no deployment {name} to scale up")
+            template = deployment.spec.template
+            containers = template.spec.containers or []
+            if not containers:
+                raise errors.model_load_failed(instance.id, f"deployment {name} has no container")
+            if (
+                (deployment.spec.replicas or 0) >= 1
+                and _has_gpu(containers[:1])
+                and _labels(deployment).get(ROLE) == Role.PROMOTING.value
+                and (template.metadata.labels or {}).get(ROLE) == Role.PROMOTING.value
+            ):
+                return f"deployment {name} already promoting (1 GPU, replicas {deployment.spec.replicas})"
+            body_containers: list[dict[str, Any]] = self.apps.api_client.sanitize_for_serialization(containers)
+            resources = body_containers[0].setdefault("resources", {})
+            resources.setdefault("requests", {})[GPU_RESOURCE] = "1"
+            resources.setdefault("limits", {})[GPU_RESOURCE] = "1"
+            metadata: dict[str, Any] = {"labels": labels}
+            if deployment.metadata.resource_version:
+                metadata["resourceVersion"] = deployment.metadata.resource_version
+            body = {
+                "metadata": metadata,
+                "spec": {
+                    "replicas": max(1, deployment.spec.replicas or 0),
+                    "template": {"metadata": {"labels": labels}, "spec": {"containers": body_containers}},
+                },
+            }
+            try:
+                await self._call(
+                    "patch",
+                    "deployments.apps",
+                    self.apps.patch_namespaced_deployment,
+                    name,
+                    self.namespace,
+                    body,
+                    _content_type=MERGE_PATCH,
+                )
+                break
+            except ApiException as exc:
+                if exc.status != 409 or attempt == self.attempts - 1:
+                    raise
+        if await self._instance_pods(instance):  # pods of the old template: their role too (until replaced)
+            await self._set_labels(instance, labels)
+        return f"cold standby: deployment {name} patched to 1 GPU, replicas 1, marked promoting"
+
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback, timeout_s: float = 600.0) -> str:
+        """Wait for a Ready pod, heartbeating through ``progress``. When the instance's Deployment asks
+        for a GPU (a promoted cold standby), only a pod that has one counts: during the rollout the old
+        CPU-only pod may still be Ready."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
-            pods = await self._instance_pods(instance)
+            deployment = await self._read_deployment(instance.id)
+            need_gpu = deployment is not None and _has_gpu(deployment.spec.template.spec.containers)
+            pods = [p for p in await self._instance_pods(instance) if not need_gpu or _has_gpu(p.spec.containers)]
             if pods and _phase(pods[0]) == "Failed":
                 raise errors.model_load_failed(instance.id, f"pod {pods[0].metadata.name} failed")
-            if pods and _ready(pods[0]):
-                return f"pod {pods[0].metadata.name} Ready after {time.monotonic() - start:.2f}s"
+            ready = [p for p in pods if _ready(p)]
+            if ready:
+                return f"pod {ready[0].metadata.name} Ready after {time.monotonic() - start:.2f}s"
             progress(0.0, f"pod {_phase(pods[0]) if pods else 'not created yet'}")
             await asyncio.sleep(self.poll_s)
         raise TimeoutError(f"{instance.id} was not Ready within {timeout_s:.0f}s")
@@ -259,7 +416,10 @@ class KubernetesPlatform:
         else:  # a Service has no priorities: the hot backup stays out of it until promoted
             labels = {SERVING: "false", ROLE: Role.HOT.value}
         changed = await self._set_labels(instance, labels)
-        return f"{'registered' if changed else 'already registered'} at priority {priority}"
+        detail = f"{'registered' if changed else 'already registered'} at priority {priority}"
+        if self.istio is not None and priority == 0:
+            detail += "; " + await self.istio.shift(instance.model, to_standby=True)
+        return detail
 
     async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
         """The pod is Ready and selected by the Service (no request goes through the Service)."""
@@ -289,12 +449,23 @@ class KubernetesPlatform:
         return f"{gpu} cordoned (in this worker's memory only)"
 
     async def cordoned_gpus(self) -> list[str]:
-        return sorted(self._cordoned)
+        """Drained by a runbook (kept in this worker's memory), plus what the node agents say must
+        be drained right now (``GET /gpus?status=drain`` on each agent)."""
+        urls = await node_agents.agent_urls(self._agent_urls, self._agent_service)
+        from_agents: set[str] = set()
+        if urls:
+            async with httpx.AsyncClient() as client:
+                for answer in await node_agents.drained_gpus(urls, client):
+                    from_agents.update(answer.drain)
+        return sorted(set(self._cordoned) | from_agents)
 
     def deployment(self, action: ReconcileAction) -> dict[str, Any]:
         """The Deployment for one instance: selected by instance and model, labelled with its tier."""
         selector = {MODEL: action.model, INSTANCE: action.instance}
-        labels = {**selector, ROLE: action.tier.value, SERVING: "false"}
+        # Also the seed's cold-standby manager labels (app, standby-type), for existing dashboards.
+        labels = {**selector, ROLE: action.tier.value, SERVING: "false", "app": action.model}
+        if action.tier.is_standby:
+            labels["standby-type"] = action.tier.value
         container: dict[str, Any] = {"name": "model", "image": self.image, "args": ["--model", action.model]}
         if action.tier != Role.COLD:
             container["resources"] = {"limits": {GPU_RESOURCE: "1"}}

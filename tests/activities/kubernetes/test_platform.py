@@ -7,6 +7,7 @@ The emulator lacks two things a real API server has; ``Emulator`` below adds the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ PODS = kmock.resource("", "v1", "pods")
 NODES = kmock.resource("", "v1", "nodes")
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
+VIRTUAL_SERVICES = kmock.resource("networking.istio.io", "v1beta1", "virtualservices")
 
 
 def _matches(labels: dict[str, str], selector: str) -> bool:
@@ -121,15 +123,35 @@ async def emulator() -> AsyncIterator[Any]:
             "spec": {"selector": {"drctl.io/model": "llama", "drctl.io/serving": "true"}},
         }
         emu.resources[DEPLOYMENTS] = kmock.ResourceInfo()
+        emu.resources[VIRTUAL_SERVICES] = kmock.ResourceInfo()
         yield emu
 
 
+class FakeWakeUp:
+    """Stands in for ``POST /wake_up`` on the pod: records URLs, answers ``status``."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.status = 200
+
+    async def __call__(self, url: str) -> int:
+        self.urls.append(url)
+        return self.status
+
+
+@pytest.fixture()
+def wake_up() -> FakeWakeUp:
+    return FakeWakeUp()
+
+
+POLICY = DRPolicy(models=[ModelPolicy(name="llama"), ModelPolicy(name="mistral")])
+
+
 @pytest_asyncio.fixture()
-async def platform(emulator: Any) -> AsyncIterator[KubernetesPlatform]:
+async def platform(emulator: Any, wake_up: FakeWakeUp) -> AsyncIterator[KubernetesPlatform]:
     config = Configuration(host=str(emulator.url).rstrip("/"))
     with ApiClient(config) as client:
-        policy = DRPolicy(models=[ModelPolicy(name="llama"), ModelPolicy(name="mistral")])
-        yield KubernetesPlatform(client, NS, policy, backoff_s=0.01, poll_s=0.01)
+        yield KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.01, wake_up=wake_up)
 
 
 def labels(emulator: Any, name: str) -> dict[str, str]:
@@ -183,10 +205,6 @@ async def test_promote_hot_then_register(platform: KubernetesPlatform, emulator:
     assert labels(emulator, "llama-1-def")["drctl.io/serving"] == "true"
     assert labels(emulator, "llama-1-def")["drctl.io/role"] == "serving"
     assert (await platform.get_instance("llama", "llama-1")).lb_priority == 0
-    warm = hot.model_copy(update={"role": Role.WARM})
-    with pytest.raises(ApplicationError, match="not built on Kubernetes yet") as err:
-        await platform.promote(warm)
-    assert err.value.non_retryable
 
 
 async def test_conflict_is_reread_and_retried(platform: KubernetesPlatform, emulator: Any) -> None:
@@ -271,3 +289,183 @@ async def test_cordon_in_memory(platform: KubernetesPlatform) -> None:
     assert "cordoned" in await platform.cordon_gpu("node-a/0", "xid 79")
     assert "already" in await platform.cordon_gpu("node-a/0", "again")
     assert await platform.cordoned_gpus() == ["node-a/0"]
+
+
+# -- warm and cold promotion ----------------------------------------------------------------------
+
+
+def cold_deployment(name: str, *, replicas: int) -> dict[str, Any]:
+    tier = {"drctl.io/model": "llama", "drctl.io/instance": name, "drctl.io/role": "cold", "drctl.io/serving": "false"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "1", "labels": tier},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"drctl.io/model": "llama", "drctl.io/instance": name}},
+            "template": {
+                "metadata": {"labels": tier},
+                "spec": {"containers": [{"name": "model", "image": "x", "ports": [{"containerPort": 8000}]}]},
+            },
+        },
+    }
+
+
+async def test_warm_promotion_wakes_the_pod_and_relabels(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
+    warm = await platform.get_instance("llama", "llama-2")
+    assert "woken up" in await platform.promote(warm)
+    assert wake_up.urls == ["http://10.0.0.7:8000/wake_up"]
+    assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "promoting"
+    assert labels(emulator, "llama-2-xyz")["drctl.io/serving"] == "false"
+    promoting = await platform.get_instance("llama", "llama-2")
+    assert await platform.promote(promoting) == "already promoting"
+    assert len(wake_up.urls) == 1
+
+
+async def test_warm_wake_up_failure_is_a_load_failure(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
+    wake_up.status = 503
+    with pytest.raises(ApplicationError, match="wake_up answered 503") as err:
+        await platform.promote(await platform.get_instance("llama", "llama-2"))
+    assert err.value.type == "ModelLoadFailed"
+    assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "warm"
+
+
+async def test_cold_promotion_patches_the_deployment_and_waits_for_a_ready_pod(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=0)
+    cold = await platform.get_instance("llama", "llama-9")
+    assert (cold.role, cold.note) == (Role.COLD, "deployment llama-9, no pod")
+    assert "patched to 1 GPU" in await platform.promote(cold)
+    assert wake_up.urls == []
+    deployment = emulator.objects[DEPLOYMENTS, NS, "llama-9"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["metadata"]["labels"]["drctl.io/role"] == "promoting"
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["labels"]["drctl.io/role"] == "promoting"
+    assert template["metadata"]["labels"]["drctl.io/instance"] == "llama-9"  # the selector still matches
+    container = template["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert container["image"] == "x" and container["ports"] == [{"containerPort": 8000}]
+    patched = len(patches(emulator))
+    promoting = await platform.get_instance("llama", "llama-9")
+    assert promoting.role == Role.PROMOTING
+    assert "already promoting" in await platform.promote(cold)
+    assert len(patches(emulator)) == patched
+
+    beats: list[str] = []
+
+    async def the_controller() -> None:
+        """What the Deployment controller and kubelet would do: a pod, later Ready."""
+        await asyncio.sleep(0.05)
+        new = pod("llama-9-new", "llama", Role.PROMOTING, "llama-9", ready=False)
+        new["spec"]["containers"][0]["resources"] = container["resources"]
+        emulator.objects[PODS, NS, "llama-9-new"] = new
+        await asyncio.sleep(0.05)
+        emulator.objects[PODS, NS, "llama-9-new"].patch(
+            {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        )
+
+    controller = asyncio.create_task(the_controller())
+    detail = await platform.wait_loaded(promoting, lambda _f, s: beats.append(s), timeout_s=5.0)
+    await controller
+    assert detail.startswith("pod llama-9-new Ready")
+    assert "pod not created yet" in beats and "pod Running" in beats
+
+
+async def test_cold_pod_without_gpu_is_not_taken_for_the_loaded_one(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    """A cold standby running without a GPU: during the rollout its old pod is still Ready."""
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=1)
+    emulator.objects[PODS, NS, "llama-9-old"] = pod("llama-9-old", "llama", Role.COLD, "llama-9")
+    cold = await platform.get_instance("llama", "llama-9")
+    assert cold.note == "llama-9-old"
+    await platform.promote(cold)
+    assert labels(emulator, "llama-9-old")["drctl.io/role"] == "promoting"
+    with pytest.raises(TimeoutError):
+        await platform.wait_loaded(cold, lambda _f, _s: None, timeout_s=0.1)
+
+
+# -- Istio mode --------------------------------------------------------------------------------------
+
+
+def virtual_service() -> dict[str, Any]:
+    def destination(host: str, weight: int) -> dict[str, Any]:
+        return {"destination": {"host": host, "port": {"number": 8080}}, "weight": weight}
+
+    return {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "VirtualService",
+        "metadata": {"name": "model-routing", "namespace": NS, "resourceVersion": "1"},
+        "spec": {
+            "hosts": ["inference.example.com"],
+            "http": [
+                {
+                    "match": [{"headers": {"model-name": {"exact": "llama"}}}],
+                    "route": [destination("llama", 100), destination("llama-standby.fleet.svc.cluster.local", 0)],
+                    "retries": {"attempts": 3},
+                },
+                {
+                    "match": [{"headers": {"model-name": {"exact": "mistral"}}}],
+                    "route": [destination("mistral", 100), destination("mistral-standby", 0)],
+                },
+            ],
+        },
+    }
+
+
+def weights(emulator: Any) -> list[list[tuple[str, int]]]:
+    spec = emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]["spec"]
+    return [[(d["destination"]["host"], d["weight"]) for d in r["route"]] for r in spec["http"]]
+
+
+@pytest_asyncio.fixture()
+async def istio_platform(emulator: Any, wake_up: FakeWakeUp) -> AsyncIterator[KubernetesPlatform]:
+    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"] = virtual_service()
+    config = Configuration(host=str(emulator.url).rstrip("/"))
+    with ApiClient(config) as client:
+        yield KubernetesPlatform(
+            client, NS, POLICY, backoff_s=0.01, poll_s=0.01, wake_up=wake_up, istio_virtual_service="model-routing"
+        )
+
+
+async def test_istio_register_shifts_weights_idempotently(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    hot = await istio_platform.get_instance("llama", "llama-1")
+    assert "weights" not in await istio_platform.register(hot, 1)  # a hot backup leaves traffic alone
+    assert weights(emulator)[0] == [("llama", 100), ("llama-standby.fleet.svc.cluster.local", 0)]
+    detail = await istio_platform.register(hot, 0)
+    assert "VirtualService model-routing weights 0/100" in detail
+    assert weights(emulator) == [
+        [("llama", 0), ("llama-standby.fleet.svc.cluster.local", 100)],
+        [("mistral", 100), ("mistral-standby", 0)],
+    ]
+    spec = emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]["spec"]
+    assert spec["http"][0]["retries"] == {"attempts": 3} and spec["hosts"] == ["inference.example.com"]
+    vs_patches = [r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]
+    assert len(vs_patches) == 1
+    again = await istio_platform.register(hot, 0)
+    assert "already registered" in again and "already at 0/100" in again
+    assert len([r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]) == 1
+
+
+async def test_istio_without_a_route_for_the_model_is_final(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"].patch({"spec": {"http": []}})
+    with pytest.raises(ApplicationError, match="no http route") as err:
+        await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
+    assert err.value.non_retryable and err.value.type == "IstioRouteNotFound"
+
+
+async def test_istio_forbidden_names_the_resource(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    message = 'virtualservices.networking.istio.io "model-routing" is forbidden'
+    emulator["patch", VIRTUAL_SERVICES] << kmock.KubernetesError(status=403, reason="Forbidden", message=message)
+    with pytest.raises(ApplicationError) as err:
+        await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
+    assert err.value.type == "PermissionDenied"
+    assert "denied patch on virtualservices.networking.istio.io" in str(err.value)
