@@ -326,3 +326,37 @@ class DrainGpuResult(Payload):
 
 def drain_workflow_id(gpu: str) -> str:
     return "drain-gpu-" + gpu.replace("/", "-")
+
+
+# -- zone failover ------------------------------------------------------------------------------------
+
+
+class ZoneFailoverRequest(Payload):
+    """Input of ``ZoneFailoverWorkflow``: move the serving of every model out of ``zone``."""
+
+    zone: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
+    reason: Annotated[str, Field(max_length=500)] = ""
+    approved: bool = False
+    """Pre-approved (the policy's ``requireApproval`` is then satisfied at once)."""
+
+
+class ZoneApproval(Payload):
+    """The ``approve`` Update of a zone failover waiting for an operator."""
+
+    approver: Annotated[str, Field(min_length=1, max_length=100)]
+    comment: str = ""
+
+
+class ZoneFailoverResult(Payload):
+    zone: str
+    approved_by: str | None = None
+    moved: list[str] = Field(default_factory=list)
+    """``instance → replacement`` for each serving instance failed over out of the zone."""
+    failed: list[str] = Field(default_factory=list)
+    pending: list[str] = Field(default_factory=list)
+    """Serving instances in the zone not handled yet (progress while it runs)."""
+    cordoned_gpus: list[str] = Field(default_factory=list)
+
+
+def zone_failover_workflow_id(zone: str) -> str:
+    return f"zone-failover-{zone}"

@@ -79,7 +79,8 @@ def plan_reconcile(
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    inventory = usable_inventory(policy, cordoned)
+    cordoned_set = set(cordoned)
+    inventory = usable_inventory(policy, cordoned_set)
     slots = {slot.id: slot for slot in inventory}
     allocations = current_allocations(policy, instances)
     plan = ReconcilePlan()
@@ -93,6 +94,12 @@ def plan_reconcile(
             plan.skipped_models.append(f"{model.name}: an instance is being promoted (failover running)")
             continue
         next_index = max((instance_index(i.id) for i in mine), default=-1) + 1
+        # Standbys left on a cordoned GPU (drained, or its zone failed over) are moved: deleted
+        # here and counted as missing, so they are recreated where placement allows.
+        for stranded in [i for i in live if i.role.is_standby and i.gpu in cordoned_set]:
+            plan.actions.append(_delete(stranded, f"on cordoned GPU {stranded.gpu}"))
+            allocations = [a for a in allocations if a.instance != stranded.id]
+            live.remove(stranded)
         by_tier = {
             tier: sorted((i for i in live if i.role == tier), key=lambda i: instance_index(i.id)) for tier in TIERS
         }

@@ -80,6 +80,9 @@ class ZoneFailoverPolicy(_Section):
     standby_zone: str | None = None
     health_check_interval: Duration = timedelta(seconds=10)
     failover_threshold: Annotated[int, Field(ge=1)] = 3
+    require_approval: bool = False
+    """Wait for an operator's approval (a workflow Update) before moving a zone's serving."""
+    max_parallel_failovers: Annotated[int, Field(ge=1, le=64)] = 4
 
 
 class HealthCheckPolicy(_Section):

@@ -37,8 +37,10 @@ from drctl.payloads import (
     FailoverRequest,
     SearchAttr,
     Trigger,
+    ZoneFailoverRequest,
     drain_workflow_id,
     failover_workflow_id,
+    zone_failover_workflow_id,
 )
 from drctl.policies.placement import gpu_inventory
 from drctl.policies.schema import MODEL_NAME_PATTERN, DRPolicy
@@ -58,7 +60,7 @@ MAX_ERRORS_SHOWN = 10
 
 FAILOVER_WORKFLOW = "FailoverWorkflow"
 RESOLVED_SIGNAL = "alert_resolved"
-NO_RUNBOOK_YET = "no runbook for zone/gpu alerts yet"
+NO_RUNBOOK_YET = "no running runbook takes this alert (zone failovers end only by failback)"
 NO_RUNBOOK = "labels name no runbook (needs model+instance, node+gpu, or zone)"
 
 
@@ -245,7 +247,7 @@ def runbook_for(target: Failure, alert: WebhookAlert, episode: str, tenant: str)
         case GpuFailure():
             return _drain_runbook(target, alert, episode)
         case ZoneFailure():
-            return None  # the zone failover runbook plugs in here
+            return _zone_runbook(target, alert, episode)
 
 
 def resolved_workflow_id(target: Failure, episode: str) -> str | None:
@@ -257,6 +259,24 @@ def resolved_workflow_id(target: Failure, episode: str) -> str | None:
             return f"{drain_workflow_id(f'{target.node}/{target.gpu}')}-{episode}"
         case ZoneFailure():
             return None
+
+
+def _zones(policy: DRPolicy) -> set[str]:
+    return set(policy.az_failover.active_zones) | {node.zone for node in policy.gpu_pool.nodes}
+
+
+def _zone_runbook(target: ZoneFailure, alert: WebhookAlert, episode: str) -> RunbookStart:
+    reason = alert.labels.get("alertname", "alert")
+    summary = alert.annotations.get("summary", "").strip()
+    request = ZoneFailoverRequest(zone=target.zone, reason=(f"{reason}: {summary}" if summary else reason)[:MAX_REASON])
+    return RunbookStart(
+        workflow_type="ZoneFailoverWorkflow",
+        workflow_id=f"{zone_failover_workflow_id(target.zone)}-{episode}",
+        input=request,
+        search_attributes={SearchAttr.TRIGGER: Trigger.ALERT.value},
+        memo={"fingerprint": alert.fingerprint, "startsAt": alert.starts_at.isoformat(), "zone": target.zone},
+        covered_by=zone_failover_workflow_id(target.zone),
+    )
 
 
 def _drain_runbook(target: GpuFailure, alert: WebhookAlert, episode: str) -> RunbookStart:
@@ -338,12 +358,17 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
             elif policy.model(model_name).tenant != tenant:
                 forbidden.append(f"{where}: model {model_name!r} does not belong to tenant {tenant!r}")
         target = classify(alert.labels)
-        if isinstance(target, GpuFailure):
-            # A GPU is shared by tenants: only the platform team's token may drain one.
+        if isinstance(target, GpuFailure | ZoneFailure):
+            # GPUs and zones are shared by tenants: only the platform team's token may act on them.
+            kind = "GPU" if isinstance(target, GpuFailure) else "zone"
             if tenant != PLATFORM_TENANT:
-                forbidden.append(f"{where}: GPU alerts need the {PLATFORM_TENANT!r} token, not tenant {tenant!r}")
-            elif f"{target.node}/{target.gpu}" not in {slot.id for slot in gpu_inventory(policy.gpu_pool)}:
+                forbidden.append(f"{where}: {kind} alerts need the {PLATFORM_TENANT!r} token, not tenant {tenant!r}")
+            elif isinstance(target, GpuFailure) and f"{target.node}/{target.gpu}" not in {
+                slot.id for slot in gpu_inventory(policy.gpu_pool)
+            }:
                 unknown.append(f"{where}: unknown GPU {target.node}/{target.gpu} (not in gpuPool)")
+            elif isinstance(target, ZoneFailure) and target.zone not in _zones(policy):
+                unknown.append(f"{where}: unknown zone {target.zone!r} (known: {', '.join(sorted(_zones(policy)))})")
         if isinstance(target, InstanceFailure) and not re.fullmatch(INSTANCE_ID_PATTERN, target.instance):
             bad.append(
                 f"{where}.labels.instance: {target.instance!r} is not a drctl instance id ({INSTANCE_ID_PATTERN})"

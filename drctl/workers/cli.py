@@ -653,6 +653,75 @@ def drain(
     asyncio.run(_run())
 
 
+# -- zone failover ---------------------------------------------------------------------------------
+
+
+@app.command("zone-failover")
+def zone_failover(
+    zone: Annotated[str, typer.Argument(help="the failed zone, e.g. az-1 (the policy's az_failover.activeZones)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual zone failover",
+    approved: Annotated[bool, typer.Option(help="pre-approve (when the policy requires approval)")] = False,
+    policy: PolicyOption = None,
+) -> None:
+    """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over."""
+    from drctl.payloads import ZoneFailoverRequest, ZoneFailoverResult, zone_failover_workflow_id
+
+    settings = _settings(policy)
+    dr_policy = _load_policy(settings)
+    zones = set(dr_policy.az_failover.active_zones) | {n.zone for n in dr_policy.gpu_pool.nodes}
+    if zone not in zones:
+        _fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(zones))}", EXIT_BAD_INPUT)
+
+    async def _run() -> None:
+        client = await _connect(settings)
+        handle = await client.start_workflow(
+            "ZoneFailoverWorkflow",
+            ZoneFailoverRequest(zone=zone, reason=reason, approved=approved),
+            id=zone_failover_workflow_id(zone),
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            result_type=ZoneFailoverResult,
+        )
+        out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
+        if dr_policy.az_failover.require_approval and not approved:
+            out.print(f"waiting for approval: drctl approve {zone} --approver NAME (or the UI's Update 'approve')")
+        result = await handle.result()
+        for line in result.moved:
+            out.print(f"[green]✓[/] {line}", highlight=False)
+        for line in result.failed:
+            out.print(f"[red]✗[/] {line}", highlight=False)
+        out.print(f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned")
+        if result.failed:
+            raise typer.Exit(EXIT_FAILED)
+
+    asyncio.run(_run())
+
+
+@app.command()
+def approve(
+    zone: Annotated[str, typer.Argument(help="the zone whose failover waits for approval")],
+    approver: Annotated[str, typer.Option(help="who approves; recorded in the history")],
+    comment: Annotated[str, typer.Option(help="optional note")] = "",
+) -> None:
+    """Approve a zone failover that waits for an operator (the policy's az_failover.requireApproval)."""
+    from drctl.payloads import ZoneApproval, zone_failover_workflow_id
+
+    settings = _settings()
+
+    async def _run() -> None:
+        client = await _connect(settings)
+        handle = client.get_workflow_handle(zone_failover_workflow_id(zone))
+        try:
+            answer = await handle.execute_update(
+                "approve", ZoneApproval(approver=approver, comment=comment), result_type=str
+            )
+        except Exception as exc:  # not found, already closed, ...
+            _fail(f"cannot approve the failover of {zone}: {exc}")
+        out.print(answer)
+
+    asyncio.run(_run())
+
+
 # -- worker ------------------------------------------------------------------------------------
 
 

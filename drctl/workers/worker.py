@@ -26,10 +26,11 @@ from drctl.workers.temporal_client import connect
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
 
 log = logging.getLogger("drctl.worker")
 
-WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow]
+WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow, ZoneFailoverWorkflow]
 
 
 def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | KubernetesPlatform:

@@ -135,3 +135,15 @@ def test_what_does_not_fit_is_reported_not_dropped_silently() -> None:
     plan = plan_reconcile(tiny, [])
     assert plan.unplaceable, plan
     assert all("(" in line for line in plan.unplaceable)
+
+
+def test_standbys_on_cordoned_gpus_are_moved_elsewhere() -> None:
+    fleet = fleet_from_scratch()
+    cordoned = sorted({i.gpu for i in fleet if i.zone == "az-3" and i.gpu})
+    plan = plan_reconcile(POLICY, fleet, cordoned=cordoned)
+    stranded = {i.id for i in fleet if i.gpu in cordoned and i.role.is_standby}
+    assert stranded and {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE} == stranded
+    created = [a for a in plan.actions if a.kind == ReconcileActionKind.CREATE]
+    assert len(created) == len(stranded) and all(a.gpu not in cordoned for a in created)
+    after = apply(fleet, plan.actions)
+    assert plan_reconcile(POLICY, after, cordoned=cordoned).actions == []

@@ -302,14 +302,26 @@ async def test_a_running_manual_or_prober_failover_of_the_instance_is_joined(rx:
         await handle.terminate()
 
 
-async def test_zone_alerts_are_accepted_with_202_and_start_nothing(rx: Receiver) -> None:
+async def test_zone_alert_needs_the_platform_token_and_starts_the_zone_failover(rx: Receiver) -> None:
     zone = alert({"zone": "az-1", "alertname": "ZoneDown"})
-    response = await rx.post(notification(zone))
+    refused = await rx.post(notification(zone))
+    assert refused.status_code == 403 and "platform" in refused.text
+    unknown = await rx.post(notification(alert({"zone": "az-9"})), token=TOKEN_PLATFORM)
+    assert unknown.status_code == 422 and "az-9" in unknown.text
+    assert not rx.receiver.starts
 
+    response = await rx.post(notification(zone), token=TOKEN_PLATFORM)
+    assert response.status_code == 200, response.text
+    [result] = response.json()["alerts"]
+    assert result["action"] == "started" and result["workflow_id"].startswith("zone-failover-az-1-")
+    described = await rx.client.get_workflow_handle(result["workflow_id"]).describe()
+    assert described.workflow_type == "ZoneFailoverWorkflow"
+
+
+async def test_alert_without_a_runbook_is_accepted_with_202_and_starts_nothing(rx: Receiver) -> None:
+    response = await rx.post(notification(alert({"job": "node", "alertname": "Watchdog"})))
     assert response.status_code == 202, response.text
-    body = response.json()
-    assert "no runbook for zone/gpu alerts yet" in body["message"]
-    assert [r["action"] for r in body["alerts"]] == ["ignored"]
+    assert [r["action"] for r in response.json()["alerts"]] == ["ignored"]
     assert not rx.receiver.starts
     metrics = await rx.metrics()
     assert metrics[("drctl_alerts_total", (("action", "ignored"),))] == 1
@@ -337,7 +349,7 @@ async def test_gpu_alert_needs_the_platform_token_and_starts_the_drain(rx: Recei
 
 async def test_mixed_notification_acts_on_instance_alerts_and_ignores_the_rest(rx: Receiver) -> None:
     a = instance_alert()
-    response = await rx.post(notification(a, alert({"zone": "az-1"}), alert({"job": "node"})))
+    response = await rx.post(notification(a, alert({"alertname": "Watchdog"}), alert({"job": "node"})))
     assert response.status_code == 200
     assert [r["action"] for r in response.json()["alerts"]] == ["started", "ignored", "ignored"]
 

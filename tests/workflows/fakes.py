@@ -66,7 +66,9 @@ class FakeFleet:
         @activity.defn(name=ActivityName.LIST_INSTANCES)
         async def list_instances(ref: ModelRef) -> InstanceList:
             fleet.calls.append(("list", ref.model))
-            return InstanceList(model=ref.model, instances=list(fleet.instances.values()))
+            return InstanceList(
+                model=ref.model, instances=[i for i in fleet.instances.values() if i.model == ref.model]
+            )
 
         @activity.defn(name=ActivityName.EJECT_INSTANCE)
         async def eject(req: EjectRequest) -> StepReport:

@@ -1,0 +1,115 @@
+"""ZoneFailoverWorkflow: active-passive zone failover (seed §4.1 ``az_failover``).
+
+Every GPU of the failed zone is cordoned (nothing is placed there again until failback), then each
+serving instance in the zone is failed over as a child ``FailoverWorkflow`` (the failure already
+confirmed), critical models first, at most ``maxParallelFailovers`` at a time. When the policy says
+``requireApproval``, nothing moves until an operator approves through the ``approve`` Update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from drctl.payloads import (
+        ActivityName,
+        DrainGpuRequest,
+        FailoverOutcome,
+        FailoverRequest,
+        FailoverResult,
+        FleetSnapshot,
+        Role,
+        StepReport,
+        Trigger,
+        ZoneApproval,
+        ZoneFailoverRequest,
+        ZoneFailoverResult,
+        failover_workflow_id,
+    )
+    from drctl.policies.placement import gpu_inventory
+    from drctl.policies.schema import DRPolicy
+    from drctl.workflows.failover import FailoverWorkflow
+
+RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
+STEP_TIMEOUT = timedelta(seconds=30)
+
+
+@workflow.defn(name="ZoneFailoverWorkflow", failure_exception_types=[ValidationError])
+class ZoneFailoverWorkflow:
+    def __init__(self) -> None:
+        self._result: ZoneFailoverResult | None = None
+        self._approval: ZoneApproval | None = None
+
+    @workflow.query(name="progress")
+    def progress(self) -> ZoneFailoverResult | None:
+        return self._result
+
+    @workflow.update(name="approve")
+    def approve(self, approval: ZoneApproval) -> str:
+        """An operator lets the zone failover go ahead (``drctl approve`` or the UI)."""
+        self._approval = approval
+        return f"approved by {approval.approver}"
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
+        result = self._result = ZoneFailoverResult(zone=request.zone)
+        snapshot = await workflow.execute_activity(
+            ActivityName.OBSERVE_FLEET,
+            result_type=FleetSnapshot,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        policy = DRPolicy.model_validate(snapshot.policy)
+        rank = {m.name: m.priority.rank for m in policy.models}
+        serving = sorted(
+            (i for i in snapshot.instances if i.zone == request.zone and i.role == Role.SERVING),
+            key=lambda i: (-rank.get(i.model, 0), i.model, i.id),
+        )
+        result.pending = [i.id for i in serving]
+        if policy.az_failover.require_approval and not request.approved:
+            await workflow.wait_condition(lambda: self._approval is not None)
+        result.approved_by = (
+            self._approval.approver if self._approval else ("pre-approved" if request.approved else None)
+        )
+        for slot in gpu_inventory(policy.gpu_pool):
+            if slot.zone == request.zone:
+                await workflow.execute_activity(
+                    ActivityName.CORDON_GPU,
+                    DrainGpuRequest(gpu=slot.id, reason=f"zone {request.zone} failed over: {request.reason}"[:500]),
+                    result_type=StepReport,
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RETRY,
+                )
+                result.cordoned_gpus.append(slot.id)
+        gate = asyncio.Semaphore(policy.az_failover.max_parallel_failovers)
+
+        async def move(model: str, instance: str) -> None:
+            async with gate:
+                try:
+                    outcome: FailoverResult = await workflow.execute_child_workflow(
+                        FailoverWorkflow.run,
+                        FailoverRequest(
+                            model=model,
+                            instance=instance,
+                            trigger=Trigger.ALERT,
+                            confirmed=True,
+                            reason=f"zone {request.zone} failover: {request.reason}"[:500],
+                        ),
+                        id=failover_workflow_id(model, instance),
+                    )
+                except Exception as exc:  # one model's failure must not stop the others
+                    result.failed.append(f"{instance}: {exc}")
+                else:
+                    line = f"{instance} → {outcome.promoted or '-'} ({outcome.outcome})"
+                    (result.moved if outcome.outcome == FailoverOutcome.RECOVERED else result.failed).append(line)
+                result.pending.remove(instance)
+
+        # Started in priority order; the semaphore bounds how many run at once.
+        await asyncio.gather(*(move(i.model, i.id) for i in serving))
+        return result

@@ -1,0 +1,91 @@
+"""ZoneFailoverWorkflow with fake activities: the zone's GPUs are cordoned, its serving instances
+fail over (critical first), and with requireApproval nothing moves before the approve Update."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.payloads import Instance, Role, ZoneApproval, ZoneFailoverRequest, ZoneFailoverResult
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
+from tests.workflows.fakes import FakeFleet
+
+
+def fleet_across_zones() -> FakeFleet:
+    def inst(iid: str, model: str, role: Role, zone: str) -> Instance:
+        gpu = {"az-1": "gpu-node-0/0", "az-2": "gpu-node-1/0", "az-3": "gpu-node-2/0"}[zone]
+        return Instance(
+            id=iid, model=model, role=role, zone=zone, gpu=gpu, node=gpu.split("/")[0],
+            lb_priority={Role.SERVING: 0, Role.HOT: 1}.get(role),
+        )  # fmt: skip
+
+    instances = [
+        inst("gpt-4-8b-0", "gpt-4-8b", Role.SERVING, "az-1"),
+        inst("gpt-4-8b-1", "gpt-4-8b", Role.HOT, "az-3"),
+        inst("llama-2-7b-0", "llama-2-7b", Role.SERVING, "az-1"),
+        inst("llama-2-7b-1", "llama-2-7b", Role.HOT, "az-3"),
+        inst("mistral-7b-0", "mistral-7b", Role.SERVING, "az-2"),
+        inst("mistral-7b-1", "mistral-7b", Role.HOT, "az-3"),
+    ]
+    return FakeFleet(instances={i.id: i for i in instances})
+
+
+async def run_zone(env: WorkflowEnvironment, fleet: FakeFleet, **request: object) -> ZoneFailoverResult:
+    queue = f"zone-{uuid.uuid4()}"
+    async with Worker(
+        env.client, task_queue=queue, workflows=[ZoneFailoverWorkflow, FailoverWorkflow], activities=fleet.activities()
+    ):
+        return await env.client.execute_workflow(
+            ZoneFailoverWorkflow.run,
+            ZoneFailoverRequest.model_validate(request),
+            id=f"zone-{uuid.uuid4()}",
+            task_queue=queue,
+        )
+
+
+async def test_zone_serving_fails_over_critical_first_and_zone_gpus_are_cordoned(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = fleet_across_zones()
+    result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="zone down")
+    assert sorted(result.moved) == ["gpt-4-8b-0 → gpt-4-8b-1 (recovered)", "llama-2-7b-0 → llama-2-7b-1 (recovered)"]
+    assert result.failed == [] and result.pending == []
+    assert {g.split("/")[0] for g in result.cordoned_gpus} == {"gpu-node-0", "gpu-node-3"}  # az-1 nodes
+    promotes = [subject for step, subject in fleet.calls if step == "promote"]
+    assert promotes[0] == "llama-2-7b-1"  # critical model first
+    assert fleet.instances["mistral-7b-0"].role == Role.SERVING  # other zones untouched
+
+
+async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = fleet_across_zones()
+    fleet.policy = fleet.policy.model_copy(
+        update={"az_failover": fleet.policy.az_failover.model_copy(update={"require_approval": True})}
+    )
+    queue = f"zone-{uuid.uuid4()}"
+    async with Worker(
+        time_skipping_env.client,
+        task_queue=queue,
+        workflows=[ZoneFailoverWorkflow, FailoverWorkflow],
+        activities=fleet.activities(),
+    ):
+        handle = await time_skipping_env.client.start_workflow(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-2"), id=f"zone-{uuid.uuid4()}", task_queue=queue
+        )
+        for _ in range(50):
+            progress = await handle.query(ZoneFailoverWorkflow.progress)
+            if progress is not None and progress.pending:
+                break
+            await asyncio.sleep(0.05)
+        assert not [c for c in fleet.calls if c[0] in ("cordon", "promote")], "nothing moves before approval"
+        answer = await handle.execute_update(
+            ZoneFailoverWorkflow.approve,
+            ZoneApproval(approver="sre-on-call"),
+        )
+        assert answer == "approved by sre-on-call"
+        result = await handle.result()
+    assert result.approved_by == "sre-on-call"
+    assert result.moved == ["mistral-7b-0 → mistral-7b-1 (recovered)"]
