@@ -202,6 +202,7 @@ class ActivityName:
     REQUEST_RECONCILE = "request_reconcile"
     OBSERVE_FLEET = "observe_fleet"
     CORDON_GPU = "cordon_gpu"
+    UNCORDON_GPU = "uncordon_gpu"
     CREATE_INSTANCE = "create_instance"
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
@@ -360,3 +361,13 @@ class ZoneFailoverResult(Payload):
 
 def zone_failover_workflow_id(zone: str) -> str:
     return f"zone-failover-{zone}"
+
+
+class ZoneFailbackResult(Payload):
+    zone: str
+    uncordoned_gpus: list[str] = Field(default_factory=list)
+    reconcile: str = ""
+
+
+def zone_failback_workflow_id(zone: str) -> str:
+    return f"zone-failback-{zone}"

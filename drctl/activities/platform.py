@@ -80,6 +80,10 @@ class Platform(Protocol):
 
     async def cordoned_gpus(self) -> list[str]: ...
 
+    async def uncordon_gpu(self, gpu: str) -> str:
+        """Let placement use a GPU again (zone failback, a repaired GPU). Idempotent."""
+        ...
+
 
 def find_instance(instances: list[Instance], model: str, instance_id: str) -> Instance:
     """The instance with ``instance_id``, or the non-retryable ``UnknownInstance`` naming the known ones."""

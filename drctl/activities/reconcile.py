@@ -39,6 +39,7 @@ class ReconcileActivities:
             self.delete_instance,
             self.request_reconcile,
             self.cordon_gpu,
+            self.uncordon_gpu,
         ]
 
     @activity.defn(name=ActivityName.OBSERVE_FLEET)
@@ -72,6 +73,12 @@ class ReconcileActivities:
     async def delete_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
         detail = await self.platform.delete_instance(change.action)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.UNCORDON_GPU)
+    async def uncordon_gpu(self, request: DrainGpuRequest) -> StepReport:
+        start = time.monotonic()
+        detail = await self.platform.uncordon_gpu(request.gpu)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.REQUEST_RECONCILE)

@@ -698,6 +698,36 @@ def zone_failover(
 
 
 @app.command()
+def failback(
+    zone: Annotated[str, typer.Argument(help="the zone to take back into placement")],
+    policy: PolicyOption = None,
+) -> None:
+    """Fail back a zone, only when asked: its GPUs return to placement and standbys are placed there
+    again. Serving stays where the failover put it."""
+    from drctl.payloads import ZoneFailbackResult, ZoneFailoverRequest, zone_failback_workflow_id
+
+    settings = _settings(policy)
+    dr_policy = _load_policy(settings)
+    zones = set(dr_policy.az_failover.active_zones) | {n.zone for n in dr_policy.gpu_pool.nodes}
+    if zone not in zones:
+        _fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(zones))}", EXIT_BAD_INPUT)
+
+    async def _run() -> None:
+        client = await _connect(settings)
+        result = await client.execute_workflow(
+            "ZoneFailbackWorkflow",
+            ZoneFailoverRequest(zone=zone, reason="failback"),
+            id=zone_failback_workflow_id(zone),
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            result_type=ZoneFailbackResult,
+        )
+        out.print(f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}")
+
+    asyncio.run(_run())
+
+
+@app.command()
 def approve(
     zone: Annotated[str, typer.Argument(help="the zone whose failover waits for approval")],
     approver: Annotated[str, typer.Option(help="who approves; recorded in the history")],

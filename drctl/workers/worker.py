@@ -26,11 +26,11 @@ from drctl.workers.temporal_client import connect
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
-from drctl.workflows.zone import ZoneFailoverWorkflow
+from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 
 log = logging.getLogger("drctl.worker")
 
-WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow, ZoneFailoverWorkflow]
+WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow, ZoneFailoverWorkflow, ZoneFailbackWorkflow]
 
 
 def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | KubernetesPlatform:

@@ -24,10 +24,12 @@ with workflow.unsafe.imports_passed_through():
         FailoverRequest,
         FailoverResult,
         FleetSnapshot,
+        ModelRef,
         Role,
         StepReport,
         Trigger,
         ZoneApproval,
+        ZoneFailbackResult,
         ZoneFailoverRequest,
         ZoneFailoverResult,
         failover_workflow_id,
@@ -112,4 +114,41 @@ class ZoneFailoverWorkflow:
 
         # Started in priority order; the semaphore bounds how many run at once.
         await asyncio.gather(*(move(i.model, i.id) for i in serving))
+        return result
+
+
+@workflow.defn(name="ZoneFailbackWorkflow", failure_exception_types=[ValidationError])
+class ZoneFailbackWorkflow:
+    """Failback, only when asked (``drctl failback ZONE``): the zone's GPUs return to placement and
+    reconciliation places standbys there again. Serving stays where the failover put it; moving it
+    back would be another failover, which an operator starts deliberately if wanted."""
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailbackResult:
+        result = ZoneFailbackResult(zone=request.zone)
+        snapshot = await workflow.execute_activity(
+            ActivityName.OBSERVE_FLEET,
+            result_type=FleetSnapshot,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        policy = DRPolicy.model_validate(snapshot.policy)
+        for slot in gpu_inventory(policy.gpu_pool):
+            if slot.zone == request.zone and slot.id in snapshot.cordoned_gpus:
+                await workflow.execute_activity(
+                    ActivityName.UNCORDON_GPU,
+                    DrainGpuRequest(gpu=slot.id, reason=f"zone {request.zone} failback"),
+                    result_type=StepReport,
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RETRY,
+                )
+                result.uncordoned_gpus.append(slot.id)
+        report = await workflow.execute_activity(
+            ActivityName.REQUEST_RECONCILE,
+            ModelRef(model=policy.models[0].name),
+            result_type=StepReport,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        result.reconcile = report.detail
         return result

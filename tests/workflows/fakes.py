@@ -140,8 +140,15 @@ class FakeFleet:
             fleet.cordoned.add(request.gpu)
             return StepReport(detail="cordoned")
 
+        @activity.defn(name=ActivityName.UNCORDON_GPU)
+        async def uncordon(request: DrainGpuRequest) -> StepReport:
+            fleet.calls.append(("uncordon", request.gpu))
+            fleet.cordoned.discard(request.gpu)
+            return StepReport(detail="uncordoned")
+
         return [
             cordon,
+            uncordon,
             probe,
             list_instances,
             eject,

@@ -11,7 +11,7 @@ from temporalio.worker import Worker
 
 from drctl.payloads import Instance, Role, ZoneApproval, ZoneFailoverRequest, ZoneFailoverResult
 from drctl.workflows.failover import FailoverWorkflow
-from drctl.workflows.zone import ZoneFailoverWorkflow
+from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 
 
@@ -89,3 +89,19 @@ async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowE
         result = await handle.result()
     assert result.approved_by == "sre-on-call"
     assert result.moved == ["mistral-7b-0 → mistral-7b-1 (recovered)"]
+
+
+async def test_failback_returns_the_zone_to_placement_only_when_asked(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = fleet_across_zones()
+    await run_zone(time_skipping_env, fleet, zone="az-1")
+    assert fleet.cordoned and all(g.startswith(("gpu-node-0/", "gpu-node-3/")) for g in fleet.cordoned)
+    queue = f"failback-{uuid.uuid4()}"
+    async with Worker(
+        time_skipping_env.client, task_queue=queue, workflows=[ZoneFailbackWorkflow], activities=fleet.activities()
+    ):
+        result = await time_skipping_env.client.execute_workflow(
+            ZoneFailbackWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"failback-{uuid.uuid4()}", task_queue=queue
+        )
+    assert fleet.cordoned == set() and len(result.uncordoned_gpus) == 8
+    assert ("replenish", "llama-2-7b") in fleet.calls  # reconciliation asked to use the zone again
+    assert fleet.instances["llama-2-7b-1"].role == Role.SERVING  # serving stays where it is

@@ -448,6 +448,11 @@ class KubernetesPlatform:
         self._cordoned[gpu] = reason or "drained"
         return f"{gpu} cordoned (in this worker's memory only)"
 
+    async def uncordon_gpu(self, gpu: str) -> str:
+        if self._cordoned.pop(gpu, None) is None:
+            return f"{gpu} was not cordoned"
+        return f"{gpu} back in placement (unless its node agent still reports it drained)"
+
     async def cordoned_gpus(self) -> list[str]:
         """Drained by a runbook (kept in this worker's memory), plus what the node agents say must
         be drained right now (``GET /gpus?status=drain`` on each agent)."""

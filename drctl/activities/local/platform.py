@@ -163,14 +163,24 @@ class LocalPlatform:
         if gpu in cordoned:
             return f"{gpu} already cordoned ({cordoned[gpu]})"
         cordoned[gpu] = reason or "drained"
+        self._write_cordoned(cordoned)
+        return f"{gpu} cordoned: kept out of placement"
+
+    def _write_cordoned(self, cordoned: dict[str, str]) -> None:
         path = self.layout.root / "cordoned-gpus.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cordoned, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        return f"{gpu} cordoned: kept out of placement"
 
     async def cordoned_gpus(self) -> list[str]:
         return sorted(self._read_cordoned())
+
+    async def uncordon_gpu(self, gpu: str) -> str:
+        cordoned = self._read_cordoned()
+        if cordoned.pop(gpu, None) is None:
+            return f"{gpu} was not cordoned"
+        self._write_cordoned(cordoned)
+        return f"{gpu} back in placement"
 
     def _read_cordoned(self) -> dict[str, str]:
         try:
