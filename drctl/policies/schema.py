@@ -287,5 +287,10 @@ class DRPolicy(_Section):
         raise KeyError(name)
 
     @property
+    def zones(self) -> set[str]:
+        """Every zone the policy names: the active ones and those of the pool's nodes."""
+        return set(self.az_failover.active_zones) | {node.zone for node in self.gpu_pool.nodes}
+
+    @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]

@@ -261,10 +261,6 @@ def resolved_workflow_id(target: Failure, episode: str) -> str | None:
             return None
 
 
-def _zones(policy: DRPolicy) -> set[str]:
-    return set(policy.az_failover.active_zones) | {node.zone for node in policy.gpu_pool.nodes}
-
-
 def _zone_runbook(target: ZoneFailure, alert: WebhookAlert, episode: str) -> RunbookStart:
     reason = alert.labels.get("alertname", "alert")
     summary = alert.annotations.get("summary", "").strip()
@@ -367,8 +363,8 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
                 slot.id for slot in gpu_inventory(policy.gpu_pool)
             }:
                 unknown.append(f"{where}: unknown GPU {target.node}/{target.gpu} (not in gpuPool)")
-            elif isinstance(target, ZoneFailure) and target.zone not in _zones(policy):
-                unknown.append(f"{where}: unknown zone {target.zone!r} (known: {', '.join(sorted(_zones(policy)))})")
+            elif isinstance(target, ZoneFailure) and target.zone not in policy.zones:
+                unknown.append(f"{where}: unknown zone {target.zone!r} (known: {', '.join(sorted(policy.zones))})")
         if isinstance(target, InstanceFailure) and not re.fullmatch(INSTANCE_ID_PATTERN, target.instance):
             bad.append(
                 f"{where}.labels.instance: {target.instance!r} is not a drctl instance id ({INSTANCE_ID_PATTERN})"

@@ -656,6 +656,11 @@ def drain(
 # -- zone failover ---------------------------------------------------------------------------------
 
 
+def _require_zone(dr_policy: DRPolicy, zone: str) -> None:
+    if zone not in dr_policy.zones:
+        _fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(dr_policy.zones))}", EXIT_BAD_INPUT)
+
+
 @app.command("zone-failover")
 def zone_failover(
     zone: Annotated[str, typer.Argument(help="the failed zone, e.g. az-1 (the policy's az_failover.activeZones)")],
@@ -668,9 +673,7 @@ def zone_failover(
 
     settings = _settings(policy)
     dr_policy = _load_policy(settings)
-    zones = set(dr_policy.az_failover.active_zones) | {n.zone for n in dr_policy.gpu_pool.nodes}
-    if zone not in zones:
-        _fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(zones))}", EXIT_BAD_INPUT)
+    _require_zone(dr_policy, zone)
 
     async def _run() -> None:
         client = await _connect(settings)
@@ -708,9 +711,7 @@ def failback(
 
     settings = _settings(policy)
     dr_policy = _load_policy(settings)
-    zones = set(dr_policy.az_failover.active_zones) | {n.zone for n in dr_policy.gpu_pool.nodes}
-    if zone not in zones:
-        _fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(zones))}", EXIT_BAD_INPUT)
+    _require_zone(dr_policy, zone)
 
     async def _run() -> None:
         client = await _connect(settings)

@@ -19,9 +19,6 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         DrainGpuRequest,
         DrainGpuResult,
-        FailoverOutcome,
-        FailoverRequest,
-        FailoverResult,
         FleetSnapshot,
         InstanceChange,
         ModelRef,
@@ -30,9 +27,8 @@ with workflow.unsafe.imports_passed_through():
         Role,
         StepReport,
         Trigger,
-        failover_workflow_id,
     )
-    from drctl.workflows.failover import STEP_ERRORS, FailoverWorkflow, why_failed
+    from drctl.workflows.failover import STEP_ERRORS, fail_over_as_child, why_failed
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 MAX_PARALLEL_FAILOVERS = 4
@@ -60,26 +56,6 @@ class DrainGpuWorkflow:
         on_gpu = [i for i in snapshot.instances if i.gpu == request.gpu and i.role != Role.FAILED]
         gate = asyncio.Semaphore(MAX_PARALLEL_FAILOVERS)
 
-        async def fail_over(model: str, instance: str) -> None:
-            async with gate:
-                try:
-                    outcome: FailoverResult = await workflow.execute_child_workflow(
-                        FailoverWorkflow.run,
-                        FailoverRequest(
-                            model=model,
-                            instance=instance,
-                            trigger=Trigger.GPU_HEALTH,
-                            confirmed=True,
-                            reason=f"GPU {request.gpu} drained: {request.reason}"[:500],
-                        ),
-                        id=failover_workflow_id(model, instance),
-                    )
-                except Exception as exc:  # a child that fails is reported, the drain goes on
-                    result.failed.append(f"{instance}: {exc}")
-                    return
-                line = f"{instance} → {outcome.promoted or '-'} ({outcome.outcome})"
-                (result.failovers if outcome.outcome == FailoverOutcome.RECOVERED else result.failed).append(line)
-
         for standby in (i for i in on_gpu if i.role.is_standby):  # removed before any promotion
             action = ReconcileAction(
                 kind=ReconcileActionKind.DELETE,
@@ -102,7 +78,13 @@ class DrainGpuWorkflow:
                 result.failed.append(f"{standby.id}: {why_failed(err)}")
         # Standbys first, so no failover promotes one that sits on the failing GPU.
         serving = [i for i in on_gpu if i.role in (Role.SERVING, Role.PROMOTING)]
-        await asyncio.gather(*(fail_over(i.model, i.id) for i in serving))
+        reason = f"GPU {request.gpu} drained: {request.reason}"
+        await asyncio.gather(
+            *(
+                fail_over_as_child(gate, i.model, i.id, Trigger.GPU_HEALTH, reason, result.failovers, result.failed)
+                for i in serving
+            )
+        )
         for model in sorted({i.model for i in on_gpu}):
             try:
                 await workflow.execute_local_activity(

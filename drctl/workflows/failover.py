@@ -9,6 +9,7 @@ eject waits until the replacement has been verified (``FailoverResult.eject_defe
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import TypeVar, cast
 
@@ -41,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         SearchAttr,
         StepReport,
         StepTiming,
+        Trigger,
+        failover_workflow_id,
     )
     from drctl.policies.reconcile import plan_emergency
     from drctl.policies.schema import DRPolicy
@@ -393,3 +396,29 @@ class FailoverWorkflow:
         result.orchestration_ms = round(max(0.0, _ms(result.finished_at - result.started_at) - activity_total), 1)
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome.value)])
         return result
+
+
+async def fail_over_as_child(
+    gate: asyncio.Semaphore,
+    model: str,
+    instance: str,
+    trigger: Trigger,
+    reason: str,
+    recovered: list[str],
+    failed: list[str],
+) -> None:
+    """Run ``FailoverWorkflow`` for an instance whose failure the caller established (a drained GPU,
+    a failed zone) as a child, at most ``gate`` at a time; record ``instance → replacement`` in
+    ``recovered`` or ``failed``. A child that fails is recorded; the caller goes on with the others."""
+    async with gate:
+        try:
+            outcome: FailoverResult = await workflow.execute_child_workflow(
+                FailoverWorkflow.run,
+                FailoverRequest(model=model, instance=instance, trigger=trigger, confirmed=True, reason=reason[:500]),
+                id=failover_workflow_id(model, instance),
+            )
+        except Exception as exc:
+            failed.append(f"{instance}: {exc}")
+            return
+    line = f"{instance} → {outcome.promoted or '-'} ({outcome.outcome})"
+    (recovered if outcome.outcome == FailoverOutcome.RECOVERED else failed).append(line)

@@ -20,9 +20,6 @@ with workflow.unsafe.imports_passed_through():
     from drctl.payloads import (
         ActivityName,
         DrainGpuRequest,
-        FailoverOutcome,
-        FailoverRequest,
-        FailoverResult,
         FleetSnapshot,
         ModelRef,
         Role,
@@ -32,11 +29,10 @@ with workflow.unsafe.imports_passed_through():
         ZoneFailbackResult,
         ZoneFailoverRequest,
         ZoneFailoverResult,
-        failover_workflow_id,
     )
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
-    from drctl.workflows.failover import FailoverWorkflow
+    from drctl.workflows.failover import fail_over_as_child
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 STEP_TIMEOUT = timedelta(seconds=30)
@@ -91,26 +87,11 @@ class ZoneFailoverWorkflow:
                 result.cordoned_gpus.append(slot.id)
         gate = asyncio.Semaphore(policy.az_failover.max_parallel_failovers)
 
+        reason = f"zone {request.zone} failover: {request.reason}"
+
         async def move(model: str, instance: str) -> None:
-            async with gate:
-                try:
-                    outcome: FailoverResult = await workflow.execute_child_workflow(
-                        FailoverWorkflow.run,
-                        FailoverRequest(
-                            model=model,
-                            instance=instance,
-                            trigger=Trigger.ALERT,
-                            confirmed=True,
-                            reason=f"zone {request.zone} failover: {request.reason}"[:500],
-                        ),
-                        id=failover_workflow_id(model, instance),
-                    )
-                except Exception as exc:  # one model's failure must not stop the others
-                    result.failed.append(f"{instance}: {exc}")
-                else:
-                    line = f"{instance} → {outcome.promoted or '-'} ({outcome.outcome})"
-                    (result.moved if outcome.outcome == FailoverOutcome.RECOVERED else result.failed).append(line)
-                result.pending.remove(instance)
+            await fail_over_as_child(gate, model, instance, Trigger.ALERT, reason, result.moved, result.failed)
+            result.pending.remove(instance)
 
         # Started in priority order; the semaphore bounds how many run at once.
         await asyncio.gather(*(move(i.model, i.id) for i in serving))
