@@ -206,6 +206,7 @@ class ActivityName:
     CREATE_INSTANCE = "create_instance"
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
+    RESTORE_CHECKPOINT = "restore_checkpoint"
 
 
 class ErrorType:
@@ -216,6 +217,8 @@ class ErrorType:
     MODEL_LOAD_FAILED = "ModelLoadFailed"
     NOT_A_STANDBY = "NotAStandby"
     INSTANCE_FAILED = "InstanceFailed"
+    CHECKPOINT_CORRUPT = "CheckpointCorrupt"
+    """The checkpoint failed its checksum while loading: restore a good copy, then load again."""
 
 
 class SearchAttr:

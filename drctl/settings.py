@@ -51,6 +51,8 @@ class DrctlSettings(BaseSettings):
     envoy_port: int = 10000
     envoy_admin_port: int = 9901
     instance_base_port: int = 18000
+    node_agent_base_port: int = 9400
+    """The local stack's node agents listen on this port and the next ones, one per policy node."""
 
     @property
     def temporal_host_port(self) -> tuple[str, int]:
@@ -109,7 +111,16 @@ class StateLayout:
         return self.root / "logs"
 
     def checkpoint(self, model: str) -> Path:
+        """The copy instances load (the fleet's model cache)."""
         return self.checkpoints_dir / f"{model}.ckpt"
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.root / "repository"
+
+    def good_checkpoint(self, model: str) -> Path:
+        """The known-good copy a corrupted checkpoint is restored from (the object store of a real fleet)."""
+        return self.repository_dir / f"{model}.ckpt"
 
     def eds_file(self, model: str) -> Path:
         return self.eds_dir / f"{model}.yaml"

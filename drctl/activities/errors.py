@@ -30,3 +30,9 @@ def not_a_standby(instance: str, role: str) -> ApplicationError:
     return ApplicationError(
         f"{instance} is {role}, not a standby that can be promoted", type=ErrorType.NOT_A_STANDBY, non_retryable=True
     )
+
+
+def checkpoint_corrupt(instance: str, why: str) -> ApplicationError:
+    return ApplicationError(
+        f"{instance} failed to load its model: {why}", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True
+    )

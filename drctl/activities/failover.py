@@ -48,6 +48,7 @@ class FailoverActivities:
             self.eject_instance,
             self.promote_standby,
             self.load_model,
+            self.restore_checkpoint,
             self.register_instance,
             self.verify_serving,
         ]
@@ -80,6 +81,10 @@ class FailoverActivities:
         return await self._on_instance(
             ref.model, ref.instance, lambda i: self.platform.wait_loaded(i, heartbeat_progress)
         )
+
+    @activity.defn(name=ActivityName.RESTORE_CHECKPOINT)
+    async def restore_checkpoint(self, ref: InstanceRef) -> StepReport:
+        return await self._on_instance(ref.model, ref.instance, self.platform.restore_checkpoint)
 
     @activity.defn(name=ActivityName.REGISTER_INSTANCE)
     async def register_instance(self, request: RegisterRequest) -> StepReport:

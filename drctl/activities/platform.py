@@ -42,6 +42,10 @@ class Platform(Protocol):
         """Wait until the instance has its model loaded and answers; fails on a bad checkpoint."""
         ...
 
+    async def restore_checkpoint(self, instance: Instance) -> str:
+        """Its checkpoint failed the checksum: put a good copy in place and make it load again."""
+        ...
+
     async def register(self, instance: Instance, priority: int) -> str:
         """Put it in the load balancer at ``priority`` (0 serves, 1 is the hot backup)."""
         ...

@@ -46,6 +46,8 @@ from types import FrameType
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from drctl.activities.local.checkpoints import CHECKSUM_MISMATCH
+
 GIB = 1 << 30
 READ_CHUNK = 1 << 20
 MAX_BODY = 1 << 20
@@ -235,7 +237,7 @@ class DemoModel:
             return
         actual = digest.hexdigest()
         if actual != expected:
-            self._fail(f"checkpoint checksum mismatch: expected sha256 {expected}, got {actual}")
+            self._fail(f"{CHECKSUM_MISMATCH}: expected sha256 {expected}, got {actual}")
             return
         elapsed = time.monotonic() - started
         with self._lock:

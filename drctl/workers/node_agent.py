@@ -16,6 +16,11 @@ HTTP (aiohttp)
     ``GET /healthz``              the agent itself: 200 while polls succeed, 503 when they stall
     ``GET /metrics``              Prometheus: memory, utilisation, temperature, ECC, status per GPU
                                   (one series per status, 1 for the current one), Xid events by code
+    ``POST /faults/xid``          drills only (``--allow-fault-injection``): ``{"gpu": 0, "xid": 79}``
+                                  is handled as if the driver had reported it (like DCGM's error
+                                  injection); 404 unless the flag is given
+    ``DELETE /faults``            drills only: forget injected Xids and re-classify (the drill's
+                                  restore step)
 
 A GPU whose status *becomes* ``drain`` is logged and handed to the ``on_drain`` hook once (per
 transition): that is where the runbook that moves its instances away plugs in. The hook is not
@@ -631,6 +636,8 @@ class NodeAgent:
         self._xids: dict[int, deque[XidEvent]] = {}
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._injected: set[int] = set()
+        """GPUs with an Xid injected by a drill (what ``clear_injected`` puts back)."""
 
     # lifecycle
 
@@ -812,6 +819,38 @@ class NodeAgent:
             self._classify(event.gpu_index)
             self.metrics.gpus(self.reports())
 
+    # fault injection (drills)
+
+    def inject_xid(self, gpu_index: int, xid: int) -> GpuReport:
+        """Handle ``xid`` on GPU ``gpu_index`` as if the driver had reported it; returns the new report.
+
+        Without NVML (the GPUs come from the policy) the GPU gets a reading with nothing but the
+        Xid, so :func:`classify` decides exactly as it would for a real event."""
+        if gpu_index not in self._reports:
+            raise LookupError(f"no GPU {gpu_index} on {self.node}; GPUs: {sorted(self._reports)}")
+        if gpu_index not in self._readings:
+            old = self._reports[gpu_index]
+            self._readings[gpu_index] = GpuReading(index=gpu_index, uuid=old.uuid, memory_total=old.memory_total)
+        self._injected.add(gpu_index)
+        self.record_xid(XidEvent(gpu_index=gpu_index, xid=xid, at=self.clock(), uuid=self._reports[gpu_index].uuid))
+        return self._reports[gpu_index]
+
+    def clear_injected(self) -> list[int]:
+        """Forget every injected Xid and re-classify those GPUs; returns their indexes."""
+        cleared = sorted(self._injected)
+        for index in cleared:
+            self._xids.pop(index, None)
+            if self.source == "policy":
+                self._readings.pop(index, None)
+                slot = next((s for s in _policy_slots(self.pool, self.node) if s.index == index), None)
+                memory = slot.memory if slot is not None else 0
+                self._set_report(GpuReport.from_policy(self.node, index, memory, self.nvml_unavailable or "policy"))
+            elif index in self._readings:
+                self._classify(index)
+        self._injected.clear()
+        self.metrics.gpus(self.reports())
+        return cleared
+
     # queries
 
     def reports(self, status: str | None = None) -> list[GpuReport]:
@@ -844,7 +883,7 @@ def _policy_slots(pool: GpuPoolPolicy | None, node: str) -> list[GpuSlot]:
 # -- HTTP ---------------------------------------------------------------------------------------------
 
 
-def make_app(agent: NodeAgent) -> web.Application:
+def make_app(agent: NodeAgent, allow_fault_injection: bool = False) -> web.Application:
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -863,19 +902,39 @@ def make_app(agent: NodeAgent) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(agent.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def inject_xid(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            gpu, xid = body["gpu"], body["xid"]
+            if not isinstance(gpu, int) or not isinstance(xid, int) or isinstance(gpu, bool) or isinstance(xid, bool):
+                raise TypeError("gpu and xid must be integers")
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": f'expected {{"gpu": INDEX, "xid": CODE}}: {exc}'}, status=400)
+        try:
+            report = agent.inject_xid(gpu, xid)
+        except LookupError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        return web.json_response(report.to_json())
+
+    async def clear_faults(request: web.Request) -> web.Response:
+        return web.json_response({"cleared": agent.clear_injected()})
+
     app = web.Application()
     app.router.add_get("/gpus", gpus)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    if allow_fault_injection:
+        app.router.add_post("/faults/xid", inject_xid)
+        app.router.add_delete("/faults", clear_faults)
     return app
 
 
-async def serve(agent: NodeAgent, host: str, port: int) -> web.AppRunner:
+async def serve(agent: NodeAgent, host: str, port: int, allow_fault_injection: bool = False) -> web.AppRunner:
     """Serve the agent's HTTP API; the caller cleans the runner up. ``port=0`` picks a free port
     (``runner.addresses``)."""
     from aiohttp import web
 
-    runner = web.AppRunner(make_app(agent), access_log=None)
+    runner = web.AppRunner(make_app(agent, allow_fault_injection), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -900,10 +959,23 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_XID_WINDOW_S,
         help="seconds an Xid keeps counting in the classification (default 86400)",
     )
+    parser.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="serve POST /faults/xid and DELETE /faults, for DR drills (drctl drill gpu-failure); off by default",
+    )
     return parser
 
 
-async def run_agent(node: str, pool: GpuPoolPolicy | None, host: str, port: int, interval: float, **kw: Any) -> int:
+async def run_agent(
+    node: str,
+    pool: GpuPoolPolicy | None,
+    host: str,
+    port: int,
+    interval: float,
+    allow_fault_injection: bool = False,
+    **kw: Any,
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -914,7 +986,7 @@ async def run_agent(node: str, pool: GpuPoolPolicy | None, host: str, port: int,
         if agent.source == "policy" and not agent.reports():
             print(f"node-agent: no NVML and no GPUs for node {node!r} in the policy; nothing to serve", file=sys.stderr)
             return 2
-        runner = await serve(agent, host, port)
+        runner = await serve(agent, host, port, allow_fault_injection)
         bound = runner.addresses[0][1] if runner.addresses else port
         log.info("node agent for %s on http://%s:%d (GPUs from %s)", node, host, bound, agent.source)
         try:
@@ -948,6 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.host or settings.host,
             args.port,
             args.interval,
+            allow_fault_injection=args.allow_fault_injection,
             xid_window=args.xid_window,
             on_drain=drain_runbook_hook(settings),
         )

@@ -64,6 +64,7 @@ FINAL_ERRORS = [
     ErrorType.MODEL_LOAD_FAILED,
     ErrorType.NOT_A_STANDBY,
     ErrorType.INSTANCE_FAILED,
+    ErrorType.CHECKPOINT_CORRUPT,
 ]
 
 QUICK = RetryPolicy(
@@ -85,6 +86,7 @@ STEP_TIMEOUTS = {
     ActivityName.EJECT_INSTANCE: timedelta(seconds=20),
     ActivityName.PROMOTE_STANDBY: timedelta(seconds=60),
     ActivityName.LOAD_MODEL: timedelta(minutes=10),
+    ActivityName.RESTORE_CHECKPOINT: timedelta(minutes=10),
     ActivityName.REGISTER_INSTANCE: timedelta(seconds=20),
     ActivityName.VERIFY_SERVING: timedelta(seconds=45),
 }
@@ -104,6 +106,12 @@ activities surface the activity's own ``ApplicationError`` or a timeout."""
 
 def why_failed(err: FailureError) -> str:
     return str(err.cause or err) if isinstance(err, ActivityError) else str(err)
+
+
+def error_type(err: FailureError) -> str | None:
+    """The ``ApplicationError`` type behind a failed step (regular or local activity), if any."""
+    cause = err.cause if isinstance(err, ActivityError) else err
+    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _ms(delta: timedelta) -> float:
@@ -235,9 +243,7 @@ class FailoverWorkflow:
                 await self._step("promote", ActivityName.PROMOTE_STANDBY, ref, StepReport, candidate.id)
                 # Loading a warm or cold standby can take minutes and must heartbeat so a dead worker
                 # is noticed: a regular activity. A hot standby is loaded already: a quick check.
-                await self._step(
-                    "load", ActivityName.LOAD_MODEL, ref, StepReport, candidate.id, long=candidate.role != Role.HOT
-                )
+                await self._load(ref, long=candidate.role != Role.HOT)
                 await self._step(
                     "register",
                     ActivityName.REGISTER_INSTANCE,
@@ -253,6 +259,17 @@ class FailoverWorkflow:
                 # A standby that cannot take over is broken too: take it out so no one tries it again.
                 await self._try_eject_broken(candidate, why_failed(err))
         return None
+
+    async def _load(self, ref: InstanceRef, long: bool) -> None:
+        """Wait until the instance has loaded its model. A checkpoint that fails its checksum is
+        restored from the good copy and loaded once more (seed §5.2: model corruption → reload)."""
+        try:
+            await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, ref.instance, long=long)
+        except STEP_ERRORS as err:
+            if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
+                raise
+            await self._step("restore-checkpoint", ActivityName.RESTORE_CHECKPOINT, ref, StepReport, ref.instance)
+            await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, ref.instance, long=True)
 
     async def _emergency_instance(self, request: FailoverRequest) -> Instance | None:
         """Hot, warm and cold are exhausted: place a new serving instance on the pool (a critical

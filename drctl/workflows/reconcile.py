@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         ErrorType,
         FleetSnapshot,
         InstanceChange,
+        InstanceRef,
         ReconcileAction,
         ReconcileActionKind,
         ReconcileRequest,
@@ -30,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from drctl.policies.reconcile import plan_reconcile
     from drctl.policies.schema import DRPolicy
-    from drctl.workflows.failover import STEP_ERRORS, why_failed
+    from drctl.workflows.failover import STEP_ERRORS, error_type, why_failed
 
 RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
@@ -41,6 +42,7 @@ RETRY = RetryPolicy(
         ErrorType.UNKNOWN_INSTANCE,
         ErrorType.MODEL_LOAD_FAILED,
         ErrorType.NOT_A_STANDBY,
+        ErrorType.CHECKPOINT_CORRUPT,
     ],
 )
 ACTIVITY_FOR = {
@@ -88,17 +90,34 @@ class ReconcileStandbysWorkflow:
 
     async def _apply(self, action: ReconcileAction, result: ReconcileResult) -> None:
         label = f"{action.kind} {action.instance} ({action.tier})"
-        long = action.kind != ReconcileActionKind.DELETE
         try:
-            report = await workflow.execute_activity(
-                ACTIVITY_FOR[action.kind],
-                InstanceChange(action=action),
-                result_type=StepReport,
-                start_to_close_timeout=timedelta(minutes=10) if long else timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=5) if long else None,
-                retry_policy=RETRY,
-            )
+            try:
+                report = await self._change(action)
+            except STEP_ERRORS as err:
+                if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
+                    raise
+                # The checkpoint failed its checksum: restore the good copy, then try once more.
+                restored = await workflow.execute_activity(
+                    ActivityName.RESTORE_CHECKPOINT,
+                    InstanceRef(model=action.model, instance=action.instance),
+                    result_type=StepReport,
+                    start_to_close_timeout=timedelta(minutes=10),
+                    retry_policy=RETRY,
+                )
+                result.applied.append(f"restore {action.instance}: {restored.detail}")
+                report = await self._change(action)
         except STEP_ERRORS as err:
             result.failed.append(f"{label}: {why_failed(err)}")
             return
         result.applied.append(f"{label}: {report.detail}")
+
+    async def _change(self, action: ReconcileAction) -> StepReport:
+        long = action.kind != ReconcileActionKind.DELETE
+        return await workflow.execute_activity(
+            ACTIVITY_FOR[action.kind],
+            InstanceChange(action=action),
+            result_type=StepReport,
+            start_to_close_timeout=timedelta(minutes=10) if long else timedelta(seconds=30),
+            heartbeat_timeout=timedelta(seconds=5) if long else None,
+            retry_policy=RETRY,
+        )

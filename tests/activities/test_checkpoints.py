@@ -15,6 +15,7 @@ from drctl.activities.local.checkpoints import (
     ensure_checkpoint,
     file_sha256,
     read_expected_sha256,
+    restore_checkpoint,
     sidecar_path,
 )
 
@@ -132,3 +133,23 @@ def test_malformed_sidecar_is_rewritten(tmp_path: Path) -> None:
 def test_files_are_world_readable(tmp_path: Path) -> None:
     info = ensure_checkpoint(tmp_path / "m.ckpt", "m", 10)
     assert os.stat(info.path).st_mode & 0o444 == 0o444
+
+
+def test_restore_replaces_a_corrupted_copy_with_the_good_one(tmp_path: Path) -> None:
+    good = ensure_checkpoint(tmp_path / "repo" / "m.ckpt", "m", 300_000)
+    cache = ensure_checkpoint(tmp_path / "cache" / "m.ckpt", "m", 300_000)
+    corrupt_checkpoint(cache.path, offset=1000)
+    assert file_sha256(cache.path) != good.sha256
+    restored = restore_checkpoint(good.path, cache.path)
+    assert restored.sha256 == good.sha256 == file_sha256(cache.path)
+    assert read_expected_sha256(cache.path) == good.sha256
+
+
+def test_restore_refuses_a_good_copy_that_is_bad_itself(tmp_path: Path) -> None:
+    good = ensure_checkpoint(tmp_path / "repo" / "m.ckpt", "m", 100_000)
+    cache = ensure_checkpoint(tmp_path / "cache" / "m.ckpt", "m", 100_000)
+    corrupt_checkpoint(cache.path)
+    corrupt_checkpoint(good.path)
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        restore_checkpoint(good.path, cache.path)
+    assert file_sha256(cache.path) != good.sha256  # left as it was

@@ -43,6 +43,8 @@ class FakeFleet:
     promote_gate: asyncio.Event | None = None
     policy: DRPolicy = field(default_factory=lambda: EXAMPLE_POLICY)
     cordoned: set[str] = field(default_factory=set)
+    corrupt: set[str] = field(default_factory=set)
+    """Instances whose checkpoint fails its checksum until ``restore_checkpoint`` runs for them."""
 
     @classmethod
     def of(cls, *specs: tuple[str, Role]) -> FakeFleet:
@@ -91,7 +93,15 @@ class FakeFleet:
         @activity.defn(name=ActivityName.LOAD_MODEL)
         async def load(ref: InstanceRef) -> StepReport:
             fleet.calls.append(("load", ref.instance))
+            if ref.instance in fleet.corrupt:
+                raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
             return StepReport(detail="loaded", duration_ms=4)
+
+        @activity.defn(name=ActivityName.RESTORE_CHECKPOINT)
+        async def restore(ref: InstanceRef) -> StepReport:
+            fleet.calls.append(("restore", ref.instance))
+            fleet.corrupt.discard(ref.instance)
+            return StepReport(detail="restored from the repository", duration_ms=8)
 
         @activity.defn(name=ActivityName.REGISTER_INSTANCE)
         async def register(req: RegisterRequest) -> StepReport:
@@ -123,6 +133,8 @@ class FakeFleet:
         async def create(change: InstanceChange) -> StepReport:
             a = change.action
             fleet.calls.append(("create", a.instance))
+            if a.instance in fleet.corrupt:
+                raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
             fleet.instances[a.instance] = Instance(
                 id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone, lb_priority=0
             )
@@ -154,6 +166,7 @@ class FakeFleet:
             eject,
             promote,
             load,
+            restore,
             register,
             verify,
             request_reconcile,

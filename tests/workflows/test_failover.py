@@ -230,3 +230,32 @@ async def test_resolved_alert_is_recorded_and_the_probe_still_decides(time_skipp
     assert result.alert_resolved == AlertResolved(fingerprint="abc123")
     # The instance was dead at confirm: the failover went ahead regardless of the resolution.
     assert result.outcome == FailoverOutcome.RECOVERED
+
+
+@BOTH_MODES
+async def test_corrupt_checkpoint_is_restored_and_loaded_again(
+    time_skipping_env: WorkflowEnvironment, local_activities: bool
+) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD))
+    fleet.corrupt.add("llama-2-7b-1")
+    result = await run_failover(time_skipping_env, fleet, local_activities=local_activities)
+
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert result.promoted == "llama-2-7b-1"
+    assert fleet.steps()[2:7] == [
+        "promote:llama-2-7b-1",
+        "load:llama-2-7b-1",
+        "restore:llama-2-7b-1",
+        "load:llama-2-7b-1",
+        "register:llama-2-7b-1",
+    ]
+    steps = [(s.step, s.ok) for s in result.steps]
+    assert steps[3:7] == [("promote", True), ("load", False), ("restore-checkpoint", True), ("load", True)]
+
+
+async def test_load_failure_other_than_a_checksum_is_not_restored(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.COLD), ("llama-2-7b-2", Role.COLD))
+    fleet.broken.add("llama-2-7b-1")
+    result = await run_failover(time_skipping_env, fleet)
+    assert result.promoted == "llama-2-7b-2"
+    assert not [c for c in fleet.calls if c[0] == "restore"]

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from drctl.payloads import (
     ActivityName,
+    ErrorType,
     FleetSnapshot,
     Instance,
     InstanceChange,
+    InstanceRef,
     ReconcileActionKind,
     ReconcileRequest,
     ReconcileResult,
@@ -31,6 +34,8 @@ POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr
 class FakePlatform:
     instances: dict[str, Instance] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    corrupt_models: set[str] = field(default_factory=set)
+    """Models whose checkpoint fails its checksum until restored."""
 
     def activities(self) -> list[object]:
         platform = self
@@ -46,6 +51,8 @@ class FakePlatform:
         async def create(change: InstanceChange) -> StepReport:
             a = change.action
             platform.calls.append(f"create {a.instance} {a.tier}")
+            if a.model in platform.corrupt_models and a.tier != Role.COLD:
+                raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
             platform.instances[a.instance] = Instance(
                 id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone
             )
@@ -64,7 +71,13 @@ class FakePlatform:
             platform.instances.pop(change.action.instance, None)
             return StepReport(detail="deleted")
 
-        return [observe, create, retier, delete]
+        @activity.defn(name=ActivityName.RESTORE_CHECKPOINT)
+        async def restore(ref: InstanceRef) -> StepReport:
+            platform.calls.append(f"restore {ref.instance}")
+            platform.corrupt_models.discard(ref.model)
+            return StepReport(detail="restored")
+
+        return [observe, create, retier, delete, restore]
 
 
 async def reconcile(env: WorkflowEnvironment, platform: FakePlatform, **request: object) -> ReconcileResult:
@@ -115,3 +128,18 @@ async def test_restores_lost_standbys_deletes_surplus_first(time_skipping_env: W
     assert platform.calls[1] == "delete gpt-4-8b-9"
     mistral = sorted(i.role.value for i in platform.instances.values() if i.model == "mistral-7b")
     assert mistral == ["cold", "hot", "serving", "warm"]
+
+
+async def test_a_corrupt_checkpoint_is_restored_then_created_again(time_skipping_env: WorkflowEnvironment) -> None:
+    platform = FakePlatform(corrupt_models={"llama-2-7b"})
+    result = await reconcile(time_skipping_env, platform, models=["llama-2-7b"])
+    assert result.failed == []
+    restored = [c.split()[1] for c in platform.calls if c.startswith("restore")]
+    # Creates run in parallel, so each one that hit the bad checkpoint restores it (idempotent) ...
+    assert restored
+    for instance in restored:
+        # ... and is created again after its restore, and exists now.
+        creates = [i for i, c in enumerate(platform.calls) if c.startswith(f"create {instance} ")]
+        assert len(creates) == 2 and creates[0] < platform.calls.index(f"restore {instance}") < creates[1]
+        assert instance in platform.instances
+    assert sorted(i.role.value for i in platform.instances.values()) == ["cold", "hot", "hot", "serving"]

@@ -106,7 +106,7 @@ async def http_wake_up(url: str) -> int:
 
 
 API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
-    ("", "pods"): frozenset({"get", "list", "patch"}),
+    ("", "pods"): frozenset({"delete", "get", "list", "patch"}),
     ("apps", "deployments"): frozenset({"create", "delete", "get", "list", "patch"}),
     ("", "nodes"): frozenset({"get"}),
     (istio.GROUP, istio.PLURAL): frozenset({"get", "patch"}),
@@ -306,6 +306,15 @@ class KubernetesPlatform:
         if not _ready(pod):
             return False, f"pod {pod.metadata.name} is Running but not Ready"
         return True, f"pod {pod.metadata.name} Running and Ready"
+
+    async def restore_checkpoint(self, instance: Instance) -> str:
+        """Delete the instance's pods: its Deployment starts new ones, whose model server fetches the
+        checkpoint from the model store again (what the image must do on start) instead of reusing a
+        corrupted local copy. Not exercised against a real cluster (see docs/deploy.md)."""
+        pods = await self._instance_pods(instance)
+        for pod in pods:
+            await self._call("delete", "pods", self.core.delete_namespaced_pod, pod.metadata.name, self.namespace)
+        return f"deleted {len(pods)} pod(s) of {instance.id}; its Deployment starts a fresh one that fetches the model"
 
     async def eject(self, instance: Instance, reason: str) -> str:
         changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value})

@@ -20,6 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+CHECKSUM_MISMATCH = "checkpoint checksum mismatch"
+"""How a loader's error starts when the checkpoint does not match its sidecar (the demo server says
+it; the platform turns it into ``ErrorType.CHECKPOINT_CORRUPT`` so the runbook restores a good copy)."""
+
 CHUNK_SIZE = 1 << 20
 """Generation and hashing work in 1 MiB chunks: bounded memory for checkpoints of any size."""
 
@@ -159,3 +163,23 @@ def corrupt_checkpoint(path: Path, offset: int = 0, length: int = 16) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
         f.flush()
         os.fsync(f.fileno())
+
+
+def restore_checkpoint(good: Path, target: Path) -> CheckpointInfo:
+    """Copy the known-good checkpoint ``good`` (and its sidecar) over ``target``, atomically.
+
+    The good copy is hashed first and must match its own sidecar, so a restore never spreads a bad
+    file; raises ``ValueError`` when it does not."""
+    expected = read_expected_sha256(good)
+
+    def chunks() -> Iterator[bytes]:
+        with good.open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                yield chunk
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if file_sha256(good) != expected:
+        raise ValueError(f"the good copy {good} does not match its own checksum; not restoring from it")
+    sha256 = _atomic_write(target, chunks())
+    _atomic_write(sidecar_path(target), iter([f"{sha256}  {target.name}\n".encode()]))
+    return CheckpointInfo(path=target, size=target.stat().st_size, sha256=sha256)

@@ -18,7 +18,7 @@ import httpx
 
 from drctl.activities import errors
 from drctl.activities.local import envoy, processes
-from drctl.activities.local.checkpoints import ensure_checkpoint
+from drctl.activities.local.checkpoints import CHECKSUM_MISMATCH, ensure_checkpoint, restore_checkpoint
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
@@ -118,9 +118,24 @@ class LocalPlatform:
             if state.get("state") == "ready":
                 return f"loaded in {time.monotonic() - start:.2f}s"
             if state.get("state") == "failed":
-                raise errors.model_load_failed(instance.id, str(state.get("error")))
+                error = str(state.get("error"))
+                if error.startswith(CHECKSUM_MISMATCH):
+                    raise errors.checkpoint_corrupt(instance.id, error)
+                raise errors.model_load_failed(instance.id, error)
             await asyncio.sleep(0.05)
         raise TimeoutError(f"{instance.id} did not load within {self.load_timeout_s(instance.model):.0f}s")
+
+    async def restore_checkpoint(self, instance: Instance) -> str:
+        """Copy the good checkpoint over the corrupted one, then restart the instance's process so it
+        loads again (from the start, checksum and all)."""
+        target = self.layout.checkpoint(instance.model)
+        info = await asyncio.to_thread(restore_checkpoint, self.layout.good_checkpoint(instance.model), target)
+        detail = f"{target.name} restored from the repository (sha256 {info.sha256[:12]}…)"
+        if instance.port is None:
+            return detail
+        processes.terminate(instance.pid)
+        restarted = self._start_process(instance)
+        return f"{detail}; {instance.id} restarted as pid {restarted.pid}"
 
     async def register(self, instance: Instance, priority: int) -> str:
         role = Role.SERVING if priority == 0 else Role.HOT
@@ -260,9 +275,11 @@ class LocalPlatform:
         """Create the instances the policy asks for: checkpoints, processes, EDS. Starts fresh."""
         self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for model in self.policy.models:
-            info = ensure_checkpoint(
-                self.layout.checkpoint(model.name), model.name, self._checkpoint_size(model), verify=True
-            )
+            size = self._checkpoint_size(model)
+            good = ensure_checkpoint(self.layout.good_checkpoint(model.name), model.name, size, verify=True)
+            info = ensure_checkpoint(self.layout.checkpoint(model.name), model.name, size, verify=True)
+            if info.sha256 != good.sha256:
+                info = restore_checkpoint(good.path, info.path)
             on_progress(f"checkpoint {info.path.name} ({info.size} bytes, sha256 {info.sha256[:12]}…)")
         with self.registry.edit() as instances:
             # Instances left running by an earlier `drctl up` that did not shut down cleanly.
