@@ -120,8 +120,9 @@ class FailoverRequest(Payload):
     """When the failure began, if known (an alert's startsAt, a drill's kill). RTO counts from here;
     without it, from the start of the workflow."""
     confirmed: bool = False
-    """The failure is already established by the caller (its GPU is being drained): skip the
-    confirm probe, which would see a process that still answers."""
+    """The failure is already established by the caller (its GPU is being drained, a zone failed
+    over, the prober saw ``unhealthyThreshold`` failed probes): skip the confirm probe, which would
+    see a process that still answers, or wait out a hung one's timeouts again."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always
@@ -207,6 +208,10 @@ class ActivityName:
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
     RESTORE_CHECKPOINT = "restore_checkpoint"
+    DRILL_PREPARE = "drill_prepare"
+    DRILL_RUN = "drill_run"
+    DRILL_RESTORE = "drill_restore"
+    DRILL_REPORT = "drill_report"
 
 
 class ErrorType:
@@ -217,6 +222,8 @@ class ErrorType:
     MODEL_LOAD_FAILED = "ModelLoadFailed"
     NOT_A_STANDBY = "NotAStandby"
     INSTANCE_FAILED = "InstanceFailed"
+    DRILL_NOT_READY = "DrillNotReady"
+    """The fleet is not at the policy's redundancy (or the platform cannot run the drill): nothing injected."""
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     """The checkpoint failed its checksum while loading: restore a good copy, then load again."""
 
@@ -360,6 +367,8 @@ class ZoneFailoverResult(Payload):
     pending: list[str] = Field(default_factory=list)
     """Serving instances in the zone not handled yet (progress while it runs)."""
     cordoned_gpus: list[str] = Field(default_factory=list)
+    reconcile: str = ""
+    """Reconciliation requested at the end, so standbys leave the cordoned zone at once."""
 
 
 def zone_failover_workflow_id(zone: str) -> str:
@@ -374,3 +383,148 @@ class ZoneFailbackResult(Payload):
 
 def zone_failback_workflow_id(zone: str) -> str:
     return f"zone-failback-{zone}"
+
+
+# -- drills ----------------------------------------------------------------------------------------
+
+
+class DrillScenario(StrEnum):
+    """The seed's fault-injection scenarios (§5.2's SLA table)."""
+
+    POD_CRASH = "pod-crash"
+    """kill -9 of the serving instance."""
+    NODE_DOWN = "node-down"
+    """Every instance of the serving instance's node, and its node agent, stop answering (SIGSTOP)."""
+    GPU_FAILURE = "gpu-failure"
+    """The node agent reports a drain-class Xid (79, fallen off the bus) for the serving GPU."""
+    ZONE_OUTAGE = "zone-outage"
+    """Every node of the serving instance's zone down (SIGSTOP of instances and node agents)."""
+    MODEL_CORRUPTION = "model-corruption"
+    """The model's checkpoint is corrupted and the serving instance reloads it: the checksum fails."""
+
+
+class DrillRequest(Payload):
+    """``drctl drill SCENARIO [--model M]``, or the JSON a Temporal Schedule starts ``DrillWorkflow`` with."""
+
+    scenario: DrillScenario
+    model: ModelName | None = None
+    """The model whose serving instance is hit; default: the policy's most critical model."""
+    rps: Annotated[int, Field(ge=1, le=1000)] = 50
+    """Requests per second the load generator sends through the load balancer."""
+    baseline_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    """Load before the fault is injected."""
+    tail_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    """Load after redundancy is back."""
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
+    """Give up waiting for recovery after this long (the fault is restored anyway)."""
+
+
+class DrillTarget(Payload):
+    """What a drill hits, chosen before anything is injected."""
+
+    scenario: DrillScenario
+    model: str
+    instance: str
+    """The model's serving instance: the one whose failover the figures measure."""
+    node: str | None = None
+    gpu: str | None = None
+    zone: str | None = None
+    policy_rto_ms: float
+    sla_detection_ms: float
+    sla_switch_ms: float
+    sla_rto_ms: float
+
+
+class DrillPlan(Payload):
+    request: DrillRequest
+    target: DrillTarget
+
+
+class InjectedFault(Payload):
+    """What was done, so that ``restore`` can undo exactly that. Filled in as the injection goes, so a
+    half-done injection is restored too."""
+
+    injected_at: datetime
+    detail: str = ""
+    stopped_pids: list[int] = Field(default_factory=list)
+    xid_agents: list[str] = Field(default_factory=list)
+    """Node agent URLs that got an injected Xid (cleared with ``DELETE /faults``)."""
+    corrupted: list[str] = Field(default_factory=list)
+    """Checkpoint paths that were corrupted."""
+
+
+class LoadBucket(Payload):
+    """Requests answered in one 100 ms slice, counted from the fault (negative: before it)."""
+
+    t_ms: int
+    ok: int = 0
+    failed: int = 0
+
+
+class RunbookMark(Payload):
+    """A runbook step on the drill's timeline (ms from the fault)."""
+
+    runbook: str
+    step: str
+    at_ms: float
+    duration_ms: float
+    ok: bool = True
+
+
+class DrillMeasurement(Payload):
+    fault: InjectedFault
+    recovered: bool
+    """The serving instance's failover recovered and the model's redundancy is back."""
+    detection_ms: float | None = None
+    """Fault → the first runbook for it started (prober, node agent or zone check)."""
+    switch_ms: float | None = None
+    """Runbook start → the replacement verified serving through the load balancer."""
+    rto_ms: float | None = None
+    """Fault → the replacement serving (detection + switch)."""
+    redundancy_ms: float | None = None
+    """Fault → the policy's standbys for the model are back."""
+    requests: int = 0
+    failed_requests: int = 0
+    """Requests sent after the fault that did not get a 200."""
+    worst_latency_ms: float | None = None
+    """Slowest successful request after the fault (retries through Envoy included)."""
+    promoted: str | None = None
+    promoted_tier: str | None = None
+    runbooks: list[str] = Field(default_factory=list)
+    """Workflow ids of the runbooks the fault started (failovers, drain, zone failover, reconcile)."""
+    marks: list[RunbookMark] = Field(default_factory=list)
+    buckets: list[LoadBucket] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    error: str | None = None
+    """The run broke off (the fault, as far as it was injected, is in ``fault`` and is restored)."""
+
+
+class DrillRestore(Payload):
+    detail: list[str] = Field(default_factory=list)
+
+
+class DrillReportRequest(Payload):
+    request: DrillRequest
+    target: DrillTarget
+    measurement: DrillMeasurement | None
+    restore: list[str]
+    error: str | None = None
+    drill_id: str
+
+
+class DrillReport(Payload):
+    drill_id: str
+    scenario: DrillScenario
+    target: DrillTarget
+    measurement: DrillMeasurement | None
+    restore: list[str]
+    error: str | None = None
+    verdicts: dict[str, str] = Field(default_factory=dict)
+    """Figure → "pass: …" or "FAIL: …" against the policy's RTO and the seed's SLA."""
+    passed: bool = False
+    files: dict[str, str] = Field(default_factory=dict)
+    """json / markdown / png → path of the written report."""
+
+
+def drill_workflow_id(scenario: str, model: str | None) -> str:
+    return f"drill-{scenario}-{model or 'default'}"

@@ -15,7 +15,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -147,6 +147,7 @@ def up(
             say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False),
             with_prober=prober,
             with_alert_receiver=True,
+            with_node_agents=True,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -669,7 +670,8 @@ def zone_failover(
     policy: PolicyOption = None,
 ) -> None:
     """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over."""
-    from drctl.payloads import ZoneFailoverRequest, ZoneFailoverResult, zone_failover_workflow_id
+    from drctl.payloads import ZoneFailoverRequest
+    from drctl.workers.runbooks import start_zone_failover
 
     settings = _settings(policy)
     dr_policy = _load_policy(settings)
@@ -677,13 +679,8 @@ def zone_failover(
 
     async def _run() -> None:
         client = await _connect(settings)
-        handle = await client.start_workflow(
-            "ZoneFailoverWorkflow",
-            ZoneFailoverRequest(zone=zone, reason=reason, approved=approved),
-            id=zone_failover_workflow_id(zone),
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            result_type=ZoneFailoverResult,
+        handle = await start_zone_failover(
+            client, settings, ZoneFailoverRequest(zone=zone, reason=reason, approved=approved)
         )
         out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
         if dr_policy.az_failover.require_approval and not approved:
@@ -751,6 +748,137 @@ def approve(
         out.print(answer)
 
     asyncio.run(_run())
+
+
+# -- drills ------------------------------------------------------------------------------------
+
+
+@app.command()
+def drill(
+    scenario: Annotated[
+        str,
+        typer.Argument(
+            help="pod-crash | node-down | gpu-failure | zone-outage | model-corruption (the seed's SLA table)"
+        ),
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="the model whose serving instance is hit (default: the most critical)")
+    ] = None,
+    rps: Annotated[int, typer.Option(help="requests per second sent through the load balancer")] = 50,
+    timeout: Annotated[str, typer.Option(help="give up waiting for recovery after this long")] = "3m",
+    every: Annotated[
+        str | None, typer.Option(help="instead of running now, run it on a Temporal Schedule this often, e.g. 24h")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Run a DR drill on the running stack: inject SCENARIO under load, measure detection, switch,
+    total RTO, failed requests and time to redundancy, restore the fault, and write a report (JSON,
+    Markdown, PNG timeline) compared with the policy's RTO and the seed's SLA. Exits 1 when a figure
+    misses its bar.
+
+    \b
+    drctl drill pod-crash
+    drctl drill zone-outage --model mistral-7b
+    drctl drill gpu-failure --every 24h      # a Temporal Schedule
+    """
+    from drctl.payloads import DrillReport, DrillRequest, DrillScenario, drill_workflow_id
+    from drctl.policies.durations import parse_duration
+
+    settings = _settings(policy, state_dir)
+    dr_policy = _load_policy(settings)
+    scenarios = [s.value for s in DrillScenario]
+    if scenario not in scenarios:
+        _fail(f"unknown scenario {scenario!r}; one of: {', '.join(scenarios)}", EXIT_BAD_INPUT)
+    if model is not None and model not in dr_policy.model_names:
+        _fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    try:
+        timeout_s = parse_duration(timeout).total_seconds()
+        interval = parse_duration(every) if every else None
+        request = DrillRequest(scenario=DrillScenario(scenario), model=model, rps=rps, timeout_s=timeout_s)
+    except ValueError as exc:
+        _fail(f"bad option: {exc}", EXIT_BAD_INPUT)
+
+    async def _run() -> None:
+        from temporalio.client import WorkflowFailureError
+        from temporalio.common import WorkflowIDConflictPolicy
+        from temporalio.exceptions import WorkflowAlreadyStartedError
+
+        client = await _connect(settings)
+        if interval is not None:
+            from drctl.workers.schedules import ensure_drill_schedule
+
+            schedule_id, done = await ensure_drill_schedule(client, request, interval, settings.task_queue)
+            out.print(f"drill schedule [bold]{schedule_id}[/] {done}: {scenario} every {every}", highlight=False)
+            return
+        try:
+            handle = await client.start_workflow(
+                "DrillWorkflow",
+                request,
+                id=drill_workflow_id(scenario, model),
+                task_queue=settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                result_type=DrillReport,
+            )
+        except WorkflowAlreadyStartedError:
+            _fail(f"a {scenario} drill is already running (workflow {drill_workflow_id(scenario, model)})")
+        err.print(f"drill workflow [bold]{handle.id}[/] started", highlight=False)
+        result_task = asyncio.ensure_future(handle.result())
+        last = ""
+        while not result_task.done():
+            try:
+                phase = await handle.query("phase", result_type=str)
+            except Exception:
+                phase = last
+            if phase != last:
+                err.print(f"[dim]·[/] {phase}", highlight=False)
+                last = phase
+            await asyncio.wait([result_task], timeout=0.5)
+        try:
+            report = result_task.result()
+        except WorkflowFailureError as exc:
+            _fail(f"the drill did not run: {exc.cause or exc}")
+        if as_json:
+            out.print_json(report.model_dump_json())
+        else:
+            _print_drill(report)
+        if not report.passed:
+            raise typer.Exit(EXIT_FAILED)
+
+    asyncio.run(_run())
+
+
+def _print_drill(report: Any) -> None:
+    m = report.measurement
+    out.print(
+        f"[bold]{report.scenario}[/] on {report.target.instance}: "
+        + ("[green]PASSED[/]" if report.passed else "[red]FAILED[/]"),
+        highlight=False,
+    )
+    if m is not None:
+
+        def s(ms: float | None) -> str:
+            return "—" if ms is None else f"{ms / 1000:.3f} s"
+
+        out.print(
+            f"  detection {s(m.detection_ms)}   switch {s(m.switch_ms)}   total RTO {s(m.rto_ms)} "
+            f"(policy {s(report.target.policy_rto_ms)}, seed {s(report.target.sla_rto_ms)})",
+            highlight=False,
+        )
+        out.print(
+            f"  redundancy back {s(m.redundancy_ms)}   requests failed {m.failed_requests} of {m.requests}",
+            highlight=False,
+        )
+    for name, verdict in report.verdicts.items():
+        colour = "green" if verdict.startswith("pass") else "red"
+        out.print(f"  [{colour}]{name}[/]: {verdict}", highlight=False)
+    if report.error:
+        out.print(f"  [red]error[/]: {report.error}", highlight=False)
+    for line in report.restore:
+        out.print(f"  restored: {line}", highlight=False)
+    for kind, path in report.files.items():
+        out.print(f"  {kind}: {path}", highlight=False)
 
 
 # -- worker ------------------------------------------------------------------------------------

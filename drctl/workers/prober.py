@@ -6,6 +6,9 @@ runbook when one is confirmed down — the same runbook an alert or an operator 
 On the local platform a process that exits is noticed within one tick (100 ms), without waiting
 for failed probes; a hung process is noticed after ``unhealthyThreshold`` probes time out.
 Hysteresis, flap hold-down and the failover caps are pure decisions in ``drctl.policies.probing``.
+
+With node agents configured it also runs the zone health check (:mod:`drctl.workers.zone_checker`),
+which starts ``ZoneFailoverWorkflow`` for a zone whose nodes all stop answering.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
+from drctl.workers.zone_checker import ZoneChecker
 
 log = logging.getLogger("drctl.prober")
 
@@ -99,19 +103,29 @@ class Prober:
                 self.next_probe[instance.id] = now + interval
                 due.append(instance)
         results = await asyncio.gather(*(self._probe(i) for i in due))
-        for instance, ok in zip(due, results, strict=True):
+        for instance, (ok, final) in zip(due, results, strict=True):
             tracker = self.trackers[instance.id]
-            await self._handle(instance, tracker.observe(ok, time.monotonic()), tracker, now, exited=False)
+            # A model that failed to load will not come back by itself: no need to wait for more probes.
+            event = tracker.observe(ok, time.monotonic(), exited=final)
+            await self._handle(instance, event, tracker, now, exited=final)
         for instance_id in set(self.trackers) - {i.id for i in instances}:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
 
-    async def _probe(self, instance: Instance) -> bool:
+    async def _probe(self, instance: Instance) -> tuple[bool, bool]:
+        """(healthy, failure is final). Final: the instance says its model failed to load (a 503 with
+        ``"status": "failed"``, e.g. a checkpoint that fails its checksum)."""
         timeout = self.policy.detection.probe_timeout.total_seconds()
         try:
             response = await self._http.get(f"http://{instance.host}:{instance.port}/healthz", timeout=timeout)
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            return False, False
+        if response.status_code == 200:
+            return True, False
+        try:
+            final = response.json().get("status") == "failed"
+        except (ValueError, AttributeError):
+            final = False
+        return False, final
 
     async def _handle(
         self, instance: Instance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool
@@ -138,13 +152,16 @@ class Prober:
             return
         self.alerted.discard(instance.model)
         failed_at = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
-        how = "process exited" if exited else f"{tracker.failures} failed probes"
+        how = "process exited or model failed to load" if exited else f"{tracker.failures} failed probes"
         request = FailoverRequest(
             model=instance.model,
             instance=instance.id,
             trigger=Trigger.PROBE,
             failed_at=failed_at,
             reason=f"prober: {how}",
+            # The prober's hysteresis (unhealthyThreshold failed probes, or the process gone) is the
+            # confirmation; probing a hung instance once more would add its timeouts to the RTO.
+            confirmed=True,
         )
         handle = await self.start_failover(request)
         self.in_flight[instance.id] = (
@@ -211,10 +228,27 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
 
     prober = Prober(policy, registry, start, raise_alert if alertmanager else None)
     log.info("probing every %s", policy.detection.probe_interval)
+    loops = [prober.run(stop)]
+    if settings.node_agent_urls or settings.node_agent_service:
+        loops.append(zone_checker(settings, policy, client).run(stop))
+        log.info(
+            "checking zones %s every %s", policy.az_failover.active_zones, policy.az_failover.health_check_interval
+        )
     try:
-        await prober.run(stop)
+        await asyncio.gather(*loops)
     finally:
         await prober.aclose()
+
+
+def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> ZoneChecker:
+    from drctl.payloads import ZoneFailoverRequest
+    from drctl.workers.runbooks import start_zone_failover
+
+    async def start(zone: str, reason: str) -> str:
+        handle = await start_zone_failover(client, settings, ZoneFailoverRequest(zone=zone, reason=reason))
+        return handle.id
+
+    return ZoneChecker(policy, settings.node_agent_urls, start, settings.node_agent_service)
 
 
 def main() -> None:

@@ -19,8 +19,11 @@ from drctl.payloads import (
     FailoverRequest,
     FailoverResult,
     SearchAttr,
+    ZoneFailoverRequest,
+    ZoneFailoverResult,
     drain_workflow_id,
     failover_workflow_id,
+    zone_failover_workflow_id,
 )
 from drctl.settings import DrctlSettings
 
@@ -57,4 +60,18 @@ async def start_gpu_drain(
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         result_type=DrainGpuResult,
+    )
+
+
+async def start_zone_failover(
+    client: Client, settings: DrctlSettings, request: ZoneFailoverRequest
+) -> WorkflowHandle[Any, ZoneFailoverResult]:
+    """Start (or join) the failover of a zone: one per zone at a time."""
+    return await client.start_workflow(
+        "ZoneFailoverWorkflow",
+        request,
+        id=zone_failover_workflow_id(request.zone),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        result_type=ZoneFailoverResult,
     )

@@ -1,6 +1,8 @@
-"""The Temporal Schedule that runs standby reconciliation at the policy's interval."""
+"""Temporal Schedules: standby reconciliation at the policy's interval, and DR drills."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from temporalio.client import (
     Client,
@@ -16,7 +18,13 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from drctl.payloads import RECONCILE_SCHEDULE_ID, RECONCILE_WORKFLOW_ID, ReconcileRequest
+from drctl.payloads import (
+    RECONCILE_SCHEDULE_ID,
+    RECONCILE_WORKFLOW_ID,
+    DrillRequest,
+    ReconcileRequest,
+    drill_workflow_id,
+)
 from drctl.policies.schema import DRPolicy
 
 
@@ -51,3 +59,35 @@ async def ensure_reconcile_schedule(client: Client, policy: DRPolicy, task_queue
 
         await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(_replace)
         return "updated"
+
+
+def drill_schedule_id(scenario: str, model: str | None) -> str:
+    return f"drctl-drill-{scenario}-{model or 'default'}"
+
+
+async def ensure_drill_schedule(
+    client: Client, request: DrillRequest, every: timedelta, task_queue: str
+) -> tuple[str, str]:
+    """A Temporal Schedule that runs the drill every ``every`` (overlaps skipped); returns (id, what it did)."""
+    schedule_id = drill_schedule_id(request.scenario, request.model)
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            "DrillWorkflow",
+            request,
+            id=drill_workflow_id(request.scenario, request.model),
+            task_queue=task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        state=ScheduleState(note=f"drctl: DR drill {request.scenario} every {every}"),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+        return schedule_id, "created"
+    except ScheduleAlreadyRunningError:
+
+        def _replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(schedule_id).update(_replace)
+        return schedule_id, "updated"

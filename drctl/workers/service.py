@@ -15,6 +15,7 @@ Service = Callable[[DrctlSettings, asyncio.Event], Awaitable[None]]
 def run_service(service: Service) -> None:
     """Log to stderr, read settings from ``DRCTL_*``, and run ``service`` until a stop signal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe request is noise
     settings = DrctlSettings()
 
     async def _main() -> None:

@@ -45,9 +45,11 @@ class LocalStack:
     pids: dict[str, int] = field(default_factory=dict)
     client: Client | None = None
     with_prober: bool = False
+    """Run the health prober too (``drctl up`` does), so failures start runbooks by themselves."""
     with_alert_receiver: bool = False
     """Run the Alertmanager webhook receiver too, when alert tokens are configured."""
-    """Run the health prober too (``drctl up`` does), so failures start runbooks by themselves."""
+    with_node_agents: bool = False
+    """Run one GPU node agent per policy node (``drctl up`` does): GPU health, zone checks, drills."""
 
     def __post_init__(self) -> None:
         self.layout = StateLayout(self.settings.state_dir)
@@ -62,6 +64,8 @@ class LocalStack:
         self.check_ports_free()
         await self._start_temporal()
         await self._start_envoy()
+        if self.with_node_agents:
+            self.start_node_agents()
         self.platform.ensure_fleet(self.say)
         self.say("waiting for the model instances to load their checkpoints…")
         await self.platform.settle_fleet()
@@ -84,7 +88,7 @@ class LocalStack:
 
     async def stop(self) -> None:
         self.say("stopping…")
-        for name in ("prober", "alert_receiver"):
+        for name in ["prober", "alert_receiver", *self.node_agent_ports]:
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=3.0)
         if "worker" in self.pids:
@@ -114,6 +118,11 @@ class LocalStack:
                 self.say("prober exited; restarting it")
                 self.start_prober()
                 self._write_stack_file()
+            for name in self.node_agent_ports:
+                if name in self.pids and not processes.is_alive(self.pids[name]):
+                    self.say(f"node agent {name} exited; restarting it")
+                    self._start_node_agent(name)
+                    self._write_stack_file()
             if "alert_receiver" in self.pids and not processes.is_alive(self.pids["alert_receiver"]):
                 self.say(f"alert receiver exited; see {self.layout.logs_dir / 'alert-receiver.log'}; restarting it")
                 self.start_alert_receiver()
@@ -136,6 +145,8 @@ class LocalStack:
             "Envoy listener": s.envoy_port,
             "Envoy admin": s.envoy_admin_port,
         }
+        if self.with_node_agents:
+            wanted |= {f"node agent {node}": port for node, port in self.node_agent_ports.items()}
         busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
         if busy:
             raise StackError(
@@ -225,16 +236,36 @@ class LocalStack:
     def start_alert_receiver(self) -> None:
         self.pids["alert_receiver"] = self._start_python_process("drctl.workers.alert_receiver", "alert-receiver.log")
 
-    def _start_python_process(self, module: str, log_name: str) -> int:
+    @property
+    def node_agent_ports(self) -> dict[str, int]:
+        """Node → port of its agent: ``node_agent_base_port`` + the node's place in the policy."""
+        base = self.settings.node_agent_base_port
+        return {node.name: base + i for i, node in enumerate(self.policy.gpu_pool.nodes)}
+
+    def start_node_agents(self) -> None:
+        """One agent per node, each its own process (so a drill can stop one node's agent). Without
+        NVML they serve the GPUs the policy declares; fault injection is on, for drills."""
+        urls = [f"http://{self.settings.host}:{port}" for port in self.node_agent_ports.values()]
+        self.settings = self.settings.model_copy(update={"node_agent_urls": urls})
+        for node in self.node_agent_ports:
+            self._start_node_agent(node)
+        self.say(f"{len(urls)} node agent(s) on ports {min(self.node_agent_ports.values())}…, fault injection on")
+
+    def _start_node_agent(self, node: str) -> None:
+        args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
+        self.pids[node] = self._start_python_process("drctl.workers.node_agent", f"node-agent-{node}.log", args)
+
+    def _start_python_process(self, module: str, log_name: str, args: list[str] | None = None) -> int:
         env = {
-            "DRCTL_" + name.upper(): value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+            "DRCTL_" + name.upper(): _env_value(value)
             for name, value in self.settings.model_dump().items()
             if value is not None
         }
         env["DRCTL_POLICY"] = str(Path(self.settings.policy).resolve())
         env["DRCTL_STATE_DIR"] = str(self.layout.root)
         env["PYTHONUNBUFFERED"] = "1"
-        return processes.spawn([sys.executable, "-m", module], self.layout.logs_dir / log_name, env=env)
+        command = [sys.executable, "-m", module, *(args or [])]
+        return processes.spawn(command, self.layout.logs_dir / log_name, env=env)
 
     async def _wait_worker_polling(self, timeout_s: float = 30.0) -> None:
         from temporalio.api.enums.v1 import TaskQueueType
@@ -273,6 +304,15 @@ class LocalStack:
         self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
+def _env_value(value: object) -> str:
+    """A setting as pydantic-settings reads it back from the environment (lists as JSON)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
 def alert_tokens_configured() -> bool:
     return bool(os.environ.get("DRCTL_ALERT_TOKENS") or os.environ.get("DRCTL_ALERT_TOKENS_FILE"))
 
@@ -299,7 +339,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
     """Settings for a private stack on free ports, so it can run beside a ``drctl up``."""
-    temporal, ui, http, metrics, lb, admin = free_ports(6)
+    temporal, ui, http, metrics, lb, admin, agents = free_ports(7)
     base = 20000 + (os.getpid() * 37) % 30000
     return DrctlSettings(
         policy=policy,
@@ -311,5 +351,6 @@ def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") 
         envoy_port=lb,
         envoy_admin_port=admin,
         instance_base_port=base,
+        node_agent_base_port=agents,
         task_queue=task_queue,
     )

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from temporalio.worker import Worker
 
+from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.kubernetes.platform import KubernetesPlatform
 from drctl.activities.local.platform import LocalPlatform
@@ -24,13 +25,21 @@ from drctl.settings import DrctlSettings
 from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
 from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 
 log = logging.getLogger("drctl.worker")
 
-WORKFLOWS = [FailoverWorkflow, ReconcileStandbysWorkflow, DrainGpuWorkflow, ZoneFailoverWorkflow, ZoneFailbackWorkflow]
+WORKFLOWS = [
+    FailoverWorkflow,
+    ReconcileStandbysWorkflow,
+    DrainGpuWorkflow,
+    ZoneFailoverWorkflow,
+    ZoneFailbackWorkflow,
+    DrillWorkflow,
+]
 
 
 def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | KubernetesPlatform:
@@ -63,7 +72,11 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=[*FailoverActivities(platform).all(), *ReconcileActivities(platform).all()],
+        activities=[
+            *FailoverActivities(platform).all(),
+            *ReconcileActivities(platform).all(),
+            *DrillActivities(platform, settings, client).all(),
+        ],
         graceful_shutdown_timeout=timedelta(seconds=5),
         # A failover must not wait long for a crashed worker's sticky queue (default 10 s): after
         # this, its next workflow task goes to any worker, which replays the short history.

@@ -113,7 +113,7 @@ class ReconcileStandbysWorkflow:
 
     async def _change(self, action: ReconcileAction) -> StepReport:
         long = action.kind != ReconcileActionKind.DELETE
-        return await workflow.execute_activity(
+        report: StepReport = await workflow.execute_activity(
             ACTIVITY_FOR[action.kind],
             InstanceChange(action=action),
             result_type=StepReport,
@@ -121,3 +121,4 @@ class ReconcileStandbysWorkflow:
             heartbeat_timeout=timedelta(seconds=5) if long else None,
             retry_policy=RETRY,
         )
+        return report

@@ -95,6 +95,15 @@ class ZoneFailoverWorkflow:
 
         # Started in priority order; the semaphore bounds how many run at once.
         await asyncio.gather(*(move(i.model, i.id) for i in serving))
+        # Standbys on the cordoned GPUs move now, not at the next scheduled reconcile.
+        report = await workflow.execute_activity(
+            ActivityName.REQUEST_RECONCILE,
+            ModelRef(model=policy.models[0].name),
+            result_type=StepReport,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        result.reconcile = report.detail
         return result
 
 

@@ -696,6 +696,43 @@ async def test_real_no_nvml_agent_over_http(caplog: pytest.LogCaptureFixture) ->
         await agent.aclose()
 
 
+@needs_no_nvml
+async def test_fault_injection_drains_a_policy_gpu_and_clears(caplog: pytest.LogCaptureFixture) -> None:
+    drained: list[str] = []
+
+    async def on_drain(report: GpuReport) -> None:
+        drained.append(report.gpu_id)
+
+    agent = NodeAgent(NODE, pool=POOL, interval=0.05, on_drain=on_drain)
+    await agent.start()
+    plain = await serve(agent, "127.0.0.1", 0)
+    drills = await serve(agent, "127.0.0.1", 0, allow_fault_injection=True)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plain.addresses[0][1]}") as client:
+            # Without --allow-fault-injection there is nothing to inject into.
+            assert (await client.post("/faults/xid", json={"gpu": 1, "xid": 79})).status_code in (404, 405)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{drills.addresses[0][1]}") as client:
+            bad = await client.post("/faults/xid", json={"gpu": "one"})
+            assert bad.status_code == 400 and "gpu" in bad.json()["error"]
+            assert (await client.post("/faults/xid", json={"gpu": 9, "xid": 79})).status_code == 404
+            report = (await client.post("/faults/xid", json={"gpu": 1, "xid": 79})).json()
+            assert report["status"] == "drain" and report["recent_xids"] == [79]
+            await asyncio.sleep(0.05)
+            assert drained == [f"{NODE}/1"]
+            assert [g["index"] for g in (await client.get("/gpus?status=drain")).json()] == [1]
+            assert (await client.delete("/faults")).json() == {"cleared": [1]}
+            gpus = (await client.get("/gpus")).json()
+            assert [(g["index"], g["status"]) for g in gpus] == [(0, UNKNOWN_NO_NVML), (1, UNKNOWN_NO_NVML)]
+            # A second injection is a new transition: the hook runs again.
+            await client.post("/faults/xid", json={"gpu": 1, "xid": 79})
+            await asyncio.sleep(0.05)
+            assert drained == [f"{NODE}/1", f"{NODE}/1"]
+    finally:
+        await plain.cleanup()
+        await drills.cleanup()
+        await agent.aclose()
+
+
 # -- the command line and the check script, as real processes ---------------------------------------------------
 
 

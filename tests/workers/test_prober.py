@@ -52,6 +52,7 @@ async def test_exit_starts_a_failover_and_the_cap_turns_into_one_panic_alert(tmp
         assert [r.instance for r in started] == ["llama-2-7b-0"]
         assert started[0].trigger == Trigger.PROBE and started[0].failed_at is not None
         assert "process exited" in started[0].reason
+        assert started[0].confirmed  # the prober's hysteresis is the confirmation
         # The other two are down too, but the cap holds: one alert, not one per instance or tick.
         assert prober.panic is not None and "cap 1" in prober.panic
         assert len(alerts) == 1 and alerts[0]["labels"]["alertname"] == "DrctlProberPanic"

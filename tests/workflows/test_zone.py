@@ -58,6 +58,8 @@ async def test_zone_serving_fails_over_critical_first_and_zone_gpus_are_cordoned
     promotes = [subject for step, subject in fleet.calls if step == "promote"]
     assert promotes[0] == "llama-2-7b-1"  # critical model first
     assert fleet.instances["mistral-7b-0"].role == Role.SERVING  # other zones untouched
+    # Last: reconciliation, so standbys leave the cordoned zone now rather than at the next schedule.
+    assert fleet.calls[-1][0] == "replenish" and result.reconcile == "triggered"
 
 
 async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowEnvironment) -> None:

@@ -81,7 +81,7 @@ class LocalPlatform:
             return "already ejected"
         self.registry.update(instance.id, role=Role.FAILED, lb_priority=None, note=reason[:200])
         self.sync_load_balancer(instance.model)
-        stopped = processes.terminate(instance.pid)
+        stopped = await asyncio.to_thread(processes.terminate, instance.pid)
         return "removed from LB, marked failed" + (", process stopped" if stopped else "")
 
     async def promote(self, instance: Instance) -> str:
@@ -133,7 +133,7 @@ class LocalPlatform:
         detail = f"{target.name} restored from the repository (sha256 {info.sha256[:12]}…)"
         if instance.port is None:
             return detail
-        processes.terminate(instance.pid)
+        await asyncio.to_thread(processes.terminate, instance.pid)
         restarted = self._start_process(instance)
         return f"{detail}; {instance.id} restarted as pid {restarted.pid}"
 
@@ -262,7 +262,7 @@ class LocalPlatform:
         with self.registry.edit() as instances:
             instances.pop(action.instance, None)
         self.sync_load_balancer(action.model)
-        stopped = processes.terminate(instance.pid)
+        stopped = await asyncio.to_thread(processes.terminate, instance.pid)
         return f"{action.instance} deleted" + (" (process stopped)" if stopped else "")
 
     # -- fleet management (used by `drctl up`) -----------------------------------------------

@@ -81,11 +81,15 @@ def runs_instance(pid: int | None, instance_id: str) -> bool:
 
 
 def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
-    """SIGTERM the process group, SIGKILL after ``grace_s``; True if it had been running."""
+    """SIGTERM the process group, SIGKILL after ``grace_s``; True if it had been running.
+
+    A stopped process (SIGSTOP: a hung node in a drill) is continued right after the SIGTERM, so it
+    exits now instead of holding the caller for the whole grace period."""
     if not is_alive(pid):
         return False
     assert pid is not None
     _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not is_alive(pid):

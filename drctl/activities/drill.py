@@ -1,0 +1,367 @@
+"""The drill's activities: choose a target, inject the fault under load and measure the recovery,
+restore what was injected, and write the report.
+
+Only the local platform can inject faults (processes, node agents and checkpoints are on this
+machine); on Kubernetes ``drill_prepare`` refuses with a clear message (not built: it would delete
+pods, cordon and taint nodes, and inject Xids through the node agent DaemonSet).
+
+The recovery is measured from the outside: the load generator's answers, and the runbooks the fault
+started as Temporal records them (workflow start times and the failover's own step timings).
+Temporal's timestamps and this process's clock are the same machine's clock on the local platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from drctl.activities.load import LoadGenerator, Sample
+from drctl.activities.local import faults
+from drctl.activities.local.checkpoints import (
+    corrupt_checkpoint,
+    file_sha256,
+    read_expected_sha256,
+    restore_checkpoint,
+)
+from drctl.activities.local.platform import LocalPlatform
+from drctl.activities.platform import Platform
+from drctl.payloads import (
+    ActivityName,
+    DrillMeasurement,
+    DrillPlan,
+    DrillReport,
+    DrillReportRequest,
+    DrillRequest,
+    DrillRestore,
+    DrillScenario,
+    DrillTarget,
+    ErrorType,
+    FailoverOutcome,
+    FailoverResult,
+    InjectedFault,
+    ReconcileResult,
+    RunbookMark,
+    drain_workflow_id,
+    failover_workflow_id,
+    zone_failover_workflow_id,
+)
+from drctl.policies.drills import DrillNotReady, bucketize, choose_target, ms_between, redundancy_missing, verdicts
+from drctl.settings import DrctlSettings, StateLayout
+
+POLL_S = 0.1
+
+
+def not_ready(why: str) -> ApplicationError:
+    return ApplicationError(why, type=ErrorType.DRILL_NOT_READY, non_retryable=True)
+
+
+class DrillActivities:
+    def __init__(self, platform: Platform, settings: DrctlSettings, client: Client) -> None:
+        self.platform = platform
+        self.settings = settings
+        self.client = client
+        self.layout = StateLayout(settings.state_dir)
+
+    def all(self) -> list[Any]:
+        return [self.drill_prepare, self.drill_run, self.drill_restore, self.drill_report]
+
+    # -- prepare ---------------------------------------------------------------------------------
+
+    @activity.defn(name=ActivityName.DRILL_PREPARE)
+    async def drill_prepare(self, request: DrillRequest) -> DrillTarget:
+        if not isinstance(self.platform, LocalPlatform):
+            raise not_ready("drills inject faults on the local platform only; on Kubernetes they are not built yet")
+        policy = await self.platform.current_policy()
+        try:
+            return choose_target(
+                policy,
+                await self.platform.all_instances(),
+                await self.platform.cordoned_gpus(),
+                request.scenario,
+                request.model,
+            )
+        except DrillNotReady as exc:
+            raise not_ready(str(exc)) from exc
+
+    # -- run: load, inject, observe ----------------------------------------------------------------
+
+    @activity.defn(name=ActivityName.DRILL_RUN)
+    async def drill_run(self, plan: DrillPlan) -> DrillMeasurement:
+        """Not retried (a fault is injected once). Whatever breaks after the injection began is
+        reported in the measurement, with the fault as far as it went, so the workflow restores it."""
+        request, target = plan.request, plan.target
+        load = LoadGenerator(self.settings.lb_url, target.model, request.rps)
+        load.start()
+        heartbeat = _Heartbeat()
+        fault = InjectedFault(injected_at=datetime.now(UTC))
+        fault_mono = time.monotonic()
+        measurement = DrillMeasurement(fault=fault, recovered=False)
+        try:
+            await heartbeat.sleep(request.baseline_s, "baseline load")
+            fault.injected_at, fault_mono = datetime.now(UTC), time.monotonic()
+            heartbeat.fault = fault
+            await self._inject(target, fault)
+            activity.heartbeat({"phase": "injected", "fault": fault.model_dump(mode="json")})
+            measurement = await self._observe(request, target, fault, heartbeat)
+            await heartbeat.sleep(request.tail_s, "tail load")
+        except Exception as exc:
+            activity.logger.exception("drill run broke off")
+            measurement.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            samples = await load.stop()
+        measurement.buckets = bucketize(((s.sent_at, s.ok) for s in samples), fault_mono)
+        after = [s for s in samples if s.sent_at >= fault_mono]
+        measurement.requests = len(after)
+        measurement.failed_requests = sum(1 for s in samples if not s.ok)
+        measurement.worst_latency_ms = max((round(s.latency_s * 1000, 1) for s in after if s.ok), default=None)
+        measurement.notes += _failure_summary(samples)
+        return measurement
+
+    async def _inject(self, target: DrillTarget, fault: InjectedFault) -> None:
+        """Inject the scenario's fault, recording each part in ``fault`` before the next can fail."""
+        assert isinstance(self.platform, LocalPlatform)
+        instances = await self.platform.all_instances()
+        serving = next(i for i in instances if i.id == target.instance)
+        agent_pids = self._agent_pids()
+        match target.scenario:
+            case DrillScenario.POD_CRASH:
+                assert serving.pid is not None
+                faults.kill(serving.pid)
+                fault.detail = f"kill -9 {serving.pid} ({serving.id})"
+            case DrillScenario.NODE_DOWN | DrillScenario.ZONE_OUTAGE:
+                nodes: set[str]
+                if target.scenario == DrillScenario.NODE_DOWN:
+                    assert target.node is not None
+                    nodes = {target.node}
+                else:
+                    nodes = {n.name for n in self.platform.policy.gpu_pool.nodes if n.zone == target.zone}
+                pids = [i.pid for i in instances if i.node in nodes and i.pid is not None]
+                pids += [agent_pids[n] for n in sorted(nodes) if n in agent_pids]
+                for pid in pids:
+                    fault.stopped_pids += faults.stop([pid])
+                what = f"node {target.node}" if target.scenario == DrillScenario.NODE_DOWN else f"zone {target.zone}"
+                fault.detail = (
+                    f"{what} down: SIGSTOP of {len(fault.stopped_pids)} process(es) on {', '.join(sorted(nodes))}"
+                )
+            case DrillScenario.GPU_FAILURE:
+                assert target.gpu is not None and target.node is not None
+                async with httpx.AsyncClient(timeout=5.0) as http:
+                    url = await faults.agent_for_node(http, self.settings.node_agent_urls, target.node)
+                    if url is None:
+                        raise RuntimeError(f"no node agent answers for {target.node} (drctl up runs one per node)")
+                    fault.xid_agents.append(url)
+                    status = await faults.inject_xid(http, url, int(target.gpu.rsplit("/", 1)[1]), 79)
+                fault.detail = f"Xid 79 (GPU fallen off the bus) injected on {target.gpu} via {url}: {status}"
+            case DrillScenario.MODEL_CORRUPTION:
+                path = self.layout.checkpoint(target.model)
+                fault.corrupted.append(str(path))
+                await asyncio.to_thread(corrupt_checkpoint, path, 4096, 64)
+                async with httpx.AsyncClient() as http:
+                    reload = await faults.reload_weights(http, f"http://{serving.host}:{serving.port}")
+                fault.detail = f"{path.name} corrupted (64 bytes at 4096); {serving.id} reloaded its weights: {reload}"
+
+    def _agent_pids(self) -> dict[str, int]:
+        try:
+            pids = json.loads(self.layout.stack_file.read_text(encoding="utf-8"))["pids"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        names = {n.name for n in self.platform_policy_nodes()}
+        return {k: int(v) for k, v in pids.items() if k in names}
+
+    def platform_policy_nodes(self) -> list[Any]:
+        assert isinstance(self.platform, LocalPlatform)
+        return list(self.platform.policy.gpu_pool.nodes)
+
+    async def _observe(
+        self, request: DrillRequest, target: DrillTarget, fault: InjectedFault, heartbeat: _Heartbeat
+    ) -> DrillMeasurement:
+        """Poll until the serving instance's failover ended and the model's redundancy is back (and,
+        for a zone outage, the zone failover ended), or the drill's timeout."""
+        t0 = fault.injected_at
+        deadline = time.monotonic() + request.timeout_s
+        failover_id = failover_workflow_id(target.model, target.instance)
+        result: FailoverResult | None = None
+        zone_done = target.scenario != DrillScenario.ZONE_OUTAGE
+        redundancy_at: datetime | None = None
+        missing: list[str] = []
+        phase = "waiting for the failover"
+        while time.monotonic() < deadline:
+            if result is None:
+                result = await self._finished_result(failover_id, t0, FailoverResult)
+            if not zone_done:
+                zone_done = await self._finished_result(zone_failover_workflow_id(target.zone or ""), t0) is not None
+            if result is not None and zone_done:
+                policy = await self.platform.current_policy()
+                missing = redundancy_missing(
+                    policy, await self.platform.all_instances(), target.model, await self.platform.cordoned_gpus()
+                )
+                if not missing:
+                    redundancy_at = datetime.now(UTC)
+                    break
+                phase = f"waiting for redundancy: {'; '.join(missing)}"
+            elif result is not None:
+                phase = "waiting for the zone failover (zone checks, then the workflow)"
+            await heartbeat.sleep(POLL_S, phase)
+        measurement = DrillMeasurement(fault=fault, recovered=False)
+        if result is None:
+            measurement.notes.append(f"{failover_id} did not finish within {request.timeout_s:g}s")
+        elif redundancy_at is None:
+            measurement.notes.append(f"redundancy not back within {request.timeout_s:g}s: {'; '.join(missing)}")
+        await self._figures(measurement, target, t0, result, redundancy_at)
+        return measurement
+
+    async def _finished_result(self, workflow_id: str, since: datetime, result_type: Any = None) -> Any:
+        """The result of ``workflow_id``'s latest run if it started after ``since`` and completed."""
+        handle = self.client.get_workflow_handle(workflow_id, result_type=result_type)
+        try:
+            info = await handle.describe()
+        except RPCError:
+            return None
+        if info.start_time < since - timedelta(seconds=1) or info.status != WorkflowExecutionStatus.COMPLETED:
+            return None
+        return await handle.result()
+
+    async def _figures(
+        self,
+        m: DrillMeasurement,
+        target: DrillTarget,
+        t0: datetime,
+        result: FailoverResult | None,
+        redundancy_at: datetime | None,
+    ) -> None:
+        starts: dict[str, datetime] = {}
+        since = (t0 - timedelta(seconds=1)).isoformat()
+        async for wf in self.client.list_workflows(f"StartTime >= '{since}'"):
+            if wf.start_time >= t0 - timedelta(seconds=1):
+                starts[wf.id] = wf.start_time
+                m.runbooks.append(f"{wf.workflow_type} {wf.id}")
+                m.marks.append(
+                    RunbookMark(
+                        runbook=wf.id,
+                        step=f"{wf.workflow_type} started",
+                        at_ms=ms_between(t0, wf.start_time) or 0,
+                        duration_ms=0,
+                    )
+                )
+                if wf.workflow_type == "ReconcileStandbysWorkflow" and wf.status == WorkflowExecutionStatus.COMPLETED:
+                    handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
+                    outcome = await handle.result()
+                    m.notes += [f"{wf.id}: {line}" for line in outcome.applied if line.startswith("restore")]
+                    m.notes += [f"{wf.id} failed: {line}" for line in outcome.failed]
+        causes = [failover_workflow_id(target.model, target.instance)]
+        if target.gpu:
+            causes.append(drain_workflow_id(target.gpu))
+        if target.zone:
+            causes.append(zone_failover_workflow_id(target.zone))
+        detected = min((starts[c] for c in causes if c in starts), default=None)
+        m.detection_ms = ms_between(t0, detected)
+        if result is not None:
+            m.promoted, m.promoted_tier = result.promoted, (result.tier.value if result.tier else None)
+            for step in result.steps:
+                m.marks.append(
+                    RunbookMark(
+                        runbook=result.instance,
+                        step=step.step,
+                        at_ms=ms_between(t0, step.started_at) or 0,
+                        duration_ms=step.duration_ms,
+                        ok=step.ok,
+                    )
+                )
+            verify = [s for s in result.steps if s.step == "verify" and s.ok]
+            if result.outcome == FailoverOutcome.RECOVERED and verify and detected is not None:
+                served_at = verify[-1].started_at + timedelta(milliseconds=verify[-1].duration_ms)
+                m.rto_ms = ms_between(t0, served_at)
+                m.switch_ms = ms_between(detected, served_at)
+            m.recovered = result.outcome == FailoverOutcome.RECOVERED and redundancy_at is not None
+        m.redundancy_ms = ms_between(t0, redundancy_at)
+        m.marks.sort(key=lambda mark: mark.at_ms)
+
+    # -- restore ----------------------------------------------------------------------------------
+
+    @activity.defn(name=ActivityName.DRILL_RESTORE)
+    async def drill_restore(self, fault: InjectedFault) -> DrillRestore:
+        """Undo exactly what was injected; idempotent (retried until it succeeds)."""
+        out = DrillRestore()
+        if fault.stopped_pids:
+            resumed = faults.resume(fault.stopped_pids)
+            gone = len(fault.stopped_pids) - len(resumed)
+            out.detail.append(f"SIGCONT to {len(resumed)} process(es); {gone} had been stopped by runbooks")
+        if fault.xid_agents:
+            async with httpx.AsyncClient(timeout=5.0) as http:
+                for url in fault.xid_agents:
+                    cleared = await faults.clear_xids(http, url)
+                    out.detail.append(f"{url}: injected Xids cleared on GPU(s) {cleared}")
+        for name in fault.corrupted:
+            path = Path(name)
+            if await asyncio.to_thread(file_sha256, path) == read_expected_sha256(path):
+                out.detail.append(f"{path.name}: already restored by the runbook")
+            else:
+                good = self.layout.good_checkpoint(path.stem)
+                await asyncio.to_thread(restore_checkpoint, good, path)
+                out.detail.append(f"{path.name}: restored from the repository by the drill")
+        return out
+
+    # -- report ------------------------------------------------------------------------------------
+
+    @activity.defn(name=ActivityName.DRILL_REPORT)
+    async def drill_report(self, request: DrillReportRequest) -> DrillReport:
+        from drctl.activities.drill_report import write_report
+
+        policy = await self.platform.current_policy()
+        hot = policy.model(request.target.model).hot_standby > 0
+        report = DrillReport(
+            drill_id=request.drill_id,
+            scenario=request.target.scenario,
+            target=request.target,
+            measurement=request.measurement,
+            restore=request.restore,
+            error=request.error,
+        )
+        if request.measurement is not None:
+            report.verdicts = verdicts(request.target, request.measurement, hot)
+        report.passed = (
+            request.error is None
+            and bool(report.verdicts)
+            and all(v.startswith("pass") for v in report.verdicts.values())
+        )
+        folder = self.layout.root / "drills" / request.drill_id
+        report.files = await asyncio.to_thread(write_report, report, folder)
+        return report
+
+
+class _Heartbeat:
+    """Heartbeats carry the fault once it is injected: if this worker dies mid-drill, the workflow
+    finds it in the activity's last heartbeat details and restores it all the same."""
+
+    def __init__(self) -> None:
+        self.fault: InjectedFault | None = None
+
+    async def sleep(self, seconds: float, phase: str) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            details: dict[str, Any] = {"phase": phase}
+            if self.fault is not None:
+                details["fault"] = self.fault.model_dump(mode="json")
+            activity.heartbeat(details)
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.5))
+
+
+def _failure_summary(samples: list[Sample]) -> list[str]:
+    failed: dict[str, int] = {}
+    for s in samples:
+        if not s.ok:
+            failed[str(s.status)] = failed.get(str(s.status), 0) + 1
+    return [f"failed requests by status: {failed}"] if failed else []

@@ -1,0 +1,83 @@
+"""The drill's load generator: an open-loop stream of predict requests through the load balancer.
+
+Open loop (a request every ``1/rps`` seconds whatever the answers) so a stall shows up as failed or
+slow requests instead of silently lowering the rate, as a closed loop would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Sample:
+    sent_at: float
+    """``time.monotonic()`` when sent."""
+    latency_s: float
+    ok: bool
+    served_by: str | None
+    status: int | str
+    """HTTP status, or the exception's name."""
+
+
+@dataclass
+class LoadGenerator:
+    lb_url: str
+    model: str
+    rps: int
+    timeout_s: float = 30.0
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(
+            timeout=self.timeout_s, limits=httpx.Limits(max_connections=max(64, self.rps * 2))
+        )
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    async def stop(self) -> list[Sample]:
+        """Stop sending, wait for the requests in flight, and return every sample."""
+        self._stop.set()
+        if self._runner is not None:
+            await self._runner
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=self.timeout_s + 1)
+        await self._http.aclose()
+        return sorted(self.samples, key=lambda s: s.sent_at)
+
+    async def _run(self) -> None:
+        url = f"{self.lb_url}/v1/models/{self.model}/predict"
+        period = 1.0 / self.rps
+        next_at = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            task = asyncio.create_task(self._one(url, n))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            n += 1
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+
+    async def _one(self, url: str, n: int) -> None:
+        sent = time.monotonic()
+        try:
+            response = await self._http.post(url, json={"prompt": f"drill request {n}", "max_tokens": 4})
+            ok = response.status_code == 200
+            status: int | str = response.status_code
+            served_by = response.headers.get("x-drctl-instance")
+        except httpx.HTTPError as exc:
+            ok, status, served_by = False, type(exc).__name__, None
+        self.samples.append(Sample(sent, time.monotonic() - sent, ok, served_by, status))
