@@ -417,6 +417,9 @@ class DrillRequest(Payload):
     """Load after redundancy is back."""
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     """Give up waiting for recovery after this long (the fault is restored anyway)."""
+    ready_wait_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    """Wait this long for the model to be at its policy's redundancy before refusing (a previous
+    drill's replenishment may still be loading)."""
 
 
 class DrillTarget(Payload):
@@ -485,7 +488,11 @@ class DrillMeasurement(Payload):
     """Fault → the policy's standbys for the model are back."""
     requests: int = 0
     failed_requests: int = 0
-    """Requests sent after the fault that did not get a 200."""
+    """Requests sent after the fault was in place that did not get a 200 (judged: zero with a hot standby)."""
+    lost_in_flight: int = 0
+    """Requests sent before the fault was fully injected that did not get a 200: in flight when the
+    process stopped or died, possibly mid-response, which no load balancer can retry (the seed's
+    "data loss: in-flight requests"). Reported, not judged."""
     worst_latency_ms: float | None = None
     """Slowest successful request after the fault (retries through Envoy included)."""
     promoted: str | None = None

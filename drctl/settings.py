@@ -103,6 +103,11 @@ class StateLayout:
         return self.root / "instances.json"
 
     @property
+    def prober_status_file(self) -> Path:
+        """Written by the prober every half second: how far it got (``drctl up`` waits for it)."""
+        return self.root / "prober.json"
+
+    @property
     def stack_file(self) -> Path:
         return self.root / "stack.json"
 

@@ -55,7 +55,15 @@ from drctl.payloads import (
     failover_workflow_id,
     zone_failover_workflow_id,
 )
-from drctl.policies.drills import DrillNotReady, bucketize, choose_target, ms_between, redundancy_missing, verdicts
+from drctl.policies.drills import (
+    DrillImpossible,
+    DrillNotReady,
+    bucketize,
+    choose_target,
+    ms_between,
+    redundancy_missing,
+    verdicts,
+)
 from drctl.settings import DrctlSettings, StateLayout
 
 POLL_S = 0.1
@@ -81,17 +89,22 @@ class DrillActivities:
     async def drill_prepare(self, request: DrillRequest) -> DrillTarget:
         if not isinstance(self.platform, LocalPlatform):
             raise not_ready("drills inject faults on the local platform only; on Kubernetes they are not built yet")
-        policy = await self.platform.current_policy()
-        try:
-            return choose_target(
-                policy,
-                await self.platform.all_instances(),
-                await self.platform.cordoned_gpus(),
-                request.scenario,
-                request.model,
-            )
-        except DrillNotReady as exc:
-            raise not_ready(str(exc)) from exc
+        deadline = time.monotonic() + request.ready_wait_s
+        while True:
+            policy = await self.platform.current_policy()
+            try:
+                return choose_target(
+                    policy,
+                    await self.platform.all_instances(),
+                    await self.platform.cordoned_gpus(),
+                    request.scenario,
+                    request.model,
+                )
+            except DrillNotReady as exc:
+                if isinstance(exc, DrillImpossible) or time.monotonic() >= deadline:
+                    raise not_ready(str(exc)) from exc
+                activity.heartbeat({"phase": f"waiting for the fleet: {exc}"})
+                await asyncio.sleep(0.5)
 
     # -- run: load, inject, observe ----------------------------------------------------------------
 
@@ -104,13 +117,14 @@ class DrillActivities:
         load.start()
         heartbeat = _Heartbeat()
         fault = InjectedFault(injected_at=datetime.now(UTC))
-        fault_mono = time.monotonic()
+        fault_mono = injected_mono = time.monotonic()
         measurement = DrillMeasurement(fault=fault, recovered=False)
         try:
             await heartbeat.sleep(request.baseline_s, "baseline load")
             fault.injected_at, fault_mono = datetime.now(UTC), time.monotonic()
             heartbeat.fault = fault
             await self._inject(target, fault)
+            injected_mono = time.monotonic()
             activity.heartbeat({"phase": "injected", "fault": fault.model_dump(mode="json")})
             measurement = await self._observe(request, target, fault, heartbeat)
             await heartbeat.sleep(request.tail_s, "tail load")
@@ -122,9 +136,10 @@ class DrillActivities:
         measurement.buckets = bucketize(((s.sent_at, s.ok) for s in samples), fault_mono)
         after = [s for s in samples if s.sent_at >= fault_mono]
         measurement.requests = len(after)
-        measurement.failed_requests = sum(1 for s in samples if not s.ok)
+        measurement.failed_requests = sum(1 for s in samples if not s.ok and s.sent_at >= injected_mono)
+        measurement.lost_in_flight = sum(1 for s in samples if not s.ok and s.sent_at < injected_mono)
         measurement.worst_latency_ms = max((round(s.latency_s * 1000, 1) for s in after if s.ok), default=None)
-        measurement.notes += _failure_summary(samples)
+        measurement.notes += _failure_summary(samples, fault_mono)
         return measurement
 
     async def _inject(self, target: DrillTarget, fault: InjectedFault) -> None:
@@ -197,7 +212,7 @@ class DrillActivities:
         phase = "waiting for the failover"
         while time.monotonic() < deadline:
             if result is None:
-                result = await self._finished_result(failover_id, t0, FailoverResult)
+                result = await self._failover_result(failover_id, t0)
             if not zone_done:
                 zone_done = await self._finished_result(zone_failover_workflow_id(target.zone or ""), t0) is not None
             if result is not None and zone_done:
@@ -219,6 +234,22 @@ class DrillActivities:
             measurement.notes.append(f"redundancy not back within {request.timeout_s:g}s: {'; '.join(missing)}")
         await self._figures(measurement, target, t0, result, redundancy_at)
         return measurement
+
+    async def _failover_result(self, workflow_id: str, since: datetime) -> FailoverResult | None:
+        """The failover of the target once every run of it since the fault has finished: the run that
+        recovered it, else the latest. (Two detectors can each start one: the zone failover's child
+        recovers it, then the prober's run finds it already ejected.)"""
+        query = f"WorkflowId = '{workflow_id}' AND StartTime >= '{(since - timedelta(seconds=1)).isoformat()}'"
+        runs = [wf async for wf in self.client.list_workflows(query)]
+        if not runs or any(wf.status == WorkflowExecutionStatus.RUNNING for wf in runs):
+            return None
+        results: list[FailoverResult] = []
+        for wf in sorted(runs, key=lambda wf: wf.start_time):
+            if wf.status == WorkflowExecutionStatus.COMPLETED:
+                handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=FailoverResult)
+                results.append(await handle.result())
+        recovered = [r for r in results if r.outcome == FailoverOutcome.RECOVERED]
+        return recovered[0] if recovered else (results[-1] if results else None)
 
     async def _finished_result(self, workflow_id: str, since: datetime, result_type: Any = None) -> Any:
         """The result of ``workflow_id``'s latest run if it started after ``since`` and completed."""
@@ -253,9 +284,13 @@ class DrillActivities:
                         duration_ms=0,
                     )
                 )
-                if wf.workflow_type == "ReconcileStandbysWorkflow" and wf.status == WorkflowExecutionStatus.COMPLETED:
+                if wf.workflow_type == "ReconcileStandbysWorkflow":
                     handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
-                    outcome = await handle.result()
+                    try:
+                        outcome = await asyncio.wait_for(handle.result(), timeout=30)
+                    except Exception as exc:  # still running, failed: say so rather than guess
+                        m.notes.append(f"{wf.id}: no result ({type(exc).__name__})")
+                        continue
                     m.notes += [f"{wf.id}: {line}" for line in outcome.applied if line.startswith("restore")]
                     m.notes += [f"{wf.id} failed: {line}" for line in outcome.failed]
         causes = [failover_workflow_id(target.model, target.instance)]
@@ -359,9 +394,18 @@ class _Heartbeat:
             await asyncio.sleep(min(left, 0.5))
 
 
-def _failure_summary(samples: list[Sample]) -> list[str]:
-    failed: dict[str, int] = {}
-    for s in samples:
-        if not s.ok:
-            failed[str(s.status)] = failed.get(str(s.status), 0) + 1
-    return [f"failed requests by status: {failed}"] if failed else []
+def _failure_summary(samples: list[Sample], fault_at: float, first: int = 10) -> list[str]:
+    """Failed requests by status, and the first few: when sent (from the fault), how long, why."""
+    failed = [s for s in samples if not s.ok]
+    if not failed:
+        return []
+    by_status: dict[str, int] = {}
+    for s in failed:
+        by_status[str(s.status)] = by_status.get(str(s.status), 0) + 1
+    lines = [f"failed requests by status: {by_status}"]
+    lines += [
+        f"failed request sent at {(s.sent_at - fault_at) * 1000:+.0f} ms, after {s.latency_s * 1000:.0f} ms: "
+        f"{s.status} {s.error}".rstrip()
+        for s in failed[:first]
+    ]
+    return lines

@@ -37,6 +37,7 @@ def markdown(report: DrillReport) -> str:
             f"| total RTO | {_s(m.rto_ms)} | {_s(t.policy_rto_ms)} | {_s(t.sla_rto_ms)} |",
             f"| redundancy restored | {_s(m.redundancy_ms)} | | |",
             f"| requests failed | {m.failed_requests} of {m.requests} after the fault | | |",
+            f"| in flight at the fault, lost | {m.lost_in_flight} | | in-flight requests may be lost |",
             f"| slowest successful request | {_s(m.worst_latency_ms)} | | |",
             "",
             f"Replacement: `{m.promoted or '-'}` ({m.promoted_tier or '-'})",

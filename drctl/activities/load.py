@@ -22,6 +22,8 @@ class Sample:
     served_by: str | None
     status: int | str
     """HTTP status, or the exception's name."""
+    error: str = ""
+    """The response body's start, or the exception's message, when not ok."""
 
 
 @dataclass
@@ -78,6 +80,7 @@ class LoadGenerator:
             ok = response.status_code == 200
             status: int | str = response.status_code
             served_by = response.headers.get("x-drctl-instance")
+            error = "" if ok else response.text[:200]
         except httpx.HTTPError as exc:
-            ok, status, served_by = False, type(exc).__name__, None
-        self.samples.append(Sample(sent, time.monotonic() - sent, ok, served_by, status))
+            ok, status, served_by, error = False, type(exc).__name__, None, str(exc)[:200]
+        self.samples.append(Sample(sent, time.monotonic() - sent, ok, served_by, status, error))

@@ -38,6 +38,10 @@ class DrillNotReady(ValueError):
     """The drill cannot run now; the message says why. Nothing was injected."""
 
 
+class DrillImpossible(DrillNotReady):
+    """The drill cannot run on this policy at all (waiting will not help)."""
+
+
 def choose_target(
     policy: DRPolicy,
     instances: Sequence[Instance],
@@ -48,7 +52,7 @@ def choose_target(
     """The model's serving instance and, per scenario, its node, GPU or zone."""
     name = model or sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))[0].name
     if name not in policy.model_names:
-        raise DrillNotReady(f"unknown model {name!r} (known: {', '.join(policy.model_names)})")
+        raise DrillImpossible(f"unknown model {name!r} (known: {', '.join(policy.model_names)})")
     missing = redundancy_missing(policy, instances, name, cordoned)
     if missing:
         raise DrillNotReady(f"{name} is not at its policy's redundancy ({'; '.join(missing)}); drill refused")
@@ -60,12 +64,12 @@ def choose_target(
         raise DrillNotReady(f"{target.id} has no node/GPU recorded; {scenario} needs them")
     if scenario == DrillScenario.ZONE_OUTAGE:
         if target.zone not in policy.az_failover.active_zones:
-            raise DrillNotReady(
+            raise DrillImpossible(
                 f"{target.id} serves from {target.zone}, not an active zone "
                 f"({', '.join(policy.az_failover.active_zones)}); a zone outage drill needs one"
             )
         if len(policy.zones) < 2:
-            raise DrillNotReady("the policy has one zone: there is nowhere to fail over to")
+            raise DrillImpossible("the policy has one zone: there is nowhere to fail over to")
     detection, switch, rto = SEED_SLA_S[scenario]
     return DrillTarget(
         scenario=scenario,

@@ -93,6 +93,13 @@ def plan_reconcile(
         if any(i.role == Role.PROMOTING for i in live):
             plan.skipped_models.append(f"{model.name}: an instance is being promoted (failover running)")
             continue
+        serving = [i for i in live if i.role == Role.SERVING]
+        if len(serving) > model.replicas:
+            # A failover registered its replacement and has not ejected the failed instance yet (it
+            # waits for the replacement to verify): deleting either now would fight the failover.
+            ids = ", ".join(i.id for i in serving)
+            plan.skipped_models.append(f"{model.name}: {ids} all serving (a failover is switching over)")
+            continue
         next_index = max((instance_index(i.id) for i in mine), default=-1) + 1
         # Standbys left on a cordoned GPU (drained, or its zone failed over) are moved: deleted
         # here and counted as missing, so they are recreated where placement allows.

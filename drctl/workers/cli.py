@@ -867,7 +867,8 @@ def _print_drill(report: Any) -> None:
             highlight=False,
         )
         out.print(
-            f"  redundancy back {s(m.redundancy_ms)}   requests failed {m.failed_requests} of {m.requests}",
+            f"  redundancy back {s(m.redundancy_ms)}   requests failed {m.failed_requests} of {m.requests}"
+            + (f" (+{m.lost_in_flight} in flight at the fault)" if m.lost_in_flight else ""),
             highlight=False,
         )
     for name, verdict in report.verdicts.items():

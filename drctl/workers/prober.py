@@ -14,12 +14,14 @@ which starts ``ZoneFailoverWorkflow`` for a zone whose nodes all stop answering.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,6 +78,7 @@ class Prober:
         self.in_flight: dict[str, tuple[str, str | None, asyncio.Task[Any]]] = {}
         self.detections: list[Detection] = []
         self.panic: str | None = None
+        self.ticks = 0
         self._http = httpx.AsyncClient()
 
     async def aclose(self) -> None:
@@ -92,6 +95,7 @@ class Prober:
                 pass
 
     async def tick(self, now: float) -> None:
+        self.ticks += 1
         instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
         interval = self.policy.detection.probe_interval.total_seconds()
         due: list[Instance] = []
@@ -229,15 +233,41 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     prober = Prober(policy, registry, start, raise_alert if alertmanager else None)
     log.info("probing every %s", policy.detection.probe_interval)
     loops = [prober.run(stop)]
+    checker = None
     if settings.node_agent_urls or settings.node_agent_service:
-        loops.append(zone_checker(settings, policy, client).run(stop))
+        checker = zone_checker(settings, policy, client)
+        loops.append(checker.run(stop))
         log.info(
             "checking zones %s every %s", policy.az_failover.active_zones, policy.az_failover.health_check_interval
         )
+    loops.append(write_status(StateLayout(settings.state_dir).prober_status_file, prober, checker, stop))
     try:
         await asyncio.gather(*loops)
     finally:
         await prober.aclose()
+
+
+async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, stop: asyncio.Event) -> None:
+    """Every half second, what the prober has done so far (atomically): ``drctl up`` waits until it
+    has probed and, with node agents, checked the zones once, so a failure right after start-up is
+    not missed."""
+    while not stop.is_set():
+        status = {
+            "pid": os.getpid(),
+            "updated_at": datetime.now(UTC).isoformat(),
+            "ticks": prober.ticks,
+            "panic": prober.panic,
+            "zone_checks": None if checker is None else checker.checks,
+            "zones": None if checker is None else checker.verdicts,
+            "nodes_seen": None if checker is None else sorted(set(checker.node_of.values())),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except TimeoutError:
+            pass
 
 
 def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> ZoneChecker:

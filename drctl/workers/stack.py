@@ -77,8 +77,12 @@ class LocalStack:
             self.say(f"alert receiver on http://{self.settings.host}:{alert_receiver_port()}/alerts")
         if self.with_prober:
             self.start_prober()
+            await self._wait_prober_ready()
             interval = format_duration(self.policy.detection.probe_interval)
             self.say(f"health prober running (pid {self.pids['prober']}), probing every {interval}")
+            if self.with_node_agents:
+                checks = format_duration(self.policy.az_failover.health_check_interval)
+                self.say(f"zone health checks every {checks} through the node agents")
         assert self.client is not None
         every = self.policy.reconcile.interval
         done = await ensure_reconcile_schedule(self.client, self.policy, self.settings.task_queue)
@@ -231,7 +235,25 @@ class LocalStack:
         self.pids["worker"] = self._start_python_process("drctl.workers.worker", "worker.log")
 
     def start_prober(self) -> None:
+        self.layout.prober_status_file.unlink(missing_ok=True)
         self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log")
+
+    async def _wait_prober_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the prober has probed once and, with node agents, has seen every node's agent: a
+        failure injected before then would go unnoticed by the zone checks (no evidence yet)."""
+        deadline = time.monotonic() + timeout_s
+        nodes = sorted(self.node_agent_ports) if self.with_node_agents else None
+        while time.monotonic() < deadline:
+            try:
+                status = json.loads(self.layout.prober_status_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                status = {}
+            if status.get("ticks", 0) >= 1 and (nodes is None or status.get("nodes_seen") == nodes):
+                return
+            if not processes.is_alive(self.pids["prober"]):
+                raise StackError(f"the prober exited; see {self.layout.logs_dir / 'prober.log'}")
+            await asyncio.sleep(0.1)
+        raise StackError(f"the prober is not ready after {timeout_s:.0f}s; see {self.layout.logs_dir}/prober.log")
 
     def start_alert_receiver(self) -> None:
         self.pids["alert_receiver"] = self._start_python_process("drctl.workers.alert_receiver", "alert-receiver.log")

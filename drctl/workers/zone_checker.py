@@ -38,6 +38,9 @@ class ZoneChecker:
     """Agent URL → the node it said it runs on (learned from ``/healthz``)."""
     started: list[tuple[str, str]] = field(default_factory=list)
     """(zone, workflow id) of every zone failover this checker started."""
+    checks: int = 0
+    verdicts: dict[str, str] = field(default_factory=dict)
+    """The last check's verdict per active zone."""
 
     def __post_init__(self) -> None:
         self.tracker = ZoneHealthTracker(self.policy.az_failover.failover_threshold)
@@ -66,8 +69,10 @@ class ZoneChecker:
                 workflow_id = await self.start_zone_failover(zone, reason)
                 self.started.append((zone, workflow_id))
                 log.error("zone %s is down: started %s", zone, workflow_id)
-            elif verdict == ZoneVerdict.DOWN:
+            elif verdict == ZoneVerdict.DOWN and zone not in self.tracker.tripped:
                 log.warning("zone %s failed check %d of %d", zone, failures_before + 1, self.tracker.threshold)
+        self.checks += 1
+        self.verdicts = {zone: str(verdict) for zone, verdict in verdicts.items()}
         return verdicts
 
     @staticmethod

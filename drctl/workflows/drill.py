@@ -70,7 +70,8 @@ class DrillWorkflow:
             ActivityName.DRILL_PREPARE,
             request,
             result_type=DrillTarget,
-            start_to_close_timeout=timedelta(seconds=30),
+            start_to_close_timeout=timedelta(seconds=request.ready_wait_s + 30),
+            heartbeat_timeout=timedelta(seconds=10),
             retry_policy=RETRY,
         )
         measurement: DrillMeasurement | None = None
@@ -91,6 +92,7 @@ class DrillWorkflow:
             error = why_failed(err)
             fault = _fault_from_heartbeat(err)
             if fault is not None:
+                error = f"the drill run was lost ({error}); restoring what its last heartbeat said it injected"
                 measurement = DrillMeasurement(fault=fault, recovered=False, error=error)
         finally:
             self._phase = "restoring the fault"

@@ -105,7 +105,10 @@ activities surface the activity's own ``ApplicationError`` or a timeout."""
 
 
 def why_failed(err: FailureError) -> str:
-    return str(err.cause or err) if isinstance(err, ActivityError) else str(err)
+    cause = err.cause if isinstance(err, ActivityError) and err.cause else err
+    if isinstance(cause, TemporalTimeoutError) and cause.type is not None:
+        return f"{cause.type.name.lower().replace('_', '-')} timeout"  # rather than just "Timeout"
+    return str(cause)
 
 
 def error_type(err: FailureError) -> str | None:

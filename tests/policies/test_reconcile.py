@@ -147,3 +147,17 @@ def test_standbys_on_cordoned_gpus_are_moved_elsewhere() -> None:
     assert len(created) == len(stranded) and all(a.gpu not in cordoned for a in created)
     after = apply(fleet, plan.actions)
     assert plan_reconcile(POLICY, after, cordoned=cordoned).actions == []
+
+
+def test_two_serving_instances_mid_switch_over_are_left_alone() -> None:
+    """A failover registered the warm standby at priority 0 and waits for it to verify before it
+    ejects the failed instance: reconciling then must not delete the newcomer as "surplus"."""
+    fleet = [
+        i.model_copy(update={"role": Role.SERVING, "lb_priority": 0})
+        if i.model == "gpt-4-8b" and i.role == Role.WARM
+        else i
+        for i in fleet_from_scratch()
+    ]
+    plan = plan_reconcile(POLICY, fleet)
+    assert [a for a in plan.actions if a.model == "gpt-4-8b"] == []
+    assert any(s.startswith("gpt-4-8b:") and "switching over" in s for s in plan.skipped_models)

@@ -68,6 +68,17 @@ def is_alive(pid: int | None) -> bool:
     return state not in ("Z", "X")
 
 
+def is_stopped(pid: int | None) -> bool:
+    """True when the process exists and is stopped (SIGSTOP: state ``T``), e.g. by a node-down drill."""
+    if pid is None or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 def runs_instance(pid: int | None, instance_id: str) -> bool:
     """True when ``pid`` is alive and its command line names ``instance_id`` (guards against a
     recycled pid before stopping a leftover process)."""
@@ -83,13 +94,17 @@ def runs_instance(pid: int | None, instance_id: str) -> bool:
 def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
     """SIGTERM the process group, SIGKILL after ``grace_s``; True if it had been running.
 
-    A stopped process (SIGSTOP: a hung node in a drill) is continued right after the SIGTERM, so it
-    exits now instead of holding the caller for the whole grace period."""
+    A stopped process (SIGSTOP: a hung node in a drill) is killed at once: it cannot shut down
+    gracefully, and continuing it to do so would let it write half a response to a request it held
+    (which the load balancer could then no longer retry elsewhere)."""
     if not is_alive(pid):
         return False
     assert pid is not None
-    _signal_group(pid, signal.SIGTERM)
-    _signal_group(pid, signal.SIGCONT)
+    if is_stopped(pid):
+        _signal_group(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL; make sure it runs to exit
+    else:
+        _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not is_alive(pid):
