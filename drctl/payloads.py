@@ -486,6 +486,8 @@ class DrillMeasurement(Payload):
     """Fault → the replacement serving (detection + switch)."""
     redundancy_ms: float | None = None
     """Fault → the policy's standbys for the model are back."""
+    zone_failover_ms: float | None = None
+    """Zone outage: fault → the zone health checks started ``ZoneFailoverWorkflow``."""
     requests: int = 0
     failed_requests: int = 0
     """Requests sent after the fault was in place that did not get a 200 (judged: zero with a hot standby)."""

@@ -299,6 +299,8 @@ class DrillActivities:
         if target.zone:
             causes.append(zone_failover_workflow_id(target.zone))
         detected = min((starts[c] for c in causes if c in starts), default=None)
+        if target.scenario == DrillScenario.ZONE_OUTAGE and target.zone:
+            m.zone_failover_ms = ms_between(t0, starts.get(zone_failover_workflow_id(target.zone)))
         m.detection_ms = ms_between(t0, detected)
         if result is not None:
             m.promoted, m.promoted_tier = result.promoted, (result.tier.value if result.tier else None)

@@ -36,6 +36,7 @@ def markdown(report: DrillReport) -> str:
             f"| switch | {_s(m.switch_ms)} | | {_s(t.sla_switch_ms)} |",
             f"| total RTO | {_s(m.rto_ms)} | {_s(t.policy_rto_ms)} | {_s(t.sla_rto_ms)} |",
             f"| redundancy restored | {_s(m.redundancy_ms)} | | |",
+            *([f"| zone failover started | {_s(m.zone_failover_ms)} | | |"] if m.zone_failover_ms is not None else []),
             f"| requests failed | {m.failed_requests} of {m.requests} after the fault | | |",
             f"| in flight at the fault, lost | {m.lost_in_flight} | | in-flight requests may be lost |",
             f"| slowest successful request | {_s(m.worst_latency_ms)} | | |",

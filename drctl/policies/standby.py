@@ -12,10 +12,21 @@ TIER_ORDER: tuple[Role, ...] = (Role.HOT, Role.WARM, Role.COLD)
 
 
 def standby_candidates(instances: Sequence[Instance], failed_instance: str) -> list[Instance]:
-    """Standbys to try, best first: hot, then warm, then cold; stable by id within a tier."""
+    """Standbys to try, best first: hot, then warm, then cold. Within a tier, standbys away from the
+    failed instance's node come first, then those outside its zone: when the node (or zone) is what
+    failed, a standby there is likely down with it. Stable by id after that."""
     rank = {role: i for i, role in enumerate(TIER_ORDER)}
+    failed = next((i for i in instances if i.id == failed_instance), None)
+    node = failed.node if failed else None
+    zone = failed.zone if failed else None
     standbys = [i for i in instances if i.id != failed_instance and i.role in rank]
-    return sorted(standbys, key=lambda i: (rank[i.role], i.id))
+
+    def key(i: Instance) -> tuple[int, bool, bool, int, str]:
+        same_node = node is not None and i.node == node
+        same_zone = zone is not None and i.zone == zone
+        return (rank[i.role], same_node, same_zone, len(i.id), i.id)
+
+    return sorted(standbys, key=key)
 
 
 def serving_others(instances: Sequence[Instance], failed_instance: str) -> list[Instance]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,13 +89,16 @@ class ZoneChecker:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.policy.az_failover.health_check_interval.total_seconds()
+        next_at = time.monotonic()
         async with httpx.AsyncClient() as http:
             while not stop.is_set():
                 try:
                     await self.check_once(http)
                 except Exception:
                     log.exception("zone check failed")
+                # At a fixed rate: a check that waited on silent agents does not stretch the interval.
+                next_at = max(next_at + interval, time.monotonic())
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=interval)
+                    await asyncio.wait_for(stop.wait(), timeout=next_at - time.monotonic())
                 except TimeoutError:
                     pass

@@ -76,6 +76,10 @@ QUICK = RetryPolicy(
 )
 """Steps against the platform are short; three tries, then the workflow decides (next standby)."""
 
+ONE_TRY = RetryPolicy(maximum_attempts=1)
+HOT_CHECK_TIMEOUT = timedelta(seconds=3)
+"""How long a hot standby may take to show it is loaded (it is, unless it is down)."""
+
 STEP_TIMEOUTS = {
     ActivityName.OBSERVE_FLEET: timedelta(seconds=30),
     ActivityName.DELETE_INSTANCE: timedelta(seconds=30),
@@ -265,9 +269,24 @@ class FailoverWorkflow:
 
     async def _load(self, ref: InstanceRef, long: bool) -> None:
         """Wait until the instance has loaded its model. A checkpoint that fails its checksum is
-        restored from the good copy and loaded once more (seed §5.2: model corruption → reload)."""
+        restored from the good copy and loaded once more (seed §5.2: model corruption → reload).
+
+        A hot standby is loaded already, so its check is one short try: a hot standby that does not
+        answer within ``HOT_CHECK_TIMEOUT`` is down too (its node failed with the serving one) and
+        the next standby is tried, instead of waiting out a model load's timeout on it."""
         try:
-            await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, ref.instance, long=long)
+            if long:
+                await self._step("load", ActivityName.LOAD_MODEL, ref, StepReport, ref.instance, long=True)
+            else:
+                await self._step(
+                    "load",
+                    ActivityName.LOAD_MODEL,
+                    ref,
+                    StepReport,
+                    ref.instance,
+                    step_timeout=HOT_CHECK_TIMEOUT,
+                    retry=ONE_TRY,
+                )
         except STEP_ERRORS as err:
             if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
                 raise
@@ -358,6 +377,8 @@ class FailoverWorkflow:
         result_type: type[R],
         subject: str | None = None,
         long: bool = False,
+        step_timeout: timedelta | None = None,
+        retry: RetryPolicy = QUICK,
     ) -> R:
         start = workflow.now()
         try:
@@ -367,17 +388,17 @@ class FailoverWorkflow:
                     activity,
                     args=args,
                     result_type=result_type,
-                    start_to_close_timeout=STEP_TIMEOUTS[activity],
-                    retry_policy=QUICK,
+                    start_to_close_timeout=step_timeout or STEP_TIMEOUTS[activity],
+                    retry_policy=retry,
                 )
             else:
                 out = await workflow.execute_activity(
                     activity,
                     args=args,
                     result_type=result_type,
-                    start_to_close_timeout=STEP_TIMEOUTS[activity],
+                    start_to_close_timeout=step_timeout or STEP_TIMEOUTS[activity],
                     heartbeat_timeout=HEARTBEAT_TIMEOUTS.get(activity),
-                    retry_policy=QUICK,
+                    retry_policy=retry,
                 )
         except STEP_ERRORS as err:
             self._record(step, start, workflow.now(), None, False, f"{subject or ''} {why_failed(err)}".strip())

@@ -7,9 +7,14 @@ standbys), write its three report files, and leave its fault restored.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -116,3 +121,38 @@ async def test_model_corruption(drill_stack: LocalStack) -> None:
     # (replenishment) restored the good copy and loaded it again; the drill had nothing left to do.
     assert any(": restore " in note and "restored from the repository" in note for note in m.notes), m.notes
     assert any("already restored by the runbook" in line for line in report.restore)
+
+
+def drctl(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    s = stack.settings
+    env = os.environ | {
+        "DRCTL_TEMPORAL_ADDRESS": s.temporal_address,
+        "DRCTL_TASK_QUEUE": s.task_queue,
+        "DRCTL_POLICY": str(s.policy),
+        "DRCTL_STATE_DIR": str(s.state_dir),
+    }
+    command = [str(Path(sys.executable).parent / "drctl"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False, env=env)
+
+
+async def test_cli_runs_a_drill_schedules_one_and_rejects_bad_input(drill_stack: LocalStack) -> None:
+    done = await asyncio.to_thread(drctl, drill_stack, "drill", "pod-crash", "--rps", "20")
+    assert done.returncode == 0, done.stderr
+    assert "pod-crash on llama-2-7b-" in done.stdout and "PASSED" in done.stdout and "timeline.png" in done.stdout
+    assert "injecting and measuring" in done.stderr  # progress while it runs
+
+    for args, message in [
+        (("drill", "meteor-strike"), "unknown scenario 'meteor-strike'"),
+        (("drill", "pod-crash", "--model", "nope"), "unknown model 'nope'"),
+        (("drill", "pod-crash", "--timeout", "soon"), "bad option"),
+    ]:
+        bad = await asyncio.to_thread(drctl, drill_stack, *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad
+
+    scheduled = await asyncio.to_thread(drctl, drill_stack, "drill", "gpu-failure", "--every", "24h")
+    assert scheduled.returncode == 0 and "drctl-drill-gpu-failure-default created" in scheduled.stdout
+    assert drill_stack.client is not None
+    handle = drill_stack.client.get_schedule_handle("drctl-drill-gpu-failure-default")
+    description = await handle.describe()
+    assert description.schedule.spec.intervals[0].every == timedelta(hours=24)
+    await handle.delete()

@@ -36,3 +36,17 @@ def test_plan_depends_on_the_role_of_the_failed_instance() -> None:
     assert plan_failover(instances, "m-3") == FailoverPlan.NOTHING
     assert plan_failover(instances, "m-4") == FailoverPlan.EJECT_ONLY
     assert plan_failover(instances, "m-9") == FailoverPlan.NOTHING
+
+
+def test_within_a_tier_standbys_away_from_the_failed_node_and_zone_come_first() -> None:
+    def at(n: int, role: Role, node: str, zone: str) -> Instance:
+        return Instance(id=f"m-{n}", model="m", role=role, node=node, zone=zone)
+
+    instances = [
+        at(0, Role.SERVING, "node-a", "az-1"),
+        at(1, Role.HOT, "node-a", "az-1"),  # same node: likely down with it
+        at(2, Role.HOT, "node-b", "az-1"),  # same zone, other node
+        at(3, Role.HOT, "node-c", "az-2"),
+        at(4, Role.WARM, "node-c", "az-2"),  # a warm standby still comes after every hot one
+    ]
+    assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-3", "m-2", "m-1", "m-4"]

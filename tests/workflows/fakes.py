@@ -44,6 +44,8 @@ class FakeFleet:
     policy: DRPolicy = field(default_factory=lambda: EXAMPLE_POLICY)
     cordoned: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
+    hung: set[str] = field(default_factory=set)
+    """Instances that never answer (their node is down): loading them waits forever."""
     """Instances whose checkpoint fails its checksum until ``restore_checkpoint`` runs for them."""
 
     @classmethod
@@ -93,6 +95,8 @@ class FakeFleet:
         @activity.defn(name=ActivityName.LOAD_MODEL)
         async def load(ref: InstanceRef) -> StepReport:
             fleet.calls.append(("load", ref.instance))
+            if ref.instance in fleet.hung:
+                await asyncio.sleep(3600)
             if ref.instance in fleet.corrupt:
                 raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
             return StepReport(detail="loaded", duration_ms=4)

@@ -259,3 +259,14 @@ async def test_load_failure_other_than_a_checksum_is_not_restored(time_skipping_
     result = await run_failover(time_skipping_env, fleet)
     assert result.promoted == "llama-2-7b-2"
     assert not [c for c in fleet.calls if c[0] == "restore"]
+
+
+async def test_a_hung_hot_standby_is_given_up_after_the_short_check(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
+    fleet.hung.add("llama-2-7b-1")
+    result = await run_failover(time_skipping_env, fleet)
+    assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-2"
+    loads = [s for s in result.steps if s.step == "load"]
+    assert [s.ok for s in loads] == [False, True]
+    assert loads[0].duration_ms < 10_000  # one short try, not a model load's timeout
+    assert ("eject", "llama-2-7b-1") in fleet.calls  # the hung standby is taken out
