@@ -103,6 +103,11 @@ class StateLayout:
         return self.root / "instances.json"
 
     @property
+    def cordoned_file(self) -> Path:
+        """GPUs kept out of placement (drained, or their zone failed over), with why."""
+        return self.root / "cordoned-gpus.json"
+
+    @property
     def prober_status_file(self) -> Path:
         """Written by the prober every half second: how far it got (``drctl up`` waits for it)."""
         return self.root / "prober.json"

@@ -205,6 +205,32 @@ def status(
         out.print_json(json.dumps(rows))
         return
     _render_status(asyncio.run(_status_rows(settings, dr_policy)))
+    _render_detectors(layout)
+
+
+def _render_detectors(layout: StateLayout) -> None:
+    """One line on the prober and the zone checks, from the status file the prober keeps."""
+    try:
+        status = json.loads(layout.prober_status_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        out.print("prober: not running (no status file)", highlight=False)
+        return
+    alive = processes.is_alive(status.get("pid"))
+    line = f"prober: {'running' if alive else 'not running'} (pid {status.get('pid')}, {status.get('ticks')} ticks)"
+    if status.get("panic"):
+        line += f" [red]PANIC: {status['panic']}[/]"
+    zones = status.get("zones")
+    if zones:
+        line += "; zones: " + ", ".join(f"{zone} {verdict}" for zone, verdict in sorted(zones.items()))
+    cordoned = layout.cordoned_file
+    if cordoned.exists():
+        try:
+            gpus = sorted(json.loads(cordoned.read_text(encoding="utf-8")))
+        except ValueError:
+            gpus = []
+        if gpus:
+            line += f"; cordoned GPUs: {', '.join(gpus)}"
+    out.print(line, highlight=False)
 
 
 async def _status_rows(settings: DrctlSettings, policy: DRPolicy) -> list[dict[str, object]]:

@@ -50,6 +50,9 @@ class ZoneChecker:
     async def check_once(self, http: httpx.AsyncClient) -> dict[str, ZoneVerdict]:
         """One zone check: ask every agent, decide every active zone, start failovers that are due."""
         urls = await node_agents.agent_urls(self.agent_urls, self.agent_service)
+        # Agents seen before stay asked: a headless Service drops a dead node's agent from DNS,
+        # and its silence is exactly the evidence the check needs.
+        urls += [url for url in self.node_of if url not in urls]
         timeout = min(2.0, max(0.2, self.policy.az_failover.health_check_interval.total_seconds() / 2))
         answers = await asyncio.gather(*(self._ask(http, url, timeout) for url in urls))
         node_up: dict[str, bool | None] = {}

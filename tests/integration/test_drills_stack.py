@@ -156,3 +156,7 @@ async def test_cli_runs_a_drill_schedules_one_and_rejects_bad_input(drill_stack:
     description = await handle.describe()
     assert description.schedule.spec.intervals[0].every == timedelta(hours=24)
     await handle.delete()
+
+    status = await asyncio.to_thread(drctl, drill_stack, "status")
+    assert status.returncode == 0 and "prober: running" in status.stdout
+    assert "zones: az-1 up, az-2 up" in status.stdout  # every fault restored, every zone answers

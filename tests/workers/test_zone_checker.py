@@ -62,3 +62,27 @@ async def test_agents_never_seen_give_no_verdict_and_start_nothing(urls: list[st
     async with httpx.AsyncClient() as http:
         for _ in range(5):
             assert set((await checker.check_once(http)).values()) == {ZoneVerdict.UNKNOWN}
+
+
+async def test_an_agent_that_vanishes_from_the_service_still_counts_against_its_node() -> None:
+    """A headless Service drops a dead node's agent from DNS; the checker keeps asking it."""
+    agent, runner, url = await start_agent("gpu-node-1")  # az-2's only node
+    started: list[str] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append(zone)
+        return f"zone-failover-{zone}"
+
+    urls = [url]
+    checker = ZoneChecker(POLICY, urls, start)
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await checker.check_once(http))["az-2"] == ZoneVerdict.UP
+            urls.clear()  # gone from the Service's addresses
+            await runner.cleanup()
+            for _ in range(POLICY.az_failover.failover_threshold):
+                assert (await checker.check_once(http))["az-2"] == ZoneVerdict.DOWN
+            assert started == ["az-2"]
+    finally:
+        await runner.cleanup()
+        await agent.aclose()

@@ -182,7 +182,7 @@ class LocalPlatform:
         return f"{gpu} cordoned: kept out of placement"
 
     def _write_cordoned(self, cordoned: dict[str, str]) -> None:
-        path = self.layout.root / "cordoned-gpus.json"
+        path = self.layout.cordoned_file
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cordoned, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
@@ -199,7 +199,7 @@ class LocalPlatform:
 
     def _read_cordoned(self) -> dict[str, str]:
         try:
-            data = json.loads((self.layout.root / "cordoned-gpus.json").read_text(encoding="utf-8"))
+            data = json.loads((self.layout.cordoned_file).read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         return {str(k): str(v) for k, v in data.items()}
