@@ -38,6 +38,18 @@ RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attemp
 STEP_TIMEOUT = timedelta(seconds=30)
 
 
+async def request_reconcile(policy: DRPolicy) -> str:
+    """Trigger the reconcile schedule now (it reconciles every model), so standbys move at once."""
+    report: StepReport = await workflow.execute_activity(
+        ActivityName.REQUEST_RECONCILE,
+        ModelRef(model=policy.models[0].name),
+        result_type=StepReport,
+        start_to_close_timeout=STEP_TIMEOUT,
+        retry_policy=RETRY,
+    )
+    return report.detail
+
+
 @workflow.defn(name="ZoneFailoverWorkflow", failure_exception_types=[ValidationError])
 class ZoneFailoverWorkflow:
     def __init__(self) -> None:
@@ -96,14 +108,7 @@ class ZoneFailoverWorkflow:
         # Started in priority order; the semaphore bounds how many run at once.
         await asyncio.gather(*(move(i.model, i.id) for i in serving))
         # Standbys on the cordoned GPUs move now, not at the next scheduled reconcile.
-        report = await workflow.execute_activity(
-            ActivityName.REQUEST_RECONCILE,
-            ModelRef(model=policy.models[0].name),
-            result_type=StepReport,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        result.reconcile = report.detail
+        result.reconcile = await request_reconcile(policy)
         return result
 
 
@@ -133,12 +138,5 @@ class ZoneFailbackWorkflow:
                     retry_policy=RETRY,
                 )
                 result.uncordoned_gpus.append(slot.id)
-        report = await workflow.execute_activity(
-            ActivityName.REQUEST_RECONCILE,
-            ModelRef(model=policy.models[0].name),
-            result_type=StepReport,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        result.reconcile = report.detail
+        result.reconcile = await request_reconcile(policy)
         return result

@@ -8,8 +8,6 @@ node's agent stop answering but keep their sockets, exactly like a hung host.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 
 import httpx
@@ -19,7 +17,7 @@ from drctl.activities.local import processes
 
 def kill(pid: int) -> None:
     """kill -9 of one process (its group: the instance and anything it started)."""
-    _signal(pid, signal.SIGKILL)
+    processes.signal_group(pid, signal.SIGKILL)
 
 
 def stop(pids: list[int]) -> list[int]:
@@ -27,7 +25,7 @@ def stop(pids: list[int]) -> list[int]:
     stopped = []
     for pid in pids:
         if processes.is_alive(pid):
-            _signal(pid, signal.SIGSTOP)
+            processes.signal_group(pid, signal.SIGSTOP)
             stopped.append(pid)
     return stopped
 
@@ -37,17 +35,9 @@ def resume(pids: list[int]) -> list[int]:
     resumed = []
     for pid in pids:
         if processes.is_alive(pid):
-            _signal(pid, signal.SIGCONT)
+            processes.signal_group(pid, signal.SIGCONT)
             resumed.append(pid)
     return resumed
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 async def inject_xid(http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79) -> str:

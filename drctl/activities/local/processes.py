@@ -101,23 +101,24 @@ def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
         return False
     assert pid is not None
     if is_stopped(pid):
-        _signal_group(pid, signal.SIGKILL)
-        _signal_group(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL; make sure it runs to exit
+        signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL; make sure it runs to exit
     else:
-        _signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not is_alive(pid):
             return True
         time.sleep(0.02)
-    _signal_group(pid, signal.SIGKILL)
+    signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + 2.0
     while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     return True
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group of ``pid`` (its children too), or to ``pid`` alone."""
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
