@@ -123,6 +123,8 @@ class FailoverRequest(Payload):
     """The failure is already established by the caller (its GPU is being drained, a zone failed
     over, the prober saw ``unhealthyThreshold`` failed probes): skip the confirm probe, which would
     see a process that still answers, or wait out a hung one's timeouts again."""
+    prefer_zone: str | None = None
+    """Try standbys in this zone first, tier by tier (a zone failover: the policy's standby zone)."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always

@@ -11,20 +11,24 @@ TIER_ORDER: tuple[Role, ...] = (Role.HOT, Role.WARM, Role.COLD)
 """Promotion order (seed §4.1): hot takes over in < 1 s, warm in seconds, cold in minutes."""
 
 
-def standby_candidates(instances: Sequence[Instance], failed_instance: str) -> list[Instance]:
+def standby_candidates(
+    instances: Sequence[Instance], failed_instance: str, prefer_zone: str | None = None
+) -> list[Instance]:
     """Standbys to try, best first: hot, then warm, then cold. Within a tier, standbys away from the
     failed instance's node come first, then those outside its zone: when the node (or zone) is what
-    failed, a standby there is likely down with it. Stable by id after that."""
+    failed, a standby there is likely down with it. ``prefer_zone`` (a zone failover: the policy's
+    standby zone) goes before that. Stable by id after that."""
     rank = {role: i for i, role in enumerate(TIER_ORDER)}
     failed = next((i for i in instances if i.id == failed_instance), None)
     node = failed.node if failed else None
     zone = failed.zone if failed else None
     standbys = [i for i in instances if i.id != failed_instance and i.role in rank]
 
-    def key(i: Instance) -> tuple[int, bool, bool, int, str]:
+    def key(i: Instance) -> tuple[int, bool, bool, bool, int, str]:
+        elsewhere = prefer_zone is not None and i.zone != prefer_zone
         same_node = node is not None and i.node == node
         same_zone = zone is not None and i.zone == zone
-        return (rank[i.role], same_node, same_zone, len(i.id), i.id)
+        return (rank[i.role], elsewhere, same_node, same_zone, len(i.id), i.id)
 
     return sorted(standbys, key=key)
 

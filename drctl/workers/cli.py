@@ -711,12 +711,30 @@ def zone_failover(
         out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
         if dr_policy.az_failover.require_approval and not approved:
             out.print(f"waiting for approval: drctl approve {zone} --approver NAME (or the UI's Update 'approve')")
-        result = await handle.result()
-        for line in result.moved:
-            out.print(f"[green]✓[/] {line}", highlight=False)
-        for line in result.failed:
-            out.print(f"[red]✗[/] {line}", highlight=False)
-        out.print(f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned")
+        from drctl.payloads import ZoneFailoverResult
+
+        # Progress per model while it runs (the workflow's `progress` query), then the result.
+        shown: set[str] = set()
+
+        def show(progress: ZoneFailoverResult) -> None:
+            for line in progress.moved + progress.failed:
+                if line not in shown:
+                    shown.add(line)
+                    mark = "[green]✓[/]" if line in progress.moved else "[red]✗[/]"
+                    out.print(f"{mark} {line}", highlight=False)
+
+        result_task = asyncio.ensure_future(handle.result())
+        while not result_task.done():
+            try:
+                progress = await handle.query("progress", result_type=ZoneFailoverResult)
+            except Exception:
+                progress = None
+            if progress is not None:
+                show(progress)
+            await asyncio.wait([result_task], timeout=0.5)
+        result = result_task.result()
+        show(result)
+        out.print(f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned; {result.reconcile or 'no reconcile'}")
         if result.failed:
             raise typer.Exit(EXIT_FAILED)
 

@@ -214,7 +214,7 @@ class FailoverWorkflow:
         if not result.eject_deferred:
             await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
 
-        candidates = standby_candidates(listing.instances, request.instance)
+        candidates = standby_candidates(listing.instances, request.instance, request.prefer_zone)
         self._record("pick", workflow.now(), workflow.now(), None, True, self._describe(candidates))
         promoted = await self._promote_first_that_works(candidates)
         if promoted is None:
@@ -447,6 +447,7 @@ async def fail_over_as_child(
     reason: str,
     recovered: list[str],
     failed: list[str],
+    prefer_zone: str | None = None,
 ) -> None:
     """Run ``FailoverWorkflow`` for an instance whose failure the caller established (a drained GPU,
     a failed zone) as a child, at most ``gate`` at a time; record ``instance → replacement`` in
@@ -455,7 +456,14 @@ async def fail_over_as_child(
         try:
             outcome: FailoverResult = await workflow.execute_child_workflow(
                 FailoverWorkflow.run,
-                FailoverRequest(model=model, instance=instance, trigger=trigger, confirmed=True, reason=reason[:500]),
+                FailoverRequest(
+                    model=model,
+                    instance=instance,
+                    trigger=trigger,
+                    confirmed=True,
+                    reason=reason[:500],
+                    prefer_zone=prefer_zone,
+                ),
                 id=failover_workflow_id(model, instance),
             )
         except Exception as exc:

@@ -102,7 +102,16 @@ class ZoneFailoverWorkflow:
         reason = f"zone {request.zone} failover: {request.reason}"
 
         async def move(model: str, instance: str) -> None:
-            await fail_over_as_child(gate, model, instance, Trigger.ALERT, reason, result.moved, result.failed)
+            await fail_over_as_child(
+                gate,
+                model,
+                instance,
+                Trigger.ALERT,
+                reason,
+                result.moved,
+                result.failed,
+                prefer_zone=policy.az_failover.standby_zone,
+            )
             result.pending.remove(instance)
 
         # Started in priority order; the semaphore bounds how many run at once.

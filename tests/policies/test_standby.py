@@ -50,3 +50,14 @@ def test_within_a_tier_standbys_away_from_the_failed_node_and_zone_come_first() 
         at(4, Role.WARM, "node-c", "az-2"),  # a warm standby still comes after every hot one
     ]
     assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-3", "m-2", "m-1", "m-4"]
+
+
+def test_a_preferred_zone_goes_first_within_a_tier() -> None:
+    instances = [
+        Instance(id="m-0", model="m", role=Role.SERVING, node="n0", zone="az-1"),
+        Instance(id="m-1", model="m", role=Role.HOT, node="n1", zone="az-2"),
+        Instance(id="m-2", model="m", role=Role.HOT, node="n2", zone="az-3"),
+        Instance(id="m-3", model="m", role=Role.WARM, node="n2", zone="az-3"),
+    ]
+    assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-1", "m-2", "m-3"]
+    assert [c.id for c in standby_candidates(instances, "m-0", prefer_zone="az-3")] == ["m-2", "m-1", "m-3"]

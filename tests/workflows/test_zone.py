@@ -107,3 +107,18 @@ async def test_failback_returns_the_zone_to_placement_only_when_asked(time_skipp
     assert fleet.cordoned == set() and len(result.uncordoned_gpus) == 8
     assert ("replenish", "llama-2-7b") in fleet.calls  # reconciliation asked to use the zone again
     assert fleet.instances["llama-2-7b-1"].role == Role.SERVING  # serving stays where it is
+
+
+async def test_serving_moves_to_the_standby_zone_first(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = fleet_across_zones()
+    # A second hot llama standby, in the other active zone, with the lower id: without the
+    # preference it would be tried first.
+    fleet.instances["llama-2-7b-1"] = fleet.instances["llama-2-7b-1"].model_copy(
+        update={"zone": "az-2", "gpu": "gpu-node-1/0", "node": "gpu-node-1"}
+    )
+    fleet.instances["llama-2-7b-2"] = Instance(
+        id="llama-2-7b-2", model="llama-2-7b", role=Role.HOT, zone="az-3", gpu="gpu-node-2/0", node="gpu-node-2",
+        lb_priority=1,
+    )  # fmt: skip
+    result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="zone down")
+    assert "llama-2-7b-0 → llama-2-7b-2 (recovered)" in result.moved  # az-3, the policy's standbyZone
