@@ -503,6 +503,10 @@ class DrillMeasurement(Payload):
     promoted_tier: str | None = None
     runbooks: list[str] = Field(default_factory=list)
     """Workflow ids of the runbooks the fault started (failovers, drain, zone failover, reconcile)."""
+    zones_failed_over: list[str] = Field(default_factory=list)
+    """Zones a ``ZoneFailoverWorkflow`` started by the fault failed over (the drill fails them back)."""
+    gpus_drained: list[str] = Field(default_factory=list)
+    """GPUs a ``DrainGpuWorkflow`` started by the fault drained (the drill uncordons them)."""
     marks: list[RunbookMark] = Field(default_factory=list)
     buckets: list[LoadBucket] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)

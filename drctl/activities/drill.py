@@ -276,6 +276,11 @@ class DrillActivities:
             if wf.start_time >= t0 - timedelta(seconds=1):
                 starts[wf.id] = wf.start_time
                 m.runbooks.append(f"{wf.workflow_type} {wf.id}")
+                if wf.workflow_type == "ZoneFailoverWorkflow":
+                    m.zones_failed_over.append(wf.id.removeprefix(zone_failover_workflow_id("")))
+                if wf.workflow_type == "DrainGpuWorkflow":
+                    node, _, index = wf.id.removeprefix(drain_workflow_id("")).rpartition("-")
+                    m.gpus_drained.append(f"{node}/{index}")
                 m.marks.append(
                     RunbookMark(
                         runbook=wf.id,

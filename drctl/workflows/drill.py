@@ -130,22 +130,31 @@ class DrillWorkflow:
             # The activity itself was lost (a worker died mid-run, a timeout): what it injected is
             # not known here. Say so, loudly, in the report.
             lines.append(f"the run failed ({error}); check the fleet: drctl status")
+        # What the fault's runbooks did that waits for an operator: drained GPUs stay cordoned and
+        # failed-over zones stay out of placement. The fault is gone, so undo it (a node-down drill
+        # on a zone's only node fails the zone over too).
+        gpus = set(measurement.gpus_drained) if measurement else set()
+        zones = set(measurement.zones_failed_over) if measurement else set()
         if target.scenario == DrillScenario.GPU_FAILURE and target.gpu:
+            gpus.add(target.gpu)
+        if target.scenario == DrillScenario.ZONE_OUTAGE and target.zone:
+            zones.add(target.zone)
+        for gpu in sorted(gpus):
             report: StepReport = await workflow.execute_activity(
                 ActivityName.UNCORDON_GPU,
-                DrainGpuRequest(gpu=target.gpu, reason="drill over"),
+                DrainGpuRequest(gpu=gpu, reason="drill over"),
                 result_type=StepReport,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RETRY,
             )
-            lines.append(f"uncordon {target.gpu}: {report.detail}")
-        if target.scenario == DrillScenario.ZONE_OUTAGE and target.zone:
+            lines.append(f"uncordon {gpu}: {report.detail}")
+        for zone in sorted(zones):
             failback: ZoneFailbackResult = await workflow.execute_child_workflow(
                 ZoneFailbackWorkflow.run,
-                ZoneFailoverRequest(zone=target.zone, reason="drill over"),
-                id=f"{zone_failback_workflow_id(target.zone)}-{workflow.info().workflow_id}",
+                ZoneFailoverRequest(zone=zone, reason="drill over"),
+                id=f"{zone_failback_workflow_id(zone)}-{workflow.info().workflow_id}",
             )
-            lines.append(f"failback {target.zone}: {len(failback.uncordoned_gpus)} GPU(s) uncordoned")
+            lines.append(f"failback {zone}: {len(failback.uncordoned_gpus)} GPU(s) uncordoned")
         reconcile: StepReport = await workflow.execute_activity(
             ActivityName.REQUEST_RECONCILE,
             ModelRef(model=target.model),

@@ -1,5 +1,5 @@
 """Every drill scenario on a real stack (Temporal, Envoy, model processes, worker, prober, node
-agents), with zone checks sped up (1 s x 2) so the zone outage drill takes seconds, not a minute.
+agents), with zone checks sped up (1 s x 5) so the zone outage drill takes seconds, not a minute.
 
 Each drill must pass (RTO within policy and seed, zero failed requests: llama-2-7b has two hot
 standbys), write its three report files, and leave its fault restored.
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.integration
 async def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     folder = tmp_path_factory.mktemp("drill-stack")
     policy = yaml.safe_load(EXAMPLE_POLICY.read_text())
-    policy["az_failover"] |= {"healthCheckInterval": "1s", "failoverThreshold": 2}
+    # Zone checks 1 s x 5: the zone outage drill takes seconds, yet the prober (3 probes, ~3 s)
+    # still acts first, as with the seed's 10 s x 3 (see the node-down note in docs/benchmarks.md).
+    policy["az_failover"] |= {"healthCheckInterval": "1s", "failoverThreshold": 5}
     policy_file = folder / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy))
     settings = isolated_settings(folder / "state", policy_file)

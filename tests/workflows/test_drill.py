@@ -44,6 +44,8 @@ class FakeDrill:
     run: str = "ok"
     """ok | error (the run reports an error) | lost (heartbeats the fault, then stops heartbeating)"""
     not_ready: bool = False
+    zones_failed_over: list[str] = field(default_factory=list)
+    gpus_drained: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     restored: list[InjectedFault] = field(default_factory=list)
 
@@ -74,7 +76,14 @@ class FakeDrill:
             if drill.run == "lost":
                 activity.heartbeat({"phase": "injected", "fault": FAULT.model_dump(mode="json")})
                 await asyncio.sleep(3600)  # no more heartbeats: the heartbeat timeout fires
-            measurement = DrillMeasurement(fault=FAULT, recovered=drill.run == "ok", rto_ms=50, detection_ms=10)
+            measurement = DrillMeasurement(
+                fault=FAULT,
+                recovered=drill.run == "ok",
+                rto_ms=50,
+                detection_ms=10,
+                zones_failed_over=drill.zones_failed_over,
+                gpus_drained=drill.gpus_drained,
+            )
             if drill.run == "error":
                 measurement.error = "RuntimeError: agent gone"
             return measurement
@@ -162,3 +171,12 @@ async def test_a_fleet_that_is_not_ready_fails_the_drill_before_anything_is_inje
         await run_drill(time_skipping_env, drill, DrillScenario.POD_CRASH)
     assert "not at redundancy" in str(caught.value.cause.__cause__)
     assert drill.calls == ["prepare"]
+
+
+async def test_what_the_faults_runbooks_left_cordoned_is_undone(time_skipping_env: WorkflowEnvironment) -> None:
+    """A node-down drill on a zone's only node also fails the zone over; a GPU may have been drained."""
+    drill = FakeDrill(zones_failed_over=["az-2"], gpus_drained=["gpu-node-1/0"])
+    report = await run_drill(time_skipping_env, drill, DrillScenario.NODE_DOWN)
+    assert drill.calls[:4] == ["prepare", "run", "restore", "uncordon gpu-node-1/0"]
+    assert "observe" in drill.calls  # the failback child ran
+    assert any(line.startswith("failback az-2") for line in report.restore)

@@ -37,8 +37,13 @@ class LocalPlatform:
         self.layout = StateLayout(settings.state_dir)
         self.registry = InstanceRegistry(self.layout.instances_file)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
+        self._draining: dict[asyncio.Task[None], int | None] = {}
+        """Ejected processes still draining their connections, stopped when the task ends."""
 
     async def aclose(self) -> None:
+        for task, pid in list(self._draining.items()):
+            task.cancel()
+            await asyncio.to_thread(processes.terminate, pid)
         await self._http.aclose()
 
     async def warm_up(self) -> None:
@@ -81,8 +86,23 @@ class LocalPlatform:
             return "already ejected"
         self.registry.update(instance.id, role=Role.FAILED, lb_priority=None, note=reason[:200])
         self.sync_load_balancer(instance.model)
-        stopped = await asyncio.to_thread(processes.terminate, instance.pid)
-        return "removed from LB, marked failed" + (", process stopped" if stopped else "")
+        if not processes.is_alive(instance.pid):
+            return "removed from LB, marked failed"
+        # Connection draining: Envoy sends it nothing new, but requests it still holds (a hung
+        # instance holds them until the per-try timeout) must time out and be retried on a standby,
+        # not be reset now, when the only healthy host may be the one their retry must not use.
+        drain_s = self.policy.load_balancer.retries.per_try_timeout.total_seconds() + 1.0
+        self._stop_after(instance.pid, drain_s)
+        return f"removed from LB, marked failed; process stopped after {drain_s:g}s of connection draining"
+
+    def _stop_after(self, pid: int | None, delay_s: float) -> None:
+        async def stop() -> None:
+            await asyncio.sleep(delay_s)
+            await asyncio.to_thread(processes.terminate, pid)
+
+        task = asyncio.get_running_loop().create_task(stop())
+        self._draining[task] = pid
+        task.add_done_callback(lambda t: self._draining.pop(t, None))
 
     async def promote(self, instance: Instance) -> str:
         if instance.role in (Role.PROMOTING, Role.SERVING):
