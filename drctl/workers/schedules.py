@@ -48,16 +48,20 @@ def reconcile_schedule(policy: DRPolicy, task_queue: str) -> Schedule:
 
 async def ensure_reconcile_schedule(client: Client, policy: DRPolicy, task_queue: str) -> str:
     """Create the schedule, or update it to the policy's interval; returns what it did."""
-    schedule = reconcile_schedule(policy, task_queue)
+    return await create_or_update(client, RECONCILE_SCHEDULE_ID, reconcile_schedule(policy, task_queue))
+
+
+async def create_or_update(client: Client, schedule_id: str, schedule: Schedule) -> str:
+    """Create the schedule, or replace an existing one with the same id; returns which it did."""
     try:
-        await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
+        await client.create_schedule(schedule_id, schedule)
         return "created"
     except ScheduleAlreadyRunningError:
 
         def _replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
             return ScheduleUpdate(schedule=schedule)
 
-        await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(_replace)
+        await client.get_schedule_handle(schedule_id).update(_replace)
         return "updated"
 
 
@@ -81,13 +85,4 @@ async def ensure_drill_schedule(
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
         state=ScheduleState(note=f"drctl: DR drill {request.scenario} every {every}"),
     )
-    try:
-        await client.create_schedule(schedule_id, schedule)
-        return schedule_id, "created"
-    except ScheduleAlreadyRunningError:
-
-        def _replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await client.get_schedule_handle(schedule_id).update(_replace)
-        return schedule_id, "updated"
+    return schedule_id, await create_or_update(client, schedule_id, schedule)
