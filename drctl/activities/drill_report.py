@@ -9,7 +9,8 @@ from pathlib import Path
 from drctl.payloads import DrillReport
 
 
-def _s(ms: float | None) -> str:
+def seconds(ms: float | None) -> str:
+    """Milliseconds as seconds for people, or a dash when not measured."""
     return "—" if ms is None else f"{ms / 1000:.3f} s"
 
 
@@ -32,14 +33,18 @@ def markdown(report: DrillReport) -> str:
             "",
             "| figure | measured | policy | seed SLA |",
             "|---|---|---|---|",
-            f"| detection | {_s(m.detection_ms)} | | {_s(t.sla_detection_ms)} |",
-            f"| switch | {_s(m.switch_ms)} | | {_s(t.sla_switch_ms)} |",
-            f"| total RTO | {_s(m.rto_ms)} | {_s(t.policy_rto_ms)} | {_s(t.sla_rto_ms)} |",
-            f"| redundancy restored | {_s(m.redundancy_ms)} | | |",
-            *([f"| zone failover started | {_s(m.zone_failover_ms)} | | |"] if m.zone_failover_ms is not None else []),
+            f"| detection | {seconds(m.detection_ms)} | | {seconds(t.sla_detection_ms)} |",
+            f"| switch | {seconds(m.switch_ms)} | | {seconds(t.sla_switch_ms)} |",
+            f"| total RTO | {seconds(m.rto_ms)} | {seconds(t.policy_rto_ms)} | {seconds(t.sla_rto_ms)} |",
+            f"| redundancy restored | {seconds(m.redundancy_ms)} | | |",
+            *(
+                [f"| zone failover started | {seconds(m.zone_failover_ms)} | | |"]
+                if m.zone_failover_ms is not None
+                else []
+            ),
             f"| requests failed | {m.failed_requests} of {m.requests} after the fault | | |",
             f"| in flight at the fault, lost | {m.lost_in_flight} | | in-flight requests may be lost |",
-            f"| slowest successful request | {_s(m.worst_latency_ms)} | | |",
+            f"| slowest successful request | {seconds(m.worst_latency_ms)} | | |",
             "",
             f"Replacement: `{m.promoted or '-'}` ({m.promoted_tier or '-'})",
             "",
@@ -92,7 +97,8 @@ def timeline_png(report: DrillReport, path: Path) -> None:
     ax.set_ylabel("requests per 100 ms")
     ax.legend(loc="lower left", fontsize=8, ncol=3)
     title = f"{report.scenario}: {report.target.model} ({report.target.instance}) — "
-    title += f"RTO {_s(m.rto_ms)} vs policy {_s(report.target.policy_rto_ms)}, seed {_s(report.target.sla_rto_ms)}; "
+    t = report.target
+    title += f"RTO {seconds(m.rto_ms)} vs policy {seconds(t.policy_rto_ms)}, seed {seconds(t.sla_rto_ms)}; "
     title += f"{m.failed_requests} of {m.requests} requests failed"
     ax.set_title(title, fontsize=9)
     rows: list[str] = []

@@ -13,16 +13,17 @@ import shutil
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import httpx
 import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
     SearchAttributeKey,
     WorkflowIDConflictPolicy,
@@ -48,6 +49,9 @@ from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.binaries import MissingBinaryError
 from drctl.workers.runbooks import start_failover
 from drctl.workers.temporal_client import connect
+
+R = TypeVar("R")
+Q = TypeVar("Q")
 
 app = typer.Typer(
     help="drctl: disaster recovery for GPU model-inference fleets (failover runbooks as Temporal workflows).",
@@ -680,6 +684,21 @@ def drain(
     asyncio.run(_run())
 
 
+async def _await_with_progress(
+    handle: WorkflowHandle[Any, R], query: str, query_type: type[Q], show: Callable[[Q], None]
+) -> R:
+    """The workflow's result; meanwhile, every half second, its ``query`` answer handed to ``show``
+    (a query that fails, say before the first workflow task, is skipped)."""
+    result = asyncio.ensure_future(handle.result())
+    while not result.done():
+        try:
+            show(await handle.query(query, result_type=query_type))
+        except Exception:
+            pass
+        await asyncio.wait([result], timeout=0.5)
+    return result.result()
+
+
 # -- zone failover ---------------------------------------------------------------------------------
 
 
@@ -723,16 +742,7 @@ def zone_failover(
                     mark = "[green]✓[/]" if line in progress.moved else "[red]✗[/]"
                     out.print(f"{mark} {line}", highlight=False)
 
-        result_task = asyncio.ensure_future(handle.result())
-        while not result_task.done():
-            try:
-                progress = await handle.query("progress", result_type=ZoneFailoverResult)
-            except Exception:
-                progress = None
-            if progress is not None:
-                show(progress)
-            await asyncio.wait([result_task], timeout=0.5)
-        result = result_task.result()
+        result = await _await_with_progress(handle, "progress", ZoneFailoverResult, show)
         show(result)
         out.print(f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned; {result.reconcile or 'no reconcile'}")
         if result.failed:
@@ -868,19 +878,15 @@ def drill(
         except WorkflowAlreadyStartedError:
             _fail(f"a {scenario} drill is already running (workflow {drill_workflow_id(scenario, model)})")
         err.print(f"drill workflow [bold]{handle.id}[/] started", highlight=False)
-        result_task = asyncio.ensure_future(handle.result())
-        last = ""
-        while not result_task.done():
-            try:
-                phase = await handle.query("phase", result_type=str)
-            except Exception:
-                phase = last
-            if phase != last:
+        phases: list[str] = []
+
+        def show(phase: str) -> None:
+            if not phases or phase != phases[-1]:
                 err.print(f"[dim]·[/] {phase}", highlight=False)
-                last = phase
-            await asyncio.wait([result_task], timeout=0.5)
+                phases.append(phase)
+
         try:
-            report = result_task.result()
+            report = await _await_with_progress(handle, "phase", str, show)
         except WorkflowFailureError as exc:
             _fail(f"the drill did not run: {exc.cause or exc}")
         if as_json:
@@ -901,9 +907,7 @@ def _print_drill(report: Any) -> None:
         highlight=False,
     )
     if m is not None:
-
-        def s(ms: float | None) -> str:
-            return "—" if ms is None else f"{ms / 1000:.3f} s"
+        from drctl.activities.drill_report import seconds as s
 
         out.print(
             f"  detection {s(m.detection_ms)}   switch {s(m.switch_ms)}   total RTO {s(m.rto_ms)} "
