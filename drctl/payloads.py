@@ -341,6 +341,12 @@ def drain_workflow_id(gpu: str) -> str:
     return "drain-gpu-" + gpu.replace("/", "-")
 
 
+def gpu_of_drain_workflow_id(workflow_id: str) -> str:
+    """The inverse of :func:`drain_workflow_id`: ``drain-gpu-gpu-node-0-3`` → ``gpu-node-0/3``."""
+    node, _, index = workflow_id.removeprefix(drain_workflow_id("")).rpartition("-")
+    return f"{node}/{index}"
+
+
 # -- zone failover ------------------------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ from drctl.payloads import (
     RunbookMark,
     drain_workflow_id,
     failover_workflow_id,
+    gpu_of_drain_workflow_id,
     zone_failover_workflow_id,
 )
 from drctl.policies.drills import (
@@ -190,12 +191,9 @@ class DrillActivities:
             pids = json.loads(self.layout.stack_file.read_text(encoding="utf-8"))["pids"]
         except (OSError, ValueError, KeyError):
             return {}
-        names = {n.name for n in self.platform_policy_nodes()}
-        return {k: int(v) for k, v in pids.items() if k in names}
-
-    def platform_policy_nodes(self) -> list[Any]:
         assert isinstance(self.platform, LocalPlatform)
-        return list(self.platform.policy.gpu_pool.nodes)
+        names = {n.name for n in self.platform.policy.gpu_pool.nodes}
+        return {k: int(v) for k, v in pids.items() if k in names}
 
     async def _observe(
         self, request: DrillRequest, target: DrillTarget, fault: InjectedFault, heartbeat: _Heartbeat
@@ -210,13 +208,13 @@ class DrillActivities:
         redundancy_at: datetime | None = None
         missing: list[str] = []
         phase = "waiting for the failover"
+        policy = await self.platform.current_policy()
         while time.monotonic() < deadline:
             if result is None:
                 result = await self._failover_result(failover_id, t0)
             if not zone_done:
-                zone_done = await self._finished_result(zone_failover_workflow_id(target.zone or ""), t0) is not None
+                zone_done = await self._completed_since(zone_failover_workflow_id(target.zone or ""), t0)
             if result is not None and zone_done:
-                policy = await self.platform.current_policy()
                 missing = redundancy_missing(
                     policy, await self.platform.all_instances(), target.model, await self.platform.cordoned_gpus()
                 )
@@ -251,16 +249,13 @@ class DrillActivities:
         recovered = [r for r in results if r.outcome == FailoverOutcome.RECOVERED]
         return recovered[0] if recovered else (results[-1] if results else None)
 
-    async def _finished_result(self, workflow_id: str, since: datetime, result_type: Any = None) -> Any:
-        """The result of ``workflow_id``'s latest run if it started after ``since`` and completed."""
-        handle = self.client.get_workflow_handle(workflow_id, result_type=result_type)
+    async def _completed_since(self, workflow_id: str, since: datetime) -> bool:
+        """Whether ``workflow_id``'s latest run started after ``since`` and has completed."""
         try:
-            info = await handle.describe()
+            info = await self.client.get_workflow_handle(workflow_id).describe()
         except RPCError:
-            return None
-        if info.start_time < since - timedelta(seconds=1) or info.status != WorkflowExecutionStatus.COMPLETED:
-            return None
-        return await handle.result()
+            return False
+        return info.start_time >= since - timedelta(seconds=1) and info.status == WorkflowExecutionStatus.COMPLETED
 
     async def _figures(
         self,
@@ -273,31 +268,29 @@ class DrillActivities:
         starts: dict[str, datetime] = {}
         since = (t0 - timedelta(seconds=1)).isoformat()
         async for wf in self.client.list_workflows(f"StartTime >= '{since}'"):
-            if wf.start_time >= t0 - timedelta(seconds=1):
-                starts[wf.id] = wf.start_time
-                m.runbooks.append(f"{wf.workflow_type} {wf.id}")
-                if wf.workflow_type == "ZoneFailoverWorkflow":
-                    m.zones_failed_over.append(wf.id.removeprefix(zone_failover_workflow_id("")))
-                if wf.workflow_type == "DrainGpuWorkflow":
-                    node, _, index = wf.id.removeprefix(drain_workflow_id("")).rpartition("-")
-                    m.gpus_drained.append(f"{node}/{index}")
-                m.marks.append(
-                    RunbookMark(
-                        runbook=wf.id,
-                        step=f"{wf.workflow_type} started",
-                        at_ms=ms_between(t0, wf.start_time) or 0,
-                        duration_ms=0,
-                    )
+            starts[wf.id] = wf.start_time
+            m.runbooks.append(f"{wf.workflow_type} {wf.id}")
+            if wf.workflow_type == "ZoneFailoverWorkflow":
+                m.zones_failed_over.append(wf.id.removeprefix(zone_failover_workflow_id("")))
+            if wf.workflow_type == "DrainGpuWorkflow":
+                m.gpus_drained.append(gpu_of_drain_workflow_id(wf.id))
+            m.marks.append(
+                RunbookMark(
+                    runbook=wf.id,
+                    step=f"{wf.workflow_type} started",
+                    at_ms=ms_between(t0, wf.start_time) or 0,
+                    duration_ms=0,
                 )
-                if wf.workflow_type == "ReconcileStandbysWorkflow":
-                    handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
-                    try:
-                        outcome = await asyncio.wait_for(handle.result(), timeout=30)
-                    except Exception as exc:  # still running, failed: say so rather than guess
-                        m.notes.append(f"{wf.id}: no result ({type(exc).__name__})")
-                        continue
-                    m.notes += [f"{wf.id}: {line}" for line in outcome.applied if line.startswith("restore")]
-                    m.notes += [f"{wf.id} failed: {line}" for line in outcome.failed]
+            )
+            if wf.workflow_type == "ReconcileStandbysWorkflow":
+                handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
+                try:
+                    outcome = await asyncio.wait_for(handle.result(), timeout=30)
+                except Exception as exc:  # still running, failed: say so rather than guess
+                    m.notes.append(f"{wf.id}: no result ({type(exc).__name__})")
+                    continue
+                m.notes += [f"{wf.id}: {line}" for line in outcome.applied if line.startswith("restore")]
+                m.notes += [f"{wf.id} failed: {line}" for line in outcome.failed]
         causes = [failover_workflow_id(target.model, target.instance)]
         if target.gpu:
             causes.append(drain_workflow_id(target.gpu))

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from drctl.payloads import DrillMeasurement, DrillScenario, InjectedFault, Instance, Role
+from drctl.payloads import (
+    DrillMeasurement,
+    DrillScenario,
+    InjectedFault,
+    Instance,
+    Role,
+    drain_workflow_id,
+    gpu_of_drain_workflow_id,
+)
 from drctl.policies.drills import (
     DrillNotReady,
     bucketize,
@@ -98,3 +106,8 @@ def test_verdicts_against_policy_seed_and_zero_failures() -> None:
     lost = verdicts(target, measurement(recovered=False), hot_standby=False)
     assert "failed requests" not in lost and lost["recovered"].startswith("FAIL")
     assert lost["rto vs policy"].startswith("FAIL: not measured")
+
+
+def test_a_drained_gpu_is_read_back_from_its_workflow_id() -> None:
+    for gpu in ("gpu-node-0/3", "a/0", "rack-7.node-12/15"):
+        assert gpu_of_drain_workflow_id(drain_workflow_id(gpu)) == gpu
