@@ -41,6 +41,17 @@ async def drained_gpus(
     return list(await asyncio.gather(*(ask(url) for url in agent_urls)))
 
 
+async def agent_node(http: httpx.AsyncClient, url: str, timeout_s: float = 2.0) -> str | None:
+    """The node an agent says it runs on (its ``/healthz`` names it), or None when it does not
+    answer. A 503 (its NVML polls stall) still answers: the node is there."""
+    try:
+        response = await http.get(f"{url.rstrip('/')}/healthz", timeout=timeout_s)
+        node = response.json().get("node")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return str(node) if node else None
+
+
 async def agent_urls(urls: Sequence[str], service: str | None) -> list[str]:
     """Agents to ask: the configured URLs, plus every address of a headless Service
     (``host:port``, e.g. the DaemonSet's ``drctl-node-agent.drctl.svc:9400``) — no RBAC needed."""

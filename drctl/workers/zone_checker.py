@@ -54,7 +54,7 @@ class ZoneChecker:
         # and its silence is exactly the evidence the check needs.
         urls += [url for url in self.node_of if url not in urls]
         timeout = min(2.0, max(0.2, self.policy.az_failover.health_check_interval.total_seconds() / 2))
-        answers = await asyncio.gather(*(self._ask(http, url, timeout) for url in urls))
+        answers = await asyncio.gather(*(node_agents.agent_node(http, url, timeout) for url in urls))
         node_up: dict[str, bool | None] = {}
         for url, node in zip(urls, answers, strict=True):
             if node is not None:
@@ -78,17 +78,6 @@ class ZoneChecker:
         self.checks += 1
         self.verdicts = {zone: str(verdict) for zone, verdict in verdicts.items()}
         return verdicts
-
-    @staticmethod
-    async def _ask(http: httpx.AsyncClient, url: str, timeout_s: float) -> str | None:
-        """The node an agent runs on, or None when it does not answer. A 503 (its NVML polls stall)
-        still answers: the node is there."""
-        try:
-            response = await http.get(f"{url.rstrip('/')}/healthz", timeout=timeout_s)
-            node = response.json().get("node")
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return None
-        return str(node) if node else None
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.policy.az_failover.health_check_interval.total_seconds()

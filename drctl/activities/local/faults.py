@@ -12,6 +12,7 @@ import signal
 
 import httpx
 
+from drctl.activities import node_agents
 from drctl.activities.local import processes
 
 
@@ -22,22 +23,19 @@ def kill(pid: int) -> None:
 
 def stop(pids: list[int]) -> list[int]:
     """SIGSTOP each running process; returns those stopped (to continue them later)."""
-    stopped = []
-    for pid in pids:
-        if processes.is_alive(pid):
-            processes.signal_group(pid, signal.SIGSTOP)
-            stopped.append(pid)
-    return stopped
+    return _signal_running(pids, signal.SIGSTOP)
 
 
 def resume(pids: list[int]) -> list[int]:
     """SIGCONT each process still there; returns those continued."""
-    resumed = []
-    for pid in pids:
-        if processes.is_alive(pid):
-            processes.signal_group(pid, signal.SIGCONT)
-            resumed.append(pid)
-    return resumed
+    return _signal_running(pids, signal.SIGCONT)
+
+
+def _signal_running(pids: list[int], sig: signal.Signals) -> list[int]:
+    sent = [pid for pid in pids if processes.is_alive(pid)]
+    for pid in sent:
+        processes.signal_group(pid, sig)
+    return sent
 
 
 async def inject_xid(http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79) -> str:
@@ -56,14 +54,10 @@ async def clear_xids(http: httpx.AsyncClient, agent_url: str) -> list[int]:
 
 
 async def agent_for_node(http: httpx.AsyncClient, agent_urls: list[str], node: str) -> str | None:
-    """The URL of the agent that says it runs on ``node`` (``/healthz`` names it)."""
+    """The URL of the agent that says it runs on ``node``."""
     for url in agent_urls:
-        try:
-            response = await http.get(f"{url.rstrip('/')}/healthz", timeout=2.0)
-            if response.json().get("node") == node:
-                return url
-        except (httpx.HTTPError, ValueError, AttributeError):
-            continue
+        if await node_agents.agent_node(http, url) == node:
+            return url
     return None
 
 

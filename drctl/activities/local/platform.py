@@ -219,7 +219,7 @@ class LocalPlatform:
 
     def _read_cordoned(self) -> dict[str, str]:
         try:
-            data = json.loads((self.layout.cordoned_file).read_text(encoding="utf-8"))
+            data = json.loads(self.layout.cordoned_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         return {str(k): str(v) for k, v in data.items()}
