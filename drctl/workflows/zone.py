@@ -38,6 +38,17 @@ RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attemp
 STEP_TIMEOUT = timedelta(seconds=30)
 
 
+async def observe_fleet() -> tuple[FleetSnapshot, DRPolicy]:
+    """The fleet now, and the policy it was observed under."""
+    snapshot: FleetSnapshot = await workflow.execute_activity(
+        ActivityName.OBSERVE_FLEET,
+        result_type=FleetSnapshot,
+        start_to_close_timeout=STEP_TIMEOUT,
+        retry_policy=RETRY,
+    )
+    return snapshot, DRPolicy.model_validate(snapshot.policy)
+
+
 async def request_reconcile(policy: DRPolicy) -> str:
     """Trigger the reconcile schedule now (it reconciles every model), so standbys move at once."""
     report: StepReport = await workflow.execute_activity(
@@ -69,13 +80,7 @@ class ZoneFailoverWorkflow:
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         result = self._result = ZoneFailoverResult(zone=request.zone)
-        snapshot = await workflow.execute_activity(
-            ActivityName.OBSERVE_FLEET,
-            result_type=FleetSnapshot,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        policy = DRPolicy.model_validate(snapshot.policy)
+        snapshot, policy = await observe_fleet()
         rank = {m.name: m.priority.rank for m in policy.models}
         serving = sorted(
             (i for i in snapshot.instances if i.zone == request.zone and i.role == Role.SERVING),
@@ -130,13 +135,7 @@ class ZoneFailbackWorkflow:
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailbackResult:
         result = ZoneFailbackResult(zone=request.zone)
-        snapshot = await workflow.execute_activity(
-            ActivityName.OBSERVE_FLEET,
-            result_type=FleetSnapshot,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        policy = DRPolicy.model_validate(snapshot.policy)
+        snapshot, policy = await observe_fleet()
         for slot in gpu_inventory(policy.gpu_pool):
             if slot.zone == request.zone and slot.id in snapshot.cordoned_gpus:
                 await workflow.execute_activity(
