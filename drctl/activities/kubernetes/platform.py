@@ -297,15 +297,41 @@ class KubernetesPlatform:
         return find_instance(await self.list_instances(model), model, instance_id)
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """Healthy *for its tier*. Serving and hot: a Running and Ready pod. Warm: a Running pod whose
+        containers run, Ready or answering that its model is asleep (a sleeping model server may fail
+        its readiness probe: that is a warm standby's normal state). Cold: a Deployment scaled to 0
+        (no pod) is its normal state; a cold pod that exists must be Running and Ready."""
         pods = await self._instance_pods(instance)
         if not pods:
+            if instance.role == Role.COLD and await self._read_deployment(instance.id) is not None:
+                return True, f"cold standby: deployment {instance.id} without a pod (its normal state)"
             return False, "no pod"
         pod = pods[0]
+        name = pod.metadata.name
         if _phase(pod) != "Running":
-            return False, f"pod {pod.metadata.name} is {_phase(pod)}"
-        if not _ready(pod):
-            return False, f"pod {pod.metadata.name} is Running but not Ready"
-        return True, f"pod {pod.metadata.name} Running and Ready"
+            return False, f"pod {name} is {_phase(pod)}"
+        if _ready(pod):
+            return True, f"pod {name} Running and Ready"
+        if instance.role != Role.WARM:
+            return False, f"pod {name} is Running but not Ready"
+        statuses = (pod.status.container_statuses if pod.status else None) or []
+        stopped = [s.name for s in statuses if not (s.state and s.state.running)]
+        if stopped:
+            return False, f"warm standby: pod {name} container(s) not running: {', '.join(stopped)}"
+        ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
+        ip = pod.status.pod_ip if pod.status else None
+        if not ports or not ip:
+            return False, f"warm standby: pod {name} is Running but not Ready, and has no address to ask"
+        url = f"http://{ip}:{ports[0]}{self.policy.load_balancer.health_check.path}"
+        try:
+            async with httpx.AsyncClient(timeout=self.policy.detection.probe_timeout.total_seconds()) as client:
+                response = await client.get(url)
+            state = response.json().get("status") if response.status_code != 200 else "ok"
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return False, f"warm standby: pod {name} not Ready and {url} did not answer: {type(exc).__name__}"
+        if response.status_code == 200 or state == "sleeping":
+            return True, f"warm standby: pod {name} Running, model {'asleep' if state == 'sleeping' else 'awake'}"
+        return False, f"warm standby: pod {name} not Ready, {url} answered {response.status_code} {state}"
 
     async def restore_checkpoint(self, instance: Instance) -> str:
         """Delete the instance's pods: its Deployment starts new ones, whose model server fetches the

@@ -18,7 +18,13 @@ import httpx
 
 from drctl.activities import errors
 from drctl.activities.local import envoy, processes
-from drctl.activities.local.checkpoints import CHECKSUM_MISMATCH, ensure_checkpoint, restore_checkpoint
+from drctl.activities.local.checkpoints import (
+    CHECKSUM_MISMATCH,
+    ensure_checkpoint,
+    file_sha256,
+    read_expected_sha256,
+    restore_checkpoint,
+)
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
@@ -63,8 +69,25 @@ class LocalPlatform:
         return find_instance(await self.list_instances(model), model, instance_id)
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """Healthy *for its tier*: serving and hot answer ``/healthz`` 200; a warm standby is loaded
+        and asleep (``/healthz`` 503 ``sleeping``, or 200 if awake); a cold standby has no process,
+        its normal state, and is healthy while the model's checkpoint is intact. A warm standby
+        whose process is gone or whose model failed (or is still loading) is not."""
         if instance.role == Role.COLD:
-            return False, "cold standby: no process"
+            checkpoint = self.layout.checkpoint(instance.model)
+            size = self._checkpoint_size(self.policy.model(instance.model))
+            try:
+                expected = read_expected_sha256(checkpoint)
+                actual_size = checkpoint.stat().st_size
+            except (OSError, ValueError) as exc:
+                return False, f"cold standby: checkpoint {checkpoint.name} unusable: {exc}"
+            if actual_size != size:
+                return False, f"cold standby: checkpoint {checkpoint.name} has {actual_size} bytes, expected {size}"
+            if size > 2**30:  # too big to re-hash within a probe: size and checksum sidecar only
+                return True, f"cold standby: no process (its normal state), checkpoint {checkpoint.name} present"
+            if await asyncio.to_thread(file_sha256, checkpoint) != expected:
+                return False, f"cold standby: {CHECKSUM_MISMATCH} of {checkpoint.name}"
+            return True, f"cold standby: no process (its normal state), checkpoint {checkpoint.name} intact"
         if not processes.is_alive(instance.pid):
             return False, f"process {instance.pid} is not running"
         last = ""
@@ -74,6 +97,12 @@ class LocalPlatform:
                 response = await self._http.get(self._url(instance, "/healthz"), timeout=timeout)
                 if response.status_code == 200:
                     return True, "healthz 200"
+                try:
+                    state = response.json().get("status")
+                except (ValueError, AttributeError):
+                    state = None
+                if instance.role == Role.WARM and state == "sleeping":
+                    return True, "healthz 503 sleeping: loaded and asleep, a warm standby's normal state"
                 last = f"healthz {response.status_code}: {response.text[:200]}"
             except httpx.HTTPError as exc:
                 last = f"healthz unreachable: {type(exc).__name__}"

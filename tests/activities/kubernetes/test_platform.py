@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -21,8 +22,11 @@ from kubernetes.client import ApiClient, Configuration
 from temporalio.exceptions import ApplicationError
 
 from drctl.activities.kubernetes.platform import KubernetesPlatform
+from drctl.activities.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
 from drctl.payloads import ReconcileAction, ReconcileActionKind, Role
 from drctl.policies.schema import DRPolicy, ModelPolicy
+from tests.workers.test_demo_server import MODEL as DEMO_MODEL
+from tests.workers.test_demo_server import Server, demo_server
 
 NS = "fleet"
 PODS = kmock.resource("", "v1", "pods")
@@ -469,3 +473,100 @@ async def test_istio_forbidden_names_the_resource(istio_platform: KubernetesPlat
         await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
     assert err.value.type == "PermissionDenied"
     assert "denied patch on virtualservices.networking.istio.io" in str(err.value)
+
+
+# -- probe: each tier by its own healthy state ----------------------------------------------------
+#
+# A sleeping model server may fail its pod's readiness probe (the demo server answers /healthz 503
+# "sleeping"): a warm standby's normal state. A cold standby is a Deployment scaled to 0, without a
+# pod. Neither is a failure a failover's confirm step may act on.
+
+PROBE_CKPT_SIZE = 256 * 1024
+
+
+def warm_pod(server: Server | None, *, ready: bool = False, container: dict[str, Any] | None = None) -> Any:
+    """A warm standby's pod, Running; its address is the demo server's when there is one."""
+    body = pod("llama-2-xyz", "llama", Role.WARM, "llama-2", ready=ready)
+    if server is not None:
+        body["status"]["podIP"] = "127.0.0.1"
+        body["spec"]["containers"][0]["ports"] = [{"containerPort": int(server.url.rsplit(":", 1)[1])}]
+    if container is not None:
+        body["status"]["containerStatuses"] = [
+            {"name": "model", "image": "x", "imageID": "x", "ready": False, "restartCount": 3, **container}
+        ]
+    return body
+
+
+@pytest.fixture()
+def probe_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / f"{DEMO_MODEL}.ckpt"
+    ensure_checkpoint(path, DEMO_MODEL, PROBE_CKPT_SIZE)
+    return path
+
+
+@pytest.fixture()
+def sleeping(probe_checkpoint: Path, tmp_path: Path) -> Iterator[Server]:
+    with demo_server(probe_checkpoint, tmp_path, "--sleeping") as server:
+        server.wait_until("sleeping")
+        yield server
+
+
+async def test_a_sleeping_warm_pod_that_fails_readiness_is_healthy(
+    platform: KubernetesPlatform, emulator: Any, sleeping: Server
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(sleeping, container={"state": {"running": {}}})
+    warm = await platform.get_instance("llama", "llama-2")
+    healthy, why = await platform.probe(warm)
+    assert healthy and "asleep" in why, why
+    # The same pod read as a hot standby is not healthy: a hot standby must be Ready.
+    hot = warm.model_copy(update={"role": Role.HOT})
+    healthy, why = await platform.probe(hot)
+    assert not healthy and "not Ready" in why
+
+
+async def test_a_warm_pod_whose_server_is_gone_is_not(
+    platform: KubernetesPlatform, emulator: Any, sleeping: Server
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(sleeping)
+    sleeping.process.kill()
+    sleeping.process.wait(5)
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "did not answer" in why
+
+
+async def test_a_warm_pod_whose_model_failed_is_not(
+    platform: KubernetesPlatform, emulator: Any, probe_checkpoint: Path, tmp_path: Path
+) -> None:
+    corrupt_checkpoint(probe_checkpoint, offset=PROBE_CKPT_SIZE // 2)
+    with demo_server(probe_checkpoint, tmp_path, "--sleeping") as server:
+        server.wait_until("failed")
+        emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(server)
+        healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "503 failed" in why
+
+
+async def test_a_warm_pod_with_a_crashing_container_is_not(platform: KubernetesPlatform, emulator: Any) -> None:
+    crashing = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(None, container=crashing)
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "not running: model" in why
+
+
+async def test_a_ready_warm_pod_is_healthy_without_asking_it(platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(None, ready=True)  # 10.0.0.7: nothing answers there
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert healthy and "Ready" in why
+
+
+async def test_a_cold_deployment_scaled_to_zero_is_healthy(platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=0)
+    cold = await platform.get_instance("llama", "llama-9")
+    healthy, why = await platform.probe(cold)
+    assert healthy and "without a pod" in why
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"].delete()
+    healthy, why = await platform.probe(cold)
+    assert not healthy and why == "no pod"
+    # A hot standby without a pod is down, Deployment or not.
+    emulator.objects[DEPLOYMENTS, NS, "llama-8"] = cold_deployment("llama-8", replicas=0)
+    hot = cold.model_copy(update={"id": "llama-8", "role": Role.HOT})
+    assert await platform.probe(hot) == (False, "no pod")
