@@ -2,6 +2,11 @@
 
 Reading the file is the only I/O, and it is done by the caller-facing ``load_policy_file``; the
 parsing itself (``parse_policy``) takes text so it stays pure and testable.
+
+Validation is linear in the file and lean (``bench/policy_validate_bench.py``): the YAML is read
+by :mod:`drctl.policies.yaml_load` in one pass, and lines are looked up only for the errors there
+are. A file over :data:`MAX_POLICY_BYTES` is refused before it is read, and an error message lists
+at most :data:`MAX_ISSUES_SHOWN` issues (``PolicyError.issues`` has them all).
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ import yaml
 from pydantic import ValidationError
 
 from drctl.policies.schema import DRPolicy
+from drctl.policies.yaml_load import lines_of, load
+
+MAX_POLICY_BYTES = 64 << 20
+"""64 MiB: far more than any fleet's policy (50,000 models are about 9 MB)."""
+MAX_ISSUES_SHOWN = 50
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,9 @@ class PolicyError(ValueError):
     def __init__(self, source: str, issues: list[PolicyIssue]) -> None:
         self.source = source
         self.issues = issues
-        lines = "\n".join(f"  - {issue}" for issue in issues)
+        lines = "\n".join(f"  - {issue}" for issue in issues[:MAX_ISSUES_SHOWN])
+        if len(issues) > MAX_ISSUES_SHOWN:
+            lines += f"\n  … and {len(issues) - MAX_ISSUES_SHOWN} more"
         super().__init__(f"{source}: invalid policy ({len(issues)} error(s)):\n{lines}")
 
 
@@ -48,39 +60,27 @@ def _format_path(loc: tuple[int | str, ...], document: Any) -> str:
             if isinstance(node, list) and item < len(node):
                 node = node[item]
                 if isinstance(node, dict) and isinstance(node.get("name"), str):
-                    label += f" ({node['name']})"
+                    label += f" ({_clip(node['name'])})"
             else:
                 node = None
             parts.append(label)
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + _clip(str(item)))
             node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts)
 
 
-def _line_of(loc: tuple[int | str, ...], root: yaml.Node | None) -> int | None:
-    node = root
-    line = node.start_mark.line + 1 if node is not None else None
-    for item in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == item), None)
-            if match is None:
-                key = next((k for k, _ in node.value if getattr(k, "value", None) == item), None)
-                return key.start_mark.line + 1 if key is not None else line
-            node = match
-        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
-            node = node.value[item]
-        else:
-            break
-        line = node.start_mark.line + 1
-    return line
+def _clip(text: str, limit: int = 64) -> str:
+    """A name or key from the file, as an error message shows it: never more than ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_policy(text: str, source: str = "<policy>") -> DRPolicy:
     """Parse and validate policy YAML; raise :class:`PolicyError` naming every bad field."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(source, [PolicyIssue("", f"larger than {MAX_POLICY_BYTES >> 20} MiB; not read")])
     try:
-        document = yaml.safe_load(text)
-        root = yaml.compose(text)
+        document = load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -92,13 +92,15 @@ def parse_policy(text: str, source: str = "<policy>") -> DRPolicy:
     try:
         return DRPolicy.model_validate(document)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        lines = lines_of(text, [tuple(error["loc"]) for error in errors])
         issues = []
-        for error in exc.errors():
+        for error in errors:
             loc = tuple(error["loc"])
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown field (check the spelling; keys are camelCase, e.g. hotStandby)"
-            issues.append(PolicyIssue(_format_path(loc, document), message, _line_of(loc, root)))
+            issues.append(PolicyIssue(_format_path(loc, document), message, lines.get(loc)))
         raise PolicyError(source, issues) from None
 
 
@@ -106,7 +108,15 @@ def load_policy_file(path: str | Path) -> DRPolicy:
     """Read and validate a policy file; a missing or unreadable file is a :class:`PolicyError` too."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            # Read one byte more than allowed: a FIFO or /dev/zero has no size to check beforehand.
+            data = file.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
-        raise PolicyError(str(path), [PolicyIssue("", f"cannot read the file: {exc.strerror}")]) from None
+        raise PolicyError(str(path), [PolicyIssue("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(str(path), [PolicyIssue("", f"larger than {MAX_POLICY_BYTES >> 20} MiB; not read")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(path), [PolicyIssue("", f"not UTF-8 text (byte {exc.start})")]) from None
     return parse_policy(text, str(path))

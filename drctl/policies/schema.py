@@ -13,10 +13,10 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic.alias_generators import to_camel
 
-from drctl.policies.durations import format_duration, parse_duration
+from drctl.policies.durations import format_duration, parse_duration, require_positive
 from drctl.policies.sizes import parse_size
 
 Duration = Annotated[
@@ -26,7 +26,17 @@ Duration = Annotated[
 ]
 """A duration written as ``10s``/``1m``/``0`` in the file and serialised back the same way."""
 
+PositiveDuration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    AfterValidator(require_positive),
+    PlainSerializer(format_duration, return_type=str),
+]
+"""A duration where zero makes no sense (an interval, a timeout, a window, a target): ``0s`` is an
+error naming the field, not a busy loop or a schedule Temporal refuses."""
+
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+PositiveByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
 MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$"
 """DNS-label-like: safe in Envoy cluster names, workflow IDs, file names and Kubernetes labels."""
@@ -60,9 +70,9 @@ class ModelPolicy(_Section):
     hot_standby: Annotated[int, Field(ge=0, le=64)] = 0
     warm_standby: Annotated[int, Field(ge=0, le=64)] = 0
     cold_standby: Annotated[int, Field(ge=0, le=64)] = 0
-    rto: Duration = timedelta(minutes=5)
+    rto: PositiveDuration = timedelta(minutes=5)
     rpo: Duration = timedelta(minutes=5)
-    gpu_memory: ByteSize = parse_size("16Gi")
+    gpu_memory: PositiveByteSize = parse_size("16Gi")
     """GPU memory one loaded instance needs (used by placement)."""
     checkpoint_size: ByteSize | None = None
     """Size of the demo checkpoint on the local platform; defaults to ``local.checkpointSize``."""
@@ -78,7 +88,7 @@ class ZoneFailoverPolicy(_Section):
     strategy: ZoneFailoverStrategy = ZoneFailoverStrategy.ACTIVE_PASSIVE
     active_zones: list[str] = Field(default_factory=lambda: ["az-1"])
     standby_zone: str | None = None
-    health_check_interval: Duration = timedelta(seconds=10)
+    health_check_interval: PositiveDuration = timedelta(seconds=10)
     failover_threshold: Annotated[int, Field(ge=1)] = 3
     require_approval: bool = False
     """Wait for an operator's approval (a workflow Update) before moving a zone's serving."""
@@ -92,8 +102,8 @@ class HealthCheckPolicy(_Section):
     route, not the health check, are what keep clients from seeing a failure.
     """
 
-    interval: Duration = timedelta(seconds=1)
-    timeout: Duration = timedelta(milliseconds=500)
+    interval: PositiveDuration = timedelta(seconds=1)
+    timeout: PositiveDuration = timedelta(milliseconds=500)
     unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
     healthy_threshold: Annotated[int, Field(ge=1)] = 2
     path: str = "/healthz"
@@ -103,8 +113,8 @@ class OutlierDetectionPolicy(_Section):
     """Passive ejection of endpoints that return 5xx (seed §3: 5 consecutive, 30 s, 60 s, 50 %)."""
 
     consecutive5xx: Annotated[int, Field(ge=1, alias="consecutive5xx")] = 5
-    interval: Duration = timedelta(seconds=30)
-    base_ejection_time: Duration = timedelta(seconds=60)
+    interval: PositiveDuration = timedelta(seconds=30)
+    base_ejection_time: PositiveDuration = timedelta(seconds=60)
     max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
 
 
@@ -112,7 +122,7 @@ class RetryPolicy(_Section):
     """Route retries (seed §3: connect-failure, refused-stream, gateway errors)."""
 
     attempts: Annotated[int, Field(ge=0, le=10)] = 3
-    per_try_timeout: Duration = timedelta(seconds=5)
+    per_try_timeout: PositiveDuration = timedelta(seconds=5)
     retry_on: str = "connect-failure,refused-stream,gateway-error,reset"
 
 
@@ -121,6 +131,7 @@ class LoadBalancerPolicy(_Section):
     outlier_detection: OutlierDetectionPolicy = OutlierDetectionPolicy()
     retries: RetryPolicy = RetryPolicy()
     request_timeout: Duration = timedelta(seconds=30)
+    """Envoy's route timeout; ``0s`` means none (Envoy's meaning), so zero is allowed here."""
 
 
 class LocalPlatformPolicy(_Section):
@@ -169,8 +180,9 @@ class GpuNodePolicy(_Section):
 
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     zone: str = "az-1"
-    gpus: Annotated[int, Field(ge=0, le=64)] = 4
-    gpu_memory: ByteSize = parse_size("80Gi")
+    gpus: Annotated[int, Field(ge=1, le=64)] = 4
+    """A node without GPUs has no place in the pool: leave it out instead."""
+    gpu_memory: PositiveByteSize = parse_size("80Gi")
     """Memory of each GPU on the node."""
 
 
@@ -193,10 +205,12 @@ class GpuPoolPolicy(_Section):
 
     @model_validator(mode="after")
     def _node_names_unique(self) -> GpuPoolPolicy:
-        names = [n.name for n in self.nodes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        seen: set[str] = set()
+        duplicates: set[str] = set()
+        for node in self.nodes:  # one pass: a pool of many nodes must not validate in quadratic time
+            (duplicates if node.name in seen else seen).add(node.name)
         if duplicates:
-            raise ValueError(f"node(s) listed twice: {', '.join(duplicates)}")
+            raise ValueError(f"node(s) listed twice: {', '.join(sorted(duplicates))}")
         return self
 
 
@@ -220,15 +234,15 @@ class TenantPolicy(_Section):
 class DetectionPolicy(_Section):
     """The health prober (seed §3: every 5 s, 3 failures mark down, 2 successes mark up)."""
 
-    probe_interval: Duration = timedelta(seconds=5)
-    probe_timeout: Duration = timedelta(seconds=1)
+    probe_interval: PositiveDuration = timedelta(seconds=5)
+    probe_timeout: PositiveDuration = timedelta(seconds=1)
     unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
     healthy_threshold: Annotated[int, Field(ge=1)] = 2
-    flap_window: Duration = timedelta(minutes=5)
+    flap_window: PositiveDuration = timedelta(minutes=5)
     flap_limit: Annotated[int, Field(ge=2)] = 3
     """This many down-transitions within ``flapWindow`` hold the instance out instead of failing
     it over again and again."""
-    hold_down: Duration = timedelta(minutes=10)
+    hold_down: PositiveDuration = timedelta(minutes=10)
     max_failovers_per_model: Annotated[int, Field(ge=1)] = 1
     max_failovers_per_zone: Annotated[int, Field(ge=1)] = 3
     """Past either cap the prober stops acting and raises an alert instead (panic mode)."""
@@ -237,7 +251,8 @@ class DetectionPolicy(_Section):
 class ReconcilePolicy(_Section):
     """How often standbys are brought back to the policy's counts (a Temporal Schedule)."""
 
-    interval: Duration = timedelta(seconds=30)
+    interval: PositiveDuration = timedelta(seconds=30)
+    """Temporal refuses a schedule every 0s; ``enabled: false`` is how to turn it off."""
     enabled: bool = True
 
 
