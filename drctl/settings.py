@@ -2,10 +2,16 @@
 
 Every setting can be overridden with an environment variable prefixed ``DRCTL_`` (for example
 ``DRCTL_TEMPORAL_ADDRESS=temporal.example.com:7233``) or a ``.env`` file.
+
+Secrets (the Temporal API key, the fault-injection token) are ``SecretStr`` or files read when
+needed; :data:`SECRET_SETTINGS` names them so that a child process gets only those it uses.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +38,10 @@ class DrctlSettings(BaseSettings):
     """Server CA (PEM) when the server's certificate is not publicly trusted."""
     temporal_api_key: SecretStr | None = None
     """Temporal Cloud API key (sent as a bearer token over TLS)."""
+    fault_injection_token: SecretStr | None = None
+    """Bearer token of the node agents' fault endpoints (``--allow-fault-injection``); drills send it."""
+    fault_injection_token_file: Path | None = None
+    """Or a file holding that token (``drctl up`` writes a new one per stack: ``.drctl/fault-token``, 0600)."""
 
     platform: Literal["local", "kubernetes"] = "local"
     """Where instances run: the embedded local platform or a Kubernetes cluster."""
@@ -54,6 +64,15 @@ class DrctlSettings(BaseSettings):
     node_agent_base_port: int = 9400
     """The local stack's node agents listen on this port and the next ones, one per policy node."""
 
+    def fault_token(self) -> str | None:
+        """The fault-injection token from ``fault_injection_token`` or its file; None when neither is
+        set. Raises ``ValueError`` when the file cannot be read or holds no token."""
+        if self.fault_injection_token is not None:
+            return self.fault_injection_token.get_secret_value().strip() or None
+        if self.fault_injection_token_file is None:
+            return None
+        return read_secret_file(self.fault_injection_token_file, "DRCTL_FAULT_INJECTION_TOKEN_FILE")
+
     @property
     def temporal_host_port(self) -> tuple[str, int]:
         host, _, port = self.temporal_address.rpartition(":")
@@ -65,11 +84,56 @@ class DrctlSettings(BaseSettings):
 
     @property
     def envoy_admin_url(self) -> str:
-        return f"http://{self.host}:{self.envoy_admin_port}"
+        """Envoy's admin API listens on loopback whatever ``host`` is: it has no authentication."""
+        return f"http://{LOOPBACK}:{self.envoy_admin_port}"
 
     @property
     def temporal_ui_url(self) -> str:
         return f"http://{self.host}:{self.temporal_ui_port}"
+
+
+SECRET_SETTINGS = frozenset({"temporal_api_key", "fault_injection_token", "fault_injection_token_file"})
+"""Settings a child process gets only when it uses them (see ``drctl.workers.part_env``)."""
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` readable by its owner only (0600 from the start, not chmod after)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(secret + "\n")
+    os.replace(tmp, path)
+
+
+def read_secret_file(path: Path, setting: str) -> str:
+    """The secret in ``path`` (surrounding whitespace dropped); ``ValueError`` naming the setting
+    when the file cannot be read or is empty."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{setting} {path}: cannot read it ({exc})") from None
+    if not text:
+        raise ValueError(f"{setting} {path}: the file is empty")
+    return text
 
 
 class StateLayout:
@@ -111,6 +175,11 @@ class StateLayout:
     def prober_status_file(self) -> Path:
         """Written by the prober every half second: how far it got (``drctl up`` waits for it)."""
         return self.root / "prober.json"
+
+    @property
+    def fault_token_file(self) -> Path:
+        """The fault-injection token of the running stack (mode 0600), for its node agents and drills."""
+        return self.root / "fault-token"
 
     @property
     def stack_file(self) -> Path:

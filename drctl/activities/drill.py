@@ -176,7 +176,8 @@ class DrillActivities:
                     if url is None:
                         raise RuntimeError(f"no node agent answers for {target.node} (drctl up runs one per node)")
                     fault.xid_agents.append(url)
-                    status = await faults.inject_xid(http, url, int(target.gpu.rsplit("/", 1)[1]), 79)
+                    gpu_index = int(target.gpu.rsplit("/", 1)[1])
+                    status = await faults.inject_xid(http, url, gpu_index, 79, token=self.settings.fault_token())
                 fault.detail = f"Xid 79 (GPU fallen off the bus) injected on {target.gpu} via {url}: {status}"
             case DrillScenario.MODEL_CORRUPTION:
                 path = self.layout.checkpoint(target.model)
@@ -334,7 +335,7 @@ class DrillActivities:
         if fault.xid_agents:
             async with httpx.AsyncClient(timeout=5.0) as http:
                 for url in fault.xid_agents:
-                    cleared = await faults.clear_xids(http, url)
+                    cleared = await faults.clear_xids(http, url, token=self.settings.fault_token())
                     out.detail.append(f"{url}: injected Xids cleared on GPU(s) {cleared}")
         for name in fault.corrupted:
             path = Path(name)

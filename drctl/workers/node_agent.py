@@ -22,6 +22,15 @@ HTTP (aiohttp)
     ``DELETE /faults``            drills only: forget injected Xids and re-classify (the drill's
                                   restore step)
 
+The fault endpoints drain GPUs and fail instances over, so they need their own bearer token
+(``Authorization: Bearer <token>``; 401 without it or with another, compared in constant time): the
+agent refuses to start with ``--allow-fault-injection`` unless ``DRCTL_FAULT_INJECTION_TOKEN`` or
+``DRCTL_FAULT_INJECTION_TOKEN_FILE`` is set. It does not make one up: a token nobody else knows would
+only make the endpoints useless. ``drctl up`` writes a new one per stack (``.drctl/fault-token``,
+0600) and gives it to its agents and to the worker, whose drills send it. The other endpoints only
+read, and are open: Prometheus and kubelet probes use them (the DaemonSet listens on the pod's
+address). The agent listens on ``DRCTL_HOST`` (127.0.0.1) unless ``--host`` says otherwise.
+
 A GPU whose status *becomes* ``drain`` is logged and handed to the ``on_drain`` hook once (per
 transition): that is where the runbook that moves its instances away plugs in. The hook is not
 built here; the command line runs without one (log only).
@@ -46,6 +55,8 @@ import argparse
 import asyncio
 import ctypes
 import dataclasses
+import hashlib
+import hmac
 import logging
 import signal
 import sys
@@ -883,9 +894,55 @@ def _policy_slots(pool: GpuPoolPolicy | None, node: str) -> list[GpuSlot]:
 # -- HTTP ---------------------------------------------------------------------------------------------
 
 
-def make_app(agent: NodeAgent, allow_fault_injection: bool = False) -> web.Application:
+FAULT_BODY_MAX = 4096
+"""Largest fault-injection body accepted (``{"gpu": 0, "xid": 79}`` is 20 bytes)."""
+FAULT_REALM = 'Bearer realm="drctl-faults"'
+
+
+class FaultTokenMissing(ValueError):
+    """``--allow-fault-injection`` without a token to protect the endpoints."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "--allow-fault-injection needs a token: set DRCTL_FAULT_INJECTION_TOKEN, or "
+            "DRCTL_FAULT_INJECTION_TOKEN_FILE to a file holding one (drctl up makes one per stack); "
+            "the fault endpoints drain GPUs and must not be open to anyone who can connect"
+        )
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _presented_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None when absent or another scheme."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def make_app(agent: NodeAgent, allow_fault_injection: bool = False, fault_token: str | None = None) -> web.Application:
+    """The agent's HTTP API. With ``allow_fault_injection`` the fault endpoints are served, and only
+    to requests that carry ``fault_token`` (required: :class:`FaultTokenMissing` without one)."""
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if allow_fault_injection and not fault_token:
+        raise FaultTokenMissing()
+    expected = _token_digest(fault_token or "")
+
+    def unauthorised(request: web.Request) -> web.Response | None:
+        """A 401 unless the request carries the fault token (digests compared in constant time)."""
+        presented = _presented_token(request.headers.get("Authorization"))
+        if presented is None:
+            problem = "missing bearer token (Authorization: Bearer <fault-injection token>)"
+        elif not hmac.compare_digest(_token_digest(presented), expected):
+            problem = "invalid bearer token"
+        else:
+            return None
+        log.warning("fault injection refused from %s: %s", request.remote, problem)
+        return web.json_response({"error": problem}, status=401, headers={"WWW-Authenticate": FAULT_REALM})
 
     async def gpus(request: web.Request) -> web.Response:
         status = request.query.get("status")
@@ -903,13 +960,22 @@ def make_app(agent: NodeAgent, allow_fault_injection: bool = False) -> web.Appli
         return web.Response(body=generate_latest(agent.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def inject_xid(request: web.Request) -> web.Response:
+        if (refused := unauthorised(request)) is not None:
+            return refused
+        if request.content_length is not None and request.content_length > FAULT_BODY_MAX:
+            return web.json_response({"error": f"body larger than {FAULT_BODY_MAX} bytes"}, status=413)
         try:
             body = await request.json()
+            if not isinstance(body, dict):
+                raise TypeError("not a JSON object")
             gpu, xid = body["gpu"], body["xid"]
             if not isinstance(gpu, int) or not isinstance(xid, int) or isinstance(gpu, bool) or isinstance(xid, bool):
                 raise TypeError("gpu and xid must be integers")
-        except (ValueError, KeyError, TypeError) as exc:
-            return web.json_response({"error": f'expected {{"gpu": INDEX, "xid": CODE}}: {exc}'}, status=400)
+            if not 0 <= xid < 1 << 16:
+                raise ValueError(f"xid {xid} is not an Xid code")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            return web.json_response({"error": f'expected {{"gpu": INDEX, "xid": CODE}}: {detail}'}, status=400)
         try:
             report = agent.inject_xid(gpu, xid)
         except LookupError as exc:
@@ -917,9 +983,11 @@ def make_app(agent: NodeAgent, allow_fault_injection: bool = False) -> web.Appli
         return web.json_response(report.to_json())
 
     async def clear_faults(request: web.Request) -> web.Response:
+        if (refused := unauthorised(request)) is not None:
+            return refused
         return web.json_response({"cleared": agent.clear_injected()})
 
-    app = web.Application()
+    app = web.Application(client_max_size=FAULT_BODY_MAX)
     app.router.add_get("/gpus", gpus)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -929,12 +997,14 @@ def make_app(agent: NodeAgent, allow_fault_injection: bool = False) -> web.Appli
     return app
 
 
-async def serve(agent: NodeAgent, host: str, port: int, allow_fault_injection: bool = False) -> web.AppRunner:
+async def serve(
+    agent: NodeAgent, host: str, port: int, allow_fault_injection: bool = False, fault_token: str | None = None
+) -> web.AppRunner:
     """Serve the agent's HTTP API; the caller cleans the runner up. ``port=0`` picks a free port
     (``runner.addresses``)."""
     from aiohttp import web
 
-    runner = web.AppRunner(make_app(agent, allow_fault_injection), access_log=None)
+    runner = web.AppRunner(make_app(agent, allow_fault_injection, fault_token), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -962,7 +1032,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-fault-injection",
         action="store_true",
-        help="serve POST /faults/xid and DELETE /faults, for DR drills (drctl drill gpu-failure); off by default",
+        help="serve POST /faults/xid and DELETE /faults, for DR drills (drctl drill gpu-failure); off by default; "
+        "needs DRCTL_FAULT_INJECTION_TOKEN or DRCTL_FAULT_INJECTION_TOKEN_FILE, which callers send as a bearer token",
     )
     return parser
 
@@ -974,6 +1045,7 @@ async def run_agent(
     port: int,
     interval: float,
     allow_fault_injection: bool = False,
+    fault_token: str | None = None,
     **kw: Any,
 ) -> int:
     stop = asyncio.Event()
@@ -986,9 +1058,10 @@ async def run_agent(
         if agent.source == "policy" and not agent.reports():
             print(f"node-agent: no NVML and no GPUs for node {node!r} in the policy; nothing to serve", file=sys.stderr)
             return 2
-        runner = await serve(agent, host, port, allow_fault_injection)
+        runner = await serve(agent, host, port, allow_fault_injection, fault_token)
         bound = runner.addresses[0][1] if runner.addresses else port
-        log.info("node agent for %s on http://%s:%d (GPUs from %s)", node, host, bound, agent.source)
+        faults = "fault injection on (bearer token)" if allow_fault_injection else "fault injection off"
+        log.info("node agent for %s on http://%s:%d (GPUs from %s; %s)", node, host, bound, agent.source, faults)
         try:
             await agent.run(stop)
         finally:
@@ -1008,6 +1081,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.interval <= 0:
         print("node-agent: --interval must be positive", file=sys.stderr)
         return 2
+    fault_token = None
+    if args.allow_fault_injection:
+        try:
+            fault_token = settings.fault_token()
+        except ValueError as exc:
+            print(f"node-agent: {exc}", file=sys.stderr)
+            return 2
+        if not fault_token:
+            print(f"node-agent: {FaultTokenMissing()}", file=sys.stderr)
+            return 2
     try:
         policy = load_policy_file(args.policy or settings.policy)
     except PolicyError as exc:
@@ -1021,6 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
             args.interval,
             allow_fault_injection=args.allow_fault_injection,
+            fault_token=fault_token,
             xid_window=args.xid_window,
             on_drain=drain_runbook_hook(settings),
         )

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import SecretStr
 from temporalio.client import Client
 
 from drctl.activities.local import envoy, processes
 from drctl.activities.local.platform import LocalPlatform
 from drctl.policies.durations import format_duration
 from drctl.policies.schema import DRPolicy
-from drctl.settings import DrctlSettings, StateLayout
+from drctl.settings import DrctlSettings, StateLayout, new_token, write_secret_file
 from drctl.workers.binaries import find_binary
+from drctl.workers.part_env import part_environment
 from drctl.workers.schedules import ensure_reconcile_schedule
 from drctl.workers.search_attributes import dev_server_flags, register_search_attributes
 from drctl.workers.temporal_client import connect
@@ -232,11 +232,11 @@ class LocalStack:
                 await asyncio.sleep(0.05)
 
     def start_worker(self) -> None:
-        self.pids["worker"] = self._start_python_process("drctl.workers.worker", "worker.log")
+        self.pids["worker"] = self._start_python_process("drctl.workers.worker", "worker.log", part="worker")
 
     def start_prober(self) -> None:
         self.layout.prober_status_file.unlink(missing_ok=True)
-        self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log")
+        self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log", part="prober")
 
     async def _wait_prober_ready(self, timeout_s: float = 30.0) -> None:
         """Until the prober has probed once and, with node agents, has seen every node's agent: a
@@ -256,7 +256,9 @@ class LocalStack:
         raise StackError(f"the prober is not ready after {timeout_s:.0f}s; see {self.layout.logs_dir}/prober.log")
 
     def start_alert_receiver(self) -> None:
-        self.pids["alert_receiver"] = self._start_python_process("drctl.workers.alert_receiver", "alert-receiver.log")
+        self.pids["alert_receiver"] = self._start_python_process(
+            "drctl.workers.alert_receiver", "alert-receiver.log", part="alert_receiver"
+        )
 
     @property
     def node_agent_ports(self) -> dict[str, int]:
@@ -266,26 +268,28 @@ class LocalStack:
 
     def start_node_agents(self) -> None:
         """One agent per node, each its own process (so a drill can stop one node's agent). Without
-        NVML they serve the GPUs the policy declares; fault injection is on, for drills."""
+        NVML they serve the GPUs the policy declares; fault injection is on, for drills, behind a
+        token: the configured one, or a new random one per stack in ``.drctl/fault-token`` (0600),
+        which the agents and the worker (the drills) get and nothing else does."""
         urls = [f"http://{self.settings.host}:{port}" for port in self.node_agent_ports.values()]
-        self.settings = self.settings.model_copy(update={"node_agent_urls": urls})
+        update: dict[str, object] = {"node_agent_urls": urls}
+        if self.settings.fault_injection_token is None and self.settings.fault_injection_token_file is None:
+            write_secret_file(self.layout.fault_token_file, new_token())
+            update["fault_injection_token_file"] = self.layout.fault_token_file
+        self.settings = self.settings.model_copy(update=update)
         for node in self.node_agent_ports:
             self._start_node_agent(node)
         self.say(f"{len(urls)} node agent(s) on ports {min(self.node_agent_ports.values())}…, fault injection on")
 
     def _start_node_agent(self, node: str) -> None:
         args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
-        self.pids[node] = self._start_python_process("drctl.workers.node_agent", f"node-agent-{node}.log", args)
+        self.pids[node] = self._start_python_process(
+            "drctl.workers.node_agent", f"node-agent-{node}.log", args, part=node
+        )
 
-    def _start_python_process(self, module: str, log_name: str, args: list[str] | None = None) -> int:
-        env = {
-            "DRCTL_" + name.upper(): _env_value(value)
-            for name, value in self.settings.model_dump().items()
-            if value is not None
-        }
-        env["DRCTL_POLICY"] = str(Path(self.settings.policy).resolve())
-        env["DRCTL_STATE_DIR"] = str(self.layout.root)
-        env["PYTHONUNBUFFERED"] = "1"
+    def _start_python_process(self, module: str, log_name: str, args: list[str] | None = None, *, part: str) -> int:
+        # Its settings, and only the secrets this part uses (the alert tokens only to the receiver…).
+        env = part_environment(self.settings, part, node_names=self.node_agent_ports, state_root=self.layout.root)
         command = [sys.executable, "-m", module, *(args or [])]
         return processes.spawn(command, self.layout.logs_dir / log_name, env=env)
 
@@ -324,15 +328,6 @@ class LocalStack:
             "supervisor_pid": os.getpid(),
         }
         self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
-def _env_value(value: object) -> str:
-    """A setting as pydantic-settings reads it back from the environment (lists as JSON)."""
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return str(value)
 
 
 def alert_tokens_configured() -> bool:

@@ -267,6 +267,15 @@ def test_render_bootstrap_takes_the_policy() -> None:
     assert retry["retry_priority"]["typed_config"]["update_frequency"] == 1
 
 
+def test_admin_api_stays_on_loopback_when_the_listener_is_public() -> None:
+    """Envoy's admin API has no authentication (it can /quitquitquit): only this machine reaches it."""
+    policy = DRPolicy.model_validate({"models": [{"name": MODEL}]})
+    boot = render_bootstrap(policy, listen_host="0.0.0.0", listen_port=1, admin_port=2, eds_dir=Path("/x/eds"))
+    assert boot["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 2}
+    listener = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "0.0.0.0"
+
+
 def test_envoy_yaml_quotes_names_that_look_like_bools_or_numbers() -> None:
     text = envoy_yaml(eds_document("n", [Endpoint(HOST, 1, 0, "1e3")]))
     assert '"cluster_name": "n"' in text

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from drctl.activities.local import processes
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.payloads import Instance, Role
@@ -64,3 +66,49 @@ def test_registry_edits_are_persisted_atomically(tmp_path: Path) -> None:
     reread = InstanceRegistry(tmp_path / "instances.json").of_model("m")
     assert [(i.id, i.role, i.lb_priority) for i in reread] == [("m-0", Role.SERVING, 0), ("m-1", Role.SERVING, 0)]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split("=", 1) for entry in raw.decode().split("\0") if "=" in entry)
+
+
+def test_a_model_instance_inherits_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `drctl up` was seen to leak: every tenant's alert token in /proc/PID/environ of every
+    model instance. Only the allowlist (and what the caller passes) reaches a child."""
+    secrets = {
+        "DRCTL_ALERT_TOKENS": '{"team-a": "aaaaaaaaaaaaaaaaaaaa"}',
+        "DRCTL_ALERT_TOKENS_FILE": "/etc/drctl/tokens",
+        "DRCTL_FAULT_INJECTION_TOKEN": "fffffffffffffffffff",
+        "DRCTL_FAULT_INJECTION_TOKEN_FILE": "/x/.drctl/fault-token",
+        "DRCTL_TEMPORAL_API_KEY": "kkkkkkkkkkkkkkkkkkkk",
+        "DRCTL_PYTHON_SECRET": "not python's",
+        "AWS_SECRET_ACCESS_KEY": "ssssssssssssssssssss",
+        "GITHUB_TOKEN": "gggggggggggggggggggg",
+    }
+    engine = {"CUDA_VISIBLE_DEVICES": "0", "HF_HOME": "/models", "VLLM_LOGGING_LEVEL": "INFO", "LC_ALL": "C.UTF-8"}
+    for name, value in {**secrets, **engine}.items():
+        monkeypatch.setenv(name, value)
+    pid = processes.spawn(
+        [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "i.log", env={"GIVEN": "by the caller"}
+    )
+    try:
+        environ = _environ_of(pid)
+    finally:
+        processes.terminate(pid, grace_s=1.0)
+    assert not set(secrets) & set(environ), sorted(set(secrets) & set(environ))
+    assert not [value for value in environ.values() if value in secrets.values()]
+    assert {name: environ.get(name) for name in engine} == engine
+    assert environ["PATH"] == os.environ["PATH"]
+    assert environ["GIVEN"] == "by the caller"
+
+
+def test_inherited_env_is_an_allowlist() -> None:
+    environ = {
+        "PATH": "/bin",
+        "PYTHONPATH": "/src",
+        "DRCTL_POLICY": "p.yaml",
+        "SECRET": "x",
+        "NVIDIA_VISIBLE_DEVICES": "all",
+    }
+    assert processes.inherited_env(environ) == {"PATH": "/bin", "PYTHONPATH": "/src", "NVIDIA_VISIBLE_DEVICES": "all"}

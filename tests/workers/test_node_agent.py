@@ -31,7 +31,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from drctl.policies.gpu_health import UNKNOWN_NO_NVML, classify
 from drctl.policies.schema import GpuNodePolicy, GpuPoolPolicy
-from drctl.workers.node_agent import GpuReport, NodeAgent, NvmlInventory, NvmlUnavailable, XidEvent, serve
+from drctl.workers.node_agent import (
+    FaultTokenMissing,
+    GpuReport,
+    NodeAgent,
+    NvmlInventory,
+    NvmlUnavailable,
+    XidEvent,
+    make_app,
+    serve,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
@@ -696,6 +705,10 @@ async def test_real_no_nvml_agent_over_http(caplog: pytest.LogCaptureFixture) ->
         await agent.aclose()
 
 
+FAULT_TOKEN = "drill-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {FAULT_TOKEN}"}
+
+
 @needs_no_nvml
 async def test_fault_injection_drains_a_policy_gpu_and_clears(caplog: pytest.LogCaptureFixture) -> None:
     drained: list[str] = []
@@ -706,12 +719,15 @@ async def test_fault_injection_drains_a_policy_gpu_and_clears(caplog: pytest.Log
     agent = NodeAgent(NODE, pool=POOL, interval=0.05, on_drain=on_drain)
     await agent.start()
     plain = await serve(agent, "127.0.0.1", 0)
-    drills = await serve(agent, "127.0.0.1", 0, allow_fault_injection=True)
+    drills = await serve(agent, "127.0.0.1", 0, allow_fault_injection=True, fault_token=FAULT_TOKEN)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plain.addresses[0][1]}") as client:
-            # Without --allow-fault-injection there is nothing to inject into.
-            assert (await client.post("/faults/xid", json={"gpu": 1, "xid": 79})).status_code in (404, 405)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{drills.addresses[0][1]}") as client:
+            # Without --allow-fault-injection there is nothing to inject into, token or not.
+            assert (await client.post("/faults/xid", json={"gpu": 1, "xid": 79}, headers=AUTH)).status_code in (
+                404,
+                405,
+            )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{drills.addresses[0][1]}", headers=AUTH) as client:
             bad = await client.post("/faults/xid", json={"gpu": "one"})
             assert bad.status_code == 400 and "gpu" in bad.json()["error"]
             assert (await client.post("/faults/xid", json={"gpu": 9, "xid": 79})).status_code == 404
@@ -733,6 +749,69 @@ async def test_fault_injection_drains_a_policy_gpu_and_clears(caplog: pytest.Log
         await agent.aclose()
 
 
+@needs_no_nvml
+async def test_fault_endpoints_need_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    """What was seen on `drctl up`: one unauthenticated POST drained a GPU and failed over two tenants'
+    instances, and the GPU stayed cordoned. Now nothing changes without the token."""
+    drained: list[str] = []
+
+    async def on_drain(report: GpuReport) -> None:
+        drained.append(report.gpu_id)
+
+    agent = NodeAgent(NODE, pool=POOL, interval=0.05, on_drain=on_drain)
+    await agent.start()
+    runner = await serve(agent, "127.0.0.1", 0, allow_fault_injection=True, fault_token=FAULT_TOKEN)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}") as client:
+            asks = [
+                {},
+                {"Authorization": "Bearer wrong-token-0123456789"},
+                {"Authorization": f"Bearer {FAULT_TOKEN}x"},
+                {"Authorization": f"Bearer {FAULT_TOKEN[:-1]}"},
+                {"Authorization": f"Basic {FAULT_TOKEN}"},
+                {"Authorization": "Bearer"},
+            ]
+            for headers in asks:
+                refused = await client.post("/faults/xid", json={"gpu": 1, "xid": 79}, headers=headers)
+                assert refused.status_code == 401, headers
+                assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+                assert "bearer token" in refused.json()["error"]
+                assert (await client.delete("/faults", headers=headers)).status_code == 401
+            await asyncio.sleep(0.05)
+            assert drained == []
+            assert {g["status"] for g in (await client.get("/gpus")).json()} == {UNKNOWN_NO_NVML}
+            # Reading stays open: Prometheus and kubelet probes have no token.
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/metrics")).status_code == 200
+            # The token is checked before the body is read: a hostile body without it is a 401 too.
+            nested = await client.post(
+                "/faults/xid", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+            )
+            assert nested.status_code == 401
+            deep = await client.post(
+                "/faults/xid", content=b"[" * 4000, headers={**AUTH, "Content-Type": "application/json"}
+            )
+            assert deep.status_code == 400
+            huge = await client.post("/faults/xid", content=b" " * 10_000, headers=AUTH)
+            assert huge.status_code == 413
+            assert (await client.post("/faults/xid", json={"gpu": 1, "xid": 1 << 40}, headers=AUTH)).status_code == 400
+            assert (await client.post("/faults/xid", json=[1, 79], headers=AUTH)).status_code == 400
+        assert any("fault injection refused" in r.getMessage() for r in caplog.records)
+        assert not any(FAULT_TOKEN in r.getMessage() for r in caplog.records)
+    finally:
+        await runner.cleanup()
+        await agent.aclose()
+
+
+def test_fault_injection_without_a_token_is_refused() -> None:
+    agent = NodeAgent(NODE, pool=POOL)
+    with pytest.raises(FaultTokenMissing, match="DRCTL_FAULT_INJECTION_TOKEN"):
+        make_app(agent, allow_fault_injection=True)
+    with pytest.raises(FaultTokenMissing):
+        make_app(agent, allow_fault_injection=True, fault_token="")
+    make_app(agent)  # without fault injection no token is needed
+
+
 # -- the command line and the check script, as real processes ---------------------------------------------------
 
 
@@ -747,7 +826,7 @@ def free_port() -> int:
 def agent_process() -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
     processes: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
         port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "drctl.workers.node_agent", "--port", str(port), *args],
@@ -755,7 +834,7 @@ def agent_process() -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         processes.append(process)
         return process, f"http://127.0.0.1:{port}"
@@ -817,6 +896,58 @@ def test_command_line_bad_policy(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 2 and str(policy) in result.stderr and "invalid policy" in result.stderr
+
+
+def test_command_line_fault_injection_needs_a_token(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "drctl.workers.node_agent", "--node", NODE, "--port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRCTL_FAULT_INJECTION")}
+    env["DRCTL_POLICY"] = "examples/dr-policy.yaml"
+    refused = subprocess.run(
+        [*command, "--allow-fault-injection"], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
+    assert refused.returncode == 2
+    assert "--allow-fault-injection needs a token" in refused.stderr and "Traceback" not in refused.stderr
+    missing = tmp_path / "no-such-token"
+    unreadable = subprocess.run(
+        [*command, "--allow-fault-injection"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "DRCTL_FAULT_INJECTION_TOKEN_FILE": str(missing)},
+    )
+    assert unreadable.returncode == 2 and f"DRCTL_FAULT_INJECTION_TOKEN_FILE {missing}: cannot read it" in (
+        unreadable.stderr
+    )
+
+
+@needs_no_nvml
+async def test_command_line_fault_injection_with_a_token_file(agent_process: Any, tmp_path: Path) -> None:
+    token_file = tmp_path / "fault-token"
+    token_file.write_text(FAULT_TOKEN + "\n")
+    process, url = agent_process(
+        "--node",
+        "gpu-node-1",
+        "--policy",
+        "examples/dr-policy.yaml",
+        "--allow-fault-injection",
+        env={"DRCTL_FAULT_INJECTION_TOKEN_FILE": str(token_file), "DRCTL_TEMPORAL_ADDRESS": "127.0.0.1:1"},
+    )
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                refused = await client.delete("/faults")
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert refused.status_code == 401
+        assert (await client.delete("/faults", headers=AUTH)).json() == {"cleared": []}
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert "fault injection on (bearer token)" in stderr and FAULT_TOKEN not in stderr
 
 
 BLOCK_SERVER_DEPS = """

@@ -32,6 +32,7 @@ import httpx
 import yaml
 
 from drctl.policies.schema import DRPolicy, LoadBalancerPolicy
+from drctl.settings import LOOPBACK
 
 CONNECT_TIMEOUT = timedelta(milliseconds=250)
 """Upstream connect timeout; every model instance is on the loopback, so a refused or hung connect
@@ -244,6 +245,9 @@ def render_bootstrap(
     Requests reach a model by path (``/v1/models/{model}/...``) or by the ``model-name`` header;
     anything else gets a 404 JSON body. Each cluster reads ``eds_dir/{model}.yaml``, which should
     exist (see :func:`write_eds`) before Envoy starts.
+
+    The admin API listens on loopback whatever ``listen_host`` is: it has no authentication and can
+    stop Envoy (``/quitquitquit``) or rewrite its state, so only this machine may reach it.
     """
     eds_dir = eds_dir.resolve()
     lb = policy.load_balancer
@@ -271,7 +275,7 @@ def render_bootstrap(
                 }
             ]
         },
-        "admin": {"address": {"socket_address": {"address": listen_host, "port_value": admin_port}}},
+        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}},
         "static_resources": {
             "listeners": [
                 {

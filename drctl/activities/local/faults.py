@@ -38,18 +38,35 @@ def _signal_running(pids: list[int], sig: signal.Signals) -> list[int]:
     return sent
 
 
-async def inject_xid(http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79) -> str:
-    """Make a node agent handle ``xid`` on one GPU (needs ``--allow-fault-injection``)."""
-    response = await http.post(f"{agent_url.rstrip('/')}/faults/xid", json={"gpu": gpu_index, "xid": xid})
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _check(response: httpx.Response, agent_url: str) -> None:
     if response.status_code == 404:
         raise RuntimeError(f"{agent_url} does not accept injected faults (start it with --allow-fault-injection)")
+    if response.status_code == 401:
+        raise RuntimeError(
+            f"{agent_url} refused the fault-injection token: set DRCTL_FAULT_INJECTION_TOKEN (or _FILE) "
+            "to the agents' token (drctl up: .drctl/fault-token)"
+        )
     response.raise_for_status()
+
+
+async def inject_xid(
+    http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79, token: str | None = None
+) -> str:
+    """Make a node agent handle ``xid`` on one GPU (needs ``--allow-fault-injection`` and its token)."""
+    response = await http.post(
+        f"{agent_url.rstrip('/')}/faults/xid", json={"gpu": gpu_index, "xid": xid}, headers=_bearer(token)
+    )
+    _check(response, agent_url)
     return str(response.json().get("status"))
 
 
-async def clear_xids(http: httpx.AsyncClient, agent_url: str) -> list[int]:
-    response = await http.delete(f"{agent_url.rstrip('/')}/faults")
-    response.raise_for_status()
+async def clear_xids(http: httpx.AsyncClient, agent_url: str, token: str | None = None) -> list[int]:
+    response = await http.delete(f"{agent_url.rstrip('/')}/faults", headers=_bearer(token))
+    _check(response, agent_url)
     return [int(i) for i in response.json().get("cleared", [])]
 
 

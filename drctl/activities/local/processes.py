@@ -3,6 +3,13 @@
 Instances run in their own session (process group) so they outlive a crashed worker and a
 ``kill -9`` of one never takes its siblings down; stopping one signals its whole group, which
 matters for servers such as vLLM that fork workers.
+
+Every child starts from :func:`inherited_env`, an allowlist of this process's environment (what a
+program needs to run, and what an inference engine reads: ``CUDA_*``, ``NVIDIA_*``, ``VLLM_*``,
+``HF_*``, …), never the whole of it: drctl's own settings and secrets (``DRCTL_ALERT_TOKENS``, the
+fault-injection token, the Temporal API key) would otherwise sit in ``/proc/PID/environ`` of every
+model instance, and in whatever the engine logs or dumps. A part of drctl that needs a setting gets
+it through ``env`` (see ``drctl.workers.part_env``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,20 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+INHERITED_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+        "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+        "XDG_CACHE_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    }
+)  # fmt: skip
+"""Variables every child inherits: what any program needs to run."""
+INHERITED_PREFIXES = (
+    "LC_", "PYTHON", "CUDA_", "NVIDIA_", "NCCL_", "VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TORCH",
+)  # fmt: skip
+"""And every variable with one of these prefixes: locale, the interpreter, GPU runtimes and engines."""
+
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Processes this process started, kept so that they are reaped (no zombies) once they exit."""
 
@@ -26,8 +47,20 @@ def render_command(template: Iterable[str], values: Mapping[str, object]) -> lis
     return [arg.format_map(merged) for arg in template]
 
 
+def inherited_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The part of ``environ`` (this process's environment) a child inherits: the allowlist above."""
+    source = os.environ if environ is None else environ
+    return {
+        name: value
+        for name, value in source.items()
+        if name in INHERITED_NAMES or (name.startswith(INHERITED_PREFIXES) and not name.startswith("DRCTL_"))
+    }
+
+
 def spawn(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
-    """Start a process in a new session, output appended to ``log_path``; returns its pid."""
+    """Start a process in a new session, output appended to ``log_path``; returns its pid.
+
+    Its environment is :func:`inherited_env` plus ``env``: nothing else of this process's."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -36,7 +69,7 @@ def spawn(command: list[str], log_path: Path, env: Mapping[str, str] | None = No
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**inherited_env(), **(env or {})},
         )
     _children[proc.pid] = proc
     return proc.pid
