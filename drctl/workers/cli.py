@@ -136,9 +136,12 @@ def up(
     settings = _settings(policy, state_dir)
     dr_policy = _load_policy(settings)
     if fresh and settings.state_dir.exists():
-        # Never wipe the state of a stack that is running: check its ports first.
+        # Never wipe the state of a stack that is running: check its ports first. What a `drctl up`
+        # that died without stopping left running (parts and instances) is stopped, then forgotten.
         try:
-            LocalStack(settings, dr_policy, say=lambda _: None).check_ports_free()
+            leftover = LocalStack(settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False))
+            leftover.stop_leftovers(instances=True)
+            leftover.check_ports_free()
         except StackError as exc:
             _fail(f"not removing {settings.state_dir}: {exc}")
         shutil.rmtree(settings.state_dir)
@@ -213,7 +216,12 @@ def status(
 
 
 def _render_detectors(layout: StateLayout) -> None:
-    """One line on the prober and the zone checks, from the status file the prober keeps."""
+    """One line per part `drctl up` supervises (restarts included), then one on the prober and the
+    zone checks, from the status file the prober keeps."""
+    from drctl.workers.stack import supervision_lines
+
+    for line in supervision_lines(layout):
+        out.print(line, highlight=False)
     try:
         status = json.loads(layout.prober_status_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):

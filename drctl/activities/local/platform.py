@@ -34,6 +34,8 @@ from drctl.policies.schema import DRPolicy, ModelPolicy
 from drctl.settings import DrctlSettings, StateLayout
 
 LB_PRIORITY = {Role.SERVING: 0, Role.HOT: 1}
+RESPAWNED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.PROMOTING)
+"""Roles whose process a clean stop ends and the next ``drctl up`` starts again."""
 
 
 class LocalPlatform:
@@ -45,6 +47,8 @@ class LocalPlatform:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
         self._draining: dict[asyncio.Task[None], int | None] = {}
         """Ejected processes still draining their connections, stopped when the task ends."""
+        self._to_settle: list[str] = []
+        """Instances ``ensure_fleet`` started, which ``settle_fleet`` waits for and registers."""
 
     async def aclose(self) -> None:
         for task, pid in list(self._draining.items()):
@@ -321,7 +325,14 @@ class LocalPlatform:
         return 60.0 + self.policy.local.load_seconds_per_gib * size / 2**30 * 2
 
     def ensure_fleet(self, on_progress: Callable[[str], None] = lambda _: None) -> list[Instance]:
-        """Create the instances the policy asks for: checkpoints, processes, EDS. Starts fresh."""
+        """Bring the fleet up: checkpoints, processes, EDS.
+
+        With no registry (first start, or ``drctl up --fresh``) the fleet is planned from the policy.
+        Otherwise it resumes as the registry recorded it: roles, tiers, GPUs and ids stay; processes
+        a clean stop ended are started again; processes still alive (the last ``drctl up`` died
+        without stopping them) are adopted; processes that died are left as recorded, for the prober
+        and the failover runbook. The reconcile schedule then converges what the policy changed.
+        """
         self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for model in self.policy.models:
             size = self._checkpoint_size(model)
@@ -330,15 +341,18 @@ class LocalPlatform:
             if info.sha256 != good.sha256:
                 info = restore_checkpoint(good.path, info.path)
             on_progress(f"checkpoint {info.path.name} ({info.size} bytes, sha256 {info.sha256[:12]}…)")
+        if self.registry.load():
+            self._resume_fleet(on_progress)
+        else:
+            self._plan_fleet(on_progress)
+        for name in self.policy.model_names:
+            self.sync_load_balancer(name)
+        return list(self.registry.load().values())
+
+    def _plan_fleet(self, on_progress: Callable[[str], None]) -> None:
+        """A new fleet from the policy: the same planner as reconciliation, from an empty fleet."""
+        plan = plan_reconcile(self.policy, [], cordoned=self._read_cordoned())
         with self.registry.edit() as instances:
-            # Instances left running by an earlier `drctl up` that did not shut down cleanly.
-            for leftover in instances.values():
-                if processes.runs_instance(leftover.pid, leftover.id):
-                    processes.terminate(leftover.pid)
-                    on_progress(f"stopped leftover {leftover.id} (pid {leftover.pid}) from an earlier run")
-            instances.clear()
-            # The same planner as reconciliation, from an empty fleet: ids, tiers and GPUs.
-            plan = plan_reconcile(self.policy, [])
             for action in plan.actions:
                 instances[action.instance] = Instance(
                     id=action.instance,
@@ -351,16 +365,68 @@ class LocalPlatform:
                 )
         for problem in plan.unplaceable:
             on_progress(f"WARNING: not placed: {problem}")
+        self._to_settle = []
         for instance in self.registry.load().values():
             if instance.role != Role.COLD:
                 started = self._start_process(instance)
+                self._to_settle.append(started.id)
                 on_progress(f"started {started.id} ({started.role}) pid {started.pid} port {started.port}")
-        return list(self.registry.load().values())
+
+    def _resume_fleet(self, on_progress: Callable[[str], None]) -> None:
+        """The fleet as the registry recorded it (see :meth:`ensure_fleet`)."""
+        self._to_settle = []
+        known = set(self.policy.model_names)
+        with self.registry.edit() as instances:
+            for instance in sorted(instances.values(), key=lambda i: (i.model, i.id)):
+                if instance.model not in known:
+                    # Reconciliation only plans the policy's models, so a model removed while drctl
+                    # was down is removed here: its instances stop and leave the registry.
+                    if processes.runs_instance(instance.pid, instance.id):
+                        processes.terminate(instance.pid)
+                    del instances[instance.id]
+                    on_progress(f"removed {instance.id}: {instance.model} is no longer in the policy")
+                    continue
+                kept = f"{instance.id} ({instance.role}, {instance.gpu or 'no GPU'})"
+                if instance.role == Role.COLD:
+                    on_progress(f"kept {kept}: checkpoint only")
+                elif instance.role == Role.FAILED:
+                    if processes.runs_instance(instance.pid, instance.id):  # ejected, was draining
+                        processes.terminate(instance.pid)
+                        on_progress(f"stopped {kept}: pid {instance.pid} of an ejected instance")
+                elif processes.runs_instance(instance.pid, instance.id):
+                    on_progress(f"adopted {kept}: pid {instance.pid} still running, port {instance.port}")
+                elif instance.pid is None and instance.role in RESPAWNED_ROLES:
+                    # Stopped by a clean stop (``stop_all`` cleared its pid): start it again. Until it
+                    # has loaded it is out of the load balancer, as on a first start.
+                    waiting = instance.model_copy(update={"lb_priority": None})
+                    started = self._spawn(instances, waiting)
+                    if instance.role != Role.PROMOTING:  # a promotion's runbook registers it
+                        self._to_settle.append(instance.id)
+                    on_progress(f"restarted {kept} as pid {started.pid} port {started.port}")
+                elif instance.role in (Role.SERVING, Role.HOT):
+                    on_progress(
+                        f"WARNING: {kept}: process {instance.pid} died while drctl was down; "
+                        "left to the prober and the failover runbook"
+                    )
+                else:
+                    on_progress(f"kept {kept}: process {instance.pid} is gone; promotion starts a new one")
+        drift = self.fleet_drift()
+        if drift:
+            on_progress(f"the fleet differs from the policy ({'; '.join(drift)}): the reconcile schedule converges it")
+
+    def fleet_drift(self) -> list[str]:
+        """What reconciliation would change now (empty when the fleet matches the policy)."""
+        plan = plan_reconcile(self.policy, list(self.registry.load().values()), cordoned=self._read_cordoned())
+        changes = [f"{a.kind} {a.instance} ({a.tier})" for a in plan.actions]
+        return changes + [f"cannot place {problem}" for problem in plan.unplaceable]
 
     async def settle_fleet(self, timeout_s: float = 60.0) -> None:
-        """Wait for every started instance to load, put warm ones to sleep, then register in Envoy."""
-        pending = [i for i in self.registry.load().values() if i.port is not None]
+        """Wait for every instance ``ensure_fleet`` started to load, put warm ones to sleep, then
+        register them in Envoy. Adopted instances are already loaded (and asleep, if warm)."""
+        registry = self.registry.load()
+        pending = [registry[i] for i in self._to_settle if i in registry]
         await asyncio.gather(*(self._settle(i, timeout_s) for i in pending))
+        self._to_settle = []
         for model in self.policy.model_names:
             self.sync_load_balancer(model)
 
@@ -373,12 +439,22 @@ class LocalPlatform:
         self.registry.update(instance.id, lb_priority=lb_priority)
 
     def stop_all(self) -> int:
-        """Stop every instance process (``drctl up`` on exit); returns how many were running."""
-        stopped = 0
+        """Stop every instance process (``drctl up`` on exit); returns how many were running.
+
+        Each instance whose process this stopped is recorded without a pid: the next ``drctl up``
+        starts it again, while one whose process had already died keeps its pid, so the prober
+        finds it dead and the failover runbook handles it, as if drctl had never stopped."""
+        stopped: dict[str, int] = {}
         for instance in self.registry.load().values():
-            if processes.terminate(instance.pid, grace_s=2.0):
-                stopped += 1
-        return stopped
+            if processes.runs_instance(instance.pid, instance.id) and processes.terminate(instance.pid, grace_s=2.0):
+                assert instance.pid is not None
+                stopped[instance.id] = instance.pid
+        with self.registry.edit() as instances:
+            for instance_id, pid in stopped.items():
+                current = instances.get(instance_id)
+                if current is not None and current.pid == pid:
+                    instances[instance_id] = current.model_copy(update={"pid": None})
+        return len(stopped)
 
     def sync_load_balancer(self, model: str) -> None:
         """Rewrite the model's EDS file from the registry (atomic; Envoy watches the folder)."""
