@@ -7,7 +7,7 @@ Temporal UI's "Start Workflow" form. Pure data, no I/O.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
@@ -71,6 +71,8 @@ class Instance(Payload):
 class InstanceRef(Payload):
     model: ModelName
     instance: InstanceId
+    epoch: int | None = None
+    """The fencing epoch of the runbook acting (see ``EpochGrant``); None: not fenced (a read)."""
 
 
 class ModelRef(Payload):
@@ -87,12 +89,14 @@ class RegisterRequest(Payload):
     model: ModelName
     instance: InstanceId
     priority: Annotated[int, Field(ge=0, le=1)] = 0
+    epoch: int | None = None
 
 
 class EjectRequest(Payload):
     model: ModelName
     instance: InstanceId
     reason: str = ""
+    epoch: int | None = None
 
 
 class ProbeResult(Payload):
@@ -125,6 +129,13 @@ class FailoverRequest(Payload):
     see a process that still answers, or wait out a hung one's timeouts again."""
     prefer_zone: str | None = None
     """Try standbys in this zone first, tier by tier (a zone failover: the policy's standby zone)."""
+    epoch: int | None = None
+    """The fencing epoch the model's guardian claimed for this runbook; every promote, register and
+    eject carries it, and the platform refuses a stale one. None: the run was started directly (the
+    UI, ``temporal workflow start``): it hands the report to the guardian and follows the runbook
+    the guardian runs, so that one failure still gets one recovery."""
+    plan_only: bool = False
+    """Decide and report every step (instances touched, standby promoted), change nothing."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always
@@ -149,6 +160,11 @@ class FailoverOutcome(StrEnum):
     """The failed instance was a standby: it was ejected; reconciliation replaces it."""
     NO_STANDBY = "no-standby"
     FAILED = "failed"
+    JOINED = "joined"
+    """Started directly (UI or CLI) for an instance: handed to the model's guardian, which ran (or
+    was already running) the one recovering runbook; this run only followed it."""
+    PLANNED = "planned"
+    """Plan mode: what would be done, nothing changed."""
 
 
 class StepTiming(Payload):
@@ -186,6 +202,15 @@ class FailoverResult(Payload):
     """Failure (``failed_at``, else workflow start) to replacement verified."""
     orchestration_ms: float | None = None
     """Workflow wall time minus the sum of the activities' own durations."""
+    epoch: int | None = None
+    joined: list[str] = Field(default_factory=list)
+    """Other reports of the same failure that joined this run (prober, alerts, CLI, zone checks)."""
+    joined_total: int = 0
+    """How many joined in all (``joined`` keeps the first few)."""
+    handled_by: str | None = None
+    """Outcome ``joined``: the workflow id of the runbook that handled the failure."""
+    plan: list[str] = Field(default_factory=list)
+    """Plan mode: the steps it would take, in order."""
     alert_resolved: AlertResolved | None = None
     """Set when the alert that started the run resolved meanwhile. The run still trusts its own
     probe: a healthy instance at confirm ends it as a false alarm; a dead one is failed over."""
@@ -210,6 +235,11 @@ class ActivityName:
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
     RESTORE_CHECKPOINT = "restore_checkpoint"
+    CLAIM_EPOCH = "claim_epoch"
+    REPORT_FAILURE = "report_failure"
+    REQUEST_LEASE = "request_lease"
+    AWAIT_RUNBOOKS = "await_runbooks"
+    BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"
     DRILL_RUN = "drill_run"
     DRILL_RESTORE = "drill_restore"
@@ -228,6 +258,8 @@ class ErrorType:
     """The fleet is not at the policy's redundancy (or the platform cannot run the drill): nothing injected."""
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     """The checkpoint failed its checksum while loading: restore a good copy, then load again."""
+    STALE_EPOCH = "StaleEpoch"
+    """A newer runbook of the model claimed a higher fencing epoch: this step must change nothing."""
 
 
 class SearchAttr:
@@ -269,6 +301,9 @@ class ReconcileAction(Payload):
     kind: ReconcileActionKind
     model: str
     instance: str
+    epoch: int | None = None
+    """The model's fencing epoch when the fleet was observed: the platform refuses the action if a
+    failover has claimed a newer one since (it acts on a fleet that has changed)."""
     tier: Role
     """Tier after the action (for DELETE: the tier it had)."""
     gpu: str | None = None
@@ -289,6 +324,12 @@ class ReconcileRequest(Payload):
 class FleetSnapshot(Payload):
     """What exists now, with the policy it is measured against (read by one activity)."""
 
+    epochs: dict[str, int] = Field(default_factory=dict)
+    """Each model's fencing epoch when observed (absent: 0)."""
+    busy_models: dict[str, str] = Field(default_factory=dict)
+    """Models with a recovery in flight or waiting for the budget → its runbook: reconcile leaves
+    them alone (told by the budget, not inferred from counts)."""
+
     cordoned_gpus: list[str] = Field(default_factory=list)
     """GPUs kept out of placement (drained after a GPU failure)."""
     policy: dict[str, object]
@@ -303,6 +344,13 @@ class ReconcilePlan(Payload):
     """Wanted instances placement could not fit, each with the reason."""
     skipped_models: list[str] = Field(default_factory=list)
     """Models left alone this round (an instance is mid-promotion: a failover is running)."""
+    violations: list[str] = Field(default_factory=list)
+    """Placement against anti-affinity or spread where the pool has a better place (a standby on a
+    node or zone of its model's serving instances, beside a serving instance or its own model on a
+    GPU; serving instances sharing a node or a GPU), each with what this plan does about it."""
+    moves: dict[str, str] = Field(default_factory=dict)
+    """Moves of misplaced standbys: new instance → the one it replaces. The new one is created
+    first and the old one deleted only once it exists: the model never has fewer standbys."""
 
 
 class ReconcileResult(Payload):
@@ -549,3 +597,213 @@ class DrillReport(Payload):
 
 def drill_workflow_id(scenario: str, model: str | None) -> str:
     return f"drill-{scenario}-{model or 'default'}"
+
+
+# -- one recovery per failure: the model's guardian, the fleet's budget, fencing ----------------------
+
+
+class WorkflowName:
+    """Workflow type names, for starters below the workflow layer (activities, detectors)."""
+
+    FAILOVER = "FailoverWorkflow"
+    GUARDIAN = "ModelGuardianWorkflow"
+    BUDGET = "BudgetWorkflow"
+
+
+DEFAULT_TASK_QUEUE = "drctl"
+
+
+def guardian_workflow_id(model: str, task_queue: str = DEFAULT_TASK_QUEUE) -> str:
+    """One guardian per model (per drctl deployment: its task queue), to which every report of a
+    failure of the model goes."""
+    return f"guardian-{model}" if task_queue == DEFAULT_TASK_QUEUE else f"guardian-{task_queue}-{model}"
+
+
+def budget_workflow_id(task_queue: str = DEFAULT_TASK_QUEUE) -> str:
+    """One budget per drctl deployment (its task queue)."""
+    return "drctl-budget" if task_queue == DEFAULT_TASK_QUEUE else f"drctl-budget-{task_queue}"
+
+
+BUDGET_WORKFLOW_ID = budget_workflow_id()
+
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=2)
+"""Workflow task timeout of the guardians, the budget and every runbook (Temporal's default is
+10 s): a worker killed while it holds a workflow task costs at most this much before another worker
+(or the restarted one) takes the task over."""
+
+
+class EpochGrant(Payload):
+    """A fencing epoch: it only grows, per model; the platform refuses a step carrying an older one."""
+
+    model: str
+    epoch: int
+    detail: str = ""
+    duration_ms: float = 0.0
+
+
+class FailureReport(Payload):
+    """One report that an instance failed, from any trigger: the input of the guardian's ``report``
+    Update. The same JSON works from the Temporal UI (an Update on ``guardian-{model}``)."""
+
+    request: FailoverRequest
+    reporter: Annotated[str, Field(max_length=200)] = ""
+    """Who says so: ``prober``, ``alert <fingerprint>``, ``cli user@host``, ``zone-failover-az-1``…"""
+    zone_level: bool = False
+    """Part of a zone failover decided at the zone level: its lease skips the per-zone cap and rate."""
+
+
+class IncidentState(StrEnum):
+    QUEUED = "queued"
+    """Waiting for the model's earlier incident to finish, or for the budget."""
+    RUNNING = "running"
+    DONE = "done"
+
+
+class IncidentTicket(Payload):
+    """What the guardian answers to a report: the incident's runbook, and whether this report
+    started it or joined one already open (or just closed)."""
+
+    model: str
+    instance: str
+    workflow_id: str
+    joined: bool
+    state: IncidentState
+    opened_at: datetime
+    """Identifies the incident (with ``workflow_id``): an earlier incident of the same instance may
+    have used the same workflow id."""
+    outcome: FailoverOutcome | None = None
+    detail: str = ""
+
+
+class Incident(Payload):
+    """One failed instance of the model, and the one runbook that recovers it."""
+
+    instance: str
+    workflow_id: str
+    request: FailoverRequest
+    reporter: str = ""
+    state: IncidentState = IncidentState.QUEUED
+    zone_level: bool = False
+    epoch: int | None = None
+    run_id: str | None = None
+    """The runbook's run, once started."""
+    joined: list[str] = Field(default_factory=list)
+    joined_total: int = 0
+    opened_at: datetime
+    closed_at: datetime | None = None
+    outcome: FailoverOutcome | None = None
+    waiting_for: str = ""
+    """Why it has not started yet (the budget's reason), shown by ``drctl status``."""
+
+
+class GuardianState(Payload):
+    """What a guardian carries over continue-as-new."""
+
+    model: ModelName
+    queue: list[Incident] = Field(default_factory=list)
+    recent: list[Incident] = Field(default_factory=list)
+    """Closed incidents, newest last (bounded): a late report of a recovered failure joins them."""
+    reports: int = 0
+
+
+class LeaseKind(StrEnum):
+    INSTANCE = "instance"
+    ZONE = "zone"
+    """Part of a zone failover that was decided (and approved) at the zone level: not held to the
+    per-zone cap or the rate, which would only slow down a decision already made."""
+
+
+class LeaseRequest(Payload):
+    """A guardian asks the budget for room to run one incident's runbook."""
+
+    holder: str
+    """The guardian's workflow id (the grant is signalled there)."""
+    incident: str
+    """The runbook's workflow id."""
+    model: str
+    instance: str | None = None
+    zone: str | None = None
+    """The failed instance's zone (the requesting activity looks it up): the per-zone cap."""
+    kind: LeaseKind = LeaseKind.INSTANCE
+    requested_at: datetime | None = None
+    granted_at: datetime | None = None
+    max_per_minute: int = 120
+    max_per_zone: int = 3
+    trip_after_waiting: int = 50
+    """The policy's budget as the requesting activity read it (the budget follows the newest)."""
+
+
+class LeaseGrant(Payload):
+    incident: str
+    granted_at: datetime
+
+
+class LeaseRelease(Payload):
+    incident: str
+
+
+class BudgetReset(Payload):
+    """The budget's ``reset`` Update: a person closes the tripped breaker (``drctl budget reset``)."""
+
+    actor: Annotated[str, Field(min_length=1, max_length=100)]
+    comment: Annotated[str, Field(max_length=500)] = ""
+
+
+class InstanceAlertResolved(Payload):
+    """Signal ``alert_resolved`` to a guardian: the alert about ``instance`` resolved."""
+
+    instance: InstanceId
+    resolved: AlertResolved
+
+
+class BudgetState(Payload):
+    """The fleet's blast-radius budget: what it carries over continue-as-new, and what its query
+    ``state`` (``drctl budget``) shows."""
+
+    running: list[LeaseRequest] = Field(default_factory=list)
+    waiting: list[LeaseRequest] = Field(default_factory=list)
+    why_waiting: dict[str, str] = Field(default_factory=dict)
+    starts: list[datetime] = Field(default_factory=list)
+    """Grants of the last minute (the rate window)."""
+    tripped: str | None = None
+    """Why the breaker tripped (manual mode): nothing more starts until a person resets it."""
+    tripped_at: datetime | None = None
+    resets: list[str] = Field(default_factory=list)
+    granted_total: int = 0
+    most_waiting: int = 0
+    """The most requests ever waiting at once."""
+    most_running_per_zone: int = 0
+    """The most instance-level recoveries ever running at once in one zone (the nemesis checks it
+    against ``max_per_zone``)."""
+    max_per_minute: int = 120
+    max_per_zone: int = 3
+    trip_after_waiting: int = 50
+
+
+class RunbookOutcome(Payload):
+    """The end of one runbook, as a caller waiting for it through an activity sees it."""
+
+    workflow_id: str
+    outcome: str
+    promoted: str | None = None
+    detail: str = ""
+
+
+class RunbookOutcomes(Payload):
+    outcomes: list[RunbookOutcome] = Field(default_factory=list)
+
+
+class ReportBatch(Payload):
+    """Failure reports a runbook (zone failover, drain, a direct start) hands to the guardians."""
+
+    reports: list[FailureReport]
+
+
+class IncidentTickets(Payload):
+    tickets: list[IncidentTicket] = Field(default_factory=list)
+
+
+class RunbookIds(Payload):
+    """Incidents to wait for (heartbeating) until each has closed, with its runbook's outcome."""
+
+    tickets: list[IncidentTicket]

@@ -36,3 +36,18 @@ def checkpoint_corrupt(instance: str, why: str) -> ApplicationError:
     return ApplicationError(
         f"{instance} failed to load its model: {why}", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True
     )
+
+
+def stale_epoch(model: str, epoch: int, current: int) -> ApplicationError:
+    return ApplicationError(
+        f"{model}: epoch {epoch} is stale (a newer runbook holds epoch {current}); nothing changed",
+        type=ErrorType.STALE_EPOCH,
+        non_retryable=True,
+    )
+
+
+def check_epoch(model: str, epoch: int | None, current: int) -> None:
+    """Raise the non-retryable ``StaleEpoch`` when a fenced step carries an epoch older than the
+    model's. ``None`` is an unfenced step (start-up, a test), allowed."""
+    if epoch is not None and epoch < current:
+        raise stale_epoch(model, epoch, current)

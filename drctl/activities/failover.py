@@ -69,12 +69,12 @@ class FailoverActivities:
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:
         return await self._on_instance(
-            request.model, request.instance, lambda i: self.platform.eject(i, request.reason)
+            request.model, request.instance, lambda i: self.platform.eject(i, request.reason, request.epoch)
         )
 
     @activity.defn(name=ActivityName.PROMOTE_STANDBY)
     async def promote_standby(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, self.platform.promote)
+        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.promote(i, ref.epoch))
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, ref: InstanceRef) -> StepReport:
@@ -89,7 +89,7 @@ class FailoverActivities:
     @activity.defn(name=ActivityName.REGISTER_INSTANCE)
     async def register_instance(self, request: RegisterRequest) -> StepReport:
         return await self._on_instance(
-            request.model, request.instance, lambda i: self.platform.register(i, request.priority)
+            request.model, request.instance, lambda i: self.platform.register(i, request.priority, request.epoch)
         )
 
     @activity.defn(name=ActivityName.VERIFY_SERVING)

@@ -1,7 +1,7 @@
 """The one platform interface the runbook activities drive.
 
-The local platform (processes + Envoy) implements it now; the Kubernetes platform (pods + Services)
-will implement the same methods, so workflows never know which one runs underneath.
+The local platform (processes + Envoy) and the Kubernetes platform (pods + Services) implement the
+same methods, so workflows never know which one runs underneath.
 """
 
 from __future__ import annotations
@@ -30,12 +30,22 @@ class Platform(Protocol):
         """Is the instance alive and answering its health check? Returns (healthy, why)."""
         ...
 
-    async def eject(self, instance: Instance, reason: str) -> str:
-        """Take it out of the load balancer for good, mark it failed, release what it holds."""
+    async def claim_epoch(self, model: str) -> int:
+        """The model's next fencing epoch (it only grows). From now on every fenced step with an
+        older epoch is refused with the non-retryable ``StaleEpoch`` and changes nothing."""
         ...
 
-    async def promote(self, instance: Instance) -> str:
-        """Bring a standby towards serving: hot is already loaded, warm wakes, cold starts."""
+    async def epochs(self) -> dict[str, int]:
+        """Each model's current fencing epoch (absent: 0)."""
+        ...
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        """Take it out of the load balancer for good, mark it failed, release what it holds.
+        Fenced: refused when ``epoch`` is older than the model's (None: unfenced)."""
+        ...
+
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        """Bring a standby towards serving: hot is already loaded, warm wakes, cold starts. Fenced."""
         ...
 
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
@@ -46,8 +56,8 @@ class Platform(Protocol):
         """Its checkpoint failed the checksum: put a good copy in place and make it load again."""
         ...
 
-    async def register(self, instance: Instance, priority: int) -> str:
-        """Put it in the load balancer at ``priority`` (0 serves, 1 is the hot backup)."""
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
+        """Put it in the load balancer at ``priority`` (0 serves, 1 is the hot backup). Fenced."""
         ...
 
     async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
@@ -67,7 +77,8 @@ class Platform(Protocol):
     async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         """Create the instance the action names on its GPU, in its tier: loaded and registered at
         priority 1 (hot), loaded and asleep (warm), a reservation only (cold). Idempotent: a retry
-        finds the instance created by the last attempt and carries on."""
+        finds the instance created by the last attempt and carries on. Fenced by ``action.epoch``
+        (as are retier and delete)."""
         ...
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:

@@ -21,6 +21,7 @@ from drctl.payloads import (
     ModelRef,
     StepReport,
 )
+from drctl.temporal.incidents import busy_models
 
 
 def _elapsed_ms(start: float) -> float:
@@ -49,6 +50,8 @@ class ReconcileActivities:
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
+            epochs=await self.platform.epochs(),
+            busy_models=await busy_models(activity.client(), activity.info().task_queue),
         )
 
     @activity.defn(name=ActivityName.CORDON_GPU)

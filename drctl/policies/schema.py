@@ -256,6 +256,20 @@ class ReconcilePolicy(_Section):
     enabled: bool = True
 
 
+class BudgetPolicy(_Section):
+    """The blast-radius budget every trigger shares (enforced by ``BudgetWorkflow``).
+
+    Per model, the model's guardian runs one recovery at a time. Fleet-wide, at most
+    ``detection.maxFailoversPerZone`` recoveries run at once in a zone and at most
+    ``maxRunbooksPerMinute`` start per minute. Past either, a recovery waits (it is never dropped);
+    when more than ``tripAfterWaiting`` wait at once, the breaker trips: nothing more starts until a
+    person resets it (``drctl budget reset``), because that many failures at once is more likely a
+    problem of drctl's view (network, a zone, a bad probe) than of that many instances."""
+
+    max_runbooks_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 120
+    trip_after_waiting: Annotated[int, Field(ge=1, le=100_000)] = 50
+
+
 class DRPolicy(_Section):
     """The whole policy file."""
 
@@ -265,6 +279,7 @@ class DRPolicy(_Section):
     tenants: list[TenantPolicy] = Field(default_factory=lambda: [TenantPolicy(name="default")])
     reconcile: ReconcilePolicy = ReconcilePolicy()
     detection: DetectionPolicy = DetectionPolicy()
+    budget: BudgetPolicy = BudgetPolicy()
     load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
     local: LocalPlatformPolicy = Field(default_factory=LocalPlatformPolicy)
 

@@ -44,7 +44,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -64,22 +64,31 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.converter import encode_search_attributes
 from temporalio.service import RPCError, RPCStatusCode
 
-from drctl.payloads import AlertResolved
+from drctl.payloads import (
+    AlertResolved,
+    FailoverRequest,
+    FailureReport,
+    InstanceAlertResolved,
+    guardian_workflow_id,
+)
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
+from drctl.temporal.incidents import report_failure
 from drctl.workers.alerts import (
     MAX_BODY_BYTES,
     NO_RUNBOOK_YET,
     PLATFORM_TENANT,
     RESOLVED_SIGNAL,
     AlertPlan,
+    InstanceFailure,
     PlanKind,
     Rejection,
     RunbookStart,
     TokenError,
     TokenSet,
     bearer_token,
+    clip,
     parse_notification,
     parse_tokens,
     plan_notification,
@@ -201,7 +210,7 @@ async def is_running(client: Client, workflow_id: str) -> bool:
     return description.status == WorkflowExecutionStatus.RUNNING
 
 
-async def signal_resolved(client: Client, workflow_id: str, resolved: AlertResolved) -> bool:
+async def signal_resolved(client: Client, workflow_id: str, resolved: AlertResolved | InstanceAlertResolved) -> bool:
     """Signal ``alert_resolved``; False when no workflow with that ID is running."""
     try:
         await client.get_workflow_handle(workflow_id).signal(RESOLVED_SIGNAL, resolved, rpc_timeout=RPC_TIMEOUT)
@@ -283,7 +292,10 @@ class AlertReceiver:
         tokens: TokenSet,
         task_queue: str,
         registry: CollectorRegistry,
+        known_instances: KnownInstances | None = None,
     ) -> None:
+        self.known_instances = known_instances
+        """Instance ids of a model, from the platform (None: not checked)."""
         self.client = client
         self.policy = policy
         self.tokens = tokens
@@ -333,7 +345,27 @@ class AlertReceiver:
         except Rejection:
             self.metrics.alerts.labels(action=AlertAction.REJECTED.value).inc(len(notification.alerts))
             raise
-        outcomes = await asyncio.gather(*(self._act(plan, received_at) for plan in plans), return_exceptions=True)
+        await self._check_instances_exist(plans)
+        first_report: dict[tuple[str, str], int] = {}
+        for plan in plans:
+            if plan.kind == PlanKind.START and isinstance(plan.target, InstanceFailure):
+                first_report.setdefault((plan.target.model, plan.target.instance), plan.index)
+
+        async def act(plan: AlertPlan) -> AlertResult:
+            target = plan.target
+            if isinstance(target, InstanceFailure) and plan.kind == PlanKind.START:
+                first = first_report[(target.model, target.instance)]
+                if first != plan.index:  # one report per instance per notification, however many alerts
+                    return AlertResult(
+                        plan.alert.fingerprint,
+                        plan.alert.status.value,
+                        AlertAction.DUPLICATE,
+                        workflow_id=guardian_workflow_id(target.model, self.task_queue),
+                        detail=f"same instance as alerts[{first}] of this notification; reported once",
+                    )
+            return await self._act(plan, received_at)
+
+        outcomes = await asyncio.gather(*(act(plan) for plan in plans), return_exceptions=True)
         results: list[AlertResult] = []
         failures: list[str] = []
         for plan, outcome in zip(plans, outcomes, strict=True):
@@ -379,6 +411,16 @@ class AlertReceiver:
             return AlertResult(**fields, action=AlertAction.IGNORED, detail=plan.detail)
         assert plan.workflow_id is not None
         async with self._rpc_slots:
+            if plan.kind == PlanKind.SIGNAL_RESOLVED and isinstance(plan.target, InstanceFailure):
+                assert plan.resolved is not None
+                guardian = guardian_workflow_id(plan.target.model, self.task_queue)
+                resolved = InstanceAlertResolved(instance=plan.target.instance, resolved=plan.resolved)
+                if await signal_resolved(self.client, guardian, resolved):
+                    _event(logging.INFO, "alert_resolved_signalled", **fields, workflow_id=guardian)
+                    return AlertResult(**fields, action=AlertAction.RESOLVED_SIGNALLED, workflow_id=guardian)
+                return AlertResult(
+                    **fields, action=AlertAction.IGNORED, workflow_id=guardian, detail="no guardian for this model"
+                )
             if plan.kind == PlanKind.SIGNAL_RESOLVED:
                 assert plan.resolved is not None
                 if await signal_resolved(self.client, plan.workflow_id, plan.resolved):
@@ -393,7 +435,53 @@ class AlertReceiver:
             assert plan.start is not None
             return await self._start(plan, plan.start, received_at)
 
+    async def _check_instances_exist(self, plans: list[AlertPlan]) -> None:
+        """An instance alert must name an instance of its model that exists (422 otherwise, nothing
+        started): a typo or a stale alert must not open an incident."""
+        if self.known_instances is None:
+            return
+        wanted = {
+            (p.target.model, p.target.instance)
+            for p in plans
+            if p.kind == PlanKind.START and isinstance(p.target, InstanceFailure)
+        }
+        known: dict[str, set[str]] = {}
+        problems: list[str] = []
+        for model, instance in sorted(wanted):
+            if model not in known:
+                known[model] = await self.known_instances(model)
+            if instance not in known[model]:
+                problems.append(f"{model} has no instance {instance[:80]!r}")
+        if problems:
+            raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, "unknown instance", problems)
+
+    async def _report(self, plan: AlertPlan, start: RunbookStart, received_at: float) -> AlertResult:
+        """An instance failure goes to its model's guardian: one recovery per failure, whoever reports it."""
+        alert = plan.alert
+        fields = {"fingerprint": alert.fingerprint, "status": alert.status.value}
+        assert isinstance(start.input, FailoverRequest)
+        tenant = start.memo.get("tenant", "")
+        report = FailureReport(request=start.input, reporter=f"alert {alert.fingerprint} ({tenant})"[:200])
+        ticket = await report_failure(self.client, self.task_queue, report)
+        if ticket.joined:
+            detail = f"joined {ticket.workflow_id} ({ticket.state}); nothing new started"
+            return AlertResult(**fields, action=AlertAction.DUPLICATE, workflow_id=ticket.workflow_id, detail=detail)
+        record = StartRecord(ticket.workflow_id, None, alert.starts_at, received_at, time.time())
+        self.starts.append(record)
+        self.metrics.alert_to_start.observe(max(0.0, record.alert_to_start_s))
+        _event(
+            logging.INFO,
+            "incident_opened",
+            **fields,
+            workflow_id=ticket.workflow_id,
+            alert_to_start_s=round(record.alert_to_start_s, 3),
+            receive_to_start_s=round(record.started_at - received_at, 4),
+        )
+        return AlertResult(**fields, action=AlertAction.STARTED, workflow_id=ticket.workflow_id)
+
     async def _start(self, plan: AlertPlan, start: RunbookStart, received_at: float) -> AlertResult:
+        if isinstance(plan.target, InstanceFailure):
+            return await self._report(plan, start, received_at)
         alert = plan.alert
         fields = {"fingerprint": alert.fingerprint, "status": alert.status.value}
         if start.covered_by is not None and await is_running(self.client, start.covered_by):
@@ -465,8 +553,10 @@ class AlertReceiver:
 
 
 def _event(level: int, event: str, **fields: Any) -> None:
-    """One structured log line: the event and its fields as JSON (also on the record as ``drctl``)."""
-    record = {"event": event, **fields}
+    """One structured log line: the event and its fields as JSON (also on the record as ``drctl``).
+    Every field is clipped (:func:`drctl.workers.alerts.clip`): a label value of a megabyte must
+    not become a log line of a megabyte."""
+    record = {"event": event, **{name: clip(value) for name, value in fields.items()}}
     log.log(level, json.dumps(record, default=str, sort_keys=False), extra={"drctl": record})
 
 
@@ -483,6 +573,31 @@ def check_token_tenants(tokens: TokenSet, policy: DRPolicy) -> None:
 RECEIVER = web.AppKey("drctl_alert_receiver", AlertReceiver)
 
 
+KnownInstances = Callable[[str], Awaitable[set[str]]]
+
+
+def platform_instances(settings: DrctlSettings, policy: DRPolicy) -> KnownInstances:
+    """The instance ids of a model as the platform knows them (the local registry, or the cluster)."""
+    if settings.platform == "local":
+        from drctl.activities.local.registry import InstanceRegistry
+        from drctl.settings import StateLayout
+
+        registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+
+        async def local(model: str) -> set[str]:
+            return {i.id for i in registry.of_model(model)}
+
+        return local
+    from drctl.workers.worker import make_platform
+
+    platform = make_platform(settings, policy)
+
+    async def cluster(model: str) -> set[str]:
+        return {i.id for i in await platform.list_instances(model)}
+
+    return cluster
+
+
 async def build_app(
     client: Client,
     policy: DRPolicy,
@@ -490,6 +605,7 @@ async def build_app(
     *,
     task_queue: str = "drctl",
     registry: CollectorRegistry | None = None,
+    known_instances: KnownInstances | None = None,
 ) -> web.Application:
     """The receiver as an aiohttp application; ``app[RECEIVER]`` is the receiver (metrics, starts).
 
@@ -497,7 +613,7 @@ async def build_app(
     """
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet(tokens)
     check_token_tenants(token_set, policy)
-    receiver = AlertReceiver(client, policy, token_set, task_queue, registry or CollectorRegistry())
+    receiver = AlertReceiver(client, policy, token_set, task_queue, registry or CollectorRegistry(), known_instances)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[RECEIVER] = receiver
     app.router.add_post(ALERTS_PATH, receiver.handle_alerts)
@@ -519,7 +635,9 @@ async def serve(settings: AlertReceiverSettings, policy: DRPolicy, tokens: Token
     except RuntimeError as exc:
         print(f"error: cannot reach Temporal at {settings.temporal_address} ({exc})", file=sys.stderr)
         raise SystemExit(1) from None
-    app = await build_app(client, policy, tokens, task_queue=settings.task_queue)
+    app = await build_app(
+        client, policy, tokens, task_queue=settings.task_queue, known_instances=platform_instances(settings, policy)
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

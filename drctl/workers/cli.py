@@ -21,6 +21,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -33,21 +34,27 @@ from drctl.activities.local import envoy, processes
 from drctl.activities.local.registry import InstanceRegistry
 from drctl.payloads import (
     RECONCILE_WORKFLOW_ID,
+    BudgetReset,
     FailoverOutcome,
     FailoverRequest,
     FailoverResult,
+    IncidentState,
     ReconcileRequest,
     ReconcileResult,
     SearchAttr,
     StepTiming,
     Trigger,
+    WorkflowName,
+    budget_workflow_id,
+    failover_workflow_id,
 )
 from drctl.policies.durations import parse_duration
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
+from drctl.temporal.incidents import budget_state
 from drctl.workers.binaries import MissingBinaryError
-from drctl.workers.runbooks import start_failover
+from drctl.workers.runbooks import report_failover, start_failover_handle
 from drctl.workers.temporal_client import connect
 
 R = TypeVar("R")
@@ -61,6 +68,11 @@ app = typer.Typer(
 )
 policy_app = typer.Typer(help="Check DR policy files.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+budget_app = typer.Typer(
+    help="The fleet's blast-radius budget: recoveries running and waiting, the breaker (manual mode).",
+    invoke_without_command=True,
+)
+app.add_typer(budget_app, name="budget")
 
 out = Console()
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
@@ -70,6 +82,7 @@ err = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 SUCCESSFUL_OUTCOMES = {
     FailoverOutcome.RECOVERED,
+    FailoverOutcome.JOINED,
     FailoverOutcome.FALSE_ALARM,
     FailoverOutcome.ALREADY_EJECTED,
     FailoverOutcome.STANDBY_EJECTED,
@@ -314,13 +327,18 @@ def failover(
     instance: Annotated[str, typer.Argument(help="failed instance id, e.g. llama-2-7b-0 (see `drctl status`)")],
     reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "",
     wait: Annotated[bool, typer.Option(help="follow progress until the runbook finishes")] = True,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print what the runbook would do (steps, standby promoted), change nothing")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final result as JSON")] = False,
     policy: PolicyOption = None,
     state_dir: StateOption = None,
 ) -> None:
-    """Start the failover runbook for one instance and show its progress step by step.
+    """Report a failed instance to its model's guardian and show the recovery step by step.
 
-    A second start for the same instance joins the failover already running.
+    The guardian runs one recovery per failure: if the prober, an alert or another operator
+    reported the same instance already, this joins that runbook instead of starting a second one.
+    With --plan, the same runbook code decides every step and lists them, changing nothing.
     """
     settings = _settings(policy, state_dir)
     dr_policy = _load_policy(settings)
@@ -336,19 +354,51 @@ def failover(
         request = FailoverRequest(model=model, instance=instance, reason=reason, trigger=Trigger.MANUAL)
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    result = asyncio.run(_run_failover(settings, request, wait, as_json))
-    if result is not None and result.outcome not in SUCCESSFUL_OUTCOMES:
+    if plan:
+        request = request.model_copy(update={"plan_only": True})
+        result = asyncio.run(_run_failover(settings, request, True, as_json))
+    else:
+        result = asyncio.run(_run_failover(settings, request, wait, as_json))
+    if result is not None and result.outcome not in (*SUCCESSFUL_OUTCOMES, FailoverOutcome.PLANNED):
         raise typer.Exit(EXIT_FAILED)
+
+
+def _reporter() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli {user}@{socket.gethostname()}"[:200]
 
 
 async def _run_failover(
     settings: DrctlSettings, request: FailoverRequest, wait: bool, as_json: bool
 ) -> FailoverResult | None:
     client = await _connect(settings)
-    handle = await start_failover(client, settings, request)
-    if not as_json:
-        out.print(f"failover workflow [bold]{handle.id}[/] (run {handle.result_run_id})", highlight=False)
-        out.print(f"history: {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{handle.id}")
+    if request.plan_only:
+        handle = await client.start_workflow(
+            WorkflowName.FAILOVER,
+            request,
+            id=f"plan-{failover_workflow_id(request.model, request.instance)}-{uuid.uuid4().hex[:6]}",
+            task_queue=settings.task_queue,
+            result_type=FailoverResult,
+        )
+        if not as_json:
+            out.print(f"plan of the failover of {request.instance} (nothing will be changed)", highlight=False)
+    else:
+        ticket = await report_failover(client, settings, request, reporter=_reporter())
+        handle = await start_failover_handle(client, settings.task_queue, ticket)
+        if not as_json:
+            how = "joined the recovery already open" if ticket.joined else "opened a recovery"
+            out.print(f"reported to guardian-{request.model}: {how}", highlight=False)
+            if ticket.detail and ticket.state == IncidentState.QUEUED:
+                out.print(f"  queued: {ticket.detail}", highlight=False, markup=False)
+            out.print(f"failover workflow [bold]{handle.id}[/]", highlight=False)
+            ui = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{handle.id}"
+            out.print(f"history: {ui}", highlight=False)
     if not wait:
         return None
     task = asyncio.ensure_future(handle.result())
@@ -373,6 +423,20 @@ async def _run_failover(
     for step in result.steps[shown:]:
         _print_step(step)
     _print_result(result)
+    if result.outcome == FailoverOutcome.PLANNED:
+        out.print("would run, in order: " + (" → ".join(result.plan) or "nothing"), highlight=False, markup=False)
+        state = await budget_state(client, settings.task_queue)
+        if state is not None:
+            out.print(
+                f"budget: {len(state.running)} recoveries running, {len(state.waiting)} waiting, "
+                f"{len(state.starts)}/{state.max_per_minute} started in the last minute"
+                + (f"; TRIPPED: {state.tripped}" if state.tripped else ""),
+                highlight=False,
+                markup=False,
+            )
+        out.print("this failover would take one lease of the budget", highlight=False)
+    if result.joined_total:
+        out.print(f"joined by {result.joined_total} other report(s): {', '.join(result.joined)}", highlight=False)
     return result
 
 
@@ -947,6 +1011,77 @@ def worker() -> None:
     from drctl.workers.worker import main as worker_main
 
     worker_main()
+
+
+# -- budget ------------------------------------------------------------------------------------
+
+
+@budget_app.callback()
+def budget(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="print the budget as JSON")] = False,
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Show the budget: recoveries running and waiting (and why), starts in the last minute, the breaker."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings(policy, state_dir)
+
+    async def show() -> None:
+        state = await budget_state(await _connect(settings), settings.task_queue)
+        if as_json:
+            out.print_json(state.model_dump_json() if state else "null")
+            return
+        if state is None:
+            out.print("no recovery has asked the budget yet (nothing running, nothing waiting)")
+            return
+        breaker = f"[red]TRIPPED[/] since {state.tripped_at}: {escape(state.tripped)}" if state.tripped else "closed"
+        out.print(f"breaker: {breaker}", highlight=False)
+        out.print(
+            f"running {len(state.running)} · waiting {len(state.waiting)} · started in the last minute "
+            f"{len(state.starts)}/{state.max_per_minute} · per zone at most {state.max_per_zone} · "
+            f"trips past {state.trip_after_waiting} waiting",
+            highlight=False,
+        )
+        for lease in state.running:
+            out.print(f"  running  {lease.incident} (zone {lease.zone or '-'}, {lease.kind})", highlight=False)
+        for lease in state.waiting:
+            why = state.why_waiting.get(lease.incident, "")
+            out.print(f"  waiting  {lease.incident}: {escape(why)}", highlight=False)
+        for line in state.resets[-3:]:
+            out.print(f"  {escape(line)}", highlight=False)
+
+    asyncio.run(show())
+
+
+@budget_app.command("reset")
+def budget_reset(
+    actor: Annotated[str, typer.Option(help="who resets it (recorded)")] = "",
+    comment: Annotated[str, typer.Option(help="why (recorded)")] = "",
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Close a tripped breaker: the recoveries waiting start again, within the budget.
+
+    The same is the ``reset`` Update of the workflow ``drctl-budget`` in the Temporal UI.
+    """
+    settings = _settings(policy, state_dir)
+    try:
+        request = BudgetReset(actor=actor or _reporter().removeprefix("cli "), comment=comment)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+    async def reset() -> str:
+        client = await _connect(settings)
+        if await budget_state(client, settings.task_queue) is None:
+            return "no budget yet: nothing to reset"
+        answer: str = await client.get_workflow_handle(budget_workflow_id(settings.task_queue)).execute_update(
+            "reset", request, result_type=str
+        )
+        return answer
+
+    out.print(asyncio.run(reset()), highlight=False, markup=False)
 
 
 def main() -> None:

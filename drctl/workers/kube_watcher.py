@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
 from drctl.activities.kubernetes.platform import INSTANCE, MODEL, ROLE, SERVING, ZONE
-from drctl.payloads import FailoverRequest, Role, Trigger
+from drctl.payloads import FailoverRequest, IncidentTicket, Role, Trigger
 from drctl.policies.loader import load_policy_file
 from drctl.policies.probing import CapDecision, failover_allowed
 from drctl.policies.schema import DetectionPolicy
@@ -48,7 +48,8 @@ WATCHED_ROLES = (Role.SERVING.value, Role.HOT.value)
 WATCH_VERBS = {("", "pods"): frozenset({"list", "watch"}), ("", "nodes"): frozenset({"list", "watch"})}
 """The (API group, resource) → verbs this module calls; RBAC must grant them."""
 
-StartFailover = Callable[[FailoverRequest], Awaitable[WorkflowHandle[Any, Any]]]
+ReportFailover = Callable[[FailoverRequest], Awaitable[IncidentTicket]]
+"""Reports a failed instance to its model's guardian (``runbooks.report_failover``)."""
 
 
 # -- state, pure --------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ class KubeWatcher:
         core: Any,
         namespace: str,
         policy: DetectionPolicy,
-        start_failover: StartFailover,
+        report: ReportFailover,
         *,
         watch_nodes: bool = True,
         timeout_s: int = 300,
@@ -305,16 +306,15 @@ class KubeWatcher:
         self.core = core
         self.namespace = namespace
         self.policy = policy
-        self.start_failover = start_failover
+        self.report = report
         self.watch_nodes = watch_nodes
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.read_timeout_s = read_timeout_s if read_timeout_s is not None else timeout_s + 30.0
         """Client-side read timeout of a watch: also how soon the threads see a stop."""
         self.state = WatchState()
-        self.in_flight: dict[str, tuple[str, str | None, asyncio.Task[Any]]] = {}
-        self.panic: str | None = None
         self.started: list[FailoverRequest] = []
+        """Every failure reported (the guardian joins repeats and the budget delays what must wait)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -349,8 +349,6 @@ class KubeWatcher:
         finally:
             halt.set()
             stopping.cancel()
-            for _, _, task in self.in_flight.values():
-                task.cancel()
 
     async def handle(self, event: Event) -> None:
         if event.resource == "pods":
@@ -369,18 +367,9 @@ class KubeWatcher:
             await self._fail_over(failure)
 
     async def _fail_over(self, failure: Failure) -> None:
-        if failure.instance in self.in_flight:
-            return
-        decision = self.state.admit(failure, [(m, z) for m, z, _ in self.in_flight.values()], self.policy)
-        if not decision.allowed:
-            self.panic = decision.reason
-            log.error(
-                "PANIC: %s is down (%s) but the watcher stops acting: %s",
-                failure.instance,
-                failure.reason,
-                decision.reason,
-            )
-            return
+        if failure.instance in self.state.down:
+            return  # reported already: one incident per failure
+        self.state.down.add(failure.instance)
         request = FailoverRequest(
             model=failure.model,
             instance=failure.instance,
@@ -388,23 +377,10 @@ class KubeWatcher:
             failed_at=datetime.now(UTC),
             reason=failure.reason[:500],
         )
-        handle = await self.start_failover(request)
+        ticket = await self.report(request)
         self.started.append(request)
-        zone = self.state.zone(failure.node)
-        self.in_flight[failure.instance] = (
-            failure.model,
-            zone,
-            asyncio.create_task(self._follow(failure.instance, handle)),
-        )
-        log.info("%s: %s: started %s", failure.instance, failure.reason, handle.id)
-
-    async def _follow(self, instance_id: str, handle: WorkflowHandle[Any, Any]) -> None:
-        try:
-            await handle.result()
-        except Exception as exc:
-            log.warning("failover %s ended with %s", handle.id, exc)
-        finally:
-            self.in_flight.pop(instance_id, None)
+        how = "joined" if ticket.joined else "opened"
+        log.info("%s: %s: %s incident %s", failure.instance, failure.reason, how, ticket.workflow_id)
 
 
 def make_core_api(settings: DrctlSettings) -> Any:
@@ -419,14 +395,14 @@ def make_core_api(settings: DrctlSettings) -> Any:
 
 
 async def run_kube_watcher(settings: DrctlSettings, stop: asyncio.Event, client: Client | None = None) -> None:
-    from drctl.workers.runbooks import start_failover
+    from drctl.workers.runbooks import report_failover
 
     policy = load_policy_file(settings.policy)
     client = client or await connect(settings)
     core = make_core_api(settings)
 
-    async def start(request: FailoverRequest) -> WorkflowHandle[Any, Any]:
-        return await start_failover(client, settings, request)
+    async def start(request: FailoverRequest) -> IncidentTicket:
+        return await report_failover(client, settings, request, reporter="kube-watcher")
 
     watcher = KubeWatcher(core, settings.kubernetes_namespace, policy.detection, start)
     log.info("watching pods labelled %s in %r, and nodes", MODEL, settings.kubernetes_namespace)

@@ -1,5 +1,6 @@
 """The health prober: watches every serving instance and hot standby and starts the failover
-runbook when one is confirmed down — the same runbook an alert or an operator starts.
+runbook when one is confirmed down, by reporting it to the model's guardian — the same way an alert
+or an operator does, so a failure seen by several of them is still recovered once.
 
     python -m drctl.workers.prober        # settings from DRCTL_* variables; `drctl up` starts it
 
@@ -22,16 +23,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
 from drctl.activities.local import processes
 from drctl.activities.local.registry import InstanceRegistry
-from drctl.payloads import FailoverRequest, Instance, Role, Trigger
+from drctl.payloads import FailoverRequest, IncidentTicket, Instance, Role, Trigger
 from drctl.policies.loader import load_policy_file
-from drctl.policies.probing import ProbeEvent, ProbeTracker, failover_allowed
+from drctl.policies.probing import ProbeEvent, ProbeTracker
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.service import run_service
@@ -43,9 +43,8 @@ log = logging.getLogger("drctl.prober")
 PROBED_ROLES = (Role.SERVING, Role.HOT)
 TICK_S = 0.1
 
-StartFailover = Callable[[FailoverRequest], Awaitable[WorkflowHandle[Any, Any]]]
-RaiseAlert = Callable[[dict[str, Any]], Awaitable[None]]
-"""Sends one alert in Alertmanager's API format (``POST /api/v2/alerts``)."""
+ReportFailover = Callable[[FailoverRequest], Awaitable[IncidentTicket]]
+"""Reports one failed instance to its model's guardian (``runbooks.report_failover``)."""
 
 
 @dataclass
@@ -65,25 +64,25 @@ class Prober:
         self,
         policy: DRPolicy,
         registry: InstanceRegistry,
-        start_failover: StartFailover,
-        raise_alert: RaiseAlert | None = None,
+        report: ReportFailover,
     ) -> None:
         self.policy = policy
-        self.raise_alert = raise_alert
-        self.alerted: set[str] = set()
         self.registry = registry
-        self.start_failover = start_failover
+        self.report = report
         self.trackers: dict[str, ProbeTracker] = {}
         self.next_probe: dict[str, float] = {}
-        self.in_flight: dict[str, tuple[str, str | None, asyncio.Task[Any]]] = {}
+        self.unreported: dict[str, FailoverRequest] = {}
+        """Confirmed failures not yet accepted by their guardian (tried again every tick)."""
+        self.reported: dict[str, IncidentTicket] = {}
+        self.report_errors = 0
+        self._reporting: asyncio.Task[None] | None = None
         self.detections: list[Detection] = []
-        self.panic: str | None = None
         self.ticks = 0
         self._http = httpx.AsyncClient()
 
     async def aclose(self) -> None:
-        for _, _, task in self.in_flight.values():
-            task.cancel()
+        if self._reporting is not None:
+            self._reporting.cancel()
         await self._http.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -96,6 +95,7 @@ class Prober:
 
     async def tick(self, now: float) -> None:
         self.ticks += 1
+        self._kick_reports()
         instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
         interval = self.policy.detection.probe_interval.total_seconds()
         due: list[Instance] = []
@@ -114,6 +114,7 @@ class Prober:
             await self._handle(instance, event, tracker, now, exited=final)
         for instance_id in set(self.trackers) - {i.id for i in instances}:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
+            self.reported.pop(instance_id, None)
 
     async def _probe(self, instance: Instance) -> tuple[bool, bool]:
         """(healthy, failure is final). Final: the instance says its model failed to load (a 503 with
@@ -137,27 +138,18 @@ class Prober:
         if event is None or event == ProbeEvent.UP:
             if event == ProbeEvent.UP:
                 log.info("%s is up again", instance.id)
+                self.reported.pop(instance.id, None)
             return
         first = tracker.first_failure_at or now
         if event == ProbeEvent.FLAPPING:
             log.warning("%s is flapping: held out until it settles, not failed over again", instance.id)
             self._record(instance, first, exited, "held (flapping)")
             return
-        if instance.id in self.in_flight:
+        if instance.id in self.reported or instance.id in self.unreported:
             return
-        decision = failover_allowed(
-            instance.model, instance.zone, [(m, z) for m, z, _ in self.in_flight.values()], self.policy.detection
-        )
-        if not decision.allowed:
-            self.panic = decision.reason
-            log.error("PANIC: %s is down but the prober stops acting: %s", instance.id, decision.reason)
-            self._record(instance, first, exited, f"panic: {decision.reason}")
-            await self._raise_panic_alert(instance, decision.reason)
-            return
-        self.alerted.discard(instance.model)
         failed_at = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
         how = "process exited or model failed to load" if exited else f"{tracker.failures} failed probes"
-        request = FailoverRequest(
+        self.unreported[instance.id] = FailoverRequest(
             model=instance.model,
             instance=instance.id,
             trigger=Trigger.PROBE,
@@ -167,70 +159,46 @@ class Prober:
             # confirmation; probing a hung instance once more would add its timeouts to the RTO.
             confirmed=True,
         )
-        handle = await self.start_failover(request)
-        self.in_flight[instance.id] = (
-            instance.model,
-            instance.zone,
-            asyncio.create_task(self._follow(instance.id, handle)),
-        )
-        self._record(instance, first, exited, f"failover {handle.id}")
-        log.info("%s down (%s): started %s", instance.id, how, handle.id)
+        self._record(instance, first, exited, "reported")
+        log.info("%s down (%s): reporting it to guardian-%s", instance.id, how, instance.model)
+        self._kick_reports()
 
-    async def _raise_panic_alert(self, instance: Instance, reason: str) -> None:
-        """Panic mode: tell people instead of acting. One alert per model until it may act again."""
-        if self.raise_alert is None or instance.model in self.alerted:
-            return
-        self.alerted.add(instance.model)
-        alert = {
-            "labels": {
-                "alertname": "DrctlProberPanic",
-                "severity": "critical",
-                "model": instance.model,
-                "zone": instance.zone or "",
-                "instance": instance.id,
-            },
-            "annotations": {
-                "summary": f"drctl prober stopped acting: {reason}",
-                "description": f"{instance.id} is down; failover caps reached, so no runbook was started for it.",
-            },
-            "startsAt": datetime.now(UTC).isoformat(),
-        }
-        try:
-            await self.raise_alert(alert)
-        except Exception as exc:  # the alert is best effort; the log line above always exists
-            log.error("could not raise the panic alert: %s", exc)
+    def _kick_reports(self) -> None:
+        """Report in the background, so a slow or unreachable Temporal never stalls the probing."""
+        if self.unreported and (self._reporting is None or self._reporting.done()):
+            self._reporting = asyncio.create_task(self._report_pending())
 
-    async def _follow(self, instance_id: str, handle: WorkflowHandle[Any, Any]) -> None:
-        try:
-            await handle.result()
-        except Exception as exc:
-            log.warning("failover %s ended with %s", handle.id, exc)
-        finally:
-            self.in_flight.pop(instance_id, None)
+    async def _report_pending(self) -> None:
+        """Hand every confirmed failure to its model's guardian. A report that does not get through
+        (Temporal down, a worker restarting) is tried again next tick: never dropped. Caps are not
+        the prober's business any more: the guardian and the fleet's budget delay what must wait."""
+        for instance_id, request in list(self.unreported.items()):
+            try:
+                ticket = await self.report(request)
+            except Exception as exc:
+                self.report_errors += 1
+                log.warning("could not report %s yet (%s): trying again", instance_id, exc)
+                return
+            self.unreported.pop(instance_id, None)
+            self.reported[instance_id] = ticket
+            how = "joined" if ticket.joined else "opened"
+            log.info("%s: %s incident %s (%s)", instance_id, how, ticket.workflow_id, ticket.state)
 
     def _record(self, instance: Instance, first: float, exited: bool, action: str) -> None:
         self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
 
 
 async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Client | None = None) -> None:
-    from drctl.workers.runbooks import start_failover
+    from drctl.workers.runbooks import report_failover
 
     policy = load_policy_file(settings.policy)
     client = client or await connect(settings)
     registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
 
-    async def start(request: FailoverRequest) -> WorkflowHandle[Any, Any]:
-        return await start_failover(client, settings, request)
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        return await report_failover(client, settings, request, reporter="prober")
 
-    alertmanager = os.environ.get("DRCTL_ALERTMANAGER_URL")
-
-    async def raise_alert(alert: dict[str, Any]) -> None:
-        assert alertmanager is not None
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            response = await http.post(f"{alertmanager.rstrip('/')}/api/v2/alerts", json=[alert])
-            response.raise_for_status()
-
-    prober = Prober(policy, registry, start, raise_alert if alertmanager else None)
+    prober = Prober(policy, registry, report)
     log.info("probing every %s", policy.detection.probe_interval)
     loops = [prober.run(stop)]
     checker = None
@@ -256,7 +224,8 @@ async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, 
             "pid": os.getpid(),
             "updated_at": datetime.now(UTC).isoformat(),
             "ticks": prober.ticks,
-            "panic": prober.panic,
+            "unreported": sorted(prober.unreported),
+            "report_errors": prober.report_errors,
             "zone_checks": None if checker is None else checker.checks,
             "zones": None if checker is None else checker.verdicts,
             "nodes_seen": None if checker is None else sorted(set(checker.node_of.values())),

@@ -1,54 +1,62 @@
 """Starting runbooks: one place that knows workflow IDs, conflict policies and search attributes,
-shared by the CLI, the prober and the alert receiver."""
+shared by the CLI, the prober, the Kubernetes watcher and the alert receiver.
+
+A failed instance is never started as a ``FailoverWorkflow`` here: it is reported to its model's
+guardian (:mod:`drctl.temporal.incidents`), which runs one recovery per failure."""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import (
-    SearchAttributeKey,
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-)
+from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy
 
 from drctl.payloads import (
+    WORKFLOW_TASK_TIMEOUT,
     DrainGpuRequest,
     DrainGpuResult,
     FailoverRequest,
     FailoverResult,
-    SearchAttr,
+    FailureReport,
+    IncidentTicket,
     ZoneFailoverRequest,
     ZoneFailoverResult,
     drain_workflow_id,
-    failover_workflow_id,
     zone_failover_workflow_id,
 )
 from drctl.settings import DrctlSettings
+from drctl.temporal.incidents import report_failure, runbook_handle, wait_started
 
 R = TypeVar("R")
 
 
+async def report_failover(
+    client: Client, settings: DrctlSettings, request: FailoverRequest, reporter: str = ""
+) -> IncidentTicket:
+    """Report a failed instance to its model's guardian: the one way every trigger starts (or
+    joins) a recovery. The ticket names the runbook and says whether this report joined it."""
+    return await report_failure(client, settings.task_queue, FailureReport(request=request, reporter=reporter))
+
+
 async def start_failover(
-    client: Client, settings: DrctlSettings, request: FailoverRequest
+    client: Client, settings: DrctlSettings, request: FailoverRequest, reporter: str = "", wait_s: float = 10.0
 ) -> WorkflowHandle[Any, FailoverResult]:
-    """Start (or join) the failover of one instance; the ID makes duplicate starts join."""
-    return await _start_or_join(
-        client,
-        settings,
-        "FailoverWorkflow",
-        request,
-        failover_workflow_id(request.model, request.instance),
-        FailoverResult,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), request.model),
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.INSTANCE), request.instance),
-                SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER), request.trigger.value),
-            ]
-        ),
-    )
+    """Report the failure, then return the handle of the runbook that handles it, once that runbook
+    exists (it may wait for an earlier incident of the model, or for the budget: then after
+    ``wait_s`` the handle is returned anyway, and following it may find nothing yet)."""
+    ticket = await report_failover(client, settings, request, reporter)
+    return await start_failover_handle(client, settings.task_queue, ticket, wait_s)
+
+
+async def start_failover_handle(
+    client: Client, task_queue: str, ticket: IncidentTicket, wait_s: float = 10.0
+) -> WorkflowHandle[Any, FailoverResult]:
+    """The handle of the ticket's runbook run, once the guardian has started it (or after ``wait_s``,
+    a handle on the workflow id, whose run may not exist yet)."""
+    incident = await wait_started(client, task_queue, ticket, wait_s)
+    if incident is None:
+        return runbook_handle(client, ticket)
+    return client.get_workflow_handle(incident.workflow_id, run_id=incident.run_id, result_type=FailoverResult)
 
 
 async def start_gpu_drain(
@@ -87,4 +95,5 @@ async def _start_or_join(
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         result_type=result_type,
         search_attributes=search_attributes,
+        task_timeout=WORKFLOW_TASK_TIMEOUT,
     )

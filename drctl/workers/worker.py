@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 
 from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
+from drctl.activities.incidents import IncidentActivities
 from drctl.activities.kubernetes.platform import KubernetesPlatform
 from drctl.activities.local.platform import LocalPlatform
 from drctl.activities.reconcile import ReconcileActivities
@@ -24,15 +25,19 @@ from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
 from drctl.workers.service import run_service
 from drctl.workers.temporal_client import connect
+from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 
 log = logging.getLogger("drctl.worker")
 
 WORKFLOWS = [
+    ModelGuardianWorkflow,
+    BudgetWorkflow,
     FailoverWorkflow,
     ReconcileStandbysWorkflow,
     DrainGpuWorkflow,
@@ -75,6 +80,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         activities=[
             *FailoverActivities(platform).all(),
             *ReconcileActivities(platform).all(),
+            *IncidentActivities(platform).all(),
             *DrillActivities(platform, settings, client).all(),
         ],
         graceful_shutdown_timeout=timedelta(seconds=5),

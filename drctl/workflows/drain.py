@@ -1,6 +1,6 @@
 """DrainGpuWorkflow: a GPU is failing (the node agent saw a drain-class Xid, uncorrectable ECC
 errors, ...). Keep it out of placement, move its serving instances away through the failover
-runbook (as child workflows, the failure already confirmed), remove its standbys, and let
+runbook (reported to each model's guardian, the failure already confirmed), remove its standbys, and let
 reconciliation recreate them on healthy GPUs.
 """
 
@@ -28,7 +28,8 @@ with workflow.unsafe.imports_passed_through():
         StepReport,
         Trigger,
     )
-    from drctl.workflows.failover import STEP_ERRORS, fail_over_as_child, why_failed
+    from drctl.workflows.failover import STEP_ERRORS, why_failed
+    from drctl.workflows.reports import recover_through_guardians
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 MAX_PARALLEL_FAILOVERS = 4
@@ -64,6 +65,7 @@ class DrainGpuWorkflow:
                 tier=standby.role,
                 gpu=standby.gpu,
                 reason=f"GPU {request.gpu} drained",
+                epoch=snapshot.epochs.get(standby.model),
             )
             try:
                 await workflow.execute_activity(
@@ -81,7 +83,9 @@ class DrainGpuWorkflow:
         reason = f"GPU {request.gpu} drained: {request.reason}"
         await asyncio.gather(
             *(
-                fail_over_as_child(gate, i.model, i.id, Trigger.GPU_HEALTH, reason, result.failovers, result.failed)
+                recover_through_guardians(
+                    gate, i.model, i.id, Trigger.GPU_HEALTH, reason, result.failovers, result.failed
+                )
                 for i in serving
             )
         )

@@ -9,7 +9,6 @@ eject waits until the replacement has been verified (``FailoverResult.eject_defe
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from typing import TypeVar, cast
 
@@ -29,7 +28,9 @@ with workflow.unsafe.imports_passed_through():
         FailoverOutcome,
         FailoverRequest,
         FailoverResult,
+        FailureReport,
         FleetSnapshot,
+        IncidentTickets,
         Instance,
         InstanceChange,
         InstanceList,
@@ -38,12 +39,13 @@ with workflow.unsafe.imports_passed_through():
         ProbeResult,
         ReconcileActionKind,
         RegisterRequest,
+        ReportBatch,
         Role,
+        RunbookIds,
+        RunbookOutcomes,
         SearchAttr,
         StepReport,
         StepTiming,
-        Trigger,
-        failover_workflow_id,
     )
     from drctl.policies.reconcile import plan_emergency
     from drctl.policies.schema import DRPolicy
@@ -65,6 +67,7 @@ FINAL_ERRORS = [
     ErrorType.NOT_A_STANDBY,
     ErrorType.INSTANCE_FAILED,
     ErrorType.CHECKPOINT_CORRUPT,
+    ErrorType.STALE_EPOCH,
 ]
 
 QUICK = RetryPolicy(
@@ -77,6 +80,20 @@ QUICK = RetryPolicy(
 """Steps against the platform are short; three tries, then the workflow decides (next standby)."""
 
 ONE_TRY = RetryPolicy(maximum_attempts=1)
+MUTATING = frozenset(
+    {
+        ActivityName.EJECT_INSTANCE,
+        ActivityName.PROMOTE_STANDBY,
+        ActivityName.LOAD_MODEL,
+        ActivityName.REGISTER_INSTANCE,
+        ActivityName.VERIFY_SERVING,
+        ActivityName.REQUEST_RECONCILE,
+        ActivityName.CREATE_INSTANCE,
+        ActivityName.DELETE_INSTANCE,
+        ActivityName.RESTORE_CHECKPOINT,
+    }
+)
+"""Steps a plan (``plan_only``) lists instead of running."""
 HOT_CHECK_TIMEOUT = timedelta(seconds=3)
 """How long a hot standby may take to show it is loaded (it is, unless it is down)."""
 
@@ -93,11 +110,14 @@ STEP_TIMEOUTS = {
     ActivityName.RESTORE_CHECKPOINT: timedelta(minutes=10),
     ActivityName.REGISTER_INSTANCE: timedelta(seconds=20),
     ActivityName.VERIFY_SERVING: timedelta(seconds=45),
+    ActivityName.REPORT_FAILURE: timedelta(seconds=30),
+    ActivityName.AWAIT_RUNBOOKS: timedelta(hours=1),
 }
 HEARTBEAT_TIMEOUTS = {
     ActivityName.LOAD_MODEL: timedelta(seconds=3),
     ActivityName.VERIFY_SERVING: timedelta(seconds=3),
     ActivityName.CREATE_INSTANCE: timedelta(seconds=5),
+    ActivityName.AWAIT_RUNBOOKS: timedelta(seconds=10),
 }
 """Both heartbeat every ~50 ms: a worker that dies mid-step is noticed within seconds, and the step
 is retried on another (or the restarted) worker."""
@@ -127,7 +147,13 @@ def _ms(delta: timedelta) -> float:
 
 @workflow.defn(name="FailoverWorkflow", failure_exception_types=[ValidationError])
 class FailoverWorkflow:
-    """One failover per failed instance (workflow ID ``failover-{model}-{instance}``).
+    """One failover per failed instance (workflow ID ``failover-{model}-{instance}``), run by the
+    model's guardian (:mod:`drctl.workflows.guardian`) with a fencing epoch.
+
+    Started directly without an epoch (the Temporal UI, ``temporal workflow start``), it reports the
+    failure to the guardian and follows the runbook the guardian runs for it, ending ``joined``:
+    one failure still gets one recovery. With ``plan_only`` it runs the same decisions and lists
+    the steps it would take, changing nothing.
 
     Input that does not validate (say, JSON typed into the UI without ``instance``) fails the run at
     once with pydantic's message, instead of retrying the workflow task forever.
@@ -138,6 +164,19 @@ class FailoverWorkflow:
         self._local_activities = True
         self._alert_resolved: AlertResolved | None = None
         self._verified_at: datetime | None = None
+        self._joined: list[str] = []
+        self._joined_total = 0
+        self._epoch: int | None = None
+        self._plan_only = False
+
+    @workflow.signal(name="joined")
+    def joined(self, reporter: str) -> None:
+        """Another report of this failure (an alert, the CLI, a zone check) joined this run."""
+        self._joined_total += 1
+        if len(self._joined) < 20:
+            self._joined.append(reporter[:200])
+        if self._result is not None:
+            self._result.joined, self._result.joined_total = list(self._joined), self._joined_total
 
     @workflow.signal(name="alert_resolved")
     def alert_resolved(self, resolved: AlertResolved) -> None:
@@ -165,6 +204,8 @@ class FailoverWorkflow:
 
     async def _run(self, request: FailoverRequest) -> FailoverResult:
         self._local_activities = request.local_activities
+        self._epoch = request.epoch
+        self._plan_only = request.plan_only
         started = workflow.now()
         result = FailoverResult(
             model=request.model,
@@ -173,6 +214,9 @@ class FailoverWorkflow:
             reason=request.reason,
             started_at=started,
             alert_resolved=self._alert_resolved,
+            epoch=request.epoch,
+            joined=list(self._joined),
+            joined_total=self._joined_total,
         )
         self._result = result
         workflow.upsert_search_attributes(
@@ -183,6 +227,8 @@ class FailoverWorkflow:
                 OUTCOME_KEY.value_set(FailoverOutcome.RUNNING.value),
             ]
         )
+        if request.epoch is None and not request.plan_only:
+            return await self._hand_to_guardian(request)
         ref = InstanceRef(model=request.model, instance=request.instance)
 
         if request.confirmed:
@@ -203,7 +249,7 @@ class FailoverWorkflow:
                 type=ErrorType.UNKNOWN_INSTANCE,
                 non_retryable=True,
             )
-        eject = EjectRequest(model=request.model, instance=request.instance, reason=request.reason)
+        eject = EjectRequest(model=request.model, instance=request.instance, reason=request.reason, epoch=request.epoch)
         plan = plan_failover(listing.instances, request.instance)
         if plan == FailoverPlan.NOTHING:
             return self._finish(FailoverOutcome.ALREADY_EJECTED, "already failed and ejected by an earlier failover")
@@ -223,6 +269,8 @@ class FailoverWorkflow:
             # Nothing replaced it: leave a last serving instance registered (its health check
             # keeps traffic off it while it is down) and report.
             return self._finish(FailoverOutcome.NO_STANDBY, "no standby could be promoted")
+        if self._plan_only:
+            return self._finish(FailoverOutcome.PLANNED, f"would promote {promoted.id} ({promoted.role})")
 
         if result.eject_deferred:
             await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
@@ -245,7 +293,7 @@ class FailoverWorkflow:
 
     async def _promote_first_that_works(self, candidates: list[Instance]) -> Instance | None:
         for candidate in candidates:
-            ref = InstanceRef(model=candidate.model, instance=candidate.id)
+            ref = InstanceRef(model=candidate.model, instance=candidate.id, epoch=self._epoch)
             try:
                 await self._step("promote", ActivityName.PROMOTE_STANDBY, ref, StepReport, candidate.id)
                 # Loading a warm or cold standby can take minutes and must heartbeat so a dead worker
@@ -254,7 +302,7 @@ class FailoverWorkflow:
                 await self._step(
                     "register",
                     ActivityName.REGISTER_INSTANCE,
-                    RegisterRequest(model=candidate.model, instance=candidate.id, priority=0),
+                    RegisterRequest(model=candidate.model, instance=candidate.id, priority=0, epoch=self._epoch),
                     StepReport,
                     candidate.id,
                 )
@@ -262,6 +310,8 @@ class FailoverWorkflow:
                 self._verified_at = workflow.now()
                 return candidate
             except STEP_ERRORS as err:
+                if error_type(err) == ErrorType.STALE_EPOCH:
+                    raise  # a newer runbook of the model acts now: this one must change nothing more
                 workflow.logger.warning("standby %s could not take over: %s", candidate.id, why_failed(err))
                 # A standby that cannot take over is broken too: take it out so no one tries it again.
                 await self._try_eject_broken(candidate, why_failed(err))
@@ -325,12 +375,12 @@ class FailoverWorkflow:
                     await self._step(
                         "preempt",
                         ActivityName.DELETE_INSTANCE,
-                        InstanceChange(action=action),
+                        InstanceChange(action=action.model_copy(update={"epoch": snapshot.epochs.get(action.model)})),
                         StepReport,
                         action.instance,
                     )
                     self._result.preempted.append(action.instance)
-            create = plan.actions[-1]
+            create = plan.actions[-1].model_copy(update={"epoch": self._epoch})
             await self._step(
                 "emergency",
                 ActivityName.CREATE_INSTANCE,
@@ -363,7 +413,9 @@ class FailoverWorkflow:
             workflow.logger.warning("could not trigger reconciliation after the failover of %s", model)
 
     async def _try_eject_broken(self, candidate: Instance, why: str) -> None:
-        request = EjectRequest(model=candidate.model, instance=candidate.id, reason=f"promotion failed: {why}")
+        request = EjectRequest(
+            model=candidate.model, instance=candidate.id, reason=f"promotion failed: {why}", epoch=self._epoch
+        )
         try:
             await self._step("eject-standby", ActivityName.EJECT_INSTANCE, request, StepReport, candidate.id)
         except STEP_ERRORS:
@@ -381,6 +433,12 @@ class FailoverWorkflow:
         retry: RetryPolicy = QUICK,
     ) -> R:
         start = workflow.now()
+        if self._plan_only and activity in MUTATING:
+            line = f"{step} {subject or ''}".strip()
+            assert self._result is not None
+            self._result.plan.append(line)
+            self._record(step, start, start, None, True, "planned, not run")
+            return result_type()
         try:
             args = [] if arg is None else [arg]
             if self._local_activities and not long:
@@ -438,36 +496,30 @@ class FailoverWorkflow:
         workflow.upsert_search_attributes([OUTCOME_KEY.value_set(outcome.value)])
         return result
 
-
-async def fail_over_as_child(
-    gate: asyncio.Semaphore,
-    model: str,
-    instance: str,
-    trigger: Trigger,
-    reason: str,
-    recovered: list[str],
-    failed: list[str],
-    prefer_zone: str | None = None,
-) -> None:
-    """Run ``FailoverWorkflow`` for an instance whose failure the caller established (a drained GPU,
-    a failed zone) as a child, at most ``gate`` at a time; record ``instance → replacement`` in
-    ``recovered`` or ``failed``. A child that fails is recorded; the caller goes on with the others."""
-    async with gate:
-        try:
-            outcome: FailoverResult = await workflow.execute_child_workflow(
-                FailoverWorkflow.run,
-                FailoverRequest(
-                    model=model,
-                    instance=instance,
-                    trigger=trigger,
-                    confirmed=True,
-                    reason=reason[:500],
-                    prefer_zone=prefer_zone,
-                ),
-                id=failover_workflow_id(model, instance),
-            )
-        except Exception as exc:
-            failed.append(f"{instance}: {exc}")
-            return
-    line = f"{instance} → {outcome.promoted or '-'} ({outcome.outcome})"
-    (recovered if outcome.outcome == FailoverOutcome.RECOVERED else failed).append(line)
+    async def _hand_to_guardian(self, request: FailoverRequest) -> FailoverResult:
+        """Started directly: report to the model's guardian, follow the runbook it runs, end ``joined``."""
+        assert self._result is not None
+        own = workflow.info().workflow_id
+        tickets = await self._step(
+            "report",
+            ActivityName.REPORT_FAILURE,
+            ReportBatch(reports=[FailureReport(request=request, reporter=f"workflow {own}")]),
+            IncidentTickets,
+        )
+        ticket = tickets.tickets[0]
+        self._result.handled_by = ticket.workflow_id
+        outcomes = await self._step(
+            "follow",
+            ActivityName.AWAIT_RUNBOOKS,
+            RunbookIds(tickets=[ticket]),
+            RunbookOutcomes,
+            ticket.workflow_id,
+            long=True,
+        )
+        end = outcomes.outcomes[0] if outcomes.outcomes else None
+        how = "joined the incident already open" if ticket.joined else "opened the incident"
+        detail = f"{end.outcome}: {end.detail}" if end else "no outcome"
+        return self._finish(
+            FailoverOutcome.JOINED,
+            f"handed to guardian-{request.model}: {how}; {ticket.workflow_id} ended {detail}"[:500],
+        )

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         InstanceRef,
         ReconcileAction,
         ReconcileActionKind,
+        ReconcilePlan,
         ReconcileRequest,
         ReconcileResult,
         StepReport,
@@ -54,6 +55,20 @@ MAX_PARALLEL_CREATES = 4
 """Instances start and load in parallel, a few at a time (each loads a checkpoint)."""
 
 
+def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
+    """Leave the models with a recovery in flight alone (the budget says which), and stamp every
+    other action with its model's epoch as observed: if a failover claims a newer epoch before the
+    action runs, the platform refuses it, and the next pass plans again from the new fleet."""
+    busy = snapshot.busy_models
+    actions = [
+        action.model_copy(update={"epoch": snapshot.epochs.get(action.model, 0)})
+        for action in plan.actions
+        if action.model not in busy
+    ]
+    skipped = [f"{model}: {runbook} in flight" for model, runbook in sorted(busy.items())]
+    return plan.model_copy(update={"actions": actions, "skipped_models": [*plan.skipped_models, *skipped]})
+
+
 @workflow.defn(name="ReconcileStandbysWorkflow", failure_exception_types=[ValidationError])
 class ReconcileStandbysWorkflow:
     def __init__(self) -> None:
@@ -72,7 +87,7 @@ class ReconcileStandbysWorkflow:
             retry_policy=RETRY,
         )
         policy = DRPolicy.model_validate(snapshot.policy)
-        plan = plan_reconcile(policy, snapshot.instances, request.models, snapshot.cordoned_gpus)
+        plan = fenced(plan_reconcile(policy, snapshot.instances, request.models, snapshot.cordoned_gpus), snapshot)
         result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
         if request.dry_run or not plan.actions:
             return result

@@ -1,9 +1,10 @@
 """ZoneFailoverWorkflow: active-passive zone failover (seed §4.1 ``az_failover``).
 
 Every GPU of the failed zone is cordoned (nothing is placed there again until failback), then each
-serving instance in the zone is failed over as a child ``FailoverWorkflow`` (the failure already
-confirmed), critical models first, at most ``maxParallelFailovers`` at a time. When the policy says
-``requireApproval``, nothing moves until an operator approves through the ``approve`` Update.
+serving instance in the zone is reported to its model's guardian (the failure already confirmed),
+which runs its ``FailoverWorkflow`` — or joins the one the prober started — critical models first,
+at most ``maxParallelFailovers`` at a time. When the policy says ``requireApproval``, nothing
+moves until an operator approves through the ``approve`` Update.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
-    from drctl.workflows.failover import fail_over_as_child
+    from drctl.workflows.reports import recover_through_guardians
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 STEP_TIMEOUT = timedelta(seconds=30)
@@ -107,7 +108,7 @@ class ZoneFailoverWorkflow:
         reason = f"zone {request.zone} failover: {request.reason}"
 
         async def move(model: str, instance: str) -> None:
-            await fail_over_as_child(
+            await recover_through_guardians(
                 gate,
                 model,
                 instance,
@@ -116,6 +117,7 @@ class ZoneFailoverWorkflow:
                 result.moved,
                 result.failed,
                 prefer_zone=policy.az_failover.standby_zone,
+                zone_level=True,
             )
             result.pending.remove(instance)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from drctl.activities.incidents import IncidentActivities
 from drctl.payloads import (
     ActivityName,
     DrainGpuRequest,
@@ -46,6 +47,10 @@ class FakeFleet:
     corrupt: set[str] = field(default_factory=set)
     hung: set[str] = field(default_factory=set)
     """Instances that never answer (their node is down): loading them waits forever."""
+    epochs: dict[str, int] = field(default_factory=dict)
+    """Fencing epochs per model, as the platform keeps them: fenced steps with an older one are refused."""
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """Fenced steps refused as stale (step, instance)."""
     """Instances whose checkpoint fails its checksum until ``restore_checkpoint`` runs for them."""
 
     @classmethod
@@ -76,6 +81,7 @@ class FakeFleet:
 
         @activity.defn(name=ActivityName.EJECT_INSTANCE)
         async def eject(req: EjectRequest) -> StepReport:
+            fleet.fence("eject", req.model, req.instance, req.epoch)
             fleet.calls.append(("eject", req.instance))
             inst = fleet.instances[req.instance]
             fleet.instances[req.instance] = inst.model_copy(update={"role": Role.FAILED, "lb_priority": None})
@@ -83,9 +89,11 @@ class FakeFleet:
 
         @activity.defn(name=ActivityName.PROMOTE_STANDBY)
         async def promote(ref: InstanceRef) -> StepReport:
+            fleet.fence("promote", ref.model, ref.instance, ref.epoch)
             fleet.calls.append(("promote", ref.instance))
             if fleet.promote_gate is not None:
                 await fleet.promote_gate.wait()
+                fleet.fence("promote", ref.model, ref.instance, ref.epoch)
             if ref.instance in fleet.broken:
                 raise ApplicationError("checksum mismatch", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True)
             inst = fleet.instances[ref.instance]
@@ -109,6 +117,7 @@ class FakeFleet:
 
         @activity.defn(name=ActivityName.REGISTER_INSTANCE)
         async def register(req: RegisterRequest) -> StepReport:
+            fleet.fence("register", req.model, req.instance, req.epoch)
             fleet.calls.append(("register", req.instance))
             inst = fleet.instances[req.instance]
             fleet.instances[req.instance] = inst.model_copy(update={"role": Role.SERVING, "lb_priority": req.priority})
@@ -131,6 +140,7 @@ class FakeFleet:
                 policy=fleet.policy.model_dump(mode="json", by_alias=True),
                 instances=list(fleet.instances.values()),
                 cordoned_gpus=sorted(fleet.cordoned),
+                epochs=dict(fleet.epochs),
             )
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
@@ -163,6 +173,7 @@ class FakeFleet:
             return StepReport(detail="uncordoned")
 
         return [
+            *IncidentActivities(FakePlatform(fleet)).all(),  # type: ignore[arg-type]
             cordon,
             uncordon,
             probe,
@@ -179,5 +190,31 @@ class FakeFleet:
             delete,
         ]
 
+    def fence(self, step: str, model: str, instance: str, epoch: int | None) -> None:
+        current = self.epochs.get(model, 0)
+        if epoch is not None and epoch < current:
+            self.refused.append((step, instance))
+            raise ApplicationError(f"stale epoch {epoch} < {current}", type=ErrorType.STALE_EPOCH, non_retryable=True)
+
     def steps(self) -> list[str]:
         return [f"{name}:{subject}" for name, subject in self.calls]
+
+
+class FakePlatform:
+    """What the real incident activities (epochs, leases) need of a platform, over the fake fleet."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self.fleet = fleet
+
+    async def claim_epoch(self, model: str) -> int:
+        self.fleet.epochs[model] = self.fleet.epochs.get(model, 0) + 1
+        self.fleet.calls.append(("claim-epoch", str(self.fleet.epochs[model])))
+        return self.fleet.epochs[model]
+
+    async def current_policy(self) -> DRPolicy:
+        return self.fleet.policy
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        if instance_id not in self.fleet.instances:
+            raise ApplicationError("no such instance", type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True)
+        return self.fleet.instances[instance_id]

@@ -41,7 +41,9 @@ async def run_failover(
     async with worker_for(env, fleet) as (client, queue):
         return await client.execute_workflow(
             FailoverWorkflow.run,
-            FailoverRequest(model="llama-2-7b", instance=instance, reason="test", local_activities=local_activities),
+            FailoverRequest(
+                model="llama-2-7b", instance=instance, reason="test", local_activities=local_activities, epoch=1
+            ),
             id=f"{failover_workflow_id('llama-2-7b', instance)}-{uuid.uuid4().hex[:6]}",
             task_queue=queue,
         )
@@ -163,7 +165,7 @@ async def test_duplicate_start_joins_the_running_failover(time_skipping_env: Wor
     fleet.promote_gate = asyncio.Event()
     wf_id = f"{failover_workflow_id('llama-2-7b', 'llama-2-7b-0')}-{uuid.uuid4().hex[:6]}"
     # Regular activities, so the promote held open by the gate is not a local activity (see below).
-    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", local_activities=False)
+    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", local_activities=False, epoch=1)
     async with worker_for(time_skipping_env, fleet) as (client, queue):
         first = await client.start_workflow(
             FailoverWorkflow.run, request, id=wf_id, task_queue=queue,
@@ -220,7 +222,9 @@ async def test_resolved_alert_is_recorded_and_the_probe_still_decides(time_skipp
             FailoverWorkflow.run,
             # Regular activities: a local activity held open across the signal can be re-run when the
             # time-skipping server jumps past the workflow task timeout, which muddles the fake's state.
-            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT, local_activities=False),
+            FailoverRequest(
+                model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT, local_activities=False, epoch=1
+            ),
             id=f"alert-{uuid.uuid4()}",
             task_queue=queue,
         )

@@ -35,6 +35,7 @@ from temporalio.exceptions import ApplicationError
 
 from drctl.activities import errors, node_agents
 from drctl.activities.kubernetes import istio
+from drctl.activities.kubernetes.fencing import KubernetesFencing
 from drctl.activities.platform import ProgressCallback, find_instance
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.policies.schema import DRPolicy
@@ -109,6 +110,7 @@ API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "pods"): frozenset({"delete", "get", "list", "patch"}),
     ("apps", "deployments"): frozenset({"create", "delete", "get", "list", "patch"}),
     ("", "nodes"): frozenset({"get"}),
+    ("", "configmaps"): frozenset({"create", "get", "update"}),
     (istio.GROUP, istio.PLURAL): frozenset({"get", "patch"}),
 }
 """Exactly the (API group, resource) → verbs this module calls; the RBAC manifests in
@@ -149,6 +151,7 @@ class KubernetesPlatform:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.poll_s = poll_s
+        self.fencing = KubernetesFencing(self.core, namespace, self._call)
         self._cordoned: dict[str, str] = {}
         """In memory only: lost when the worker restarts (a node taint or ConfigMap would persist it)."""
 
@@ -342,13 +345,23 @@ class KubernetesPlatform:
             await self._call("delete", "pods", self.core.delete_namespaced_pod, pod.metadata.name, self.namespace)
         return f"deleted {len(pods)} pod(s) of {instance.id}; its Deployment starts a fresh one that fetches the model"
 
-    async def eject(self, instance: Instance, reason: str) -> str:
+    async def claim_epoch(self, model: str) -> int:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return await self.fencing.claim(model)
+
+    async def epochs(self) -> dict[str, int]:
+        return await self.fencing.epochs()
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        await self.fencing.check(instance.model, epoch)
         changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value})
         if not changed:
             return "already ejected"
         return f"{SERVING}=false (out of the Service), marked failed: {reason[:200]}"
 
-    async def promote(self, instance: Instance) -> str:
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        await self.fencing.check(instance.model, epoch)
         if instance.role in (Role.SERVING, Role.PROMOTING):
             return f"already {instance.role}"
         if instance.role == Role.HOT:
@@ -445,7 +458,8 @@ class KubernetesPlatform:
             await asyncio.sleep(self.poll_s)
         raise TimeoutError(f"{instance.id} was not Ready within {timeout_s:.0f}s")
 
-    async def register(self, instance: Instance, priority: int) -> str:
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
+        await self.fencing.check(instance.model, epoch)
         if priority == 0:
             labels = {SERVING: "true", ROLE: Role.SERVING.value}
         else:  # a Service has no priorities: the hot backup stays out of it until promoted
@@ -527,6 +541,7 @@ class KubernetesPlatform:
     async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         if action.model not in self.policy.model_names:
             raise errors.unknown_model(action.model, self.policy.model_names)
+        await self.fencing.check(action.model, action.epoch)
         body = V1Deployment.from_dict(self.deployment(action))
         try:
             await self._call("create", "deployments.apps", self.apps.create_namespaced_deployment, self.namespace, body)
@@ -538,6 +553,7 @@ class KubernetesPlatform:
         return f"deployment {action.instance} created: {action.tier}, {gpu}"
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        await self.fencing.check(action.model, action.epoch)
         instance = await self.get_instance(action.model, action.instance)
         if instance.role == action.tier:
             return f"already {action.tier}"
@@ -547,6 +563,7 @@ class KubernetesPlatform:
         return f"{instance.id} warm → hot (pod relabelled; both tiers hold a GPU)"
 
     async def delete_instance(self, action: ReconcileAction) -> str:
+        await self.fencing.check(action.model, action.epoch)
         try:
             await self._call(
                 "delete",

@@ -114,10 +114,23 @@ class LocalPlatform:
                 await asyncio.sleep(0.1)
         return False, last
 
-    async def eject(self, instance: Instance, reason: str) -> str:
+    async def claim_epoch(self, model: str) -> int:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return self.registry.claim_epoch(model)
+
+    async def epochs(self) -> dict[str, int]:
+        return self.registry.epochs()
+
+    def _check_epoch(self, model: str, epoch: int | None) -> None:
+        """Refuse a stale step before it acts outside the registry (an HTTP call, a process)."""
+        errors.check_epoch(model, epoch, self.registry.epochs().get(model, 0))
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        self._check_epoch(instance.model, epoch)
         if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(instance.pid):
             return "already ejected"
-        self.registry.update(instance.id, role=Role.FAILED, lb_priority=None, note=reason[:200])
+        self.registry.update(instance.id, epoch=epoch, role=Role.FAILED, lb_priority=None, note=reason[:200])
         self.sync_load_balancer(instance.model)
         if not processes.is_alive(instance.pid):
             return "removed from LB, marked failed"
@@ -137,23 +150,24 @@ class LocalPlatform:
         self._draining[task] = pid
         task.add_done_callback(lambda t: self._draining.pop(t, None))
 
-    async def promote(self, instance: Instance) -> str:
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        self._check_epoch(instance.model, epoch)
         if instance.role in (Role.PROMOTING, Role.SERVING):
             if instance.role == Role.SERVING or instance.port is None or processes.is_alive(instance.pid):
                 return f"already {instance.role}"
         elif not instance.role.is_standby:
             raise errors.not_a_standby(instance.id, instance.role)
         if instance.role == Role.HOT:
-            self.registry.update(instance.id, role=Role.PROMOTING)
+            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "hot standby: already loaded and registered at priority 1"
         if instance.role == Role.WARM and processes.is_alive(instance.pid):
             response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
             if response.status_code != 200:
                 raise errors.model_load_failed(instance.id, f"wake_up answered {response.status_code}")
-            self.registry.update(instance.id, role=Role.PROMOTING)
+            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "warm standby woken up (/wake_up)"
         # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
-        started = self._start_process(instance.model_copy(update={"role": Role.PROMOTING}))
+        started = self._start_process(instance.model_copy(update={"role": Role.PROMOTING}), epoch)
         return f"cold standby started as pid {started.pid} on port {started.port}"
 
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
@@ -190,9 +204,9 @@ class LocalPlatform:
         restarted = self._start_process(instance)
         return f"{detail}; {instance.id} restarted as pid {restarted.pid}"
 
-    async def register(self, instance: Instance, priority: int) -> str:
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
         role = Role.SERVING if priority == 0 else Role.HOT
-        self.registry.update(instance.id, role=role, lb_priority=priority)
+        self.registry.update(instance.id, epoch=epoch, role=role, lb_priority=priority)
         self.sync_load_balancer(instance.model)
         return f"registered at priority {priority}"
 
@@ -273,7 +287,7 @@ class LocalPlatform:
             zone=action.zone,
         )
         # Record and start in one locked step, so two runs creating the same id start one process.
-        with self.registry.edit() as instances:
+        with self.registry.edit(action.model, action.epoch) as instances:
             existing = instances.get(action.instance, template)
             done = existing.role == action.tier and (existing.lb_priority is not None or action.tier != Role.HOT)
             if action.tier != Role.COLD and not done and not processes.is_alive(existing.pid):
@@ -287,24 +301,27 @@ class LocalPlatform:
         if action.tier == Role.WARM:
             response = await self._http.post(self._url(existing, "/sleep"), params={"level": 1}, timeout=10.0)
             response.raise_for_status()
-        self.registry.update(existing.id, role=action.tier, lb_priority=LB_PRIORITY.get(action.tier))
+        self.registry.update(
+            existing.id, epoch=action.epoch, role=action.tier, lb_priority=LB_PRIORITY.get(action.tier)
+        )
         self.sync_load_balancer(action.model)
         where = f"on {action.gpu} ({action.node}, {action.zone})"
         return f"{action.tier} {existing.id} {where}, pid {existing.pid}, port {existing.port}"
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        self._check_epoch(action.model, action.epoch)
         instance = await self.get_instance(action.model, action.instance)
         if instance.role == action.tier:
             return f"already {action.tier}"
         if action.tier != Role.HOT or instance.role != Role.WARM:
             raise errors.not_a_standby(instance.id, f"{instance.role} (only warm → hot is supported)")
         if not processes.is_alive(instance.pid):
-            instance = self._start_process(instance)
+            instance = self._start_process(instance, action.epoch)
         else:
             response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
             response.raise_for_status()
         await self.wait_loaded(instance, progress)
-        self.registry.update(instance.id, role=Role.HOT, lb_priority=LB_PRIORITY[Role.HOT])
+        self.registry.update(instance.id, epoch=action.epoch, role=Role.HOT, lb_priority=LB_PRIORITY[Role.HOT])
         self.sync_load_balancer(instance.model)
         return f"{instance.id} warm → hot, registered at priority 1"
 
@@ -312,7 +329,7 @@ class LocalPlatform:
         instance = self.registry.load().get(action.instance)
         if instance is None:
             return "already gone"
-        with self.registry.edit() as instances:
+        with self.registry.edit(action.model, action.epoch) as instances:
             instances.pop(action.instance, None)
         self.sync_load_balancer(action.model)
         stopped = await asyncio.to_thread(processes.terminate, instance.pid)
@@ -470,8 +487,8 @@ class LocalPlatform:
     def _checkpoint_size(self, model: ModelPolicy) -> int:
         return model.checkpoint_size if model.checkpoint_size is not None else self.policy.local.checkpoint_size
 
-    def _start_process(self, instance: Instance) -> Instance:
-        with self.registry.edit() as instances:
+    def _start_process(self, instance: Instance, epoch: int | None = None) -> Instance:
+        with self.registry.edit(instance.model, epoch) as instances:
             return self._spawn(instances, instance)
 
     def _spawn(self, instances: dict[str, Instance], instance: Instance) -> Instance:

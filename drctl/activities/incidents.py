@@ -1,0 +1,133 @@
+"""Activities of the guardians and the budget: fencing epochs, reports, leases, following runbooks.
+
+They talk to Temporal through the worker's own client (``activity.client()``) and to the platform
+through the one :class:`Platform` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from drctl.activities.platform import Platform
+from drctl.payloads import (
+    ActivityName,
+    EpochGrant,
+    IncidentTicket,
+    IncidentTickets,
+    LeaseRequest,
+    ModelRef,
+    ReportBatch,
+    RunbookIds,
+    RunbookOutcome,
+    RunbookOutcomes,
+    StepReport,
+)
+from drctl.policies.budget import BudgetLimits
+from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_closed
+
+HEARTBEAT_S = 1.0
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)
+
+
+class IncidentActivities:
+    def __init__(self, platform: Platform, alertmanager_url: str | None = None) -> None:
+        self.platform = platform
+        self.alertmanager_url = alertmanager_url or os.environ.get("DRCTL_ALERTMANAGER_URL")
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [self.claim_epoch, self.report_failure, self.request_lease, self.await_runbooks, self.budget_alert]
+
+    @activity.defn(name=ActivityName.CLAIM_EPOCH)
+    async def claim_epoch(self, ref: ModelRef) -> EpochGrant:
+        """A new fencing epoch for the model, from the platform (the one authority that hands them out)."""
+        start = time.monotonic()
+        epoch = await self.platform.claim_epoch(ref.model)
+        return EpochGrant(model=ref.model, epoch=epoch, detail=f"epoch {epoch}", duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.REPORT_FAILURE)
+    async def report_failure(self, batch: ReportBatch) -> IncidentTickets:
+        """Report each failure to its model's guardian (a runbook's way to reach the one serialization point)."""
+        queue = activity.info().task_queue
+        tickets = [await report_failure(activity.client(), queue, report) for report in batch.reports]
+        return IncidentTickets(tickets=tickets)
+
+    @activity.defn(name=ActivityName.REQUEST_LEASE)
+    async def request_lease(self, request: LeaseRequest) -> StepReport:
+        """Ask the budget for room, with the instance's zone and the policy's limits filled in."""
+        start = time.monotonic()
+        policy = await self.platform.current_policy()
+        limits = BudgetLimits.of(policy)
+        zone = request.zone
+        if request.instance is not None:
+            try:
+                zone = (await self.platform.get_instance(request.model, request.instance)).zone
+            except ApplicationError:
+                zone = None  # unknown to the platform now: the runbook will say so; no zone cap
+        filled = request.model_copy(
+            update={
+                "zone": zone,
+                "requested_at": datetime.now(UTC),
+                "max_per_minute": limits.max_per_minute,
+                "max_per_zone": limits.max_per_zone,
+                "trip_after_waiting": limits.trip_after_waiting,
+            }
+        )
+        await request_lease(activity.client(), activity.info().task_queue, filled)
+        return StepReport(detail=f"waiting for the budget (zone {zone or '-'})", duration_ms=_elapsed_ms(start))
+
+    @activity.defn(name=ActivityName.AWAIT_RUNBOOKS)
+    async def await_runbooks(self, ids: RunbookIds) -> RunbookOutcomes:
+        """Wait until each incident has closed, heartbeating; idempotent (a retry waits again)."""
+        client = activity.client()
+        queue = activity.info().task_queue
+
+        async def one(ticket: IncidentTicket) -> RunbookOutcome:
+            incident = await wait_closed(client, queue, ticket)
+            try:
+                result = await runbook_result(client, incident)
+            except (WorkflowFailureError, RPCError) as err:
+                return RunbookOutcome(workflow_id=incident.workflow_id, outcome="failed", detail=str(err)[:300])
+            return RunbookOutcome(
+                workflow_id=incident.workflow_id,
+                outcome=result.outcome.value,
+                promoted=result.promoted,
+                detail=result.reason,
+            )
+
+        waiting = asyncio.ensure_future(asyncio.gather(*(one(t) for t in ids.tickets)))
+        while not waiting.done():
+            activity.heartbeat()
+            await asyncio.wait({waiting}, timeout=HEARTBEAT_S)
+        return RunbookOutcomes(outcomes=list(waiting.result()))
+
+    @activity.defn(name=ActivityName.BUDGET_ALERT)
+    async def budget_alert(self, reason: str) -> StepReport:
+        """The budget tripped: one ``DrctlBudgetTripped`` alert in Alertmanager, when one is configured."""
+        if not self.alertmanager_url:
+            return StepReport(detail="no Alertmanager configured (DRCTL_ALERTMANAGER_URL): not alerted")
+        alert = {
+            "labels": {"alertname": "DrctlBudgetTripped", "severity": "critical"},
+            "annotations": {
+                "summary": f"drctl stopped starting recoveries: {reason}",
+                "description": "Recoveries wait for a person: check the fleet, then `drctl budget reset`.",
+            },
+            "startsAt": datetime.now(UTC).isoformat(),
+        }
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.post(f"{self.alertmanager_url.rstrip('/')}/api/v2/alerts", json=[alert])
+            response.raise_for_status()
+        return StepReport(detail="DrctlBudgetTripped raised")

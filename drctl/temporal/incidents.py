@@ -1,0 +1,146 @@
+"""The one way every trigger reports a failed instance: update-with-start on the model's guardian.
+
+The prober, the alert receiver, the Kubernetes watcher, the CLI, a zone failover, a GPU drain and a
+directly started ``FailoverWorkflow`` all call :func:`report_failure`. The guardian (started by the
+first report) answers with an :class:`IncidentTicket`: the runbook that handles the failure, and
+whether this report opened the incident or joined it. Nothing here starts ``FailoverWorkflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from drctl.payloads import (
+    WORKFLOW_TASK_TIMEOUT,
+    BudgetState,
+    FailoverResult,
+    FailureReport,
+    GuardianState,
+    Incident,
+    IncidentTicket,
+    LeaseRequest,
+    SearchAttr,
+    WorkflowName,
+    budget_workflow_id,
+    guardian_workflow_id,
+)
+
+RPC_TIMEOUT = timedelta(seconds=10)
+
+
+async def report_failure(client: Client, task_queue: str, report: FailureReport) -> IncidentTicket:
+    """Report one failed instance to its model's guardian (starting the guardian if it is not
+    running); returns once the guardian has recorded it."""
+    model = report.request.model
+    start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+        WorkflowName.GUARDIAN,
+        GuardianState(model=model),
+        id=guardian_workflow_id(model, task_queue),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        task_timeout=WORKFLOW_TASK_TIMEOUT,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), model)]
+        ),
+    )
+    ticket: IncidentTicket = await client.execute_update_with_start_workflow(
+        "report", report, start_workflow_operation=start, result_type=IncidentTicket, rpc_timeout=RPC_TIMEOUT
+    )
+    return ticket
+
+
+async def wait_closed(client: Client, task_queue: str, ticket: IncidentTicket, poll_s: float = 0.1) -> Incident:
+    """Wait until the guardian has closed the ticket's incident; returns it (with its run id)."""
+    while True:
+        state = await guardian_state(client, task_queue, ticket.model)
+        for incident in state.recent if state is not None else []:
+            if incident.workflow_id == ticket.workflow_id and incident.opened_at == ticket.opened_at:
+                return incident
+        await asyncio.sleep(poll_s)
+
+
+async def wait_started(
+    client: Client, task_queue: str, ticket: IncidentTicket, wait_s: float, poll_s: float = 0.05
+) -> Incident | None:
+    """The ticket's incident once its runbook has a run (None if it still waits after ``wait_s``:
+    behind an earlier incident of the model, or for the budget)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        state = await guardian_state(client, task_queue, ticket.model)
+        for incident in [*state.queue, *state.recent] if state is not None else []:
+            if incident.workflow_id == ticket.workflow_id and incident.opened_at == ticket.opened_at:
+                if incident.run_id is not None:
+                    return incident
+        if loop.time() > deadline:
+            return None
+        await asyncio.sleep(poll_s)
+
+
+async def runbook_result(client: Client, incident: Incident) -> FailoverResult:
+    """The result of the run that handled ``incident`` (not a later or earlier run of the same id)."""
+    handle = client.get_workflow_handle(incident.workflow_id, run_id=incident.run_id, result_type=FailoverResult)
+    result: FailoverResult = await handle.result()
+    return result
+
+
+def runbook_handle(client: Client, ticket: IncidentTicket) -> WorkflowHandle[Any, FailoverResult]:
+    """The handle of the runbook a ticket names (to follow its progress or await its result)."""
+    return client.get_workflow_handle(ticket.workflow_id, result_type=FailoverResult)
+
+
+async def request_lease(client: Client, task_queue: str, request: LeaseRequest) -> None:
+    """Ask the budget for a lease (signal-with-start: the first request brings the budget up)."""
+    await client.start_workflow(
+        WorkflowName.BUDGET,
+        BudgetState(),
+        id=budget_workflow_id(task_queue),
+        task_queue=task_queue,
+        task_timeout=WORKFLOW_TASK_TIMEOUT,
+        start_signal="acquire",
+        start_signal_args=[request],
+    )
+
+
+async def budget_state(client: Client, task_queue: str) -> BudgetState | None:
+    """The budget now, or None when no recovery has asked for one yet (it is not running)."""
+    try:
+        state: BudgetState = await client.get_workflow_handle(budget_workflow_id(task_queue)).query(
+            "state", result_type=BudgetState, rpc_timeout=RPC_TIMEOUT
+        )
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return state
+
+
+async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
+    """Models with a recovery running or waiting for the budget → that recovery's runbook."""
+    state = await budget_state(client, task_queue)
+    if state is None:
+        return {}
+    return {lease.model: lease.incident for lease in [*state.waiting, *state.running]}
+
+
+async def guardian_state(client: Client, task_queue: str, model: str) -> GuardianState | None:
+    try:
+        state: GuardianState = await client.get_workflow_handle(guardian_workflow_id(model, task_queue)).query(
+            "incidents", result_type=GuardianState, rpc_timeout=RPC_TIMEOUT
+        )
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return state

@@ -1,0 +1,182 @@
+"""BudgetWorkflow: the fleet's blast-radius budget, one durable workflow (ID ``drctl-budget``).
+
+Every model's guardian asks it for a lease before it starts a recovery (signal ``acquire``, sent
+with signal-with-start, so the first request brings it up) and hands the lease back when the
+runbook ends (signal ``release``). It grants in order of arrival as far as the budget allows —
+per-zone recoveries at once, runbooks started per minute — and answers each grant with the signal
+``lease_granted`` to the guardian. Requests past the budget wait; none is dropped. When more than
+``tripAfterWaiting`` wait at once, the breaker trips (manual mode): nothing more starts until a
+person sends the ``reset`` Update (``drctl budget reset``, or the Temporal UI).
+
+The decisions are pure (:mod:`drctl.policies.budget`); this workflow keeps the state durable and
+delivers grants. Its history is bounded with continue-as-new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from drctl.payloads import (
+        ActivityName,
+        BudgetReset,
+        BudgetState,
+        LeaseGrant,
+        LeaseKind,
+        LeaseRelease,
+        LeaseRequest,
+        StepReport,
+    )
+    from drctl.policies.budget import BudgetLimits, decide, recent_starts
+
+LEASE_TTL = timedelta(minutes=30)
+"""A lease not handed back within this long is taken back (its guardian was terminated by hand)."""
+MAX_HISTORY = 5_000
+"""Continue as new past this many history events, carrying the state."""
+
+
+@workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
+class BudgetWorkflow:
+    @workflow.init
+    def __init__(self, state: BudgetState) -> None:
+        self._state = state
+        self._changed = True
+        self._regrant: list[str] = []
+        """Incidents already running whose guardian asked again: grant them once more."""
+
+    @workflow.signal(name="acquire")
+    def acquire(self, request: LeaseRequest) -> None:
+        """A guardian asks for room for one incident's runbook (again, after a restart: idempotent)."""
+        state = self._state
+        state.max_per_minute = request.max_per_minute
+        state.max_per_zone = request.max_per_zone
+        state.trip_after_waiting = request.trip_after_waiting
+        if any(r.incident == request.incident for r in state.running):
+            self._regrant.append(request.incident)
+        else:
+            waiting = next((w for w in state.waiting if w.incident == request.incident), None)
+            if waiting is None:
+                state.waiting.append(request.model_copy(update={"requested_at": workflow.now()}))
+            elif request.kind == LeaseKind.ZONE:
+                waiting.kind = LeaseKind.ZONE  # a zone failover took over a waiting recovery
+        self._changed = True
+
+    @workflow.signal(name="release")
+    def release(self, release: LeaseRelease) -> None:
+        state = self._state
+        state.running = [r for r in state.running if r.incident != release.incident]
+        state.waiting = [w for w in state.waiting if w.incident != release.incident]
+        state.why_waiting.pop(release.incident, None)
+        self._changed = True
+
+    @workflow.update(name="reset")
+    def reset(self, reset: BudgetReset) -> str:
+        """A person closes the breaker: waiting recoveries may start again, within the budget."""
+        state = self._state
+        was = state.tripped
+        state.tripped, state.tripped_at = None, None
+        line = f"{workflow.now().isoformat(timespec='seconds')} reset by {reset.actor}" + (
+            f": {reset.comment}" if reset.comment else ""
+        )
+        state.resets = [*state.resets[-19:], line]
+        self._changed = True
+        return f"budget reset by {reset.actor}" + (f" (was tripped: {was})" if was else " (was not tripped)")
+
+    @reset.validator
+    def _validate_reset(self, reset: BudgetReset) -> None:
+        if not reset.actor.strip():
+            raise ApplicationError("reset needs the name of the person resetting the budget")
+
+    @workflow.query(name="state")
+    def view(self) -> BudgetState:
+        return self._state
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        alerts: set[asyncio.Task[None]] = set()
+        while True:
+            now = workflow.now()
+            self._changed = False
+            self._expire_leases()
+            s = self._state
+            s.starts = recent_starts(s.starts, now)
+            decision = decide(
+                s.running,
+                s.waiting,
+                s.starts,
+                now,
+                BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting),
+                tripped=s.tripped is not None,
+            )
+            for request in decision.grant:
+                s.waiting.remove(request)
+                s.running.append(request.model_copy(update={"granted_at": now}))
+                s.starts.append(now)
+                s.granted_total += 1
+                await self._grant(request.holder, request.incident)
+            for incident in self._regrant:
+                holder = next((r.holder for r in s.running if r.incident == incident), None)
+                if holder is not None:
+                    await self._grant(holder, incident)
+            self._regrant = []
+            s.why_waiting = decision.why_waiting or {}
+            s.most_waiting = max(s.most_waiting, len(s.waiting))
+            zones = Counter(r.zone for r in s.running if r.zone is not None and r.kind == LeaseKind.INSTANCE)
+            s.most_running_per_zone = max([s.most_running_per_zone, *zones.values()])
+            if decision.trip and s.tripped is None:
+                s.tripped, s.tripped_at = decision.trip, now
+                workflow.logger.error("budget tripped: %s", decision.trip)
+                task = asyncio.create_task(self._alert(decision.trip))
+                alerts.add(task)
+                task.add_done_callback(alerts.discard)
+            if workflow.info().get_current_history_length() > MAX_HISTORY and not self._changed and not alerts:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self._state)
+            timeout = None
+            if decision.wake_at is not None:
+                timeout = max(timedelta(milliseconds=100), decision.wake_at - workflow.now())
+            if s.running:
+                oldest = min(r.granted_at or now for r in s.running)
+                expiry = oldest + LEASE_TTL - workflow.now()
+                timeout = min(timeout, expiry) if timeout is not None else expiry
+            try:
+                await workflow.wait_condition(lambda: self._changed, timeout=timeout)
+            except TimeoutError:
+                pass
+
+    def _expire_leases(self) -> None:
+        now = workflow.now()
+        kept = [r for r in self._state.running if r.granted_at is None or now - r.granted_at < LEASE_TTL]
+        for lost in set(r.incident for r in self._state.running) - set(r.incident for r in kept):
+            workflow.logger.warning("lease of %s not handed back within %s: taken back", lost, LEASE_TTL)
+        self._state.running = kept
+
+    async def _grant(self, holder: str, incident: str) -> None:
+        try:
+            await workflow.get_external_workflow_handle(holder).signal(
+                "lease_granted", LeaseGrant(incident=incident, granted_at=workflow.now())
+            )
+        except Exception as err:  # the guardian is gone (terminated by hand): its lease is void
+            workflow.logger.warning("could not grant %s to %s: %s", incident, holder, err)
+            self._state.running = [r for r in self._state.running if r.incident != incident]
+
+    async def _alert(self, reason: str) -> None:
+        """Tell people (Alertmanager, when configured); best effort, the state shows it anyway."""
+        try:
+            await workflow.execute_activity(
+                ActivityName.BUDGET_ALERT,
+                reason,
+                result_type=StepReport,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            )
+        except Exception as err:
+            workflow.logger.warning("could not raise the budget alert: %s", err)

@@ -1,0 +1,256 @@
+"""ModelGuardianWorkflow: the one serialization point of a model's recoveries (ID ``guardian-{model}``).
+
+Every trigger — the prober, Alertmanager, the Kubernetes watcher, the CLI, the Temporal UI, a zone
+failover, a GPU drain — reports a failed instance with the Update ``report`` (sent with
+update-with-start, so the first report brings the guardian up). The guardian keeps one incident per
+failed instance:
+
+- a report of an instance with an open incident (or one just recovered) *joins* it: the answer
+  names the runbook that handles it, and the runbook lists the report as joined;
+- a new failure opens an incident; incidents of one model run one after the other, so two runbooks
+  never pick the same standby;
+- before an incident's runbook starts, the fleet's budget (``BudgetWorkflow``) grants a lease, and
+  the platform hands out a new fencing **epoch** for the model; the runbook (a child
+  ``FailoverWorkflow``) carries it in every promote, register and eject, and the platform refuses
+  an older one, so a late or retried step of an earlier runbook changes nothing.
+
+The guardian's history stays bounded with continue-as-new (when no incident is open).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from drctl.payloads import (
+        WORKFLOW_TASK_TIMEOUT,
+        ActivityName,
+        EpochGrant,
+        FailoverOutcome,
+        FailoverResult,
+        FailureReport,
+        GuardianState,
+        Incident,
+        IncidentState,
+        IncidentTicket,
+        InstanceAlertResolved,
+        LeaseGrant,
+        LeaseKind,
+        LeaseRelease,
+        LeaseRequest,
+        ModelRef,
+        StepReport,
+        budget_workflow_id,
+        failover_workflow_id,
+    )
+    from drctl.workflows.failover import FailoverWorkflow
+
+RECENT_KEPT = 50
+"""Closed incidents remembered, so a late report of a recovered failure joins instead of restarting."""
+JOINED_KEPT = 20
+MAX_HISTORY = 2_000
+LEASE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5))
+"""Asking the budget and claiming the epoch retry until they succeed: a recovery is delayed by an
+unreachable platform or Temporal, never dropped."""
+SETTLED = (FailoverOutcome.RECOVERED, FailoverOutcome.ALREADY_EJECTED, FailoverOutcome.STANDBY_EJECTED)
+"""Outcomes after which the instance is out for good: a later report of it has nothing to add."""
+
+
+@workflow.defn(name="ModelGuardianWorkflow", failure_exception_types=[ValidationError])
+class ModelGuardianWorkflow:
+    @workflow.init
+    def __init__(self, state: GuardianState) -> None:
+        self._state = state
+        self._granted: set[str] = set()
+        self._upgraded = 0
+        self._running: dict[str, Any] = {}
+        """Instance → the child handle of its running runbook."""
+
+    # -- reports --------------------------------------------------------------------------------
+
+    @workflow.update(name="report")
+    async def report(self, report: FailureReport) -> IncidentTicket:
+        """One report of a failed instance: open an incident, or join the one that handles it."""
+        state = self._state
+        state.reports += 1
+        request = report.request
+        reporter = report.reporter or str(request.trigger)
+        open_ = next((i for i in state.queue if i.instance == request.instance), None)
+        if open_ is not None:
+            self._join(open_, reporter)
+            if report.zone_level and not open_.zone_level:
+                open_.zone_level = True  # a zone failover takes over a recovery waiting for the budget
+                if open_.request.prefer_zone is None and request.prefer_zone is not None:
+                    open_.request = open_.request.model_copy(update={"prefer_zone": request.prefer_zone})
+                self._upgraded += 1
+            handle = self._running.get(open_.instance)
+            if handle is not None:
+                await handle.signal("joined", reporter)
+            return self._ticket(open_, joined=True)
+        settled = next(
+            (i for i in reversed(state.recent) if i.instance == request.instance and i.outcome in SETTLED), None
+        )
+        if settled is not None:
+            self._join(settled, reporter)
+            return self._ticket(settled, joined=True)
+        incident = Incident(
+            instance=request.instance,
+            workflow_id=failover_workflow_id(request.model, request.instance),
+            request=request,
+            reporter=reporter,
+            zone_level=report.zone_level,
+            opened_at=workflow.now(),
+        )
+        state.queue.append(incident)
+        return self._ticket(incident, joined=False)
+
+    @report.validator
+    def _validate_report(self, report: FailureReport) -> None:
+        if report.request.model != self._state.model:
+            raise ApplicationError(
+                f"this guardian recovers {self._state.model}, not {report.request.model}", non_retryable=True
+            )
+        if report.request.plan_only:
+            raise ApplicationError("a plan changes nothing: start FailoverWorkflow with plan_only directly")
+
+    @workflow.signal(name="lease_granted")
+    def lease_granted(self, grant: LeaseGrant) -> None:
+        self._granted.add(grant.incident)
+
+    @workflow.signal(name="alert_resolved")
+    async def alert_resolved(self, resolved: InstanceAlertResolved) -> None:
+        """The alert about an instance resolved: tell its running runbook (its own probe decides)."""
+        handle = self._running.get(resolved.instance)
+        if handle is not None:
+            await handle.signal("alert_resolved", resolved.resolved)
+
+    @workflow.query(name="incidents")
+    def incidents(self) -> GuardianState:
+        return self._state
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, state: GuardianState) -> None:
+        while True:
+            await workflow.wait_condition(lambda: bool(self._state.queue) or self._should_continue_as_new())
+            if not self._state.queue:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if not self._state.queue:
+                    workflow.continue_as_new(self._state)
+                continue
+            incident = self._state.queue[0]
+            await self._recover(incident)
+            self._state.queue.remove(incident)
+            self._state.recent = [*self._state.recent, incident][-RECENT_KEPT:]
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        return info.get_current_history_length() > MAX_HISTORY or info.is_continue_as_new_suggested()
+
+    async def _recover(self, incident: Incident) -> None:
+        await self._wait_for_budget(incident)
+        try:
+            grant: EpochGrant = await workflow.execute_local_activity(
+                ActivityName.CLAIM_EPOCH,
+                ModelRef(model=self._state.model),
+                result_type=EpochGrant,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=LEASE_RETRY,
+            )
+            incident.epoch = grant.epoch
+            incident.state = IncidentState.RUNNING
+            incident.waiting_for = ""
+            result = await self._run_runbook(incident, incident.request.model_copy(update={"epoch": grant.epoch}))
+            incident.outcome = result.outcome if result is not None else FailoverOutcome.FAILED
+        finally:
+            self._running.pop(incident.instance, None)
+            incident.state = IncidentState.DONE
+            incident.closed_at = workflow.now()
+            await workflow.get_external_workflow_handle(budget_workflow_id(workflow.info().task_queue)).signal(
+                "release", LeaseRelease(incident=incident.workflow_id)
+            )
+
+    async def _wait_for_budget(self, incident: Incident) -> None:
+        sent_kind: LeaseKind | None = None
+        while incident.workflow_id not in self._granted:
+            kind = LeaseKind.ZONE if incident.zone_level else LeaseKind.INSTANCE
+            if kind != sent_kind:
+                report: StepReport = await workflow.execute_local_activity(
+                    ActivityName.REQUEST_LEASE,
+                    LeaseRequest(
+                        holder=workflow.info().workflow_id,
+                        incident=incident.workflow_id,
+                        model=self._state.model,
+                        instance=incident.instance,
+                        kind=kind,
+                    ),
+                    result_type=StepReport,
+                    start_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=LEASE_RETRY,
+                )
+                incident.waiting_for = report.detail
+                sent_kind = kind
+            upgraded = self._upgraded
+            await workflow.wait_condition(
+                lambda: incident.workflow_id in self._granted or self._upgraded != upgraded  # noqa: B023
+            )
+        self._granted.discard(incident.workflow_id)
+
+    async def _run_runbook(self, incident: Incident, request: Any) -> FailoverResult | None:
+        try:
+            handle = await workflow.start_child_workflow(
+                FailoverWorkflow.run,
+                request,
+                id=incident.workflow_id,
+                task_timeout=WORKFLOW_TASK_TIMEOUT,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+            )
+        except WorkflowAlreadyStartedError:
+            # That id is taken by a run started directly (not through a guardian): use the epoch.
+            incident.workflow_id = f"{incident.workflow_id}-e{request.epoch}"
+            handle = await workflow.start_child_workflow(
+                FailoverWorkflow.run,
+                request,
+                id=incident.workflow_id,
+                task_timeout=WORKFLOW_TASK_TIMEOUT,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+            )
+        incident.run_id = handle.first_execution_run_id
+        joined_before = list(incident.joined)  # from now on the report handler signals new ones itself
+        self._running[incident.instance] = handle
+        for reporter in joined_before:
+            await handle.signal("joined", reporter)
+        try:
+            result: FailoverResult = await handle
+        except ChildWorkflowError as err:
+            workflow.logger.warning("runbook %s failed: %s", incident.workflow_id, err)
+            return None
+        return result
+
+    @staticmethod
+    def _join(incident: Incident, reporter: str) -> None:
+        incident.joined_total += 1
+        if len(incident.joined) < JOINED_KEPT:
+            incident.joined.append(reporter)
+
+    @staticmethod
+    def _ticket(incident: Incident, joined: bool) -> IncidentTicket:
+        return IncidentTicket(
+            model=incident.request.model,
+            instance=incident.instance,
+            workflow_id=incident.workflow_id,
+            joined=joined,
+            state=incident.state,
+            outcome=incident.outcome,
+            opened_at=incident.opened_at,
+            detail=incident.waiting_for,
+        )

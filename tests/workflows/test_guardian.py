@@ -1,0 +1,249 @@
+"""One recovery per failure: every report goes through the model's guardian, every promotion is
+fenced, and the budget delays (never drops) what does not fit. Time-skipping server, fake platform."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.payloads import (
+    BudgetReset,
+    BudgetState,
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    FailureReport,
+    IncidentTicket,
+    Instance,
+    Role,
+    Trigger,
+    WorkflowName,
+    budget_workflow_id,
+    failover_workflow_id,
+)
+from drctl.temporal.incidents import budget_state, guardian_state, report_failure, runbook_result, wait_closed
+from drctl.workflows.budget import BudgetWorkflow
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
+from tests.workflows.fakes import FakeFleet
+
+
+@asynccontextmanager
+async def guarded(env: WorkflowEnvironment, fleet: FakeFleet) -> AsyncIterator[tuple[Client, str]]:
+    queue = f"guard-{uuid.uuid4().hex[:8]}"  # guardians and the budget are per task queue
+    async with Worker(
+        env.client,
+        task_queue=queue,
+        workflows=[ModelGuardianWorkflow, BudgetWorkflow, FailoverWorkflow],
+        activities=fleet.activities(),
+    ):
+        yield env.client, queue
+
+
+def report(instance: str, reporter: str, model: str = "llama-2-7b") -> FailureReport:
+    # Regular activities: a promotion the test holds must not hold a (local-activity) workflow task.
+    request = FailoverRequest(
+        model=model, instance=instance, confirmed=True, trigger=Trigger.PROBE, local_activities=False
+    )
+    return FailureReport(request=request, reporter=reporter)
+
+
+async def budget_when(client: Client, queue: str, ok: Callable[[BudgetState], bool]) -> BudgetState:
+    """The budget once ``ok`` holds (its signals land a moment after the runbooks end)."""
+    state = None
+    for _ in range(200):
+        state = await budget_state(client, queue)
+        if state is not None and ok(state):
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the budget never got there: {state}")
+
+
+async def result_of(client: Client, queue: str, ticket: IncidentTicket) -> FailoverResult:
+    """The result of the ticket's runbook, once its guardian has closed the incident (the test
+    server is shared: an earlier test's run under the same workflow id must not be read instead)."""
+    incident = await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+    return await runbook_result(client, incident)
+
+
+async def test_two_detectors_reporting_one_crash_promote_one_standby(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(
+        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM)
+    )  # seen: the prober's runbook promoted the hot standby, the alert's the warm one
+    fleet.promote_gate = asyncio.Event()  # hold the first promotion while the duplicates arrive
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        first = await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        second = await report_failure(client, queue, report("llama-2-7b-0", "alert abc123"))
+        third = await report_failure(client, queue, report("llama-2-7b-0", "cli ops@host"))
+        fleet.promote_gate.set()
+        result = await result_of(client, queue, first)
+        late = await report_failure(client, queue, report("llama-2-7b-0", "alert abc123 (re-sent)"))
+
+    assert not first.joined and second.joined and third.joined and late.joined
+    assert first.workflow_id == second.workflow_id == failover_workflow_id("llama-2-7b", "llama-2-7b-0")
+    assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
+    assert [s for s, _ in fleet.calls].count("promote") == 1
+    assert fleet.instances["llama-2-7b-2"].role == Role.WARM  # the warm standby stays a standby
+    assert result.epoch == 1 and result.joined == ["alert abc123", "cli ops@host"]
+    assert late.state == "done" and late.outcome == FailoverOutcome.RECOVERED
+
+
+async def test_a_direct_start_hands_the_failure_to_the_guardian(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        # What the Temporal UI's Start Workflow form does: no epoch, any workflow id.
+        direct = await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", reason="from the UI"),
+            id=f"ui-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+        state = await guardian_state(client, queue, "llama-2-7b")
+        assert state is not None
+        incident = state.recent[0]  # the direct start waited for the runbook: the incident is closed
+        handled = await client.get_workflow_handle(incident.workflow_id, result_type=FailoverResult).result()
+    assert direct.outcome == FailoverOutcome.JOINED
+    assert direct.handled_by == failover_workflow_id("llama-2-7b", "llama-2-7b-0")
+    assert handled.outcome == FailoverOutcome.RECOVERED and handled.epoch is not None
+    assert [s for s, _ in fleet.calls].count("promote") == 1
+    assert state is not None and [i.outcome for i in state.recent] == [FailoverOutcome.RECOVERED]
+
+
+async def test_two_failures_of_one_model_run_one_after_the_other_on_different_standbys(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = FakeFleet.of(
+        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.HOT),
+        ("llama-2-7b-3", Role.HOT),
+    )  # fmt: skip
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        a = await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        b = await report_failure(client, queue, report("llama-2-7b-1", "prober"))
+        results = [await result_of(client, queue, a), await result_of(client, queue, b)]
+    assert {r.promoted for r in results} == {"llama-2-7b-2", "llama-2-7b-3"}
+    assert [r.epoch for r in results] == [1, 2]  # each runbook its own, growing epoch
+    assert results[0].finished_at is not None and results[1].started_at >= results[0].finished_at
+
+
+async def test_a_stale_epoch_changes_nothing(time_skipping_env: WorkflowEnvironment) -> None:
+    """A runbook whose epoch a newer one superseded is refused at its next fenced step."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.epochs["llama-2-7b"] = 5  # a newer runbook claimed epoch 5 meanwhile
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        handle = await client.start_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", confirmed=True, epoch=4),
+            id=f"stale-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+        try:
+            await handle.result()
+            raise AssertionError("a stale runbook must not finish")
+        except Exception as err:
+            assert "stale" in str(err.__cause__ or err).lower() or "StaleEpoch" in repr(err.__cause__)
+    assert fleet.refused and fleet.instances["llama-2-7b-1"].role == Role.HOT  # nothing promoted
+    assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
+
+
+def spread_fleet(models: int) -> FakeFleet:
+    instances: dict[str, Instance] = {}
+    names = ["llama-2-7b", "mistral-7b", "gpt-4-8b"][:models]
+    for name in names:
+        for n, role in enumerate((Role.SERVING, Role.HOT)):
+            iid = f"{name}-{n}"
+            instances[iid] = Instance(
+                id=iid, model=name, role=role, zone="az-1", lb_priority={Role.SERVING: 0, Role.HOT: 1}[role]
+            )
+    return FakeFleet(instances=instances)
+
+
+async def test_the_zone_cap_delays_a_recovery_and_never_drops_it(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = spread_fleet(3)
+    fleet.policy = fleet.policy.model_copy(
+        update={"detection": fleet.policy.detection.model_copy(update={"max_failovers_per_zone": 1})}
+    )
+    fleet.promote_gate = asyncio.Event()
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        tickets = [
+            await report_failure(client, queue, report(f"{m}-0", "prober", model=m))
+            for m in ("llama-2-7b", "mistral-7b", "gpt-4-8b")
+        ]
+        for _ in range(100):
+            state = await budget_state(client, queue)
+            if state is not None and len(state.running) == 1 and len(state.waiting) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert state is not None and len(state.running) == 1 and len(state.waiting) == 2
+        assert all("az-1" in why for why in state.why_waiting.values())
+        fleet.promote_gate.set()
+        results = [await result_of(client, queue, t) for t in tickets]
+        final = await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+    assert [r.outcome for r in results] == [FailoverOutcome.RECOVERED] * 3  # all three, one at a time
+    assert final.most_running_per_zone == 1 and final.granted_total == 3
+
+
+async def test_the_breaker_trips_past_the_budget_and_a_person_resets_it(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = spread_fleet(3)
+    fleet.policy = fleet.policy.model_copy(
+        update={
+            "detection": fleet.policy.detection.model_copy(update={"max_failovers_per_zone": 1}),
+            "budget": fleet.policy.budget.model_copy(update={"trip_after_waiting": 1}),
+        }
+    )
+    fleet.promote_gate = asyncio.Event()
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        tickets = [
+            await report_failure(client, queue, report(f"{m}-0", "prober", model=m))
+            for m in ("llama-2-7b", "mistral-7b", "gpt-4-8b")
+        ]
+        for _ in range(100):
+            state = await budget_state(client, queue)
+            if state is not None and state.tripped:
+                break
+            await asyncio.sleep(0.05)
+        assert state is not None and state.tripped and "2 recoveries waiting" in state.tripped
+        fleet.promote_gate.set()
+        first = await result_of(client, queue, tickets[0])
+        held = await budget_when(client, queue, lambda s: not s.running)
+        await asyncio.sleep(0.3)
+        held = await budget_when(client, queue, lambda s: not s.running)
+        assert len(held.waiting) == 2 and held.tripped  # manual mode: nothing more starts
+        answer = await client.get_workflow_handle(budget_workflow_id(queue)).execute_update(
+            "reset", BudgetReset(actor="ops", comment="checked the fleet"), result_type=str
+        )
+        results = [await result_of(client, queue, t) for t in tickets[1:]]
+        final = await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+    assert first.outcome == FailoverOutcome.RECOVERED and "reset by ops" in answer
+    assert [r.outcome for r in results] == [FailoverOutcome.RECOVERED] * 2  # delayed, not dropped
+    assert final.tripped is None and any("ops" in line for line in final.resets)
+
+
+async def test_a_report_for_another_model_is_refused(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
+        from temporalio.common import WorkflowIDConflictPolicy
+
+        from drctl.payloads import GuardianState, guardian_workflow_id
+
+        start = WithStartWorkflowOperation(
+            WorkflowName.GUARDIAN,
+            GuardianState(model="llama-2-7b"),
+            id=guardian_workflow_id("llama-2-7b", queue),
+            task_queue=queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        try:
+            await client.execute_update_with_start_workflow(
+                "report", report("mistral-7b-0", "typo", model="mistral-7b"), start_workflow_operation=start
+            )
+            raise AssertionError("the guardian of llama-2-7b must refuse a mistral-7b report")
+        except WorkflowUpdateFailedError as err:
+            assert "recovers llama-2-7b, not mistral-7b" in str(err.cause)
