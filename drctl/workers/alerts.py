@@ -13,6 +13,13 @@ Which runbook an alert names (first match wins):
 
 A GPU alert usually carries its node's ``zone`` too, so GPU is matched before zone: a dead GPU must
 never look like a dead zone. A new runbook plugs in at ``runbook_for``.
+
+Hostile input is bounded before any of it is believed: JSON nested deeper than :data:`MAX_DEPTH`
+is a 400 (found by a scan of the bytes before parsing, so it never reaches the parser's
+recursion), more than :data:`MAX_ALERTS` alerts a 413 (counted before the alerts are validated), a
+label or annotation name over :data:`MAX_LABEL_NAME` or value over :data:`MAX_LABEL_VALUE`
+characters a 422 naming it. Whatever a client sent reaches a log line or an error message only
+through :func:`clip` (:data:`MAX_LOGGED` characters, then an ellipsis).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from enum import StrEnum
 from http import HTTPStatus
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from drctl.payloads import (
     INSTANCE_ID_PATTERN,
@@ -47,6 +54,15 @@ from drctl.policies.schema import MODEL_NAME_PATTERN, DRPolicy
 
 MAX_BODY_BYTES = 1 << 20
 """Largest notification accepted (413 above). Alertmanager sends a few KiB per alert."""
+MAX_ALERTS = 1000
+"""Most alerts in one notification (413 above): Alertmanager's ``max_alerts`` for this receiver."""
+MAX_DEPTH = 64
+"""Deepest JSON nesting accepted (400 above); a notification is four levels deep."""
+MAX_LABEL_NAME = 256
+MAX_LABEL_VALUE = 4096
+"""Longest label or annotation name and value (422 above); a long runbook annotation fits."""
+MAX_LOGGED = 200
+"""Most characters of any one client value in a log line or an error message."""
 
 SAFE_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 ROUTING_LABELS = ("model", "instance", "zone", "node", "gpu", "alertname", "severity")
@@ -77,14 +93,21 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
 
+LabelName = Annotated[str, StringConstraints(max_length=MAX_LABEL_NAME)]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+Labels = dict[LabelName, LabelValue]
+"""Labels or annotations: every name and value of bounded length."""
+Text = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+
+
 class WebhookAlert(_Wire):
     status: AlertStatus
-    labels: dict[str, str]
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: Labels
+    annotations: Labels = Field(default_factory=dict)
     starts_at: AwareDatetime = Field(alias="startsAt")
     ends_at: AwareDatetime | None = Field(None, alias="endsAt")
     """``0001-01-01T00:00:00Z`` for a firing alert without an end."""
-    generator_url: str = Field("", alias="generatorURL")
+    generator_url: Text = Field("", alias="generatorURL")
     fingerprint: Annotated[str, Field(pattern=FINGERPRINT_PATTERN)]
 
 
@@ -92,15 +115,15 @@ class WebhookNotification(_Wire):
     """What Alertmanager POSTs to a ``webhook_configs`` URL."""
 
     version: Literal["4"]
-    group_key: str = Field(alias="groupKey")
+    group_key: Annotated[str, StringConstraints(max_length=4 * MAX_LABEL_VALUE)] = Field(alias="groupKey")
     truncated_alerts: int = Field(0, alias="truncatedAlerts")
     status: AlertStatus
-    receiver: str
-    group_labels: dict[str, str] = Field(default_factory=dict, alias="groupLabels")
-    common_labels: dict[str, str] = Field(default_factory=dict, alias="commonLabels")
-    common_annotations: dict[str, str] = Field(default_factory=dict, alias="commonAnnotations")
-    external_url: str = Field("", alias="externalURL")
-    alerts: Annotated[list[WebhookAlert], Field(min_length=1)]
+    receiver: Text
+    group_labels: Labels = Field(default_factory=dict, alias="groupLabels")
+    common_labels: Labels = Field(default_factory=dict, alias="commonLabels")
+    common_annotations: Labels = Field(default_factory=dict, alias="commonAnnotations")
+    external_url: Text = Field("", alias="externalURL")
+    alerts: Annotated[list[WebhookAlert], Field(min_length=1, max_length=MAX_ALERTS)]
 
 
 class Rejection(Exception):
@@ -120,25 +143,89 @@ class Rejection(Exception):
 
 
 def parse_notification(body: bytes) -> WebhookNotification:
-    """Parse and shape-check a notification: 400 for JSON that does not parse, 422 for a wrong shape."""
+    """Parse and shape-check a notification: 400 for JSON that does not parse or is nested deeper
+    than :data:`MAX_DEPTH`, 413 for more than :data:`MAX_ALERTS` alerts, 422 for a wrong shape (a
+    label value over :data:`MAX_LABEL_VALUE` characters among them, named by its path)."""
+    if json_deeper_than(body, MAX_DEPTH):
+        raise Rejection(HTTPStatus.BAD_REQUEST, f"body is nested more than {MAX_DEPTH} levels deep")
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Rejection(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({exc})") from None
+    except RecursionError:  # brackets that never close: the scan leaves them to the parser
+        raise Rejection(HTTPStatus.BAD_REQUEST, f"body is nested more than {MAX_DEPTH} levels deep") from None
+    alerts = document.get("alerts") if isinstance(document, dict) else None
+    if isinstance(alerts, list) and len(alerts) > MAX_ALERTS:
+        raise Rejection(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"{len(alerts)} alerts in one notification; at most {MAX_ALERTS} "
+            f"(set max_alerts: {MAX_ALERTS} in the webhook config)",
+        )
     try:
         return WebhookNotification.model_validate(document)
     except ValidationError as exc:
-        problems = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+        problems = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False, include_input=False)]
         raise Rejection(
             HTTPStatus.UNPROCESSABLE_ENTITY, "not an Alertmanager v4 webhook notification", problems
         ) from None
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def json_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether ``body``'s arrays and objects nest deeper than ``limit``, from its bytes alone (strings
+    skipped): no parser recursion, and ``limit`` passes of C-speed byte replaces at most. Each pass
+    removes the innermost ``()`` pairs, so a balanced body of depth d is empty after d passes, and
+    brackets that never close are still counted when ``limit`` + 1 openers remain in a row; any
+    other mismatch is invalid JSON the parser refuses without going deep."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", body).translate(_PARENS, _NOT_BRACKETS)
+    too_deep = b"(" * (limit + 1)  # that many openers in a row: the usual attack, found in one search
+    for _ in range(limit):
+        if too_deep in brackets:
+            return True
+        reduced = brackets.replace(b"()", b"")
+        if len(reduced) == len(brackets):  # no pair left: empty, or unmatched (shorter runs than the limit)
+            return False
+        brackets = reduced
+    return b"()" in brackets or too_deep in brackets
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = clip_text(str(part), 64)  # a label name is the client's: never echo a long one
+            text += f".{name}" if text else name
     return text or "<body>"
+
+
+def clip_text(text: str, limit: int = MAX_LOGGED) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip(value: object, limit: int = MAX_LOGGED) -> object:
+    """A client value as a log line or a message may show it: strings cut to ``limit`` characters
+    with an ellipsis, inside lists and dicts too (keys included), at most ``limit`` items of each."""
+    if isinstance(value, str):
+        return clip_text(value, limit)
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        clipped = {clip_text(str(k), limit): clip(v, limit) for k, v in items[:limit]}
+        if len(items) > limit:
+            clipped["…"] = f"{len(items) - limit} more"
+        return clipped
+    if isinstance(value, list | tuple):
+        shown: list[object] = [clip(v, limit) for v in value[:limit]]
+        return shown + [f"… {len(value) - limit} more"] if len(value) > limit else shown
+    return value
 
 
 # -- what an alert is about ------------------------------------------------------------------------
@@ -337,6 +424,8 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
     bad: list[str] = []
     unknown: list[str] = []
     forbidden: list[str] = []
+    models = {model.name: model for model in policy.models}  # once, not per alert: a lookup per alert
+    gpus: set[str] | None = None
     for i, alert in enumerate(notification.alerts):
         where = f"alerts[{i}]"
         unsafe = [
@@ -349,9 +438,9 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
             continue
         model_name = alert.labels.get("model")
         if model_name is not None:
-            if not re.fullmatch(MODEL_NAME_PATTERN, model_name) or model_name not in policy.model_names:
+            if not re.fullmatch(MODEL_NAME_PATTERN, model_name) or model_name not in models:
                 unknown.append(f"{where}: unknown model {model_name!r}")
-            elif policy.model(model_name).tenant != tenant:
+            elif models[model_name].tenant != tenant:
                 forbidden.append(f"{where}: model {model_name!r} does not belong to tenant {tenant!r}")
         target = classify(alert.labels)
         if isinstance(target, GpuFailure | ZoneFailure):
@@ -359,9 +448,9 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
             kind = "GPU" if isinstance(target, GpuFailure) else "zone"
             if tenant != PLATFORM_TENANT:
                 forbidden.append(f"{where}: {kind} alerts need the {PLATFORM_TENANT!r} token, not tenant {tenant!r}")
-            elif isinstance(target, GpuFailure) and f"{target.node}/{target.gpu}" not in {
-                slot.id for slot in gpu_inventory(policy.gpu_pool)
-            }:
+            elif isinstance(target, GpuFailure) and f"{target.node}/{target.gpu}" not in (
+                gpus := gpus if gpus is not None else {slot.id for slot in gpu_inventory(policy.gpu_pool)}
+            ):
                 unknown.append(f"{where}: unknown GPU {target.node}/{target.gpu} (not in gpuPool)")
             elif isinstance(target, ZoneFailure) and target.zone not in policy.zones:
                 unknown.append(f"{where}: unknown zone {target.zone!r} (known: {', '.join(sorted(policy.zones))})")
@@ -372,7 +461,7 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
     if bad:
         raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid alert labels", bad)
     if unknown:
-        known = ", ".join(policy.model_names)
+        known = ", ".join(policy.model_names[:20]) + (" …" if len(policy.models) > 20 else "")
         raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, f"unknown model or GPU (the policy has: {known})", unknown)
     if forbidden:
         raise Rejection(HTTPStatus.FORBIDDEN, "alerts about another tenant's models", forbidden)

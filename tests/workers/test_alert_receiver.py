@@ -46,7 +46,9 @@ from drctl.workers.alerts import (
     ZoneFailure,
     bearer_token,
     classify,
+    clip,
     episode_key,
+    json_deeper_than,
     parse_tokens,
 )
 
@@ -496,6 +498,90 @@ async def test_rejections_are_logged_with_remote_and_reason(rx: Receiver, caplog
     assert TOKEN_A not in caplog.text
 
 
+# -- hostile input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 200_000 + b"]" * 200_000,  # what was seen: a 500 (RecursionError)
+        b"[" * 200_000,  # never closed
+        b'{"version": "4", "alerts": ' + b"[" * 65 + b"]" * 65 + b"}",
+        b'{"version": "4", "alerts": [' + b'{"a": ' * 70 + b"1" + b"}" * 70 + b"]}",
+    ],
+    ids=["200k-arrays", "200k-unclosed", "65-deep", "70-deep-objects"],
+)
+async def test_deeply_nested_json_is_400_not_500(rx: Receiver, body: bytes) -> None:
+    response = await rx.post(body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "body is nested more than 64 levels deep"
+
+
+async def test_nesting_inside_strings_does_not_count(rx: Receiver) -> None:
+    a = alert({"job": "x"}, summary="[" * 2000 + "{" * 2000)
+    response = await rx.post(notification(a))
+    assert response.status_code == 202, response.text
+    assert response.json()["alerts"][0]["action"] == "ignored"
+
+
+async def test_more_than_1000_alerts_is_413_before_they_are_validated(rx: Receiver) -> None:
+    body = notification(instance_alert())
+    body["alerts"] = [{}] * 1001  # not even alerts: counted before anything is validated
+    response = await rx.post(body)
+    assert response.status_code == 413, response.text
+    assert (
+        response.json()["error"]
+        == "1001 alerts in one notification; at most 1000 (set max_alerts: 1000 in the webhook config)"
+    )
+    # 1,000 are read and checked (here all for a model the policy lacks, so nothing starts).
+    body["alerts"] = [instance_alert("gpt-9", f"gpt-9-{i}") for i in range(1000)]
+    response = await rx.post(body)
+    assert response.status_code == 422 and "unknown model 'gpt-9'" in response.json()["error"]
+    assert not rx.receiver.starts
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda a: a["labels"].update(team="t" * 4097), "alerts[0].labels.team"),
+        (lambda a: a["annotations"].update(description="d" * 4097), "alerts[0].annotations.description"),
+        (lambda a: a.update(generatorURL="http://x/" + "g" * 5000), "alerts[0].generatorURL"),
+    ],
+    ids=["label", "annotation", "generator-url"],
+)
+async def test_a_value_over_4_kib_is_422_naming_it(rx: Receiver, mutate: Any, where: str) -> None:
+    a = instance_alert()
+    mutate(a)
+    response = await rx.post(notification(a))
+    assert response.status_code == 422, response.text
+    assert f"{where}: String should have at most 4096 characters" in response.json()["error"]
+    assert await rx.status_of(expected_id(a)) is None
+    # 4 KiB itself is fine.
+    ok = alert({"job": "x", "team": "t" * 4096}, summary="s" * 4096)
+    assert (await rx.post(notification(ok))).status_code == 202
+
+
+async def test_no_log_line_carries_a_long_client_value(rx: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    """What was seen: a 1 MB label value logged as a 1 MB line. Rejected or accepted, what a client
+    sent reaches the log (and the error message) clipped."""
+    caplog.set_level("INFO", logger="drctl.alert_receiver")
+    huge_name = "n" * 500_000
+    rejected = notification(alert({"job": "x"}))
+    rejected["alerts"][0]["labels"][huge_name] = "v"
+    rejected["alerts"][0]["annotations"]["summary"] = "s" * 400_000
+    response = await rx.post(rejected)
+    assert response.status_code == 422 and len(response.text) < 2000, response.text[:300]
+    assert "alerts[0].labels.nnnn" in response.json()["error"]
+    # Accepted (no runbook): the ignored alert is logged with its labels, each value clipped.
+    ignored = notification(alert({"job": "x", "team": "t" * 4096}, summary="s" * 4096))
+    assert (await rx.post(ignored)).status_code == 202
+    lines = [r.getMessage() for r in caplog.records]
+    assert any('"event": "alert_ignored"' in line for line in lines)
+    assert any('"event": "alert_notification_rejected"' in line for line in lines)
+    assert max(len(line) for line in lines) < 3000
+    assert not any("t" * 300 in line or "n" * 300 in line or "s" * 300 in line for line in lines)
+
+
 # -- health and metrics ----------------------------------------------------------------------------
 
 
@@ -655,3 +741,22 @@ def test_load_tokens_from_env_or_file(tmp_path: Path, monkeypatch: pytest.Monkey
 async def test_build_app_refuses_tokens_for_tenants_the_policy_lacks(time_skipping_env: WorkflowEnvironment) -> None:
     with pytest.raises(TokenError, match="team-c"):
         await build_app(time_skipping_env.client, POLICY, {**TOKENS, "team-c": "team-c-0123456789abcdef"})
+
+
+def test_json_deeper_than() -> None:
+    assert not json_deeper_than(b"[" * 64 + b"]" * 64, 64)
+    assert json_deeper_than(b"[" * 65 + b"]" * 65, 64)
+    assert json_deeper_than(b"[{" * 40 + b"}]" * 40, 64)
+    assert not json_deeper_than(b'["' + b"[" * 100 + b'"]', 64)  # inside a string
+    assert not json_deeper_than(b'["\\"' + b"[" * 100 + b'"]', 64)  # an escaped quote stays inside
+    assert not json_deeper_than(json.dumps([[{"a": [1, {}]}]] * 5000).encode(), 64)  # wide, not deep
+    assert json_deeper_than(b"[" * 200_000 + b"]" * 200_000, 64)
+    assert json_deeper_than(b"[" * 65, 64) and not json_deeper_than(b"[" * 64, 64)  # never closed
+    assert json_deeper_than(b"[[]" * 100, 64) and not json_deeper_than(b"[[]" * 30, 64)  # closed in part
+
+
+def test_clip() -> None:
+    assert clip("x" * 10, 5) == "xxxx…" and clip("abc", 5) == "abc" and clip(7) == 7
+    assert clip({"k" * 10: ["v" * 10, 1]}, 5) == {"kkkk…": ["vvvv…", 1]}
+    assert clip(list(range(7)), 5) == [0, 1, 2, 3, 4, "… 2 more"]
+    assert len(clip({str(i): i for i in range(10)}, 5)) == 6  # type: ignore[arg-type]
