@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
     SearchAttributeKey,
@@ -108,8 +109,21 @@ def _settings(policy: Path | None = None, state_dir: Path | None = None) -> Drct
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``error: message`` and exit. The message is never read as markup: it carries what a
+    user typed or a file holds (a model named ``[/]``, a regex ``[a-z0-9]``), printed as written."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     raise typer.Exit(code)
+
+
+def _lit(value: object) -> str:
+    """A value from a user, a file or a workflow, for a markup string: escaped, so brackets in it are
+    printed, not taken for styles (or rejected: ``[/]`` raised ``MarkupError``)."""
+    return escape(str(value))
+
+
+def _cell(value: object) -> Text:
+    """A table cell from data: plain text, never markup."""
+    return Text(str(value))
 
 
 def _load_policy(settings: DrctlSettings) -> DRPolicy:
@@ -152,7 +166,9 @@ def up(
         # Never wipe the state of a stack that is running: check its ports first. What a `drctl up`
         # that died without stopping left running (parts and instances) is stopped, then forgotten.
         try:
-            leftover = LocalStack(settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False))
+            leftover = LocalStack(
+                settings, dr_policy, say=lambda line: out.print(f"[dim]·[/] {_lit(line)}", highlight=False)
+            )
             leftover.stop_leftovers(instances=True)
             leftover.check_ports_free()
         except StackError as exc:
@@ -164,7 +180,7 @@ def up(
         stack = LocalStack(
             settings,
             dr_policy,
-            say=lambda line: out.print(f"[dim]·[/] {line}", highlight=False),
+            say=lambda line: out.print(f"[dim]·[/] {_lit(line)}", highlight=False),
             with_prober=prober,
             with_alert_receiver=True,
             with_node_agents=True,
@@ -234,7 +250,7 @@ def _render_detectors(layout: StateLayout) -> None:
     from drctl.workers.stack import supervision_lines
 
     for line in supervision_lines(layout):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
     try:
         status = json.loads(layout.prober_status_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -243,10 +259,10 @@ def _render_detectors(layout: StateLayout) -> None:
     alive = processes.is_alive(status.get("pid"))
     line = f"prober: {'running' if alive else 'not running'} (pid {status.get('pid')}, {status.get('ticks')} ticks)"
     if status.get("panic"):
-        line += f" [red]PANIC: {status['panic']}[/]"
+        line += f" [red]PANIC: {_lit(status['panic'])}[/]"
     zones = status.get("zones")
     if zones:
-        line += "; zones: " + ", ".join(f"{zone} {verdict}" for zone, verdict in sorted(zones.items()))
+        line += "; zones: " + ", ".join(f"{_lit(zone)} {_lit(verdict)}" for zone, verdict in sorted(zones.items()))
     cordoned = layout.cordoned_file
     if cordoned.exists():
         try:
@@ -254,7 +270,7 @@ def _render_detectors(layout: StateLayout) -> None:
         except ValueError:
             gpus = []
         if gpus:
-            line += f"; cordoned GPUs: {', '.join(gpus)}"
+            line += f"; cordoned GPUs: {_lit(', '.join(gpus))}"
     out.print(line, highlight=False)
 
 
@@ -303,16 +319,16 @@ def _render_status(rows: list[dict[str, object]]) -> None:
     role_style = {"serving": "bold green", "hot": "red", "warm": "yellow", "cold": "cyan", "failed": "dim"}
     for row in rows:
         table.add_row(
-            str(row["model"]),
-            str(row["instance"]),
-            f"[{role_style.get(str(row['role']), '')}]{row['role']}[/]",
+            _cell(row["model"]),
+            _cell(row["instance"]),
+            Text(str(row["role"]), style=role_style.get(str(row["role"]), "")),
             "-" if row["lb_priority"] is None else str(row["lb_priority"]),
-            str(row["gpu"] or "-"),
-            str(row["zone"] or "-"),
+            _cell(row["gpu"] or "-"),
+            _cell(row["zone"] or "-"),
             "-" if row["port"] is None else str(row["port"]),
             "-" if row["pid"] is None else str(row["pid"]),
-            str(row["process"]),
-            str(row["envoy"] or "-"),
+            _cell(row["process"]),
+            _cell(row["envoy"] or "-"),
             "[green]yes[/]" if row["serves"] else "",
         )
     out.print(table)
@@ -443,12 +459,12 @@ async def _run_failover(
 def _print_step(step: StepTiming) -> None:
     mark = "[green]✓[/]" if step.ok else "[red]✗[/]"
     own = f" (activity {step.activity_ms:.0f} ms)" if step.activity_ms is not None else ""
-    out.print(f"  {mark} {step.step:<14} {step.duration_ms:>8.0f} ms{own}  {step.detail}", highlight=False)
+    out.print(f"  {mark} {step.step:<14} {step.duration_ms:>8.0f} ms{own}  {_lit(step.detail)}", highlight=False)
 
 
 def _print_result(result: FailoverResult) -> None:
     colour = "green" if result.outcome == FailoverOutcome.RECOVERED else "yellow"
-    out.print(f"[bold {colour}]{result.outcome.value}[/]: {result.reason}", highlight=False)
+    out.print(f"[bold {colour}]{result.outcome.value}[/]: {_lit(result.reason)}", highlight=False)
     if result.switch_ms is not None:
         out.print(
             f"switch {result.switch_ms:.0f} ms · RTO {result.rto_ms:.0f} ms · "
@@ -519,18 +535,26 @@ def _print_reconcile(result: ReconcileResult) -> None:
         for column in ("action", "model", "instance", "tier", "gpu", "node", "zone", "why"):
             table.add_column(column)
         for a in plan.actions:
-            table.add_row(
-                a.kind.value, a.model, a.instance, a.tier.value, a.gpu or "-", a.node or "-", a.zone or "-", a.reason
+            cells = (
+                a.kind.value,
+                a.model,
+                a.instance,
+                a.tier.value,
+                a.gpu or "-",
+                a.node or "-",
+                a.zone or "-",
+                a.reason,
             )
+            table.add_row(*map(_cell, cells))
         out.print(table)
     for line in plan.unplaceable:
-        out.print(f"[yellow]not placed[/]: {line}", highlight=False)
+        out.print(f"[yellow]not placed[/]: {_lit(line)}", highlight=False)
     for line in plan.skipped_models:
-        out.print(f"[yellow]skipped[/]: {line}", highlight=False)
+        out.print(f"[yellow]skipped[/]: {_lit(line)}", highlight=False)
     for line in result.applied:
-        out.print(f"[green]✓[/] {line}", highlight=False)
+        out.print(f"[green]✓[/] {_lit(line)}", highlight=False)
     for line in result.failed:
-        out.print(f"[red]✗[/] {line}", highlight=False)
+        out.print(f"[red]✗[/] {_lit(line)}", highlight=False)
 
 
 # -- audit -------------------------------------------------------------------------------------
@@ -569,14 +593,14 @@ def audit(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=f"failovers ({query})", title_justify="left")
+    table = Table(title=f"failovers ({_lit(query)})", title_justify="left")
     for column in ("started", "model", "instance", "trigger", "outcome", "tier", "RTO ms", "status", "workflow id"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             str(row["started"])[:19],
-            *(str(row[k] or "-") for k in ("model", "instance", "trigger", "outcome", "tier", "rto_ms", "status")),
-            str(row["workflow_id"]),
+            *(_cell(row[k] or "-") for k in ("model", "instance", "trigger", "outcome", "tier", "rto_ms", "status")),
+            _cell(row["workflow_id"]),
         )
     out.print(table)
 
@@ -614,7 +638,9 @@ def policy_validate(file: Annotated[Path, typer.Argument(help="policy YAML file"
         dr_policy = load_policy_file(file)
     except PolicyError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    out.print(f"[green]ok[/]: {file} — {len(dr_policy.models)} model(s): {', '.join(dr_policy.model_names)}")
+    names = dr_policy.model_names
+    shown = ", ".join(names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20 else "")
+    out.print(f"[green]ok[/]: {_lit(file)} — {len(names)} model(s): {_lit(shown)}", highlight=False)
 
 
 @policy_app.command("explain")
@@ -671,7 +697,7 @@ def policy_explain(
             f"{zone}: {format_size(m['loaded'])} loaded + {format_size(m['reserved'])} reserved"
             for zone, m in sorted(item.memory_by_zone.items())
         )
-        out.print(f"  GPU memory by zone: {zones or 'none'}", highlight=False)
+        out.print(f"  GPU memory by zone: {_lit(zones or 'none')}", highlight=False)
         steps = []
         for f in item.failures:
             mark = "[green]✓[/]" if f.meets_target else "[red]✗ misses target[/]"
@@ -680,7 +706,7 @@ def policy_explain(
             )
         out.print("  after each lost serving instance: " + " · ".join(steps), highlight=False)
         for line in item.unplaced:
-            out.print(f"  [yellow]does not fit the pool[/]: {line}", highlight=False)
+            out.print(f"  [yellow]does not fit the pool[/]: {_lit(line)}", highlight=False)
     a = RtoAssumptions()
     out.print(
         f"[dim]estimates: detection {a.detection_s:g}s; hot switch {a.hot_switch_s:g}s (measured, docs/benchmarks.md); "
@@ -744,11 +770,13 @@ def drain(
         except WorkflowFailureError as exc:
             _fail(f"drain failed: {exc.cause or exc}")
         for line in result.failovers:
-            out.print(f"[green]✓[/] failed over {line}", highlight=False)
+            out.print(f"[green]✓[/] failed over {_lit(line)}", highlight=False)
         for line in result.deleted:
-            out.print(f"[green]✓[/] removed standby {line} (reconciliation recreates it elsewhere)", highlight=False)
+            out.print(
+                f"[green]✓[/] removed standby {_lit(line)} (reconciliation recreates it elsewhere)", highlight=False
+            )
         for line in result.failed:
-            out.print(f"[red]✗[/] {line}", highlight=False)
+            out.print(f"[red]✗[/] {_lit(line)}", highlight=False)
         out.print(f"{gpu} cordoned: placement no longer uses it")
         if result.failed:
             raise typer.Exit(EXIT_FAILED)
@@ -812,11 +840,15 @@ def zone_failover(
                 if line not in shown:
                     shown.add(line)
                     mark = "[green]✓[/]" if line in progress.moved else "[red]✗[/]"
-                    out.print(f"{mark} {line}", highlight=False)
+                    out.print(f"{mark} {_lit(line)}", highlight=False)
 
         result = await _await_with_progress(handle, "progress", ZoneFailoverResult, show)
         show(result)
-        out.print(f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned; {result.reconcile or 'no reconcile'}")
+        out.print(
+            f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned; {result.reconcile or 'no reconcile'}",
+            highlight=False,
+            markup=False,
+        )
         if result.failed:
             raise typer.Exit(EXIT_FAILED)
 
@@ -846,7 +878,11 @@ def failback(
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             result_type=ZoneFailbackResult,
         )
-        out.print(f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}")
+        out.print(
+            f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}",
+            highlight=False,
+            markup=False,
+        )
 
     asyncio.run(_run())
 
@@ -871,7 +907,7 @@ def approve(
             )
         except Exception as exc:  # not found, already closed, ...
             _fail(f"cannot approve the failover of {zone}: {exc}")
-        out.print(answer)
+        out.print(answer, highlight=False, markup=False)
 
     asyncio.run(_run())
 
@@ -954,7 +990,7 @@ def drill(
 
         def show(phase: str) -> None:
             if not phases or phase != phases[-1]:
-                err.print(f"[dim]·[/] {phase}", highlight=False)
+                err.print(f"[dim]·[/] {_lit(phase)}", highlight=False)
                 phases.append(phase)
 
         try:
@@ -993,13 +1029,13 @@ def _print_drill(report: Any) -> None:
         )
     for name, verdict in report.verdicts.items():
         colour = "green" if verdict.startswith("pass") else "red"
-        out.print(f"  [{colour}]{name}[/]: {verdict}", highlight=False)
+        out.print(f"  [{colour}]{_lit(name)}[/]: {_lit(verdict)}", highlight=False)
     if report.error:
-        out.print(f"  [red]error[/]: {report.error}", highlight=False)
+        out.print(f"  [red]error[/]: {_lit(report.error)}", highlight=False)
     for line in report.restore:
-        out.print(f"  restored: {line}", highlight=False)
+        out.print(f"  restored: {_lit(line)}", highlight=False)
     for kind, path in report.files.items():
-        out.print(f"  {kind}: {path}", highlight=False)
+        out.print(f"  {_lit(kind)}: {_lit(path)}", highlight=False)
 
 
 # -- worker ------------------------------------------------------------------------------------
