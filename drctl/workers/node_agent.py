@@ -1062,6 +1062,15 @@ async def run_agent(
         bound = runner.addresses[0][1] if runner.addresses else port
         faults = "fault injection on (bearer token)" if allow_fault_injection else "fault injection off"
         log.info("node agent for %s on http://%s:%d (GPUs from %s; %s)", node, host, bound, agent.source, faults)
+        from drctl.settings import is_loopback
+
+        if not is_loopback(host):
+            log.warning(
+                "listening on %s, beyond this machine: /gpus, /healthz and /metrics are open to whoever can "
+                "connect (they only read); %s",
+                host,
+                faults,
+            )
         try:
             await agent.run(stop)
         finally:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from drctl.activities.local import processes
-from drctl.settings import DrctlSettings
+from drctl.settings import DrctlSettings, is_loopback
 from drctl.workers.part_env import is_secret, part_environment
 
 ALERT_TOKENS = '{"team-a": "aaaaaaaaaaaaaaaaaaaaaaaa"}'
@@ -86,3 +86,12 @@ def test_the_processes_environ_holds_only_its_secrets(settings: DrctlSettings, t
         ALERT_TOKENS.encode() in environs["alert_receiver"] and FAULT_TOKEN.encode() not in environs["alert_receiver"]
     )
     assert FAULT_TOKEN.encode() in environs["worker"] and ALERT_TOKENS.encode() not in environs["worker"]
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True), ("localhost", True)]
+    + [("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("gpu-node-0", False), ("", False)],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
