@@ -269,14 +269,20 @@ class LocalStack:
         if self.pids.get("worker") != pid or "worker" in self._restarting or not processes.is_alive(pid):
             return  # the supervisor restarts it anyway
         self.say(f"worker not polling {WORKER_REPOLL_GRACE_S:g}s after Temporal returned; restarting it")
-        await asyncio.to_thread(processes.terminate, pid, 1.0)
-        part = self.parts.setdefault("worker", PartStatus())
-        part.restarts += 1
-        part.last_restart = datetime.now(UTC)
-        part.last_exit = "stopped: not polling after Temporal returned"
-        part.up_since = time.monotonic()
-        self.start_worker()
-        self._write_stack_file()
+        task = asyncio.current_task()
+        assert task is not None
+        self._restarting["worker"] = task  # the supervisor's loop leaves it to this task meanwhile
+        try:
+            await asyncio.to_thread(processes.terminate, pid, 1.0)
+            part = self.parts.setdefault("worker", PartStatus())
+            part.restarts += 1
+            part.last_restart = datetime.now(UTC)
+            part.last_exit = "stopped: not polling after Temporal returned"
+            part.up_since = time.monotonic()
+            self.start_worker()
+        finally:
+            self._restarting.pop("worker", None)
+            self._write_stack_file()
 
     async def _cancel_restarts(self) -> None:
         tasks = [*self._restarting.values(), *([self._worker_check] if self._worker_check else [])]

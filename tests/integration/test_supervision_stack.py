@@ -198,3 +198,25 @@ async def test_temporal_killed_is_restarted_and_failovers_run_again(supervised: 
     assert processes.is_alive(stack.pids["worker"]) and processes.is_alive(stack.pids["prober"])
     record = _stack_file(stack)["temporal"]
     assert record["restarts"] == 1 and record["last_exit"] == "was killed by SIGKILL"
+
+
+async def test_a_worker_that_does_not_poll_after_temporal_returned_is_restarted(supervised: Supervised) -> None:
+    stack = supervised.stack
+    worker, temporal = stack.pids["worker"], stack.pids["temporal"]
+    os.kill(worker, signal.SIGSTOP)  # hung: it cannot reconnect by itself
+    try:
+        os.kill(temporal, signal.SIGKILL)
+        await _until(lambda: stack.pids["worker"] != worker, 20, "the worker restarted")
+    finally:
+        if processes.is_alive(worker):
+            os.kill(worker, signal.SIGCONT)
+    assert not processes.is_alive(worker)
+    said = "\n".join(supervised.said)
+    assert "worker not polling 3s after Temporal returned; restarting it" in said, said
+    await _until(lambda: stack.parts["worker"].state == "up", 5, "the worker recorded up")
+    deadline = time.monotonic() + 30
+    while not await stack._worker_is_polling(stack.pids["worker"]):
+        assert time.monotonic() < deadline, "the new worker does not poll"
+        await asyncio.sleep(0.1)
+    record = _stack_file(stack)["worker"]
+    assert record["restarts"] == 1 and record["last_exit"] == "stopped: not polling after Temporal returned"
