@@ -521,7 +521,9 @@ class LocalStack:
         self.settings = self.settings.model_copy(update=update)
         for node in self.node_agent_ports:
             self._start_node_agent(node)
-        self.say(f"{len(urls)} node agent(s) on ports {min(self.node_agent_ports.values())}…, fault injection on")
+        where = self.settings.fault_injection_token_file or "DRCTL_FAULT_INJECTION_TOKEN"
+        first = min(self.node_agent_ports.values())
+        self.say(f"{len(urls)} node agent(s) on ports {first}…, fault injection on (bearer token: {where})")
 
     def _start_node_agent(self, node: str) -> None:
         args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
