@@ -42,7 +42,12 @@ Tenant quotas (``TenantPolicy.capability``; ``None`` = no cap in that dimension)
 
 Choice among GPUs, in order
     1. no preemption before any preemption (plain fit → quota reclaim → emergency);
-    2. anti-affinity: not on a node in ``request.protects`` while another node fits;
+    2. anti-affinity: not on a node in ``request.protects`` while another node fits; then (without
+       preemption) not in a zone in ``request.avoid_zones``, and with ``request.spread`` DR spread:
+       the lowest :meth:`PlacementEngine.penalty`, compared as a whole (a serving instance: the
+       fewest serving instances on the node, then on the GPU, then an empty GPU; a standby: a GPU
+       without a serving instance, then without its own model). Requests with neither field set
+       rank exactly as before (best fit packs); the planner sets both;
     3. within the tenant's cap before borrowed capacity;
     4. (preemption only) the least important victims: victim sets compare by their number of victims
        per class, most important class first (critical loaded, critical reserved, high loaded, high
@@ -78,6 +83,8 @@ LOADED_TIERS = frozenset({"serving", "hot", "promoting"})
 """Tiers that occupy physical GPU memory."""
 RESERVED_TIERS = frozenset({"warm", "cold"})
 """Tiers that only reserve capacity; they count against the overcommitted capacity."""
+SERVING_TIERS = frozenset({"serving", "promoting"})
+"""Tiers that take (or are about to take) traffic: what DR spread keeps apart."""
 TIERS = LOADED_TIERS | RESERVED_TIERS
 
 _RANK = {p: p.rank for p in Priority}
@@ -163,6 +170,14 @@ class PlacementRequest:
     """Nodes of the instances this one stands by for (anti-affinity)."""
     emergency: bool = False
     """Critical failover: may preempt allocations of strictly lower priority when nothing fits."""
+    avoid_zones: frozenset[str] = frozenset()
+    """Zones of the instances this one stands by for: avoided, after ``protects``, while another
+    zone fits (a zone outage then spares the standby)."""
+    spread: bool = False
+    """DR spread over failure domains (see :meth:`PlacementEngine.penalty`): a serving instance
+    prefers the nodes and GPUs with the fewest serving instances of the fleet, then an empty GPU; a
+    standby prefers a GPU without a serving instance and without another instance of its model.
+    Without it, best fit packs (the seed's behaviour)."""
 
     @property
     def loaded(self) -> bool:
@@ -237,6 +252,18 @@ class _Candidate:
 
 
 @dataclass
+class _SpreadUse:
+    """What DR spread counts (built on the first ``spread`` decision, then kept up to date)."""
+
+    serving: list[int]
+    """GPU ordinal → serving (or promoting) allocations on it."""
+    count: list[int]
+    """GPU ordinal → allocations on it, every tier."""
+    node_serving: dict[str, int] = field(default_factory=dict)
+    """node → serving (or promoting) allocations on its GPUs."""
+
+
+@dataclass
 class _ModelUse:
     zones: dict[str, int] = field(default_factory=dict)
     """zone → allocations of the model there."""
@@ -292,6 +319,8 @@ class PlacementEngine:
         """Built on the first preemption, with ``_class_mem``."""
         self._class_mem: list[list[int]] = []
         """Per victim class (least important first), the memory of that class on each GPU."""
+        self._spread: _SpreadUse | None = None
+        """Built on the first ``spread`` decision."""
         self._want_index = index
         self._eff_idx: dict[str, list[tuple[int, int]]] | None = None
         """Per zone, (free for a loaded request, ordinal), sorted; built on the first decision."""
@@ -371,6 +400,23 @@ class PlacementEngine:
                     self._account_model(use, a, 1)
         return use
 
+    def _spread_use(self) -> _SpreadUse:
+        if self._spread is None:
+            self._spread = _SpreadUse(serving=[0] * len(self._slots), count=[0] * len(self._slots))
+            for a in self._allocs.values():
+                self._account_spread(self._spread, a, 1)
+        return self._spread
+
+    def _account_spread(self, spread: _SpreadUse, a: Allocation, sign: int) -> None:
+        i = self._ord.get(a.gpu)
+        if i is None:
+            return
+        spread.count[i] += sign
+        if a.tier in SERVING_TIERS:
+            spread.serving[i] += sign
+            node = self._slots[i].node
+            spread.node_serving[node] = spread.node_serving.get(node, 0) + sign
+
     def _gpu_allocs(self) -> list[dict[str, Allocation]]:
         if self._by_gpu is None:
             self._by_gpu = [{} for _ in self._slots]
@@ -438,6 +484,8 @@ class PlacementEngine:
         model = self._models.get(a.model)
         if model is not None:
             self._account_model(model, a, sign)
+        if self._spread is not None:
+            self._account_spread(self._spread, a, sign)
         i = self._ord.get(a.gpu)
         if i is None:
             return  # a GPU gone from the inventory: counts globally and in quotas only
@@ -673,16 +721,8 @@ class PlacementEngine:
         """(GPU ordinal, borrowed, on a protected node) of the best placement without preemption."""
         if self.allocated + request.memory > self.pool_cap:
             return None
-        cap_mem, cap_gpus = self._caps(request.tenant)
-        use = self._use.get(request.tenant) or _TenantUse()
-        capped = cap_mem is not None or cap_gpus is not None
-        mem_within = cap_mem is None or use.own_mem + request.memory <= cap_mem
-        gpu_room = cap_gpus is None or not request.loaded or len(use.own_gpus) + 1 <= cap_gpus
-        borrow_all: bool | None = None  # None: no borrowing; True: anywhere; False: own/borrowed GPUs only
-        if capped and not (mem_within and gpu_room):
-            room_mem, room_gpus = self._borrow_room(request.tenant)
-            if cap_mem is None or request.memory <= room_mem:
-                borrow_all = cap_gpus is None or not request.loaded or room_gpus >= 1
+        # borrow_all: None no borrowing; True anywhere; False only on GPUs it holds, own or borrowed
+        mem_within, gpu_room, borrow_all, use = self._quota_rule(request)
         passes = [request.protects, frozenset()] if request.protects else [frozenset()]
         frees = None if self._eff_idx is not None else self._frees(request.loaded)
         for excluded in passes:
@@ -703,6 +743,99 @@ class PlacementEngine:
                 if found is not None:
                     return found, True, self._slots[found].node in request.protects
         return None
+
+    def _quota_rule(self, request: PlacementRequest) -> tuple[bool, bool, bool | None, _TenantUse]:
+        """(within the memory cap, room for one more GPU, borrowing: None none / True anywhere /
+        False only on GPUs the tenant already holds, the tenant's use), as :meth:`_plain` reads them."""
+        cap_mem, cap_gpus = self._caps(request.tenant)
+        use = self._use.get(request.tenant) or _TenantUse()
+        capped = cap_mem is not None or cap_gpus is not None
+        mem_within = cap_mem is None or use.own_mem + request.memory <= cap_mem
+        gpu_room = cap_gpus is None or not request.loaded or len(use.own_gpus) + 1 <= cap_gpus
+        borrow_all: bool | None = None
+        if capped and not (mem_within and gpu_room):
+            room_mem, room_gpus = self._borrow_room(request.tenant)
+            if cap_mem is None or request.memory <= room_mem:
+                borrow_all = cap_gpus is None or not request.loaded or room_gpus >= 1
+        return mem_within, gpu_room, borrow_all, use
+
+    def _plain_ranked(self, request: PlacementRequest) -> tuple[int, bool, tuple[int, ...]] | None:
+        """(GPU ordinal, borrowed, penalty) of the best placement without preemption, for requests
+        with ``avoid_zones`` or ``spread``: one scan of every GPU, ranked by (penalty, borrowed, the
+        model's allocations in the zone, leftover, most copies of the model, GPU order): the same
+        order as :meth:`_plain` with the penalty in place of "on a protected node"."""
+        m = request.memory
+        if self.allocated + m > self.pool_cap:
+            return None
+        mem_within, gpu_room, borrow_all, use = self._quota_rule(request)
+        zones = self._model(request.model).zones
+        best: tuple[tuple[int, ...], bool, int, int, int, int] | None = None
+        for i, free in enumerate(self._frees(request.loaded)):
+            if free < m:
+                continue
+            gpu = self._slots[i].id
+            if mem_within and (gpu_room or gpu in use.own_gpus):
+                borrowed = False
+            elif borrow_all or (borrow_all is False and (gpu in use.own_gpus or gpu in use.bor_gpus)):
+                borrowed = True
+            else:
+                continue
+            key = (
+                self._penalty(request, i),
+                borrowed,
+                zones.get(self._zone_of[i], 0),
+                free - m,
+                -self._copies(request.model, i),
+                i,
+            )
+            if best is None or key < best:
+                best = key
+        return None if best is None else (best[5], best[1], best[0])
+
+    def penalty(self, request: PlacementRequest, gpu: str) -> tuple[int, ...]:
+        """How far ``gpu`` is from where the request belongs, compared lexicographically (lower is
+        better, all zeros is as good as it gets), on the pool as it is without an allocation of the
+        request's own instance (so an existing instance can be judged where it stands):
+
+        1. on a node in ``protects`` (anti-affinity); 2. in a zone in ``avoid_zones``;
+        then with ``spread``, for a serving (or promoting) request: 3. serving instances on the GPU's
+        node, 4. serving instances on the GPU, 5. the GPU holds anything; for a standby: 3. the GPU
+        holds a serving instance, 4. the GPU holds another instance of the request's model.
+        """
+        i = self._ord.get(gpu)
+        if i is None:
+            raise PlacementError(f"GPU {gpu} is not in the inventory", "invalid")
+        with self._without(request.instance):
+            return self._penalty(request, i)
+
+    def _penalty(self, request: PlacementRequest, i: int) -> tuple[int, ...]:
+        slot = self._slots[i]
+        key = (int(slot.node in request.protects), int(slot.zone in request.avoid_zones))
+        if not request.spread:
+            return key
+        spread = self._spread_use()
+        if request.tier in SERVING_TIERS:
+            return (*key, spread.node_serving.get(slot.node, 0), spread.serving[i], int(spread.count[i] > 0))
+        return (*key, int(spread.serving[i] > 0), int(self._copies(request.model, i) > 0))
+
+    def _penalty_notes(self, request: PlacementRequest, slot: GpuSlot, penalty: tuple[int, ...]) -> str:
+        """Why the chosen GPU is not perfect: each part of its penalty, said."""
+        notes = []
+        if penalty[0]:
+            notes.append(f"on protected node {slot.node}: no other node fits")
+        if len(penalty) > 1 and penalty[1]:
+            notes.append(f"in zone {slot.zone} of the instances it stands by for: no other zone fits")
+        if len(penalty) > 2 and request.tier in SERVING_TIERS:
+            if penalty[2]:
+                notes.append(f"node {slot.node} already has {penalty[2]} serving instance(s): no node with fewer fits")
+            elif penalty[4]:
+                notes.append("no empty GPU fits")
+        elif len(penalty) > 2:
+            if penalty[2]:
+                notes.append("beside a serving instance: no GPU without one fits")
+            if penalty[3]:
+                notes.append(f"beside another instance of {request.model}: no other GPU fits")
+        return "".join(f"; {note}" for note in notes)
 
     # -- preemption -----------------------------------------------------------------------------
 
@@ -838,16 +971,19 @@ class PlacementEngine:
     def _decide(self, request: PlacementRequest) -> Placement:
         m = request.memory
         what = "loaded" if request.loaded else "overcommitted"
-        plain = self._plain(request)
+        if request.spread or request.avoid_zones:
+            plain = self._plain_ranked(request)
+        else:
+            found = self._plain(request)
+            plain = None if found is None else (found[0], found[1], (int(found[2]),))
         if plain is not None:
-            i, borrowed, protected = plain
+            i, borrowed, penalty = plain
             slot = self._slots[i]
             leftover = self._free(i, request.loaded) - m
             reason = f"{request.tier} on {slot.id} (zone {slot.zone}): best fit, leaves {format_size(leftover)} {what}"
             if borrowed:
                 reason += f"; on capacity borrowed from reclaimable tenants ({self._cap_text(request.tenant)})"
-            if protected:
-                reason += f"; on protected node {slot.node}: no other node fits"
+            reason += self._penalty_notes(request, slot, penalty)
             return Placement(gpu=slot, borrowed=borrowed, reason=reason)
         notes: list[str] = []
         cap_mem, cap_gpus = self._caps(request.tenant)

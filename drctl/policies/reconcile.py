@@ -8,12 +8,16 @@ deterministically inside the workflow and the same plan is what ``drctl reconcil
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.placement import (
     LOADED_TIERS,
+    SERVING_TIERS,
     Allocation,
     GpuSlot,
+    Placement,
+    PlacementEngine,
     PlacementError,
     PlacementRequest,
     assign_borrowed,
@@ -68,13 +72,42 @@ def usable_inventory(policy: DRPolicy, cordoned: Iterable[str] = ()) -> list[Gpu
     return [slot for slot in gpu_inventory(policy.gpu_pool) if slot.id not in out]
 
 
+MAX_MOVES_PER_MODEL = 2
+"""Misplaced standbys of one model moved in one pass: placement is repaired a little at a time."""
+MAX_MOVES_PER_PASS = 8
+"""Misplaced standbys moved in one pass, over every model: a reconcile never churns the fleet."""
+
+
+@dataclass
+class _Member:
+    """A standby of a model as the plan leaves it: existing, or created by an action of the plan."""
+
+    id: str
+    tier: Role
+    gpu: str | None
+    action: int | None = None
+    """Index in ``plan.actions`` of the CREATE that makes it; None when it exists already."""
+
+
+@dataclass
+class _Settled:
+    """One model after the counts are planned: what the placement repair works on."""
+
+    model: ModelPolicy
+    serving: list[tuple[str, str | None]]
+    """(instance, GPU) of each serving instance, existing or created."""
+    standbys: list[_Member]
+    next_index: int
+
+
 def plan_reconcile(
     policy: DRPolicy,
     instances: Sequence[Instance],
     models: Sequence[str] | None = None,
     cordoned: Iterable[str] = (),
 ) -> ReconcilePlan:
-    """The actions that bring each model back to its policy counts, placed on the GPU pool.
+    """The actions that bring each model back to its policy counts, placed on the GPU pool, then
+    the moves that repair anti-affinity and spread (see :func:`_repair_placement`).
 
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
@@ -82,9 +115,16 @@ def plan_reconcile(
     cordoned_set = set(cordoned)
     inventory = usable_inventory(policy, cordoned_set)
     slots = {slot.id: slot for slot in inventory}
+    every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
     allocations = current_allocations(policy, instances)
     plan = ReconcilePlan()
+    settled: list[_Settled] = []
+    short_of_room = 0
+    """Wanted instances that did not fit for lack of capacity or quota (not for being too large)."""
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
+    # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
+    # they free is there for whatever any model is missing.
+    kept: list[tuple[ModelPolicy, list[Instance], dict[Role, list[Instance]], int]] = []
     for model in order:
         if models is not None and model.name not in models:
             continue
@@ -142,33 +182,41 @@ def plan_reconcile(
             )
             allocations = [a if a.instance != warm.id else _as_tier(a, Role.HOT) for a in allocations]
             by_tier[Role.HOT].append(warm)
-        # 3. Whatever is still missing is created where placement puts it.
-        serving_nodes = {i.node for i in by_tier[Role.SERVING] if i.node}
+        # A warm standby kept for that, which its GPU cannot hold loaded, is surplus after all.
+        for instance in reversed(by_tier[Role.WARM][want[Role.WARM] :]):
+            plan.actions.append(_delete(instance, f"{Role.WARM} surplus: policy wants {want[Role.WARM]}"))
+            allocations = [a for a in allocations if a.instance != instance.id]
+            by_tier[Role.WARM].remove(instance)
+        kept.append((model, live, by_tier, next_index))
+    for model, live, by_tier, next_index in kept:
+        # Borrowed marks as the next pass derives them from the instances (a re-tier or a delete
+        # changes which allocations are within a tenant's cap): this pass decides on the same.
+        allocations = assign_borrowed(allocations, policy.tenants)
+        want = wanted_counts(model)
+        # Not what a create of another model preempted (quota reclaim): counted as missing.
+        preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
+        by_tier = {tier: [i for i in members if i.id not in preempted] for tier, members in by_tier.items()}
+        # 3. Whatever is still missing is created where placement puts it: away from the nodes
+        # and zones of the model's serving instances, spread over the fleet's failure domains.
+        serving_gpus: list[tuple[str, str | None]] = [(i.id, i.gpu) for i in by_tier[Role.SERVING]]
+        standbys = [_Member(i.id, tier, i.gpu) for tier in TIERS[1:] for i in by_tier[tier]]  # re-tiered: new tier
         for tier in TIERS:
             for _ in range(want[tier] - len(by_tier[tier])):
                 instance_id = f"{model.name}-{next_index}"
                 next_index += 1
-                request = PlacementRequest(
-                    instance=instance_id,
-                    model=model.name,
-                    tenant=model.tenant,
-                    priority=model.priority,
-                    tier=tier.value,
-                    memory=model.gpu_memory,
-                    protects=frozenset() if tier == Role.SERVING else frozenset(serving_nodes),
-                )
+                nodes, zones = _domains(serving_gpus, every_gpu, live)
+                request = _request(model, instance_id, tier, nodes, zones)
                 try:
                     placement = place(request, inventory, allocations, policy.gpu_pool, policy.tenants)
                 except PlacementError as exc:
                     plan.unplaceable.append(f"{instance_id} ({tier}): {exc.reason}")
+                    short_of_room += exc.kind in ("capacity", "quota")
                     continue
                 victims = {a.instance for a in placement.preempted}
                 for victim in placement.preempted:
                     plan.actions.append(_preempt(victim, f"preempted for {instance_id}: {placement.reason}"))
                 allocations = [a for a in allocations if a.instance not in victims]
-                allocations.append(placement.allocation(request))
-                if tier == Role.SERVING:
-                    serving_nodes.add(placement.gpu.node)
+                allocations = assign_borrowed([*allocations, placement.allocation(request)], policy.tenants)
                 plan.actions.append(
                     ReconcileAction(
                         kind=ReconcileActionKind.CREATE,
@@ -183,7 +231,287 @@ def plan_reconcile(
                         + (" (borrowed capacity)" if placement.borrowed else ""),
                     )
                 )
+                if tier == Role.SERVING:
+                    serving_gpus.append((instance_id, placement.gpu.id))
+                else:
+                    standbys.append(_Member(instance_id, tier, placement.gpu.id, len(plan.actions) - 1))
+        settled.append(_Settled(model, serving_gpus, standbys, next_index))
+    preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
+    for item in settled:  # a standby preempted by a more important model's create is gone
+        item.standbys = [m for m in item.standbys if m.id not in preempted]
+    _repair_placement(policy, plan, settled, inventory, every_gpu, instances, allocations, short_of_room)
     return plan
+
+
+def _request(
+    model: ModelPolicy, instance_id: str, tier: Role, nodes: frozenset[str], zones: frozenset[str]
+) -> PlacementRequest:
+    """A DR placement request: away from the nodes and zones of the model's serving instances (a
+    serving instance: of its other replicas), spread over the fleet's failure domains."""
+    return PlacementRequest(
+        instance=instance_id,
+        model=model.name,
+        tenant=model.tenant,
+        priority=model.priority,
+        tier=tier.value,
+        memory=model.gpu_memory,
+        protects=nodes,
+        avoid_zones=zones,
+        spread=True,
+    )
+
+
+def _domains(
+    serving: Sequence[tuple[str, str | None]], every_gpu: dict[str, GpuSlot], instances: Sequence[Instance]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Nodes and zones of serving instances (from their GPU, else as the instance reports them)."""
+    reported = {i.id: i for i in instances}
+    nodes: set[str] = set()
+    zones: set[str] = set()
+    for instance_id, gpu in serving:
+        slot = every_gpu.get(gpu) if gpu else None
+        found = reported.get(instance_id)
+        node = slot.node if slot else found.node if found else None
+        zone = slot.zone if slot else found.zone if found else None
+        if node:
+            nodes.add(node)
+        if zone:
+            zones.add(zone)
+    return frozenset(nodes), frozenset(zones)
+
+
+def _repair_placement(
+    policy: DRPolicy,
+    plan: ReconcilePlan,
+    settled: Sequence[_Settled],
+    inventory: Sequence[GpuSlot],
+    every_gpu: dict[str, GpuSlot],
+    instances: Sequence[Instance],
+    allocations: Sequence[Allocation],
+    short_of_room: int,
+) -> None:
+    """Find standbys placed against anti-affinity or spread and move them where placement does better.
+
+    A standby's place is judged by :meth:`PlacementEngine.penalty` (its model's serving nodes, then
+    zones, then a serving instance or its own model on the GPU); it is misplaced when some usable
+    GPU that could hold it has a lower penalty. Placement then picks the new place, on the pool as
+    it is (the old standby still there: it is created first), without preempting anything; the
+    standby moves only when the new place is strictly better, so every move makes progress and
+    moves stop. A standby this plan creates is re-placed instead (no move needed) until the first
+    move; after it, it moves like the others. The workflow runs the moves last, one by one, create
+    then delete, in plan order: on the state this accounting assumes.
+
+    Repeated over every model until nothing moves, at most :data:`MAX_MOVES_PER_MODEL` moves per
+    model and :data:`MAX_MOVES_PER_PASS` in all, and none while wanted instances lack room
+    (restoring the counts comes first). Serving instances are never moved; the ones sharing a node
+    or a GPU are reported. Every misplacement left, and every move, is said in ``plan.violations``.
+    """
+    tenants = policy.tenants
+
+    def engine_of(allocs: Iterable[Allocation]) -> PlacementEngine:
+        # Borrowed marks re-derived as the next pass derives them from the instances, so this pass
+        # decides on exactly the state the next one will see.
+        return PlacementEngine(inventory, assign_borrowed(allocs, tenants), policy.gpu_pool, tenants, index=False)
+
+    engine = engine_of(allocations)
+    reported = {i.id: i for i in instances}
+    moved: dict[str, int] = {}
+    moves = 0
+    why_not: dict[str, str] = {}
+    """Misplaced standby → why it was not moved (the last reason seen)."""
+    for _sweep in range(MAX_MOVES_PER_PASS + sum(len(s.standbys) for s in settled) + 1):
+        progress = False
+        for item in settled:
+            model = item.model
+            nodes, zones = _domains(item.serving, every_gpu, instances)
+            for k, member in enumerate(item.standbys):
+                if member.gpu is None or engine.slot(member.gpu) is None:
+                    continue  # never placed, or on a GPU gone from the pool: nothing to judge
+                here = _request(model, member.id, member.tier, nodes, zones)
+                current = engine.penalty(here, member.gpu)
+                if current <= _best_penalty(engine, here, inventory):
+                    why_not.pop(member.id, None)
+                    continue
+                what = _describe(engine, here, member.gpu, current)
+                if short_of_room:
+                    why_not[member.id] = (
+                        f"{what}: not moved: {short_of_room} wanted instance(s) found no room this pass "
+                        "(restoring the counts comes first)"
+                    )
+                    continue
+                if member.action is not None and not moves:
+                    # Created by this plan: placed again, nothing to move. (Once a move has freed
+                    # capacity, that capacity exists only after the move, so a create of this plan
+                    # moves like any standby: the moves run after the plain creates, in order.)
+                    try:
+                        placement = engine.decide(here)
+                    except PlacementError as exc:
+                        why_not[member.id] = f"{what}: not moved: {exc.reason}"
+                        continue
+                    if placement.preempted or engine.penalty(here, placement.gpu.id) >= current:
+                        why_not[member.id] = f"{what}: not moved: {_no_better(placement, member.gpu)}"
+                        continue
+                    engine.apply(here, placement)
+                    engine = engine_of(engine.allocations)
+                    action = plan.actions[member.action]
+                    plan.actions[member.action] = action.model_copy(
+                        update={
+                            "gpu": placement.gpu.id,
+                            "node": placement.gpu.node,
+                            "zone": placement.gpu.zone,
+                            "reason": f"{action.reason}; re-placed: {placement.reason}",
+                        }
+                    )
+                    item.standbys[k] = _Member(member.id, member.tier, placement.gpu.id, member.action)
+                    why_not.pop(member.id, None)
+                    progress = True
+                    continue
+                if moved.get(model.name, 0) >= MAX_MOVES_PER_MODEL or moves >= MAX_MOVES_PER_PASS:
+                    why_not[member.id] = (
+                        f"{what}: not moved this pass: move budget spent ({MAX_MOVES_PER_MODEL} per model, "
+                        f"{MAX_MOVES_PER_PASS} per pass); the next pass continues"
+                    )
+                    continue
+                new_id = f"{model.name}-{item.next_index}"
+                request = _request(model, new_id, member.tier, nodes, zones)
+                try:
+                    placement = engine.decide(request)
+                except PlacementError as exc:
+                    why_not[member.id] = f"{what}: not moved: {exc.reason}"
+                    continue
+                # Judged where it would stand once the old one is gone.
+                if placement.preempted or engine.penalty(here, placement.gpu.id) >= current:
+                    why_not[member.id] = f"{what}: not moved: {_no_better(placement, member.gpu)}"
+                    continue
+                item.next_index += 1
+                engine.apply(request, placement)
+                old = engine.remove(member.id)
+                engine = engine_of(engine.allocations)
+                plan.actions.append(
+                    ReconcileAction(
+                        kind=ReconcileActionKind.CREATE,
+                        model=model.name,
+                        instance=new_id,
+                        tier=member.tier,
+                        gpu=placement.gpu.id,
+                        node=placement.gpu.node,
+                        zone=placement.gpu.zone,
+                        reason=f"replaces misplaced {member.id}: {placement.reason}"
+                        + (" (borrowed capacity)" if placement.borrowed else ""),
+                    )
+                )
+                item.standbys[k] = _Member(new_id, member.tier, placement.gpu.id, len(plan.actions) - 1)
+                slot = every_gpu.get(old.gpu)
+                found = reported.get(member.id)
+                if found is None and member.action is not None:
+                    found = _as_instance(plan.actions[member.action])
+                plan.actions.append(
+                    ReconcileAction(
+                        kind=ReconcileActionKind.DELETE,
+                        model=model.name,
+                        instance=member.id,
+                        tier=member.tier,
+                        gpu=old.gpu,
+                        node=slot.node if slot else found.node if found else None,
+                        zone=slot.zone if slot else found.zone if found else None,
+                        reason=f"moved to {new_id} on {placement.gpu.id}, once that one exists: {what}",
+                    )
+                )
+                plan.moves[new_id] = member.id
+                plan.violations.append(f"{what}: moved to {new_id} on {placement.gpu.id} (zone {placement.gpu.zone})")
+                why_not.pop(member.id, None)
+                moved[model.name] = moved.get(model.name, 0) + 1
+                moves += 1
+                progress = True
+        if not progress:
+            break
+    plan.violations.extend(why_not.values())
+    plan.violations.extend(_serving_violations(engine, settled, inventory, every_gpu, instances))
+
+
+def _as_instance(action: ReconcileAction) -> Instance:
+    return Instance(
+        id=action.instance, model=action.model, role=action.tier, gpu=action.gpu, node=action.node, zone=action.zone
+    )
+
+
+def _best_penalty(engine: PlacementEngine, request: PlacementRequest, inventory: Sequence[GpuSlot]) -> tuple[int, ...]:
+    """The lowest penalty any usable GPU big enough for the request has, room or not: the pool
+    allows better than a place above it."""
+    penalties = [engine.penalty(request, slot.id) for slot in inventory if slot.memory >= request.memory]
+    return min(penalties, default=())
+
+
+def _no_better(placement: Placement, gpu: str) -> str:
+    if placement.preempted:
+        return "only a place that preempts other instances would do better"
+    if placement.gpu.id == gpu:
+        return "no better place has room (where it stands is the only place that fits)"
+    return f"no better place has room (placement would choose {placement.gpu.id}: {placement.reason})"
+
+
+def _describe(engine: PlacementEngine, request: PlacementRequest, gpu: str, penalty: tuple[int, ...]) -> str:
+    """What is wrong with a standby's place, said (``penalty`` from :meth:`PlacementEngine.penalty`)."""
+    slot = engine.slot(gpu)
+    assert slot is not None
+    others = [a for a in engine.allocations if a.instance != request.instance]
+    on_gpu = [a for a in others if a.gpu == gpu]
+    parts = []
+    if penalty[0] or penalty[1]:
+        level = "node" if penalty[0] else "zone"
+        where = slot.node if penalty[0] else slot.zone
+        serving = sorted(
+            a.instance
+            for a in others
+            if a.model == request.model
+            and a.tier in SERVING_TIERS
+            and (found := engine.slot(a.gpu)) is not None
+            and getattr(found, level) == where
+        )
+        parts.append(f"on the {level} of serving {', '.join(serving) or request.model} ({where})")
+    if penalty[2]:
+        serving = sorted(a.instance for a in on_gpu if a.tier in SERVING_TIERS)
+        parts.append(f"beside serving {', '.join(serving)} on GPU {gpu}")
+    same = sorted(a.instance for a in on_gpu if a.model == request.model and a.tier not in SERVING_TIERS)
+    if penalty[3] and same:  # (its model's serving instance there is said above)
+        parts.append(f"beside {', '.join(same)} of its model on GPU {gpu}")
+    return f"{request.instance} ({request.tier} standby on {gpu}) " + ", ".join(parts)
+
+
+def _serving_violations(
+    engine: PlacementEngine,
+    settled: Sequence[_Settled],
+    inventory: Sequence[GpuSlot],
+    every_gpu: dict[str, GpuSlot],
+    instances: Sequence[Instance],
+) -> list[str]:
+    """Serving instances placed against spread (reported only: reconcile never moves a serving
+    instance; a failover or a drain does): replicas of one model sharing a node while another node
+    could hold one, and serving instances stacked on one GPU while a GPU without any could."""
+    out = []
+    never = "(reconcile never moves a serving instance)"
+    for item in settled:
+        by_node: dict[str, list[str]] = {}
+        for instance_id, gpu in item.serving:
+            for name in _domains([(instance_id, gpu)], every_gpu, instances)[0]:
+                by_node.setdefault(name, []).append(instance_id)
+        free_nodes = {s.node for s in inventory if s.memory >= item.model.gpu_memory} - set(by_node)
+        for node, ids in sorted(by_node.items()):
+            if len(ids) > 1 and free_nodes:
+                out.append(f"serving {', '.join(sorted(ids))} of {item.model.name} share node {node} {never}")
+    selected = {i for item in settled for i, _gpu in item.serving}
+    serving_on: dict[str, list[Allocation]] = {}
+    for a in engine.allocations:
+        if a.tier in SERVING_TIERS:
+            serving_on.setdefault(a.gpu, []).append(a)
+    for gpu, stacked in sorted(serving_on.items()):
+        if len(stacked) < 2 or not {a.instance for a in stacked} & selected:
+            continue
+        smallest = min(a.memory for a in stacked)
+        if any(s.id not in serving_on and s.memory >= smallest for s in inventory):
+            names = ", ".join(sorted(a.instance for a in stacked))
+            out.append(f"serving {names} stacked on GPU {gpu} while GPUs without a serving instance exist {never}")
+    return out
 
 
 def _preempt(victim: Allocation, reason: str) -> ReconcileAction:
@@ -259,6 +587,7 @@ def plan_emergency(
         memory=model.gpu_memory,
         protects=frozenset({failed.node}) if failed is not None and failed.node else frozenset(),
         emergency=model.priority == Priority.CRITICAL,
+        spread=True,
     )
     plan = ReconcilePlan()
     try:

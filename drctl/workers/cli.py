@@ -527,8 +527,10 @@ async def _run_reconcile(settings: DrctlSettings, request: ReconcileRequest) -> 
 
 def _print_reconcile(result: ReconcileResult) -> None:
     plan = result.plan
-    if not plan.actions:
+    if not plan.actions and not plan.violations:
         out.print("[green]in line with the policy[/]: nothing to create, re-tier or delete")
+    elif not plan.actions:
+        out.print("[yellow]counts in line, placement is not[/]: nothing this pass can move (below)")
     else:
         title = "plan (dry run: nothing changed)" if result.dry_run else "plan"
         table = Table(title=title, title_justify="left")
@@ -551,6 +553,8 @@ def _print_reconcile(result: ReconcileResult) -> None:
         out.print(f"[yellow]not placed[/]: {_lit(line)}", highlight=False)
     for line in plan.skipped_models:
         out.print(f"[yellow]skipped[/]: {_lit(line)}", highlight=False)
+    for line in plan.violations:
+        out.print(f"[yellow]misplaced[/]: {_lit(line)}", highlight=False)
     for line in result.applied:
         out.print(f"[green]✓[/] {_lit(line)}", highlight=False)
     for line in result.failed:

@@ -4,6 +4,10 @@ Observe (one activity) → plan (pure, in the workflow: ``drctl.policies.reconci
 from a Temporal Schedule (overlapping runs skipped), right after a failover (the failover
 triggers the schedule), or by hand (``drctl reconcile [--dry-run]``). Idempotent: when the fleet
 matches the policy the plan is empty, so a second run changes nothing.
+
+It also repairs placement drift (standbys on the node or zone of their model's serving instance,
+or stacked beside a serving instance): a misplaced standby is moved by creating its replacement
+where placement puts it and deleting it only once the replacement exists (``plan.moves``).
 """
 
 from __future__ import annotations
@@ -91,19 +95,38 @@ class ReconcileStandbysWorkflow:
         result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
         if request.dry_run or not plan.actions:
             return result
+        # A move (a misplaced standby) is a create and a delete; the delete waits for the create.
+        moved_out = set(plan.moves.values())
+        move_deletes = {
+            a.instance: a for a in plan.actions if a.kind == ReconcileActionKind.DELETE and a.instance in moved_out
+        }
         # Deletes first and one by one (they free capacity the creates were planned into).
-        for action in (a for a in plan.actions if a.kind == ReconcileActionKind.DELETE):
-            await self._apply(action, result)
+        for action in plan.actions:
+            if action.kind == ReconcileActionKind.DELETE and action.instance not in moved_out:
+                await self._apply(action, result)
         gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
 
         async def bounded(action: ReconcileAction) -> None:
             async with gate:
                 await self._apply(action, result)
 
-        await asyncio.gather(*(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE))
+        await asyncio.gather(
+            *(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE and a.instance not in plan.moves)
+        )
+        # Then the moves, one by one and in order (each was planned on the pool the ones before it
+        # leave): the replacement is created first, and only once it exists is the misplaced
+        # standby deleted, so the model never has fewer standbys than before.
+        for action in plan.actions:
+            if action.kind != ReconcileActionKind.CREATE or action.instance not in plan.moves:
+                continue
+            old = move_deletes.get(plan.moves[action.instance])
+            if await self._apply(action, result) and old is not None:
+                await self._apply(old, result)
+            elif old is not None:
+                result.failed.append(f"kept {old.instance}: its replacement {action.instance} was not created")
         return result
 
-    async def _apply(self, action: ReconcileAction, result: ReconcileResult) -> None:
+    async def _apply(self, action: ReconcileAction, result: ReconcileResult) -> bool:
         label = f"{action.kind} {action.instance} ({action.tier})"
         try:
             try:
@@ -123,8 +146,9 @@ class ReconcileStandbysWorkflow:
                 report = await self._change(action)
         except STEP_ERRORS as err:
             result.failed.append(f"{label}: {why_failed(err)}")
-            return
+            return False
         result.applied.append(f"{label}: {report.detail}")
+        return True
 
     async def _change(self, action: ReconcileAction) -> StepReport:
         long = action.kind != ReconcileActionKind.DELETE

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from drctl.policies.placement import (
     LOADED_TIERS,
     RESERVED_TIERS,
+    SERVING_TIERS,
     Allocation,
     GpuSlot,
     Placement,
@@ -228,6 +229,22 @@ def quota(allocs: Sequence[Allocation], tenants: Sequence[TenantPolicy], request
     return "borrowed"
 
 
+def penalty_of(
+    allocs: Sequence[Allocation], request: PlacementRequest, slot: GpuSlot, inventory: Sequence[GpuSlot]
+) -> tuple[int, ...]:
+    """Anti-affinity, then DR spread, as the rules say (see ``PlacementEngine.penalty``)."""
+    node_of = {s.id: s.node for s in inventory}
+    key = (int(slot.node in request.protects), int(slot.zone in request.avoid_zones))
+    if not request.spread:
+        return key
+    serving = [a for a in allocs if a.tier in SERVING_TIERS and a.gpu in node_of]
+    on = [a for a in allocs if a.gpu == slot.id]
+    if request.tier in SERVING_TIERS:
+        on_node = sum(1 for a in serving if node_of[a.gpu] == slot.node)
+        return (*key, on_node, sum(1 for a in serving if a.gpu == slot.id), int(bool(on)))
+    return (*key, int(any(a.tier in SERVING_TIERS for a in on)), int(any(a.model == request.model for a in on)))
+
+
 def plain_options(step: Step, scenario: Scenario) -> dict[str, tuple[tuple[object, ...], bool]]:
     """Every GPU the request fits on without preemption → (its rank by the documented order, borrowed)."""
     request, allocs = step.request, step.before
@@ -244,7 +261,7 @@ def plain_options(step: Step, scenario: Scenario) -> dict[str, tuple[tuple[objec
         zone_count = sum(1 for a in allocs if a.model == request.model and zone_of.get(a.gpu) == slot.zone)
         copies = sum(1 for a in allocs if a.model == request.model and a.gpu == slot.id)
         rank = (
-            slot.node in request.protects,
+            penalty_of(allocs, request, slot, scenario.inventory),
             mode == "borrowed",
             zone_count,
             leftover(allocs, request, slot, scenario.pool.overcommit_ratio),
@@ -302,7 +319,55 @@ def test_plain_placement_is_the_best_feasible_gpu(scenario: Scenario) -> None:
         assert options[result.gpu.id] == best
         assert result.borrowed == best[1]
         if result.gpu.node in step.request.protects:
-            assert all(rank[0] for rank, _ in options.values()), "a protected node while another node fits"
+            assert all(rank[0][0] for rank, _ in options.values()), "a protected node while another node fits"
+
+
+@st.composite
+def spread_scenarios(draw: st.DrawFn) -> Scenario:
+    """Scenarios whose requests ask for DR spread and avoid some zones (as reconciliation does)."""
+    scenario = draw(scenarios())
+    zones = sorted({n.zone for n in scenario.pool.nodes})
+    requests = [
+        replace(
+            r,
+            spread=draw(st.booleans()),
+            avoid_zones=frozenset(draw(st.sets(st.sampled_from(zones), max_size=2))),
+        )
+        for r in scenario.requests
+    ]
+    return Scenario(scenario.pool, scenario.tenants, requests)
+
+
+@PROPERTY
+@given(spread_scenarios())
+def test_spread_placement_is_the_best_feasible_gpu(scenario: Scenario) -> None:
+    """With ``spread`` and ``avoid_zones``: the chosen GPU is the first feasible one by (penalty: a
+    protected node, an avoided zone, then serving instances on the node and the GPU and a busy GPU
+    for a serving request, a serving instance or the model on the GPU for a standby; within cap;
+    fewest of the model in the zone; least left free; model cached; order). ``penalty`` agrees
+    with the rules on every GPU, and a fresh ``place`` agrees with the incremental engine."""
+    for step in run(scenario):
+        options = plain_options(step, scenario)
+        result = step.result
+        engine = PlacementEngine(scenario.inventory, step.before, scenario.pool, scenario.tenants)
+        for slot in scenario.inventory:
+            assert engine.penalty(step.request, slot.id) == penalty_of(
+                step.before, step.request, slot, scenario.inventory
+            )
+        try:
+            again: Placement | PlacementError = place(
+                step.request, scenario.inventory, step.before, scenario.pool, scenario.tenants
+            )
+        except PlacementError as exc:
+            again = exc
+        if isinstance(result, PlacementError):
+            assert not options and isinstance(again, PlacementError), f"{step.request} refused though {options} fit"
+            continue
+        assert again == result
+        if result.preempted:
+            assert not options
+            continue
+        assert options[result.gpu.id] == min(options.values())
 
 
 @PROPERTY
@@ -794,3 +859,62 @@ def test_seed_algorithm_reference() -> None:
     state = [alloc("x", "gone/0", 230)]
     with pytest.raises(PlacementError, match="insufficient memory"):
         seed_place(req("m-1", 16), inventory, state, pool)
+
+
+# -- DR spread and zone anti-affinity --------------------------------------------------------------
+
+
+def spread(instance: str, memory_gib: float, tier: str = "serving", **kwargs: object) -> PlacementRequest:
+    return replace(req(instance, memory_gib, tier, **kwargs), spread=True)  # type: ignore[arg-type]
+
+
+def test_spread_puts_a_serving_instance_on_the_node_with_the_fewest_serving_then_an_empty_gpu() -> None:
+    pool = pool_of(("a", "az-1", 2, 80), ("b", "az-1", 2, 80))
+    inventory = gpu_inventory(pool)
+    existing = [alloc("x-0", "a/0", 16), alloc("y-1", "b/0", 16, "cold", model="y")]
+    # Best fit packs beside x-0; spread takes node b, and there the empty GPU, not y's standby's.
+    assert place(req("z-0", 16), inventory, existing, pool, DEFAULT).gpu.id == "a/0"
+    placement = place(spread("z-0", 16), inventory, existing, pool, DEFAULT)
+    assert placement.gpu.id == "b/1"
+    # Every node serves: the GPU without a serving instance beats the one with.
+    existing.append(alloc("w-0", "b/1", 16))
+    assert place(spread("z-0", 16), inventory, existing, pool, DEFAULT).gpu.id == "a/1"
+
+
+def test_spread_keeps_a_standby_off_serving_gpus_and_off_its_own_model() -> None:
+    pool = pool_of(("a", "az-1", 3, 80))
+    inventory = gpu_inventory(pool)
+    existing = [alloc("x-0", "a/0", 16), alloc("m-1", "a/1", 16, "cold", model="m")]
+    assert place(req("m-2", 16, "hot"), inventory, existing, pool, DEFAULT).gpu.id == "a/0"  # best fit
+    assert place(spread("m-2", 16, "hot"), inventory, existing, pool, DEFAULT).gpu.id == "a/2"
+    # Only serving GPUs have room: it goes there, and says so.
+    full = [*existing, alloc("y-0", "a/2", 80, "serving"), alloc("z-0", "a/1", 80, "hot", model="z")]
+    placement = place(spread("m-2", 16, "hot"), inventory, full, pool, DEFAULT)
+    assert placement.gpu.id == "a/0" and "beside a serving instance" in placement.reason
+
+
+def test_avoided_zones_are_left_while_another_zone_fits() -> None:
+    pool = pool_of(("a", "az-1", 1, 80), ("b", "az-1", 1, 80), ("c", "az-2", 1, 40))
+    inventory = gpu_inventory(pool)
+    away = replace(req("m-1", 16, "hot", protects=frozenset({"a"})), avoid_zones=frozenset({"az-1"}))
+    assert place(away, inventory, [], pool, DEFAULT).gpu.id == "c/0"
+    # No room in az-2: the other node of az-1 it is, said.
+    placement = place(away, inventory, [alloc("big", "c/0", 40)], pool, DEFAULT)
+    assert placement.gpu.id == "b/0" and "in zone az-1" in placement.reason
+
+
+def test_penalty_judges_an_instance_where_it_stands_without_itself() -> None:
+    pool = pool_of(("a", "az-1", 2, 80), ("b", "az-2", 2, 80))
+    engine = PlacementEngine(
+        gpu_inventory(pool),
+        [alloc("m-0", "a/0", 16, model="m"), alloc("m-1", "a/0", 16, "cold", model="m")],
+        pool,
+        DEFAULT,
+    )
+    here = replace(spread("m-1", 16, "cold", protects=frozenset({"a"})), avoid_zones=frozenset({"az-1"}))
+    # On the serving node and zone, beside a serving instance (its own model's, which counts once).
+    assert engine.penalty(here, "a/0") == (1, 1, 1, 1)
+    assert engine.penalty(here, "a/1") == (1, 1, 0, 0)
+    assert engine.penalty(here, "b/0") == (0, 0, 0, 0)
+    with pytest.raises(PlacementError, match="not in the inventory"):
+        engine.penalty(here, "z/9")

@@ -26,6 +26,7 @@ from drctl.payloads import (
 )
 from drctl.policies.loader import load_policy_file
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from tests.policies.test_reconcile import as_seen_on_drctl_up
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
 
@@ -36,6 +37,8 @@ class FakePlatform:
     calls: list[str] = field(default_factory=list)
     corrupt_models: set[str] = field(default_factory=set)
     """Models whose checkpoint fails its checksum until restored."""
+    broken: set[str] = field(default_factory=set)
+    """Instances whose create fails for good (the model does not load)."""
 
     def activities(self) -> list[object]:
         platform = self
@@ -53,6 +56,8 @@ class FakePlatform:
             platform.calls.append(f"create {a.instance} {a.tier}")
             if a.model in platform.corrupt_models and a.tier != Role.COLD:
                 raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
+            if a.instance in platform.broken:
+                raise ApplicationError("does not load", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True)
             platform.instances[a.instance] = Instance(
                 id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone
             )
@@ -143,3 +148,38 @@ async def test_a_corrupt_checkpoint_is_restored_then_created_again(time_skipping
         assert len(creates) == 2 and creates[0] < platform.calls.index(f"restore {instance}") < creates[1]
         assert instance in platform.instances
     assert sorted(i.role.value for i in platform.instances.values()) == ["cold", "hot", "hot", "serving"]
+
+
+async def test_a_misplaced_standby_is_replaced_before_it_is_deleted(time_skipping_env: WorkflowEnvironment) -> None:
+    """The drift seen on ``drctl up`` after a failover (standbys on the new serving node, every
+    instance on GPU 0): each move creates the replacement, then deletes the misplaced standby; a
+    few passes later the fleet is in line and a pass changes nothing."""
+    platform = FakePlatform(instances={i.id: i for i in as_seen_on_drctl_up()})
+    moved: dict[str, str] = {}
+    for _ in range(5):
+        platform.calls.clear()
+        result = await reconcile(time_skipping_env, platform)
+        assert result.failed == []
+        moved |= result.plan.moves
+        for new, old in result.plan.moves.items():
+            create = platform.calls.index(f"create {new} {platform.instances[new].role}")
+            assert create < platform.calls.index(f"delete {old}")
+            assert old not in platform.instances
+        if not result.plan.actions:
+            break
+    assert result.plan.actions == [] and platform.calls == ["observe"]
+    assert "llama-2-7b-3" in moved.values() and len(moved) >= 4
+    llama = {i.id: i for i in platform.instances.values() if i.model == "llama-2-7b"}
+    serving_node = llama["llama-2-7b-1"].node
+    assert [i.id for i in llama.values() if i.role.is_standby and i.node == serving_node] == []
+
+
+async def test_a_move_whose_replacement_fails_keeps_the_standby(time_skipping_env: WorkflowEnvironment) -> None:
+    platform = FakePlatform(instances={i.id: i for i in as_seen_on_drctl_up()})
+    dry = await reconcile(time_skipping_env, platform, dry_run=True)
+    new = next(n for n, old in dry.plan.moves.items() if old == "llama-2-7b-3")
+    platform.broken.add(new)
+    result = await reconcile(time_skipping_env, platform)
+    assert "llama-2-7b-3" in platform.instances and new not in platform.instances
+    assert "delete llama-2-7b-3" not in platform.calls
+    assert any(line.startswith(f"kept llama-2-7b-3: its replacement {new}") for line in result.failed)
