@@ -768,26 +768,33 @@ class PlacementEngine:
         if self.allocated + m > self.pool_cap:
             return None
         mem_within, gpu_room, borrow_all, use = self._quota_rule(request)
-        zones = self._model(request.model).zones
+        model = self._model(request.model)
+        zones = model.zones
+        copies = {i: c for per_zone in model.gpus.values() for i, c in per_zone.items()}
+        protects, avoid = request.protects, request.avoid_zones
+        spread = self._spread_use() if request.spread else None
+        serving = request.tier in SERVING_TIERS
+        slots, zone_of = self._slots, self._zone_of
         best: tuple[tuple[int, ...], bool, int, int, int, int] | None = None
         for i, free in enumerate(self._frees(request.loaded)):
             if free < m:
                 continue
-            gpu = self._slots[i].id
-            if mem_within and (gpu_room or gpu in use.own_gpus):
+            slot = slots[i]
+            if mem_within and (gpu_room or slot.id in use.own_gpus):
                 borrowed = False
-            elif borrow_all or (borrow_all is False and (gpu in use.own_gpus or gpu in use.bor_gpus)):
+            elif borrow_all or (borrow_all is False and (slot.id in use.own_gpus or slot.id in use.bor_gpus)):
                 borrowed = True
             else:
                 continue
-            key = (
-                self._penalty(request, i),
-                borrowed,
-                zones.get(self._zone_of[i], 0),
-                free - m,
-                -self._copies(request.model, i),
-                i,
-            )
+            # The penalty, as _penalty computes it (inlined: this loop runs for every GPU).
+            penalty: tuple[int, ...] = (int(slot.node in protects), int(slot.zone in avoid))
+            if spread is not None:
+                if serving:
+                    on_node = spread.node_serving.get(slot.node, 0)
+                    penalty = (*penalty, on_node, spread.serving[i], int(spread.count[i] > 0))
+                else:
+                    penalty = (*penalty, int(spread.serving[i] > 0), int(copies.get(i, 0) > 0))
+            key = (penalty, borrowed, zones.get(zone_of[i], 0), free - m, -copies.get(i, 0), i)
             if best is None or key < best:
                 best = key
         return None if best is None else (best[5], best[1], best[0])
@@ -807,6 +814,11 @@ class PlacementEngine:
             raise PlacementError(f"GPU {gpu} is not in the inventory", "invalid")
         with self._without(request.instance):
             return self._penalty(request, i)
+
+    def penalties(self, request: PlacementRequest) -> list[tuple[tuple[int, ...], GpuSlot]]:
+        """:meth:`penalty` of every GPU of the inventory, in GPU order."""
+        with self._without(request.instance):
+            return [(self._penalty(request, i), slot) for i, slot in enumerate(self._slots)]
 
     def _penalty(self, request: PlacementRequest, i: int) -> tuple[int, ...]:
         slot = self._slots[i]

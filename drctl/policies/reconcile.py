@@ -7,7 +7,7 @@ deterministically inside the workflow and the same plan is what ``drctl reconcil
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
@@ -66,6 +66,14 @@ def current_allocations(policy: DRPolicy, instances: Sequence[Instance]) -> list
     return assign_borrowed(held, policy.tenants)
 
 
+def _remarked(policy: DRPolicy, allocations: Iterable[Allocation]) -> list[Allocation]:
+    """Borrowed marks derived again from the caps (:func:`assign_borrowed`), as the next pass
+    derives them from the instances; without a capped tenant nothing is ever borrowed."""
+    if any(t.capability.memory is not None or t.capability.gpus is not None for t in policy.tenants):
+        return assign_borrowed(allocations, policy.tenants)
+    return list(allocations)
+
+
 def usable_inventory(policy: DRPolicy, cordoned: Iterable[str] = ()) -> list[GpuSlot]:
     """The pool's GPUs less the cordoned ones (drained after a GPU failure)."""
     out = set(cordoned)
@@ -116,6 +124,7 @@ def plan_reconcile(
     inventory = usable_inventory(policy, cordoned_set)
     slots = {slot.id: slot for slot in inventory}
     every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
+    reported = {i.id: i for i in instances}
     allocations = current_allocations(policy, instances)
     plan = ReconcilePlan()
     settled: list[_Settled] = []
@@ -124,7 +133,7 @@ def plan_reconcile(
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
-    kept: list[tuple[ModelPolicy, list[Instance], dict[Role, list[Instance]], int]] = []
+    kept: list[tuple[ModelPolicy, dict[Role, list[Instance]], int]] = []
     for model in order:
         if models is not None and model.name not in models:
             continue
@@ -187,11 +196,14 @@ def plan_reconcile(
             plan.actions.append(_delete(instance, f"{Role.WARM} surplus: policy wants {want[Role.WARM]}"))
             allocations = [a for a in allocations if a.instance != instance.id]
             by_tier[Role.WARM].remove(instance)
-        kept.append((model, live, by_tier, next_index))
-    for model, live, by_tier, next_index in kept:
+        kept.append((model, by_tier, next_index))
+    changed = bool(plan.actions)
+    for model, by_tier, next_index in kept:
         # Borrowed marks as the next pass derives them from the instances (a re-tier or a delete
         # changes which allocations are within a tenant's cap): this pass decides on the same.
-        allocations = assign_borrowed(allocations, policy.tenants)
+        if changed:
+            allocations = _remarked(policy, allocations)
+            changed = False
         want = wanted_counts(model)
         # Not what a create of another model preempted (quota reclaim): counted as missing.
         preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
@@ -204,7 +216,7 @@ def plan_reconcile(
             for _ in range(want[tier] - len(by_tier[tier])):
                 instance_id = f"{model.name}-{next_index}"
                 next_index += 1
-                nodes, zones = _domains(serving_gpus, every_gpu, live)
+                nodes, zones = _domains(serving_gpus, every_gpu, reported)
                 request = _request(model, instance_id, tier, nodes, zones)
                 try:
                     placement = place(request, inventory, allocations, policy.gpu_pool, policy.tenants)
@@ -216,7 +228,8 @@ def plan_reconcile(
                 for victim in placement.preempted:
                     plan.actions.append(_preempt(victim, f"preempted for {instance_id}: {placement.reason}"))
                 allocations = [a for a in allocations if a.instance not in victims]
-                allocations = assign_borrowed([*allocations, placement.allocation(request)], policy.tenants)
+                allocations.append(placement.allocation(request))
+                changed = True
                 plan.actions.append(
                     ReconcileAction(
                         kind=ReconcileActionKind.CREATE,
@@ -262,10 +275,9 @@ def _request(
 
 
 def _domains(
-    serving: Sequence[tuple[str, str | None]], every_gpu: dict[str, GpuSlot], instances: Sequence[Instance]
+    serving: Sequence[tuple[str, str | None]], every_gpu: Mapping[str, GpuSlot], reported: Mapping[str, Instance]
 ) -> tuple[frozenset[str], frozenset[str]]:
     """Nodes and zones of serving instances (from their GPU, else as the instance reports them)."""
-    reported = {i.id: i for i in instances}
     nodes: set[str] = set()
     zones: set[str] = set()
     for instance_id, gpu in serving:
@@ -311,10 +323,36 @@ def _repair_placement(
     def engine_of(allocs: Iterable[Allocation]) -> PlacementEngine:
         # Borrowed marks re-derived as the next pass derives them from the instances, so this pass
         # decides on exactly the state the next one will see.
-        return PlacementEngine(inventory, assign_borrowed(allocs, tenants), policy.gpu_pool, tenants, index=False)
+        return PlacementEngine(inventory, _remarked(policy, allocs), policy.gpu_pool, tenants, index=False)
 
     engine = engine_of(allocations)
     reported = {i.id: i for i in instances}
+    domains = {item.model.name: _domains(item.serving, every_gpu, reported) for item in settled}
+    lowest: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+    """Per model, every usable GPU big enough by penalty (for a standby of the model, room or not):
+    whether the pool allows better than a place. Dropped whenever the pool changes."""
+
+    def misplaced(item: _Settled, member: _Member) -> tuple[PlacementRequest, str, tuple[int, ...]] | None:
+        """(request judging the member where it stands, its GPU, its penalty) when a GPU elsewhere
+        is better."""
+        if member.gpu is None or engine.slot(member.gpu) is None:
+            return None  # never placed, or on a GPU gone from the pool: nothing to judge
+        nodes, zones = domains[item.model.name]
+        here = _request(item.model, member.id, member.tier, nodes, zones)
+        current = engine.penalty(here, member.gpu)
+        if not any(current):
+            return None
+        if item.model.name not in lowest:
+            anyone = _request(item.model, "", member.tier, nodes, zones)
+            ranked = [(p, s.id) for p, s in engine.penalties(anyone) if s.memory >= item.model.gpu_memory]
+            lowest[item.model.name] = sorted(ranked)
+        for penalty, gpu in lowest[item.model.name]:  # (its own copy counts only on its own GPU, left out)
+            if penalty >= current:
+                return None
+            if gpu != member.gpu:
+                return here, member.gpu, current
+        return None
+
     moved: dict[str, int] = {}
     moves = 0
     why_not: dict[str, str] = {}
@@ -323,20 +361,15 @@ def _repair_placement(
         progress = False
         for item in settled:
             model = item.model
-            nodes, zones = _domains(item.serving, every_gpu, instances)
             for k, member in enumerate(item.standbys):
-                if member.gpu is None or engine.slot(member.gpu) is None:
-                    continue  # never placed, or on a GPU gone from the pool: nothing to judge
-                here = _request(model, member.id, member.tier, nodes, zones)
-                current = engine.penalty(here, member.gpu)
-                if current <= _best_penalty(engine, here, inventory):
+                found_misplaced = misplaced(item, member)
+                if found_misplaced is None:
                     why_not.pop(member.id, None)
                     continue
-                what = _describe(engine, here, member.gpu, current)
+                here, gpu, current = found_misplaced
                 if short_of_room:
                     why_not[member.id] = (
-                        f"{what}: not moved: {short_of_room} wanted instance(s) found no room this pass "
-                        "(restoring the counts comes first)"
+                        f"{short_of_room} wanted instance(s) found no room this pass (restoring the counts comes first)"
                     )
                     continue
                 if member.action is not None and not moves:
@@ -346,13 +379,14 @@ def _repair_placement(
                     try:
                         placement = engine.decide(here)
                     except PlacementError as exc:
-                        why_not[member.id] = f"{what}: not moved: {exc.reason}"
+                        why_not[member.id] = exc.reason
                         continue
                     if placement.preempted or engine.penalty(here, placement.gpu.id) >= current:
-                        why_not[member.id] = f"{what}: not moved: {_no_better(placement, member.gpu)}"
+                        why_not[member.id] = _no_better(placement, gpu)
                         continue
                     engine.apply(here, placement)
                     engine = engine_of(engine.allocations)
+                    lowest.clear()
                     action = plan.actions[member.action]
                     plan.actions[member.action] = action.model_copy(
                         update={
@@ -368,25 +402,27 @@ def _repair_placement(
                     continue
                 if moved.get(model.name, 0) >= MAX_MOVES_PER_MODEL or moves >= MAX_MOVES_PER_PASS:
                     why_not[member.id] = (
-                        f"{what}: not moved this pass: move budget spent ({MAX_MOVES_PER_MODEL} per model, "
-                        f"{MAX_MOVES_PER_PASS} per pass); the next pass continues"
+                        f"move budget spent this pass ({MAX_MOVES_PER_MODEL} per model, {MAX_MOVES_PER_PASS} in all); "
+                        "the next pass continues"
                     )
                     continue
                 new_id = f"{model.name}-{item.next_index}"
-                request = _request(model, new_id, member.tier, nodes, zones)
+                request = _request(model, new_id, member.tier, here.protects, here.avoid_zones)
                 try:
                     placement = engine.decide(request)
                 except PlacementError as exc:
-                    why_not[member.id] = f"{what}: not moved: {exc.reason}"
+                    why_not[member.id] = exc.reason
                     continue
                 # Judged where it would stand once the old one is gone.
                 if placement.preempted or engine.penalty(here, placement.gpu.id) >= current:
-                    why_not[member.id] = f"{what}: not moved: {_no_better(placement, member.gpu)}"
+                    why_not[member.id] = _no_better(placement, gpu)
                     continue
+                what = _describe(engine, here, gpu, current)
                 item.next_index += 1
                 engine.apply(request, placement)
                 old = engine.remove(member.id)
                 engine = engine_of(engine.allocations)
+                lowest.clear()
                 plan.actions.append(
                     ReconcileAction(
                         kind=ReconcileActionKind.CREATE,
@@ -425,21 +461,21 @@ def _repair_placement(
                 progress = True
         if not progress:
             break
-    plan.violations.extend(why_not.values())
-    plan.violations.extend(_serving_violations(engine, settled, inventory, every_gpu, instances))
+    # What is still misplaced, as the plan leaves it, and why this pass leaves it so.
+    for item in settled:
+        for member in item.standbys:
+            found_misplaced = misplaced(item, member)
+            if found_misplaced is not None:
+                here, gpu, current = found_misplaced
+                why = why_not.get(member.id, "no better place has room")
+                plan.violations.append(f"{_describe(engine, here, gpu, current)}: not moved: {why}")
+    plan.violations.extend(_serving_violations(engine, settled, inventory, every_gpu, reported))
 
 
 def _as_instance(action: ReconcileAction) -> Instance:
     return Instance(
         id=action.instance, model=action.model, role=action.tier, gpu=action.gpu, node=action.node, zone=action.zone
     )
-
-
-def _best_penalty(engine: PlacementEngine, request: PlacementRequest, inventory: Sequence[GpuSlot]) -> tuple[int, ...]:
-    """The lowest penalty any usable GPU big enough for the request has, room or not: the pool
-    allows better than a place above it."""
-    penalties = [engine.penalty(request, slot.id) for slot in inventory if slot.memory >= request.memory]
-    return min(penalties, default=())
 
 
 def _no_better(placement: Placement, gpu: str) -> str:
@@ -483,7 +519,7 @@ def _serving_violations(
     settled: Sequence[_Settled],
     inventory: Sequence[GpuSlot],
     every_gpu: dict[str, GpuSlot],
-    instances: Sequence[Instance],
+    reported: Mapping[str, Instance],
 ) -> list[str]:
     """Serving instances placed against spread (reported only: reconcile never moves a serving
     instance; a failover or a drain does): replicas of one model sharing a node while another node
@@ -493,7 +529,7 @@ def _serving_violations(
     for item in settled:
         by_node: dict[str, list[str]] = {}
         for instance_id, gpu in item.serving:
-            for name in _domains([(instance_id, gpu)], every_gpu, instances)[0]:
+            for name in _domains([(instance_id, gpu)], every_gpu, reported)[0]:
                 by_node.setdefault(name, []).append(instance_id)
         free_nodes = {s.node for s in inventory if s.memory >= item.model.gpu_memory} - set(by_node)
         for node, ids in sorted(by_node.items()):
