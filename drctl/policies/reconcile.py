@@ -1,5 +1,8 @@
 """Pure planning of standby reconciliation: compare what exists with the policy, and say what to
-create, re-tier or delete so every model gets back to its serving/hot/warm/cold counts.
+create, re-tier or delete so every model gets back to its serving/hot/warm/cold counts, placed per
+anti-affinity and spread over failure domains where the pool allows (DESIGN: invariant 2). Drift
+(a promoted standby serving where other standbys of its model sit, standbys stacked beside serving
+instances) is repaired by moving standbys, a few per pass, and said in ``plan.violations``.
 
 The plan is a function of (policy, instances) only, so ``ReconcileStandbysWorkflow`` computes it
 deterministically inside the workflow and the same plan is what ``drctl reconcile --dry-run`` shows.
