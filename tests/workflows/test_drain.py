@@ -9,8 +9,10 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from drctl.payloads import DrainGpuRequest, DrainGpuResult, Instance, Role
+from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
 from tests.workflows.fakes import FakeFleet
 
 
@@ -44,7 +46,7 @@ async def test_drain_moves_serving_away_and_never_promotes_onto_the_bad_gpu(
     async with Worker(
         time_skipping_env.client,
         task_queue=queue,
-        workflows=[DrainGpuWorkflow, FailoverWorkflow],
+        workflows=[DrainGpuWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
         activities=fleet.activities(),
     ):
         result: DrainGpuResult = await time_skipping_env.client.execute_workflow(

@@ -10,7 +10,9 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from drctl.payloads import Instance, Role, ZoneApproval, ZoneFailoverRequest, ZoneFailoverResult
+from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 
@@ -37,7 +39,10 @@ def fleet_across_zones() -> FakeFleet:
 async def run_zone(env: WorkflowEnvironment, fleet: FakeFleet, **request: object) -> ZoneFailoverResult:
     queue = f"zone-{uuid.uuid4()}"
     async with Worker(
-        env.client, task_queue=queue, workflows=[ZoneFailoverWorkflow, FailoverWorkflow], activities=fleet.activities()
+        env.client,
+        task_queue=queue,
+        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
+        activities=fleet.activities(),
     ):
         return await env.client.execute_workflow(
             ZoneFailoverWorkflow.run,
@@ -71,7 +76,7 @@ async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowE
     async with Worker(
         time_skipping_env.client,
         task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow],
+        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
         activities=fleet.activities(),
     ):
         handle = await time_skipping_env.client.start_workflow(
