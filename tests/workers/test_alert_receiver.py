@@ -1,7 +1,9 @@
 """The alert receiver on a real loopback port against the time-skipping Temporal server.
 
-No worker polls the task queues here: a started workflow just waits in its queue, which is all the
-receiver is responsible for. Each test uses its own task queue and its own instance names, so the
+Instance alerts are reported to the model's guardian (a real ``ModelGuardianWorkflow`` on a worker
+whose budget never grants, so incidents stay queued: what the receiver is responsible for). Other
+runbooks (zone failover, drain) are started and just wait in their queue, as no worker runs them.
+Each test uses its own task queue and its own instance names, so the
 workflow IDs of one test never meet another's on the shared server.
 """
 
@@ -22,15 +24,29 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
-from drctl.payloads import AlertResolved, FailoverRequest, SearchAttr, Trigger, failover_workflow_id
+from drctl.payloads import (
+    ActivityName,
+    AlertResolved,
+    FailoverRequest,
+    FailureReport,
+    GuardianState,
+    InstanceAlertResolved,
+    LeaseRequest,
+    StepReport,
+    Trigger,
+    failover_workflow_id,
+    guardian_workflow_id,
+)
 from drctl.policies.schema import DRPolicy
+from drctl.temporal.incidents import guardian_state, report_failure
 from drctl.workers.alert_receiver import (
     RECEIVER,
     AlertReceiver,
@@ -51,6 +67,7 @@ from drctl.workers.alerts import (
     json_deeper_than,
     parse_tokens,
 )
+from drctl.workflows.guardian import ModelGuardianWorkflow
 
 TOKEN_A = "team-a-0123456789abcdef0123456789"
 TOKEN_B = "team-b-fedcba9876543210fedcba9876"
@@ -173,13 +190,27 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+@activity.defn(name=ActivityName.REQUEST_LEASE)
+async def never_granted(request: LeaseRequest) -> StepReport:
+    """The budget is out of the picture: incidents stay queued, which is all the receiver is about."""
+    return StepReport(detail="test: waiting for the budget forever")
+
+
 @pytest.fixture
 async def rx(time_skipping_env: WorkflowEnvironment) -> AsyncIterator[Receiver]:
     queue = f"alerts-{uuid.uuid4()}"
     app = await build_app(time_skipping_env.client, POLICY, TOKENS, task_queue=queue)
     runner, url = await serve(app)
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async with (
+            Worker(
+                time_skipping_env.client,
+                task_queue=queue,
+                workflows=[ModelGuardianWorkflow],
+                activities=[never_granted],
+            ),
+            httpx.AsyncClient(base_url=url, timeout=30) as http,
+        ):
             yield Receiver(url, app, http, time_skipping_env.client, queue)
     finally:
         await runner.cleanup()
@@ -188,36 +219,30 @@ async def rx(time_skipping_env: WorkflowEnvironment) -> AsyncIterator[Receiver]:
 # -- starting --------------------------------------------------------------------------------------
 
 
-async def test_firing_alert_starts_one_failover_with_the_alert_as_input(rx: Receiver) -> None:
+async def incidents(rx: Receiver, model: str = "llama-2-7b") -> GuardianState:
+    state = await guardian_state(rx.client, rx.queue, model)
+    assert state is not None, f"no guardian for {model}"
+    return state
+
+
+async def test_firing_alert_reports_one_failure_to_the_guardian_with_the_alert_as_input(rx: Receiver) -> None:
     a = instance_alert()
     response = await rx.post(notification(a))
 
     assert response.status_code == 200, response.text
     [result] = response.json()["alerts"]
     assert result["action"] == "started"
-    workflow_id = expected_id(a)
+    workflow_id = failover_workflow_id("llama-2-7b", a["labels"]["instance"])
     assert result["workflow_id"] == workflow_id
-    assert workflow_id.startswith(f"failover-llama-2-7b-{a['labels']['instance']}-")
 
-    handle = rx.client.get_workflow_handle(workflow_id)
-    description = await handle.describe()
+    description = await rx.client.get_workflow_handle(guardian_workflow_id("llama-2-7b", rx.queue)).describe()
     assert description.status == WorkflowExecutionStatus.RUNNING
-    assert description.workflow_type == "FailoverWorkflow"
+    assert description.workflow_type == "ModelGuardianWorkflow"
     assert description.task_queue == rx.queue
-    assert description.run_id == result["run_id"]
-    attrs = description.typed_search_attributes
-    assert attrs.get(SearchAttributeKey.for_keyword(SearchAttr.MODEL)) == "llama-2-7b"
-    assert attrs.get(SearchAttributeKey.for_keyword(SearchAttr.INSTANCE)) == a["labels"]["instance"]
-    assert attrs.get(SearchAttributeKey.for_keyword(SearchAttr.TRIGGER)) == "alert"
-    assert await description.memo_value("alert_fingerprint") == a["fingerprint"]
-
-    history = await handle.fetch_history()
-    first = history.events[0]
-    assert first.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
-    [request] = await pydantic_data_converter.decode(
-        first.workflow_execution_started_event_attributes.input.payloads, [FailoverRequest]
-    )
-    assert request == FailoverRequest(
+    [incident] = (await incidents(rx)).queue
+    assert incident.workflow_id == workflow_id and incident.state == "queued"
+    assert incident.reporter == f"alert {a['fingerprint']} (team-a)"
+    assert incident.request == FailoverRequest(
         model="llama-2-7b",
         instance=a["labels"]["instance"],
         trigger=Trigger.ALERT,
@@ -229,7 +254,7 @@ async def test_firing_alert_starts_one_failover_with_the_alert_as_input(rx: Rece
     assert record.received_at <= record.started_at
 
 
-async def test_the_same_notification_100_times_at_once_starts_one_workflow(rx: Receiver) -> None:
+async def test_the_same_notification_100_times_at_once_opens_one_incident(rx: Receiver) -> None:
     a = instance_alert()
     body = notification(a)
     responses = await asyncio.gather(*(rx.post(body) for _ in range(100)))
@@ -239,17 +264,32 @@ async def test_the_same_notification_100_times_at_once_starts_one_workflow(rx: R
     actions = [r["action"] for r in results]
     assert actions.count("started") == 1
     assert actions.count("duplicate") == 99
-    assert {r["workflow_id"] for r in results} == {expected_id(a)}
-    assert len({r["run_id"] for r in results}) == 1
+    assert {r["workflow_id"] for r in results} == {failover_workflow_id("llama-2-7b", a["labels"]["instance"])}
     assert len(rx.receiver.starts) == 1
-    assert await rx.status_of(expected_id(a)) == WorkflowExecutionStatus.RUNNING
+    [incident] = (await incidents(rx)).queue
+    assert incident.joined_total == 99
     metrics = await rx.metrics()
     assert metrics[("drctl_alerts_total", (("action", "started"),))] == 1
     assert metrics[("drctl_alerts_total", (("action", "duplicate"),))] == 99
     assert metrics[("drctl_alert_notifications_total", (("code", "200"),))] == 100
 
 
-async def test_ha_peer_delivery_is_a_duplicate_and_a_new_episode_is_a_new_workflow(rx: Receiver) -> None:
+async def test_one_notification_of_9000_alerts_for_one_instance_reports_it_once(rx: Receiver) -> None:
+    """Seen: 9,000 alerts with distinct startsAt started 9,000 workflows. Past 1,000 it is a 413;
+    up to that, one notification is one report per instance."""
+    instance = unique_instance()
+    many = [instance_alert(instance=instance, starts_at=now() + timedelta(seconds=i)) for i in range(1000)]
+    response = await rx.post(notification(*many))
+    assert response.status_code == 200, response.text[:300]
+    actions = [r["action"] for r in response.json()["alerts"]]
+    assert actions.count("started") == 1 and actions.count("duplicate") == 999
+    [incident] = (await incidents(rx)).queue
+    assert incident.instance == instance and incident.joined_total == 0  # the 999 never reached Temporal
+    too_many = [instance_alert(instance=instance, starts_at=now() + timedelta(seconds=i)) for i in range(9000)]
+    assert (await rx.post(notification(*too_many))).status_code == 413
+
+
+async def test_ha_peer_delivery_and_a_new_episode_join_the_open_incident(rx: Receiver) -> None:
     instance = unique_instance()
     first = instance_alert(instance=instance, fingerprint="a1b2c3d4e5f60718")
     started = (await rx.post(notification(first))).json()["alerts"][0]
@@ -257,51 +297,53 @@ async def test_ha_peer_delivery_is_a_duplicate_and_a_new_episode_is_a_new_workfl
 
     # The other Alertmanager of the HA pair delivers the very same notification.
     peer = (await rx.post(notification(first))).json()["alerts"][0]
-    assert peer["action"] == "duplicate"
-    assert (peer["workflow_id"], peer["run_id"]) == (started["workflow_id"], started["run_id"])
+    assert peer["action"] == "duplicate" and peer["workflow_id"] == started["workflow_id"]
 
-    # Same alert, new firing episode (it resolved and fired again): a new incident.
+    # Same alert, new firing episode while the first is still being recovered: the same failure.
     again = instance_alert(instance=instance, fingerprint="a1b2c3d4e5f60718", starts_at=now() + timedelta(minutes=5))
     second = (await rx.post(notification(again))).json()["alerts"][0]
-    assert second["action"] == "started"
-    assert second["workflow_id"] == expected_id(again) != started["workflow_id"]
-    assert await rx.status_of(started["workflow_id"]) == WorkflowExecutionStatus.RUNNING
-    assert await rx.status_of(second["workflow_id"]) == WorkflowExecutionStatus.RUNNING
-    assert [s.workflow_id for s in rx.receiver.starts] == [started["workflow_id"], second["workflow_id"]]
+    assert second["action"] == "duplicate" and second["workflow_id"] == started["workflow_id"]
+    [incident] = (await incidents(rx)).queue
+    assert incident.joined_total == 2
+    assert [s.workflow_id for s in rx.receiver.starts] == [started["workflow_id"]]
 
 
-async def test_redelivery_after_the_episode_workflow_closed_starts_nothing(rx: Receiver) -> None:
-    a = instance_alert()
-    started = (await rx.post(notification(a))).json()["alerts"][0]
-    await rx.client.get_workflow_handle(started["workflow_id"]).terminate(reason="test: run over")
-
-    response = await rx.post(notification(a))
-    assert response.status_code == 200
-    [result] = response.json()["alerts"]
-    assert result["action"] == "duplicate"
-    assert "already ran" in result["detail"]
-    description = await rx.client.get_workflow_handle(started["workflow_id"]).describe()
-    assert description.status == WorkflowExecutionStatus.TERMINATED
-    assert description.run_id == started["run_id"]
-
-
-async def test_a_running_manual_or_prober_failover_of_the_instance_is_joined(rx: Receiver) -> None:
+async def test_a_failure_the_prober_reported_first_is_joined(rx: Receiver) -> None:
     instance = unique_instance()
-    canonical = failover_workflow_id("llama-2-7b", instance)
-    handle = await rx.client.start_workflow(
-        "FailoverWorkflow",
-        FailoverRequest(model="llama-2-7b", instance=instance, trigger=Trigger.PROBE),
-        id=canonical,
-        task_queue=rx.queue,
-    )
+    prober = FailoverRequest(model="llama-2-7b", instance=instance, trigger=Trigger.PROBE, confirmed=True)
+    ticket = await report_failure(rx.client, rx.queue, FailureReport(request=prober, reporter="prober"))
+    assert not ticket.joined
+    a = instance_alert(instance=instance)
+    [result] = (await rx.post(notification(a))).json()["alerts"]
+    assert result["action"] == "duplicate"
+    assert result["workflow_id"] == ticket.workflow_id == failover_workflow_id("llama-2-7b", instance)
+    [incident] = (await incidents(rx)).queue
+    assert incident.reporter == "prober" and incident.joined == [f"alert {a['fingerprint']} (team-a)"]
+    assert not rx.receiver.starts
+
+
+async def test_an_alert_for_an_instance_that_does_not_exist_is_422_and_reports_nothing(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    queue = f"alerts-{uuid.uuid4()}"
+    known = {"llama-2-7b": {"llama-2-7b-0", "llama-2-7b-1"}, "mistral-7b": {"mistral-7b-0"}}
+
+    async def known_instances(model: str) -> set[str]:
+        return known.get(model, set())
+
+    app = await build_app(time_skipping_env.client, POLICY, TOKENS, task_queue=queue, known_instances=known_instances)
+    runner, url = await serve(app)
     try:
-        a = instance_alert(instance=instance)
-        [result] = (await rx.post(notification(a))).json()["alerts"]
-        assert result["action"] == "duplicate"
-        assert result["workflow_id"] == canonical
-        assert await rx.status_of(expected_id(a)) is None
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            headers = {"Authorization": f"Bearer {TOKEN_A}"}
+            for instance in ("llama-2-7b-9", "mistral-7b-0"):  # missing, and another model's
+                body = notification(instance_alert(instance=instance))
+                response = await http.post("/alerts", json=body, headers=headers)
+                assert response.status_code == 422, response.text
+                assert f"llama-2-7b has no instance {instance!r}" in response.text
+        assert await guardian_state(time_skipping_env.client, queue, "llama-2-7b") is None
     finally:
-        await handle.terminate()
+        await runner.cleanup()
 
 
 async def test_zone_alert_needs_the_platform_token_and_starts_the_zone_failover(rx: Receiver) -> None:
@@ -359,9 +401,9 @@ async def test_mixed_notification_acts_on_instance_alerts_and_ignores_the_rest(r
 # -- resolved --------------------------------------------------------------------------------------
 
 
-async def test_resolved_alert_is_signalled_to_the_episode_workflow(rx: Receiver) -> None:
+async def test_resolved_alert_is_signalled_to_the_guardian(rx: Receiver) -> None:
     a = instance_alert()
-    started = (await rx.post(notification(a))).json()["alerts"][0]
+    await rx.post(notification(a))
     ends_at = "2030-01-01T00:00:05Z"
     resolved = {**a, "status": "resolved", "endsAt": ends_at}
 
@@ -369,25 +411,28 @@ async def test_resolved_alert_is_signalled_to_the_episode_workflow(rx: Receiver)
     assert response.status_code == 200, response.text
     [result] = response.json()["alerts"]
     assert result["action"] == "resolved-signalled"
-    assert result["workflow_id"] == started["workflow_id"]
+    guardian = guardian_workflow_id("llama-2-7b", rx.queue)
+    assert result["workflow_id"] == guardian
 
-    history = await rx.client.get_workflow_handle(started["workflow_id"]).fetch_history()
+    history = await rx.client.get_workflow_handle(guardian).fetch_history()
     signals = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED]
     [event] = signals
     attributes = event.workflow_execution_signaled_event_attributes
     assert attributes.signal_name == "alert_resolved"
-    [payload] = await pydantic_data_converter.decode(attributes.input.payloads, [AlertResolved])
-    assert payload == AlertResolved(fingerprint=a["fingerprint"], ends_at=datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC))
+    [payload] = await pydantic_data_converter.decode(attributes.input.payloads, [InstanceAlertResolved])
+    assert payload == InstanceAlertResolved(
+        instance=a["labels"]["instance"],
+        resolved=AlertResolved(fingerprint=a["fingerprint"], ends_at=datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC)),
+    )
 
 
-async def test_resolved_alert_without_a_running_workflow_is_acknowledged(rx: Receiver) -> None:
-    a = instance_alert(status="resolved", ends_at="2030-01-01T00:00:00Z")
-    response = await rx.post(notification(a))
+async def test_resolved_alert_without_a_guardian_is_acknowledged(rx: Receiver) -> None:
+    a = instance_alert(model="mistral-7b", status="resolved", ends_at="2030-01-01T00:00:00Z")
+    response = await rx.post(notification(a), token=TOKEN_B)
     assert response.status_code == 200
     [result] = response.json()["alerts"]
     assert result["action"] == "ignored"
-    assert "no running workflow" in result["detail"]
-    assert await rx.status_of(expected_id(a)) is None
+    assert "no guardian" in result["detail"]
 
 
 # -- rejections: nothing started -------------------------------------------------------------------
