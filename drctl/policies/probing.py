@@ -1,4 +1,5 @@
-"""The health prober's decisions, pure: hysteresis, flap hold-down, and failover caps (panic mode).
+"""The health prober's decisions, pure: hysteresis and flap hold-down. (Caps on how many recoveries
+run at once are the fleet budget's, :mod:`drctl.policies.budget`, shared by every trigger.)
 
 ``ProbeTracker.observe`` takes one probe result per call and says what changed. An instance goes
 down after ``unhealthy_threshold`` failures in a row (or at once when its process exited), up
@@ -8,8 +9,6 @@ after ``healthy_threshold`` successes; an instance that went down ``flap_limit``
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -58,32 +57,3 @@ class ProbeTracker:
             self.held_until = now + self.policy.hold_down.total_seconds()
             return ProbeEvent.FLAPPING
         return ProbeEvent.DOWN
-
-
-@dataclass(frozen=True)
-class CapDecision:
-    allowed: bool
-    reason: str = ""
-
-
-def failover_allowed(
-    model: str, zone: str | None, in_flight: Iterable[tuple[str, str | None]], policy: DetectionPolicy
-) -> CapDecision:
-    """May the prober start one more failover for ``model`` in ``zone``, given those running?
-
-    Past a cap, mass failure is more likely a problem of the prober's own view (network, a zone)
-    than of the instances: stop acting and alert, as Envoy's panic threshold does.
-    """
-    running = list(in_flight)
-    per_model = Counter(m for m, _ in running)[model]
-    if per_model >= policy.max_failovers_per_model:
-        return CapDecision(
-            False, f"{per_model} failover(s) of {model} already running (cap {policy.max_failovers_per_model})"
-        )
-    if zone is not None:
-        per_zone = Counter(z for _, z in running)[zone]
-        if per_zone >= policy.max_failovers_per_zone:
-            return CapDecision(
-                False, f"{per_zone} failover(s) in {zone} already running (cap {policy.max_failovers_per_zone})"
-            )
-    return CapDecision(True)

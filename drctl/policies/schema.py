@@ -243,9 +243,12 @@ class DetectionPolicy(_Section):
     """This many down-transitions within ``flapWindow`` hold the instance out instead of failing
     it over again and again."""
     hold_down: PositiveDuration = timedelta(minutes=10)
-    max_failovers_per_model: Annotated[int, Field(ge=1)] = 1
+    max_failovers_per_model: Annotated[int, Field(ge=1, le=1)] = 1
+    """Recoveries of one model at once: always 1 (the model's guardian runs its incidents one after
+    the other, so two runbooks never pick the same standby). Kept so older policies still load."""
     max_failovers_per_zone: Annotated[int, Field(ge=1)] = 3
-    """Past either cap the prober stops acting and raises an alert instead (panic mode)."""
+    """Recoveries running at once in one zone, fleet-wide (the budget's per-zone cap): past it a
+    recovery waits for a running one to end. See ``budget``."""
 
 
 class ReconcilePolicy(_Section):

@@ -9,9 +9,10 @@ An incident is one of:
 - it is deleted (or starts terminating: ``deletionTimestamp`` set);
 - the node it runs on turns NotReady (or is deleted): every serving or hot pod on it.
 
-Each starts ``FailoverWorkflow`` (trigger ``probe``) at most once per instance per incident; the
-incident ends when a pod of that instance is seen Ready in a serving or hot role again. The caps
-are the prober's (``failover_allowed``): past them the watcher logs an error and does not act.
+Each is reported to the model's guardian (trigger ``probe``) once per instance per incident; the
+incident ends when a pod of that instance is seen Ready in a serving or hot role again. The watcher
+keeps no caps of its own: the guardian serializes a model's recoveries and the fleet's budget
+delays what does not fit, whoever reported it.
 
 The decisions are pure (``pod_failures``, ``node_failures``, ``WatchState``); the I/O is thin:
 one thread per resource runs ``kubernetes.watch.Watch`` over ``list_namespaced_pod`` /
@@ -36,7 +37,6 @@ from temporalio.client import Client
 from drctl.activities.kubernetes.platform import INSTANCE, MODEL, ROLE, SERVING, ZONE
 from drctl.payloads import FailoverRequest, IncidentTicket, Role, Trigger
 from drctl.policies.loader import load_policy_file
-from drctl.policies.probing import CapDecision, failover_allowed
 from drctl.policies.schema import DetectionPolicy
 from drctl.settings import DrctlSettings
 from drctl.workers.service import run_service
@@ -185,13 +185,6 @@ class WatchState:
     def zone(self, node: str | None) -> str | None:
         found = self.nodes.get(node) if node else None
         return found.zone if found else None
-
-    def admit(
-        self, failure: Failure, in_flight: Iterable[tuple[str, str | None]], policy: DetectionPolicy
-    ) -> CapDecision:
-        """The prober's caps; either way the incident is now open (no second start, no second log)."""
-        self.down.add(failure.instance)
-        return failover_allowed(failure.model, self.zone(failure.node), in_flight, policy)
 
 
 def pod_state(pod: Any) -> PodState | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from drctl.policies.probing import ProbeEvent, ProbeTracker, failover_allowed
+from drctl.policies.probing import ProbeEvent, ProbeTracker
 from drctl.policies.schema import DetectionPolicy
 
 SEED = DetectionPolicy()  # 5 s, 3 failures down, 2 successes up
@@ -51,13 +51,3 @@ def test_downs_outside_the_window_do_not_count_as_flapping() -> None:
     tracker = ProbeTracker(SEED.model_copy(update={"flap_window": timedelta(seconds=30)}))
     events = [e for e in feed(tracker, "---++---++---", step=10.0) if e is not None]
     assert ProbeEvent.FLAPPING not in events
-
-
-def test_caps_per_model_and_per_zone() -> None:
-    policy = SEED.model_copy(update={"max_failovers_per_model": 1, "max_failovers_per_zone": 2})
-    assert failover_allowed("m", "az-1", [], policy).allowed
-    blocked = failover_allowed("m", "az-1", [("m", "az-2")], policy)
-    assert not blocked.allowed and "m" in blocked.reason and "cap 1" in blocked.reason
-    assert failover_allowed("n", "az-1", [("m", "az-1")], policy).allowed
-    zone = failover_allowed("o", "az-1", [("m", "az-1"), ("n", "az-1")], policy)
-    assert not zone.allowed and "az-1" in zone.reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,12 +15,11 @@ import pytest
 from kubernetes.client import ApiClient, Configuration, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from drctl.payloads import FailoverRequest, Trigger
+from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Trigger
 from drctl.policies.schema import DetectionPolicy
 from drctl.workers import kube_watcher
 from drctl.workers.kube_watcher import (
     Event,
-    Failure,
     KubeWatcher,
     NodeState,
     PodState,
@@ -99,14 +99,14 @@ def test_node_not_ready_fails_its_serving_and_hot_pods() -> None:
     assert node_failures(NodeState("node-a"), NodeState("node-a"), pods) == []
 
 
-# -- pure: state, once per incident, caps ---------------------------------------------------------
+# -- pure: state, once per incident ---------------------------------------------------------------
 
 
 def test_state_starts_once_per_incident_until_ready_again() -> None:
     state = WatchState()
     assert state.pod_sync([serving()]) == []
     [f] = state.pod_event("MODIFIED", serving(ready=False))
-    assert state.admit(f, [], POLICY).allowed
+    state.down.add(f.instance)  # reported
     assert state.pod_event("MODIFIED", serving(ready=False, restarts=1)) == []  # same incident
     assert state.pod_event("DELETED", serving(ready=False, restarts=1)) == []
     # the Deployment's new pod for the same instance: starting, then Ready ends the incident
@@ -124,8 +124,7 @@ def test_node_and_pod_events_of_one_incident_start_once() -> None:
     state.pod_sync([serving(), serving("llama-1-def", role="hot", serving=False)])
     failures = state.node_event("MODIFIED", NodeState("node-a", ready=False, zone="az-1"))
     assert [f.instance for f in failures] == ["llama-0", "llama-1"]
-    for f in failures:
-        state.admit(f, [], POLICY)
+    state.down.update(f.instance for f in failures)  # reported
     assert state.zone("node-a") == "az-1"
     # the node controller then marks the pods not Ready: already handled
     assert state.pod_event("MODIFIED", serving(ready=False)) == []
@@ -142,37 +141,28 @@ def test_resync_after_gone_sees_deletions_and_changes() -> None:
     assert [f.instance for f in state.node_sync([])] == ["llama-1"]
 
 
-def test_caps_refuse_past_the_limit_and_the_incident_stays_open() -> None:
-    policy = DetectionPolicy(max_failovers_per_model=1)
-    state = WatchState()
-    f = Failure("llama", "llama-1", "x", "node-a")
-    decision = state.admit(f, [("llama", None)], policy)
-    assert not decision.allowed and "cap 1" in decision.reason
-    assert state.pod_event("MODIFIED", serving("llama-1-def", ready=False)) == []  # no second try/log
+# -- the async layer: every failure reported to the guardian, once per incident ----------------
 
 
-# -- the async layer: starts, caps (panic), following the workflow --------------------------------
-
-
-class Handle:
-    def __init__(self, workflow_id: str) -> None:
-        self.id = workflow_id
-        self.done = asyncio.Event()
-
-    async def result(self) -> None:
-        await self.done.wait()
-
-
-def fake_starter() -> tuple[list[FailoverRequest], list[Handle], Any]:
+def fake_starter() -> tuple[list[FailoverRequest], list[IncidentTicket], Any]:
     started: list[FailoverRequest] = []
-    handles: list[Handle] = []
+    tickets: list[IncidentTicket] = []
 
-    async def start(request: FailoverRequest) -> Any:
+    async def report(request: FailoverRequest) -> IncidentTicket:
         started.append(request)
-        handles.append(Handle(f"failover-{request.instance}"))
-        return handles[-1]
+        tickets.append(
+            IncidentTicket(
+                model=request.model,
+                instance=request.instance,
+                workflow_id=f"failover-{request.instance}",
+                joined=False,
+                state=IncidentState.QUEUED,
+                opened_at=datetime.now(UTC),
+            )
+        )
+        return tickets[-1]
 
-    return started, handles, start
+    return started, tickets, report
 
 
 def v1pod(name: str, instance: str, *, ready: bool = True, restarts: int = 0, role: str = "serving") -> Any:
@@ -199,22 +189,20 @@ def test_pod_state_reads_a_v1pod() -> None:
     assert pod_state(other) is None
 
 
-async def test_handle_starts_probe_failovers_within_the_caps() -> None:
-    started, handles, start = fake_starter()
-    watcher = KubeWatcher(None, "fleet", DetectionPolicy(max_failovers_per_model=1), start)
+async def test_every_failure_is_reported_once_and_caps_are_the_budgets() -> None:
+    """The watcher keeps no caps of its own (they dropped failures): it reports each incident once to
+    the guardian, and the fleet's budget delays what must wait."""
+    started, _, report = fake_starter()
+    watcher = KubeWatcher(None, "fleet", DetectionPolicy(max_failovers_per_model=1), report)
     pods = [v1pod("llama-0-abc", "llama-0"), v1pod("llama-1-def", "llama-1", role="hot")]
     await watcher.handle(Event("pods", "SYNC", pods))
     await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False)]))
     await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False, restarts=1)]))
     assert [(r.instance, r.trigger) for r in started] == [("llama-0", Trigger.PROBE)]
     assert "not Ready" in started[0].reason and started[0].failed_at is not None
-    # cap of one failover per model: the hot standby's restart is refused (panic), not acted on
+    # A second failure of the model is reported too (the old per-model cap dropped it).
     await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-1-def", "llama-1", role="hot", restarts=1)]))
-    assert len(started) == 1 and watcher.panic and "cap 1" in watcher.panic
-    handles[0].done.set()
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert watcher.in_flight == {}
+    assert [r.instance for r in started] == ["llama-0", "llama-1"]
 
 
 # -- the watch loop, over a stubbed stream --------------------------------------------------------

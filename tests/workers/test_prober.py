@@ -1,71 +1,68 @@
-"""The prober's actions: a dead process starts a failover at once; past the cap it stops acting
-and raises one alert (panic mode) instead."""
+"""The prober's actions: a dead process is reported to its model's guardian at once, every one of
+them (caps are the budget's, which delays instead of dropping), once per incident, and a report that
+does not get through is tried again until it does."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from drctl.activities.local.registry import InstanceRegistry
-from drctl.payloads import FailoverRequest, Instance, Role, Trigger
+from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Instance, Role, Trigger
 from drctl.policies.loader import load_policy_file
 from drctl.workers.prober import Prober
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
 
 
-class PendingHandle:
-    """A started failover that is still running."""
-
-    def __init__(self, workflow_id: str) -> None:
-        self.id = workflow_id
-        self.done = asyncio.Event()
-
-    async def result(self) -> None:
-        await self.done.wait()
+async def settle(prober: Prober) -> None:
+    for _ in range(50):  # reports go out in the background
+        await asyncio.sleep(0.01)
+        if not prober.unreported:
+            return
 
 
-async def test_exit_starts_a_failover_and_the_cap_turns_into_one_panic_alert(tmp_path: Path) -> None:
+async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retried(tmp_path: Path) -> None:
     registry = InstanceRegistry(tmp_path / "instances.json")
     with registry.edit() as instances:
-        for n in range(3):  # three serving instances whose processes are gone (pid None)
+        for n in range(4):  # four serving instances in one zone whose processes are gone (pid None)
             instances[f"llama-2-7b-{n}"] = Instance(
                 id=f"llama-2-7b-{n}", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
             )
-    started: list[FailoverRequest] = []
-    handles: list[PendingHandle] = []
-    alerts: list[dict[str, Any]] = []
+    reported: list[FailoverRequest] = []
+    temporal_down = True
 
-    async def start(request: FailoverRequest) -> Any:
-        started.append(request)
-        handles.append(PendingHandle(f"failover-{request.instance}"))
-        return handles[-1]
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        if temporal_down:
+            raise RuntimeError("Temporal unreachable")
+        reported.append(request)
+        return IncidentTicket(
+            model=request.model,
+            instance=request.instance,
+            workflow_id=f"failover-{request.instance}",
+            joined=False,
+            state=IncidentState.QUEUED,
+            opened_at=datetime.now(UTC),
+        )
 
-    async def raise_alert(alert: dict[str, Any]) -> None:
-        alerts.append(alert)
-
-    prober = Prober(POLICY, registry, start, raise_alert)  # cap: 1 failover per model at a time
+    prober = Prober(POLICY, registry, report)  # the policy's caps: 1 per model, 3 per zone
     try:
         await prober.tick(time.monotonic())
-        assert [r.instance for r in started] == ["llama-2-7b-0"]
-        assert started[0].trigger == Trigger.PROBE and started[0].failed_at is not None
-        assert "process exited" in started[0].reason
-        assert started[0].confirmed  # the prober's hysteresis is the confirmation
-        # The other two are down too, but the cap holds: one alert, not one per instance or tick.
-        assert prober.panic is not None and "cap 1" in prober.panic
-        assert len(alerts) == 1 and alerts[0]["labels"]["alertname"] == "DrctlProberPanic"
+        await settle(prober)
+        assert reported == [] and len(prober.unreported) == 4 and prober.report_errors >= 1  # kept, not dropped
+        temporal_down = False
         await prober.tick(time.monotonic())
-        assert len(started) == 1 and len(alerts) == 1
-        # When the running failover ends (it ejected the instance), the prober may act again.
-        registry.update("llama-2-7b-0", role=Role.FAILED)
-        handles[0].done.set()
-        await asyncio.sleep(0.05)
-        prober.trackers.clear()
-        await prober.tick(time.monotonic())
-        assert [r.instance for r in started] == ["llama-2-7b-0", "llama-2-7b-1"]
+        await settle(prober)
+        # All four, past both caps: the guardian serializes, the budget delays; nothing is dropped.
+        assert sorted(r.instance for r in reported) == [f"llama-2-7b-{n}" for n in range(4)]
+        first = reported[0]
+        assert first.trigger == Trigger.PROBE and first.failed_at is not None and first.confirmed
+        assert "process exited" in first.reason
+        for _ in range(3):  # still down: the same incidents, not reported again
+            await prober.tick(time.monotonic())
+        await settle(prober)
+        assert len(reported) == 4
     finally:
-        for handle in handles:
-            handle.done.set()
         await prober.aclose()
