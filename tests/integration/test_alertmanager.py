@@ -23,15 +23,17 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
-from drctl.payloads import failover_workflow_id
+from drctl.payloads import LeaseRequest, StepReport, failover_workflow_id, guardian_workflow_id
 from drctl.policies.schema import DRPolicy
+from drctl.temporal.incidents import guardian_state
 from drctl.workers.alert_receiver import ALERTS_PATH, RECEIVER, AlertReceiver, build_app
-from drctl.workers.alerts import episode_key
 from drctl.workers.stack import free_ports
+from drctl.workflows.guardian import ModelGuardianWorkflow
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +63,7 @@ class Stack:
     receiver: AlertReceiver
     alertmanager_url: str
     log_path: Path
+    queue: str
 
 
 def alertmanager_config(webhook_url: str) -> dict[str, object]:
@@ -119,6 +122,12 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
+@activity.defn(name="request_lease")
+async def never_granted(request: LeaseRequest) -> StepReport:
+    """The budget is out of the picture: the incident stays queued, which is what the receiver does."""
+    return StepReport(detail="test: waiting for the budget forever")
+
+
 async def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -131,10 +140,15 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: flo
 @pytest.fixture
 async def stack(time_skipping_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Stack]:
     alertmanager_binary()  # fail first, with the install hint, when it is missing
-    app = await build_app(time_skipping_env.client, POLICY, {"team-a": TOKEN}, task_queue=f"am-{uuid.uuid4()}")
+    queue = f"am-{uuid.uuid4()}"
+    app = await build_app(time_skipping_env.client, POLICY, {"team-a": TOKEN}, task_queue=queue)
     runner = web.AppRunner(app)
     await runner.setup()
     process: subprocess.Popen[bytes] | None = None
+    guardians = Worker(
+        time_skipping_env.client, task_queue=queue, workflows=[ModelGuardianWorkflow], activities=[never_granted]
+    )
+    await guardians.__aenter__()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         webhook_url = f"http://127.0.0.1:{runner.addresses[0][1]}{ALERTS_PATH}"
@@ -142,11 +156,12 @@ async def stack(time_skipping_env: WorkflowEnvironment, tmp_path: Path) -> Async
         process = start_alertmanager(tmp_path, webhook_url, port)
         url = f"http://127.0.0.1:{port}"
         await _wait_ready(url, process, tmp_path / "alertmanager.log")
-        yield Stack(app[RECEIVER], url, tmp_path / "alertmanager.log")
+        yield Stack(app[RECEIVER], url, tmp_path / "alertmanager.log", queue)
     finally:
         if process is not None:
             stop(process)
         await runner.cleanup()
+        await guardians.__aexit__(None, None, None)
 
 
 async def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 15.0) -> None:
@@ -187,17 +202,18 @@ async def test_alertmanager_alert_starts_exactly_one_failover(
         response = await http.post("/api/v2/alerts", json=[posted])
         assert response.status_code == 200, response.text
 
-        # Alertmanager computes the fingerprint; the workflow ID follows from it and startsAt.
+        # Alertmanager computes the fingerprint; the incident is the instance's, whatever the episode.
         [seen] = (await http.get("/api/v2/alerts", params={"filter": f'instance="{instance}"'})).json()
-        workflow_id = f"{failover_workflow_id('llama-2-7b', instance)}-{episode_key(seen['fingerprint'], starts_at)}"
+        workflow_id = failover_workflow_id("llama-2-7b", instance)
 
         started = await wait_for(lambda: bool(receiver.starts), timeout_s=10)
-        assert started, f"no workflow started in 10 s; Alertmanager log:\n{tail(stack.log_path)}"
+        assert started, f"no incident opened in 10 s; Alertmanager log:\n{tail(stack.log_path)}"
         [record] = receiver.starts
         assert record.workflow_id == workflow_id
-        description = await time_skipping_env.client.get_workflow_handle(workflow_id).describe()
-        assert description.status == WorkflowExecutionStatus.RUNNING
-        assert description.workflow_type == "FailoverWorkflow"
+        state = await guardian_state(time_skipping_env.client, stack.queue, "llama-2-7b")
+        assert state is not None
+        [incident] = state.queue
+        assert incident.instance == instance and incident.reporter.startswith(f"alert {seen['fingerprint']}")
 
         # Alertmanager re-sends every repeat_interval; the same alert posted again joins it.
         await asyncio.sleep(REPEAT_INTERVAL_S * 2.5)
@@ -213,7 +229,7 @@ async def test_alertmanager_alert_starts_exactly_one_failover(
         # The alert resolves: Alertmanager sends it resolved, and the running workflow is told.
         ended = {**posted, "endsAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")}
         assert (await http.post("/api/v2/alerts", json=[ended])).status_code == 200
-        handle = time_skipping_env.client.get_workflow_handle(workflow_id)
+        handle = time_skipping_env.client.get_workflow_handle(guardian_workflow_id("llama-2-7b", stack.queue))
         deadline = time.monotonic() + 10
         signals: list[str] = []
         while not signals and time.monotonic() < deadline:
