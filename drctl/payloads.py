@@ -405,6 +405,9 @@ class ZoneFailoverRequest(Payload):
     reason: Annotated[str, Field(max_length=500)] = ""
     approved: bool = False
     """Pre-approved (the policy's ``requireApproval`` is then satisfied at once)."""
+    plan_only: bool = False
+    """Decide and list what would be done (GPUs cordoned, each serving instance and the standby it
+    would promote, the budget used), change nothing."""
 
 
 class ZoneApproval(Payload):
@@ -425,6 +428,8 @@ class ZoneFailoverResult(Payload):
     cordoned_gpus: list[str] = Field(default_factory=list)
     reconcile: str = ""
     """Reconciliation requested at the end, so standbys leave the cordoned zone at once."""
+    plan: list[str] = Field(default_factory=list)
+    """Plan mode: what it would do, in order."""
 
 
 def zone_failover_workflow_id(zone: str) -> str:

@@ -816,10 +816,18 @@ def zone_failover(
     zone: Annotated[str, typer.Argument(help="the failed zone, e.g. az-1 (the policy's az_failover.activeZones)")],
     reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual zone failover",
     approved: Annotated[bool, typer.Option(help="pre-approve (when the policy requires approval)")] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print what it would do (GPUs, instances, standbys, budget), change nothing")
+    ] = False,
     policy: PolicyOption = None,
 ) -> None:
-    """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over."""
+    """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over.
+
+    Each serving instance is reported to its model's guardian, so a recovery the prober already
+    runs is joined, not doubled. With --plan, the same workflow observes and decides, changing nothing.
+    """
     from drctl.payloads import ZoneFailoverRequest
+    from drctl.payloads import ZoneFailoverResult as ZoneFailoverResultType
     from drctl.workers.runbooks import start_zone_failover
 
     settings = _settings(policy)
@@ -828,6 +836,18 @@ def zone_failover(
 
     async def _run() -> None:
         client = await _connect(settings)
+        if plan:
+            planned = await client.execute_workflow(
+                "ZoneFailoverWorkflow",
+                ZoneFailoverRequest(zone=zone, reason=reason, approved=approved, plan_only=True),
+                id=f"plan-zone-failover-{zone}-{uuid.uuid4().hex[:6]}",
+                task_queue=settings.task_queue,
+                result_type=ZoneFailoverResultType,
+            )
+            out.print(f"plan of the failover of zone {zone} (nothing will be changed):", highlight=False)
+            for number, line in enumerate(planned.plan, start=1):
+                out.print(f"  {number}. {line}", highlight=False, markup=False)
+            return
         handle = await start_zone_failover(
             client, settings, ZoneFailoverRequest(zone=zone, reason=reason, approved=approved)
         )

@@ -269,11 +269,10 @@ class FailoverWorkflow:
             # Nothing replaced it: leave a last serving instance registered (its health check
             # keeps traffic off it while it is down) and report.
             return self._finish(FailoverOutcome.NO_STANDBY, "no standby could be promoted")
-        if self._plan_only:
-            return self._finish(FailoverOutcome.PLANNED, f"would promote {promoted.id} ({promoted.role})")
-
         if result.eject_deferred:
             await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
+        if self._plan_only:
+            return self._finish(FailoverOutcome.PLANNED, f"would promote {promoted.id} ({promoted.role})")
 
         verified_at = self._verified_at or workflow.now()
         failure_start = request.failed_at or started
@@ -434,7 +433,7 @@ class FailoverWorkflow:
     ) -> R:
         start = workflow.now()
         if self._plan_only and activity in MUTATING:
-            line = f"{step} {subject or ''}".strip()
+            line = f"{step} {subject or getattr(arg, 'instance', '')}".strip()
             assert self._result is not None
             self._result.plan.append(line)
             self._record(step, start, start, None, True, "planned, not run")

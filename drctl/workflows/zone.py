@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         DrainGpuRequest,
         FleetSnapshot,
+        Instance,
         ModelRef,
         Role,
         StepReport,
@@ -33,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
+    from drctl.policies.standby import standby_candidates
     from drctl.workflows.reports import recover_through_guardians
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
@@ -78,6 +80,14 @@ class ZoneFailoverWorkflow:
         self._approval = approval
         return f"approved by {approval.approver}"
 
+    def _plan(
+        self, request: ZoneFailoverRequest, snapshot: FleetSnapshot, policy: DRPolicy, serving: list[Instance]
+    ) -> ZoneFailoverResult:
+        """The same observation and order as a real run; nothing cordoned, reported or moved."""
+        assert self._result is not None
+        self._result.plan = _plan_lines(request, snapshot, policy, serving)
+        return self._result
+
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         result = self._result = ZoneFailoverResult(zone=request.zone)
@@ -88,6 +98,8 @@ class ZoneFailoverWorkflow:
             key=lambda i: (-rank.get(i.model, 0), i.model, i.id),
         )
         result.pending = [i.id for i in serving]
+        if request.plan_only:
+            return self._plan(request, snapshot, policy, serving)
         if policy.az_failover.require_approval and not request.approved:
             await workflow.wait_condition(lambda: self._approval is not None)
         result.approved_by = (
@@ -126,6 +138,27 @@ class ZoneFailoverWorkflow:
         # Standbys on the cordoned GPUs move now, not at the next scheduled reconcile.
         result.reconcile = await request_reconcile(policy)
         return result
+
+
+def _plan_lines(
+    request: ZoneFailoverRequest, snapshot: FleetSnapshot, policy: DRPolicy, serving: list[Instance]
+) -> list[str]:
+    lines: list[str] = []
+    if policy.az_failover.require_approval and not request.approved:
+        lines.append("wait for an operator's approval (drctl approve / the Update 'approve')")
+    gpus = [s.id for s in gpu_inventory(policy.gpu_pool) if s.zone == request.zone]
+    lines.append(f"cordon {len(gpus)} GPU(s) of {request.zone}: {', '.join(gpus) or '-'}")
+    for instance in serving:
+        model = [i for i in snapshot.instances if i.model == instance.model]
+        candidates = standby_candidates(model, instance.id, policy.az_failover.standby_zone)
+        pick = next((c for c in candidates if c.zone != request.zone), candidates[0] if candidates else None)
+        target = f"{pick.id} ({pick.role}, {pick.zone or '-'})" if pick else "no standby: an emergency instance"
+        lines.append(f"report {instance.id} to guardian-{instance.model}: promote {target}")
+    lines.append(
+        f"budget: {len(serving)} zone-level lease(s), at most {policy.az_failover.max_parallel_failovers} at a time"
+    )
+    lines.append("request reconciliation (standbys leave the cordoned zone)")
+    return lines
 
 
 @workflow.defn(name="ZoneFailbackWorkflow", failure_exception_types=[ValidationError])

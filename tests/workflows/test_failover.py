@@ -274,3 +274,25 @@ async def test_a_hung_hot_standby_is_given_up_after_the_short_check(time_skippin
     assert [s.ok for s in loads] == [False, True]
     assert loads[0].duration_ms < 10_000  # one short try, not a model load's timeout
     assert ("eject", "llama-2-7b-1") in fleet.calls  # the hung standby is taken out
+
+
+async def test_plan_runs_the_same_decisions_and_changes_nothing(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.COLD))
+    before = dict(fleet.instances)
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        result = await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", plan_only=True),
+            id=f"plan-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+    assert result.outcome == FailoverOutcome.PLANNED
+    assert result.plan == [
+        "promote llama-2-7b-1",
+        "load llama-2-7b-1",
+        "register llama-2-7b-1",
+        "verify llama-2-7b-1",
+        "eject llama-2-7b-0",  # deferred: the last serving instance
+    ]
+    assert fleet.instances == before  # nothing changed
+    assert [step for step, _ in fleet.calls] == ["probe", "list"]  # reads only

@@ -127,3 +127,19 @@ async def test_serving_moves_to_the_standby_zone_first(time_skipping_env: Workfl
     )  # fmt: skip
     result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="zone down")
     assert "llama-2-7b-0 → llama-2-7b-2 (recovered)" in result.moved  # az-3, the policy's standbyZone
+
+
+async def test_plan_lists_what_the_zone_failover_would_do_and_changes_nothing(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = fleet_across_zones()
+    result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="what if", plan_only=True)
+    assert result.moved == [] and result.cordoned_gpus == []
+    assert not fleet.cordoned and not any(step in ("promote", "cordon", "claim-epoch") for step, _ in fleet.calls)
+    assert result.plan[0].startswith("cordon ") and "az-1" in result.plan[0]
+    reports = [line for line in result.plan if line.startswith("report ")]
+    assert reports == [
+        "report llama-2-7b-0 to guardian-llama-2-7b: promote llama-2-7b-1 (hot, az-3)",  # critical first
+        "report gpt-4-8b-0 to guardian-gpt-4-8b: promote gpt-4-8b-1 (hot, az-3)",
+    ]
+    assert any("2 zone-level lease(s)" in line for line in result.plan)
