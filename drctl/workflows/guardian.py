@@ -60,6 +60,8 @@ MAX_HISTORY = 2_000
 LEASE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5))
 """Asking the budget and claiming the epoch retry until they succeed: a recovery is delayed by an
 unreachable platform or Temporal, never dropped."""
+RUNBOOK_GONE = "ExternalWorkflowExecutionNotFound"
+"""The failure type of a signal to a workflow that has already closed."""
 SETTLED = (FailoverOutcome.RECOVERED, FailoverOutcome.ALREADY_EJECTED, FailoverOutcome.STANDBY_EJECTED)
 """Outcomes after which the instance is out for good: a later report of it has nothing to add."""
 
@@ -93,7 +95,7 @@ class ModelGuardianWorkflow:
                 self._upgraded += 1
             handle = self._running.get(open_.instance)
             if handle is not None:
-                await handle.signal("joined", reporter)
+                await self._tell_runbook(handle, "joined", reporter)
             return self._ticket(open_, joined=True)
         settled = next(
             (i for i in reversed(state.recent) if i.instance == request.instance and i.outcome in SETTLED), None
@@ -130,7 +132,7 @@ class ModelGuardianWorkflow:
         """The alert about an instance resolved: tell its running runbook (its own probe decides)."""
         handle = self._running.get(resolved.instance)
         if handle is not None:
-            await handle.signal("alert_resolved", resolved.resolved)
+            await self._tell_runbook(handle, "alert_resolved", resolved.resolved)
 
     @workflow.query(name="incidents")
     def incidents(self) -> GuardianState:
@@ -228,13 +230,26 @@ class ModelGuardianWorkflow:
         joined_before = list(incident.joined)  # from now on the report handler signals new ones itself
         self._running[incident.instance] = handle
         for reporter in joined_before:
-            await handle.signal("joined", reporter)
+            await self._tell_runbook(handle, "joined", reporter)
         try:
             result: FailoverResult = await handle
         except ChildWorkflowError as err:
             workflow.logger.warning("runbook %s failed: %s", incident.workflow_id, err)
             return None
         return result
+
+    @staticmethod
+    async def _tell_runbook(handle: Any, signal: str, arg: Any) -> None:
+        """Signal a running runbook. It may have ended before the signal lands (its end not yet seen
+        here): then there is nothing left to tell it, and that must not fail the guardian (found by
+        the nemesis: a fast runbook ended between two ``joined`` signals, the guardian failed with
+        its incident still queued, and the model had no guardian until the next report)."""
+        try:
+            await handle.signal(signal, arg)
+        except ApplicationError as err:
+            if err.type != RUNBOOK_GONE:
+                raise
+            workflow.logger.info("runbook %s ended before its %s signal", handle.id, signal)
 
     @staticmethod
     def _join(incident: Incident, reporter: str) -> None:

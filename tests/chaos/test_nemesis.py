@@ -1,0 +1,113 @@
+"""The nemesis in CI: a few seeded rounds of faults and duplicate triggers on a real stack under load,
+the invariants checked after each (``bench/chaos.py`` runs many more); the checks themselves shown
+to fail on broken state; and the guardian bug the nemesis found, pinned on the time-skipping server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import (
+    Interceptor,
+    SignalChildWorkflowInput,
+    Worker,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+    WorkflowOutboundInterceptor,
+)
+
+from drctl.payloads import (
+    FailoverOutcome,
+    FailoverRequest,
+    FailureReport,
+    GuardianState,
+    IncidentState,
+    Role,
+    Trigger,
+    guardian_workflow_id,
+)
+from drctl.temporal.incidents import guardian_state, report_failure
+from drctl.workflows.budget import BudgetWorkflow
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
+from tests.workflows.fakes import FakeFleet
+
+# -- the guardian bug the nemesis found (seed 1, round 3) ------------------------------------------
+
+
+class _LateChildSignals(WorkflowOutboundInterceptor):
+    async def signal_child_workflow(self, input: SignalChildWorkflowInput) -> None:
+        await workflow.sleep(timedelta(seconds=30))  # the runbook ends meanwhile
+        await super().signal_child_workflow(input)
+
+
+class _Inbound(WorkflowInboundInterceptor):
+    def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+        super().init(_LateChildSignals(outbound))
+
+
+class LateChildSignals(Interceptor):
+    """Every signal a workflow sends its child lands 30 s (skipped) late: after a quick child ended."""
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor]:
+        return _Inbound
+
+
+def _report(instance: str, reporter: str) -> FailureReport:
+    request = FailoverRequest(model="llama-2-7b", instance=instance, confirmed=True, trigger=Trigger.PROBE)
+    return FailureReport(request=request, reporter=reporter)
+
+
+async def test_a_runbook_that_ends_before_its_joined_signal_does_not_fail_the_guardian(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """A report joined an incident while it was queued; the guardian tells the runbook once it runs.
+    A hot failover can end before that signal lands (on the real stack under load it did, between
+    two of three signals): the guardian failed with ``ExternalWorkflowExecutionNotFound``, its
+    incident stuck in the queue, and the model without a guardian."""
+    fleet = FakeFleet.of(
+        ("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.HOT),
+        ("llama-2-7b-3", Role.HOT),
+    )  # fmt: skip
+    fleet.promote_gate = asyncio.Event()  # the first runbook holds, the second incident queues behind it
+    queue = f"nemesis-{uuid.uuid4().hex[:8]}"
+    client = time_skipping_env.client
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[ModelGuardianWorkflow, BudgetWorkflow, FailoverWorkflow],
+        activities=fleet.activities(),
+        interceptors=[LateChildSignals()],
+    ):
+        await report_failure(client, queue, _report("llama-2-7b-0", "prober"))
+        await report_failure(client, queue, _report("llama-2-7b-1", "prober"))
+        duplicate = await report_failure(client, queue, _report("llama-2-7b-1", "alert abc"))
+        assert duplicate.joined and duplicate.state == IncidentState.QUEUED
+        fleet.promote_gate.set()
+        state = await _guardian_when(
+            client, queue, lambda s: bool(s.queue) and s.queue[0].instance == "llama-2-7b-1" and bool(s.queue[0].run_id)
+        )
+        await asyncio.sleep(0.3)  # the second runbook ends; its joined signal waits on the skipped timer
+        await time_skipping_env.sleep(60)
+        state = await _guardian_when(client, queue, lambda s: len(s.recent) == 2)
+        description = await client.get_workflow_handle(guardian_workflow_id("llama-2-7b", queue)).describe()
+    assert description.status == WorkflowExecutionStatus.RUNNING
+    assert [i.outcome for i in state.recent] == [FailoverOutcome.RECOVERED, FailoverOutcome.RECOVERED]
+    assert state.recent[1].joined == ["alert abc"] and not state.queue
+
+
+async def _guardian_when(
+    client: Client, queue: str, ok: Callable[[GuardianState], bool], model: str = "llama-2-7b"
+) -> GuardianState:
+    state = None
+    for _ in range(200):
+        state = await guardian_state(client, queue, model)
+        if state is not None and ok(state):
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the guardian never got there: {state}")
