@@ -8,7 +8,10 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
+import yaml
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
@@ -21,16 +24,23 @@ from temporalio.worker import (
     WorkflowOutboundInterceptor,
 )
 
+from drctl.activities.local import processes
+from drctl.activities.local.platform import LocalPlatform
 from drctl.payloads import (
     FailoverOutcome,
     FailoverRequest,
     FailureReport,
     GuardianState,
     IncidentState,
+    Instance,
+    ReconcileAction,
+    ReconcileActionKind,
     Role,
     Trigger,
     guardian_workflow_id,
 )
+from drctl.policies.loader import load_policy_file
+from drctl.settings import DrctlSettings
 from drctl.temporal.incidents import guardian_state, report_failure
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -111,3 +121,56 @@ async def _guardian_when(
             return state
         await asyncio.sleep(0.05)
     raise AssertionError(f"the guardian never got there: {state}")
+
+
+# -- the reconcile delete bug the nemesis found (seed 1, round 1) ------------------------------------
+
+
+def _eds_ports(platform: LocalPlatform, model: str) -> set[int]:
+    document = yaml.safe_load(platform.layout.eds_file(model).read_text())
+    return {
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for locality in document["resources"][0]["endpoints"]
+        for e in locality["lb_endpoints"]
+    }
+
+
+async def test_a_delete_cut_short_by_a_worker_crash_is_finished_by_its_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reconcile moves a misplaced hot standby: create the replacement, then delete the old one. The
+    worker was killed inside the delete, after the registry forgot the instance and before the EDS
+    file and the process followed; the retry found it "already gone", and Envoy kept a ghost hot
+    standby (a third at priority 1, the policy wants two) whose process nothing would stop."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("models:\n  - name: alpha\n    hotStandby: 1\n")
+    settings = DrctlSettings(policy=policy_file, state_dir=tmp_path / "state")
+    platform = LocalPlatform(settings, load_policy_file(policy_file))
+    pid = processes.spawn(["sleep", "60"], tmp_path / "standby.log")
+    try:
+        with platform.registry.edit() as instances:
+            instances["alpha-1"] = Instance(
+                id="alpha-1", model="alpha", role=Role.HOT, port=45678, pid=pid, lb_priority=1
+            )
+        platform.sync_load_balancer("alpha")
+        assert _eds_ports(platform, "alpha") == {45678}
+        delete = ReconcileAction(
+            kind=ReconcileActionKind.DELETE, model="alpha", instance="alpha-1", tier=Role.HOT, epoch=0, reason="moved"
+        )
+
+        def worker_killed(model: str) -> None:
+            raise RuntimeError("the worker died here")
+
+        monkeypatch.setattr(platform, "sync_load_balancer", worker_killed)
+        with pytest.raises(RuntimeError):
+            await platform.delete_instance(delete)
+        monkeypatch.undo()
+        assert processes.is_alive(pid)
+        await platform.delete_instance(delete)  # the activity's retry on the restarted worker
+
+        assert "alpha-1" not in platform.registry.load()
+        assert _eds_ports(platform, "alpha") == set()
+        assert not processes.is_alive(pid)
+    finally:
+        processes.terminate(pid, grace_s=0.5)
+        await platform.aclose()

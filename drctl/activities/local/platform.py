@@ -34,6 +34,8 @@ from drctl.policies.schema import DRPolicy, ModelPolicy
 from drctl.settings import DrctlSettings, StateLayout
 
 LB_PRIORITY = {Role.SERVING: 0, Role.HOT: 1}
+DELETING = "deleting"
+"""The note of an instance a delete has taken out and not yet forgotten (role failed)."""
 RESPAWNED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.PROMOTING)
 """Roles whose process a clean stop ends and the next ``drctl up`` starts again."""
 
@@ -326,13 +328,24 @@ class LocalPlatform:
         return f"{instance.id} warm → hot, registered at priority 1"
 
     async def delete_instance(self, action: ReconcileAction) -> str:
+        """Out of the load balancer, stopped, then forgotten. The first step (fenced) only marks the
+        instance deleted, so a worker that dies before the end leaves it in the registry and the
+        retry finishes the job; forgotten first, the retry found it "already gone" while its
+        endpoint stayed in Envoy and its process ran on (found by the nemesis: a worker killed
+        during a placement move left a ghost hot standby in the load balancer)."""
         instance = self.registry.load().get(action.instance)
         if instance is None:
             return "already gone"
-        with self.registry.edit(action.model, action.epoch) as instances:
-            instances.pop(action.instance, None)
+        if instance.note != DELETING:  # not marked by an earlier attempt of this delete
+            with self.registry.edit(action.model, action.epoch) as instances:
+                if action.instance in instances:
+                    instances[action.instance] = instance = instances[action.instance].model_copy(
+                        update={"role": Role.FAILED, "lb_priority": None, "note": DELETING}
+                    )
         self.sync_load_balancer(action.model)
         stopped = await asyncio.to_thread(processes.terminate, instance.pid)
+        with self.registry.edit() as instances:
+            instances.pop(action.instance, None)
         return f"{action.instance} deleted" + (" (process stopped)" if stopped else "")
 
     # -- fleet management (used by `drctl up`) -----------------------------------------------
