@@ -738,6 +738,13 @@ class LeaseRequest(Payload):
     """The policy's budget as the requesting activity read it (the budget follows the newest)."""
 
 
+class LeaseAnswer(Payload):
+    granted: bool
+    """Granted at once; otherwise the budget signals ``lease_granted`` when it is."""
+    detail: str = ""
+    duration_ms: float = 0.0
+
+
 class LeaseGrant(Payload):
     incident: str
     granted_at: datetime

@@ -25,6 +25,7 @@ from drctl.payloads import (
     EpochGrant,
     IncidentTicket,
     IncidentTickets,
+    LeaseAnswer,
     LeaseRequest,
     ModelRef,
     ReportBatch,
@@ -37,6 +38,7 @@ from drctl.policies.budget import BudgetLimits
 from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_closed
 
 HEARTBEAT_S = 1.0
+LIMITS_TTL_S = 5.0
 
 
 def _elapsed_ms(start: float) -> float:
@@ -47,6 +49,7 @@ class IncidentActivities:
     def __init__(self, platform: Platform, alertmanager_url: str | None = None) -> None:
         self.platform = platform
         self.alertmanager_url = alertmanager_url or os.environ.get("DRCTL_ALERTMANAGER_URL")
+        self._limits_cache: tuple[float, BudgetLimits] | None = None
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.claim_epoch, self.report_failure, self.request_lease, self.await_runbooks, self.budget_alert]
@@ -65,12 +68,18 @@ class IncidentActivities:
         tickets = [await report_failure(activity.client(), queue, report) for report in batch.reports]
         return IncidentTickets(tickets=tickets)
 
+    async def _limits(self) -> BudgetLimits:
+        """The policy's budget, re-read at most every few seconds (not on every recovery's path)."""
+        now = time.monotonic()
+        if self._limits_cache is None or now - self._limits_cache[0] > LIMITS_TTL_S:
+            self._limits_cache = (now, BudgetLimits.of(await self.platform.current_policy()))
+        return self._limits_cache[1]
+
     @activity.defn(name=ActivityName.REQUEST_LEASE)
-    async def request_lease(self, request: LeaseRequest) -> StepReport:
+    async def request_lease(self, request: LeaseRequest) -> LeaseAnswer:
         """Ask the budget for room, with the instance's zone and the policy's limits filled in."""
         start = time.monotonic()
-        policy = await self.platform.current_policy()
-        limits = BudgetLimits.of(policy)
+        limits = await self._limits()
         zone = request.zone
         if request.instance is not None:
             try:
@@ -86,8 +95,9 @@ class IncidentActivities:
                 "trip_after_waiting": limits.trip_after_waiting,
             }
         )
-        await request_lease(activity.client(), activity.info().task_queue, filled)
-        return StepReport(detail=f"waiting for the budget (zone {zone or '-'})", duration_ms=_elapsed_ms(start))
+        granted = await request_lease(activity.client(), activity.info().task_queue, filled)
+        detail = "granted" if granted else f"waiting for the budget (zone {zone or '-'})"
+        return LeaseAnswer(granted=granted, detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.AWAIT_RUNBOOKS)
     async def await_runbooks(self, ids: RunbookIds) -> RunbookOutcomes:

@@ -61,11 +61,12 @@ async def report_failure(client: Client, task_queue: str, report: FailureReport)
 
 
 async def wait_closed(client: Client, task_queue: str, ticket: IncidentTicket, poll_s: float = 0.1) -> Incident:
-    """Wait until the guardian has closed the ticket's incident; returns it (with its run id)."""
+    """Wait until the guardian has closed the ticket's incident; returns it (with its run id and its
+    final workflow id, which differs from the ticket's when that id was taken by a direct start)."""
     while True:
         state = await guardian_state(client, task_queue, ticket.model)
         for incident in state.recent if state is not None else []:
-            if incident.workflow_id == ticket.workflow_id and incident.opened_at == ticket.opened_at:
+            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
                 return incident
         await asyncio.sleep(poll_s)
 
@@ -80,7 +81,7 @@ async def wait_started(
     while True:
         state = await guardian_state(client, task_queue, ticket.model)
         for incident in [*state.queue, *state.recent] if state is not None else []:
-            if incident.workflow_id == ticket.workflow_id and incident.opened_at == ticket.opened_at:
+            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
                 if incident.run_id is not None:
                     return incident
         if loop.time() > deadline:
@@ -100,17 +101,21 @@ def runbook_handle(client: Client, ticket: IncidentTicket) -> WorkflowHandle[Any
     return client.get_workflow_handle(ticket.workflow_id, result_type=FailoverResult)
 
 
-async def request_lease(client: Client, task_queue: str, request: LeaseRequest) -> None:
-    """Ask the budget for a lease (signal-with-start: the first request brings the budget up)."""
-    await client.start_workflow(
+async def request_lease(client: Client, task_queue: str, request: LeaseRequest) -> bool:
+    """Ask the budget for a lease (update-with-start: the first request brings the budget up).
+    True: granted now; False: it waits, and the guardian gets the ``lease_granted`` signal later."""
+    start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
         WorkflowName.BUDGET,
         BudgetState(),
         id=budget_workflow_id(task_queue),
         task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         task_timeout=WORKFLOW_TASK_TIMEOUT,
-        start_signal="acquire",
-        start_signal_args=[request],
     )
+    granted: bool = await client.execute_update_with_start_workflow(
+        "acquire", request, start_workflow_operation=start, result_type=bool, rpc_timeout=RPC_TIMEOUT
+    )
+    return granted
 
 
 async def budget_state(client: Client, task_queue: str) -> BudgetState | None:

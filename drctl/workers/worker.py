@@ -84,9 +84,11 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
             *DrillActivities(platform, settings, client).all(),
         ],
         graceful_shutdown_timeout=timedelta(seconds=5),
-        # A failover must not wait long for a crashed worker's sticky queue (default 10 s): after
-        # this, its next workflow task goes to any worker, which replays the short history.
-        sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
+        # A recovery must not wait long for a crashed worker's sticky queue (default 10 s): after
+        # this, the next workflow task goes to any worker, which replays the (bounded) history. A
+        # recovery crosses three workflows (guardian, budget, runbook), each of which may sit in a
+        # dead worker's sticky queue, so this is short (bench/worker_kill_bench.py).
+        sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
     )
     log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
     try:

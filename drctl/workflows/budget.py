@@ -1,12 +1,13 @@
 """BudgetWorkflow: the fleet's blast-radius budget, one durable workflow (ID ``drctl-budget``).
 
-Every model's guardian asks it for a lease before it starts a recovery (signal ``acquire``, sent
-with signal-with-start, so the first request brings it up) and hands the lease back when the
-runbook ends (signal ``release``). It grants in order of arrival as far as the budget allows —
-per-zone recoveries at once, runbooks started per minute — and answers each grant with the signal
-``lease_granted`` to the guardian. Requests past the budget wait; none is dropped. When more than
-``tripAfterWaiting`` wait at once, the breaker trips (manual mode): nothing more starts until a
-person sends the ``reset`` Update (``drctl budget reset``, or the Temporal UI).
+Every model's guardian asks it for a lease before it starts a recovery: the Update ``acquire``,
+sent with update-with-start (the first request brings it up), answers at once whether the lease is
+granted. It grants in order of arrival as far as the budget allows — per-zone recoveries at once,
+runbooks started per minute — and a guardian whose request had to wait is told later with the
+signal ``lease_granted``. The guardian hands the lease back when its runbook ends (signal
+``release``). Requests past the budget wait; none is dropped. When more than ``tripAfterWaiting``
+wait at once, the breaker trips (manual mode): nothing more starts until a person sends the
+``reset`` Update (``drctl budget reset``, or the Temporal UI).
 
 The decisions are pure (:mod:`drctl.policies.budget`); this workflow keeps the state durable and
 delivers grants. Its history is bounded with continue-as-new.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -51,6 +52,11 @@ class BudgetWorkflow:
         self._changed = True
         self._regrant: list[str] = []
         """Incidents already running whose guardian asked again: grant them once more."""
+        self._answered: set[str] = set()
+        """Incidents whose ``acquire`` Update is being answered (no grant signal needed)."""
+        self._to_signal: list[tuple[str, str]] = []
+        self._trips: list[str] = []
+        self._wake_at: datetime | None = None
 
     @workflow.signal(name="acquire")
     def acquire(self, request: LeaseRequest) -> None:
@@ -99,56 +105,79 @@ class BudgetWorkflow:
     def view(self) -> BudgetState:
         return self._state
 
+    @workflow.update(name="acquire")
+    def acquire_now(self, request: LeaseRequest) -> bool:
+        """Like the ``acquire`` signal, but answers at once whether the lease is granted, so a
+        guardian that fits the budget goes on without waiting for the ``lease_granted`` signal."""
+        self.acquire(request)
+        self._answered.add(request.incident)
+        self._decide()
+        return any(r.incident == request.incident for r in self._state.running)
+
+    def _decide(self) -> None:
+        """Grant what fits now (pure decision), trip the breaker if it must; signals go out from the loop."""
+        now = workflow.now()
+        self._expire_leases()
+        s = self._state
+        s.starts = recent_starts(s.starts, now)
+        decision = decide(
+            s.running,
+            s.waiting,
+            s.starts,
+            now,
+            BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting),
+            tripped=s.tripped is not None,
+        )
+        for request in decision.grant:
+            s.waiting.remove(request)
+            s.running.append(request.model_copy(update={"granted_at": now}))
+            s.starts.append(now)
+            s.granted_total += 1
+            if request.incident not in self._answered:
+                self._to_signal.append((request.holder, request.incident))
+        for incident in self._regrant:
+            holder = next((r.holder for r in s.running if r.incident == incident), None)
+            if holder is not None:
+                self._to_signal.append((holder, incident))
+        self._regrant = []
+        self._answered.clear()
+        s.why_waiting = decision.why_waiting or {}
+        s.most_waiting = max(s.most_waiting, len(s.waiting))
+        zones = Counter(r.zone for r in s.running if r.zone is not None and r.kind == LeaseKind.INSTANCE)
+        s.most_running_per_zone = max([s.most_running_per_zone, *zones.values()])
+        if decision.trip and s.tripped is None:
+            s.tripped, s.tripped_at = decision.trip, now
+            workflow.logger.error("budget tripped: %s", decision.trip)
+            self._trips.append(decision.trip)
+        self._wake_at = decision.wake_at
+
     @workflow.run
     async def run(self, state: BudgetState) -> None:
         alerts: set[asyncio.Task[None]] = set()
         while True:
-            now = workflow.now()
             self._changed = False
-            self._expire_leases()
+            self._decide()
             s = self._state
-            s.starts = recent_starts(s.starts, now)
-            decision = decide(
-                s.running,
-                s.waiting,
-                s.starts,
-                now,
-                BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting),
-                tripped=s.tripped is not None,
-            )
-            for request in decision.grant:
-                s.waiting.remove(request)
-                s.running.append(request.model_copy(update={"granted_at": now}))
-                s.starts.append(now)
-                s.granted_total += 1
-                await self._grant(request.holder, request.incident)
-            for incident in self._regrant:
-                holder = next((r.holder for r in s.running if r.incident == incident), None)
-                if holder is not None:
-                    await self._grant(holder, incident)
-            self._regrant = []
-            s.why_waiting = decision.why_waiting or {}
-            s.most_waiting = max(s.most_waiting, len(s.waiting))
-            zones = Counter(r.zone for r in s.running if r.zone is not None and r.kind == LeaseKind.INSTANCE)
-            s.most_running_per_zone = max([s.most_running_per_zone, *zones.values()])
-            if decision.trip and s.tripped is None:
-                s.tripped, s.tripped_at = decision.trip, now
-                workflow.logger.error("budget tripped: %s", decision.trip)
-                task = asyncio.create_task(self._alert(decision.trip))
+            while self._to_signal:
+                holder, incident = self._to_signal.pop(0)
+                await self._grant(holder, incident)
+            for reason in self._trips:
+                task = asyncio.create_task(self._alert(reason))
                 alerts.add(task)
                 task.add_done_callback(alerts.discard)
+            self._trips = []
             if workflow.info().get_current_history_length() > MAX_HISTORY and not self._changed and not alerts:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._state)
             timeout = None
-            if decision.wake_at is not None:
-                timeout = max(timedelta(milliseconds=100), decision.wake_at - workflow.now())
+            if self._wake_at is not None:
+                timeout = max(timedelta(milliseconds=100), self._wake_at - workflow.now())
             if s.running:
-                oldest = min(r.granted_at or now for r in s.running)
-                expiry = oldest + LEASE_TTL - workflow.now()
+                oldest = min(r.granted_at or workflow.now() for r in s.running)
+                expiry = max(timedelta(milliseconds=100), oldest + LEASE_TTL - workflow.now())
                 timeout = min(timeout, expiry) if timeout is not None else expiry
             try:
-                await workflow.wait_condition(lambda: self._changed, timeout=timeout)
+                await workflow.wait_condition(lambda: self._changed or bool(self._to_signal), timeout=timeout)
             except TimeoutError:
                 pass
 

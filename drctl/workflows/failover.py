@@ -80,6 +80,8 @@ QUICK = RetryPolicy(
 """Steps against the platform are short; three tries, then the workflow decides (next standby)."""
 
 ONE_TRY = RetryPolicy(maximum_attempts=1)
+DECISION_INPUT_PERSISTED = "failover-listing-persisted"
+"""Patch id: runs started before the workflow task boundary after ``list`` replay without it."""
 MUTATING = frozenset(
     {
         ActivityName.EJECT_INSTANCE,
@@ -243,6 +245,7 @@ class FailoverWorkflow:
             return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
 
         listing = await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=request.model), InstanceList)
+        await self._persist_decision_input()
         if not any(i.id == request.instance for i in listing.instances):
             raise ApplicationError(
                 f"instance {request.instance} is not an instance of {request.model}",
@@ -289,6 +292,21 @@ class FailoverWorkflow:
         await self._replenish(request.model)
         how = "an emergency instance" if result.emergency else str(promoted.role)
         return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
+
+    async def _persist_decision_input(self) -> None:
+        """End the workflow task here, so the listing every later decision is made from is in the
+        history before anything changes.
+
+        Local activities are recorded only when their workflow task completes. A task whose
+        completion is refused (a ``joined`` signal arrived meanwhile: ``UnhandledCommand``) or whose
+        worker dies is run again from the last recorded event, and its local activities with it.
+        Without this boundary the whole hot failover ran in the first task, so a second run listed
+        a fleet the first had already changed: it ended ``already-ejected`` and the promotion that
+        recovered the model was in no audit (found by the nemesis), or, had the worker died between
+        promote and the deferred eject, it would have promoted a second standby. With it, a run
+        again replays the same listing, picks the same standby, and every step is idempotent."""
+        if self._local_activities and not self._plan_only and workflow.patched(DECISION_INPUT_PERSISTED):
+            await workflow.sleep(timedelta(milliseconds=1))
 
     async def _promote_first_that_works(self, candidates: list[Instance]) -> Instance | None:
         for candidate in candidates:

@@ -42,12 +42,12 @@ with workflow.unsafe.imports_passed_through():
         IncidentState,
         IncidentTicket,
         InstanceAlertResolved,
+        LeaseAnswer,
         LeaseGrant,
         LeaseKind,
         LeaseRelease,
         LeaseRequest,
         ModelRef,
-        StepReport,
         budget_workflow_id,
         failover_workflow_id,
     )
@@ -186,7 +186,7 @@ class ModelGuardianWorkflow:
         while incident.workflow_id not in self._granted:
             kind = LeaseKind.ZONE if incident.zone_level else LeaseKind.INSTANCE
             if kind != sent_kind:
-                report: StepReport = await workflow.execute_local_activity(
+                answer: LeaseAnswer = await workflow.execute_local_activity(
                     ActivityName.REQUEST_LEASE,
                     LeaseRequest(
                         holder=workflow.info().workflow_id,
@@ -195,11 +195,14 @@ class ModelGuardianWorkflow:
                         instance=incident.instance,
                         kind=kind,
                     ),
-                    result_type=StepReport,
+                    result_type=LeaseAnswer,
                     start_to_close_timeout=timedelta(seconds=10),
                     retry_policy=LEASE_RETRY,
                 )
-                incident.waiting_for = report.detail
+                if answer.granted:
+                    self._granted.add(incident.workflow_id)
+                    break
+                incident.waiting_for = answer.detail
                 sent_kind = kind
             upgraded = self._upgraded
             await workflow.wait_condition(

@@ -28,7 +28,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from drctl.payloads import LeaseRequest, StepReport, failover_workflow_id, guardian_workflow_id
+from drctl.payloads import LeaseAnswer, LeaseRequest, failover_workflow_id, guardian_workflow_id
 from drctl.policies.schema import DRPolicy
 from drctl.temporal.incidents import guardian_state
 from drctl.workers.alert_receiver import ALERTS_PATH, RECEIVER, AlertReceiver, build_app
@@ -123,9 +123,9 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 
 @activity.defn(name="request_lease")
-async def never_granted(request: LeaseRequest) -> StepReport:
+async def never_granted(request: LeaseRequest) -> LeaseAnswer:
     """The budget is out of the picture: the incident stays queued, which is what the receiver does."""
-    return StepReport(detail="test: waiting for the budget forever")
+    return LeaseAnswer(granted=False, detail="test: waiting for the budget forever")
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.01) -> bool:

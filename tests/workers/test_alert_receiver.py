@@ -39,8 +39,8 @@ from drctl.payloads import (
     FailureReport,
     GuardianState,
     InstanceAlertResolved,
+    LeaseAnswer,
     LeaseRequest,
-    StepReport,
     Trigger,
     failover_workflow_id,
     guardian_workflow_id,
@@ -191,9 +191,9 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
 
 
 @activity.defn(name=ActivityName.REQUEST_LEASE)
-async def never_granted(request: LeaseRequest) -> StepReport:
+async def never_granted(request: LeaseRequest) -> LeaseAnswer:
     """The budget is out of the picture: incidents stay queued, which is all the receiver is about."""
-    return StepReport(detail="test: waiting for the budget forever")
+    return LeaseAnswer(granted=False, detail="test: waiting for the budget forever")
 
 
 @pytest.fixture

@@ -56,12 +56,15 @@ async def test_zone_serving_fails_over_critical_first_and_zone_gpus_are_cordoned
     time_skipping_env: WorkflowEnvironment,
 ) -> None:
     fleet = fleet_across_zones()
+    fleet.policy = fleet.policy.model_copy(
+        update={"az_failover": fleet.policy.az_failover.model_copy(update={"max_parallel_failovers": 1})}
+    )
     result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="zone down")
     assert sorted(result.moved) == ["gpt-4-8b-0 → gpt-4-8b-1 (recovered)", "llama-2-7b-0 → llama-2-7b-1 (recovered)"]
     assert result.failed == [] and result.pending == []
     assert {g.split("/")[0] for g in result.cordoned_gpus} == {"gpu-node-0", "gpu-node-3"}  # az-1 nodes
     promotes = [subject for step, subject in fleet.calls if step == "promote"]
-    assert promotes[0] == "llama-2-7b-1"  # critical model first
+    assert promotes[0] == "llama-2-7b-1"  # critical model first (one at a time in this policy)
     assert fleet.instances["mistral-7b-0"].role == Role.SERVING  # other zones untouched
     # Last: reconciliation, so standbys leave the cordoned zone now rather than at the next schedule.
     assert fleet.calls[-1][0] == "replenish" and result.reconcile == "triggered"
