@@ -80,8 +80,8 @@ QUICK = RetryPolicy(
 """Steps against the platform are short; three tries, then the workflow decides (next standby)."""
 
 ONE_TRY = RetryPolicy(maximum_attempts=1)
-DECISION_INPUT_PERSISTED = "failover-listing-persisted"
-"""Patch id: runs started before the workflow task boundary after ``list`` replay without it."""
+DECISION_INPUT_PERSISTED = "failover-listing-as-activity"
+"""Patch id: runs started before the listing became a regular activity replay without it."""
 MUTATING = frozenset(
     {
         ActivityName.EJECT_INSTANCE,
@@ -244,8 +244,7 @@ class FailoverWorkflow:
         if probe.healthy:
             return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
 
-        listing = await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=request.model), InstanceList)
-        await self._persist_decision_input()
+        listing = await self._list(request.model)
         if not any(i.id == request.instance for i in listing.instances):
             raise ApplicationError(
                 f"instance {request.instance} is not an instance of {request.model}",
@@ -293,20 +292,23 @@ class FailoverWorkflow:
         how = "an emergency instance" if result.emergency else str(promoted.role)
         return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
 
-    async def _persist_decision_input(self) -> None:
-        """End the workflow task here, so the listing every later decision is made from is in the
-        history before anything changes.
+    async def _list(self, model: str) -> InstanceList:
+        """The listing every later decision is made from, recorded in the history before anything
+        changes: a regular activity (its result is an event), not a local one.
 
         Local activities are recorded only when their workflow task completes. A task whose
         completion is refused (a ``joined`` signal arrived meanwhile: ``UnhandledCommand``) or whose
         worker dies is run again from the last recorded event, and its local activities with it.
-        Without this boundary the whole hot failover ran in the first task, so a second run listed
-        a fleet the first had already changed: it ended ``already-ejected`` and the promotion that
-        recovered the model was in no audit (found by the nemesis), or, had the worker died between
-        promote and the deferred eject, it would have promoted a second standby. With it, a run
-        again replays the same listing, picks the same standby, and every step is idempotent."""
+        Had the listing been one of them, a second run would list a fleet the first had already
+        changed: it ended ``already-ejected`` and the promotion that recovered the model was in no
+        audit (found by the nemesis), or, had the worker died between promote and the deferred
+        eject, it would have promoted a second standby. With the listing recorded, a run again
+        replays the same listing, picks the same standby, and every step is idempotent. (A 1 ms
+        timer as the boundary cost about 1 s on the dev server; a regular activity ~20 ms.)"""
+        ref = ModelRef(model=model)
         if self._local_activities and not self._plan_only and workflow.patched(DECISION_INPUT_PERSISTED):
-            await workflow.sleep(timedelta(milliseconds=1))
+            return await self._step("list", ActivityName.LIST_INSTANCES, ref, InstanceList, long=True)
+        return await self._step("list", ActivityName.LIST_INSTANCES, ref, InstanceList)
 
     async def _promote_first_that_works(self, candidates: list[Instance]) -> Instance | None:
         for candidate in candidates:
