@@ -45,15 +45,22 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-async def at_redundancy(stack: LocalStack, timeout_s: float = 60.0) -> None:
-    """Until the model has its serving instance and both hot standbys again (reconcile runs)."""
+async def at_redundancy(stack: LocalStack, timeout_s: float = 120.0) -> None:
+    """Until the model has its serving instance and both hot standbys again (reconcile is asked
+    every few seconds: a pass planned before a failover claimed its epoch is refused as stale)."""
+    assert stack.client is not None
+    schedule = stack.client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
     deadline = time.monotonic() + timeout_s
+    asked = 0.0
     while time.monotonic() < deadline:
         roles = [i.role for i in stack.platform.registry.of_model(MODEL)]
         if roles.count(Role.SERVING) == 1 and roles.count(Role.HOT) == 2:
             return
+        if time.monotonic() - asked > 5.0:
+            await schedule.trigger(overlap=ScheduleOverlapPolicy.BUFFER_ONE)
+            asked = time.monotonic()
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"{MODEL} did not get its standbys back in {timeout_s:.0f}s")
+    raise TimeoutError(f"{MODEL} did not get its standbys back in {timeout_s:.0f}s: {roles}")
 
 
 async def where_killed(client: Client, workflow_id: str, run_id: str | None, killed: datetime) -> str:
@@ -93,7 +100,6 @@ async def one_round(stack: LocalStack, kill_after_s: float | None) -> dict[str, 
     }
     if killed is not None:
         row["killed_during"] = await where_killed(stack.client, incident.workflow_id, incident.run_id, killed)
-    await stack.client.get_schedule_handle(RECONCILE_SCHEDULE_ID).trigger(overlap=ScheduleOverlapPolicy.BUFFER_ONE)
     await at_redundancy(stack)
     return row
 

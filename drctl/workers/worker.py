@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from temporalio.worker import Worker
 
 from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
-from drctl.activities.kubernetes.platform import KubernetesPlatform
 from drctl.activities.local.platform import LocalPlatform
 from drctl.activities.reconcile import ReconcileActivities
 from drctl.policies.loader import load_policy_file
@@ -32,6 +32,9 @@ from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
+
+if TYPE_CHECKING:
+    from drctl.activities.kubernetes.platform import KubernetesPlatform
 
 log = logging.getLogger("drctl.worker")
 
@@ -48,10 +51,15 @@ WORKFLOWS = [
 
 
 def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | KubernetesPlatform:
-    """The platform the settings choose (``DRCTL_PLATFORM=local|kubernetes``); workflows never know."""
+    """The platform the settings choose (``DRCTL_PLATFORM=local|kubernetes``); workflows never know.
+
+    The Kubernetes client is imported only when it is used: it takes ~1.5 s to import, and a worker
+    restarted in the middle of a failover should poll again as soon as it can."""
     if settings.platform == "local":
         return LocalPlatform(settings, policy)
     from kubernetes import client, config
+
+    from drctl.activities.kubernetes.platform import KubernetesPlatform
 
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
