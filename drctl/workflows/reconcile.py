@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         ErrorType,
         FleetSnapshot,
+        Instance,
         InstanceChange,
         InstanceRef,
         ReconcileAction,
@@ -32,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         ReconcilePlan,
         ReconcileRequest,
         ReconcileResult,
+        Role,
         StepReport,
     )
     from drctl.policies.reconcile import plan_reconcile
@@ -57,6 +59,36 @@ ACTIVITY_FOR = {
 }
 MAX_PARALLEL_CREATES = 4
 """Instances start and load in parallel, a few at a time (each loads a checkpoint)."""
+
+
+def without_leftovers(
+    snapshot: FleetSnapshot, models: list[str] | None
+) -> tuple[list[Instance], list[ReconcileAction]]:
+    """Instances left ``promoting`` by a create or a promotion that no longer runs (its activity was
+    refused as stale, or its worker died and the runbook moved on), in a model with no recovery in
+    flight (the budget says so): they are deleted, and planned around as gone. The planner alone
+    would skip such a model for ever, taking the leftover for a failover still running."""
+    kept: list[Instance] = []
+    cleanup: list[ReconcileAction] = []
+    for instance in snapshot.instances:
+        leftover = instance.role == Role.PROMOTING and instance.model not in snapshot.busy_models
+        if leftover and (models is None or instance.model in models):
+            cleanup.append(
+                ReconcileAction(
+                    kind=ReconcileActionKind.DELETE,
+                    model=instance.model,
+                    instance=instance.id,
+                    tier=instance.role,
+                    gpu=instance.gpu,
+                    node=instance.node,
+                    zone=instance.zone,
+                    reason="left promoting by a create or promotion that no longer runs",
+                )
+            )
+            kept.append(instance.model_copy(update={"role": Role.FAILED}))
+        else:
+            kept.append(instance)
+    return kept, cleanup
 
 
 def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
@@ -91,7 +123,9 @@ class ReconcileStandbysWorkflow:
             retry_policy=RETRY,
         )
         policy = DRPolicy.model_validate(snapshot.policy)
-        plan = fenced(plan_reconcile(policy, snapshot.instances, request.models, snapshot.cordoned_gpus), snapshot)
+        instances, cleanup = without_leftovers(snapshot, request.models)
+        plan = plan_reconcile(policy, instances, request.models, snapshot.cordoned_gpus)
+        plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
         result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
         if request.dry_run or not plan.actions:
             return result

@@ -39,6 +39,8 @@ class FakePlatform:
     """Models whose checkpoint fails its checksum until restored."""
     broken: set[str] = field(default_factory=set)
     """Instances whose create fails for good (the model does not load)."""
+    busy: dict[str, str] = field(default_factory=dict)
+    """Models with a recovery in flight, as the budget tells ``observe_fleet``."""
 
     def activities(self) -> list[object]:
         platform = self
@@ -47,7 +49,9 @@ class FakePlatform:
         async def observe() -> FleetSnapshot:
             platform.calls.append("observe")
             return FleetSnapshot(
-                policy=POLICY.model_dump(mode="json", by_alias=True), instances=list(platform.instances.values())
+                policy=POLICY.model_dump(mode="json", by_alias=True),
+                instances=list(platform.instances.values()),
+                busy_models=dict(platform.busy),
             )
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
@@ -183,3 +187,27 @@ async def test_a_move_whose_replacement_fails_keeps_the_standby(time_skipping_en
     assert "llama-2-7b-3" in platform.instances and new not in platform.instances
     assert "delete llama-2-7b-3" not in platform.calls
     assert any(line.startswith(f"kept llama-2-7b-3: its replacement {new}") for line in result.failed)
+
+
+async def test_a_promotion_left_behind_is_cleaned_up_unless_a_recovery_is_in_flight(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """Seen: a create refused as stale (or a worker dying mid-promotion) left an instance
+    ``promoting``, and reconcile skipped the model for ever, taking it for a failover still running."""
+    platform = FakePlatform()
+    await reconcile(time_skipping_env, platform)
+    [hot, *_] = sorted(i.id for i in platform.instances.values() if i.model == "llama-2-7b" and i.role == Role.HOT)
+    platform.instances[hot] = platform.instances[hot].model_copy(update={"role": Role.PROMOTING})
+
+    platform.busy = {"llama-2-7b": "failover-llama-2-7b-llama-2-7b-0"}  # a recovery runs: hands off
+    held = await reconcile(time_skipping_env, platform)
+    assert [a for a in held.plan.actions if a.model == "llama-2-7b"] == []
+    assert any("failover-llama-2-7b-llama-2-7b-0 in flight" in s for s in held.plan.skipped_models)
+
+    platform.busy = {}  # nothing runs: the leftover goes, and a new hot standby takes its place
+    platform.calls.clear()
+    fixed = await reconcile(time_skipping_env, platform)
+    assert f"delete {hot}" in platform.calls and hot not in platform.instances
+    assert any(c.startswith("create ") and c.endswith(" hot") for c in platform.calls)
+    hots = [i for i in platform.instances.values() if i.model == "llama-2-7b" and i.role == Role.HOT]
+    assert len(hots) == 2 and fixed.failed == []
