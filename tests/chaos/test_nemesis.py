@@ -41,7 +41,7 @@ from drctl.payloads import (
 )
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
-from drctl.temporal.incidents import guardian_state, report_failure
+from drctl.temporal.incidents import guardian_state, report_failure, runbook_result
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
@@ -109,6 +109,42 @@ async def test_a_runbook_that_ends_before_its_joined_signal_does_not_fail_the_gu
     assert description.status == WorkflowExecutionStatus.RUNNING
     assert [i.outcome for i in state.recent] == [FailoverOutcome.RECOVERED, FailoverOutcome.RECOVERED]
     assert state.recent[1].joined == ["alert abc"] and not state.queue
+
+
+async def test_a_signal_during_a_hot_failover_does_not_run_it_again_on_a_changed_fleet(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """A report joins while the hot failover runs (its local activities inside one open workflow
+    task). The task's completion is refused (``UnhandledCommand``: a new signal) and the task runs
+    again: before the fix it listed the fleet the first run had already changed and ended
+    ``already-ejected``, so the promotion that recovered the model was in no audit (nemesis seed 1,
+    round 3). Now the listing is recorded before any change, and the second run finishes the same."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
+    fleet.promote_gate = asyncio.Event()
+    queue = f"nemesis-{uuid.uuid4().hex[:8]}"
+    client = time_skipping_env.client
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[ModelGuardianWorkflow, BudgetWorkflow, FailoverWorkflow],
+        activities=fleet.activities(),
+    ):
+        await report_failure(client, queue, _report("llama-2-7b-0", "prober"))
+        for _ in range(200):  # the runbook is in its promote step, its workflow task open
+            if ("promote", "llama-2-7b-1") in fleet.calls:
+                break
+            await asyncio.sleep(0.02)
+        duplicate = await report_failure(client, queue, _report("llama-2-7b-0", "alert abc"))
+        assert duplicate.joined and duplicate.state == IncidentState.RUNNING  # the runbook was signalled
+        fleet.promote_gate.set()
+        state = await _guardian_when(client, queue, lambda s: len(s.recent) == 1)
+        result = await runbook_result(client, state.recent[0])
+    [incident] = state.recent
+    assert incident.outcome == FailoverOutcome.RECOVERED, result.reason
+    assert result.promoted == "llama-2-7b-1" and result.joined == ["alert abc"]
+    assert fleet.instances["llama-2-7b-1"].role == Role.SERVING
+    assert fleet.instances["llama-2-7b-2"].role == Role.HOT  # one failure, one promotion
+    assert fleet.instances["llama-2-7b-0"].role == Role.FAILED
 
 
 async def _guardian_when(
