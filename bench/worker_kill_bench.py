@@ -5,7 +5,7 @@ and the RTO compared with undisturbed failovers on the same stack, side by side.
     .venv/bin/python bench/worker_kill_bench.py [--runs 12] [--seed 7] [--json]
 
 Each round kills llama-2-7b's serving instance, reports it as the prober would, and — in the
-"kill" rounds — sends ``SIGKILL`` to the worker after a random delay of 0 to 80 ms, which lands in the
+"kill" rounds — sends ``SIGKILL`` to the worker after a random delay of 0 to 400 ms, which lands in the
 guardian's lease and epoch steps or anywhere in the runbook; the histories say where. Rounds
 alternate undisturbed and kill, so both see the same machine load. Between rounds the stack
 reconciles back to the policy's standbys. The cost of a kill is its RTO minus the median undisturbed
@@ -114,7 +114,7 @@ async def main_async(runs: int, seed: int) -> dict[str, Any]:
         try:
             for n in range(runs):
                 kill = n % 2 == 1
-                row = await one_round(stack, rng.uniform(0.0, 0.08) if kill else None)
+                row = await one_round(stack, rng.uniform(0.0, 0.4) if kill else None)
                 rows.append(row)
                 say(json.dumps(row))
         finally:

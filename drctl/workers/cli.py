@@ -36,6 +36,7 @@ from drctl.activities.local.registry import InstanceRegistry
 from drctl.payloads import (
     RECONCILE_WORKFLOW_ID,
     BudgetReset,
+    BudgetState,
     FailoverOutcome,
     FailoverRequest,
     FailoverResult,
@@ -242,6 +243,27 @@ def status(
         return
     _render_status(asyncio.run(_status_rows(settings, dr_policy)))
     _render_detectors(layout)
+    _render_budget(settings)
+
+
+def _render_budget(settings: DrctlSettings) -> None:
+    """One line on the recoveries running and waiting, and the breaker (a tripped one in red)."""
+
+    async def read() -> BudgetState | None:
+        try:
+            client = await asyncio.wait_for(connect(settings), timeout=3.0)
+            return await budget_state(client, settings.task_queue)
+        except Exception:  # status shows what it can: Temporal may be down or restarting
+            return None
+
+    state = asyncio.run(read())
+    if state is None:
+        out.print("budget: no recovery has asked yet (or Temporal is not answering)", highlight=False)
+        return
+    line = f"budget: {len(state.running)} recoveries running, {len(state.waiting)} waiting"
+    if state.tripped:
+        line += f" [red]TRIPPED (manual mode): {_lit(state.tripped)}; `drctl budget reset` after checking[/]"
+    out.print(line, highlight=False)
 
 
 def _render_detectors(layout: StateLayout) -> None:
@@ -258,8 +280,8 @@ def _render_detectors(layout: StateLayout) -> None:
         return
     alive = processes.is_alive(status.get("pid"))
     line = f"prober: {'running' if alive else 'not running'} (pid {status.get('pid')}, {status.get('ticks')} ticks)"
-    if status.get("panic"):
-        line += f" [red]PANIC: {_lit(status['panic'])}[/]"
+    if status.get("unreported"):
+        line += f" [yellow]{len(status['unreported'])} failure(s) not reported yet (Temporal?)[/]"
     zones = status.get("zones")
     if zones:
         line += "; zones: " + ", ".join(f"{_lit(zone)} {_lit(verdict)}" for zone, verdict in sorted(zones.items()))
