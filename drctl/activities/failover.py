@@ -6,9 +6,10 @@ workflow can tell orchestration overhead from work, and heartbeats while it wait
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 
@@ -25,9 +26,23 @@ from drctl.payloads import (
     StepReport,
 )
 
+T = TypeVar("T")
+
 
 def _elapsed_ms(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 1)
+
+
+async def with_heartbeats(work: Awaitable[T], every_s: float = 0.25) -> T:
+    """Await ``work``, heartbeating meanwhile when this is a regular activity."""
+    if activity.info().is_local:
+        return await work
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=every_s)
+        if done:
+            return task.result()
+        activity.heartbeat()
 
 
 def heartbeat_progress(fraction: float, what: str) -> None:
@@ -62,8 +77,11 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.LIST_INSTANCES)
     async def list_instances(self, ref: ModelRef) -> InstanceList:
+        """As a regular activity (the failover records its listing in the history) it heartbeats
+        while the platform answers, so a worker that dies holding it is noticed within the heartbeat
+        timeout (1 s) rather than the step's timeout."""
         start = time.monotonic()
-        instances = await self.platform.list_instances(ref.model)
+        instances = await with_heartbeats(self.platform.list_instances(ref.model))
         return InstanceList(model=ref.model, instances=instances, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)

@@ -118,6 +118,7 @@ STEP_TIMEOUTS = {
 HEARTBEAT_TIMEOUTS = {
     ActivityName.LOAD_MODEL: timedelta(seconds=3),
     ActivityName.VERIFY_SERVING: timedelta(seconds=3),
+    ActivityName.LIST_INSTANCES: timedelta(seconds=1),
     ActivityName.CREATE_INSTANCE: timedelta(seconds=5),
     ActivityName.AWAIT_RUNBOOKS: timedelta(seconds=10),
 }
