@@ -80,6 +80,9 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     platform = make_platform(settings, policy)
     if isinstance(platform, LocalPlatform):
         await platform.warm_up()
+        left = platform.drain_leftovers()
+        if left:
+            log.info("stopping ejected instance(s) whose draining ended with the last worker: %s", ", ".join(left))
     client = await connect(settings)
     worker = Worker(
         client,

@@ -5,18 +5,21 @@ to fail on broken state; and the guardian bug the nemesis found, pinned on the t
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 from temporalio import workflow
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import (
     Interceptor,
+    Replayer,
     SignalChildWorkflowInput,
     Worker,
     WorkflowInboundInterceptor,
@@ -25,14 +28,19 @@ from temporalio.worker import (
 )
 
 from drctl.activities.local import processes
+from drctl.activities.local.envoy import HostStatus
 from drctl.activities.local.platform import LocalPlatform
 from drctl.payloads import (
+    BudgetState,
     FailoverOutcome,
     FailoverRequest,
     FailureReport,
     GuardianState,
+    Incident,
     IncidentState,
+    IncidentTicket,
     Instance,
+    LeaseRequest,
     ReconcileAction,
     ReconcileActionKind,
     Role,
@@ -45,7 +53,198 @@ from drctl.temporal.incidents import guardian_state, report_failure, runbook_res
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
+from tests.chaos.nemesis import (
+    EXAMPLE_POLICY,
+    ChaosStack,
+    FaultKind,
+    Injected,
+    Nemesis,
+    RoundReport,
+    chaos_stack,
+    fleet_problems,
+    invariant_violations,
+    plan_round,
+    summarize,
+)
 from tests.workflows.fakes import FakeFleet
+
+# -- the nemesis on a real stack -------------------------------------------------------------------
+
+SEED = 373
+"""Its first three rounds draw every kind of fault but ``duplicates`` (whose extra reports its
+instance faults carry anyway): SIGSTOP of a serving instance reported again by the CLI and an alert,
+kill -9 of Temporal and of the worker during that recovery; kill -9 of a hot standby reported again,
+a flap, a serving instance killed; SIGSTOP of a hot standby and kill -9 of Envoy."""
+ROUNDS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+async def chaos(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ChaosStack]:
+    async with chaos_stack(tmp_path_factory.mktemp("chaos")) as stack:
+        yield stack
+
+
+@pytest.mark.integration
+async def test_seeded_faults_and_duplicate_triggers_under_load_keep_the_invariants(chaos: ChaosStack) -> None:
+    said: list[str] = []
+    nemesis = Nemesis(chaos, SEED, quiesce_timeout_s=60.0, say=said.append)
+    reports: list[RoundReport] = []
+    for round_no in ROUNDS:
+        reports.append(await nemesis.run_round(round_no))  # raises InvariantViolation, with seed and round
+        print(reports[-1].line())
+    summary = summarize(reports)
+    print(summary)
+
+    # What the rounds did (a plan generator that stops drawing these would make this test weaker).
+    assert set(summary["faults"]) == set(FaultKind) - {FaultKind.DUPLICATES}
+    injected = [i for r in reports for i in r.injected]
+    assert len(injected) >= 6 and summary["duplicate_reports"] >= 6
+    assert {i.how for i in injected} == {"SIGKILL", "SIGSTOP"}
+    assert {i.role for i in injected} == {Role.SERVING, Role.HOT}
+    # Each failure: closed by its one runbook, every extra report counted on it.
+    for fault in injected:
+        assert fault.recover_s is not None and fault.recover_s < 30, (fault.instance, fault.recover_s)
+        assert fault.joined_total >= len(fault.reporters) - 1, fault
+    # Every killed part came back and did its job again.
+    assert {k.kind for r in reports for k in r.infra} == {
+        FaultKind.KILL_WORKER,
+        FaultKind.KILL_TEMPORAL,
+        FaultKind.KILL_ENVOY,
+    }
+    assert all(k.back_s is not None for r in reports for k in r.infra), [r.infra for r in reports]
+    assert summary["requests_ok"] > 100
+    assert not summary["lingering"], summary["lingering"]
+
+
+# -- the checks fail on broken state ---------------------------------------------------------------
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def _incident(instance: str, outcome: FailoverOutcome | None, **changes: object) -> Incident:
+    incident = Incident(
+        instance=instance,
+        workflow_id=f"failover-llama-2-7b-{instance}",
+        request=FailoverRequest(model="llama-2-7b", instance=instance),
+        reporter="prober",
+        state=IncidentState.DONE if outcome else IncidentState.RUNNING,
+        opened_at=NOW,
+        closed_at=NOW + timedelta(seconds=1) if outcome else None,
+        outcome=outcome,
+    )
+    return incident.model_copy(update=changes)
+
+
+def _injected(instance: str, role: Role = Role.SERVING, reporters: list[str] | None = None) -> Injected:
+    return Injected(
+        FaultKind.KILL_SERVING, "llama-2-7b", instance, role, 4242, "SIGKILL", NOW, reporters=reporters or []
+    )
+
+
+def _guardians(*incidents: Incident, queue: tuple[Incident, ...] = ()) -> dict[str, GuardianState | None]:
+    return {"llama-2-7b": GuardianState(model="llama-2-7b", recent=list(incidents), queue=list(queue))}
+
+
+FAILED_0 = Instance(id="llama-2-7b-0", model="llama-2-7b", role=Role.FAILED)
+
+
+def test_the_invariants_hold_on_a_clean_recovery() -> None:
+    incident = _incident("llama-2-7b-0", FailoverOutcome.RECOVERED, joined=["cli a"], joined_total=1)
+    ticket = IncidentTicket(
+        model="llama-2-7b", instance="llama-2-7b-0", workflow_id=incident.workflow_id, joined=True,
+        state=IncidentState.RUNNING, opened_at=NOW,
+    )  # fmt: skip
+    fault = _injected("llama-2-7b-0", reporters=["cli a"])
+    fault.tickets.append(ticket)
+    assert invariant_violations(_guardians(incident), BudgetState(most_running_per_zone=3), [FAILED_0], [fault]) == []
+
+
+def test_a_failure_recovered_twice_or_ejected_in_the_lb_violates_invariant_1() -> None:
+    twice = _guardians(
+        _incident("llama-2-7b-0", FailoverOutcome.RECOVERED),
+        _incident("llama-2-7b-0", FailoverOutcome.RECOVERED, workflow_id="failover-llama-2-7b-llama-2-7b-0-e2"),
+    )
+    ghost = FAILED_0.model_copy(update={"lb_priority": 0})
+    problems = invariant_violations(twice, None, [ghost], [])
+    assert any(p.startswith("invariant 1: llama-2-7b-0 recovered 2 times") for p in problems), problems
+    assert any("is ejected but in the LB at priority 0" in p for p in problems), problems
+
+
+def test_a_budget_exceeded_or_still_holding_violates_invariant_3() -> None:
+    lease = LeaseRequest(holder="guardian-llama-2-7b", incident="failover-x", model="llama-2-7b")
+    over = BudgetState(most_running_per_zone=4, max_per_zone=3, waiting=[lease], tripped="too many")
+    problems = invariant_violations({}, over, [], [])
+    assert [p.split(":")[0] for p in problems] == ["invariant 3"] * 3, problems
+
+
+def test_a_failure_without_its_one_recovery_or_its_reports_violates_invariant_4() -> None:
+    fault = _injected("llama-2-7b-0", reporters=["cli a", "alert b"])
+    unsettled = _guardians(queue=(_incident("llama-2-7b-0", None),))
+    assert any("0 settled incidents" in p for p in invariant_violations(unsettled, None, [FAILED_0], [fault]))
+    # Recovered, but one of the nemesis' reports is nowhere: not the opener, not joined.
+    lost = _guardians(_incident("llama-2-7b-0", FailoverOutcome.RECOVERED, joined=["cli a"], joined_total=1))
+    problems = invariant_violations(lost, None, [FAILED_0], [fault])
+    assert any("not visible as opener or joined: ['alert b']" in p for p in problems), problems
+    # A serving instance that "recovered" as a standby would: its promotion is in no audit.
+    ejected = _guardians(_incident("llama-2-7b-0", FailoverOutcome.ALREADY_EJECTED))
+    problems = invariant_violations(ejected, None, [FAILED_0], [_injected("llama-2-7b-0")])
+    assert any("ended already-ejected" in p for p in problems), problems
+    # Still serving after its "recovery".
+    serving = FAILED_0.model_copy(update={"role": Role.SERVING, "lb_priority": 0})
+    recovered = _guardians(_incident("llama-2-7b-0", FailoverOutcome.RECOVERED))
+    problems = invariant_violations(recovered, None, [serving], [_injected("llama-2-7b-0")])
+    assert any("is serving after its recovery" in p for p in problems), problems
+
+
+def _fleet(extra_hot_in_lb: bool = False) -> tuple[list[Instance], dict[str, list[HostStatus]]]:
+    policy = load_policy_file(EXAMPLE_POLICY)
+    instances, hosts = [], {}
+    port = 30000
+    for model in policy.models:
+        roles = [Role.SERVING] * model.replicas + [Role.HOT] * model.hot_standby + [Role.WARM] * model.warm_standby
+        seen = []
+        for n, role in enumerate(roles + [Role.COLD] * model.cold_standby):
+            port += 1
+            instance = Instance(
+                id=f"{model.name}-{n}", model=model.name, role=role, port=None if role == Role.COLD else port, pid=1
+            )
+            instances.append(instance)
+            if role in (Role.SERVING, Role.HOT):
+                seen.append(HostStatus("127.0.0.1", port, 0 if role == Role.SERVING else 1, True))
+        if extra_hot_in_lb and model.name == "llama-2-7b":
+            seen.append(HostStatus("127.0.0.1", 39999, 1, True))  # a deleted standby Envoy still routes to
+        hosts[model.name] = seen
+    return instances, hosts
+
+
+def test_invariant_2_holds_at_the_policy_counts_and_fails_off_them() -> None:
+    policy = load_policy_file(EXAMPLE_POLICY)
+    alive: Callable[[int | None], bool] = lambda pid: True  # noqa: E731
+    stopped: Callable[[int | None], bool] = lambda pid: False  # noqa: E731
+    instances, hosts = _fleet()
+    assert fleet_problems(policy, instances, hosts, [], alive, stopped) == []
+
+    ghost_instances, ghost_hosts = _fleet(extra_hot_in_lb=True)
+    [problem] = fleet_problems(policy, ghost_instances, ghost_hosts, [], alive, stopped)
+    assert problem.startswith("llama-2-7b: Envoy has [") and "healthy at priority 1" in problem
+
+    one_hot_short = [i for i in instances if i.id != "llama-2-7b-1"]
+    problems = fleet_problems(policy, one_hot_short, hosts, ["create llama-2-7b-4 (hot)"], alive, stopped)
+    assert "llama-2-7b: 1 hot (llama-2-7b-2), policy 2" in problems
+    assert "reconcile would: create llama-2-7b-4 (hot)" in problems
+
+    hung = fleet_problems(policy, instances, hosts, [], alive, lambda pid: True)
+    assert any("is stopped (hung)" in p for p in hung), hung
+
+
+def test_rounds_are_a_pure_function_of_seed_and_round() -> None:
+    assert plan_round(7, 3) == plan_round(7, 3)
+    plans = [plan_round(seed, n) for seed in range(40) for n in range(1, 6)]
+    assert {len(p) for p in plans} == {1, 2, 3}
+    assert all(len({f.kind for f in p}) == len(p) for p in plans)  # no kind twice in a round
+    assert {f.kind for p in plans for f in p} == set(FaultKind)
+    assert any(f.alert and f.reports for p in plans for f in p if f.kind != FaultKind.DUPLICATES)
+
 
 # -- the guardian bug the nemesis found (seed 1, round 3) ------------------------------------------
 
@@ -210,3 +409,71 @@ async def test_a_delete_cut_short_by_a_worker_crash_is_finished_by_its_retry(
     finally:
         processes.terminate(pid, grace_s=0.5)
         await platform.aclose()
+
+
+async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_with_its_predecessor(
+    tmp_path: Path,
+) -> None:
+    """An ejected instance's process is stopped after its connection draining by a task of the worker
+    that ejected it. Killed within that drain (nemesis seed 1, round 9: an instance SIGSTOPped, ejected,
+    then continued), the process ran on for good. The next worker takes the draining over."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        "models:\n  - name: alpha\n    hotStandby: 1\n"
+        "loadBalancer:\n  retries: {attempts: 3, perTryTimeout: 200ms, retryOn: connect-failure}\n"
+    )
+    settings = DrctlSettings(policy=policy_file, state_dir=tmp_path / "state")
+    platform = LocalPlatform(settings, load_policy_file(policy_file))
+    sleeper = ["python3", "-c", "import time; time.sleep(60)"]
+    ejected = processes.spawn([*sleeper, "alpha-0"], tmp_path / "alpha-0.log")
+    serving = processes.spawn([*sleeper, "alpha-1"], tmp_path / "alpha-1.log")
+    try:
+        with platform.registry.edit() as instances:
+            instances["alpha-0"] = Instance(id="alpha-0", model="alpha", role=Role.FAILED, port=45670, pid=ejected)
+            instances["alpha-1"] = Instance(
+                id="alpha-1", model="alpha", role=Role.SERVING, port=45671, pid=serving, lb_priority=0
+            )
+        assert platform.drain_leftovers() == ["alpha-0"]
+        assert processes.is_alive(ejected)  # not at once: its connections drain first (1.2 s here)
+        for _ in range(100):
+            if not processes.is_alive(ejected):
+                break
+            await asyncio.sleep(0.05)
+        assert not processes.is_alive(ejected)
+        assert processes.is_alive(serving)
+    finally:
+        processes.terminate(ejected, grace_s=0.5)
+        processes.terminate(serving, grace_s=0.5)
+        await platform.aclose()
+
+
+# -- open: the budget's history does not replay after a worker takeover (nemesis seed 1, round 13) ----
+
+BUDGET_NDE_HISTORY = Path(__file__).with_name("budget-nde-history.json.gz")
+
+
+async def test_the_budget_replays_its_history_after_a_worker_takeover() -> None:
+    """OPEN BUG, found by the nemesis (seed 1, round 13), recorded here as the first 290 events of the
+    budget's history. The worker was killed while a workflow task of ``drctl-budget`` was due (on
+    its sticky queue): it timed out, and the restarted worker handled a ``release`` signal and an
+    ``acquire`` Update in one task, as two activations: the signal's (timer cancelled), then the
+    Update's (accepted, completed, timer started). Replaying that history (the next restart, or a
+    cache eviction) delivers both in one activation, accepts the Update first, and fails with
+    ``Nondeterminism error: Update machine does not handle this event: TimerCanceled``: the budget's
+    workflow task fails for ever, every lease request fails with it, and no recovery starts
+    (invariant 3). The split comes from the SDK (temporalio 1.35); a workflow that takes both
+    signals and Updates is exposed (the guardian takes ``report`` Updates and ``lease_granted`` signals;
+    not seen failing yet).
+
+    This test xfails on that error and passes once the history replays. If the budget's messages
+    change so this history no longer applies, record a new one (``bench/chaos.py`` keeps the state
+    folder of a failing round) or delete the test with the bug."""
+    history = WorkflowHistory.from_json(
+        "drctl-budget", gzip.decompress(BUDGET_NDE_HISTORY.read_bytes()).decode("utf-8")
+    )
+    replayer = Replayer(workflows=[BudgetWorkflow], data_converter=pydantic_data_converter)
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    failure = str(result.replay_failure or "")
+    if "Update machine does not handle this event" in failure and "TimerCanceled" in failure:
+        pytest.xfail("open: the budget's history after a worker takeover does not replay (see the docstring)")
+    assert result.replay_failure is None, failure

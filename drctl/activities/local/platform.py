@@ -64,6 +64,21 @@ class LocalPlatform:
         with contextlib.suppress(httpx.HTTPError):
             await self._http.get(f"{self.settings.envoy_admin_url}/ready", timeout=1.0)
 
+    def drain_leftovers(self) -> list[str]:
+        """Stop, after the usual connection draining, the processes of ejected instances that still
+        run because their draining was a task of a worker that died (found by the nemesis: a worker
+        killed within the drain of an ejected instance left its process running for good). The
+        worker calls this when it starts; returns the instances it will stop."""
+        left = [
+            i for i in self.registry.load().values() if i.role == Role.FAILED and processes.runs_instance(i.pid, i.id)
+        ]
+        for instance in left:
+            self._stop_after(instance.pid, self._drain_s())
+        return [i.id for i in left]
+
+    def _drain_s(self) -> float:
+        return self.policy.load_balancer.retries.per_try_timeout.total_seconds() + 1.0
+
     # -- the Platform interface -------------------------------------------------------------
 
     async def list_instances(self, model: str) -> list[Instance]:
@@ -139,7 +154,7 @@ class LocalPlatform:
         # Connection draining: Envoy sends it nothing new, but requests it still holds (a hung
         # instance holds them until the per-try timeout) must time out and be retried on a standby,
         # not be reset now, when the only healthy host may be the one their retry must not use.
-        drain_s = self.policy.load_balancer.retries.per_try_timeout.total_seconds() + 1.0
+        drain_s = self._drain_s()
         self._stop_after(instance.pid, drain_s)
         return f"removed from LB, marked failed; process stopped after {drain_s:g}s of connection draining"
 
