@@ -33,7 +33,7 @@ from temporalio.client import Client, ScheduleOverlapPolicy
 
 from drctl.payloads import RECONCILE_SCHEDULE_ID, FailoverRequest, FailureReport, Role, Trigger
 from drctl.policies.loader import load_policy_file
-from drctl.temporal.incidents import report_failure, runbook_result, wait_closed
+from drctl.temporal.incidents import busy_models, report_failure, runbook_result, wait_closed
 from drctl.workers.stack import LocalStack, isolated_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,13 @@ async def at_redundancy(stack: LocalStack, timeout_s: float = 120.0) -> None:
             await schedule.trigger(overlap=ScheduleOverlapPolicy.BUFFER_ONE)
             asked = time.monotonic()
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"{MODEL} did not get its standbys back in {timeout_s:.0f}s: {roles}")
+    busy = await busy_models(stack.client, stack.settings.task_queue)
+    last = ""
+    async for wf in stack.client.list_workflows("WorkflowType = 'ReconcileStandbysWorkflow'", limit=1):
+        result = await stack.client.get_workflow_handle(wf.id, run_id=wf.run_id).result()
+        last = f"skipped {result['plan'].get('skipped_models')}, unplaceable {result['plan'].get('unplaceable')}, "
+        last += f"failed {result.get('failed')}, applied {result.get('applied')}"
+    raise TimeoutError(f"{MODEL} did not get its standbys back in {timeout_s:.0f}s: {roles}; busy {busy}; last {last}")
 
 
 async def where_killed(client: Client, workflow_id: str, run_id: str | None, killed: datetime) -> str:
@@ -119,6 +125,10 @@ async def main_async(runs: int, seed: int) -> dict[str, Any]:
                 say(json.dumps(row))
         finally:
             await stack.stop()
+            if os.environ.get("DRCTL_BENCH_KEEP_LOGS"):
+                import shutil
+
+                shutil.copytree(stack.layout.logs_dir, os.environ["DRCTL_BENCH_KEEP_LOGS"], dirs_exist_ok=True)
     calm = [r["rto_ms"] for r in rows if r["kill_after_ms"] is None and r["rto_ms"] is not None]
     hit = [r for r in rows if r["kill_after_ms"] is not None]
     baseline = statistics.median(calm) if calm else 0.0

@@ -57,6 +57,8 @@ class BudgetWorkflow:
         self._to_signal: list[tuple[str, str]] = []
         self._trips: list[str] = []
         self._wake_at: datetime | None = None
+        self._alarms: set[datetime] = set()
+        self._alarm_tasks: set[asyncio.Task[None]] = set()
 
     @workflow.signal(name="acquire")
     def acquire(self, request: LeaseRequest) -> None:
@@ -169,17 +171,28 @@ class BudgetWorkflow:
             if workflow.info().get_current_history_length() > MAX_HISTORY and not self._changed and not alerts:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._state)
-            timeout = None
             if self._wake_at is not None:
-                timeout = max(timedelta(milliseconds=100), self._wake_at - workflow.now())
+                self._alarm(self._wake_at)
             if s.running:
-                oldest = min(r.granted_at or workflow.now() for r in s.running)
-                expiry = max(timedelta(milliseconds=100), oldest + LEASE_TTL - workflow.now())
-                timeout = min(timeout, expiry) if timeout is not None else expiry
-            try:
-                await workflow.wait_condition(lambda: self._changed or bool(self._to_signal), timeout=timeout)
-            except TimeoutError:
-                pass
+                self._alarm(min(r.granted_at or workflow.now() for r in s.running) + LEASE_TTL)
+            await workflow.wait_condition(lambda: self._changed or bool(self._to_signal))
+
+    def _alarm(self, at: datetime) -> None:
+        """Wake the loop at ``at``. A timer that is never cancelled: cancelling one in the workflow
+        task that also completes an Update made replay fail (TMPRL1100, found by
+        bench/worker_kill_bench.py); an alarm no longer needed just wakes the loop once for nothing."""
+        if any(pending <= at for pending in self._alarms):
+            return
+        self._alarms.add(at)
+
+        async def ring() -> None:
+            await workflow.sleep(max(timedelta(milliseconds=100), at - workflow.now()))
+            self._alarms.discard(at)
+            self._changed = True
+
+        task = asyncio.create_task(ring())
+        self._alarm_tasks.add(task)
+        task.add_done_callback(self._alarm_tasks.discard)
 
     def _expire_leases(self) -> None:
         now = workflow.now()
