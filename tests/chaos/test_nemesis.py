@@ -5,7 +5,6 @@ to fail on broken state; and the guardian bug the nemesis found, pinned on the t
 from __future__ import annotations
 
 import asyncio
-import gzip
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,12 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from temporalio import workflow
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import (
     Interceptor,
-    Replayer,
     SignalChildWorkflowInput,
     Worker,
     WorkflowInboundInterceptor,
@@ -445,35 +442,3 @@ async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_
         processes.terminate(ejected, grace_s=0.5)
         processes.terminate(serving, grace_s=0.5)
         await platform.aclose()
-
-
-# -- open: the budget's history does not replay after a worker takeover (nemesis seed 1, round 13) ----
-
-BUDGET_NDE_HISTORY = Path(__file__).with_name("budget-nde-history.json.gz")
-
-
-async def test_the_budget_replays_its_history_after_a_worker_takeover() -> None:
-    """OPEN BUG, found by the nemesis (seed 1, round 13), recorded here as the first 290 events of the
-    budget's history. The worker was killed while a workflow task of ``drctl-budget`` was due (on
-    its sticky queue): it timed out, and the restarted worker handled a ``release`` signal and an
-    ``acquire`` Update in one task, as two activations: the signal's (timer cancelled), then the
-    Update's (accepted, completed, timer started). Replaying that history (the next restart, or a
-    cache eviction) delivers both in one activation, accepts the Update first, and fails with
-    ``Nondeterminism error: Update machine does not handle this event: TimerCanceled``: the budget's
-    workflow task fails for ever, every lease request fails with it, and no recovery starts
-    (invariant 3). The split comes from the SDK (temporalio 1.35); a workflow that takes both
-    signals and Updates is exposed (the guardian takes ``report`` Updates and ``lease_granted`` signals;
-    not seen failing yet).
-
-    This test xfails on that error and passes once the history replays. If the budget's messages
-    change so this history no longer applies, record a new one (``bench/chaos.py`` keeps the state
-    folder of a failing round) or delete the test with the bug."""
-    history = WorkflowHistory.from_json(
-        "drctl-budget", gzip.decompress(BUDGET_NDE_HISTORY.read_bytes()).decode("utf-8")
-    )
-    replayer = Replayer(workflows=[BudgetWorkflow], data_converter=pydantic_data_converter)
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-    failure = str(result.replay_failure or "")
-    if "Update machine does not handle this event" in failure and "TimerCanceled" in failure:
-        pytest.xfail("open: the budget's history after a worker takeover does not replay (see the docstring)")
-    assert result.replay_failure is None, failure
