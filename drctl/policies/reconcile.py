@@ -156,7 +156,7 @@ def plan_reconcile(
         # Standbys left on a cordoned GPU (drained, or its zone failed over) are moved: deleted
         # here and counted as missing, so they are recreated where placement allows.
         for stranded in [i for i in live if i.role.is_standby and i.gpu in cordoned_set]:
-            plan.actions.append(_delete(stranded, f"on cordoned GPU {stranded.gpu}"))
+            plan.actions.append(delete_action(stranded, f"on cordoned GPU {stranded.gpu}"))
             allocations = [a for a in allocations if a.instance != stranded.id]
             live.remove(stranded)
         by_tier = {
@@ -171,7 +171,7 @@ def plan_reconcile(
                 hot_missing = max(0, want[Role.HOT] - len(by_tier[Role.HOT]))
                 surplus = surplus[hot_missing:] if hot_missing else surplus
             for instance in reversed(surplus):
-                plan.actions.append(_delete(instance, f"{tier} surplus: policy wants {want[tier]}"))
+                plan.actions.append(delete_action(instance, f"{tier} surplus: policy wants {want[tier]}"))
                 allocations = [a for a in allocations if a.instance != instance.id]
                 by_tier[tier].remove(instance)
         # 2. A surplus warm standby becomes a missing hot one when its GPU can hold it loaded.
@@ -196,7 +196,7 @@ def plan_reconcile(
             by_tier[Role.HOT].append(warm)
         # A warm standby kept for that, which its GPU cannot hold loaded, is surplus after all.
         for instance in reversed(by_tier[Role.WARM][want[Role.WARM] :]):
-            plan.actions.append(_delete(instance, f"{Role.WARM} surplus: policy wants {want[Role.WARM]}"))
+            plan.actions.append(delete_action(instance, f"{Role.WARM} surplus: policy wants {want[Role.WARM]}"))
             allocations = [a for a in allocations if a.instance != instance.id]
             by_tier[Role.WARM].remove(instance)
         kept.append((model, by_tier, next_index))
@@ -564,7 +564,8 @@ def _preempt(victim: Allocation, reason: str) -> ReconcileAction:
     )
 
 
-def _delete(instance: Instance, reason: str) -> ReconcileAction:
+def delete_action(instance: Instance, reason: str) -> ReconcileAction:
+    """Remove ``instance`` (it keeps its tier in the action, for the record)."""
     return ReconcileAction(
         kind=ReconcileActionKind.DELETE,
         model=instance.model,

@@ -211,24 +211,21 @@ class ModelGuardianWorkflow:
         self._granted.discard(incident.workflow_id)
 
     async def _run_runbook(self, incident: Incident, request: Any) -> FailoverResult | None:
-        try:
-            handle = await workflow.start_child_workflow(
+        def start() -> Any:
+            return workflow.start_child_workflow(
                 FailoverWorkflow.run,
                 request,
                 id=incident.workflow_id,
                 task_timeout=WORKFLOW_TASK_TIMEOUT,
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
+
+        try:
+            handle = await start()
         except WorkflowAlreadyStartedError:
             # That id is taken by a run started directly (not through a guardian): use the epoch.
             incident.workflow_id = f"{incident.workflow_id}-e{request.epoch}"
-            handle = await workflow.start_child_workflow(
-                FailoverWorkflow.run,
-                request,
-                id=incident.workflow_id,
-                task_timeout=WORKFLOW_TASK_TIMEOUT,
-                parent_close_policy=ParentClosePolicy.ABANDON,
-            )
+            handle = await start()
         incident.run_id = handle.first_execution_run_id
         joined_before = list(incident.joined)  # from now on the report handler signals new ones itself
         self._running[incident.instance] = handle

@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         Role,
         StepReport,
     )
-    from drctl.policies.reconcile import plan_reconcile
+    from drctl.policies.reconcile import delete_action, plan_reconcile
     from drctl.policies.schema import DRPolicy
     from drctl.workflows.failover import STEP_ERRORS, error_type, why_failed
 
@@ -73,18 +73,7 @@ def without_leftovers(
     for instance in snapshot.instances:
         leftover = instance.role == Role.PROMOTING and instance.model not in snapshot.busy_models
         if leftover and (models is None or instance.model in models):
-            cleanup.append(
-                ReconcileAction(
-                    kind=ReconcileActionKind.DELETE,
-                    model=instance.model,
-                    instance=instance.id,
-                    tier=instance.role,
-                    gpu=instance.gpu,
-                    node=instance.node,
-                    zone=instance.zone,
-                    reason="left promoting by a create or promotion that no longer runs",
-                )
-            )
+            cleanup.append(delete_action(instance, "left promoting by a create or promotion that no longer runs"))
             kept.append(instance.model_copy(update={"role": Role.FAILED}))
         else:
             kept.append(instance)
