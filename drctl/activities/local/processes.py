@@ -76,10 +76,11 @@ def spawn(command: list[str], log_path: Path, env: Mapping[str, str] | None = No
 
 
 def reap() -> None:
-    """Collect exited children so they do not linger as zombies."""
+    """Collect exited children so they do not linger as zombies. Called from several threads at
+    once (terminations run in ``asyncio.to_thread``), so a child may be collected by another."""
     for pid, proc in list(_children.items()):
         if proc.poll() is not None:
-            del _children[pid]
+            _children.pop(pid, None)
 
 
 def is_alive(pid: int | None) -> bool:
