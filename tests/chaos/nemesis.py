@@ -303,6 +303,13 @@ def incidents_of(guardians: Mapping[str, GuardianState | None], instance: str) -
     return [i for g in guardians.values() if g is not None for i in [*g.recent, *g.queue] if i.instance == instance]
 
 
+def ejected_as_candidate(instance: Instance | None) -> bool:
+    """A failed standby another runbook tried to promote before anyone reported it, and ejected as
+    broken (``FailoverWorkflow._try_eject_broken``): handled, in that runbook's audit, and no
+    report follows (the prober watches serving and hot instances only)."""
+    return instance is not None and instance.role == Role.FAILED and instance.note.startswith("promotion failed")
+
+
 def invariant_violations(
     guardians: Mapping[str, GuardianState | None],
     budget: BudgetState | None,
@@ -349,6 +356,8 @@ def invariant_violations(
         settled = [i for i in incidents if i.outcome in SETTLED]
         allowed = SERVING_SETTLES if fault.role == Role.SERVING else STANDBY_SETTLES
         what = f"{fault.instance} ({fault.role}, {fault.kind}, {fault.how})"
+        if not incidents and fault.role != Role.SERVING and ejected_as_candidate(by_id.get(fault.instance)):
+            continue  # tried and ejected by another runbook before anyone reported it: in that audit
         if len(settled) != 1:
             seen = ", ".join(f"{i.workflow_id}: {i.outcome or i.state}" for i in incidents) or "none"
             problems.append(f"invariant 4: {what} has {len(settled)} settled incidents, not 1 (incidents: {seen})")
@@ -606,6 +615,9 @@ class Nemesis:
         instances = list(self.stack.platform.registry.load().values())
         for fault in report.injected:
             settled = [i for i in incidents_of(guardians, fault.instance) if i.outcome in SETTLED]
+            current = self.stack.platform.registry.load().get(fault.instance)
+            if not settled and ejected_as_candidate(current):
+                fault.outcome = "ejected as a broken candidate"
             if settled:
                 fault.outcome = str(settled[0].outcome)
                 fault.joined_total = settled[0].joined_total
@@ -913,7 +925,10 @@ class Nemesis:
                 busy.append(f"guardian-{model}: {incident.instance} {incident.state}")
         if budget is not None and (budget.running or budget.waiting):
             busy.append(f"budget: {len(budget.running)} running, {len(budget.waiting)} waiting")
+        registry = self.stack.platform.registry.load()
         for fault in report.injected:
+            if fault.role != Role.SERVING and ejected_as_candidate(registry.get(fault.instance)):
+                continue
             if not any(i.outcome in SETTLED for i in incidents_of(guardians, fault.instance)):
                 busy.append(f"{fault.instance}: no settled incident yet")
         try:

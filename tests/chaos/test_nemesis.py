@@ -193,6 +193,18 @@ def test_a_failure_without_its_one_recovery_or_its_reports_violates_invariant_4(
     assert any("is serving after its recovery" in p for p in problems), problems
 
 
+def test_a_standby_ejected_as_a_broken_candidate_needs_no_incident_of_its_own() -> None:
+    """A hung hot standby another runbook tried first and ejected: handled in that runbook's audit."""
+    hung = Instance(id="llama-2-7b-1", model="llama-2-7b", role=Role.FAILED, note="promotion failed: timeout")
+    fault = _injected("llama-2-7b-1", role=Role.HOT)
+    assert invariant_violations(_guardians(), None, [hung], [fault]) == []
+    # Not for a serving instance, nor for a standby nobody ejected.
+    problems = invariant_violations(_guardians(), None, [hung], [_injected("llama-2-7b-1")])
+    assert any("0 settled incidents" in p for p in problems), problems
+    plain = hung.model_copy(update={"note": ""})
+    assert any("0 settled incidents" in p for p in invariant_violations(_guardians(), None, [plain], [fault]))
+
+
 def _fleet(extra_hot_in_lb: bool = False) -> tuple[list[Instance], dict[str, list[HostStatus]]]:
     policy = load_policy_file(EXAMPLE_POLICY)
     instances, hosts = [], {}
