@@ -508,6 +508,9 @@ class FailoverWorkflow:
     def _finish(self, outcome: FailoverOutcome, reason: str) -> FailoverResult:
         assert self._result is not None
         result = self._result
+        if self._plan_only and outcome != FailoverOutcome.PLANNED:
+            # A plan is never a recovery in the audit, whatever it found (say, a healthy instance).
+            outcome, reason = FailoverOutcome.PLANNED, f"would end {outcome.value}: {reason}"
         result.outcome = outcome
         result.reason = reason
         result.finished_at = workflow.now()

@@ -296,3 +296,16 @@ async def test_plan_runs_the_same_decisions_and_changes_nothing(time_skipping_en
     ]
     assert fleet.instances == before  # nothing changed
     assert [step for step, _ in fleet.calls] == ["probe", "list"]  # reads only
+
+
+async def test_a_plan_for_a_healthy_instance_is_a_plan_in_the_audit(time_skipping_env: WorkflowEnvironment) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.healthy.add("llama-2-7b-0")
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        result = await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", plan_only=True),
+            id=f"plan-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+    assert result.outcome == FailoverOutcome.PLANNED and result.reason.startswith("would end false-alarm")
