@@ -304,10 +304,14 @@ def incidents_of(guardians: Mapping[str, GuardianState | None], instance: str) -
 
 
 def ejected_as_candidate(instance: Instance | None) -> bool:
-    """A failed standby another runbook tried to promote before anyone reported it, and ejected as
-    broken (``FailoverWorkflow._try_eject_broken``): handled, in that runbook's audit, and no
-    report follows (the prober watches serving and hot instances only)."""
-    return instance is not None and instance.role == Role.FAILED and instance.note.startswith("promotion failed")
+    """A failed standby taken out before anyone reported it (the prober needs a few failed probes
+    for a hung one): another runbook tried to promote it and ejected it as broken
+    (``FailoverWorkflow._try_eject_broken``), or reconciliation deleted it (a placement move, the
+    replacement created first; the instance is gone from the registry). Handled, in that runbook's
+    audit, and no report follows (the prober watches serving and hot instances only)."""
+    if instance is None:
+        return True
+    return instance.role == Role.FAILED and instance.note.startswith("promotion failed")
 
 
 def invariant_violations(
@@ -356,8 +360,8 @@ def invariant_violations(
         settled = [i for i in incidents if i.outcome in SETTLED]
         allowed = SERVING_SETTLES if fault.role == Role.SERVING else STANDBY_SETTLES
         what = f"{fault.instance} ({fault.role}, {fault.kind}, {fault.how})"
-        if not incidents and fault.role != Role.SERVING and ejected_as_candidate(by_id.get(fault.instance)):
-            continue  # tried and ejected by another runbook before anyone reported it: in that audit
+        if not settled and fault.role != Role.SERVING and ejected_as_candidate(by_id.get(fault.instance)):
+            continue  # taken out by another runbook before a report of it ran: in that audit
         if len(settled) != 1:
             seen = ", ".join(f"{i.workflow_id}: {i.outcome or i.state}" for i in incidents) or "none"
             problems.append(f"invariant 4: {what} has {len(settled)} settled incidents, not 1 (incidents: {seen})")
@@ -616,8 +620,8 @@ class Nemesis:
         for fault in report.injected:
             settled = [i for i in incidents_of(guardians, fault.instance) if i.outcome in SETTLED]
             current = self.stack.platform.registry.load().get(fault.instance)
-            if not settled and ejected_as_candidate(current):
-                fault.outcome = "ejected as a broken candidate"
+            if not settled and fault.role != Role.SERVING and ejected_as_candidate(current):
+                fault.outcome = "deleted by reconcile" if current is None else "ejected as a broken candidate"
             if settled:
                 fault.outcome = str(settled[0].outcome)
                 fault.joined_total = settled[0].joined_total
