@@ -674,8 +674,8 @@ class IncidentTicket(Payload):
     joined: bool
     state: IncidentState
     opened_at: datetime
-    """Identifies the incident (with ``workflow_id``): an earlier incident of the same instance may
-    have used the same workflow id."""
+    """Identifies the incident (with ``instance``): its workflow id is not enough, as an earlier
+    incident of the instance may have used it, and a taken id is replaced by ``…-e{epoch}``."""
     outcome: FailoverOutcome | None = None
     detail: str = ""
 

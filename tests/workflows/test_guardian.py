@@ -174,12 +174,7 @@ async def test_the_zone_cap_delays_a_recovery_and_never_drops_it(time_skipping_e
             await report_failure(client, queue, report(f"{m}-0", "prober", model=m))
             for m in ("llama-2-7b", "mistral-7b", "gpt-4-8b")
         ]
-        for _ in range(100):
-            state = await budget_state(client, queue)
-            if state is not None and len(state.running) == 1 and len(state.waiting) == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert state is not None and len(state.running) == 1 and len(state.waiting) == 2
+        state = await budget_when(client, queue, lambda s: len(s.running) == 1 and len(s.waiting) == 2)
         assert all("az-1" in why for why in state.why_waiting.values())
         fleet.promote_gate.set()
         results = [await result_of(client, queue, t) for t in tickets]
@@ -202,12 +197,8 @@ async def test_the_breaker_trips_past_the_budget_and_a_person_resets_it(time_ski
             await report_failure(client, queue, report(f"{m}-0", "prober", model=m))
             for m in ("llama-2-7b", "mistral-7b", "gpt-4-8b")
         ]
-        for _ in range(100):
-            state = await budget_state(client, queue)
-            if state is not None and state.tripped:
-                break
-            await asyncio.sleep(0.05)
-        assert state is not None and state.tripped and "2 recoveries waiting" in state.tripped
+        state = await budget_when(client, queue, lambda s: s.tripped is not None)
+        assert state.tripped is not None and "2 recoveries waiting" in state.tripped
         fleet.promote_gate.set()
         first = await result_of(client, queue, tickets[0])
         held = await budget_when(client, queue, lambda s: not s.running)
