@@ -239,6 +239,7 @@ class ActivityName:
     REPORT_FAILURE = "report_failure"
     REQUEST_LEASE = "request_lease"
     AWAIT_RUNBOOKS = "await_runbooks"
+    AWAIT_RECONCILE_PASS = "await_reconcile_pass"
     BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"
     DRILL_RUN = "drill_run"
@@ -622,6 +623,13 @@ def guardian_workflow_id(model: str, task_queue: str = DEFAULT_TASK_QUEUE) -> st
     """One guardian per model (per drctl deployment: its task queue), to which every report of a
     failure of the model goes."""
     return f"guardian-{model}" if task_queue == DEFAULT_TASK_QUEUE else f"guardian-{task_queue}-{model}"
+
+
+def reconcile_pass_workflow_id(task_queue: str = DEFAULT_TASK_QUEUE) -> str:
+    """The one reconciliation pass that may change the fleet at a time (per drctl deployment): every
+    reconcile run makes its changes in a child workflow with this ID, so Temporal's ID uniqueness
+    keeps two passes from planning on the same fleet at once."""
+    return "reconcile-pass" if task_queue == DEFAULT_TASK_QUEUE else f"reconcile-pass-{task_queue}"
 
 
 def budget_workflow_id(task_queue: str = DEFAULT_TASK_QUEUE) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import ScheduleOverlapPolicy
+from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.activities.failover import heartbeat_progress
@@ -39,6 +41,7 @@ class ReconcileActivities:
             self.retier_instance,
             self.delete_instance,
             self.request_reconcile,
+            await_reconcile_pass,
             self.cordon_gpu,
             self.uncordon_gpu,
         ]
@@ -102,3 +105,29 @@ class ReconcileActivities:
                 detail="no reconcile schedule (drctl up creates it); not replenished", duration_ms=_elapsed_ms(start)
             )
         return StepReport(detail=f"reconciliation triggered for {ref.model}'s standbys", duration_ms=_elapsed_ms(start))
+
+
+@activity.defn(name=ActivityName.AWAIT_RECONCILE_PASS)
+async def await_reconcile_pass(workflow_id: str) -> StepReport:
+    """Wait until the reconciliation pass now running (if any) has closed, heartbeating; the
+    reconcile run that found it going then starts its own pass. Idempotent: a retry waits again."""
+    start = time.monotonic()
+    client = activity.client()
+    try:
+        described = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return StepReport(detail="no pass running", duration_ms=_elapsed_ms(start))
+    if described.status != WorkflowExecutionStatus.RUNNING:
+        return StepReport(detail="the pass had ended", duration_ms=_elapsed_ms(start))
+    closed = asyncio.ensure_future(client.get_workflow_handle(workflow_id, run_id=described.run_id).result())
+    try:
+        while not closed.done():
+            activity.heartbeat()
+            await asyncio.wait({closed}, timeout=1.0)
+    finally:
+        closed.cancel()
+        with contextlib.suppress(BaseException):
+            await closed  # its outcome is the other pass's business: only its end matters here
+    return StepReport(detail=f"waited for pass {described.run_id} to end", duration_ms=_elapsed_ms(start))

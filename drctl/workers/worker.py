@@ -30,7 +30,7 @@ from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
-from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ WORKFLOWS = [
     BudgetWorkflow,
     FailoverWorkflow,
     ReconcileStandbysWorkflow,
+    ReconcilePassWorkflow,
     DrainGpuWorkflow,
     ZoneFailoverWorkflow,
     ZoneFailbackWorkflow,

@@ -1,9 +1,19 @@
 """ReconcileStandbysWorkflow: bring every model back to its serving/hot/warm/cold counts.
 
 Observe (one activity) → plan (pure, in the workflow: ``drctl.policies.reconcile``) → act. Runs
-from a Temporal Schedule (overlapping runs skipped), right after a failover (the failover
-triggers the schedule), or by hand (``drctl reconcile [--dry-run]``). Idempotent: when the fleet
-matches the policy the plan is empty, so a second run changes nothing.
+from a Temporal Schedule, right after a failover (the failover triggers the schedule), or by hand
+(``drctl reconcile [--dry-run]``). Idempotent: when the fleet matches the policy the plan is empty,
+so a second run changes nothing.
+
+**One pass at a time.** The schedule's overlap policy does not keep two runs apart (a triggered
+run and a due one started 120 ms apart in the nemesis, and ``drctl reconcile`` has an ID of its
+own): two passes planned on the same fleet, each deleted the other's loading standbys as leftovers
+and both chose the same new instance IDs. So a run that changes the fleet makes its changes in a
+child, ``ReconcilePassWorkflow``, under one fixed ID (:func:`reconcile_pass_workflow_id`): when a
+pass is already going, the run waits for it to end, then runs its own pass on the fleet that one
+left. No request is dropped (a request made during a pass gets a pass that observed after it), and
+Temporal's ID uniqueness, not a lock that a killed worker could leave held, keeps passes apart. A
+dry run changes nothing and plans at once.
 
 It also repairs placement drift (standbys on the node or zone of their model's serving instance,
 or stacked beside a serving instance): a misplaced standby is moved by creating its replacement
@@ -13,10 +23,13 @@ where placement puts it and deleting it only once the replacement exists (``plan
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -35,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         ReconcileResult,
         Role,
         StepReport,
+        reconcile_pass_workflow_id,
     )
     from drctl.policies.reconcile import delete_action, plan_reconcile
     from drctl.policies.schema import DRPolicy
@@ -94,8 +108,15 @@ def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
     return plan.model_copy(update={"actions": actions, "skipped_models": [*plan.skipped_models, *skipped]})
 
 
+ONE_PASS_AT_A_TIME = "reconcile-one-pass-at-a-time"
+"""Patch: runs started before passes were serialized replay their pass in line."""
+PASS_WAIT_HEARTBEAT = timedelta(seconds=5)
+
+
 @workflow.defn(name="ReconcileStandbysWorkflow", failure_exception_types=[ValidationError])
 class ReconcileStandbysWorkflow:
+    """A request for reconciliation: from the schedule, a failover's replenish step or the CLI."""
+
     def __init__(self) -> None:
         self._result: ReconcileResult | None = None
 
@@ -105,82 +126,138 @@ class ReconcileStandbysWorkflow:
 
     @workflow.run
     async def run(self, request: ReconcileRequest) -> ReconcileResult:
-        snapshot = await workflow.execute_activity(
-            ActivityName.OBSERVE_FLEET,
-            result_type=FleetSnapshot,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RETRY,
-        )
-        policy = DRPolicy.model_validate(snapshot.policy)
-        instances, cleanup = without_leftovers(snapshot, request.models)
-        plan = plan_reconcile(policy, instances, request.models, snapshot.cordoned_gpus)
-        plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
-        result = self._result = ReconcileResult(plan=plan, dry_run=request.dry_run)
-        if request.dry_run or not plan.actions:
-            return result
-        # A move (a misplaced standby) is a create and a delete; the delete waits for the create.
-        moved_out = set(plan.moves.values())
-        move_deletes = {
-            a.instance: a for a in plan.actions if a.kind == ReconcileActionKind.DELETE and a.instance in moved_out
-        }
-        # Deletes first and one by one (they free capacity the creates were planned into).
-        for action in plan.actions:
-            if action.kind == ReconcileActionKind.DELETE and action.instance not in moved_out:
-                await self._apply(action, result)
-        gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
-
-        async def bounded(action: ReconcileAction) -> None:
-            async with gate:
-                await self._apply(action, result)
-
-        await asyncio.gather(
-            *(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE and a.instance not in plan.moves)
-        )
-        # Then the moves, one by one and in order (each was planned on the pool the ones before it
-        # leave): the replacement is created first, and only once it exists is the misplaced
-        # standby deleted, so the model never has fewer standbys than before.
-        for action in plan.actions:
-            if action.kind != ReconcileActionKind.CREATE or action.instance not in plan.moves:
-                continue
-            old = move_deletes.get(plan.moves[action.instance])
-            if await self._apply(action, result) and old is not None:
-                await self._apply(old, result)
-            elif old is not None:
-                result.failed.append(f"kept {old.instance}: its replacement {action.instance} was not created")
-        return result
-
-    async def _apply(self, action: ReconcileAction, result: ReconcileResult) -> bool:
-        label = f"{action.kind} {action.instance} ({action.tier})"
-        try:
+        if request.dry_run or not workflow.patched(ONE_PASS_AT_A_TIME):
+            return await reconcile_pass(request, self._show)
+        pass_id = reconcile_pass_workflow_id(workflow.info().task_queue)
+        while True:
             try:
-                report = await self._change(action)
-            except STEP_ERRORS as err:
-                if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
-                    raise
-                # The checkpoint failed its checksum: restore the good copy, then try once more.
-                restored = await workflow.execute_activity(
-                    ActivityName.RESTORE_CHECKPOINT,
-                    InstanceRef(model=action.model, instance=action.instance),
-                    result_type=StepReport,
-                    start_to_close_timeout=timedelta(minutes=10),
-                    retry_policy=RETRY,
+                handle = await workflow.start_child_workflow(
+                    ReconcilePassWorkflow.run,
+                    request,
+                    id=pass_id,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    # A pass whose request was terminated stops too; the next pass cleans up after it.
+                    parent_close_policy=ParentClosePolicy.TERMINATE,
                 )
-                result.applied.append(f"restore {action.instance}: {restored.detail}")
-                report = await self._change(action)
-        except STEP_ERRORS as err:
-            result.failed.append(f"{label}: {why_failed(err)}")
-            return False
-        result.applied.append(f"{label}: {report.detail}")
-        return True
+            except WorkflowAlreadyStartedError:
+                # Another request's pass is going: wait for it, then plan on the fleet it leaves.
+                await workflow.execute_activity(
+                    ActivityName.AWAIT_RECONCILE_PASS,
+                    pass_id,
+                    result_type=StepReport,
+                    start_to_close_timeout=timedelta(hours=1),
+                    heartbeat_timeout=PASS_WAIT_HEARTBEAT,
+                    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
+                )
+                continue
+            self._result = await handle
+            return self._result
 
-    async def _change(self, action: ReconcileAction) -> StepReport:
-        long = action.kind != ReconcileActionKind.DELETE
-        report: StepReport = await workflow.execute_activity(
-            ACTIVITY_FOR[action.kind],
-            InstanceChange(action=action),
-            result_type=StepReport,
-            start_to_close_timeout=timedelta(minutes=10) if long else timedelta(seconds=30),
-            heartbeat_timeout=timedelta(seconds=5) if long else None,
-            retry_policy=RETRY,
-        )
-        return report
+    def _show(self, result: ReconcileResult) -> None:
+        self._result = result
+
+
+@workflow.defn(name="ReconcilePassWorkflow", failure_exception_types=[ValidationError])
+class ReconcilePassWorkflow:
+    """The one pass that changes the fleet (ID :func:`reconcile_pass_workflow_id`, see the module)."""
+
+    def __init__(self) -> None:
+        self._result: ReconcileResult | None = None
+
+    @workflow.query(name="progress")
+    def progress(self) -> ReconcileResult | None:
+        return self._result
+
+    @workflow.run
+    async def run(self, request: ReconcileRequest) -> ReconcileResult:
+        return await reconcile_pass(request, self._show)
+
+    def _show(self, result: ReconcileResult) -> None:
+        self._result = result
+
+
+async def reconcile_pass(request: ReconcileRequest, show: Callable[[ReconcileResult], None]) -> ReconcileResult:
+    """Observe, plan and (unless a dry run) act. ``show`` gets the result as soon as the plan is made
+    (and it fills in as actions run), for the ``progress`` query."""
+    snapshot = await workflow.execute_activity(
+        ActivityName.OBSERVE_FLEET,
+        result_type=FleetSnapshot,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RETRY,
+    )
+    policy = DRPolicy.model_validate(snapshot.policy)
+    instances, cleanup = without_leftovers(snapshot, request.models)
+    plan = plan_reconcile(policy, instances, request.models, snapshot.cordoned_gpus)
+    plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
+    result = ReconcileResult(plan=plan, dry_run=request.dry_run)
+    show(result)
+    if request.dry_run or not plan.actions:
+        return result
+    # A move (a misplaced standby) is a create and a delete; the delete waits for the create.
+    moved_out = set(plan.moves.values())
+    move_deletes = {
+        a.instance: a for a in plan.actions if a.kind == ReconcileActionKind.DELETE and a.instance in moved_out
+    }
+    # Deletes first and one by one (they free capacity the creates were planned into).
+    for action in plan.actions:
+        if action.kind == ReconcileActionKind.DELETE and action.instance not in moved_out:
+            await _apply(action, result)
+    gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
+
+    async def bounded(action: ReconcileAction) -> None:
+        async with gate:
+            await _apply(action, result)
+
+    await asyncio.gather(
+        *(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE and a.instance not in plan.moves)
+    )
+    # Then the moves, one by one and in order (each was planned on the pool the ones before it
+    # leave): the replacement is created first, and only once it exists is the misplaced
+    # standby deleted, so the model never has fewer standbys than before.
+    for action in plan.actions:
+        if action.kind != ReconcileActionKind.CREATE or action.instance not in plan.moves:
+            continue
+        old = move_deletes.get(plan.moves[action.instance])
+        if await _apply(action, result) and old is not None:
+            await _apply(old, result)
+        elif old is not None:
+            result.failed.append(f"kept {old.instance}: its replacement {action.instance} was not created")
+    return result
+
+
+async def _apply(action: ReconcileAction, result: ReconcileResult) -> bool:
+    label = f"{action.kind} {action.instance} ({action.tier})"
+    try:
+        try:
+            report = await _change(action)
+        except STEP_ERRORS as err:
+            if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
+                raise
+            # The checkpoint failed its checksum: restore the good copy, then try once more.
+            restored = await workflow.execute_activity(
+                ActivityName.RESTORE_CHECKPOINT,
+                InstanceRef(model=action.model, instance=action.instance),
+                result_type=StepReport,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=RETRY,
+            )
+            result.applied.append(f"restore {action.instance}: {restored.detail}")
+            report = await _change(action)
+    except STEP_ERRORS as err:
+        result.failed.append(f"{label}: {why_failed(err)}")
+        return False
+    result.applied.append(f"{label}: {report.detail}")
+    return True
+
+
+async def _change(action: ReconcileAction) -> StepReport:
+    long = action.kind != ReconcileActionKind.DELETE
+    report: StepReport = await workflow.execute_activity(
+        ACTIVITY_FOR[action.kind],
+        InstanceChange(action=action),
+        result_type=StepReport,
+        start_to_close_timeout=timedelta(minutes=10) if long else timedelta(seconds=30),
+        heartbeat_timeout=timedelta(seconds=5) if long else None,
+        retry_policy=RETRY,
+    )
+    return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from drctl.payloads import (
     StepReport,
 )
 from drctl.policies.loader import load_policy_file
-from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from drctl.activities.reconcile import await_reconcile_pass
+from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from tests.policies.test_reconcile import as_seen_on_drctl_up
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
@@ -41,6 +43,8 @@ class FakePlatform:
     """Instances whose create fails for good (the model does not load)."""
     busy: dict[str, str] = field(default_factory=dict)
     """Models with a recovery in flight, as the budget tells ``observe_fleet``."""
+    hold: asyncio.Event | None = None
+    """When set, creates wait for it (a pass that takes a while: instances loading)."""
 
     def activities(self) -> list[object]:
         platform = self
@@ -58,6 +62,10 @@ class FakePlatform:
         async def create(change: InstanceChange) -> StepReport:
             a = change.action
             platform.calls.append(f"create {a.instance} {a.tier}")
+            if platform.hold is not None:
+                while not platform.hold.is_set():
+                    activity.heartbeat()
+                    await asyncio.sleep(0.05)
             if a.model in platform.corrupt_models and a.tier != Role.COLD:
                 raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
             if a.instance in platform.broken:
@@ -86,13 +94,16 @@ class FakePlatform:
             platform.corrupt_models.discard(ref.model)
             return StepReport(detail="restored")
 
-        return [observe, create, retier, delete, restore]
+        return [observe, create, retier, delete, restore, await_reconcile_pass]
 
 
 async def reconcile(env: WorkflowEnvironment, platform: FakePlatform, **request: object) -> ReconcileResult:
     queue = f"reconcile-{uuid.uuid4()}"
     async with Worker(
-        env.client, task_queue=queue, workflows=[ReconcileStandbysWorkflow], activities=platform.activities()
+        env.client,
+        task_queue=queue,
+        workflows=[ReconcileStandbysWorkflow, ReconcilePassWorkflow],
+        activities=platform.activities(),
     ):
         return await env.client.execute_workflow(
             ReconcileStandbysWorkflow.run,
@@ -211,3 +222,40 @@ async def test_a_promotion_left_behind_is_cleaned_up_unless_a_recovery_is_in_fli
     assert any(c.startswith("create ") and c.endswith(" hot") for c in platform.calls)
     hots = [i for i in platform.instances.values() if i.model == "llama-2-7b" and i.role == Role.HOT]
     assert len(hots) == 2 and fixed.failed == []
+
+
+async def test_requests_that_overlap_make_their_passes_one_after_the_other(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """Seen (nemesis, seed 1, round 10): two runs at once both planned on the same fleet; the second
+    deleted the first's loading standbys as leftovers and both created the same instance IDs. A
+    request made while a pass runs waits for it, then makes its own pass on the fleet it left."""
+    env = time_skipping_env
+    platform = FakePlatform(hold=asyncio.Event())
+    queue = f"reconcile-{uuid.uuid4()}"
+    async with Worker(
+        env.client,
+        task_queue=queue,
+        workflows=[ReconcileStandbysWorkflow, ReconcilePassWorkflow],
+        activities=platform.activities(),
+    ):
+        first = await env.client.start_workflow(
+            ReconcileStandbysWorkflow.run, ReconcileRequest(), id=f"first-{uuid.uuid4()}", task_queue=queue
+        )
+        for _ in range(200):  # the first pass is creating (its instances load until ``hold`` is set)
+            if any(c.startswith("create ") for c in platform.calls):
+                break
+            await asyncio.sleep(0.05)
+        second = await env.client.start_workflow(
+            ReconcileStandbysWorkflow.run, ReconcileRequest(), id=f"second-{uuid.uuid4()}", task_queue=queue
+        )
+        await asyncio.sleep(1.0)
+        assert platform.calls.count("observe") == 1, "the second pass planned while the first still ran"
+        platform.hold.set()  # type: ignore[union-attr]
+        built = await first.result()
+        again = await second.result()
+
+    creates = [c.split()[1] for c in platform.calls if c.startswith("create ")]
+    assert len(creates) == len(set(creates)) == len(built.plan.actions) > 0  # no instance created twice
+    assert not any(c.startswith("delete ") for c in platform.calls)
+    assert platform.calls.count("observe") == 2 and again.plan.actions == [] and again.failed == []

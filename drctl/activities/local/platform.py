@@ -192,7 +192,9 @@ class LocalPlatform:
         deadline = start + self.load_timeout_s(instance.model)
         while time.monotonic() < deadline:
             if not processes.is_alive(instance.pid):
-                raise errors.model_load_failed(instance.id, f"process {instance.pid} exited while loading")
+                said = self._log_tail(instance.id)
+                why = f"process {instance.pid} exited while loading" + (f"; its log ends: {said}" if said else "")
+                raise errors.model_load_failed(instance.id, why)
             try:
                 response = await self._http.get(self._url(instance, "/load_progress"), timeout=1.0)
                 state = response.json()
@@ -538,6 +540,15 @@ class LocalPlatform:
         updated = instance.model_copy(update={"port": port, "pid": pid})
         instances[instance.id] = updated
         return updated
+
+    def _log_tail(self, instance_id: str, lines: int = 5) -> str:
+        """The last lines of an instance's log, so that an instance that died while loading says why
+        (a port taken meanwhile, a bad command) in the runbook's error, not only in a file."""
+        try:
+            text = (self.layout.logs_dir / f"{instance_id}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:800]
 
     @staticmethod
     def _url(instance: Instance, path: str) -> str:
