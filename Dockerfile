@@ -24,4 +24,4 @@ ENV DRCTL_POLICY=/app/examples/dr-policy.yaml \
 
 USER 10001:10001
 EXPOSE 9095 9400
-CMD ["python", "-m", "drctl.workers.worker"]
+CMD ["python", "-m", "drctl.workers.runbook_worker"]

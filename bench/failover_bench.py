@@ -47,7 +47,7 @@ from rich.table import Table
 from drctl.payloads import FailoverOutcome, FailoverRequest, FailoverResult, Role, Trigger
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
-from drctl.workers.runbooks import start_failover
+from drctl.temporal.runbooks import start_failover
 from drctl.workers.stack import LocalStack, isolated_settings
 
 REPO = Path(__file__).resolve().parents[1]

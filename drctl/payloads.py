@@ -13,9 +13,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from drctl.policies.schema import MODEL_NAME_PATTERN
-
 INSTANCE_ID_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,125}[a-z0-9])?$"
+
+MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$"
+"""DNS-label-like: safe in Envoy cluster names, workflow IDs, file names and Kubernetes labels."""
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="model name from the DR policy")]
 InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN, description="instance id, e.g. llama-2-7b-0")]

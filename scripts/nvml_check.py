@@ -9,7 +9,7 @@ registers for Xid events, waits up to ``--wait`` seconds (default 10) for them, 
 again (so the correctable-ECC burst rule sees two readings), and exits 0. Without NVML (no driver,
 driver not loaded) it prints the reason on stderr and exits 2.
 
-It uses ``drctl.workers.node_agent.NvmlInventory`` / ``XidWatcher`` and the pure
+It uses ``drctl.detectors.gpu_node_agent.NvmlInventory`` / ``XidWatcher`` and the pure
 ``drctl.policies.gpu_health``: the code the agent runs, without aiohttp, prometheus-client or pydantic.
 """
 
@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drctl.policies.gpu_health import GpuReading, classify
-from drctl.workers.node_agent import (
+from drctl.detectors.gpu_node_agent import (
     NvmlCallError,
     NvmlInventory,
     NvmlUnavailable,
     XidEvent,
     XidWatcher,
 )
+from drctl.policies.gpu_health import GpuReading, classify
 
 
 def _gpu(reading: GpuReading, previous: GpuReading | None, read_ms: float) -> dict[str, Any]:

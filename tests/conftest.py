@@ -8,8 +8,8 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from drctl.temporal.search_attributes import register_search_attributes
 from drctl.workers.binaries import find_binary
-from drctl.workers.search_attributes import register_search_attributes
 
 
 @pytest.fixture(scope="session")

@@ -26,15 +26,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from drctl.activities.load import LoadGenerator, Sample
-from drctl.activities.local import faults
-from drctl.activities.local.checkpoints import (
-    corrupt_checkpoint,
-    file_sha256,
-    read_expected_sha256,
-    restore_checkpoint,
-)
-from drctl.activities.local.platform import LocalPlatform
-from drctl.activities.platform import Platform
 from drctl.payloads import (
     ActivityName,
     DrillMeasurement,
@@ -56,6 +47,15 @@ from drctl.payloads import (
     gpu_of_drain_workflow_id,
     zone_failover_workflow_id,
 )
+from drctl.platforms.base import Platform
+from drctl.platforms.local import faults
+from drctl.platforms.local.checkpoints import (
+    corrupt_checkpoint,
+    file_sha256,
+    read_expected_sha256,
+    restore_checkpoint,
+)
+from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.drills import (
     DrillImpossible,
     DrillNotReady,

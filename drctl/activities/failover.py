@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from temporalio import activity
 
-from drctl.activities.platform import Platform
 from drctl.payloads import (
     ActivityName,
     EjectRequest,
@@ -25,6 +24,7 @@ from drctl.payloads import (
     RegisterRequest,
     StepReport,
 )
+from drctl.platforms.base import Platform
 
 T = TypeVar("T")
 

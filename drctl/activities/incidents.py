@@ -19,7 +19,6 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from drctl.activities.platform import Platform
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
@@ -34,6 +33,7 @@ from drctl.payloads import (
     RunbookOutcomes,
     StepReport,
 )
+from drctl.platforms.base import Platform
 from drctl.policies.budget import BudgetLimits
 from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_closed
 

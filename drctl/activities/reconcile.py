@@ -13,7 +13,6 @@ from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.activities.failover import heartbeat_progress
-from drctl.activities.platform import Platform
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
@@ -23,6 +22,7 @@ from drctl.payloads import (
     ModelRef,
     StepReport,
 )
+from drctl.platforms.base import Platform
 from drctl.temporal.incidents import busy_models
 
 

@@ -1,6 +1,6 @@
 """Classify one GPU's NVML reading as ``healthy``, ``degraded`` or ``drain``. Pure: no I/O.
 
-The node agent (``drctl.workers.node_agent``) reads NVML into a :class:`GpuReading`; :func:`classify`
+The node agent (``drctl.detectors.gpu_node_agent``) reads NVML into a :class:`GpuReading`; :func:`classify`
 turns it into a :class:`GpuHealth` with a human-readable reason for every finding. A GPU that must be
 **drained** cannot be trusted with model instances any more (their instances move away and placement
 skips it); a **degraded** GPU still serves but needs a look; **healthy** may still carry notes (an

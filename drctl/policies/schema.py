@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic.alias_generators import to_camel
 
+from drctl.payloads import MODEL_NAME_PATTERN
 from drctl.policies.durations import format_duration, parse_duration, require_positive
 from drctl.policies.sizes import parse_size
 
@@ -37,9 +38,6 @@ error naming the field, not a busy loop or a schedule Temporal refuses."""
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 PositiveByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-
-MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$"
-"""DNS-label-like: safe in Envoy cluster names, workflow IDs, file names and Kubernetes labels."""
 
 
 class _Section(BaseModel):
@@ -141,7 +139,7 @@ class LocalPlatformPolicy(_Section):
         default_factory=lambda: [
             "{python}",
             "-m",
-            "drctl.workers.demo_server",
+            "drctl.sim.inference_server",
             "--model",
             "{model}",
             "--instance",

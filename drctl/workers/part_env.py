@@ -4,7 +4,7 @@ Why: a process's environment is readable in ``/proc/PID/environ`` (by its user a
 inherited by whatever it starts, and ends up in crash reports. ``drctl up`` used to hand every
 child all of its own environment, so every tenant's alert token was in every model instance. Now:
 
-- model instances (and Temporal, Envoy) get only :func:`drctl.activities.local.processes.inherited_env`;
+- model instances (and Temporal, Envoy) get only :func:`drctl.platforms.local.processes.inherited_env`;
 - drctl's own parts get that, drctl's settings (``DRCTL_*``, as pydantic-settings reads them back)
   and the non-secret ``DRCTL_*`` variables of this process, plus the secrets their part uses:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from drctl.activities.local.processes import inherited_env
+from drctl.platforms.local.processes import inherited_env
 from drctl.settings import SECRET_SETTINGS, DrctlSettings
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")

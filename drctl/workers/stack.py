@@ -28,17 +28,17 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from drctl.activities.local import envoy, processes
-from drctl.activities.local.platform import LocalPlatform
 from drctl.payloads import RECONCILE_SCHEDULE_ID
+from drctl.platforms.local import envoy, processes
+from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.durations import format_duration
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout, new_token, write_secret_file
+from drctl.temporal.client import connect
+from drctl.temporal.schedules import ensure_reconcile_schedule
+from drctl.temporal.search_attributes import dev_server_flags, register_search_attributes
 from drctl.workers.binaries import find_binary
 from drctl.workers.part_env import part_environment
-from drctl.workers.schedules import ensure_reconcile_schedule
-from drctl.workers.search_attributes import dev_server_flags, register_search_attributes
-from drctl.workers.temporal_client import connect
 
 Say = Callable[[str], None]
 
@@ -476,11 +476,11 @@ class LocalStack:
                 await asyncio.sleep(0.05)
 
     def start_worker(self) -> None:
-        self._start_python_process("worker", "drctl.workers.worker")
+        self._start_python_process("worker", "drctl.workers.runbook_worker")
 
     def start_prober(self) -> None:
         self.layout.prober_status_file.unlink(missing_ok=True)
-        self._start_python_process("prober", "drctl.workers.prober")
+        self._start_python_process("prober", "drctl.detectors.prober")
 
     async def _wait_prober_ready(self, timeout_s: float = 30.0) -> None:
         """Until the prober has probed once and, with node agents, has seen every node's agent: a
@@ -500,7 +500,7 @@ class LocalStack:
         raise StackError(f"the prober is not ready after {timeout_s:.0f}s; see {self.layout.logs_dir}/prober.log")
 
     def start_alert_receiver(self) -> None:
-        self._start_python_process("alert_receiver", "drctl.workers.alert_receiver")
+        self._start_python_process("alert_receiver", "drctl.detectors.alert_receiver")
 
     @property
     def node_agent_ports(self) -> dict[str, int]:
@@ -527,7 +527,7 @@ class LocalStack:
 
     def _start_node_agent(self, node: str) -> None:
         args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
-        self._start_python_process(node, "drctl.workers.node_agent", args)
+        self._start_python_process(node, "drctl.detectors.gpu_node_agent", args)
 
     def _log_name(self, name: str) -> str:
         if name in self.node_agent_ports:

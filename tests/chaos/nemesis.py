@@ -50,7 +50,7 @@ import httpx
 from aiohttp import web
 from temporalio.client import Client, ScheduleOverlapPolicy
 
-from drctl.activities.local import envoy, processes
+from drctl.detectors.alert_receiver import build_app, platform_instances
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     BudgetState,
@@ -65,10 +65,10 @@ from drctl.payloads import (
     Role,
     Trigger,
 )
+from drctl.platforms.local import envoy, processes
 from drctl.policies.loader import load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.temporal.incidents import budget_state, guardian_state, report_failure, runbook_result
-from drctl.workers.alert_receiver import build_app, platform_instances
 from drctl.workers.stack import LocalStack, StackError, isolated_settings
 
 T = TypeVar("T")

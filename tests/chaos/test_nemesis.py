@@ -24,9 +24,6 @@ from temporalio.worker import (
     WorkflowOutboundInterceptor,
 )
 
-from drctl.activities.local import processes
-from drctl.activities.local.envoy import HostStatus
-from drctl.activities.local.platform import LocalPlatform
 from drctl.payloads import (
     BudgetState,
     FailoverOutcome,
@@ -44,6 +41,9 @@ from drctl.payloads import (
     Trigger,
     guardian_workflow_id,
 )
+from drctl.platforms.local import processes
+from drctl.platforms.local.envoy import HostStatus
+from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
 from drctl.temporal.incidents import guardian_state, report_failure, runbook_result

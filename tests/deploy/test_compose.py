@@ -49,7 +49,8 @@ def test_drctl_services_point_at_the_temporal_service(services: dict[str, Any], 
     assert host == "temporal" and port == "7233"
     assert env(service)["DRCTL_TEMPORAL_NAMESPACE"] == "default"
     assert service["build"] in (".", {"context": "."})
-    assert service["command"][:3] == ["python", "-m", f"drctl.workers.{name.replace('-', '_')}"]
+    module = {"worker": "drctl.workers.runbook_worker", "alert-receiver": "drctl.detectors.alert_receiver"}[name]
+    assert service["command"][:3] == ["python", "-m", module]
 
 
 def test_drctl_services_start_after_temporal(services: dict[str, Any]) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from drctl.activities.kubernetes.platform import API_PERMISSIONS
-from drctl.workers.kube_watcher import WATCH_VERBS
+from drctl.detectors.kube_watcher import WATCH_VERBS
+from drctl.platforms.kubernetes.platform import API_PERMISSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -199,9 +199,9 @@ def test_worker_and_receiver_get_temporal_settings() -> None:
 
 def test_drctl_commands_are_the_documented_modules() -> None:
     modules = {
-        "drctl-worker": ["drctl.workers.worker", "drctl.workers.kube_watcher"],
-        "drctl-alert-receiver": ["drctl.workers.alert_receiver"],
-        "drctl-node-agent": ["drctl.workers.node_agent"],
+        "drctl-worker": ["drctl.workers.runbook_worker", "drctl.detectors.kube_watcher"],
+        "drctl-alert-receiver": ["drctl.detectors.alert_receiver"],
+        "drctl-node-agent": ["drctl.detectors.gpu_node_agent"],
     }
     for workload in [*of_kind("Deployment"), *of_kind("DaemonSet")]:
         name = workload["metadata"]["name"]

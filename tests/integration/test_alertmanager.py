@@ -28,10 +28,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from drctl.detectors.alert_receiver import ALERTS_PATH, RECEIVER, AlertReceiver, build_app
 from drctl.payloads import LeaseAnswer, LeaseRequest, failover_workflow_id, guardian_workflow_id
 from drctl.policies.schema import DRPolicy
 from drctl.temporal.incidents import guardian_state
-from drctl.workers.alert_receiver import ALERTS_PATH, RECEIVER, AlertReceiver, build_app
 from drctl.workers.stack import free_ports
 from drctl.workflows.guardian import ModelGuardianWorkflow
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from drctl.payloads import DrainGpuRequest, DrainGpuResult, Role
-from drctl.workers.runbooks import start_gpu_drain
+from drctl.temporal.runbooks import start_gpu_drain
 from drctl.workers.stack import LocalStack
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drctl.activities.local import processes
-from drctl.activities.local.checkpoints import file_sha256, read_expected_sha256
 from drctl.payloads import DrillReport, DrillRequest, DrillScenario
+from drctl.platforms.local import processes
+from drctl.platforms.local.checkpoints import file_sha256, read_expected_sha256
 from drctl.policies.loader import load_policy_file
 from drctl.workers.stack import LocalStack, isolated_settings
 from tests.integration.conftest import EXAMPLE_POLICY

@@ -23,9 +23,9 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from drctl.activities.local import envoy, processes
 from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role, Trigger
-from drctl.workers.runbooks import start_failover
+from drctl.platforms.local import envoy, processes
+from drctl.temporal.runbooks import start_failover
 from drctl.workers.stack import LocalStack
 from drctl.workflows.failover import FailoverWorkflow
 from tests.integration.history import activities_in_history

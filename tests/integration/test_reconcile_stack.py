@@ -10,8 +10,8 @@ import httpx
 import pytest
 from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 
-from drctl.activities.local import envoy, processes
 from drctl.payloads import RECONCILE_SCHEDULE_ID, ReconcileRequest, ReconcileResult, Role
+from drctl.platforms.local import envoy, processes
 from drctl.policies.placement import LOADED_TIERS, gpu_inventory
 from drctl.workers.stack import LocalStack
 from tests.integration.test_failover_stack import _cli

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
-from drctl.activities.local import envoy, processes
 from drctl.payloads import (
     FailoverOutcome,
     FailoverResult,
@@ -24,6 +23,7 @@ from drctl.payloads import (
     Role,
     failover_workflow_id,
 )
+from drctl.platforms.local import envoy, processes
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import instance_index
 from drctl.workers.stack import LocalStack, isolated_settings

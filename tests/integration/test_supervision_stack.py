@@ -18,8 +18,8 @@ import pytest
 import yaml
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 
-from drctl.activities.local import envoy, processes
 from drctl.payloads import RECONCILE_SCHEDULE_ID, FailoverOutcome, FailoverResult, Role, failover_workflow_id
+from drctl.platforms.local import envoy, processes
 from drctl.policies.loader import load_policy_file
 from drctl.workers.stack import LocalStack, isolated_settings, supervision_lines
 from tests.integration.conftest import EXAMPLE_POLICY

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from drctl.activities.local import processes
-from drctl.activities.local.registry import InstanceRegistry
 from drctl.payloads import FailoverOutcome, FailoverResult, Role, failover_workflow_id
+from drctl.platforms.local import processes
+from drctl.platforms.local.registry import InstanceRegistry
 from drctl.policies.loader import load_policy_file
 from drctl.settings import StateLayout
 from drctl.workers.stack import LocalStack, isolated_settings
@@ -37,7 +37,7 @@ async def test_unclean_stop_adopts_live_instances_and_fails_over_dead_ones(
     for key, value in settings.model_dump(mode="json").items():
         if value is not None:
             env[f"DRCTL_{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    command = [sys.executable, "-c", "from drctl.workers.cli import main; main()", "up"]
+    command = [sys.executable, "-c", "from drctl.cli.app import main; main()", "up"]
     up = processes.spawn(command, layout.root / "drctl-up.out", env=env)
     said: list[str] = []
     stack: LocalStack | None = None

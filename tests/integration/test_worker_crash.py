@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from drctl.activities.local import processes
 from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role
+from drctl.platforms.local import processes
 from drctl.policies.loader import load_policy_file
-from drctl.workers.runbooks import start_failover
+from drctl.temporal.runbooks import start_failover
 from drctl.workers.stack import LocalStack, isolated_settings
 from tests.integration.history import activities_in_history
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from drctl.activities.local import processes
+from drctl.platforms.local import processes
 from drctl.settings import DrctlSettings, is_loopback
 from drctl.workers.part_env import is_secret, part_environment
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from drctl.activities.local import processes
+from drctl.platforms.local import processes
 from drctl.policies.loader import load_policy_file
 from drctl.settings import StateLayout
 from drctl.workers.stack import LocalStack, PartStatus, isolated_settings, supervision_lines

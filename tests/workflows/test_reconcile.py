@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from drctl.activities.reconcile import await_reconcile_pass
 from drctl.payloads import (
     ActivityName,
     ErrorType,
@@ -26,7 +27,6 @@ from drctl.payloads import (
     StepReport,
 )
 from drctl.policies.loader import load_policy_file
-from drctl.activities.reconcile import await_reconcile_pass
 from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from tests.policies.test_reconcile import as_seen_on_drctl_up
 

@@ -1,0 +1,258 @@
+"""The health prober: watches every serving instance and hot standby and starts the failover
+runbook when one is confirmed down, by reporting it to the model's guardian — the same way an alert
+or an operator does, so a failure seen by several of them is still recovered once.
+
+    python -m drctl.detectors.prober        # settings from DRCTL_* variables; `drctl up` starts it
+
+On the local platform a process that exits is noticed within one tick (100 ms), without waiting
+for failed probes; a hung process is noticed after ``unhealthyThreshold`` probes time out.
+Hysteresis, flap hold-down and the failover caps are pure decisions in ``drctl.policies.probing``.
+
+With node agents configured it also runs the zone health check (:mod:`drctl.detectors.zone_checker`),
+which starts ``ZoneFailoverWorkflow`` for a zone whose nodes all stop answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+
+from drctl.detectors.zone_checker import ZoneChecker
+from drctl.payloads import FailoverRequest, IncidentTicket, Instance, Role, Trigger
+from drctl.platforms.local import processes
+from drctl.platforms.local.registry import InstanceRegistry
+from drctl.policies.loader import load_policy_file
+from drctl.policies.probing import ProbeEvent, ProbeTracker
+from drctl.policies.schema import DRPolicy
+from drctl.service import run_service
+from drctl.settings import DrctlSettings, StateLayout
+from drctl.temporal.client import connect
+
+log = logging.getLogger("drctl.prober")
+
+PROBED_ROLES = (Role.SERVING, Role.HOT)
+TICK_S = 0.1
+
+ReportFailover = Callable[[FailoverRequest], Awaitable[IncidentTicket]]
+"""Reports one failed instance to its model's guardian (``runbooks.report_failover``)."""
+
+
+@dataclass
+class Detection:
+    """One confirmed-down instance, for logs and benchmarks."""
+
+    instance: str
+    model: str
+    first_failure_at: float
+    detected_at: float
+    exited: bool
+    action: str
+
+
+class Prober:
+    def __init__(
+        self,
+        policy: DRPolicy,
+        registry: InstanceRegistry,
+        report: ReportFailover,
+    ) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.report = report
+        self.trackers: dict[str, ProbeTracker] = {}
+        self.next_probe: dict[str, float] = {}
+        self.unreported: dict[str, FailoverRequest] = {}
+        """Confirmed failures not yet accepted by their guardian (tried again every tick)."""
+        self.reported: dict[str, IncidentTicket] = {}
+        self.report_errors = 0
+        self._reporting: asyncio.Task[None] | None = None
+        self.detections: list[Detection] = []
+        self.ticks = 0
+        self._http = httpx.AsyncClient()
+
+    async def aclose(self) -> None:
+        if self._reporting is not None:
+            self._reporting.cancel()
+        await self._http.aclose()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.tick(time.monotonic())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=TICK_S)
+            except TimeoutError:
+                pass
+
+    async def tick(self, now: float) -> None:
+        self.ticks += 1
+        self._kick_reports()
+        instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
+        interval = self.policy.detection.probe_interval.total_seconds()
+        due: list[Instance] = []
+        for instance in instances:
+            tracker = self.trackers.setdefault(instance.id, ProbeTracker(self.policy.detection))
+            if not processes.is_alive(instance.pid):
+                await self._handle(instance, tracker.observe(False, now, exited=True), tracker, now, exited=True)
+            elif now >= self.next_probe.get(instance.id, 0.0):
+                self.next_probe[instance.id] = now + interval
+                due.append(instance)
+        results = await asyncio.gather(*(self._probe(i) for i in due))
+        for instance, (ok, final) in zip(due, results, strict=True):
+            tracker = self.trackers[instance.id]
+            # A model that failed to load will not come back by itself: no need to wait for more probes.
+            event = tracker.observe(ok, time.monotonic(), exited=final)
+            await self._handle(instance, event, tracker, now, exited=final)
+        for instance_id in set(self.trackers) - {i.id for i in instances}:
+            del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
+            self.reported.pop(instance_id, None)
+
+    async def _probe(self, instance: Instance) -> tuple[bool, bool]:
+        """(healthy, failure is final). Final: the instance says its model failed to load (a 503 with
+        ``"status": "failed"``, e.g. a checkpoint that fails its checksum)."""
+        timeout = self.policy.detection.probe_timeout.total_seconds()
+        try:
+            response = await self._http.get(f"http://{instance.host}:{instance.port}/healthz", timeout=timeout)
+        except httpx.HTTPError:
+            return False, False
+        if response.status_code == 200:
+            return True, False
+        try:
+            final = response.json().get("status") == "failed"
+        except (ValueError, AttributeError):
+            final = False
+        return False, final
+
+    async def _handle(
+        self, instance: Instance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool
+    ) -> None:
+        if event is None or event == ProbeEvent.UP:
+            if event == ProbeEvent.UP:
+                log.info("%s is up again", instance.id)
+                self.reported.pop(instance.id, None)
+            return
+        first = tracker.first_failure_at or now
+        if event == ProbeEvent.FLAPPING:
+            log.warning("%s is flapping: held out until it settles, not failed over again", instance.id)
+            self._record(instance, first, exited, "held (flapping)")
+            return
+        if instance.id in self.reported or instance.id in self.unreported:
+            return
+        failed_at = datetime.now(UTC) - timedelta(seconds=max(0.0, time.monotonic() - first))
+        how = "process exited or model failed to load" if exited else f"{tracker.failures} failed probes"
+        self.unreported[instance.id] = FailoverRequest(
+            model=instance.model,
+            instance=instance.id,
+            trigger=Trigger.PROBE,
+            failed_at=failed_at,
+            reason=f"prober: {how}",
+            # The prober's hysteresis (unhealthyThreshold failed probes, or the process gone) is the
+            # confirmation; probing a hung instance once more would add its timeouts to the RTO.
+            confirmed=True,
+        )
+        self._record(instance, first, exited, "reported")
+        log.info("%s down (%s): reporting it to guardian-%s", instance.id, how, instance.model)
+        self._kick_reports()
+
+    def _kick_reports(self) -> None:
+        """Report in the background, so a slow or unreachable Temporal never stalls the probing."""
+        if self.unreported and (self._reporting is None or self._reporting.done()):
+            self._reporting = asyncio.create_task(self._report_pending())
+
+    async def _report_pending(self) -> None:
+        """Hand every confirmed failure to its model's guardian. A report that does not get through
+        (Temporal down, a worker restarting) is tried again next tick: never dropped. Caps are not
+        the prober's business any more: the guardian and the fleet's budget delay what must wait."""
+        for instance_id, request in list(self.unreported.items()):
+            try:
+                ticket = await self.report(request)
+            except Exception as exc:
+                self.report_errors += 1
+                log.warning("could not report %s yet (%s): trying again", instance_id, exc)
+                return
+            self.unreported.pop(instance_id, None)
+            self.reported[instance_id] = ticket
+            how = "joined" if ticket.joined else "opened"
+            log.info("%s: %s incident %s (%s)", instance_id, how, ticket.workflow_id, ticket.state)
+
+    def _record(self, instance: Instance, first: float, exited: bool, action: str) -> None:
+        self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
+
+
+async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Client | None = None) -> None:
+    from drctl.temporal.runbooks import report_failover
+
+    policy = load_policy_file(settings.policy)
+    client = client or await connect(settings)
+    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        return await report_failover(client, settings, request, reporter="prober")
+
+    prober = Prober(policy, registry, report)
+    log.info("probing every %s", policy.detection.probe_interval)
+    loops = [prober.run(stop)]
+    checker = None
+    if settings.node_agent_urls or settings.node_agent_service:
+        checker = zone_checker(settings, policy, client)
+        loops.append(checker.run(stop))
+        log.info(
+            "checking zones %s every %s", policy.az_failover.active_zones, policy.az_failover.health_check_interval
+        )
+    loops.append(write_status(StateLayout(settings.state_dir).prober_status_file, prober, checker, stop))
+    try:
+        await asyncio.gather(*loops)
+    finally:
+        await prober.aclose()
+
+
+async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, stop: asyncio.Event) -> None:
+    """Every half second, what the prober has done so far (atomically): ``drctl up`` waits until it
+    has probed and, with node agents, checked the zones once, so a failure right after start-up is
+    not missed."""
+    while not stop.is_set():
+        status = {
+            "pid": os.getpid(),
+            "updated_at": datetime.now(UTC).isoformat(),
+            "ticks": prober.ticks,
+            "unreported": sorted(prober.unreported),
+            "report_errors": prober.report_errors,
+            "zone_checks": None if checker is None else checker.checks,
+            "zones": None if checker is None else checker.verdicts,
+            "nodes_seen": None if checker is None else sorted(set(checker.node_of.values())),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except TimeoutError:
+            pass
+
+
+def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> ZoneChecker:
+    from drctl.payloads import ZoneFailoverRequest
+    from drctl.temporal.runbooks import start_zone_failover
+
+    async def start(zone: str, reason: str) -> str:
+        handle = await start_zone_failover(client, settings, ZoneFailoverRequest(zone=zone, reason=reason))
+        return handle.id
+
+    return ZoneChecker(policy, settings.node_agent_urls, start, settings.node_agent_service)
+
+
+def main() -> None:
+    run_service(run_prober)
+
+
+if __name__ == "__main__":
+    main()

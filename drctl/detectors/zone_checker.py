@@ -1,0 +1,96 @@
+"""The zone health check: every ``healthCheckInterval`` each active zone is checked through its
+nodes' GPU node agents, and after ``failoverThreshold`` failed checks in a row (the seed: 10 s x 3)
+``ZoneFailoverWorkflow`` is started for it — the same runbook ``drctl zone-failover`` starts, which
+waits for an operator's approval when the policy says ``requireApproval``.
+
+It runs inside the prober (``drctl up`` starts both) whenever node agents are configured
+(``DRCTL_NODE_AGENT_URLS`` or ``DRCTL_NODE_AGENT_SERVICE``). Each agent's ``/healthz`` names its
+node; an agent that does not answer counts against the node it named last. The verdict and the
+threshold are pure decisions in :mod:`drctl.policies.zone_health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from drctl.platforms import node_agents
+from drctl.policies.schema import DRPolicy
+from drctl.policies.zone_health import ZoneHealthTracker, ZoneVerdict, zone_verdict
+
+log = logging.getLogger("drctl.zone_checker")
+
+StartZoneFailover = Callable[[str, str], Awaitable[str]]
+"""``(zone, reason) -> workflow id``: starts (or joins) the zone's failover."""
+
+
+@dataclass
+class ZoneChecker:
+    policy: DRPolicy
+    agent_urls: Sequence[str]
+    start_zone_failover: StartZoneFailover
+    agent_service: str | None = None
+    node_of: dict[str, str] = field(default_factory=dict)
+    """Agent URL → the node it said it runs on (learned from ``/healthz``)."""
+    started: list[tuple[str, str]] = field(default_factory=list)
+    """(zone, workflow id) of every zone failover this checker started."""
+    checks: int = 0
+    verdicts: dict[str, str] = field(default_factory=dict)
+    """The last check's verdict per active zone."""
+
+    def __post_init__(self) -> None:
+        self.tracker = ZoneHealthTracker(self.policy.az_failover.failover_threshold)
+        self.zone_of_node = {node.name: node.zone for node in self.policy.gpu_pool.nodes}
+
+    async def check_once(self, http: httpx.AsyncClient) -> dict[str, ZoneVerdict]:
+        """One zone check: ask every agent, decide every active zone, start failovers that are due."""
+        urls = await node_agents.agent_urls(self.agent_urls, self.agent_service)
+        # Agents seen before stay asked: a headless Service drops a dead node's agent from DNS,
+        # and its silence is exactly the evidence the check needs.
+        urls += [url for url in self.node_of if url not in urls]
+        timeout = min(2.0, max(0.2, self.policy.az_failover.health_check_interval.total_seconds() / 2))
+        answers = await asyncio.gather(*(node_agents.agent_node(http, url, timeout) for url in urls))
+        node_up: dict[str, bool | None] = {}
+        for url, node in zip(urls, answers, strict=True):
+            if node is not None:
+                self.node_of[url] = node
+                node_up[node] = True
+            elif url in self.node_of:
+                node_up.setdefault(self.node_of[url], False)
+        verdicts: dict[str, ZoneVerdict] = {}
+        for zone in self.policy.az_failover.active_zones:
+            nodes = [n for n, z in self.zone_of_node.items() if z == zone]
+            verdict = verdicts[zone] = zone_verdict(node_up, nodes)
+            failures_before = self.tracker.failures.get(zone, 0)
+            if self.tracker.observe(zone, verdict):
+                threshold = self.policy.az_failover.failover_threshold
+                reason = f"zone health check: {threshold} failed checks in a row (no node of {zone} answers)"
+                workflow_id = await self.start_zone_failover(zone, reason)
+                self.started.append((zone, workflow_id))
+                log.error("zone %s is down: started %s", zone, workflow_id)
+            elif verdict == ZoneVerdict.DOWN and zone not in self.tracker.tripped:
+                log.warning("zone %s failed check %d of %d", zone, failures_before + 1, self.tracker.threshold)
+        self.checks += 1
+        self.verdicts = {zone: str(verdict) for zone, verdict in verdicts.items()}
+        return verdicts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.policy.az_failover.health_check_interval.total_seconds()
+        next_at = time.monotonic()
+        async with httpx.AsyncClient() as http:
+            while not stop.is_set():
+                try:
+                    await self.check_once(http)
+                except Exception:
+                    log.exception("zone check failed")
+                # At a fixed rate: a check that waited on silent agents does not stretch the interval.
+                next_at = max(next_at + interval, time.monotonic())
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=next_at - time.monotonic())
+                except TimeoutError:
+                    pass

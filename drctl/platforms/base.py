@@ -1,0 +1,108 @@
+"""The one platform interface the runbook activities drive.
+
+The local platform (processes + Envoy) and the Kubernetes platform (pods + Services) implement the
+same methods, so workflows never know which one runs underneath.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from drctl.payloads import Instance, ReconcileAction
+from drctl.platforms import errors
+from drctl.policies.schema import DRPolicy
+
+ProgressCallback = Callable[[float, str], None]
+"""Called with (fraction done, what is happening) during long steps; activities heartbeat it."""
+
+
+class Platform(Protocol):
+    async def list_instances(self, model: str) -> list[Instance]:
+        """Every instance of the model, in every role. Raises ``UnknownModel`` if none is known."""
+        ...
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        """One instance; raises the non-retryable ``UnknownInstance`` error if there is none."""
+        ...
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """Is the instance alive and answering its health check? Returns (healthy, why)."""
+        ...
+
+    async def claim_epoch(self, model: str) -> int:
+        """The model's next fencing epoch (it only grows). From now on every fenced step with an
+        older epoch is refused with the non-retryable ``StaleEpoch`` and changes nothing."""
+        ...
+
+    async def epochs(self) -> dict[str, int]:
+        """Each model's current fencing epoch (absent: 0)."""
+        ...
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        """Take it out of the load balancer for good, mark it failed, release what it holds.
+        Fenced: refused when ``epoch`` is older than the model's (None: unfenced)."""
+        ...
+
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        """Bring a standby towards serving: hot is already loaded, warm wakes, cold starts. Fenced."""
+        ...
+
+    async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        """Wait until the instance has its model loaded and answers; fails on a bad checkpoint."""
+        ...
+
+    async def restore_checkpoint(self, instance: Instance) -> str:
+        """Its checkpoint failed the checksum: put a good copy in place and make it load again."""
+        ...
+
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
+        """Put it in the load balancer at ``priority`` (0 serves, 1 is the hot backup). Fenced."""
+        ...
+
+    async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
+        """A real request through the load balancer succeeds with the instance serving."""
+        ...
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    async def current_policy(self) -> DRPolicy:
+        """The DR policy as it is now (re-read, so a changed policy is reconciled towards)."""
+        ...
+
+    async def all_instances(self) -> list[Instance]:
+        """Every instance of every model, failed ones included."""
+        ...
+
+    async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        """Create the instance the action names on its GPU, in its tier: loaded and registered at
+        priority 1 (hot), loaded and asleep (warm), a reservation only (cold). Idempotent: a retry
+        finds the instance created by the last attempt and carries on. Fenced by ``action.epoch``
+        (as are retier and delete)."""
+        ...
+
+    async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        """Move a standby to the action's tier (warm → hot: wake up, register at priority 1)."""
+        ...
+
+    async def delete_instance(self, action: ReconcileAction) -> str:
+        """Out of the load balancer, process stopped, record dropped. Idempotent."""
+        ...
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        """Keep a GPU out of placement from now on (idempotent)."""
+        ...
+
+    async def cordoned_gpus(self) -> list[str]: ...
+
+    async def uncordon_gpu(self, gpu: str) -> str:
+        """Let placement use a GPU again (zone failback, a repaired GPU). Idempotent."""
+        ...
+
+
+def find_instance(instances: list[Instance], model: str, instance_id: str) -> Instance:
+    """The instance with ``instance_id``, or the non-retryable ``UnknownInstance`` naming the known ones."""
+    for instance in instances:
+        if instance.id == instance_id:
+            return instance
+    raise errors.unknown_instance(model, instance_id, [i.id for i in instances])

@@ -1,0 +1,91 @@
+"""Fault injection on the local platform, for drills: what each scenario does to the processes,
+node agents and checkpoints, and how it is undone.
+
+A "node" on the local platform is a label on processes that share one machine, so a node that is
+down is simulated by stopping (SIGSTOP) every process carrying its label: the instances and the
+node's agent stop answering but keep their sockets, exactly like a hung host.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+
+from drctl.platforms import node_agents
+from drctl.platforms.local import processes
+
+
+def kill(pid: int) -> None:
+    """kill -9 of one process (its group: the instance and anything it started)."""
+    processes.signal_group(pid, signal.SIGKILL)
+
+
+def stop(pids: list[int]) -> list[int]:
+    """SIGSTOP each running process; returns those stopped (to continue them later)."""
+    return _signal_running(pids, signal.SIGSTOP)
+
+
+def resume(pids: list[int]) -> list[int]:
+    """SIGCONT each process still there; returns those continued."""
+    return _signal_running(pids, signal.SIGCONT)
+
+
+def _signal_running(pids: list[int], sig: signal.Signals) -> list[int]:
+    sent = [pid for pid in pids if processes.is_alive(pid)]
+    for pid in sent:
+        processes.signal_group(pid, sig)
+    return sent
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _check(response: httpx.Response, agent_url: str) -> None:
+    if response.status_code == 404:
+        raise RuntimeError(f"{agent_url} does not accept injected faults (start it with --allow-fault-injection)")
+    if response.status_code == 401:
+        raise RuntimeError(
+            f"{agent_url} refused the fault-injection token: set DRCTL_FAULT_INJECTION_TOKEN (or _FILE) "
+            "to the agents' token (drctl up: .drctl/fault-token)"
+        )
+    response.raise_for_status()
+
+
+async def inject_xid(
+    http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79, token: str | None = None
+) -> str:
+    """Make a node agent handle ``xid`` on one GPU (needs ``--allow-fault-injection`` and its token)."""
+    response = await http.post(
+        f"{agent_url.rstrip('/')}/faults/xid", json={"gpu": gpu_index, "xid": xid}, headers=_bearer(token)
+    )
+    _check(response, agent_url)
+    return str(response.json().get("status"))
+
+
+async def clear_xids(http: httpx.AsyncClient, agent_url: str, token: str | None = None) -> list[int]:
+    response = await http.delete(f"{agent_url.rstrip('/')}/faults", headers=_bearer(token))
+    _check(response, agent_url)
+    return [int(i) for i in response.json().get("cleared", [])]
+
+
+async def agent_for_node(http: httpx.AsyncClient, agent_urls: list[str], node: str) -> str | None:
+    """The URL of the agent that says it runs on ``node``."""
+    for url in agent_urls:
+        if await node_agents.agent_node(http, url) == node:
+            return url
+    return None
+
+
+async def reload_weights(http: httpx.AsyncClient, base_url: str) -> str:
+    """Make an instance load its checkpoint again: sleep level 2 drops the weights, wake-up reloads
+    and re-verifies them (vLLM's sleep mode API). Returns how the wake-up answered: with a corrupted
+    checkpoint the reload fails, which is the point."""
+    (await http.post(f"{base_url}/sleep", params={"level": 2}, timeout=5.0)).raise_for_status()
+    response = await http.post(f"{base_url}/wake_up", timeout=30.0)
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    return f"wake_up {response.status_code}" + (f": {error}" if error else "")

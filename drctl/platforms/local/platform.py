@@ -1,0 +1,555 @@
+"""The embedded local platform: model instances are processes on loopback, Envoy is the LB.
+
+Tier mapping (seed §4.1 on one machine): hot = running, loaded, registered at priority 1;
+warm = running, loaded and asleep (vLLM sleep mode), not registered; cold = checkpoint only,
+no process. Serving instances are registered at priority 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+
+import httpx
+
+from drctl.payloads import Instance, ReconcileAction, Role
+from drctl.platforms import errors
+from drctl.platforms.base import ProgressCallback, find_instance
+from drctl.platforms.local import envoy, processes
+from drctl.platforms.local.checkpoints import (
+    CHECKSUM_MISMATCH,
+    ensure_checkpoint,
+    file_sha256,
+    read_expected_sha256,
+    restore_checkpoint,
+)
+from drctl.platforms.local.registry import InstanceRegistry
+from drctl.policies.loader import load_policy_file
+from drctl.policies.reconcile import plan_reconcile
+from drctl.policies.schema import DRPolicy, ModelPolicy
+from drctl.settings import DrctlSettings, StateLayout
+
+LB_PRIORITY = {Role.SERVING: 0, Role.HOT: 1}
+DELETING = "deleting"
+"""The note of an instance a delete has taken out and not yet forgotten (role failed)."""
+RESPAWNED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.PROMOTING)
+"""Roles whose process a clean stop ends and the next ``drctl up`` starts again."""
+
+
+class LocalPlatform:
+    def __init__(self, settings: DrctlSettings, policy: DRPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.layout = StateLayout(settings.state_dir)
+        self.registry = InstanceRegistry(self.layout.instances_file)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
+        self._draining: dict[asyncio.Task[None], int | None] = {}
+        """Ejected processes still draining their connections, stopped when the task ends."""
+        self._to_settle: list[str] = []
+        """Instances ``ensure_fleet`` started, which ``settle_fleet`` waits for and registers."""
+
+    async def aclose(self) -> None:
+        for task, pid in list(self._draining.items()):
+            task.cancel()
+            await asyncio.to_thread(processes.terminate, pid)
+        await self._http.aclose()
+
+    async def warm_up(self) -> None:
+        """Make the HTTP client's first request now: it costs ~30 ms once, which would otherwise
+        land inside the first failover's critical path."""
+        with contextlib.suppress(httpx.HTTPError):
+            await self._http.get(f"{self.settings.envoy_admin_url}/ready", timeout=1.0)
+
+    def drain_leftovers(self) -> list[str]:
+        """Stop, after the usual connection draining, the processes of ejected instances that still
+        run because their draining was a task of a worker that died (found by the nemesis: a worker
+        killed within the drain of an ejected instance left its process running for good). The
+        worker calls this when it starts; returns the instances it will stop."""
+        left = [
+            i for i in self.registry.load().values() if i.role == Role.FAILED and processes.runs_instance(i.pid, i.id)
+        ]
+        for instance in left:
+            self._stop_after(instance.pid, self._drain_s())
+        return [i.id for i in left]
+
+    def _drain_s(self) -> float:
+        return self.policy.load_balancer.retries.per_try_timeout.total_seconds() + 1.0
+
+    # -- the Platform interface -------------------------------------------------------------
+
+    async def list_instances(self, model: str) -> list[Instance]:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return self.registry.of_model(model)
+
+    async def get_instance(self, model: str, instance_id: str) -> Instance:
+        return find_instance(await self.list_instances(model), model, instance_id)
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """Healthy *for its tier*: serving and hot answer ``/healthz`` 200; a warm standby is loaded
+        and asleep (``/healthz`` 503 ``sleeping``, or 200 if awake); a cold standby has no process,
+        its normal state, and is healthy while the model's checkpoint is intact. A warm standby
+        whose process is gone or whose model failed (or is still loading) is not."""
+        if instance.role == Role.COLD:
+            checkpoint = self.layout.checkpoint(instance.model)
+            size = self._checkpoint_size(self.policy.model(instance.model))
+            try:
+                expected = read_expected_sha256(checkpoint)
+                actual_size = checkpoint.stat().st_size
+            except (OSError, ValueError) as exc:
+                return False, f"cold standby: checkpoint {checkpoint.name} unusable: {exc}"
+            if actual_size != size:
+                return False, f"cold standby: checkpoint {checkpoint.name} has {actual_size} bytes, expected {size}"
+            if size > 2**30:  # too big to re-hash within a probe: size and checksum sidecar only
+                return True, f"cold standby: no process (its normal state), checkpoint {checkpoint.name} present"
+            if await asyncio.to_thread(file_sha256, checkpoint) != expected:
+                return False, f"cold standby: {CHECKSUM_MISMATCH} of {checkpoint.name}"
+            return True, f"cold standby: no process (its normal state), checkpoint {checkpoint.name} intact"
+        if not processes.is_alive(instance.pid):
+            return False, f"process {instance.pid} is not running"
+        last = ""
+        timeout = self.policy.detection.probe_timeout.total_seconds()
+        for attempt in range(3):
+            try:
+                response = await self._http.get(self._url(instance, "/healthz"), timeout=timeout)
+                if response.status_code == 200:
+                    return True, "healthz 200"
+                try:
+                    state = response.json().get("status")
+                except (ValueError, AttributeError):
+                    state = None
+                if instance.role == Role.WARM and state == "sleeping":
+                    return True, "healthz 503 sleeping: loaded and asleep, a warm standby's normal state"
+                last = f"healthz {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"healthz unreachable: {type(exc).__name__}"
+            if attempt < 2:
+                await asyncio.sleep(0.1)
+        return False, last
+
+    async def claim_epoch(self, model: str) -> int:
+        if model not in self.policy.model_names:
+            raise errors.unknown_model(model, self.policy.model_names)
+        return self.registry.claim_epoch(model)
+
+    async def epochs(self) -> dict[str, int]:
+        return self.registry.epochs()
+
+    def _check_epoch(self, model: str, epoch: int | None) -> None:
+        """Refuse a stale step before it acts outside the registry (an HTTP call, a process)."""
+        errors.check_epoch(model, epoch, self.registry.epochs().get(model, 0))
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        self._check_epoch(instance.model, epoch)
+        if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(instance.pid):
+            return "already ejected"
+        self.registry.update(instance.id, epoch=epoch, role=Role.FAILED, lb_priority=None, note=reason[:200])
+        self.sync_load_balancer(instance.model)
+        if not processes.is_alive(instance.pid):
+            return "removed from LB, marked failed"
+        # Connection draining: Envoy sends it nothing new, but requests it still holds (a hung
+        # instance holds them until the per-try timeout) must time out and be retried on a standby,
+        # not be reset now, when the only healthy host may be the one their retry must not use.
+        drain_s = self._drain_s()
+        self._stop_after(instance.pid, drain_s)
+        return f"removed from LB, marked failed; process stopped after {drain_s:g}s of connection draining"
+
+    def _stop_after(self, pid: int | None, delay_s: float) -> None:
+        async def stop() -> None:
+            await asyncio.sleep(delay_s)
+            await asyncio.to_thread(processes.terminate, pid)
+
+        task = asyncio.get_running_loop().create_task(stop())
+        self._draining[task] = pid
+        task.add_done_callback(lambda t: self._draining.pop(t, None))
+
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        self._check_epoch(instance.model, epoch)
+        if instance.role in (Role.PROMOTING, Role.SERVING):
+            if instance.role == Role.SERVING or instance.port is None or processes.is_alive(instance.pid):
+                return f"already {instance.role}"
+        elif not instance.role.is_standby:
+            raise errors.not_a_standby(instance.id, instance.role)
+        if instance.role == Role.HOT:
+            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+            return "hot standby: already loaded and registered at priority 1"
+        if instance.role == Role.WARM and processes.is_alive(instance.pid):
+            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+            if response.status_code != 200:
+                raise errors.model_load_failed(instance.id, f"wake_up answered {response.status_code}")
+            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+            return "warm standby woken up (/wake_up)"
+        # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
+        started = self._start_process(instance.model_copy(update={"role": Role.PROMOTING}), epoch)
+        return f"cold standby started as pid {started.pid} on port {started.port}"
+
+    async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        start = time.monotonic()
+        deadline = start + self.load_timeout_s(instance.model)
+        while time.monotonic() < deadline:
+            if not processes.is_alive(instance.pid):
+                said = self._log_tail(instance.id)
+                why = f"process {instance.pid} exited while loading" + (f"; its log ends: {said}" if said else "")
+                raise errors.model_load_failed(instance.id, why)
+            try:
+                response = await self._http.get(self._url(instance, "/load_progress"), timeout=1.0)
+                state = response.json()
+            except (httpx.HTTPError, ValueError):
+                state = {"state": "starting", "progress": 0.0}
+            progress(float(state.get("progress") or 0.0), str(state.get("state")))
+            if state.get("state") == "ready":
+                return f"loaded in {time.monotonic() - start:.2f}s"
+            if state.get("state") == "failed":
+                error = str(state.get("error"))
+                if error.startswith(CHECKSUM_MISMATCH):
+                    raise errors.checkpoint_corrupt(instance.id, error)
+                raise errors.model_load_failed(instance.id, error)
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{instance.id} did not load within {self.load_timeout_s(instance.model):.0f}s")
+
+    async def restore_checkpoint(self, instance: Instance) -> str:
+        """Copy the good checkpoint over the corrupted one, then restart the instance's process so it
+        loads again (from the start, checksum and all)."""
+        target = self.layout.checkpoint(instance.model)
+        info = await asyncio.to_thread(restore_checkpoint, self.layout.good_checkpoint(instance.model), target)
+        detail = f"{target.name} restored from the repository (sha256 {info.sha256[:12]}…)"
+        if instance.port is None:
+            return detail
+        await asyncio.to_thread(processes.terminate, instance.pid)
+        restarted = self._start_process(instance)
+        return f"{detail}; {instance.id} restarted as pid {restarted.pid}"
+
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
+        role = Role.SERVING if priority == 0 else Role.HOT
+        self.registry.update(instance.id, epoch=epoch, role=role, lb_priority=priority)
+        self.sync_load_balancer(instance.model)
+        return f"registered at priority {priority}"
+
+    async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
+        """A predict through Envoy succeeds, and Envoy counts the instance healthy at priority 0."""
+        url = f"{self.settings.lb_url}/v1/models/{instance.model}/predict"
+        body = {"prompt": "drctl verify", "max_tokens": 4}
+        start = time.monotonic()
+        last = "not tried"
+        while time.monotonic() - start < 30.0:
+            try:
+                hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
+                mine = [h for h in hosts if h.port == instance.port]
+                if not mine or not mine[0].healthy or mine[0].priority != 0:
+                    last = f"Envoy: {mine[0] if mine else 'host not in cluster yet'}"
+                else:
+                    response = await self._http.post(url, json=body, timeout=5.0)
+                    if response.status_code == 200 and response.json().get("model") == instance.model:
+                        served_by = response.headers.get("x-drctl-instance", "?")
+                        return f"predict via LB 200 (served by {served_by}); Envoy: healthy at priority 0"
+                    last = f"predict via LB {response.status_code}: {response.text[:200]}"
+            except (httpx.HTTPError, ValueError, LookupError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            progress(min(0.99, (time.monotonic() - start) / 30.0), last)
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"verification through the load balancer failed: {last}")
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    async def current_policy(self) -> DRPolicy:
+        self.policy = load_policy_file(self.settings.policy)
+        return self.policy
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        cordoned = dict(self._read_cordoned())
+        if gpu in cordoned:
+            return f"{gpu} already cordoned ({cordoned[gpu]})"
+        cordoned[gpu] = reason or "drained"
+        self._write_cordoned(cordoned)
+        return f"{gpu} cordoned: kept out of placement"
+
+    def _write_cordoned(self, cordoned: dict[str, str]) -> None:
+        path = self.layout.cordoned_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cordoned, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    async def cordoned_gpus(self) -> list[str]:
+        return sorted(self._read_cordoned())
+
+    async def uncordon_gpu(self, gpu: str) -> str:
+        cordoned = self._read_cordoned()
+        if cordoned.pop(gpu, None) is None:
+            return f"{gpu} was not cordoned"
+        self._write_cordoned(cordoned)
+        return f"{gpu} back in placement"
+
+    def _read_cordoned(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.layout.cordoned_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    async def all_instances(self) -> list[Instance]:
+        return list(self.registry.load().values())
+
+    async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        if action.model not in self.policy.model_names:
+            raise errors.unknown_model(action.model, self.policy.model_names)
+        template = Instance(
+            id=action.instance,
+            model=action.model,
+            role=Role.COLD if action.tier == Role.COLD else Role.PROMOTING,
+            host=self.settings.host,
+            gpu=action.gpu,
+            node=action.node,
+            zone=action.zone,
+        )
+        # Record and start in one locked step, so two runs creating the same id start one process.
+        with self.registry.edit(action.model, action.epoch) as instances:
+            existing = instances.get(action.instance, template)
+            done = existing.role == action.tier and (existing.lb_priority is not None or action.tier != Role.HOT)
+            if action.tier != Role.COLD and not done and not processes.is_alive(existing.pid):
+                existing = self._spawn(instances, existing)
+            instances[existing.id] = existing
+        if action.tier == Role.COLD:
+            return f"cold standby reserved on {action.gpu} (checkpoint only, no process)"
+        if done:
+            return f"already {action.tier}"
+        await self.wait_loaded(existing, progress)
+        if action.tier == Role.WARM:
+            response = await self._http.post(self._url(existing, "/sleep"), params={"level": 1}, timeout=10.0)
+            response.raise_for_status()
+        self.registry.update(
+            existing.id, epoch=action.epoch, role=action.tier, lb_priority=LB_PRIORITY.get(action.tier)
+        )
+        self.sync_load_balancer(action.model)
+        where = f"on {action.gpu} ({action.node}, {action.zone})"
+        return f"{action.tier} {existing.id} {where}, pid {existing.pid}, port {existing.port}"
+
+    async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        self._check_epoch(action.model, action.epoch)
+        instance = await self.get_instance(action.model, action.instance)
+        if instance.role == action.tier:
+            return f"already {action.tier}"
+        if action.tier != Role.HOT or instance.role != Role.WARM:
+            raise errors.not_a_standby(instance.id, f"{instance.role} (only warm → hot is supported)")
+        if not processes.is_alive(instance.pid):
+            instance = self._start_process(instance, action.epoch)
+        else:
+            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+            response.raise_for_status()
+        await self.wait_loaded(instance, progress)
+        self.registry.update(instance.id, epoch=action.epoch, role=Role.HOT, lb_priority=LB_PRIORITY[Role.HOT])
+        self.sync_load_balancer(instance.model)
+        return f"{instance.id} warm → hot, registered at priority 1"
+
+    async def delete_instance(self, action: ReconcileAction) -> str:
+        """Out of the load balancer, stopped, then forgotten. The first step (fenced) only marks the
+        instance deleted, so a worker that dies before the end leaves it in the registry and the
+        retry finishes the job; forgotten first, the retry found it "already gone" while its
+        endpoint stayed in Envoy and its process ran on (found by the nemesis: a worker killed
+        during a placement move left a ghost hot standby in the load balancer)."""
+        instance = self.registry.load().get(action.instance)
+        if instance is None:
+            return "already gone"
+        if instance.note != DELETING:  # not marked by an earlier attempt of this delete
+            with self.registry.edit(action.model, action.epoch) as instances:
+                if action.instance in instances:
+                    instances[action.instance] = instance = instances[action.instance].model_copy(
+                        update={"role": Role.FAILED, "lb_priority": None, "note": DELETING}
+                    )
+        self.sync_load_balancer(action.model)
+        stopped = await asyncio.to_thread(processes.terminate, instance.pid)
+        with self.registry.edit() as instances:
+            instances.pop(action.instance, None)
+        return f"{action.instance} deleted" + (" (process stopped)" if stopped else "")
+
+    # -- fleet management (used by `drctl up`) -----------------------------------------------
+
+    def load_timeout_s(self, model: str) -> float:
+        size = self._checkpoint_size(self.policy.model(model))
+        return 60.0 + self.policy.local.load_seconds_per_gib * size / 2**30 * 2
+
+    def ensure_fleet(self, on_progress: Callable[[str], None] = lambda _: None) -> list[Instance]:
+        """Bring the fleet up: checkpoints, processes, EDS.
+
+        With no registry (first start, or ``drctl up --fresh``) the fleet is planned from the policy.
+        Otherwise it resumes as the registry recorded it: roles, tiers, GPUs and ids stay; processes
+        a clean stop ended are started again; processes still alive (the last ``drctl up`` died
+        without stopping them) are adopted; processes that died are left as recorded, for the prober
+        and the failover runbook. The reconcile schedule then converges what the policy changed.
+        """
+        self.layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for model in self.policy.models:
+            size = self._checkpoint_size(model)
+            good = ensure_checkpoint(self.layout.good_checkpoint(model.name), model.name, size, verify=True)
+            info = ensure_checkpoint(self.layout.checkpoint(model.name), model.name, size, verify=True)
+            if info.sha256 != good.sha256:
+                info = restore_checkpoint(good.path, info.path)
+            on_progress(f"checkpoint {info.path.name} ({info.size} bytes, sha256 {info.sha256[:12]}…)")
+        if self.registry.load():
+            self._resume_fleet(on_progress)
+        else:
+            self._plan_fleet(on_progress)
+        for name in self.policy.model_names:
+            self.sync_load_balancer(name)
+        return list(self.registry.load().values())
+
+    def _plan_fleet(self, on_progress: Callable[[str], None]) -> None:
+        """A new fleet from the policy: the same planner as reconciliation, from an empty fleet."""
+        plan = plan_reconcile(self.policy, [], cordoned=self._read_cordoned())
+        with self.registry.edit() as instances:
+            for action in plan.actions:
+                instances[action.instance] = Instance(
+                    id=action.instance,
+                    model=action.model,
+                    role=action.tier,
+                    host=self.settings.host,
+                    gpu=action.gpu,
+                    node=action.node,
+                    zone=action.zone,
+                )
+        for problem in plan.unplaceable:
+            on_progress(f"WARNING: not placed: {problem}")
+        self._to_settle = []
+        for instance in self.registry.load().values():
+            if instance.role != Role.COLD:
+                started = self._start_process(instance)
+                self._to_settle.append(started.id)
+                on_progress(f"started {started.id} ({started.role}) pid {started.pid} port {started.port}")
+
+    def _resume_fleet(self, on_progress: Callable[[str], None]) -> None:
+        """The fleet as the registry recorded it (see :meth:`ensure_fleet`)."""
+        self._to_settle = []
+        known = set(self.policy.model_names)
+        with self.registry.edit() as instances:
+            for instance in sorted(instances.values(), key=lambda i: (i.model, i.id)):
+                if instance.model not in known:
+                    # Reconciliation only plans the policy's models, so a model removed while drctl
+                    # was down is removed here: its instances stop and leave the registry.
+                    if processes.runs_instance(instance.pid, instance.id):
+                        processes.terminate(instance.pid)
+                    del instances[instance.id]
+                    on_progress(f"removed {instance.id}: {instance.model} is no longer in the policy")
+                    continue
+                kept = f"{instance.id} ({instance.role}, {instance.gpu or 'no GPU'})"
+                if instance.role == Role.COLD:
+                    on_progress(f"kept {kept}: checkpoint only")
+                elif instance.role == Role.FAILED:
+                    if processes.runs_instance(instance.pid, instance.id):  # ejected, was draining
+                        processes.terminate(instance.pid)
+                        on_progress(f"stopped {kept}: pid {instance.pid} of an ejected instance")
+                elif processes.runs_instance(instance.pid, instance.id):
+                    on_progress(f"adopted {kept}: pid {instance.pid} still running, port {instance.port}")
+                elif instance.pid is None and instance.role in RESPAWNED_ROLES:
+                    # Stopped by a clean stop (``stop_all`` cleared its pid): start it again. Until it
+                    # has loaded it is out of the load balancer, as on a first start.
+                    waiting = instance.model_copy(update={"lb_priority": None})
+                    started = self._spawn(instances, waiting)
+                    if instance.role != Role.PROMOTING:  # a promotion's runbook registers it
+                        self._to_settle.append(instance.id)
+                    on_progress(f"restarted {kept} as pid {started.pid} port {started.port}")
+                elif instance.role in (Role.SERVING, Role.HOT):
+                    on_progress(
+                        f"WARNING: {kept}: process {instance.pid} died while drctl was down; "
+                        "left to the prober and the failover runbook"
+                    )
+                else:
+                    on_progress(f"kept {kept}: process {instance.pid} is gone; promotion starts a new one")
+        drift = self.fleet_drift()
+        if drift:
+            on_progress(f"the fleet differs from the policy ({'; '.join(drift)}): the reconcile schedule converges it")
+
+    def fleet_drift(self) -> list[str]:
+        """What reconciliation would change now (empty when the fleet matches the policy)."""
+        plan = plan_reconcile(self.policy, list(self.registry.load().values()), cordoned=self._read_cordoned())
+        changes = [f"{a.kind} {a.instance} ({a.tier})" for a in plan.actions]
+        return changes + [f"cannot place {problem}" for problem in plan.unplaceable]
+
+    async def settle_fleet(self, timeout_s: float = 60.0) -> None:
+        """Wait for every instance ``ensure_fleet`` started to load, put warm ones to sleep, then
+        register them in Envoy. Adopted instances are already loaded (and asleep, if warm)."""
+        registry = self.registry.load()
+        pending = [registry[i] for i in self._to_settle if i in registry]
+        await asyncio.gather(*(self._settle(i, timeout_s) for i in pending))
+        self._to_settle = []
+        for model in self.policy.model_names:
+            self.sync_load_balancer(model)
+
+    async def _settle(self, instance: Instance, timeout_s: float) -> None:
+        await self.wait_loaded(instance, lambda _f, _s: None)
+        if instance.role == Role.WARM:
+            response = await self._http.post(self._url(instance, "/sleep"), params={"level": 1}, timeout=10.0)
+            response.raise_for_status()
+        lb_priority = LB_PRIORITY.get(instance.role)
+        self.registry.update(instance.id, lb_priority=lb_priority)
+
+    def stop_all(self) -> int:
+        """Stop every instance process (``drctl up`` on exit); returns how many were running.
+
+        Each instance whose process this stopped is recorded without a pid: the next ``drctl up``
+        starts it again, while one whose process had already died keeps its pid, so the prober
+        finds it dead and the failover runbook handles it, as if drctl had never stopped."""
+        stopped: dict[str, int] = {}
+        for instance in self.registry.load().values():
+            if processes.runs_instance(instance.pid, instance.id) and processes.terminate(instance.pid, grace_s=2.0):
+                assert instance.pid is not None
+                stopped[instance.id] = instance.pid
+        with self.registry.edit() as instances:
+            for instance_id, pid in stopped.items():
+                current = instances.get(instance_id)
+                if current is not None and current.pid == pid:
+                    instances[instance_id] = current.model_copy(update={"pid": None})
+        return len(stopped)
+
+    def sync_load_balancer(self, model: str) -> None:
+        """Rewrite the model's EDS file from the registry (atomic; Envoy watches the folder)."""
+        endpoints = [
+            envoy.Endpoint(host=i.host, port=i.port, priority=i.lb_priority, instance=i.id)
+            for i in self.registry.of_model(model)
+            if i.lb_priority is not None and i.port is not None
+        ]
+        envoy.write_eds(self.layout.eds_dir, model, endpoints)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _checkpoint_size(self, model: ModelPolicy) -> int:
+        return model.checkpoint_size if model.checkpoint_size is not None else self.policy.local.checkpoint_size
+
+    def _start_process(self, instance: Instance, epoch: int | None = None) -> Instance:
+        with self.registry.edit(instance.model, epoch) as instances:
+            return self._spawn(instances, instance)
+
+    def _spawn(self, instances: dict[str, Instance], instance: Instance) -> Instance:
+        """Start the instance's process (inside a registry edit) and record its port and pid."""
+        taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
+        port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
+        command = processes.render_command(
+            self.policy.local.command,
+            {
+                "model": instance.model,
+                "instance": instance.id,
+                "port": port,
+                "checkpoint": self.layout.checkpoint(instance.model),
+                "gpu": instance.gpu or "",
+                "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
+            },
+        )
+        pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
+        updated = instance.model_copy(update={"port": port, "pid": pid})
+        instances[instance.id] = updated
+        return updated
+
+    def _log_tail(self, instance_id: str, lines: int = 5) -> str:
+        """The last lines of an instance's log, so that an instance that died while loading says why
+        (a port taken meanwhile, a bad command) in the runbook's error, not only in a file."""
+        try:
+            text = (self.layout.logs_dir / f"{instance_id}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:800]
+
+    @staticmethod
+    def _url(instance: Instance, path: str) -> str:
+        return f"http://{instance.host}:{instance.port}{path}"

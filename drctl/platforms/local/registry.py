@@ -1,0 +1,108 @@
+"""The local platform's record of its instances: one JSON file, edited under a file lock.
+
+The worker, ``drctl up`` and ``drctl status`` are separate processes, so every change is a
+read-modify-write under ``fcntl.flock`` and lands with an atomic rename.
+
+The same file keeps each model's fencing **epoch** (it only grows): a runbook's fenced step checks
+its epoch and makes its change under the one lock, so a step of an older runbook cannot slip in
+between a newer runbook's claim and its changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from drctl.payloads import Instance
+from drctl.platforms import errors
+
+
+class InstanceRegistry:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            raw: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        return raw
+
+    def load(self) -> dict[str, Instance]:
+        """All instances by id (empty when the file does not exist yet)."""
+        return self._instances(self._read())
+
+    @staticmethod
+    def _instances(raw: dict[str, Any]) -> dict[str, Instance]:
+        return {item["id"]: Instance.model_validate(item) for item in raw.get("instances", [])}
+
+    def of_model(self, model: str) -> list[Instance]:
+        return [i for i in self.load().values() if i.model == model]
+
+    def epochs(self) -> dict[str, int]:
+        """Each model's fencing epoch (absent: 0)."""
+        return {str(k): int(v) for k, v in self._read().get("epochs", {}).items()}
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self._read()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextmanager
+    def edit(self, model: str | None = None, epoch: int | None = None) -> Iterator[dict[str, Instance]]:
+        """Yield the instances for changing in place; written back atomically on exit.
+
+        With ``model`` and ``epoch``: a fenced change, refused with the non-retryable ``StaleEpoch``
+        (nothing written) when the model's epoch has moved past ``epoch``."""
+        with self._locked() as raw:
+            epochs = {str(k): int(v) for k, v in raw.get("epochs", {}).items()}
+            if model is not None:
+                errors.check_epoch(model, epoch, epochs.get(model, 0))
+            instances = self._instances(raw)
+            yield instances
+            self._write(instances, epochs, raw)
+
+    def claim_epoch(self, model: str) -> int:
+        """The model's next fencing epoch; from now on, steps with an older one are refused."""
+        with self._locked() as raw:
+            epochs = {str(k): int(v) for k, v in raw.get("epochs", {}).items()}
+            epochs[model] = epochs.get(model, 0) + 1
+            self._write(self._instances(raw), epochs, raw)
+            return epochs[model]
+
+    def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> Instance:
+        """Change one instance's fields; with ``epoch``, fenced on the instance's model."""
+        with self._locked() as raw:
+            epochs = {str(k): int(v) for k, v in raw.get("epochs", {}).items()}
+            instances = self._instances(raw)
+            current = instances[instance_id]
+            errors.check_epoch(current.model, epoch, epochs.get(current.model, 0))
+            updated = Instance.model_validate(current.model_copy(update=changes).model_dump())
+            instances[instance_id] = updated
+            self._write(instances, epochs, raw)
+            return updated
+
+    def _write(self, instances: dict[str, Instance], epochs: dict[str, int], raw: dict[str, Any]) -> None:
+        ordered = sorted(instances.values(), key=lambda i: (i.model, _index(i.id), i.id))
+        document = {k: v for k, v in raw.items() if k not in ("instances", "epochs")}
+        document["epochs"] = dict(sorted(epochs.items()))
+        document["instances"] = [i.model_dump(mode="json") for i in ordered]
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _index(instance_id: str) -> int:
+    tail = instance_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

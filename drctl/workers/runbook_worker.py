@@ -1,0 +1,94 @@
+"""The Temporal worker: runs the runbook workflows and their activities on the local platform.
+
+    python -m drctl.workers.runbook_worker        # settings from DRCTL_* environment variables
+
+``drctl up`` starts it as a child process (and restarts it if it dies); a failover in flight
+when it dies resumes from its last completed step once a worker polls the task queue again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from temporalio.worker import Worker
+
+from drctl.activities.drill import DrillActivities
+from drctl.activities.failover import FailoverActivities
+from drctl.activities.incidents import IncidentActivities
+from drctl.activities.reconcile import ReconcileActivities
+from drctl.platforms.factory import make_platform
+from drctl.platforms.local.platform import LocalPlatform
+from drctl.policies.loader import load_policy_file
+from drctl.service import run_service
+from drctl.settings import DrctlSettings
+from drctl.temporal.client import connect
+from drctl.workflows.budget import BudgetWorkflow
+from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.drill import DrillWorkflow
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
+from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
+from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("drctl.worker")
+
+WORKFLOWS = [
+    ModelGuardianWorkflow,
+    BudgetWorkflow,
+    FailoverWorkflow,
+    ReconcileStandbysWorkflow,
+    ReconcilePassWorkflow,
+    DrainGpuWorkflow,
+    ZoneFailoverWorkflow,
+    ZoneFailbackWorkflow,
+    DrillWorkflow,
+]
+
+
+async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
+    policy = load_policy_file(settings.policy)
+    platform = make_platform(settings, policy)
+    if isinstance(platform, LocalPlatform):
+        await platform.warm_up()
+        left = platform.drain_leftovers()
+        if left:
+            log.info("stopping ejected instance(s) whose draining ended with the last worker: %s", ", ".join(left))
+    client = await connect(settings)
+    worker = Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=[
+            *FailoverActivities(platform).all(),
+            *ReconcileActivities(platform).all(),
+            *IncidentActivities(platform).all(),
+            *DrillActivities(platform, settings, client).all(),
+        ],
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        # A recovery must not wait long for a crashed worker's sticky queue (default 10 s): after
+        # this, the next workflow task goes to any worker, which replays the (bounded) history. A
+        # recovery crosses three workflows (guardian, budget, runbook), each of which may sit in a
+        # dead worker's sticky queue, so this is short (bench/worker_kill_bench.py).
+        sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
+    )
+    log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
+    try:
+        async with worker:
+            await stop.wait()
+    finally:
+        if isinstance(platform, LocalPlatform):
+            await platform.aclose()
+
+
+def main() -> None:
+    run_service(run_worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Hostile names through the CLI: what a user typed or a file holds is printed as written, never read
+as rich markup (a model named ``[/]`` crashed the CLI with ``MarkupError``; a regex lost its brackets)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drctl.cli.app import app
+from drctl.policies.schema import MODEL_NAME_PATTERN
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "dr-policy.yaml"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _output(result: object) -> str:
+    return " ".join(str(getattr(result, "output", "")).split())
+
+
+@pytest.mark.parametrize("model", ["[/]", "[bold]x", "[red]llama[/red]", "x[/]y", "\\[/]"])
+def test_an_unknown_model_with_brackets_is_the_usual_exit_2(runner: CliRunner, model: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["failover", model, "x-0", "--policy", str(EXAMPLE), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert f"error: unknown model {model!r}; the policy has: llama-2-7b, mistral-7b, gpt-4-8b" in _output(result)
+    assert "Traceback" not in result.output and "MarkupError" not in result.output
+
+
+def test_a_policy_error_shows_the_name_pattern_intact(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: '[/]'\n")
+    result = runner.invoke(app, ["policy", "validate", str(bad)])
+    assert result.exit_code == 2, result.output
+    text = _output(result)
+    assert f"line 2: models[0] ([/]).name: String should match pattern '{MODEL_NAME_PATTERN}'" in text, text
+    assert "^({0,61})?$" not in text
+
+
+def test_a_file_name_and_a_big_policy_in_the_ok_line(runner: CliRunner, tmp_path: Path) -> None:
+    odd = tmp_path / "[prod] [bold]policy.yaml"
+    odd.write_text(EXAMPLE.read_text())
+    result = runner.invoke(app, ["policy", "validate", str(odd)])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {odd} — 3 model(s): llama-2-7b, mistral-7b, gpt-4-8b" in _output(result)
+    many = tmp_path / "many.yaml"
+    many.write_text("models:\n" + "".join(f"  - name: m-{i}\n" for i in range(500)))
+    result = runner.invoke(app, ["policy", "validate", str(many)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"500 model\(s\): m-0, m-1, .*, m-19, … \(480 more\)$", _output(result)), result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["drill", "[/]"],
+        ["drain", "[/]/0", "--policy", str(EXAMPLE)],
+        ["zone-failover", "[red]az[/]", "--policy", str(EXAMPLE)],
+        ["audit", "--model", "[/]"],
+    ],
+    ids=["drill-scenario", "gpu", "zone", "audit-model"],
+)
+def test_other_bad_input_with_brackets_is_exit_2_with_the_value_shown(runner: CliRunner, args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    value = next(a for a in args if "[" in a)
+    assert repr(value) in _output(result) and "Traceback" not in result.output

@@ -1,0 +1,88 @@
+"""The zone health check against real node agents (no NVML: GPUs from the policy) over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from drctl.detectors.gpu_node_agent import NodeAgent, serve
+from drctl.detectors.zone_checker import ZoneChecker
+from drctl.policies.loader import load_policy_file
+from drctl.policies.zone_health import ZoneVerdict
+
+POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
+# The example policy: az-1 = gpu-node-0 + gpu-node-3, az-2 = gpu-node-1, az-3 (standby) = gpu-node-2.
+
+
+async def start_agent(node: str) -> tuple[NodeAgent, web.AppRunner, str]:
+    agent = NodeAgent(node, pool=POLICY.gpu_pool, interval=60)
+    await agent.start()
+    runner = await serve(agent, "127.0.0.1", 0)
+    return agent, runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def test_zone_fails_over_after_threshold_checks_with_every_node_silent() -> None:
+    agents = {node: await start_agent(node) for node in ("gpu-node-0", "gpu-node-3", "gpu-node-1")}
+    started: list[tuple[str, str]] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append((zone, reason))
+        return f"zone-failover-{zone}"
+
+    checker = ZoneChecker(POLICY, [url for _, _, url in agents.values()], start)
+    try:
+        async with httpx.AsyncClient() as http:
+            assert await checker.check_once(http) == {"az-1": ZoneVerdict.UP, "az-2": ZoneVerdict.UP}
+            # One node of az-1 gone: the zone still answers (a node is the instance runbooks' job).
+            await agents["gpu-node-0"][1].cleanup()
+            assert (await checker.check_once(http))["az-1"] == ZoneVerdict.UP
+            await agents["gpu-node-3"][1].cleanup()
+            threshold = POLICY.az_failover.failover_threshold
+            for check in range(threshold + 2):
+                verdicts = await checker.check_once(http)
+                assert verdicts == {"az-1": ZoneVerdict.DOWN, "az-2": ZoneVerdict.UP}
+                assert len(started) == (0 if check < threshold - 1 else 1)
+            assert started[0][0] == "az-1" and f"{threshold} failed checks" in started[0][1]
+            assert checker.started == [("az-1", "zone-failover-az-1")]
+    finally:
+        for agent, runner, _ in agents.values():
+            await runner.cleanup()
+            await agent.aclose()
+
+
+@pytest.mark.parametrize("urls", [[], ["http://127.0.0.1:9"]])
+async def test_agents_never_seen_give_no_verdict_and_start_nothing(urls: list[str]) -> None:
+    async def start(zone: str, reason: str) -> str:
+        raise AssertionError("no zone failover without evidence")
+
+    checker = ZoneChecker(POLICY, urls, start)
+    async with httpx.AsyncClient() as http:
+        for _ in range(5):
+            assert set((await checker.check_once(http)).values()) == {ZoneVerdict.UNKNOWN}
+
+
+async def test_an_agent_that_vanishes_from_the_service_still_counts_against_its_node() -> None:
+    """A headless Service drops a dead node's agent from DNS; the checker keeps asking it."""
+    agent, runner, url = await start_agent("gpu-node-1")  # az-2's only node
+    started: list[str] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append(zone)
+        return f"zone-failover-{zone}"
+
+    urls = [url]
+    checker = ZoneChecker(POLICY, urls, start)
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await checker.check_once(http))["az-2"] == ZoneVerdict.UP
+            urls.clear()  # gone from the Service's addresses
+            await runner.cleanup()
+            for _ in range(POLICY.az_failover.failover_threshold):
+                assert (await checker.check_once(http))["az-2"] == ZoneVerdict.DOWN
+            assert started == ["az-2"]
+    finally:
+        await runner.cleanup()
+        await agent.aclose()

@@ -1,0 +1,572 @@
+"""KubernetesPlatform against kmock's KubernetesEmulator over real HTTP on loopback.
+
+The emulator lacks two things a real API server has; ``Emulator`` below adds them:
+- label selectors: it lists every object of a resource, ignoring ``?labelSelector=``;
+- resourceVersion: it neither sets one nor rejects a write carrying a stale one with 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import kmock
+import pytest
+import pytest_asyncio
+from kubernetes.client import ApiClient, Configuration
+from temporalio.exceptions import ApplicationError
+
+from drctl.payloads import ReconcileAction, ReconcileActionKind, Role
+from drctl.platforms.kubernetes.platform import KubernetesPlatform
+from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
+from drctl.policies.schema import DRPolicy, ModelPolicy
+from tests.sim.test_inference_server import MODEL as DEMO_MODEL
+from tests.sim.test_inference_server import Server, demo_server
+
+NS = "fleet"
+PODS = kmock.resource("", "v1", "pods")
+NODES = kmock.resource("", "v1", "nodes")
+DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
+SERVICES = kmock.resource("", "v1", "services")
+VIRTUAL_SERVICES = kmock.resource("networking.istio.io", "v1beta1", "virtualservices")
+
+
+def _matches(labels: dict[str, str], selector: str) -> bool:
+    """Equality-based label selectors (``k=v``, ``k!=v``, ``k``, ``!k``), as the API server does."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """Adds label selectors and resourceVersion (set on every write, checked on patches)."""
+
+    _versions = itertools.count(1000)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        result: Any = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            items = result["items"]
+            result["items"] = [o for o in items if _matches(o.get("metadata", {}).get("labels") or {}, selector)]
+        return result
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == kmock.action.UPDATE and request.name is not None:
+                key = (request.resource, request.namespace, request.name)
+                stored = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
+                sent = meta.get("resourceVersion")
+                if sent is not None and stored is not None and sent != stored:
+                    return await self._render_error(
+                        kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
+                    )
+            if request.action in (kmock.action.UPDATE, kmock.action.CREATE):
+                meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+
+def pod(name: str, model: str, role: Role, instance: str, *, serving: bool = False, ready: bool = True) -> Any:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "resourceVersion": "1",
+            "labels": {
+                "drctl.io/model": model,
+                "drctl.io/role": role.value,
+                "drctl.io/instance": instance,
+                "drctl.io/serving": "true" if serving else "false",
+            },
+        },
+        "spec": {
+            "nodeName": "node-a",
+            "containers": [{"name": "model", "image": "x", "ports": [{"containerPort": 8000}]}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+@pytest_asyncio.fixture()
+async def emulator() -> AsyncIterator[Any]:
+    async with Emulator() as emu, kmock.Server(emu):
+        emu.objects[NODES, None, "node-a"] = {
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "az-1"}}
+        }
+        emu.objects[PODS, NS, "llama-0-abc"] = pod("llama-0-abc", "llama", Role.SERVING, "llama-0", serving=True)
+        emu.objects[PODS, NS, "llama-1-def"] = pod("llama-1-def", "llama", Role.HOT, "llama-1")
+        emu.objects[PODS, NS, "mistral-0-ghi"] = pod(
+            "mistral-0-ghi", "mistral", Role.SERVING, "mistral-0", serving=True
+        )
+        emu.objects[SERVICES, NS, "llama"] = {
+            "metadata": {"name": "llama"},
+            "spec": {"selector": {"drctl.io/model": "llama", "drctl.io/serving": "true"}},
+        }
+        emu.resources[DEPLOYMENTS] = kmock.ResourceInfo()
+        emu.resources[VIRTUAL_SERVICES] = kmock.ResourceInfo()
+        yield emu
+
+
+class FakeWakeUp:
+    """Stands in for ``POST /wake_up`` on the pod: records URLs, answers ``status``."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.status = 200
+
+    async def __call__(self, url: str) -> int:
+        self.urls.append(url)
+        return self.status
+
+
+@pytest.fixture()
+def wake_up() -> FakeWakeUp:
+    return FakeWakeUp()
+
+
+POLICY = DRPolicy(models=[ModelPolicy(name="llama"), ModelPolicy(name="mistral")])
+
+
+@pytest_asyncio.fixture()
+async def platform(emulator: Any, wake_up: FakeWakeUp) -> AsyncIterator[KubernetesPlatform]:
+    config = Configuration(host=str(emulator.url).rstrip("/"))
+    with ApiClient(config) as client:
+        yield KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.01, wake_up=wake_up)
+
+
+def labels(emulator: Any, name: str) -> dict[str, str]:
+    return dict(emulator.objects[PODS, NS, name]["metadata"]["labels"])
+
+
+def patches(emulator: Any) -> list[Any]:
+    return [r for r in list(emulator) if r.method == "PATCH"]
+
+
+async def test_list_and_get_by_labels(platform: KubernetesPlatform) -> None:
+    instances = await platform.list_instances("llama")
+    assert [(i.id, i.role, i.lb_priority) for i in instances] == [
+        ("llama-0", Role.SERVING, 0),
+        ("llama-1", Role.HOT, 1),
+    ]
+    one = await platform.get_instance("llama", "llama-1")
+    assert (one.host, one.port, one.node, one.zone) == ("10.0.0.7", 8000, "node-a", "az-1")
+    assert len(await platform.all_instances()) == 3
+    with pytest.raises(ApplicationError) as err:
+        await platform.get_instance("llama", "mistral-0")
+    assert err.value.type == "UnknownInstance" and err.value.non_retryable
+    with pytest.raises(ApplicationError, match="unknown model"):
+        await platform.list_instances("nope")
+
+
+async def test_probe_and_verify(platform: KubernetesPlatform, emulator: Any) -> None:
+    serving = await platform.get_instance("llama", "llama-0")
+    assert (await platform.probe(serving))[0]
+    assert "Ready" in await platform.verify(serving, lambda _f, _s: None)
+    emulator.objects[PODS, NS, "llama-0-abc"].patch({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+    healthy, why = await platform.probe(serving)
+    assert not healthy and "not Ready" in why
+
+
+async def test_eject_flips_serving_and_is_idempotent(platform: KubernetesPlatform, emulator: Any) -> None:
+    instance = await platform.get_instance("llama", "llama-0")
+    assert "marked failed" in await platform.eject(instance, "dead GPU")
+    assert labels(emulator, "llama-0-abc")["drctl.io/serving"] == "false"
+    assert labels(emulator, "llama-0-abc")["drctl.io/role"] == "failed"
+    assert len(patches(emulator)) == 1
+    assert await platform.eject(instance, "again") == "already ejected"
+    assert len(patches(emulator)) == 1
+
+
+async def test_promote_hot_then_register(platform: KubernetesPlatform, emulator: Any) -> None:
+    hot = await platform.get_instance("llama", "llama-1")
+    await platform.promote(hot)
+    assert labels(emulator, "llama-1-def")["drctl.io/role"] == "promoting"
+    assert "registered at priority 0" in await platform.register(hot, 0)
+    assert labels(emulator, "llama-1-def")["drctl.io/serving"] == "true"
+    assert labels(emulator, "llama-1-def")["drctl.io/role"] == "serving"
+    assert (await platform.get_instance("llama", "llama-1")).lb_priority == 0
+
+
+async def test_conflict_is_reread_and_retried(platform: KubernetesPlatform, emulator: Any) -> None:
+    conflict = kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
+    emulator["patch", PODS][:1] << conflict
+    instance = await platform.get_instance("llama", "llama-0")
+    assert await platform.eject(instance, "x") == "already ejected"
+    # kmock stores a write even when a reaction answers it (here with 409), unlike a real API server;
+    # so the re-read after the 409 finds the labels in place and no second patch is needed. The
+    # retried patch itself is covered by test_stale_resource_version_conflicts.
+    assert len(patches(emulator)) == 1
+    after_conflict = [r for r in list(emulator) if r.id > patches(emulator)[0].id]
+    assert [(r.method, r.name) for r in after_conflict] == [("GET", "llama-0-abc")]  # the re-read
+    assert labels(emulator, "llama-0-abc")["drctl.io/role"] == "failed"
+
+
+async def test_stale_resource_version_conflicts(platform: KubernetesPlatform, emulator: Any) -> None:
+    """A real conflict: another writer changes the pod between our read and our patch."""
+    original = platform.core.read_namespaced_pod
+
+    def read_then_someone_writes(name: str, namespace: str) -> Any:
+        found = original(name, namespace)
+        if not hasattr(read_then_someone_writes, "done"):
+            read_then_someone_writes.done = True  # type: ignore[attr-defined]
+            platform.core.patch_namespaced_pod(
+                name,
+                namespace,
+                {"metadata": {"annotations": {"other": "writer"}}},
+                _content_type="application/merge-patch+json",
+            )
+        return found
+
+    platform.core.read_namespaced_pod = read_then_someone_writes  # type: ignore[method-assign,assignment]
+    await platform.register(await platform.get_instance("llama", "llama-1"), 0)
+    assert labels(emulator, "llama-1-def")["drctl.io/serving"] == "true"
+    assert len(patches(emulator)) == 3  # the other writer, our stale patch (409), our retry
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_transient_errors_are_retried(platform: KubernetesPlatform, emulator: Any, status: int) -> None:
+    emulator["list", PODS][:2] << kmock.KubernetesError(status=status, reason="Busy", message="try later")
+    instances = await platform.list_instances("llama")
+    assert len(instances) == 2
+    assert len([r for r in list(emulator) if r.method == "GET" and r.name is None and r.resource == PODS]) == 3
+
+
+async def test_forbidden_is_final_and_names_the_permission(platform: KubernetesPlatform, emulator: Any) -> None:
+    message = 'pods "llama-0-abc" is forbidden: User "drctl" cannot patch resource "pods" in the namespace "fleet"'
+    emulator["patch", PODS] << kmock.KubernetesError(status=403, reason="Forbidden", message=message)
+    start = time.monotonic()
+    with pytest.raises(ApplicationError) as err:
+        await platform.eject(await platform.get_instance("llama", "llama-0"), "x")
+    assert time.monotonic() - start < 1.0
+    assert err.value.type == "PermissionDenied" and err.value.non_retryable
+    assert "denied patch on pods" in str(err.value) and "cannot patch resource" in str(err.value)
+    assert len(patches(emulator)) == 1
+
+
+async def test_create_and_delete_deployment(platform: KubernetesPlatform, emulator: Any) -> None:
+    def action(tier: Role, kind: ReconcileActionKind = ReconcileActionKind.CREATE) -> ReconcileAction:
+        return ReconcileAction(
+            kind=kind, model="llama", instance=f"llama-{tier}", tier=tier, gpu="node-a/3", node="node-a"
+        )
+
+    assert "created" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
+    assert "created" in await platform.create_instance(action(Role.COLD), lambda _f, _s: None)
+    assert "already exists" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
+    warm = emulator.objects[DEPLOYMENTS, NS, "llama-warm"]
+    container = warm["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert warm["spec"]["template"]["metadata"]["labels"]["drctl.io/role"] == "warm"
+    assert warm["spec"]["selector"]["matchLabels"] == {"drctl.io/model": "llama", "drctl.io/instance": "llama-warm"}
+    cold = emulator.objects[DEPLOYMENTS, NS, "llama-cold"]
+    assert "resources" not in cold["spec"]["template"]["spec"]["containers"][0]
+    deleted = await platform.delete_instance(action(Role.WARM, ReconcileActionKind.DELETE))
+    assert deleted == "deployment llama-warm deleted"
+    assert emulator.objects[DEPLOYMENTS, NS, "llama-warm"].deleted
+    assert await platform.delete_instance(action(Role.WARM, ReconcileActionKind.DELETE)) == "already gone"
+
+
+async def test_cordon_in_memory(platform: KubernetesPlatform) -> None:
+    assert "cordoned" in await platform.cordon_gpu("node-a/0", "xid 79")
+    assert "already" in await platform.cordon_gpu("node-a/0", "again")
+    assert await platform.cordoned_gpus() == ["node-a/0"]
+
+
+# -- warm and cold promotion ----------------------------------------------------------------------
+
+
+def cold_deployment(name: str, *, replicas: int) -> dict[str, Any]:
+    tier = {"drctl.io/model": "llama", "drctl.io/instance": name, "drctl.io/role": "cold", "drctl.io/serving": "false"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "1", "labels": tier},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"drctl.io/model": "llama", "drctl.io/instance": name}},
+            "template": {
+                "metadata": {"labels": tier},
+                "spec": {"containers": [{"name": "model", "image": "x", "ports": [{"containerPort": 8000}]}]},
+            },
+        },
+    }
+
+
+async def test_warm_promotion_wakes_the_pod_and_relabels(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
+    warm = await platform.get_instance("llama", "llama-2")
+    assert "woken up" in await platform.promote(warm)
+    assert wake_up.urls == ["http://10.0.0.7:8000/wake_up"]
+    assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "promoting"
+    assert labels(emulator, "llama-2-xyz")["drctl.io/serving"] == "false"
+    promoting = await platform.get_instance("llama", "llama-2")
+    assert await platform.promote(promoting) == "already promoting"
+    assert len(wake_up.urls) == 1
+
+
+async def test_warm_wake_up_failure_is_a_load_failure(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
+    wake_up.status = 503
+    with pytest.raises(ApplicationError, match="wake_up answered 503") as err:
+        await platform.promote(await platform.get_instance("llama", "llama-2"))
+    assert err.value.type == "ModelLoadFailed"
+    assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "warm"
+
+
+async def test_cold_promotion_patches_the_deployment_and_waits_for_a_ready_pod(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=0)
+    cold = await platform.get_instance("llama", "llama-9")
+    assert (cold.role, cold.note) == (Role.COLD, "deployment llama-9, no pod")
+    assert "patched to 1 GPU" in await platform.promote(cold)
+    assert wake_up.urls == []
+    deployment = emulator.objects[DEPLOYMENTS, NS, "llama-9"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["metadata"]["labels"]["drctl.io/role"] == "promoting"
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["labels"]["drctl.io/role"] == "promoting"
+    assert template["metadata"]["labels"]["drctl.io/instance"] == "llama-9"  # the selector still matches
+    container = template["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert container["image"] == "x" and container["ports"] == [{"containerPort": 8000}]
+    patched = len(patches(emulator))
+    promoting = await platform.get_instance("llama", "llama-9")
+    assert promoting.role == Role.PROMOTING
+    assert "already promoting" in await platform.promote(cold)
+    assert len(patches(emulator)) == patched
+
+    beats: list[str] = []
+
+    async def the_controller() -> None:
+        """What the Deployment controller and kubelet would do: a pod, later Ready."""
+        await asyncio.sleep(0.05)
+        new = pod("llama-9-new", "llama", Role.PROMOTING, "llama-9", ready=False)
+        new["spec"]["containers"][0]["resources"] = container["resources"]
+        emulator.objects[PODS, NS, "llama-9-new"] = new
+        await asyncio.sleep(0.05)
+        emulator.objects[PODS, NS, "llama-9-new"].patch(
+            {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        )
+
+    controller = asyncio.create_task(the_controller())
+    detail = await platform.wait_loaded(promoting, lambda _f, s: beats.append(s), timeout_s=5.0)
+    await controller
+    assert detail.startswith("pod llama-9-new Ready")
+    assert "pod not created yet" in beats and "pod Running" in beats
+
+
+async def test_cold_pod_without_gpu_is_not_taken_for_the_loaded_one(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    """A cold standby running without a GPU: during the rollout its old pod is still Ready."""
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=1)
+    emulator.objects[PODS, NS, "llama-9-old"] = pod("llama-9-old", "llama", Role.COLD, "llama-9")
+    cold = await platform.get_instance("llama", "llama-9")
+    assert cold.note == "llama-9-old"
+    await platform.promote(cold)
+    assert labels(emulator, "llama-9-old")["drctl.io/role"] == "promoting"
+    with pytest.raises(TimeoutError):
+        await platform.wait_loaded(cold, lambda _f, _s: None, timeout_s=0.1)
+
+
+# -- Istio mode --------------------------------------------------------------------------------------
+
+
+def virtual_service() -> dict[str, Any]:
+    def destination(host: str, weight: int) -> dict[str, Any]:
+        return {"destination": {"host": host, "port": {"number": 8080}}, "weight": weight}
+
+    return {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "VirtualService",
+        "metadata": {"name": "model-routing", "namespace": NS, "resourceVersion": "1"},
+        "spec": {
+            "hosts": ["inference.example.com"],
+            "http": [
+                {
+                    "match": [{"headers": {"model-name": {"exact": "llama"}}}],
+                    "route": [destination("llama", 100), destination("llama-standby.fleet.svc.cluster.local", 0)],
+                    "retries": {"attempts": 3},
+                },
+                {
+                    "match": [{"headers": {"model-name": {"exact": "mistral"}}}],
+                    "route": [destination("mistral", 100), destination("mistral-standby", 0)],
+                },
+            ],
+        },
+    }
+
+
+def weights(emulator: Any) -> list[list[tuple[str, int]]]:
+    spec = emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]["spec"]
+    return [[(d["destination"]["host"], d["weight"]) for d in r["route"]] for r in spec["http"]]
+
+
+@pytest_asyncio.fixture()
+async def istio_platform(emulator: Any, wake_up: FakeWakeUp) -> AsyncIterator[KubernetesPlatform]:
+    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"] = virtual_service()
+    config = Configuration(host=str(emulator.url).rstrip("/"))
+    with ApiClient(config) as client:
+        yield KubernetesPlatform(
+            client, NS, POLICY, backoff_s=0.01, poll_s=0.01, wake_up=wake_up, istio_virtual_service="model-routing"
+        )
+
+
+async def test_istio_register_shifts_weights_idempotently(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    hot = await istio_platform.get_instance("llama", "llama-1")
+    assert "weights" not in await istio_platform.register(hot, 1)  # a hot backup leaves traffic alone
+    assert weights(emulator)[0] == [("llama", 100), ("llama-standby.fleet.svc.cluster.local", 0)]
+    detail = await istio_platform.register(hot, 0)
+    assert "VirtualService model-routing weights 0/100" in detail
+    assert weights(emulator) == [
+        [("llama", 0), ("llama-standby.fleet.svc.cluster.local", 100)],
+        [("mistral", 100), ("mistral-standby", 0)],
+    ]
+    spec = emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]["spec"]
+    assert spec["http"][0]["retries"] == {"attempts": 3} and spec["hosts"] == ["inference.example.com"]
+    vs_patches = [r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]
+    assert len(vs_patches) == 1
+    again = await istio_platform.register(hot, 0)
+    assert "already registered" in again and "already at 0/100" in again
+    assert len([r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]) == 1
+
+
+async def test_istio_without_a_route_for_the_model_is_final(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"].patch({"spec": {"http": []}})
+    with pytest.raises(ApplicationError, match="no http route") as err:
+        await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
+    assert err.value.non_retryable and err.value.type == "IstioRouteNotFound"
+
+
+async def test_istio_forbidden_names_the_resource(istio_platform: KubernetesPlatform, emulator: Any) -> None:
+    message = 'virtualservices.networking.istio.io "model-routing" is forbidden'
+    emulator["patch", VIRTUAL_SERVICES] << kmock.KubernetesError(status=403, reason="Forbidden", message=message)
+    with pytest.raises(ApplicationError) as err:
+        await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
+    assert err.value.type == "PermissionDenied"
+    assert "denied patch on virtualservices.networking.istio.io" in str(err.value)
+
+
+# -- probe: each tier by its own healthy state ----------------------------------------------------
+#
+# A sleeping model server may fail its pod's readiness probe (the demo server answers /healthz 503
+# "sleeping"): a warm standby's normal state. A cold standby is a Deployment scaled to 0, without a
+# pod. Neither is a failure a failover's confirm step may act on.
+
+PROBE_CKPT_SIZE = 256 * 1024
+
+
+def warm_pod(server: Server | None, *, ready: bool = False, container: dict[str, Any] | None = None) -> Any:
+    """A warm standby's pod, Running; its address is the demo server's when there is one."""
+    body = pod("llama-2-xyz", "llama", Role.WARM, "llama-2", ready=ready)
+    if server is not None:
+        body["status"]["podIP"] = "127.0.0.1"
+        body["spec"]["containers"][0]["ports"] = [{"containerPort": int(server.url.rsplit(":", 1)[1])}]
+    if container is not None:
+        body["status"]["containerStatuses"] = [
+            {"name": "model", "image": "x", "imageID": "x", "ready": False, "restartCount": 3, **container}
+        ]
+    return body
+
+
+@pytest.fixture()
+def probe_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / f"{DEMO_MODEL}.ckpt"
+    ensure_checkpoint(path, DEMO_MODEL, PROBE_CKPT_SIZE)
+    return path
+
+
+@pytest.fixture()
+def sleeping(probe_checkpoint: Path, tmp_path: Path) -> Iterator[Server]:
+    with demo_server(probe_checkpoint, tmp_path, "--sleeping") as server:
+        server.wait_until("sleeping")
+        yield server
+
+
+async def test_a_sleeping_warm_pod_that_fails_readiness_is_healthy(
+    platform: KubernetesPlatform, emulator: Any, sleeping: Server
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(sleeping, container={"state": {"running": {}}})
+    warm = await platform.get_instance("llama", "llama-2")
+    healthy, why = await platform.probe(warm)
+    assert healthy and "asleep" in why, why
+    # The same pod read as a hot standby is not healthy: a hot standby must be Ready.
+    hot = warm.model_copy(update={"role": Role.HOT})
+    healthy, why = await platform.probe(hot)
+    assert not healthy and "not Ready" in why
+
+
+async def test_a_warm_pod_whose_server_is_gone_is_not(
+    platform: KubernetesPlatform, emulator: Any, sleeping: Server
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(sleeping)
+    sleeping.process.kill()
+    sleeping.process.wait(5)
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "did not answer" in why
+
+
+async def test_a_warm_pod_whose_model_failed_is_not(
+    platform: KubernetesPlatform, emulator: Any, probe_checkpoint: Path, tmp_path: Path
+) -> None:
+    corrupt_checkpoint(probe_checkpoint, offset=PROBE_CKPT_SIZE // 2)
+    with demo_server(probe_checkpoint, tmp_path, "--sleeping") as server:
+        server.wait_until("failed")
+        emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(server)
+        healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "503 failed" in why
+
+
+async def test_a_warm_pod_with_a_crashing_container_is_not(platform: KubernetesPlatform, emulator: Any) -> None:
+    crashing = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(None, container=crashing)
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert not healthy and "not running: model" in why
+
+
+async def test_a_ready_warm_pod_is_healthy_without_asking_it(platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(None, ready=True)  # 10.0.0.7: nothing answers there
+    healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
+    assert healthy and "Ready" in why
+
+
+async def test_a_cold_deployment_scaled_to_zero_is_healthy(platform: KubernetesPlatform, emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=0)
+    cold = await platform.get_instance("llama", "llama-9")
+    healthy, why = await platform.probe(cold)
+    assert healthy and "without a pod" in why
+    emulator.objects[DEPLOYMENTS, NS, "llama-9"].delete()
+    healthy, why = await platform.probe(cold)
+    assert not healthy and why == "no pod"
+    # A hot standby without a pod is down, Deployment or not.
+    emulator.objects[DEPLOYMENTS, NS, "llama-8"] = cold_deployment("llama-8", replicas=0)
+    hot = cold.model_copy(update={"id": "llama-8", "role": Role.HOT})
+    assert await platform.probe(hot) == (False, "no pod")
