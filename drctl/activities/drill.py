@@ -1,9 +1,9 @@
 """The drill's activities: choose a target, inject the fault under load and measure the recovery,
 restore what was injected, and write the report.
 
-Only the local platform can inject faults (processes, node agents and checkpoints are on this
-machine); on Kubernetes ``drill_prepare`` refuses with a clear message (not built: it would delete
-pods, cordon and taint nodes, and inject Xids through the node agent DaemonSet).
+A drill runs on a platform that offers fault injection (``Platform.fault_injector()``): the local
+platform does (processes, node agents and checkpoints are on this machine); on Kubernetes it is not
+built yet, and ``drill_prepare`` refuses with a clear message.
 
 The recovery is measured from the outside: the load generator's answers, and the runbooks the fault
 started as Temporal records them (workflow start times and the failover's own step timings).
@@ -13,13 +13,10 @@ Temporal's timestamps and this process's clock are the same machine's clock on t
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import httpx
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
@@ -48,14 +45,6 @@ from drctl.payloads import (
     zone_failover_workflow_id,
 )
 from drctl.platforms.base import Platform
-from drctl.platforms.local import faults
-from drctl.platforms.local.checkpoints import (
-    corrupt_checkpoint,
-    file_sha256,
-    read_expected_sha256,
-    restore_checkpoint,
-)
-from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.drills import (
     DrillImpossible,
     DrillNotReady,
@@ -88,8 +77,10 @@ class DrillActivities:
 
     @activity.defn(name=ActivityName.DRILL_PREPARE)
     async def drill_prepare(self, request: DrillRequest) -> DrillTarget:
-        if not isinstance(self.platform, LocalPlatform):
-            raise not_ready("drills inject faults on the local platform only; on Kubernetes they are not built yet")
+        if self.platform.fault_injector() is None:
+            raise not_ready(
+                f"this platform ({self.settings.platform}) cannot inject faults yet: drills run on the local platform"
+            )
         deadline = time.monotonic() + request.ready_wait_s
         while True:
             policy = await self.platform.current_policy()
@@ -144,57 +135,10 @@ class DrillActivities:
         return measurement
 
     async def _inject(self, target: DrillTarget, fault: InjectedFault) -> None:
-        """Inject the scenario's fault, recording each part in ``fault`` before the next can fail."""
-        assert isinstance(self.platform, LocalPlatform)
-        instances = await self.platform.all_instances()
-        serving = next(i for i in instances if i.id == target.instance)
-        agent_pids = self._agent_pids()
-        match target.scenario:
-            case DrillScenario.POD_CRASH:
-                assert serving.pid is not None
-                faults.kill(serving.pid)
-                fault.detail = f"kill -9 {serving.pid} ({serving.id})"
-            case DrillScenario.NODE_DOWN | DrillScenario.ZONE_OUTAGE:
-                nodes: set[str]
-                if target.scenario == DrillScenario.NODE_DOWN:
-                    assert target.node is not None
-                    nodes = {target.node}
-                else:
-                    nodes = {n.name for n in self.platform.policy.gpu_pool.nodes if n.zone == target.zone}
-                pids = [i.pid for i in instances if i.node in nodes and i.pid is not None]
-                pids += [agent_pids[n] for n in sorted(nodes) if n in agent_pids]
-                for pid in pids:
-                    fault.stopped_pids += faults.stop([pid])
-                what = f"node {target.node}" if target.scenario == DrillScenario.NODE_DOWN else f"zone {target.zone}"
-                fault.detail = (
-                    f"{what} down: SIGSTOP of {len(fault.stopped_pids)} process(es) on {', '.join(sorted(nodes))}"
-                )
-            case DrillScenario.GPU_FAILURE:
-                assert target.gpu is not None and target.node is not None
-                async with httpx.AsyncClient(timeout=5.0) as http:
-                    url = await faults.agent_for_node(http, self.settings.node_agent_urls, target.node)
-                    if url is None:
-                        raise RuntimeError(f"no node agent answers for {target.node} (drctl up runs one per node)")
-                    fault.xid_agents.append(url)
-                    gpu_index = int(target.gpu.rsplit("/", 1)[1])
-                    status = await faults.inject_xid(http, url, gpu_index, 79, token=self.settings.fault_token())
-                fault.detail = f"Xid 79 (GPU fallen off the bus) injected on {target.gpu} via {url}: {status}"
-            case DrillScenario.MODEL_CORRUPTION:
-                path = self.layout.checkpoint(target.model)
-                fault.corrupted.append(str(path))
-                await asyncio.to_thread(corrupt_checkpoint, path, 4096, 64)
-                async with httpx.AsyncClient() as http:
-                    reload = await faults.reload_weights(http, f"http://{serving.host}:{serving.port}")
-                fault.detail = f"{path.name} corrupted (64 bytes at 4096); {serving.id} reloaded its weights: {reload}"
-
-    def _agent_pids(self) -> dict[str, int]:
-        try:
-            pids = json.loads(self.layout.stack_file.read_text(encoding="utf-8"))["pids"]
-        except (OSError, ValueError, KeyError):
-            return {}
-        assert isinstance(self.platform, LocalPlatform)
-        names = {n.name for n in self.platform.policy.gpu_pool.nodes}
-        return {k: int(v) for k, v in pids.items() if k in names}
+        injector = self.platform.fault_injector()
+        if injector is None:
+            raise RuntimeError("this platform cannot inject faults")
+        await injector.inject(target, fault)
 
     async def _observe(
         self, request: DrillRequest, target: DrillTarget, fault: InjectedFault, heartbeat: _Heartbeat
@@ -327,25 +271,10 @@ class DrillActivities:
     @activity.defn(name=ActivityName.DRILL_RESTORE)
     async def drill_restore(self, fault: InjectedFault) -> DrillRestore:
         """Undo exactly what was injected; idempotent (retried until it succeeds)."""
-        out = DrillRestore()
-        if fault.stopped_pids:
-            resumed = faults.resume(fault.stopped_pids)
-            gone = len(fault.stopped_pids) - len(resumed)
-            out.detail.append(f"SIGCONT to {len(resumed)} process(es); {gone} had been stopped by runbooks")
-        if fault.xid_agents:
-            async with httpx.AsyncClient(timeout=5.0) as http:
-                for url in fault.xid_agents:
-                    cleared = await faults.clear_xids(http, url, token=self.settings.fault_token())
-                    out.detail.append(f"{url}: injected Xids cleared on GPU(s) {cleared}")
-        for name in fault.corrupted:
-            path = Path(name)
-            if await asyncio.to_thread(file_sha256, path) == read_expected_sha256(path):
-                out.detail.append(f"{path.name}: already restored by the runbook")
-            else:
-                good = self.layout.good_checkpoint(path.stem)
-                await asyncio.to_thread(restore_checkpoint, good, path)
-                out.detail.append(f"{path.name}: restored from the repository by the drill")
-        return out
+        injector = self.platform.fault_injector()
+        if injector is None:
+            return DrillRestore(detail=["nothing to restore: this platform injects no faults"])
+        return await injector.restore(fault)
 
     # -- report ------------------------------------------------------------------------------------
 

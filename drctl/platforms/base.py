@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from drctl.payloads import Instance, ReconcileAction
+from drctl.payloads import DrillRestore, DrillTarget, InjectedFault, Instance, ReconcileAction
 from drctl.platforms import errors
 from drctl.policies.schema import DRPolicy
 
@@ -17,7 +17,36 @@ ProgressCallback = Callable[[float, str], None]
 """Called with (fraction done, what is happening) during long steps; activities heartbeat it."""
 
 
+class FaultInjector(Protocol):
+    """What a platform that can run DR drills offers: inject a scenario's fault, and undo it."""
+
+    async def inject(self, target: DrillTarget, fault: InjectedFault) -> None:
+        """Inject the fault, recording each part in ``fault`` before the next part can fail."""
+        ...
+
+    async def restore(self, fault: InjectedFault) -> DrillRestore:
+        """Undo exactly what ``fault`` records; idempotent."""
+        ...
+
+
 class Platform(Protocol):
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Get ready before a worker polls (warm clients, clean up after a dead worker); returns
+        what it did, for the log."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the platform holds (HTTP clients, draining tasks)."""
+        ...
+
+    def fault_injector(self) -> FaultInjector | None:
+        """The platform's fault injection for drills, or None where it has none."""
+        ...
+
+    # -- the runbook's steps --------------------------------------------------------------------
+
     async def list_instances(self, model: str) -> list[Instance]:
         """Every instance of the model, in every role. Raises ``UnknownModel`` if none is known."""
         ...

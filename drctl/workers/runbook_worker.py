@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from temporalio.worker import Worker
 
@@ -20,7 +19,6 @@ from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
 from drctl.activities.reconcile import ReconcileActivities
 from drctl.platforms.factory import make_platform
-from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.loader import load_policy_file
 from drctl.service import run_service
 from drctl.settings import DrctlSettings
@@ -32,9 +30,6 @@ from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
 from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("drctl.worker")
 
@@ -54,11 +49,8 @@ WORKFLOWS = [
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     policy = load_policy_file(settings.policy)
     platform = make_platform(settings, policy)
-    if isinstance(platform, LocalPlatform):
-        await platform.warm_up()
-        left = platform.drain_leftovers()
-        if left:
-            log.info("stopping ejected instance(s) whose draining ended with the last worker: %s", ", ".join(left))
+    for line in await platform.start():
+        log.info("%s", line)
     client = await connect(settings)
     worker = Worker(
         client,
@@ -82,8 +74,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         async with worker:
             await stop.wait()
     finally:
-        if isinstance(platform, LocalPlatform):
-            await platform.aclose()
+        await platform.close()
 
 
 def main() -> None:

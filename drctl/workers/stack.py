@@ -165,7 +165,7 @@ class LocalStack:
         for name in ("envoy", "temporal"):
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=5.0)
-        await self.platform.aclose()
+        await self.platform.close()
         self.layout.stack_file.unlink(missing_ok=True)
         self.say("stopped")
 

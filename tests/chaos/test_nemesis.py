@@ -420,7 +420,7 @@ async def test_a_delete_cut_short_by_a_worker_crash_is_finished_by_its_retry(
         assert not processes.is_alive(pid)
     finally:
         processes.terminate(pid, grace_s=0.5)
-        await platform.aclose()
+        await platform.close()
 
 
 async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_with_its_predecessor(
@@ -456,4 +456,4 @@ async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_
     finally:
         processes.terminate(ejected, grace_s=0.5)
         processes.terminate(serving, grace_s=0.5)
-        await platform.aclose()
+        await platform.close()

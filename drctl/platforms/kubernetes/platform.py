@@ -291,6 +291,19 @@ class KubernetesPlatform:
 
     # -- the Platform interface -------------------------------------------------------------
 
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Nothing to prepare: every call goes to the API server."""
+        return []
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.core.api_client.close)
+
+    def fault_injector(self) -> None:
+        """Not built yet on Kubernetes (pod delete, node taint, Xid through the node agent DaemonSet)."""
+        return None
+
     async def list_instances(self, model: str) -> list[Instance]:
         if model not in self.policy.model_names:
             raise errors.unknown_model(model, self.policy.model_names)

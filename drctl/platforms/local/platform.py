@@ -27,6 +27,7 @@ from drctl.platforms.local.checkpoints import (
     read_expected_sha256,
     restore_checkpoint,
 )
+from drctl.platforms.local.fault_injection import LocalFaultInjector
 from drctl.platforms.local.registry import InstanceRegistry
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
@@ -52,7 +53,22 @@ class LocalPlatform:
         self._to_settle: list[str] = []
         """Instances ``ensure_fleet`` started, which ``settle_fleet`` waits for and registers."""
 
-    async def aclose(self) -> None:
+    async def start(self) -> list[str]:
+        """Ready for a worker: the HTTP client warmed up, and the ejected instances whose draining
+        died with the last worker stopped. Returns what it did, for the worker's log."""
+        await self.warm_up()
+        left = self.drain_leftovers()
+        return (
+            [f"stopping ejected instance(s) whose draining ended with the last worker: {', '.join(left)}"]
+            if left
+            else []
+        )
+
+    def fault_injector(self) -> LocalFaultInjector:
+        """Drills inject faults here: signals to processes, Xids through the node agents, checkpoints."""
+        return LocalFaultInjector(self)
+
+    async def close(self) -> None:
         for task, pid in list(self._draining.items()):
             task.cancel()
             await asyncio.to_thread(processes.terminate, pid)
