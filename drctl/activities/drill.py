@@ -55,6 +55,10 @@ from drctl.policies.drills import (
     verdicts,
 )
 from drctl.settings import DrctlSettings, StateLayout
+from drctl.temporal.refs import workflow_type
+from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
 
 POLL_S = 0.1
 
@@ -215,9 +219,9 @@ class DrillActivities:
         async for wf in self.client.list_workflows(f"StartTime >= '{since}'"):
             starts[wf.id] = wf.start_time
             m.runbooks.append(f"{wf.workflow_type} {wf.id}")
-            if wf.workflow_type == "ZoneFailoverWorkflow":
+            if wf.workflow_type == workflow_type(ZoneFailoverWorkflow):
                 m.zones_failed_over.append(wf.id.removeprefix(zone_failover_workflow_id("")))
-            if wf.workflow_type == "DrainGpuWorkflow":
+            if wf.workflow_type == workflow_type(DrainGpuWorkflow):
                 m.gpus_drained.append(gpu_of_drain_workflow_id(wf.id))
             m.marks.append(
                 RunbookMark(
@@ -227,7 +231,7 @@ class DrillActivities:
                     duration_ms=0,
                 )
             )
-            if wf.workflow_type == "ReconcileStandbysWorkflow":
+            if wf.workflow_type == workflow_type(ReconcileStandbysWorkflow):
                 handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
                 try:
                     outcome = await asyncio.wait_for(handle.result(), timeout=30)

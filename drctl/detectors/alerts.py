@@ -52,6 +52,10 @@ from drctl.payloads import (
 )
 from drctl.policies.placement import gpu_inventory
 from drctl.policies.schema import DRPolicy
+from drctl.temporal.refs import workflow_type
+from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
 
 MAX_BODY_BYTES = 1 << 20
 """Largest notification accepted (413 above). Alertmanager sends a few KiB per alert."""
@@ -75,7 +79,6 @@ EPISODE_LENGTH = 12
 MAX_REASON = 500
 MAX_ERRORS_SHOWN = 10
 
-FAILOVER_WORKFLOW = "FailoverWorkflow"
 RESOLVED_SIGNAL = "alert_resolved"
 NO_RUNBOOK_YET = "no running runbook takes this alert (zone failovers end only by failback)"
 NO_RUNBOOK = "labels name no runbook (needs model+instance, node+gpu, or zone)"
@@ -354,7 +357,7 @@ def _zone_runbook(target: ZoneFailure, alert: WebhookAlert, episode: str) -> Run
     summary = alert.annotations.get("summary", "").strip()
     request = ZoneFailoverRequest(zone=target.zone, reason=(f"{reason}: {summary}" if summary else reason)[:MAX_REASON])
     return RunbookStart(
-        workflow_type="ZoneFailoverWorkflow",
+        workflow_type=workflow_type(ZoneFailoverWorkflow),
         workflow_id=f"{zone_failover_workflow_id(target.zone)}-{episode}",
         input=request,
         search_attributes={SearchAttr.TRIGGER: Trigger.ALERT.value},
@@ -369,7 +372,7 @@ def _drain_runbook(target: GpuFailure, alert: WebhookAlert, episode: str) -> Run
     summary = alert.annotations.get("summary", "").strip()
     request = DrainGpuRequest(gpu=gpu, reason=(f"{reason}: {summary}" if summary else reason)[:MAX_REASON])
     return RunbookStart(
-        workflow_type="DrainGpuWorkflow",
+        workflow_type=workflow_type(DrainGpuWorkflow),
         workflow_id=f"{drain_workflow_id(gpu)}-{episode}",
         input=request,
         search_attributes={SearchAttr.TRIGGER: Trigger.ALERT.value},
@@ -392,7 +395,7 @@ def _failover_runbook(target: InstanceFailure, alert: WebhookAlert, episode: str
         reason=reason,
     )
     return RunbookStart(
-        workflow_type=FAILOVER_WORKFLOW,
+        workflow_type=workflow_type(FailoverWorkflow),
         workflow_id=alert_failover_workflow_id(target.model, target.instance, episode),
         input=request,
         search_attributes={

@@ -31,10 +31,11 @@ from drctl.payloads import (
     IncidentTicket,
     LeaseRequest,
     SearchAttr,
-    WorkflowName,
     budget_workflow_id,
     guardian_workflow_id,
 )
+from drctl.workflows.budget import BudgetWorkflow
+from drctl.workflows.guardian import ModelGuardianWorkflow
 
 RPC_TIMEOUT = timedelta(seconds=10)
 
@@ -44,7 +45,7 @@ async def report_failure(client: Client, task_queue: str, report: FailureReport)
     running); returns once the guardian has recorded it."""
     model = report.request.model
     start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
-        WorkflowName.GUARDIAN,
+        ModelGuardianWorkflow.run,
         GuardianState(model=model),
         id=guardian_workflow_id(model, task_queue),
         task_queue=task_queue,
@@ -54,8 +55,12 @@ async def report_failure(client: Client, task_queue: str, report: FailureReport)
             [SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), model)]
         ),
     )
+    # (temporalio types an async update handler's result as its coroutine: hence the ignore)
     ticket: IncidentTicket = await client.execute_update_with_start_workflow(
-        "report", report, start_workflow_operation=start, result_type=IncidentTicket, rpc_timeout=RPC_TIMEOUT
+        ModelGuardianWorkflow.report,  # type: ignore[arg-type]
+        report,
+        start_workflow_operation=start,
+        rpc_timeout=RPC_TIMEOUT,
     )
     return ticket
 
@@ -105,7 +110,7 @@ async def request_lease(client: Client, task_queue: str, request: LeaseRequest) 
     """Ask the budget for a lease (update-with-start: the first request brings the budget up).
     True: granted now; False: it waits, and the guardian gets the ``lease_granted`` signal later."""
     start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
-        WorkflowName.BUDGET,
+        BudgetWorkflow.run,
         BudgetState(),
         id=budget_workflow_id(task_queue),
         task_queue=task_queue,
@@ -113,7 +118,7 @@ async def request_lease(client: Client, task_queue: str, request: LeaseRequest) 
         task_timeout=WORKFLOW_TASK_TIMEOUT,
     )
     granted: bool = await client.execute_update_with_start_workflow(
-        "acquire", request, start_workflow_operation=start, result_type=bool, rpc_timeout=RPC_TIMEOUT
+        BudgetWorkflow.acquire_now, request, start_workflow_operation=start, rpc_timeout=RPC_TIMEOUT
     )
     return granted
 
@@ -122,7 +127,7 @@ async def budget_state(client: Client, task_queue: str) -> BudgetState | None:
     """The budget now, or None when no recovery has asked for one yet (it is not running)."""
     try:
         state: BudgetState = await client.get_workflow_handle(budget_workflow_id(task_queue)).query(
-            "state", result_type=BudgetState, rpc_timeout=RPC_TIMEOUT
+            BudgetWorkflow.view, rpc_timeout=RPC_TIMEOUT
         )
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
@@ -142,7 +147,7 @@ async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
 async def guardian_state(client: Client, task_queue: str, model: str) -> GuardianState | None:
     try:
         state: GuardianState = await client.get_workflow_handle(guardian_workflow_id(model, task_queue)).query(
-            "incidents", result_type=GuardianState, rpc_timeout=RPC_TIMEOUT
+            ModelGuardianWorkflow.incidents, rpc_timeout=RPC_TIMEOUT
         )
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.common import WorkflowIDConflictPolicy
 
 from drctl.payloads import (
     WORKFLOW_TASK_TIMEOUT,
@@ -26,6 +26,8 @@ from drctl.payloads import (
 )
 from drctl.settings import DrctlSettings
 from drctl.temporal.incidents import report_failure, runbook_handle, wait_started
+from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
 
 R = TypeVar("R")
 
@@ -63,8 +65,13 @@ async def start_gpu_drain(
     client: Client, settings: DrctlSettings, request: DrainGpuRequest
 ) -> WorkflowHandle[Any, DrainGpuResult]:
     """Start (or join) the drain of one GPU: one drain per GPU at a time."""
-    return await _start_or_join(
-        client, settings, "DrainGpuWorkflow", request, drain_workflow_id(request.gpu), DrainGpuResult
+    return await client.start_workflow(
+        DrainGpuWorkflow.run,
+        request,
+        id=drain_workflow_id(request.gpu),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        task_timeout=WORKFLOW_TASK_TIMEOUT,
     )
 
 
@@ -72,28 +79,11 @@ async def start_zone_failover(
     client: Client, settings: DrctlSettings, request: ZoneFailoverRequest
 ) -> WorkflowHandle[Any, ZoneFailoverResult]:
     """Start (or join) the failover of a zone: one per zone at a time."""
-    return await _start_or_join(
-        client, settings, "ZoneFailoverWorkflow", request, zone_failover_workflow_id(request.zone), ZoneFailoverResult
-    )
-
-
-async def _start_or_join(
-    client: Client,
-    settings: DrctlSettings,
-    workflow: str,
-    request: Any,
-    workflow_id: str,
-    result_type: type[R],
-    search_attributes: TypedSearchAttributes | None = None,
-) -> WorkflowHandle[Any, R]:
-    """Start ``workflow`` under ``workflow_id``, or join the run already going under it."""
     return await client.start_workflow(
-        workflow,
+        ZoneFailoverWorkflow.run,
         request,
-        id=workflow_id,
+        id=zone_failover_workflow_id(request.zone),
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        result_type=result_type,
-        search_attributes=search_attributes,
         task_timeout=WORKFLOW_TASK_TIMEOUT,
     )

@@ -26,12 +26,14 @@ from drctl.payloads import (
     drill_workflow_id,
 )
 from drctl.policies.schema import DRPolicy
+from drctl.workflows.drill import DrillWorkflow
+from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 
 
 def reconcile_schedule(policy: DRPolicy, task_queue: str) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            "ReconcileStandbysWorkflow",
+            ReconcileStandbysWorkflow.run,
             ReconcileRequest(),
             id=RECONCILE_WORKFLOW_ID,
             task_queue=task_queue,
@@ -76,7 +78,7 @@ async def ensure_drill_schedule(
     schedule_id = drill_schedule_id(request.scenario, request.model)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
-            "DrillWorkflow",
+            DrillWorkflow.run,
             request,
             id=drill_workflow_id(request.scenario, request.model),
             task_queue=task_queue,
