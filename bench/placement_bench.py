@@ -57,12 +57,13 @@ from drctl.policies.placement import (
     PlacementEngine,
     PlacementError,
     PlacementRequest,
-    SeedPool,
     gpu_inventory,
     place,
-    seed_place,
 )
 from drctl.policies.schema import GpuNodePolicy, GpuPoolPolicy, Priority, TenantCapability, TenantPolicy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.seed_scheduler import SeedPool, seed_place
 
 GiB = 1024**3
 GPUS_PER_NODE = 8

@@ -19,5 +19,5 @@ def test_a_class_that_is_no_workflow_is_refused() -> None:
     class NotAWorkflow:
         pass
 
-    with pytest.raises(TypeError, match="NotAWorkflow is not a @workflow.defn class"):
+    with pytest.raises(TypeError, match=r"NotAWorkflow is not a @workflow\.defn class"):
         workflow_type(NotAWorkflow)
