@@ -22,13 +22,16 @@ HTTP API:
   ``WWW-Authenticate: Bearer``), body size (413 over 1 MiB), JSON (400), payload shape (422), then
   every alert's routing labels and models (422 for an unsafe label value, an instance label that is
   not an instance id, or a model the policy lacks; 403 for another tenant's model). Then per alert:
-  a firing instance alert starts ``FailoverWorkflow`` as ``failover-{model}-{instance}-{episode}``,
-  once per episode (fingerprint + startsAt; later deliveries are duplicates, and nothing is started
-  while the prober's or the CLI's ``failover-{model}-{instance}`` runs); a resolved one is signalled
-  ``alert_resolved`` to its episode's workflow if that still runs.
-  Answers 200 with what was done for each alert; 202 when no alert names a runbook that exists
-  (zone and GPU alerts, for now); 503 when Temporal fails, so Alertmanager retries (safe: the
-  workflow IDs make it idempotent). Errors are ``{"error": message, "status": code}``.
+  a firing instance alert is reported to the model's guardian (one report per instance per
+  notification), which opens the incident or joins the one already open — whoever reported it
+  first, the prober, the CLI or another alert — so one failure is one ``FailoverWorkflow``; a firing
+  GPU or zone alert starts ``DrainGpuWorkflow`` or ``ZoneFailoverWorkflow`` once per episode
+  (fingerprint + startsAt; later deliveries are duplicates). A resolved instance alert is passed to
+  the guardian (which tells the running runbook); a resolved GPU alert is signalled
+  ``alert_resolved`` to its episode's drain if that still runs.
+  Answers 200 with what was done for each alert; 202 when no alert names a runbook; 503 when
+  Temporal fails, so Alertmanager retries (safe: reports join, and workflow IDs make starts
+  idempotent). Errors are ``{"error": message, "status": code}``.
 - ``GET /healthz``: 200 when Temporal answers, else 503.
 - ``GET /metrics``: Prometheus metrics.
 """

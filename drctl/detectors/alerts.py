@@ -6,9 +6,11 @@ service that acts on the plans is ``drctl.detectors.alert_receiver``.
 
 Which runbook an alert names (first match wins):
 
-- ``model`` + ``instance`` → instance failure → ``FailoverWorkflow``;
-- ``node`` + ``gpu`` (no instance) → GPU failure → no runbook yet;
-- ``zone`` (no instance) → zone failure → no runbook yet;
+- ``model`` + ``instance`` → instance failure → reported to the model's guardian, which runs (or
+  joins) the one ``FailoverWorkflow`` for it;
+- ``node`` + ``gpu`` (no instance) → GPU failure → ``DrainGpuWorkflow``, once per alert episode;
+- ``zone`` (no instance) → zone failure → ``ZoneFailoverWorkflow`` (with the policy's approval
+  gate), once per alert episode;
 - anything else → no runbook.
 
 A GPU alert usually carries its node's ``zone`` too, so GPU is matched before zone: a dead GPU must

@@ -32,8 +32,9 @@ read, and are open: Prometheus and kubelet probes use them (the DaemonSet listen
 address). The agent listens on ``DRCTL_HOST`` (127.0.0.1) unless ``--host`` says otherwise.
 
 A GPU whose status *becomes* ``drain`` is logged and handed to the ``on_drain`` hook once (per
-transition): that is where the runbook that moves its instances away plugs in. The hook is not
-built here; the command line runs without one (log only).
+transition). The command line's hook (:func:`drain_runbook_hook`) starts ``DrainGpuWorkflow`` for it
+on Temporal, which moves its instances away; if Temporal cannot be reached the GPU stays reported as
+``drain`` on ``/gpus`` (the zone checker and ``drctl drain`` read it there).
 
 Without NVML (no driver: ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` or
 ``NVMLError_DriverNotLoaded``, as on every machine without an NVIDIA GPU) the agent says so once,
