@@ -90,46 +90,94 @@ def plan_reconcile(
     cordoned: Iterable[str] = (),
 ) -> ReconcilePlan:
     """The actions that bring each model back to its policy counts, placed on the GPU pool, then
-    the moves that repair anti-affinity and spread (see :func:`drctl.policies.placement_repair.repair_placement`).
+    the moves that repair anti-affinity and spread (see
+    :func:`drctl.policies.placement_repair.repair_placement`).
 
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    cordoned_set = set(cordoned)
-    inventory = usable_inventory(policy, cordoned_set)
-    slots = {slot.id: slot for slot in inventory}
-    every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
-    reported = {i.id: i for i in instances}
-    allocations = current_allocations(policy, instances)
-    plan = ReconcilePlan()
-    settled: list[SettledModel] = []
-    short_of_room = 0
-    """Wanted instances that did not fit for lack of capacity or quota (not for being too large)."""
+    planner = _CountsPlanner(policy, instances, set(cordoned))
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
-    kept: list[tuple[ModelPolicy, dict[Role, list[Instance]], int]] = []
-    for model in order:
-        if models is not None and model.name not in models:
-            continue
-        mine = [i for i in instances if i.model == model.name]
+    kept = [
+        found
+        for model in order
+        if models is None or model.name in models
+        if (found := planner.free_surplus(model)) is not None
+    ]
+    changed = bool(planner.plan.actions)
+    settled: list[SettledModel] = []
+    for model, by_tier, next_index in kept:
+        # Borrowed marks as the next pass derives them from the instances (a re-tier or a delete
+        # changes which allocations are within a tenant's cap): this pass decides on the same.
+        if changed:
+            planner.allocations = remarked(policy, planner.allocations)
+        created, item = planner.create_missing(model, by_tier, next_index)
+        changed = created
+        settled.append(item)
+    plan = planner.plan
+    preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
+    for item in settled:  # a standby preempted by a more important model's create is gone
+        item.standbys = [m for m in item.standbys if m.id not in preempted]
+    repair_placement(
+        policy,
+        plan,
+        settled,
+        planner.inventory,
+        planner.every_gpu,
+        instances,
+        planner.allocations,
+        planner.short_of_room,
+    )
+    return plan
+
+
+ByTier = dict[Role, list[Instance]]
+
+
+class _CountsPlanner:
+    """One pass's planning of counts: the pool as the plan so far leaves it, and the plan."""
+
+    def __init__(self, policy: DRPolicy, instances: Sequence[Instance], cordoned: set[str]) -> None:
+        self.policy = policy
+        self.instances = instances
+        self.cordoned = cordoned
+        self.inventory = usable_inventory(policy, cordoned)
+        self.slots = {slot.id: slot for slot in self.inventory}
+        self.every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
+        self.reported = {i.id: i for i in instances}
+        self.allocations = current_allocations(policy, instances)
+        self.plan = ReconcilePlan()
+        self.short_of_room = 0
+        """Wanted instances that did not fit for lack of capacity or quota (not for being too large)."""
+
+    def _drop(self, instance_id: str) -> None:
+        self.allocations = [a for a in self.allocations if a.instance != instance_id]
+
+    def free_surplus(self, model: ModelPolicy) -> tuple[ModelPolicy, ByTier, int] | None:
+        """Delete the model's stranded and surplus standbys and re-tier a surplus warm one into a
+        missing hot one; returns what is left by tier and the next instance index (None: the model
+        is skipped, a failover is settling it)."""
+        plan = self.plan
+        mine = [i for i in self.instances if i.model == model.name]
         live = [i for i in mine if i.role != Role.FAILED]
         if any(i.role == Role.PROMOTING for i in live):
             plan.skipped_models.append(f"{model.name}: an instance is being promoted (failover running)")
-            continue
+            return None
         serving = [i for i in live if i.role == Role.SERVING]
         if len(serving) > model.replicas:
             # A failover registered its replacement and has not ejected the failed instance yet (it
             # waits for the replacement to verify): deleting either now would fight the failover.
             ids = ", ".join(i.id for i in serving)
             plan.skipped_models.append(f"{model.name}: {ids} all serving (a failover is switching over)")
-            continue
+            return None
         next_index = max((instance_index(i.id) for i in mine), default=-1) + 1
         # Standbys left on a cordoned GPU (drained, or its zone failed over) are moved: deleted
         # here and counted as missing, so they are recreated where placement allows.
-        for stranded in [i for i in live if i.role.is_standby and i.gpu in cordoned_set]:
+        for stranded in [i for i in live if i.role.is_standby and i.gpu in self.cordoned]:
             plan.actions.append(delete_action(stranded, f"on cordoned GPU {stranded.gpu}"))
-            allocations = [a for a in allocations if a.instance != stranded.id]
+            self._drop(stranded.id)
             live.remove(stranded)
         by_tier = {
             tier: sorted((i for i in live if i.role == tier), key=lambda i: instance_index(i.id)) for tier in TIERS
@@ -144,12 +192,14 @@ def plan_reconcile(
                 surplus = surplus[hot_missing:] if hot_missing else surplus
             for instance in reversed(surplus):
                 plan.actions.append(delete_action(instance, f"{tier} surplus: policy wants {want[tier]}"))
-                allocations = [a for a in allocations if a.instance != instance.id]
+                self._drop(instance.id)
                 by_tier[tier].remove(instance)
         # 2. A surplus warm standby becomes a missing hot one when its GPU can hold it loaded.
         while len(by_tier[Role.HOT]) < want[Role.HOT] and len(by_tier[Role.WARM]) > want[Role.WARM]:
             warm = by_tier[Role.WARM].pop()
-            if warm.gpu is None or not _fits_loaded(slots.get(warm.gpu), allocations, warm.id, model.gpu_memory):
+            if warm.gpu is None or not _fits_loaded(
+                self.slots.get(warm.gpu), self.allocations, warm.id, model.gpu_memory
+            ):
                 by_tier[Role.WARM].append(warm)
                 break
             plan.actions.append(
@@ -164,49 +214,48 @@ def plan_reconcile(
                     reason="warm surplus becomes the missing hot standby",
                 )
             )
-            allocations = [a if a.instance != warm.id else _as_tier(a, Role.HOT) for a in allocations]
+            self.allocations = [a if a.instance != warm.id else _as_tier(a, Role.HOT) for a in self.allocations]
             by_tier[Role.HOT].append(warm)
         # A warm standby kept for that, which its GPU cannot hold loaded, is surplus after all.
         for instance in reversed(by_tier[Role.WARM][want[Role.WARM] :]):
             plan.actions.append(delete_action(instance, f"{Role.WARM} surplus: policy wants {want[Role.WARM]}"))
-            allocations = [a for a in allocations if a.instance != instance.id]
+            self._drop(instance.id)
             by_tier[Role.WARM].remove(instance)
-        kept.append((model, by_tier, next_index))
-    changed = bool(plan.actions)
-    for model, by_tier, next_index in kept:
-        # Borrowed marks as the next pass derives them from the instances (a re-tier or a delete
-        # changes which allocations are within a tenant's cap): this pass decides on the same.
-        if changed:
-            allocations = remarked(policy, allocations)
-            changed = False
+        return model, by_tier, next_index
+
+    def create_missing(self, model: ModelPolicy, by_tier: ByTier, next_index: int) -> tuple[bool, SettledModel]:
+        """3. Create whatever the model still misses where placement puts it: away from the nodes
+        and zones of its serving instances, spread over the fleet's failure domains. Returns
+        whether anything was created, and the model as the plan settles it."""
+        plan = self.plan
         want = wanted_counts(model)
+        created = False
         # Not what a create of another model preempted (quota reclaim): counted as missing.
         preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
         by_tier = {tier: [i for i in members if i.id not in preempted] for tier, members in by_tier.items()}
-        # 3. Whatever is still missing is created where placement puts it: away from the nodes
-        # and zones of the model's serving instances, spread over the fleet's failure domains.
         serving_gpus: list[tuple[str, str | None]] = [(i.id, i.gpu) for i in by_tier[Role.SERVING]]
-        standbys = [
-            PlannedStandby(i.id, tier, i.gpu) for tier in TIERS[1:] for i in by_tier[tier]
-        ]  # re-tiered: new tier
+        # (a re-tiered standby with its new tier)
+        standbys = [PlannedStandby(i.id, tier, i.gpu) for tier in TIERS[1:] for i in by_tier[tier]]
         for tier in TIERS:
             for _ in range(want[tier] - len(by_tier[tier])):
                 instance_id = f"{model.name}-{next_index}"
                 next_index += 1
-                nodes, zones = failure_domains(serving_gpus, every_gpu, reported)
+                nodes, zones = failure_domains(serving_gpus, self.every_gpu, self.reported)
                 request = dr_request(model, instance_id, tier, nodes, zones)
                 try:
-                    placement = place(request, inventory, allocations, policy.gpu_pool, policy.tenants)
+                    placement = place(
+                        request, self.inventory, self.allocations, self.policy.gpu_pool, self.policy.tenants
+                    )
                 except PlacementError as exc:
                     plan.unplaceable.append(f"{instance_id} ({tier}): {exc.reason}")
-                    short_of_room += exc.kind in ("capacity", "quota")
+                    self.short_of_room += exc.kind in ("capacity", "quota")
                     continue
                 victims = {a.instance for a in placement.preempted}
                 for victim in placement.preempted:
                     plan.actions.append(_preempt(victim, f"preempted for {instance_id}: {placement.reason}"))
-                allocations = [a for a in allocations if a.instance not in victims]
-                allocations.append(placement.allocation(request))
-                changed = True
+                self.allocations = [a for a in self.allocations if a.instance not in victims]
+                self.allocations.append(placement.allocation(request))
+                created = True
                 plan.actions.append(
                     ReconcileAction(
                         kind=ReconcileActionKind.CREATE,
@@ -225,12 +274,7 @@ def plan_reconcile(
                     serving_gpus.append((instance_id, placement.gpu.id))
                 else:
                     standbys.append(PlannedStandby(instance_id, tier, placement.gpu.id, len(plan.actions) - 1))
-        settled.append(SettledModel(model, serving_gpus, standbys, next_index))
-    preempted = {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
-    for item in settled:  # a standby preempted by a more important model's create is gone
-        item.standbys = [m for m in item.standbys if m.id not in preempted]
-    repair_placement(policy, plan, settled, inventory, every_gpu, instances, allocations, short_of_room)
-    return plan
+        return created, SettledModel(model, serving_gpus, standbys, next_index)
 
 
 def _preempt(victim: Allocation, reason: str) -> ReconcileAction:
