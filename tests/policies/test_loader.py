@@ -143,4 +143,5 @@ def test_cli_names_file_and_field_of_a_bad_policy(tmp_path: Path) -> None:
 
 def test_cli_missing_policy_file(tmp_path: Path) -> None:
     completed = _drctl("policy", "validate", str(tmp_path / "nope.yaml"), cwd=tmp_path)
-    assert completed.returncode == 2 and "cannot read the file" in completed.stderr
+    assert completed.returncode == 2 and f"policy not found: {tmp_path / 'nope.yaml'}" in completed.stderr
+    assert "invalid policy" not in completed.stderr and "Traceback" not in completed.stderr

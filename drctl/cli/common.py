@@ -1,0 +1,158 @@
+"""What every command shares: its settings and policy, the Temporal connection, the two consoles,
+exit codes and the one way to fail.
+
+Bad input (an unknown model or instance, a broken or missing policy file) exits with status 2 and a
+message; an unreachable Temporal or a failed runbook exits with status 1. No tracebacks for either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console, RenderableType
+from rich.text import Text
+from temporalio.client import Client, WorkflowHandle
+
+from drctl.cli.policy_path import PolicyNotFound, find_policy
+from drctl.policies.loader import PolicyError, load_policy_file
+from drctl.policies.schema import DRPolicy
+from drctl.settings import DrctlSettings
+from drctl.temporal.client import TemporalSettingsError
+from drctl.temporal.client import connect as temporal_connect
+
+R = TypeVar("R")
+Q = TypeVar("Q")
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+PIPED_WIDTH = 200
+"""Tables printed to a pipe or a file get this many columns instead of 80."""
+
+
+def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
+    """A console for a terminal as rich makes it; for a pipe or a file, one that never breaks a line:
+    a script reading an error or a line of output gets it whole (rich wrapped at 80 columns there).
+    Tables still need a width; they get :data:`PIPED_WIDTH`. ``--json`` is never wrapped either way
+    (``print_json`` soft-wraps)."""
+    console = Console(stderr=stderr, file=file)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, file=file, width=PIPED_WIDTH, soft_wrap=True)
+
+
+out = make_console()
+err = make_console(stderr=True)
+
+
+def show(lines: Sequence[RenderableType], console: Console | None = None) -> None:
+    """Print what :mod:`drctl.cli.render` made: strings are markup whose data is escaped already,
+    ``Text`` is data as written, anything else (a table, a panel) is printed as rich does."""
+    target = console or out
+    for line in lines:
+        if isinstance(line, str | Text):
+            target.print(line, highlight=False)
+        else:
+            target.print(line)
+
+
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        "-p",
+        help="DR policy file \\[default: $DRCTL_POLICY, else the one the running stack uses, "
+        "else ./dr-policy.yaml or ./examples/dr-policy.yaml]",
+    ),
+]
+StateOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="state folder \\[default: $DRCTL_STATE_DIR or .drctl]")
+]
+
+
+def make_settings(policy: Path | None = None, state_dir: Path | None = None) -> DrctlSettings:
+    """Settings from ``DRCTL_*`` and ``.env``, with the command's options over them."""
+    overrides: dict[str, object] = {}
+    if policy is not None:
+        overrides["policy"] = policy
+    if state_dir is not None:
+        overrides["state_dir"] = state_dir
+    return DrctlSettings(**overrides)  # type: ignore[arg-type]
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print ``error: message`` and exit. The message is never read as markup: it carries what a
+    user typed or a file holds (a model named ``[/]``, a regex ``[a-z0-9]``), printed as written."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    raise typer.Exit(code)
+
+
+def with_policy(policy: Path | None = None, state_dir: Path | None = None) -> tuple[DrctlSettings, DRPolicy]:
+    """The settings and the policy a command acts on: found as :mod:`drctl.cli.policy_path` says
+    (``settings.policy`` is then the file found, which the stack hands on to what it starts), and
+    loaded. Exits 2 when no policy is found or it is invalid."""
+    settings = make_settings(policy, state_dir)
+    try:
+        path = find_policy(settings, option=policy)
+    except PolicyNotFound as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    settings = settings.model_copy(update={"policy": path})
+    return settings, load_policy(path)
+
+
+def load_policy(path: Path) -> DRPolicy:
+    """The policy in ``path`` (a file the user named); exits 2 when it is missing or invalid."""
+    if not path.exists():
+        fail(f"policy not found: {path}", EXIT_BAD_INPUT)
+    try:
+        return load_policy_file(path)
+    except PolicyError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+
+
+async def connect(settings: DrctlSettings) -> Client:
+    """A Temporal client, or exit 1 (unreachable) or 2 (TLS settings that do not go together)."""
+    try:
+        return await temporal_connect(settings)
+    except TemporalSettingsError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    except RuntimeError as exc:
+        fail(
+            f"cannot reach Temporal at {settings.temporal_address} ({exc}). "
+            "Is `drctl up` running? (or set DRCTL_TEMPORAL_ADDRESS)"
+        )
+
+
+def reporter() -> str:
+    """Who reports from this CLI, for the workflow history: ``cli user@host``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli {user}@{socket.gethostname()}"[:200]
+
+
+async def await_with_progress(
+    handle: WorkflowHandle[Any, R],
+    query: Callable[[Any], Q | None],
+    show: Callable[[Q], None],
+    every_s: float = 0.5,
+) -> R:
+    """The workflow's result; meanwhile, every ``every_s``, its ``query`` answer handed to ``show``
+    (a query that fails, say before the first workflow task, or has no answer yet is skipped)."""
+    result = asyncio.ensure_future(handle.result())
+    while not result.done():
+        try:
+            answer = await handle.query(query)
+        except Exception:
+            answer = None
+        if answer is not None:
+            show(answer)
+        await asyncio.wait([result], timeout=every_s)
+    return result.result()

@@ -1,0 +1,140 @@
+"""``drctl failover``: report a failed instance by hand and follow its recovery step by step.
+
+The report goes to the model's guardian, like the prober's and the alerts' (one recovery per
+failure: a second report joins the first); ``--plan`` runs the same runbook with every change left
+out and lists what it would do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated
+
+import typer
+from temporalio.client import WorkflowFailureError
+
+from drctl.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    PolicyOption,
+    StateOption,
+    await_with_progress,
+    connect,
+    fail,
+    out,
+    reporter,
+    show,
+    with_policy,
+)
+from drctl.cli.render import plan_budget_lines, result_lines, step_line
+from drctl.payloads import (
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    IncidentState,
+    Trigger,
+    failover_workflow_id,
+)
+from drctl.platforms.local.registry import InstanceRegistry
+from drctl.settings import DrctlSettings, StateLayout
+from drctl.temporal.incidents import budget_state
+from drctl.temporal.runbooks import report_failover, start_failover_handle
+
+SUCCESSFUL_OUTCOMES = {
+    FailoverOutcome.RECOVERED,
+    FailoverOutcome.JOINED,
+    FailoverOutcome.FALSE_ALARM,
+    FailoverOutcome.ALREADY_EJECTED,
+    FailoverOutcome.STANDBY_EJECTED,
+}
+"""Outcomes after which ``drctl failover`` exits 0: the model serves (or never stopped)."""
+
+
+def failover(
+    model: Annotated[str, typer.Argument(help="model name from the policy, e.g. llama-2-7b")],
+    instance: Annotated[str, typer.Argument(help="failed instance id, e.g. llama-2-7b-0 (see `drctl status`)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "",
+    wait: Annotated[bool, typer.Option(help="follow progress until the runbook finishes")] = True,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print what the runbook would do (steps, standby promoted), change nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final result as JSON")] = False,
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Report a failed instance to its model's guardian and show the recovery step by step.
+
+    The guardian runs one recovery per failure: if the prober, an alert or another operator
+    reported the same instance already, this joins that runbook instead of starting a second one.
+    With --plan, the same runbook code decides every step and lists them, changing nothing.
+    """
+    settings, dr_policy = with_policy(policy, state_dir)
+    if model not in dr_policy.model_names:
+        fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
+    known = [i.id for i in registry.of_model(model)]
+    if not known:
+        fail(f"no instances of {model} in {settings.state_dir}; is `drctl up` running?", EXIT_BAD_INPUT)
+    if instance not in known:
+        fail(f"{model} has no instance {instance!r}; known: {', '.join(known)}", EXIT_BAD_INPUT)
+    try:
+        request = FailoverRequest(model=model, instance=instance, reason=reason, trigger=Trigger.MANUAL)
+    except ValueError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    if plan:
+        request = request.model_copy(update={"plan_only": True})
+    result = asyncio.run(_run_failover(settings, request, wait or plan, as_json))
+    if result is not None and result.outcome not in (*SUCCESSFUL_OUTCOMES, FailoverOutcome.PLANNED):
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def _run_failover(
+    settings: DrctlSettings, request: FailoverRequest, wait: bool, as_json: bool
+) -> FailoverResult | None:
+    from drctl.workflows.failover import FailoverWorkflow
+
+    client = await connect(settings)
+    if request.plan_only:
+        handle = await client.start_workflow(
+            FailoverWorkflow.run,
+            request,
+            id=f"plan-{failover_workflow_id(request.model, request.instance)}-{uuid.uuid4().hex[:6]}",
+            task_queue=settings.task_queue,
+        )
+        if not as_json:
+            out.print(f"plan of the failover of {request.instance} (nothing will be changed)", highlight=False)
+    else:
+        ticket = await report_failover(client, settings, request, reporter=reporter())
+        handle = await start_failover_handle(client, settings.task_queue, ticket)
+        if not as_json:
+            how = "joined the recovery already open" if ticket.joined else "opened a recovery"
+            out.print(f"reported to guardian-{request.model}: {how}", highlight=False)
+            if ticket.detail and ticket.state == IncidentState.QUEUED:
+                out.print(f"  queued: {ticket.detail}", highlight=False, markup=False)
+            out.print(f"failover workflow [bold]{handle.id}[/]", highlight=False)
+            ui = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{handle.id}"
+            out.print(f"history: {ui}", highlight=False)
+    if not wait:
+        return None
+    shown = 0
+
+    def progress(steps: FailoverResult) -> None:
+        nonlocal shown
+        if not as_json:
+            show([step_line(step) for step in steps.steps[shown:]])
+            shown = len(steps.steps)
+
+    try:
+        result = await await_with_progress(handle, FailoverWorkflow.progress, progress, every_s=0.15)
+    except WorkflowFailureError as exc:
+        fail(f"failover failed: {exc.cause or exc}")
+    if as_json:
+        out.print_json(result.model_dump_json())
+        return result
+    show([step_line(step) for step in result.steps[shown:]] + result_lines(result))
+    if result.outcome == FailoverOutcome.PLANNED:
+        show(plan_budget_lines(result, await budget_state(client, settings.task_queue)))
+    if result.joined_total:
+        out.print(f"joined by {result.joined_total} other report(s): {', '.join(result.joined)}", highlight=False)
+    return result

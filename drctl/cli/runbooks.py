@@ -1,0 +1,216 @@
+"""The runbooks of GPUs and zones an operator starts by hand: ``drain`` (one GPU), ``zone-failover``
+and ``failback`` (a zone), ``approve`` (a zone failover that waits for a person).
+
+Each checks its input against the policy first (bad input exits 2 and starts nothing), then starts
+or joins its workflow through :mod:`drctl.temporal.runbooks` and follows it. A ``--plan`` runs the
+same workflow code with every change left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated
+
+import typer
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import WorkflowIDConflictPolicy
+
+from drctl.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    PolicyOption,
+    StateOption,
+    await_with_progress,
+    connect,
+    fail,
+    make_settings,
+    out,
+    show,
+    with_policy,
+)
+from drctl.cli.render import lit, zone_progress_line
+from drctl.payloads import ZoneFailoverRequest, ZoneFailoverResult
+from drctl.policies.schema import DRPolicy
+from drctl.settings import DrctlSettings
+
+
+def drain(
+    gpu: Annotated[str, typer.Argument(help="GPU id as {node}/{index}, e.g. gpu-node-0/1 (see `drctl status`)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual drain",
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Drain one GPU: keep it out of placement, fail over its serving instances, move its standbys."""
+    from drctl.payloads import DrainGpuRequest
+    from drctl.policies.placement import gpu_inventory
+    from drctl.temporal.runbooks import start_gpu_drain
+
+    settings, dr_policy = with_policy(policy, state_dir)
+    known = [slot.id for slot in gpu_inventory(dr_policy.gpu_pool)]
+    if gpu not in known:
+        more = " …" if len(known) > 8 else ""
+        fail(f"unknown GPU {gpu!r}; the pool has {', '.join(known[:8])}{more}", EXIT_BAD_INPUT)
+    try:
+        request = DrainGpuRequest(gpu=gpu, reason=reason)
+    except ValueError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+
+    async def run() -> None:
+        client = await connect(settings)
+        handle = await start_gpu_drain(client, settings, request)
+        out.print(f"drain workflow [bold]{handle.id}[/]", highlight=False)
+        try:
+            result = await handle.result()
+        except WorkflowFailureError as exc:
+            fail(f"drain failed: {exc.cause or exc}")
+        show(
+            [f"[green]✓[/] failed over {lit(line)}" for line in result.failovers]
+            + [
+                f"[green]✓[/] removed standby {lit(line)} (reconciliation recreates it elsewhere)"
+                for line in result.deleted
+            ]
+            + [f"[red]✗[/] {lit(line)}" for line in result.failed]
+        )
+        out.print(f"{gpu} cordoned: placement no longer uses it")
+        if result.failed:
+            raise typer.Exit(EXIT_FAILED)
+
+    asyncio.run(run())
+
+
+def require_zone(dr_policy: DRPolicy, zone: str) -> None:
+    if zone not in dr_policy.zones:
+        fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(dr_policy.zones))}", EXIT_BAD_INPUT)
+
+
+def zone_failover(
+    zone: Annotated[str, typer.Argument(help="the failed zone, e.g. az-1 (the policy's az_failover.activeZones)")],
+    reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual zone failover",
+    approved: Annotated[bool, typer.Option(help="pre-approve (when the policy requires approval)")] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print what it would do (GPUs, instances, standbys, budget), change nothing")
+    ] = False,
+    policy: PolicyOption = None,
+) -> None:
+    """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over.
+
+    Each serving instance is reported to its model's guardian, so a recovery the prober already
+    runs is joined, not doubled. With --plan, the same workflow observes and decides, changing nothing.
+    """
+    settings, dr_policy = with_policy(policy)
+    require_zone(dr_policy, zone)
+    try:
+        request = ZoneFailoverRequest(zone=zone, reason=reason, approved=approved)
+    except ValueError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    waits = dr_policy.az_failover.require_approval and not approved
+
+    async def run() -> None:
+        client = await connect(settings)
+        if plan:
+            await _plan_zone_failover(client, settings, request)
+        else:
+            await _zone_failover(client, settings, request, waits_for_approval=waits)
+
+    asyncio.run(run())
+
+
+async def _plan_zone_failover(client: Client, settings: DrctlSettings, request: ZoneFailoverRequest) -> None:
+    from drctl.workflows.zone import ZoneFailoverWorkflow
+
+    planned = await client.execute_workflow(
+        ZoneFailoverWorkflow.run,
+        request.model_copy(update={"plan_only": True}),
+        id=f"plan-zone-failover-{request.zone}-{uuid.uuid4().hex[:6]}",
+        task_queue=settings.task_queue,
+    )
+    out.print(f"plan of the failover of zone {request.zone} (nothing will be changed):", highlight=False)
+    for number, line in enumerate(planned.plan, start=1):
+        out.print(f"  {number}. {line}", highlight=False, markup=False)
+
+
+async def _zone_failover(
+    client: Client, settings: DrctlSettings, request: ZoneFailoverRequest, waits_for_approval: bool
+) -> None:
+    """Start (or join) the zone's failover and show each model moved (the workflow's ``progress``
+    query) while it runs, then the result."""
+    from drctl.temporal.runbooks import start_zone_failover
+    from drctl.workflows.zone import ZoneFailoverWorkflow
+
+    zone = request.zone
+    handle = await start_zone_failover(client, settings, request)
+    out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
+    if waits_for_approval:
+        out.print(f"waiting for approval: drctl approve {zone} --approver NAME (or the UI's Update 'approve')")
+    shown: set[str] = set()
+
+    def progress(result: ZoneFailoverResult) -> None:
+        new = [line for line in result.moved + result.failed if line not in shown]
+        shown.update(new)
+        show([zone_progress_line(line, result) for line in new])
+
+    result = await await_with_progress(handle, ZoneFailoverWorkflow.progress, progress)
+    progress(result)
+    out.print(
+        f"{len(result.cordoned_gpus)} GPU(s) of {zone} cordoned; {result.reconcile or 'no reconcile'}",
+        highlight=False,
+        markup=False,
+    )
+    if result.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def failback(
+    zone: Annotated[str, typer.Argument(help="the zone to take back into placement")],
+    policy: PolicyOption = None,
+) -> None:
+    """Fail back a zone, only when asked: its GPUs return to placement and standbys are placed there
+    again. Serving stays where the failover put it."""
+    from drctl.payloads import zone_failback_workflow_id
+    from drctl.workflows.zone import ZoneFailbackWorkflow
+
+    settings, dr_policy = with_policy(policy)
+    require_zone(dr_policy, zone)
+
+    async def run() -> None:
+        client = await connect(settings)
+        result = await client.execute_workflow(
+            ZoneFailbackWorkflow.run,
+            ZoneFailoverRequest(zone=zone, reason="failback"),
+            id=zone_failback_workflow_id(zone),
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        out.print(
+            f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}",
+            highlight=False,
+            markup=False,
+        )
+
+    asyncio.run(run())
+
+
+def approve(
+    zone: Annotated[str, typer.Argument(help="the zone whose failover waits for approval")],
+    approver: Annotated[str, typer.Option(help="who approves; recorded in the history")],
+    comment: Annotated[str, typer.Option(help="optional note")] = "",
+) -> None:
+    """Approve a zone failover that waits for an operator (the policy's az_failover.requireApproval)."""
+    from drctl.payloads import ZoneApproval, zone_failover_workflow_id
+    from drctl.workflows.zone import ZoneFailoverWorkflow
+
+    settings = make_settings()
+
+    async def run() -> None:
+        client = await connect(settings)
+        handle = client.get_workflow_handle(zone_failover_workflow_id(zone))
+        try:
+            answer = await handle.execute_update(
+                ZoneFailoverWorkflow.approve, ZoneApproval(approver=approver, comment=comment)
+            )
+        except Exception as exc:  # not found, already closed, ...
+            fail(f"cannot approve the failover of {zone}: {exc}")
+        out.print(answer, highlight=False, markup=False)
+
+    asyncio.run(run())

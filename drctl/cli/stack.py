@@ -1,0 +1,125 @@
+"""``drctl up`` and the processes it runs, each of which can also be run on its own: ``drctl worker``,
+``drctl alert-receiver``, ``drctl node-agent`` (pass-throughs to their modules' own options).
+
+The pass-throughs read their settings themselves; the policy they get is the one the other
+commands would use (:mod:`drctl.cli.policy_path`), handed on as ``DRCTL_POLICY`` when the user
+named none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from typing import Annotated
+
+import typer
+
+from drctl.cli.common import PolicyOption, StateOption, fail, make_settings, out, show, with_policy
+from drctl.cli.policy_path import PolicyNotFound, find_policy
+from drctl.cli.render import dot, summary_panel
+from drctl.cli.status import status_rows
+from drctl.workers.binaries import MissingBinaryError
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+"""Context settings of a command whose options are its module's own (``--help`` included)."""
+
+
+def up(
+    policy: PolicyOption = None,
+    state_dir: StateOption = None,
+    fresh: Annotated[bool, typer.Option(help="delete the state folder first (Temporal history too)")] = False,
+    prober: Annotated[bool, typer.Option(help="run the health prober, which starts failovers by itself")] = True,
+) -> None:
+    """Bring up the local stack on loopback and keep it running until Ctrl-C.
+
+    Starts the Temporal dev server (SQLite in the state folder, UI on :8233), Envoy (one cluster per
+    model), the model instances the policy asks for (serving, hot and warm standbys) and the worker.
+    """
+    from drctl.cli.render import status_table
+    from drctl.workers.stack import LocalStack, StackError
+
+    settings, dr_policy = with_policy(policy, state_dir)
+
+    def say(line: str) -> None:
+        show([dot(line)])
+
+    if fresh and settings.state_dir.exists():
+        # Never wipe the state of a stack that is running: check its ports first. What a `drctl up`
+        # that died without stopping left running (parts and instances) is stopped, then forgotten.
+        try:
+            leftover = LocalStack(settings, dr_policy, say=say)
+            leftover.stop_leftovers(instances=True)
+            leftover.check_ports_free()
+        except StackError as exc:
+            fail(f"not removing {settings.state_dir}: {exc}")
+        shutil.rmtree(settings.state_dir)
+        out.print(f"removed {settings.state_dir}")
+
+    async def run() -> None:
+        stack = LocalStack(
+            settings,
+            dr_policy,
+            say=say,
+            with_prober=prober,
+            with_alert_receiver=True,
+            with_node_agents=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stack.start()
+            out.print(summary_panel(settings, dr_policy), highlight=False)
+            out.print(status_table(await status_rows(settings, dr_policy)))
+            await stack.supervise(stop)
+        finally:
+            await stack.stop()
+
+    try:
+        asyncio.run(run())
+    except (StackError, MissingBinaryError) as exc:
+        fail(str(exc))
+
+
+def worker() -> None:
+    """Run the Temporal worker in the foreground (``drctl up`` starts one for you)."""
+    from drctl.workers.runbook_worker import main as worker_main
+
+    settings, _ = with_policy()  # it cannot run without one: say so here, not in a traceback
+    os.environ["DRCTL_POLICY"] = str(settings.policy.resolve())
+    worker_main()
+
+
+def alert_receiver(ctx: typer.Context) -> None:
+    """Receive Alertmanager webhooks and start runbooks (tokens: DRCTL_ALERT_TOKENS or _FILE).
+
+    Options are those of `python -m drctl.detectors.alert_receiver` (see --help): --host, --port.
+    """
+    from drctl.detectors.alert_receiver import main as receiver_main
+
+    _hand_on_policy()
+    receiver_main(list(ctx.args))
+
+
+def node_agent(ctx: typer.Context) -> None:
+    """Report this node's GPUs from NVML (or the policy without NVML); a GPU in "drain" starts
+    DrainGpuWorkflow. Options: --node NAME [--host --port 9400 --interval 5 --policy FILE]."""
+    from drctl.detectors.gpu_node_agent import main as agent_main
+
+    _hand_on_policy()
+    raise typer.Exit(agent_main(list(ctx.args)))
+
+
+def _hand_on_policy() -> None:
+    """Set ``DRCTL_POLICY`` to the policy found, when the user set none: these read their settings
+    themselves, and would look only in the working directory. When none is found, they say so."""
+    settings = make_settings()
+    if "policy" in settings.model_fields_set:
+        return
+    try:
+        os.environ["DRCTL_POLICY"] = str(find_policy(settings).resolve())
+    except PolicyNotFound:
+        pass
