@@ -52,17 +52,18 @@ class Role(StrEnum):
 
 
 class Instance(Payload):
-    """One model instance as the platform sees it."""
+    """One model instance as the platform sees it: the fields every platform has. A platform keeps
+    its own details (the local platform's process id, a pod's name) in its own records."""
 
     id: InstanceId
     model: ModelName
     role: Role
-    host: str = "127.0.0.1"
-    port: int | None = None
-    """None for a cold standby: it has no process yet."""
+    address: str | None = None
+    """``host:port`` where the instance answers on its platform's network (a local process's
+    loopback port, a pod's IP and container port); None while it has no process or pod (a cold
+    standby)."""
     lb_priority: int | None = None
     """Priority in the load balancer (0 serves, 1 is the hot backup); None when not registered."""
-    pid: int | None = None
     gpu: str | None = None
     zone: str | None = None
     node: str | None = None

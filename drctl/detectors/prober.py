@@ -28,9 +28,9 @@ import httpx
 from temporalio.client import Client
 
 from drctl.detectors.zone_checker import ZoneChecker
-from drctl.payloads import FailoverRequest, IncidentTicket, Instance, Role, Trigger
+from drctl.payloads import FailoverRequest, IncidentTicket, Role, Trigger
 from drctl.platforms.local import processes
-from drctl.platforms.local.registry import InstanceRegistry
+from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.policies.probing import ProbeEvent, ProbeTracker
 from drctl.policies.schema import DRPolicy
@@ -98,7 +98,7 @@ class Prober:
         self._kick_reports()
         instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
         interval = self.policy.detection.probe_interval.total_seconds()
-        due: list[Instance] = []
+        due: list[LocalInstance] = []
         for instance in instances:
             tracker = self.trackers.setdefault(instance.id, ProbeTracker(self.policy.detection))
             if not processes.is_alive(instance.pid):
@@ -116,12 +116,12 @@ class Prober:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
             self.reported.pop(instance_id, None)
 
-    async def _probe(self, instance: Instance) -> tuple[bool, bool]:
+    async def _probe(self, instance: LocalInstance) -> tuple[bool, bool]:
         """(healthy, failure is final). Final: the instance says its model failed to load (a 503 with
         ``"status": "failed"``, e.g. a checkpoint that fails its checksum)."""
         timeout = self.policy.detection.probe_timeout.total_seconds()
         try:
-            response = await self._http.get(f"http://{instance.host}:{instance.port}/healthz", timeout=timeout)
+            response = await self._http.get(f"http://{instance.address}/healthz", timeout=timeout)
         except httpx.HTTPError:
             return False, False
         if response.status_code == 200:
@@ -133,7 +133,7 @@ class Prober:
         return False, final
 
     async def _handle(
-        self, instance: Instance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool
+        self, instance: LocalInstance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool
     ) -> None:
         if event is None or event == ProbeEvent.UP:
             if event == ProbeEvent.UP:
@@ -184,7 +184,7 @@ class Prober:
             how = "joined" if ticket.joined else "opened"
             log.info("%s: %s incident %s (%s)", instance_id, how, ticket.workflow_id, ticket.state)
 
-    def _record(self, instance: Instance, first: float, exited: bool, action: str) -> None:
+    def _record(self, instance: LocalInstance, first: float, exited: bool, action: str) -> None:
         self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
 
 

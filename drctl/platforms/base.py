@@ -1,7 +1,19 @@
 """The one platform interface the runbook activities drive.
 
-The local platform (processes + Envoy) and the Kubernetes platform (pods + Services) implement the
-same methods, so workflows never know which one runs underneath.
+The local platform (processes on this machine, Envoy as the load balancer) and the Kubernetes
+platform (pods, each model's Service or an Istio VirtualService as the load balancer) implement the
+same methods, so workflows never know which one runs underneath. The one capability only some
+platforms have, fault injection for drills, is asked for (``fault_injector``), not assumed.
+
+Instances cross this interface, and the runbooks' history, as the shared ``Instance`` payload: what
+every platform knows of an instance (model, role, load-balancer priority, GPU, node, zone) and its
+``address``, the ``host:port`` where it answers on its platform's network (a local process's
+loopback port, a pod's IP and container port; None while it has no process or pod, as a cold
+standby). What only one platform has stays in that platform's own records, looked up by instance id
+when a method needs it: the local platform's pids and ports in its registry (``LocalInstance``), the
+pods behind an instance's labels on Kubernetes. A platform returns plain ``Instance`` objects, never
+a subclass of its own, which Temporal's pydantic data converter would serialise with its extra
+fields.
 """
 
 from __future__ import annotations

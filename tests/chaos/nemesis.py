@@ -66,6 +66,7 @@ from drctl.payloads import (
     Trigger,
 )
 from drctl.platforms.local import envoy, processes
+from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.temporal.incidents import budget_state, guardian_state, report_failure, runbook_result
@@ -398,7 +399,7 @@ def invariant_violations(
 
 def fleet_problems(
     policy: DRPolicy,
-    instances: Sequence[Instance],
+    instances: Sequence[LocalInstance],
     hosts: Mapping[str, Sequence[envoy.HostStatus]],
     drift: Sequence[str],
     alive: Callable[[int | None], bool] = processes.is_alive,
@@ -411,7 +412,7 @@ def fleet_problems(
     problems: list[str] = []
     for model in policy.models:
         mine = [i for i in instances if i.model == model.name]
-        by_role: dict[Role, list[Instance]] = {role: [i for i in mine if i.role == role] for role in Role}
+        by_role: dict[Role, list[LocalInstance]] = {role: [i for i in mine if i.role == role] for role in Role}
         want = {
             Role.SERVING: model.replicas,
             Role.HOT: model.hot_standby,
@@ -650,10 +651,10 @@ class Nemesis:
 
     def _pick_targets(
         self, plan: Sequence[FaultPlan], rng: random.Random, report: RoundReport
-    ) -> list[Instance | None]:
+    ) -> list[LocalInstance | None]:
         """Distinct running instances for the round's instance faults, chosen before any fault."""
         used: set[str] = set()
-        targets: list[Instance | None] = []
+        targets: list[LocalInstance | None] = []
         for fault in plan:
             if fault.kind.is_infra:
                 targets.append(None)
@@ -672,7 +673,7 @@ class Nemesis:
             targets.append(target)
         return targets
 
-    def _running(self, role: Role, exclude: set[str]) -> list[Instance]:
+    def _running(self, role: Role, exclude: set[str]) -> list[LocalInstance]:
         instances = self.stack.platform.registry.load().values()
         return sorted(
             (
@@ -687,7 +688,7 @@ class Nemesis:
             key=lambda i: i.id,
         )
 
-    async def _inject(self, fault: FaultPlan, target: Instance | None, report: RoundReport, round_no: int) -> None:
+    async def _inject(self, fault: FaultPlan, target: LocalInstance | None, report: RoundReport, round_no: int) -> None:
         if fault.kind == FaultKind.KILL_WORKER and any(not p.kind.is_infra for p in report.plan):
             # During a recovery: once one runs, a little later (a hot one lasts ~100-300 ms).
             await self._until_recovery_runs(timeout_s=5.0)
@@ -722,7 +723,7 @@ class Nemesis:
             self._fail(fault.kind, promoted, report, stop=False, resolve="")
 
     def _fail(
-        self, kind: FaultKind, target: Instance, report: RoundReport, stop: bool, resolve: str
+        self, kind: FaultKind, target: LocalInstance, report: RoundReport, stop: bool, resolve: str
     ) -> Injected | None:
         pid = target.pid
         if pid is None or not processes.runs_instance(pid, target.id):
@@ -972,7 +973,7 @@ class Nemesis:
                     if processes.runs_instance(fault.pid, fault.instance):
                         os.kill(fault.pid, signal.SIGCONT if fault.resolve == "cont" else signal.SIGKILL)
 
-    def _lingering(self, instances: Sequence[Instance], after_s: float = 20.0) -> list[str]:
+    def _lingering(self, instances: Sequence[LocalInstance], after_s: float = 20.0) -> list[str]:
         """Ejected instances whose process has been seen running for more than ``after_s``: their
         connection draining should have stopped them within seconds."""
         now = time.monotonic()

@@ -44,6 +44,7 @@ from drctl.payloads import (
 from drctl.platforms.local import processes
 from drctl.platforms.local.envoy import HostStatus
 from drctl.platforms.local.platform import LocalPlatform
+from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
 from drctl.temporal.incidents import guardian_state, report_failure, runbook_result
@@ -208,7 +209,7 @@ def test_a_standby_ejected_as_a_broken_candidate_needs_no_incident_of_its_own() 
     assert invariant_violations(_guardians(), None, [], [fault]) == []
 
 
-def _fleet(extra_hot_in_lb: bool = False) -> tuple[list[Instance], dict[str, list[HostStatus]]]:
+def _fleet(extra_hot_in_lb: bool = False) -> tuple[list[LocalInstance], dict[str, list[HostStatus]]]:
     policy = load_policy_file(EXAMPLE_POLICY)
     instances, hosts = [], {}
     port = 30000
@@ -217,7 +218,7 @@ def _fleet(extra_hot_in_lb: bool = False) -> tuple[list[Instance], dict[str, lis
         seen = []
         for n, role in enumerate(roles + [Role.COLD] * model.cold_standby):
             port += 1
-            instance = Instance(
+            instance = LocalInstance(
                 id=f"{model.name}-{n}", model=model.name, role=role, port=None if role == Role.COLD else port, pid=1
             )
             instances.append(instance)
@@ -396,7 +397,7 @@ async def test_a_delete_cut_short_by_a_worker_crash_is_finished_by_its_retry(
     pid = processes.spawn(["sleep", "60"], tmp_path / "standby.log")
     try:
         with platform.registry.edit() as instances:
-            instances["alpha-1"] = Instance(
+            instances["alpha-1"] = LocalInstance(
                 id="alpha-1", model="alpha", role=Role.HOT, port=45678, pid=pid, lb_priority=1
             )
         platform.sync_load_balancer("alpha")
@@ -441,8 +442,8 @@ async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_
     serving = processes.spawn([*sleeper, "alpha-1"], tmp_path / "alpha-1.log")
     try:
         with platform.registry.edit() as instances:
-            instances["alpha-0"] = Instance(id="alpha-0", model="alpha", role=Role.FAILED, port=45670, pid=ejected)
-            instances["alpha-1"] = Instance(
+            instances["alpha-0"] = LocalInstance(id="alpha-0", model="alpha", role=Role.FAILED, port=45670, pid=ejected)
+            instances["alpha-1"] = LocalInstance(
                 id="alpha-1", model="alpha", role=Role.SERVING, port=45671, pid=serving, lb_priority=0
             )
         assert platform.drain_leftovers() == ["alpha-0"]

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from drctl.detectors.prober import Prober
-from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Instance, Role, Trigger
-from drctl.platforms.local.registry import InstanceRegistry
+from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Role, Trigger
+from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
 from drctl.policies.loader import load_policy_file
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
@@ -28,7 +28,7 @@ async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retri
     registry = InstanceRegistry(tmp_path / "instances.json")
     with registry.edit() as instances:
         for n in range(4):  # four serving instances in one zone whose processes are gone (pid None)
-            instances[f"llama-2-7b-{n}"] = Instance(
+            instances[f"llama-2-7b-{n}"] = LocalInstance(
                 id=f"llama-2-7b-{n}", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
             )
     reported: list[FailoverRequest] = []

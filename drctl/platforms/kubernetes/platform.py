@@ -84,6 +84,14 @@ def _ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
+def _address(pod: Any) -> str | None:
+    """``ip:port`` where the pod's model server answers: its pod IP and first container port; None
+    while it has no IP (pending) or declares no port."""
+    ip = pod.status.pod_ip if pod.status else None
+    ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
+    return f"{ip}:{ports[0]}" if ip and ports else None
+
+
 def _phase(pod: Any) -> str:
     return str(pod.status.phase) if pod.status and pod.status.phase else "Unknown"
 
@@ -216,15 +224,13 @@ class KubernetesPlatform:
             except ValueError:
                 continue  # not ours to manage
             serving = labels.get(SERVING) == "true"
-            ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
             node = pod.spec.node_name
             instances.append(
                 Instance(
                     id=labels.get(INSTANCE, pod.metadata.name),
                     model=labels[MODEL],
                     role=role,
-                    host=(pod.status.pod_ip if pod.status else None) or pod.metadata.name,
-                    port=ports[0] if ports else None,
+                    address=_address(pod),
                     lb_priority=0 if serving else (1 if role == Role.HOT else None),
                     gpu=(pod.metadata.annotations or {}).get(GPU_ANNOTATION),
                     node=node,
@@ -247,7 +253,6 @@ class KubernetesPlatform:
                     id=key[1],
                     model=key[0],
                     role=role,
-                    host=deployment.metadata.name,
                     gpu=(deployment.metadata.annotations or {}).get(GPU_ANNOTATION),
                     note=f"deployment {deployment.metadata.name}, no pod",
                 )
@@ -334,11 +339,10 @@ class KubernetesPlatform:
         stopped = [s.name for s in statuses if not (s.state and s.state.running)]
         if stopped:
             return False, f"warm standby: pod {name} container(s) not running: {', '.join(stopped)}"
-        ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
-        ip = pod.status.pod_ip if pod.status else None
-        if not ports or not ip:
+        address = _address(pod)
+        if address is None:
             return False, f"warm standby: pod {name} is Running but not Ready, and has no address to ask"
-        url = f"http://{ip}:{ports[0]}{self.policy.load_balancer.health_check.path}"
+        url = f"http://{address}{self.policy.load_balancer.health_check.path}"
         try:
             async with httpx.AsyncClient(timeout=self.policy.detection.probe_timeout.total_seconds()) as client:
                 response = await client.get(url)

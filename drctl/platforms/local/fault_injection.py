@@ -38,7 +38,7 @@ class LocalFaultInjector:
 
     async def inject(self, target: DrillTarget, fault: InjectedFault) -> None:
         """Inject the scenario's fault, recording each part in ``fault`` before the next can fail."""
-        instances = await self.platform.all_instances()
+        instances = list(self.platform.registry.load().values())  # with their processes
         serving = next(i for i in instances if i.id == target.instance)
         match target.scenario:
             case DrillScenario.POD_CRASH:
@@ -79,7 +79,7 @@ class LocalFaultInjector:
                 fault.corrupted.append(str(path))
                 await asyncio.to_thread(corrupt_checkpoint, path, 4096, 64)
                 async with httpx.AsyncClient() as http:
-                    reload = await faults.reload_weights(http, f"http://{serving.host}:{serving.port}")
+                    reload = await faults.reload_weights(http, f"http://{serving.address}")
                 fault.detail = f"{path.name} corrupted (64 bytes at 4096); {serving.id} reloaded its weights: {reload}"
 
     async def restore(self, fault: InjectedFault) -> DrillRestore:

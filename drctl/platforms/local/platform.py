@@ -1,5 +1,9 @@
 """The embedded local platform: model instances are processes on loopback, Envoy is the LB.
 
+Its records are ``LocalInstance`` (the registry's): an instance's process (pid, port) stays here.
+The ``Platform`` methods hand out plain ``Instance`` payloads and, given one, look its process up
+in the registry by id, so they act on what the registry says now.
+
 Tier mapping (seed §4.1 on one machine): hot = running, loaded, registered at priority 1;
 warm = running, loaded and asleep (vLLM sleep mode), not registered; cold = checkpoint only,
 no process. Serving instances are registered at priority 0.
@@ -28,7 +32,7 @@ from drctl.platforms.local.checkpoints import (
     restore_checkpoint,
 )
 from drctl.platforms.local.fault_injection import LocalFaultInjector
-from drctl.platforms.local.registry import InstanceRegistry
+from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DRPolicy, ModelPolicy
@@ -100,7 +104,7 @@ class LocalPlatform:
     async def list_instances(self, model: str) -> list[Instance]:
         if model not in self.policy.model_names:
             raise errors.unknown_model(model, self.policy.model_names)
-        return self.registry.of_model(model)
+        return [i.to_instance() for i in self.registry.of_model(model)]
 
     async def get_instance(self, model: str, instance_id: str) -> Instance:
         return find_instance(await self.list_instances(model), model, instance_id)
@@ -125,13 +129,14 @@ class LocalPlatform:
             if await asyncio.to_thread(file_sha256, checkpoint) != expected:
                 return False, f"cold standby: {CHECKSUM_MISMATCH} of {checkpoint.name}"
             return True, f"cold standby: no process (its normal state), checkpoint {checkpoint.name} intact"
-        if not processes.is_alive(instance.pid):
-            return False, f"process {instance.pid} is not running"
+        local = self._local(instance)
+        if not processes.is_alive(local.pid):
+            return False, f"process {local.pid} is not running"
         last = ""
         timeout = self.policy.detection.probe_timeout.total_seconds()
         for attempt in range(3):
             try:
-                response = await self._http.get(self._url(instance, "/healthz"), timeout=timeout)
+                response = await self._http.get(self._url(local, "/healthz"), timeout=timeout)
                 if response.status_code == 200:
                     return True, "healthz 200"
                 try:
@@ -161,17 +166,18 @@ class LocalPlatform:
 
     async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
         self._check_epoch(instance.model, epoch)
-        if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(instance.pid):
+        local = self._local(instance)
+        if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(local.pid):
             return "already ejected"
         self.registry.update(instance.id, epoch=epoch, role=Role.FAILED, lb_priority=None, note=reason[:200])
         self.sync_load_balancer(instance.model)
-        if not processes.is_alive(instance.pid):
+        if not processes.is_alive(local.pid):
             return "removed from LB, marked failed"
         # Connection draining: Envoy sends it nothing new, but requests it still holds (a hung
         # instance holds them until the per-try timeout) must time out and be retried on a standby,
         # not be reset now, when the only healthy host may be the one their retry must not use.
         drain_s = self._drain_s()
-        self._stop_after(instance.pid, drain_s)
+        self._stop_after(local.pid, drain_s)
         return f"removed from LB, marked failed; process stopped after {drain_s:g}s of connection draining"
 
     def _stop_after(self, pid: int | None, delay_s: float) -> None:
@@ -185,34 +191,36 @@ class LocalPlatform:
 
     async def promote(self, instance: Instance, epoch: int | None = None) -> str:
         self._check_epoch(instance.model, epoch)
+        local = self._local(instance)
         if instance.role in (Role.PROMOTING, Role.SERVING):
-            if instance.role == Role.SERVING or instance.port is None or processes.is_alive(instance.pid):
+            if instance.role == Role.SERVING or local.port is None or processes.is_alive(local.pid):
                 return f"already {instance.role}"
         elif not instance.role.is_standby:
             raise errors.not_a_standby(instance.id, instance.role)
         if instance.role == Role.HOT:
             self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "hot standby: already loaded and registered at priority 1"
-        if instance.role == Role.WARM and processes.is_alive(instance.pid):
-            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+        if instance.role == Role.WARM and processes.is_alive(local.pid):
+            response = await self._http.post(self._url(local, "/wake_up"), timeout=60.0)
             if response.status_code != 200:
                 raise errors.model_load_failed(instance.id, f"wake_up answered {response.status_code}")
             self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "warm standby woken up (/wake_up)"
         # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
-        started = self._start_process(instance.model_copy(update={"role": Role.PROMOTING}), epoch)
+        started = self._start_process(local.with_changes(role=Role.PROMOTING), epoch)
         return f"cold standby started as pid {started.pid} on port {started.port}"
 
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        local = self._local(instance)
         start = time.monotonic()
         deadline = start + self.load_timeout_s(instance.model)
         while time.monotonic() < deadline:
-            if not processes.is_alive(instance.pid):
+            if not processes.is_alive(local.pid):
                 said = self._log_tail(instance.id)
-                why = f"process {instance.pid} exited while loading" + (f"; its log ends: {said}" if said else "")
+                why = f"process {local.pid} exited while loading" + (f"; its log ends: {said}" if said else "")
                 raise errors.model_load_failed(instance.id, why)
             try:
-                response = await self._http.get(self._url(instance, "/load_progress"), timeout=1.0)
+                response = await self._http.get(self._url(local, "/load_progress"), timeout=1.0)
                 state = response.json()
             except (httpx.HTTPError, ValueError):
                 state = {"state": "starting", "progress": 0.0}
@@ -233,10 +241,11 @@ class LocalPlatform:
         target = self.layout.checkpoint(instance.model)
         info = await asyncio.to_thread(restore_checkpoint, self.layout.good_checkpoint(instance.model), target)
         detail = f"{target.name} restored from the repository (sha256 {info.sha256[:12]}…)"
-        if instance.port is None:
+        local = self._local(instance)
+        if local.port is None:
             return detail
-        await asyncio.to_thread(processes.terminate, instance.pid)
-        restarted = self._start_process(instance)
+        await asyncio.to_thread(processes.terminate, local.pid)
+        restarted = self._start_process(local)
         return f"{detail}; {instance.id} restarted as pid {restarted.pid}"
 
     async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
@@ -249,12 +258,13 @@ class LocalPlatform:
         """A predict through Envoy succeeds, and Envoy counts the instance healthy at priority 0."""
         url = f"{self.settings.lb_url}/v1/models/{instance.model}/predict"
         body = {"prompt": "drctl verify", "max_tokens": 4}
+        port = self._local(instance).port
         start = time.monotonic()
         last = "not tried"
         while time.monotonic() - start < 30.0:
             try:
                 hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
-                mine = [h for h in hosts if h.port == instance.port]
+                mine = [h for h in hosts if h.port == port]
                 if not mine or not mine[0].healthy or mine[0].priority != 0:
                     last = f"Envoy: {mine[0] if mine else 'host not in cluster yet'}"
                 else:
@@ -307,12 +317,12 @@ class LocalPlatform:
         return {str(k): str(v) for k, v in data.items()}
 
     async def all_instances(self) -> list[Instance]:
-        return list(self.registry.load().values())
+        return [i.to_instance() for i in self.registry.load().values()]
 
     async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         if action.model not in self.policy.model_names:
             raise errors.unknown_model(action.model, self.policy.model_names)
-        template = Instance(
+        template = LocalInstance(
             id=action.instance,
             model=action.model,
             role=Role.COLD if action.tier == Role.COLD else Role.PROMOTING,
@@ -345,7 +355,7 @@ class LocalPlatform:
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         self._check_epoch(action.model, action.epoch)
-        instance = await self.get_instance(action.model, action.instance)
+        instance = self._local(await self.get_instance(action.model, action.instance))
         if instance.role == action.tier:
             return f"already {action.tier}"
         if action.tier != Role.HOT or instance.role != Role.WARM:
@@ -372,8 +382,8 @@ class LocalPlatform:
         if instance.note != DELETING:  # not marked by an earlier attempt of this delete
             with self.registry.edit(action.model, action.epoch) as instances:
                 if action.instance in instances:
-                    instances[action.instance] = instance = instances[action.instance].model_copy(
-                        update={"role": Role.FAILED, "lb_priority": None, "note": DELETING}
+                    instances[action.instance] = instance = instances[action.instance].with_changes(
+                        role=Role.FAILED, lb_priority=None, note=DELETING
                     )
         self.sync_load_balancer(action.model)
         stopped = await asyncio.to_thread(processes.terminate, instance.pid)
@@ -387,7 +397,7 @@ class LocalPlatform:
         size = self._checkpoint_size(self.policy.model(model))
         return 60.0 + self.policy.local.load_seconds_per_gib * size / 2**30 * 2
 
-    def ensure_fleet(self, on_progress: Callable[[str], None] = lambda _: None) -> list[Instance]:
+    def ensure_fleet(self, on_progress: Callable[[str], None] = lambda _: None) -> list[LocalInstance]:
         """Bring the fleet up: checkpoints, processes, EDS.
 
         With no registry (first start, or ``drctl up --fresh``) the fleet is planned from the policy.
@@ -417,7 +427,7 @@ class LocalPlatform:
         plan = plan_reconcile(self.policy, [], cordoned=self._read_cordoned())
         with self.registry.edit() as instances:
             for action in plan.actions:
-                instances[action.instance] = Instance(
+                instances[action.instance] = LocalInstance(
                     id=action.instance,
                     model=action.model,
                     role=action.tier,
@@ -461,7 +471,7 @@ class LocalPlatform:
                 elif instance.pid is None and instance.role in RESPAWNED_ROLES:
                     # Stopped by a clean stop (``stop_all`` cleared its pid): start it again. Until it
                     # has loaded it is out of the load balancer, as on a first start.
-                    waiting = instance.model_copy(update={"lb_priority": None})
+                    waiting = instance.with_changes(lb_priority=None)
                     started = self._spawn(instances, waiting)
                     if instance.role != Role.PROMOTING:  # a promotion's runbook registers it
                         self._to_settle.append(instance.id)
@@ -493,7 +503,7 @@ class LocalPlatform:
         for model in self.policy.model_names:
             self.sync_load_balancer(model)
 
-    async def _settle(self, instance: Instance, timeout_s: float) -> None:
+    async def _settle(self, instance: LocalInstance, timeout_s: float) -> None:
         await self.wait_loaded(instance, lambda _f, _s: None)
         if instance.role == Role.WARM:
             response = await self._http.post(self._url(instance, "/sleep"), params={"level": 1}, timeout=10.0)
@@ -516,7 +526,7 @@ class LocalPlatform:
             for instance_id, pid in stopped.items():
                 current = instances.get(instance_id)
                 if current is not None and current.pid == pid:
-                    instances[instance_id] = current.model_copy(update={"pid": None})
+                    instances[instance_id] = current.with_changes(pid=None)
         return len(stopped)
 
     def sync_load_balancer(self, model: str) -> None:
@@ -533,11 +543,11 @@ class LocalPlatform:
     def _checkpoint_size(self, model: ModelPolicy) -> int:
         return model.checkpoint_size if model.checkpoint_size is not None else self.policy.local.checkpoint_size
 
-    def _start_process(self, instance: Instance, epoch: int | None = None) -> Instance:
+    def _start_process(self, instance: LocalInstance, epoch: int | None = None) -> LocalInstance:
         with self.registry.edit(instance.model, epoch) as instances:
             return self._spawn(instances, instance)
 
-    def _spawn(self, instances: dict[str, Instance], instance: Instance) -> Instance:
+    def _spawn(self, instances: dict[str, LocalInstance], instance: LocalInstance) -> LocalInstance:
         """Start the instance's process (inside a registry edit) and record its port and pid."""
         taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
         port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
@@ -553,7 +563,7 @@ class LocalPlatform:
             },
         )
         pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
-        updated = instance.model_copy(update={"port": port, "pid": pid})
+        updated = instance.with_changes(port=port, pid=pid)
         instances[instance.id] = updated
         return updated
 
@@ -566,6 +576,16 @@ class LocalPlatform:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:800]
 
+    def _local(self, instance: Instance) -> LocalInstance:
+        """The registry's record of ``instance`` as it is now (its process); the non-retryable
+        ``UnknownInstance`` when the registry no longer has it."""
+        instances = self.registry.load()
+        local = instances.get(instance.id)
+        if local is None or local.model != instance.model:
+            known = sorted(i.id for i in instances.values() if i.model == instance.model)
+            raise errors.unknown_instance(instance.model, instance.id, known)
+        return local
+
     @staticmethod
-    def _url(instance: Instance, path: str) -> str:
-        return f"http://{instance.host}:{instance.port}{path}"
+    def _url(instance: LocalInstance, path: str) -> str:
+        return f"http://{instance.address}{path}"

@@ -3,6 +3,10 @@
 The worker, ``drctl up`` and ``drctl status`` are separate processes, so every change is a
 read-modify-write under ``fcntl.flock`` and lands with an atomic rename.
 
+Each record is a :class:`LocalInstance`: the platform's shared ``Instance`` plus the process that
+runs it (loopback host, port, pid). Those stay on this side of the ``Platform`` interface: what the
+platform hands to the runbooks is the plain ``Instance`` (:meth:`LocalInstance.to_instance`).
+
 The same file keeps each model's fencing **epoch** (it only grows): a runbook's fenced step checks
 its epoch and makes its change under the one lock, so a step of an older runbook cannot slip in
 between a newer runbook's claim and its changes.
@@ -16,10 +20,39 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import model_validator
 
 from drctl.payloads import Instance
 from drctl.platforms import errors
+
+
+class LocalInstance(Instance):
+    """An instance of the local platform as ``instances.json`` records it: its process as well.
+
+    ``address`` is derived from ``host`` and ``port`` (any given value is replaced), and is not
+    written to the file, which keeps the host, port and pid it always had."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    """The loopback port its process listens on; None for a cold standby: it has no process yet."""
+    pid: int | None = None
+    """Its process; None before the first start and after a clean stop (``stop_all``)."""
+
+    @model_validator(mode="after")
+    def _derive_address(self) -> Self:
+        self.address = None if self.port is None else f"{self.host}:{self.port}"
+        return self
+
+    def with_changes(self, **changes: object) -> LocalInstance:
+        """A copy with ``changes`` applied and validated (``address`` follows a new host or port)."""
+        return LocalInstance.model_validate({**self.model_dump(), **changes})
+
+    def to_instance(self) -> Instance:
+        """The shared payload, without the process details: what crosses the ``Platform``
+        interface (Temporal's pydantic converter would serialise a subclass's extra fields)."""
+        return Instance.model_validate(self.model_dump(include=set(Instance.model_fields)))
 
 
 class InstanceRegistry:
@@ -34,15 +67,15 @@ class InstanceRegistry:
             return {}
         return raw
 
-    def load(self) -> dict[str, Instance]:
+    def load(self) -> dict[str, LocalInstance]:
         """All instances by id (empty when the file does not exist yet)."""
         return self._instances(self._read())
 
     @staticmethod
-    def _instances(raw: dict[str, Any]) -> dict[str, Instance]:
-        return {item["id"]: Instance.model_validate(item) for item in raw.get("instances", [])}
+    def _instances(raw: dict[str, Any]) -> dict[str, LocalInstance]:
+        return {item["id"]: LocalInstance.model_validate(item) for item in raw.get("instances", [])}
 
-    def of_model(self, model: str) -> list[Instance]:
+    def of_model(self, model: str) -> list[LocalInstance]:
         return [i for i in self.load().values() if i.model == model]
 
     def epochs(self) -> dict[str, int]:
@@ -60,7 +93,7 @@ class InstanceRegistry:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     @contextmanager
-    def edit(self, model: str | None = None, epoch: int | None = None) -> Iterator[dict[str, Instance]]:
+    def edit(self, model: str | None = None, epoch: int | None = None) -> Iterator[dict[str, LocalInstance]]:
         """Yield the instances for changing in place; written back atomically on exit.
 
         With ``model`` and ``epoch``: a fenced change, refused with the non-retryable ``StaleEpoch``
@@ -81,23 +114,23 @@ class InstanceRegistry:
             self._write(self._instances(raw), epochs, raw)
             return epochs[model]
 
-    def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> Instance:
+    def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> LocalInstance:
         """Change one instance's fields; with ``epoch``, fenced on the instance's model."""
         with self._locked() as raw:
             epochs = {str(k): int(v) for k, v in raw.get("epochs", {}).items()}
             instances = self._instances(raw)
             current = instances[instance_id]
             errors.check_epoch(current.model, epoch, epochs.get(current.model, 0))
-            updated = Instance.model_validate(current.model_copy(update=changes).model_dump())
+            updated = current.with_changes(**changes)
             instances[instance_id] = updated
             self._write(instances, epochs, raw)
             return updated
 
-    def _write(self, instances: dict[str, Instance], epochs: dict[str, int], raw: dict[str, Any]) -> None:
+    def _write(self, instances: dict[str, LocalInstance], epochs: dict[str, int], raw: dict[str, Any]) -> None:
         ordered = sorted(instances.values(), key=lambda i: (i.model, _index(i.id), i.id))
         document = {k: v for k, v in raw.items() if k not in ("instances", "epochs")}
         document["epochs"] = dict(sorted(epochs.items()))
-        document["instances"] = [i.model_dump(mode="json") for i in ordered]
+        document["instances"] = [i.model_dump(mode="json", exclude={"address"}) for i in ordered]
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)

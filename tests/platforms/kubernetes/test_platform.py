@@ -173,7 +173,7 @@ async def test_list_and_get_by_labels(platform: KubernetesPlatform) -> None:
         ("llama-1", Role.HOT, 1),
     ]
     one = await platform.get_instance("llama", "llama-1")
-    assert (one.host, one.port, one.node, one.zone) == ("10.0.0.7", 8000, "node-a", "az-1")
+    assert (one.address, one.node, one.zone) == ("10.0.0.7:8000", "node-a", "az-1")
     assert len(await platform.all_instances()) == 3
     with pytest.raises(ApplicationError) as err:
         await platform.get_instance("llama", "mistral-0")
@@ -345,7 +345,7 @@ async def test_cold_promotion_patches_the_deployment_and_waits_for_a_ready_pod(
 ) -> None:
     emulator.objects[DEPLOYMENTS, NS, "llama-9"] = cold_deployment("llama-9", replicas=0)
     cold = await platform.get_instance("llama", "llama-9")
-    assert (cold.role, cold.note) == (Role.COLD, "deployment llama-9, no pod")
+    assert (cold.role, cold.note, cold.address) == (Role.COLD, "deployment llama-9, no pod", None)
     assert "patched to 1 GPU" in await platform.promote(cold)
     assert wake_up.urls == []
     deployment = emulator.objects[DEPLOYMENTS, NS, "llama-9"]

@@ -20,9 +20,10 @@ import httpx
 import pytest
 import yaml
 
-from drctl.payloads import Instance, Role
+from drctl.payloads import Role
 from drctl.platforms.local import processes
 from drctl.platforms.local.platform import LocalPlatform
+from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.stack import free_ports
@@ -53,7 +54,7 @@ class Fleet:
         settings = DrctlSettings(policy=policy_file, state_dir=self.state_dir, instance_base_port=self.base_port)
         return LocalPlatform(settings, load_policy_file(policy_file))
 
-    def registry(self) -> dict[str, Instance]:
+    def registry(self) -> dict[str, LocalInstance]:
         return self.platform().registry.load()
 
 
@@ -65,7 +66,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     first = made.platform()
     first.ensure_fleet(made.said.append)
     await first.settle_fleet()
-    await first.aclose()
+    await first.close()
     try:
         yield made
     finally:
@@ -74,7 +75,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
                 processes.terminate(instance.pid, grace_s=1.0)
 
 
-def _kill(instance: Instance) -> None:
+def _kill(instance: LocalInstance) -> None:
     os.kill(instance.pid or 0, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while processes.is_alive(instance.pid) and time.monotonic() < deadline:
@@ -114,7 +115,7 @@ async def test_clean_stop_then_start_restarts_what_ran(fleet: Fleet) -> None:
     again = fleet.platform()
     again.ensure_fleet(said.append)
     await again.settle_fleet()
-    await again.aclose()
+    await again.close()
     resumed = fleet.registry()
     assert {i.id: (i.role, i.gpu) for i in resumed.values()} == {i.id: (i.role, i.gpu) for i in stopped.values()}
     assert resumed["alpha-0"].role == Role.SERVING and resumed["alpha-0"].lb_priority == 0
@@ -144,7 +145,7 @@ async def test_unclean_stop_adopts_the_living_and_drops_removed_models(fleet: Fl
     again = fleet.platform(second="gamma")  # beta left the policy, gamma joined it
     again.ensure_fleet(said.append)
     await again.settle_fleet()
-    await again.aclose()
+    await again.close()
     resumed = fleet.registry()
     for instance_id in ("alpha-1", "alpha-2"):
         assert resumed[instance_id].pid == planned[instance_id].pid

@@ -17,6 +17,7 @@ import pytest_asyncio
 from drctl.payloads import Instance, Role
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
 from drctl.platforms.local.platform import LocalPlatform
+from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings, StateLayout
 from tests.sim.test_inference_server import MODEL, Server, demo_server
@@ -37,7 +38,7 @@ def state_dir(tmp_path: Path) -> Path:
 async def platform(state_dir: Path) -> AsyncIterator[LocalPlatform]:
     local = LocalPlatform(DrctlSettings(state_dir=state_dir), POLICY)
     yield local
-    await local.aclose()
+    await local.close()
 
 
 @pytest.fixture()
@@ -47,13 +48,19 @@ def sleeping(state_dir: Path, tmp_path: Path) -> Iterator[Server]:
         yield server
 
 
-def on(server: Server, role: Role) -> Instance:
+def on(server: Server, role: Role, platform: LocalPlatform) -> Instance:
+    """The instance the platform's registry records for ``server``'s process, as a runbook passes it
+    to the platform: the shared payload, whose process the platform looks up by id."""
     port = int(server.url.rsplit(":", 1)[1])
-    return Instance(id=f"{MODEL}-2", model=MODEL, role=role, port=port, pid=server.process.pid)
+    with platform.registry.edit() as instances:
+        instances[f"{MODEL}-2"] = recorded = LocalInstance(
+            id=f"{MODEL}-2", model=MODEL, role=role, port=port, pid=server.process.pid
+        )
+    return recorded.to_instance()
 
 
 async def test_a_sleeping_warm_standby_is_healthy(platform: LocalPlatform, sleeping: Server) -> None:
-    healthy, why = await platform.probe(on(sleeping, Role.WARM))
+    healthy, why = await platform.probe(on(sleeping, Role.WARM, platform))
     assert healthy, why
     assert "sleeping" in why
     assert sleeping.get("/is_sleeping").json() == {"is_sleeping": True}  # the probe did not wake it
@@ -61,17 +68,17 @@ async def test_a_sleeping_warm_standby_is_healthy(platform: LocalPlatform, sleep
 
 async def test_a_sleeping_hot_or_serving_instance_is_not(platform: LocalPlatform, sleeping: Server) -> None:
     for role in (Role.HOT, Role.SERVING):
-        healthy, why = await platform.probe(on(sleeping, role))
+        healthy, why = await platform.probe(on(sleeping, role, platform))
         assert not healthy and "503" in why and "sleeping" in why, (role, why)
 
 
 async def test_an_awake_warm_standby_is_healthy(platform: LocalPlatform, sleeping: Server) -> None:
     assert sleeping.post("/wake_up").status_code == 200
-    assert await platform.probe(on(sleeping, Role.WARM)) == (True, "healthz 200")
+    assert await platform.probe(on(sleeping, Role.WARM, platform)) == (True, "healthz 200")
 
 
 async def test_a_warm_standby_whose_process_died_is_not(platform: LocalPlatform, sleeping: Server) -> None:
-    instance = on(sleeping, Role.WARM)
+    instance = on(sleeping, Role.WARM, platform)
     sleeping.process.kill()
     sleeping.process.wait(5)
     healthy, why = await platform.probe(instance)
@@ -84,14 +91,14 @@ async def test_a_warm_standby_whose_model_failed_is_not(platform: LocalPlatform,
     corrupt_checkpoint(bad, offset=SIZE // 2)
     with demo_server(bad, tmp_path, "--sleeping") as server:
         server.wait_until("failed")
-        healthy, why = await platform.probe(on(server, Role.WARM))
+        healthy, why = await platform.probe(on(server, Role.WARM, platform))
     assert not healthy and "failed" in why and "checksum" in why
 
 
 async def test_a_warm_standby_still_loading_is_not(platform: LocalPlatform, state_dir: Path, tmp_path: Path) -> None:
     checkpoint = StateLayout(state_dir).checkpoint(MODEL)
     with demo_server(checkpoint, tmp_path, "--sleeping", "--load-seconds-per-gib", "100000") as server:
-        healthy, why = await platform.probe(on(server, Role.WARM))
+        healthy, why = await platform.probe(on(server, Role.WARM, platform))
     assert not healthy and "loading" in why
 
 

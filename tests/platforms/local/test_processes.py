@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from drctl.payloads import Instance, Role
+from drctl.payloads import Role
 from drctl.platforms.local import processes
-from drctl.platforms.local.registry import InstanceRegistry
+from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
 
 
 def test_render_command_fills_placeholders_and_python() -> None:
@@ -59,8 +59,8 @@ def test_registry_edits_are_persisted_atomically(tmp_path: Path) -> None:
     registry = InstanceRegistry(tmp_path / "instances.json")
     assert registry.load() == {}
     with registry.edit() as instances:
-        instances["m-0"] = Instance(id="m-0", model="m", role=Role.SERVING, lb_priority=0)
-        instances["m-1"] = Instance(id="m-1", model="m", role=Role.HOT, lb_priority=1)
+        instances["m-0"] = LocalInstance(id="m-0", model="m", role=Role.SERVING, lb_priority=0)
+        instances["m-1"] = LocalInstance(id="m-1", model="m", role=Role.HOT, lb_priority=1)
     updated = registry.update("m-1", role=Role.SERVING, lb_priority=0)
     assert updated.role == Role.SERVING
     reread = InstanceRegistry(tmp_path / "instances.json").of_model("m")
