@@ -610,14 +610,6 @@ def drill_workflow_id(scenario: str, model: str | None) -> str:
 # -- one recovery per failure: the model's guardian, the fleet's budget, fencing ----------------------
 
 
-class WorkflowName:
-    """Workflow type names, for starters below the workflow layer (activities, detectors)."""
-
-    FAILOVER = "FailoverWorkflow"
-    GUARDIAN = "ModelGuardianWorkflow"
-    BUDGET = "BudgetWorkflow"
-
-
 DEFAULT_TASK_QUEUE = "drctl"
 
 

@@ -16,7 +16,7 @@ from temporalio.common import SearchAttributeKey
 
 from drctl.cli.common import EXIT_BAD_INPUT, connect, fail, make_settings, out
 from drctl.cli.render import audit_table
-from drctl.payloads import FailoverOutcome, SearchAttr, WorkflowName
+from drctl.payloads import FailoverOutcome, SearchAttr
 from drctl.policies.durations import parse_duration
 from drctl.settings import DrctlSettings
 
@@ -41,8 +41,10 @@ def audit(
 
 def audit_query(model: str | None, outcome: str | None, since: str | None, now: datetime | None = None) -> str:
     """The visibility query for the filters; exits 2 on a filter that could not be in it safely."""
-    # The type name, as the workflow's @workflow.defn registers it (the SDK has no public accessor).
-    clauses = [f"WorkflowType = '{WorkflowName.FAILOVER}'"]
+    from drctl.temporal.refs import workflow_type
+    from drctl.workflows.failover import FailoverWorkflow
+
+    clauses = [f"WorkflowType = '{workflow_type(FailoverWorkflow)}'"]
     if model:
         if not model.replace("-", "").replace(".", "").isalnum():
             fail(f"invalid model name {model!r}", EXIT_BAD_INPUT)

@@ -23,7 +23,6 @@ from drctl.payloads import (
     Instance,
     Role,
     Trigger,
-    WorkflowName,
     budget_workflow_id,
     failover_workflow_id,
 )
@@ -226,7 +225,7 @@ async def test_a_report_for_another_model_is_refused(time_skipping_env: Workflow
         from drctl.payloads import GuardianState, guardian_workflow_id
 
         start = WithStartWorkflowOperation(
-            WorkflowName.GUARDIAN,
+            ModelGuardianWorkflow.run,
             GuardianState(model="llama-2-7b"),
             id=guardian_workflow_id("llama-2-7b", queue),
             task_queue=queue,
