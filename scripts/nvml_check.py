@@ -9,7 +9,7 @@ registers for Xid events, waits up to ``--wait`` seconds (default 10) for them, 
 again (so the correctable-ECC burst rule sees two readings), and exits 0. Without NVML (no driver,
 driver not loaded) it prints the reason on stderr and exits 2.
 
-It uses ``drctl.detectors.gpu_node_agent.NvmlInventory`` / ``XidWatcher`` and the pure
+It uses ``drctl.detectors.nvml.NvmlInventory`` / ``XidWatcher`` and the pure
 ``drctl.policies.gpu_health``: the code the agent runs, without aiohttp, prometheus-client or pydantic.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drctl.detectors.gpu_node_agent import (
+from drctl.detectors.nvml import (
     NvmlCallError,
     NvmlInventory,
     NvmlUnavailable,

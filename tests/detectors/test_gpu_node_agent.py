@@ -29,16 +29,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from drctl.detectors.gpu_node_agent import (
-    FaultTokenMissing,
-    GpuReport,
-    NodeAgent,
-    NvmlInventory,
-    NvmlUnavailable,
-    XidEvent,
-    make_app,
-    serve,
-)
+from drctl.detectors.gpu_node_agent import FaultTokenMissing, GpuReport, NodeAgent, make_app, serve
+from drctl.detectors.nvml import NvmlInventory, NvmlUnavailable, XidEvent
 from drctl.policies.gpu_health import UNKNOWN_NO_NVML, classify
 from drctl.policies.schema import GpuNodePolicy, GpuPoolPolicy
 
