@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from drctl.payloads import MODEL_NAME_PATTERN
 from drctl.policies.durations import format_duration, parse_duration, require_positive
+from drctl.policies.engines import Engine, EngineProfile, profile
 from drctl.policies.sizes import parse_size
 
 Duration = Annotated[
@@ -74,6 +75,14 @@ class ModelPolicy(_Section):
     """GPU memory one loaded instance needs (used by placement)."""
     checkpoint_size: ByteSize | None = None
     """Size of the demo checkpoint on the local platform; defaults to ``local.checkpointSize``."""
+    engine: Engine = Engine.VLLM
+    """The inference engine its instances run (``vllm``, ``sglang``, or ``demo``: drctl's stand-in
+    for the embedded stack): the paths drctl probes, sleeps, wakes and verifies on
+    (:mod:`drctl.policies.engines`)."""
+
+    @property
+    def engine_profile(self) -> EngineProfile:
+        return profile(self.engine)
 
 
 class ZoneFailoverStrategy(StrEnum):
