@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from drctl.policies.durations import format_duration, parse_duration
+from drctl.policies.engines import Engine
 from drctl.policies.loader import PolicyError, load_policy_file, parse_policy
 from drctl.policies.schema import Priority
 
@@ -64,7 +65,9 @@ def test_seed_policy_loads_as_written() -> None:
 def test_example_policy_matches_the_seed_models() -> None:
     example = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
     seed = parse_policy(SEED_POLICY)
-    assert example.models == seed.models
+    # The seed's models, run on the demo stand-in (the seed names no engine: vLLM by default).
+    assert [m.engine for m in seed.models] == [Engine.VLLM] * len(seed.models)
+    assert example.models == [m.model_copy(update={"engine": Engine.DEMO}) for m in seed.models]
 
 
 def _issues(text: str) -> list[str]:
