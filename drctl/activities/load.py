@@ -1,4 +1,8 @@
-"""The drill's load generator: an open-loop stream of predict requests through the load balancer.
+"""The drill's load generator: an open-loop stream of OpenAI completions through the load balancer.
+
+Each request is what an OpenAI client sends (``POST /v1/completions``, the model in the JSON body),
+plus the ``model-name`` header, so it routes whether the load balancer routes by the body's model or
+by the header; every engine drctl runs (vLLM, SGLang, the demo stand-in) answers it.
 
 Open loop (a request every ``1/rps`` seconds whatever the answers) so a stall shows up as failed or
 slow requests instead of silently lowering the rate, as a closed loop would.
@@ -11,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from drctl.policies.engines import MODEL_HEADER, completion
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class LoadGenerator:
         return sorted(self.samples, key=lambda s: s.sent_at)
 
     async def _run(self) -> None:
-        url = f"{self.lb_url}/v1/models/{self.model}/predict"
+        url = f"{self.lb_url}{completion(self.model).path}"
         period = 1.0 / self.rps
         next_at = time.monotonic()
         n = 0
@@ -76,7 +82,8 @@ class LoadGenerator:
     async def _one(self, url: str, n: int) -> None:
         sent = time.monotonic()
         try:
-            response = await self._http.post(url, json={"prompt": f"drill request {n}", "max_tokens": 4})
+            call = completion(self.model, prompt=f"drill request {n}", max_tokens=4)
+            response = await self._http.post(url, json=call.json, headers={MODEL_HEADER: self.model})
             ok = response.status_code == 200
             status: int | str = response.status_code
             served_by = response.headers.get("x-drctl-instance")

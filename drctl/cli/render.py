@@ -61,12 +61,13 @@ def summary_panel(settings: DrctlSettings, policy: DRPolicy) -> Panel:
         f"Temporal UI      {settings.temporal_ui_url}",
         f"Temporal         {settings.temporal_address}  (namespace {settings.temporal_namespace}, "
         f"task queue {settings.task_queue})",
-        f"Load balancer    {settings.lb_url}/v1/models/<model>/predict",
+        f"Load balancer    {settings.lb_url}/v1  (OpenAI API: /v1/completions, /v1/chat/completions)",
         f"Envoy admin      {settings.envoy_admin_url}",
         f"State folder     {layout.root}  (logs in {layout.logs_dir})",
         f"Policy           {Path(settings.policy).resolve()}",
         "",
-        f'try:  curl -s {settings.lb_url}/v1/models/{first}/predict -d \'{{"prompt": "hello"}}\'',
+        f"try:  curl -s {settings.lb_url}/v1/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{first}", "prompt": "hello", "max_tokens": 8}}\'',
         "       drctl status",
         f"       drctl failover {first} {first}-0 --reason 'manual test'",
     ]

@@ -6,6 +6,9 @@ or an operator does, so a failure seen by several of them is still recovered onc
 
 On the local platform a process that exits is noticed within one tick (100 ms), without waiting
 for failed probes; a hung process is noticed after ``unhealthyThreshold`` probes time out.
+Each instance is probed on its model's engine profile (:mod:`drctl.policies.engines`): its health
+path, and, where the engine has one, its ``is_sleeping`` query, since a vLLM server answers
+``/health`` 200 asleep or awake while a serving instance or hot standby asleep cannot serve.
 Hysteresis, flap hold-down and the failover caps are pure decisions in ``drctl.policies.probing``.
 
 With node agents configured it also runs the zone health check (:mod:`drctl.detectors.zone_checker`),
@@ -31,6 +34,7 @@ from drctl.detectors.zone_checker import ZoneChecker
 from drctl.payloads import FailoverRequest, IncidentTicket, Role, Trigger
 from drctl.platforms.local import processes
 from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
+from drctl.policies.engines import Engine, EngineProfile, profile
 from drctl.policies.loader import load_policy_file
 from drctl.policies.probing import ProbeEvent, ProbeTracker
 from drctl.policies.schema import DRPolicy
@@ -117,20 +121,49 @@ class Prober:
             self.reported.pop(instance_id, None)
 
     async def _probe(self, instance: LocalInstance) -> tuple[bool, bool]:
-        """(healthy, failure is final). Final: the instance says its model failed to load (a 503 with
-        ``"status": "failed"``, e.g. a checkpoint that fails its checksum)."""
+        """(healthy, failure is final). Healthy: the engine's health path answers 200 and the
+        instance is not asleep (it is a serving instance or a hot standby). Final: the instance says
+        its model failed to load, e.g. a checkpoint that fails its checksum (the demo's load
+        progress, asked when the health answer is not 200, says ``"state": "failed"``)."""
+        engine = self._engine(instance.model)
+        base = f"http://{instance.address}"
         timeout = self.policy.detection.probe_timeout.total_seconds()
         try:
-            response = await self._http.get(f"http://{instance.address}/healthz", timeout=timeout)
+            response = await self._http.get(base + engine.health_path, timeout=timeout)
         except httpx.HTTPError:
             return False, False
-        if response.status_code == 200:
-            return True, False
+        asleep = why = None
+        if response.status_code == 200 and engine.is_sleeping_path is not None:
+            asleep = await self._asleep(base + engine.is_sleeping_path, timeout)
+        elif response.status_code != 200 and engine.load_progress_path is not None:
+            why = await self._text(base + engine.load_progress_path, timeout)  # the demo says if it failed
+        verdict = engine.judge_health(
+            response.status_code, response.text, asleep=asleep, may_sleep=False, load_progress=why
+        )
+        return verdict.healthy, verdict.final
+
+    async def _text(self, url: str, timeout_s: float) -> str | None:
         try:
-            final = response.json().get("status") == "failed"
-        except (ValueError, AttributeError):
-            final = False
-        return False, final
+            return (await self._http.get(url, timeout=timeout_s)).text
+        except httpx.HTTPError:
+            return None
+
+    async def _asleep(self, url: str, timeout_s: float) -> bool | None:
+        """The ``is_sleeping`` answer; None when there is none (an engine without dev mode: 404)."""
+        try:
+            response = await self._http.get(url, timeout=timeout_s)
+            asleep = response.json().get("is_sleeping") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return asleep if isinstance(asleep, bool) else None
+
+    def _engine(self, model: str) -> EngineProfile:
+        """The model's engine profile. A model the prober's policy does not have (added since it
+        started) is probed as the schema's default engine, vLLM, whose paths the demo serves too."""
+        try:
+            return self.policy.model(model).engine_profile
+        except KeyError:
+            return profile(Engine.VLLM)
 
     async def _handle(
         self, instance: LocalInstance, event: ProbeEvent | None, tracker: ProbeTracker, now: float, exited: bool

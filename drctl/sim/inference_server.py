@@ -1,32 +1,91 @@
-"""A small demo inference server that behaves like vLLM where drctl cares.
+"""A small stand-in for vLLM's OpenAI-compatible server: the routes drctl and OpenAI clients use.
 
     python -m drctl.sim.inference_server --model M --instance ID --port P --checkpoint PATH \\
-        [--host 127.0.0.1] [--sleeping] [--load-seconds-per-gib F] [--wake-seconds-per-gib F] [--gpu G]
+        [--host 127.0.0.1] [--sleeping] [--load-seconds-per-gib F] [--wake-seconds-per-gib F] \\
+        [--token-delay-ms MS] [--max-model-len N] [--gpu G]
 
 It binds its port at once and "loads weights" in a background thread: it reads the checkpoint,
-computing its sha256, and compares it with the ``.sha256`` sidecar. Until that succeeds the health
-check answers 503, so Envoy sends it no traffic; a missing or corrupted checkpoint leaves it in the
-``failed`` state for good (it keeps running and says why). It supports vLLM's sleep mode
-(``/sleep``, ``/wake_up``, ``/is_sleeping``), which is how a warm standby waits: loaded, asleep.
+computing its sha256, and compares it with the ``.sha256`` sidecar. Until that succeeds it serves
+no completions; a missing or corrupted checkpoint leaves it in the ``failed`` state for good (it
+keeps running and says why). It has vLLM's sleep mode (``/sleep``, ``/wake_up``, ``/is_sleeping``),
+which is how a warm standby waits: loaded, asleep. Completions are a deterministic fake text, one
+word per token: the same model and prompt give the same text on every instance.
 
-HTTP API (every response is JSON and carries ``x-drctl-instance: <instance>``):
+The shapes follow vLLM's OpenAI server (``vllm/entrypoints/openai``: the completion and chat
+protocols and serving, ``engine/protocol.py`` for errors and the model list, and
+``serve/dev/sleep`` and ``serve/instrumentator/health.py``). Every response carries
+``x-drctl-instance: <instance>``.
 
-- ``GET /healthz`` (also ``/health``): 200 ``{"status": "ok", ...}`` when loaded and awake, else 503
-  ``{"status": "loading" | "failed" | "sleeping", "progress", "error", ...}``.
+**OpenAI API** (what clients send; ``"model"`` may be omitted, as vLLM allows, for the served one):
+
+- ``POST /v1/completions`` ``{"model", "prompt": str | [str] | [int] | [[int]], "max_tokens"
+  (default 16), "n", "stream", "stream_options": {"include_usage"}}`` -> ``{"id": "cmpl-…",
+  "object": "text_completion", "created", "model", "choices": [{"index", "text", "logprobs": null,
+  "finish_reason": "length", "stop_reason": null, …}], "usage": {"prompt_tokens",
+  "completion_tokens", "total_tokens", …}}``. Choice ``index`` is ``prompt_index * n + i``.
+- ``POST /v1/chat/completions`` ``{"model", "messages": [{"role", "content"}], "max_tokens" or
+  "max_completion_tokens", "n", "stream", "stream_options"}`` -> ``{"id": "chatcmpl-…", "object":
+  "chat.completion", …, "choices": [{"index", "message": {"role": "assistant", "content", …},
+  "logprobs": null, "finish_reason", "stop_reason": null}], "usage"}``. Without a token limit the
+  answer is 16 tokens and ends with ``finish_reason: "stop"`` (as if the model had said EOS);
+  with one it is exactly that many, ``"length"``.
+- ``"stream": true``: server-sent events, one ``data: {chunk}\\n\\n`` per token and choice, each
+  written (HTTP/1.1 chunked) as soon as it is made, ``--token-delay-ms`` apart (default 5 ms):
+  ``"object": "text_completion"`` chunks with ``text``, or ``"chat.completion.chunk"`` chunks with
+  ``delta`` (first ``{"role": "assistant", "content": ""}``, then ``{"content": token}``); the last
+  token's chunk has the ``finish_reason``; with ``stream_options.include_usage`` a chunk with
+  ``"choices": []`` and ``usage`` follows; then ``data: [DONE]\\n\\n`` and the terminating chunk.
+  A process killed mid-stream leaves the chunked body unterminated, so the client sees an error,
+  never a clean end. If the model stops serving mid-stream (put to sleep), each open choice gets a
+  final chunk with ``finish_reason: "abort"`` (vLLM's sleep aborts requests in flight). Streaming
+  is the only place the token delay applies: a non-streamed answer comes at once.
+- Temperature, ``stop``, ``logprobs`` and the other sampling fields are accepted and ignored.
+- Errors, in vLLM's shape ``{"error": {"message", "type", "param", "code"}}``: a body that is not
+  JSON, fields of the wrong type or missing, an empty prompt, ``stream_options`` without
+  ``stream``: 400 ``"Bad Request"`` (vLLM's request validation; ``param`` names the field,
+  ``body.<field>`` for a type error); ``max_tokens`` or ``n`` below 1, or a prompt and
+  ``max_tokens`` beyond ``--max-model-len`` (default 4096): 400 ``"BadRequestError"`` (vLLM's
+  serving checks); another model: 404 ``"NotFoundError"``, param ``model``, "The model `X` does
+  not exist."; loading, failed or asleep: 503 ``"ServiceUnavailableError"`` (the openai client
+  raises ``InternalServerError``). The checks run in that order.
+- ``GET /v1/models``: ``{"object": "list", "data": [{"id": model, "object": "model", "created",
+  "owned_by": "vllm", "root": checkpoint path, "parent": null, "max_model_len", "permission":
+  [{"object": "model_permission", …}]}]}`` — but the model is listed **only while it is ready**
+  (loaded and awake), else ``"data": []``. That is drctl's readiness signal. Real vLLM serves
+  nothing until its weights are loaded, so there the list also means loaded, but it keeps listing
+  the model while asleep: against vLLM, readiness is "listed and ``/is_sleeping`` false".
+
+**vLLM's server routes:**
+
+- ``GET /health``: 200, empty body, once the weights are loaded, **awake or asleep**; 503, empty
+  body, while loading and once the load failed. vLLM answers 200 whenever its engine runs, and a
+  sleeping vLLM engine runs, so a warm standby (asleep by design) is healthy to a prober or Envoy
+  probing ``/health``; whether it can take traffic is the model list or ``/is_sleeping``. A loading
+  instance is in no load balancer (vLLM would not answer at all then). The stand-in adds one
+  header, ``x-drctl-state: loading | ready | sleeping | failed``, for people reading probes.
+- ``POST /sleep?level=1|2``: 200, empty body (vLLM's answer). Level 1 keeps the weights (in host
+  memory); level 2 discards them, so waking up reloads and re-verifies the checkpoint. Another
+  level: 400. ``POST /wake_up``: 200, empty body, once awake (it waits, like vLLM's); vLLM's
+  ``?tags=weights|kv_cache`` is accepted, and the stand-in wakes up whole. Both 503 in the error
+  shape when the load failed. ``GET /is_sleeping``: ``{"is_sleeping": bool}``.
+
+**The demo's own routes** (kept while drctl still uses them):
+
+- ``GET /healthz``: 200 ``{"status": "ok", "model", "instance", "loaded", "sleeping", "progress",
+  "error"}`` when loaded and awake, else 503 with ``"status": "loading" | "failed" | "sleeping"``.
 - ``GET /load_progress``: ``{"state": "loading" | "ready" | "failed" | "sleeping", "progress",
   "bytes_loaded", "bytes_total", "error", "load_seconds"}``.
-- ``GET /v1/models``: OpenAI-style model list.
-- ``POST /v1/models/{model}/predict``, and ``POST /predict`` or ``/v1/predict`` with a ``model-name``
-  header (no header: this server's model): body ``{"prompt": str, "max_tokens": int}`` -> 200
-  ``{"model", "instance", "text", "tokens"}``; 404 for another model; 400 for a bad body; 503 unless
-  loaded and awake.
-- ``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``. Level 1 keeps the weights
-  (in host memory); level 2 discards them, so waking up reloads and re-verifies the checkpoint.
-  ``/wake_up`` answers once the instance is awake; both answer 503 when the load failed.
-- Anything else: 404 (unknown path), 405 (wrong method), 413 (body over 1 MiB).
+- ``POST /v1/models/{model}/predict``, and ``POST /predict`` or ``/v1/predict`` with a
+  ``model-name`` header (no header: this server's model): body ``{"prompt": str, "max_tokens":
+  int}`` -> 200 ``{"model", "instance", "text", "tokens"}`` (the same text as a completion of that
+  prompt); errors ``{"error": str}``: 404 for another model, 400 for a bad body, 503 unless loaded
+  and awake.
 
-Standard library only, and no imports from the rest of drctl, so it starts in under 0.1 s.
-SIGTERM or SIGINT shut it down with exit status 0.
+Anything else: 404 (unknown path), 405 (wrong method, with ``Allow``), 413 (body over 1 MiB), in
+the OpenAI error shape.
+
+Standard library only (and drctl's checkpoint constants), so it starts in under 0.1 s. SIGTERM or
+SIGINT shut it down with exit status 0.
 """
 
 from __future__ import annotations
@@ -38,6 +97,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +114,13 @@ MAX_BODY = 1 << 20
 MAX_TOKENS_LIMIT = 4096
 INSTANCE_HEADER = "x-drctl-instance"
 MODEL_HEADER = "model-name"
+STATE_HEADER = "x-drctl-state"
+DEFAULT_COMPLETION_TOKENS = 16
+"""vLLM's default ``max_tokens`` for ``/v1/completions``."""
+NATURAL_ANSWER_TOKENS = 16
+"""A chat answer without a token limit: this many tokens, then the fake model "says EOS"."""
+MAX_CHOICES = 64
+"""At most this many choices (prompts x n) in one request."""
 
 _WORDS = (
     "the a failover standby replica zone region checkpoint weights gpu tensor token model request "
@@ -278,12 +345,230 @@ class DemoModel:
         return self.snapshot()
 
 
+class OpenAIError(Exception):
+    """An error answered in vLLM's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_ or HTTPStatus(status).phrase
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.status}}
+
+
+def _invalid(field: str, message: str) -> OpenAIError:
+    """A request field of the wrong type or missing (vLLM's validation handler: "Bad Request")."""
+    return OpenAIError(HTTPStatus.BAD_REQUEST, f"{field}: {message}", param=f"body.{field}")
+
+
+def _rejected(param: str, message: str) -> OpenAIError:
+    """A request one of vLLM's request-model validators refuses: its validation handler names the
+    validator's parameter and answers "Bad Request" too."""
+    return OpenAIError(HTTPStatus.BAD_REQUEST, message, param=param)
+
+
+def _bad_request(message: str, param: str | None = None) -> OpenAIError:
+    """A valid request vLLM's serving code refuses (its ``BadRequestError``)."""
+    return OpenAIError(HTTPStatus.BAD_REQUEST, message, "BadRequestError", param)
+
+
+def _not_serving(snap: Snapshot) -> OpenAIError:
+    message = {
+        "loading": f"the model is still loading ({snap.progress:.0%})",
+        "sleeping": "the model is sleeping (POST /wake_up first)",
+        "failed": f"the model failed to load: {snap.error}",
+    }.get(snap.state, snap.state)
+    return OpenAIError(HTTPStatus.SERVICE_UNAVAILABLE, message, "ServiceUnavailableError")
+
+
+def _token_count(text: str) -> int:
+    """The stand-in's tokenizer: one token per word, at least one (every prompt has a BOS token)."""
+    return max(1, len(text.split()))
+
+
+def _int_field(payload: dict[str, Any], name: str, default: int | None, minimum: int = 1) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, "Input should be a valid integer")
+    if value < minimum:
+        raise _bad_request(f"{name} must be at least {minimum}, got {value}.", name)
+    return value
+
+
+def _bool_field(payload: dict[str, Any], name: str) -> bool:
+    value = payload.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(name, "Input should be a valid boolean")
+    return value
+
+
+def _chat_text(messages: Any) -> str:
+    """The conversation as one text (the stand-in's chat template)."""
+    if not isinstance(messages, list):
+        raise _invalid("messages", "Field required" if messages is None else "Input should be a valid list")
+    if not messages:
+        raise _bad_request("messages must not be empty.", "messages")
+    lines: list[str] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _invalid(f"messages.{i}", 'each message must be an object with a "role"')
+        content = message.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            text = " ".join(p for p in parts if isinstance(p, str))
+        else:
+            raise _invalid(f"messages.{i}.content", "Input should be a string or a list of content parts")
+        lines.append(f"{message['role']}: {text}")
+    return "\n".join(lines)
+
+
+def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
+    """``prompt`` as (text the answer is derived from, prompt tokens), one per prompt."""
+
+    def token_ids(value: list[Any]) -> bool:
+        return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if prompt is None or prompt == "" or prompt == []:
+        raise _rejected("prompt", "Either prompt or prompt_embeds must be provided and non-empty.")
+    if isinstance(prompt, str):
+        return [(prompt, _token_count(prompt))]
+    if isinstance(prompt, list):
+        if token_ids(prompt):
+            return [(" ".join(map(str, prompt)), len(prompt))]
+        if all(isinstance(p, str) and p for p in prompt):
+            return [(p, _token_count(p)) for p in prompt]
+        if all(isinstance(p, list) and p and token_ids(p) for p in prompt):
+            return [(" ".join(map(str, p)), len(p)) for p in prompt]
+    raise _invalid("prompt", "Input should be a string, a list of strings, or token ids")
+
+
+class Generation(NamedTuple):
+    """One validated completion or chat request, and the deterministic answer it gets."""
+
+    chat: bool
+    model: str
+    request_id: str
+    created: int
+    prompt_tokens: int
+    texts: list[list[str]]
+    """Per choice, the answer's tokens (words; all but the first with a leading space)."""
+    finish_reason: str
+    stream: bool
+    include_usage: bool
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+    def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
+        done = self.completion_tokens if completion_tokens is None else completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + done,
+            "completion_tokens": done,
+            "prompt_tokens_details": None,
+        }
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def stream_choice(self, index: int, token: str, finish_reason: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"content": token}
+        else:
+            choice["text"] = token
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        if finish_reason is not None:
+            choice["stop_reason"] = None
+        return choice
+
+    def response(self) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for index, tokens in enumerate(self.texts):
+            text = "".join(tokens)
+            if self.chat:
+                message = {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                }
+                choices.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": self.finish_reason,
+                        "stop_reason": None,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": self.finish_reason,
+                        "stop_reason": None,
+                        "prompt_logprobs": None,
+                    }
+                )
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": self.usage(),
+        }
+        if self.chat:
+            body["prompt_logprobs"] = None
+        body["kv_transfer_params"] = None
+        return body
+
+
+def answer_tokens(model: str, prompt: str, count: int) -> list[str]:
+    """``fake_completion`` as tokens: ``"".join(answer_tokens(...)) == fake_completion(...)``."""
+    words = fake_completion(model, prompt, count).split(" ")
+    return [words[0], *(" " + w for w in words[1:])]
+
+
 class DemoHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: DemoModel) -> None:
+    def __init__(
+        self, address: tuple[str, int], app: DemoModel, *, token_delay_s: float = 0.005, max_model_len: int = 4096
+    ) -> None:
         self.app = app
+        self.token_delay_s = token_delay_s
+        self.max_model_len = max_model_len
         super().__init__(address, DemoHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -298,11 +583,15 @@ class DemoHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server_version = "drctl-demo-server/1"
     error_content_type = "application/json"
-    error_message_format = '{"error": "%(message)s", "code": %(code)d}'
+    error_message_format = '{"error": {"message": "%(message)s", "type": "Error", "param": null, "code": %(code)d}}'
+
+    @property
+    def demo_server(self) -> DemoHTTPServer:
+        return cast(DemoHTTPServer, self.server)
 
     @property
     def app(self) -> DemoModel:
-        return cast(DemoHTTPServer, self.server).app
+        return self.demo_server.app
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -314,22 +603,33 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def end_headers(self) -> None:
         self.send_header(INSTANCE_HEADER, self.app.instance)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         super().end_headers()
 
-    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+    def _send(self, status: int, data: bytes, content_type: str | None, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and data:
             self.wfile.write(data)
 
-    def _error(self, status: int, message: str, **extra: Any) -> None:
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send_empty(self, status: int, headers: dict[str, str] | None = None) -> None:
+        """vLLM's ``Response(status_code=...)``: no body, no content type."""
+        self._send(status, b"", None, headers)
+
+    def _error(self, error: OpenAIError, headers: dict[str, str] | None = None) -> None:
+        self._send_json(error.status, error.body(), headers)
+
+    def _legacy_error(self, status: int, message: str, **extra: Any) -> None:
+        """The demo predict API's error body: ``{"error": str, ...}``."""
         self._send_json(status, {"error": message, **extra})
 
     def _read_body(self) -> bytes:
@@ -391,16 +691,18 @@ class DemoHandler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except BadRequest as e:
-            self._error(e.status, str(e))
+            self._error(OpenAIError(e.status, str(e)))
             return
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
         query = parse_qs(url.query)
         routes: dict[str, dict[str, Any]] = {
+            "/health": {"GET": self._health},
             "/healthz": {"GET": self._healthz},
-            "/health": {"GET": self._healthz},
             "/load_progress": {"GET": self._load_progress},
             "/v1/models": {"GET": self._models},
+            "/v1/completions": {"POST": lambda: self._openai(body, chat=False)},
+            "/v1/chat/completions": {"POST": lambda: self._openai(body, chat=True)},
             "/is_sleeping": {"GET": self._is_sleeping},
             "/sleep": {"POST": lambda: self._sleep(query)},
             "/wake_up": {"POST": self._wake_up},
@@ -413,16 +715,216 @@ class DemoHandler(BaseHTTPRequestHandler):
             routes[path] = {"POST": lambda: self._predict(model, body)}
         handlers = routes.get(path)
         if handlers is None:
-            self._error(HTTPStatus.NOT_FOUND, f"no route for {path}")
+            self._error(OpenAIError(HTTPStatus.NOT_FOUND, f"no route for {path}", "NotFoundError"))
             return
         handler = handlers.get(method)
         if handler is None:
             allowed = ", ".join(sorted(handlers))
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}", allowed=allowed)
+            error = OpenAIError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed on {path} (allowed: {allowed})")
+            self._error(error, {"Allow": allowed})
             return
         handler()
 
-    # -- endpoints -----------------------------------------------------------------------------
+    # -- vLLM's server routes ------------------------------------------------------------------
+
+    def _health(self) -> None:
+        snap = self.app.snapshot()
+        alive = snap.state in ("ready", "sleeping")
+        self._send_empty(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, {STATE_HEADER: snap.state})
+
+    def _models(self) -> None:
+        app = self.app
+        now = int(time.time())
+        cards: list[dict[str, Any]] = []
+        if app.snapshot().serving:
+            permission = {
+                "id": f"modelperm-{uuid.uuid4().hex}",
+                "object": "model_permission",
+                "created": now,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+            cards.append(
+                {
+                    "id": app.model,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "vllm",
+                    "root": str(app.checkpoint),
+                    "parent": None,
+                    "max_model_len": self.demo_server.max_model_len,
+                    "permission": [permission],
+                }
+            )
+        self._send_json(HTTPStatus.OK, {"object": "list", "data": cards})
+
+    def _is_sleeping(self) -> None:
+        self._send_json(HTTPStatus.OK, {"is_sleeping": self.app.snapshot().sleeping})
+
+    def _sleep(self, query: dict[str, list[str]]) -> None:
+        raw = query.get("level", ["1"])[-1]
+        if raw not in ("1", "2"):
+            self._error(_bad_request(f"sleep level must be 1 or 2, got {raw!r}", "level"))
+            return
+        snap = self.app.sleep(int(raw))
+        if snap.state == "failed":
+            self._error(_not_serving(snap))
+            return
+        self._send_empty(HTTPStatus.OK)
+
+    def _wake_up(self) -> None:
+        snap = self.app.wake_up()
+        if snap.state == "failed":
+            self._error(_not_serving(snap))
+            return
+        self._send_empty(HTTPStatus.OK)
+
+    # -- the OpenAI API ------------------------------------------------------------------------
+
+    def _openai(self, body: bytes, *, chat: bool) -> None:
+        try:
+            generation = self._generation(body, chat=chat)
+        except OpenAIError as e:
+            self._error(e)
+            return
+        if generation.stream:
+            self._stream(generation)
+        else:
+            self._send_json(HTTPStatus.OK, generation.response())
+
+    def _generation(self, body: bytes, *, chat: bool) -> Generation:
+        """Validate a request in vLLM's order (the body, then the model, then the engine, then the
+        lengths) and make its answer."""
+        app = self.app
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise OpenAIError(HTTPStatus.BAD_REQUEST, f"JSON decode error: {e}", param="body") from None
+        if not isinstance(payload, dict):
+            raise OpenAIError(HTTPStatus.BAD_REQUEST, "Input should be a valid dictionary", param="body")
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _invalid("model", "Input should be a valid string")
+        if chat:
+            conversation = _chat_text(payload.get("messages"))
+            prompts = [(conversation, _token_count(conversation))]
+            limit = _int_field(payload, "max_completion_tokens", None) or _int_field(payload, "max_tokens", None)
+        else:
+            prompts = _completion_prompts(payload.get("prompt"))
+            limit = _int_field(payload, "max_tokens", DEFAULT_COMPLETION_TOKENS)
+        n = _int_field(payload, "n", 1)
+        assert n is not None
+        stream = _bool_field(payload, "stream")
+        stream_options = payload.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise _invalid("stream_options", "Input should be a valid dictionary")
+        if stream_options and not stream:
+            raise _rejected("stream_options", "Stream options can only be defined when `stream=True`.")
+        include_usage = _bool_field(stream_options or {}, "include_usage")
+        if len(prompts) * n > MAX_CHOICES:
+            raise _bad_request(f"at most {MAX_CHOICES} choices (prompts x n) per request", "n")
+
+        if model and model != app.model:
+            raise OpenAIError(HTTPStatus.NOT_FOUND, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        snap = app.snapshot()
+        if not snap.serving:
+            raise _not_serving(snap)
+
+        max_model_len = self.demo_server.max_model_len
+        for _text, tokens in prompts:
+            if tokens >= max_model_len:
+                raise _bad_request(
+                    f"This model's maximum context length is {max_model_len} tokens. However, your request "
+                    f"has {tokens} input tokens. Please reduce the length of the input messages.",
+                    "input_tokens",
+                )
+            if limit is not None and tokens + limit > max_model_len:
+                raise _bad_request(
+                    f"'max_tokens' or 'max_completion_tokens' is too large: {limit}. This model's maximum "
+                    f"context length is {max_model_len} tokens and your request has {tokens} input tokens "
+                    f"({limit} > {max_model_len} - {tokens}).",
+                    "max_tokens",
+                )
+        texts: list[list[str]] = []
+        finish_reason = "length"
+        for text, tokens in prompts:
+            count = limit
+            if count is None:  # no limit: the fake model "says EOS" after a fixed number of tokens
+                count = min(NATURAL_ANSWER_TOKENS, max_model_len - tokens)
+                finish_reason = "stop" if count == NATURAL_ANSWER_TOKENS else "length"
+            for i in range(n):
+                texts.append(answer_tokens(app.model, text if i == 0 else f"{text}\0{i}", count))
+        base_id = self.headers.get("X-Request-Id") or uuid.uuid4().hex
+        return Generation(
+            chat=chat,
+            model=app.model,
+            request_id=f"{'chatcmpl' if chat else 'cmpl'}-{base_id}",
+            created=int(time.time()),
+            prompt_tokens=sum(tokens for _text, tokens in prompts),
+            texts=texts,
+            finish_reason=finish_reason,
+            stream=stream,
+            include_usage=include_usage,
+        )
+
+    def _stream(self, generation: Generation) -> None:
+        """Server-sent events, one chunk per token and choice, each written as soon as it is made."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        delay = self.demo_server.token_delay_s
+        sent = 0
+        try:
+            if generation.chat:
+                roles = [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(generation.texts))
+                ]
+                for choice in roles:
+                    self._event(generation.chunk([choice]))
+            longest = max(len(tokens) for tokens in generation.texts)
+            for step in range(longest):
+                if delay > 0:
+                    time.sleep(delay)
+                if not self.app.snapshot().serving:
+                    # Put to sleep (or failed) mid-stream: vLLM's sleep aborts the requests in flight.
+                    log(self.app.instance, f"stream {generation.request_id} aborted after {step} tokens")
+                    for index, tokens in enumerate(generation.texts):
+                        if step < len(tokens):
+                            self._event(generation.chunk([generation.stream_choice(index, "", "abort")]))
+                    break
+                for index, tokens in enumerate(generation.texts):
+                    if step < len(tokens):
+                        last = step == len(tokens) - 1
+                        choice = generation.stream_choice(
+                            index, tokens[step], generation.finish_reason if last else None
+                        )
+                        self._event(generation.chunk([choice]))
+                        sent += 1
+            if generation.include_usage:
+                self._event(generation.chunk([], generation.usage(sent)))
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+            log(self.app.instance, f"stream {generation.request_id}: client went away after {sent} tokens")
+
+    def _event(self, chunk: dict[str, Any]) -> None:
+        self._write_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    def _write_chunk(self, data: bytes) -> None:
+        """One HTTP/1.1 chunk in one write (``wfile`` is unbuffered: it leaves at once); empty: the end."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    # -- the demo's own routes -----------------------------------------------------------------
 
     def _healthz(self) -> None:
         app = self.app
@@ -454,46 +956,15 @@ class DemoHandler(BaseHTTPRequestHandler):
             },
         )
 
-    def _models(self) -> None:
-        app = self.app
-        self._send_json(
-            HTTPStatus.OK,
-            {
-                "object": "list",
-                "data": [{"id": app.model, "object": "model", "owned_by": "drctl", "instance": app.instance}],
-            },
-        )
-
-    def _is_sleeping(self) -> None:
-        self._send_json(HTTPStatus.OK, {"is_sleeping": self.app.snapshot().sleeping})
-
-    def _sleep(self, query: dict[str, list[str]]) -> None:
-        raw = query.get("level", ["1"])[-1]
-        if raw not in ("1", "2"):
-            self._error(HTTPStatus.BAD_REQUEST, f"sleep level must be 1 or 2, got {raw!r}")
-            return
-        snap = self.app.sleep(int(raw))
-        if snap.state == "failed":
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, snap.error or "failed", state=snap.state)
-            return
-        self._send_json(HTTPStatus.OK, {"is_sleeping": snap.sleeping, "state": snap.state})
-
-    def _wake_up(self) -> None:
-        snap = self.app.wake_up()
-        if snap.state == "failed":
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, snap.error or "failed", state=snap.state)
-            return
-        self._send_json(HTTPStatus.OK, {"is_sleeping": snap.sleeping, "state": snap.state})
-
     def _predict(self, model: str | None, body: bytes) -> None:
         app = self.app
         if model is not None and model != app.model:
-            self._error(HTTPStatus.NOT_FOUND, f"model {model!r} is not served here (this is {app.model!r})")
+            self._legacy_error(HTTPStatus.NOT_FOUND, f"model {model!r} is not served here (this is {app.model!r})")
             return
         try:
             prompt, max_tokens = _parse_predict(body)
         except BadRequest as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e))
+            self._legacy_error(HTTPStatus.BAD_REQUEST, str(e))
             return
         snap = app.snapshot()
         if not snap.serving:
@@ -502,7 +973,7 @@ class DemoHandler(BaseHTTPRequestHandler):
                 "sleeping": "model is sleeping",
                 "failed": f"model failed to load: {snap.error}",
             }[snap.state]
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, message, state=snap.state, progress=snap.progress)
+            self._legacy_error(HTTPStatus.SERVICE_UNAVAILABLE, message, state=snap.state, progress=snap.progress)
             return
         text = fake_completion(app.model, prompt, max_tokens)
         self._send_json(
@@ -543,10 +1014,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--wake-seconds-per-gib", type=float, default=0.25, help="simulated wake-up time per GiB (default 0.25)"
     )
+    parser.add_argument("--token-delay-ms", type=float, default=5.0, help="time per streamed token, in ms (default 5)")
+    parser.add_argument(
+        "--max-model-len", type=int, default=MAX_TOKENS_LIMIT, help="context length in tokens (default 4096)"
+    )
     parser.add_argument("--gpu", default=None, help="GPU this instance was placed on (reported only)")
     args = parser.parse_args(argv)
     if args.load_seconds_per_gib < 0 or args.wake_seconds_per_gib < 0:
         parser.error("--load-seconds-per-gib and --wake-seconds-per-gib must not be negative")
+    if args.token_delay_ms < 0:
+        parser.error("--token-delay-ms must not be negative")
+    if args.max_model_len < 2:
+        parser.error("--max-model-len must be at least 2")
     return args
 
 
@@ -562,7 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu=args.gpu,
     )
     try:
-        server = DemoHTTPServer((args.host, args.port), app)
+        server = DemoHTTPServer(
+            (args.host, args.port), app, token_delay_s=args.token_delay_ms / 1000, max_model_len=args.max_model_len
+        )
     except OSError as e:
         log(args.instance, f"cannot listen on {args.host}:{args.port}: {e}")
         return 1

@@ -1,4 +1,7 @@
-"""The demo inference server as a real subprocess: loading, checksum failure, predict, sleep mode, signals."""
+"""The demo inference server as a real subprocess: loading, checksum failure, health, predict, sleep mode, signals.
+
+The OpenAI API (completions, chat, streaming) is driven with the official client in test_openai_api.py.
+"""
 
 from __future__ import annotations
 
@@ -128,6 +131,31 @@ def test_ready_after_load_with_right_checksum(ready_server: Server) -> None:
     assert [m["id"] for m in models["data"]] == [MODEL]
 
 
+def test_health_is_vllms_empty_200(ready_server: Server) -> None:
+    health = ready_server.get("/health")
+    assert health.status_code == 200
+    assert health.content == b""
+    assert "content-type" not in health.headers
+    assert health.headers["x-drctl-state"] == "ready"
+    assert health.headers["x-drctl-instance"] == f"{MODEL}-0"
+
+
+def test_models_lists_a_vllm_model_card(ready_server: Server) -> None:
+    models = ready_server.get("/v1/models").json()
+    assert models["object"] == "list"
+    [card] = models["data"]
+    assert card["id"] == MODEL
+    assert card["object"] == "model"
+    assert card["owned_by"] == "vllm"
+    assert card["root"].endswith(f"{MODEL}.ckpt")
+    assert card["parent"] is None
+    assert card["max_model_len"] == 4096
+    assert isinstance(card["created"], int)
+    [permission] = card["permission"]
+    assert permission["object"] == "model_permission"
+    assert permission["id"].startswith("modelperm-")
+
+
 def test_predict_returns_model_and_instance(ready_server: Server) -> None:
     body = {"prompt": "fail over, please", "max_tokens": 7}
     response = ready_server.post(f"/v1/models/{MODEL}/predict", json=body)
@@ -177,10 +205,15 @@ def test_malformed_predict_is_400(ready_server: Server, body: bytes, message: st
 
 
 def test_unknown_route_and_wrong_method(ready_server: Server) -> None:
-    assert ready_server.get("/nope").status_code == 404
+    missing = ready_server.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == 404
     response = ready_server.client.put(ready_server.url + "/healthz")
     assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.json()["error"]["code"] == 405
     assert response.headers["x-drctl-instance"] == f"{MODEL}-0"
+    assert ready_server.get("/v1/completions").status_code == 405
 
 
 def test_keep_alive_pipelined_requests_on_one_connection(ready_server: Server) -> None:
@@ -209,10 +242,16 @@ def test_slow_load_reports_progress(checkpoint: Path, tmp_path: Path) -> None:
         assert health.status_code == 503
         assert health.json()["status"] == "loading"
         assert 0.0 <= health.json()["progress"] < 1.0
+        vllm_health = server.get("/health")
+        assert vllm_health.status_code == 503
+        assert vllm_health.headers["x-drctl-state"] == "loading"
+        assert server.get("/v1/models").json() == {"object": "list", "data": []}  # not ready: not listed
         assert server.post(f"/v1/models/{MODEL}/predict", json={"prompt": "x"}).status_code == 503
         progress = server.wait_until("ready")
         assert progress["load_seconds"] >= 0.2
         assert server.get("/healthz").status_code == 200
+        assert server.get("/health").status_code == 200
+        assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [MODEL]
 
 
 def test_corrupted_checkpoint_fails(checkpoint: Path, tmp_path: Path) -> None:
@@ -229,7 +268,13 @@ def test_corrupted_checkpoint_fails(checkpoint: Path, tmp_path: Path) -> None:
         predict = server.post(f"/v1/models/{MODEL}/predict", json={"prompt": "x", "max_tokens": 1})
         assert predict.status_code == 503
         assert "checksum" in predict.json()["error"]
-        assert server.post("/wake_up").status_code == 503
+        assert server.get("/health").status_code == 503
+        assert server.get("/health").headers["x-drctl-state"] == "failed"
+        assert server.get("/v1/models").json()["data"] == []
+        wake = server.post("/wake_up")
+        assert wake.status_code == 503
+        assert "checksum" in wake.json()["error"]["message"]
+        assert server.post("/sleep?level=1").status_code == 503
         assert server.process.poll() is None  # it keeps running and keeps saying why
         assert "checksum" in server.log.read_text()
 
@@ -245,27 +290,38 @@ def test_sleep_and_wake_up(checkpoint: Path, tmp_path: Path) -> None:
     predict = {"json": {"prompt": "x", "max_tokens": 1}}
     with demo_server(checkpoint, tmp_path) as server:
         server.wait_until("ready")
-        assert server.post("/sleep?level=1").status_code == 200
+        # vLLM answers /sleep and /wake_up with an empty 200.
+        asleep = server.post("/sleep?level=1")
+        assert (asleep.status_code, asleep.content) == (200, b"")
         assert server.get("/is_sleeping").json() == {"is_sleeping": True}
         health = server.get("/healthz")
         assert health.status_code == 503
         assert health.json()["status"] == "sleeping"
         assert health.json()["loaded"] is True
+        # A sleeping engine is alive (a warm standby is healthy), but its model is not ready.
+        assert server.get("/health").status_code == 200
+        assert server.get("/health").headers["x-drctl-state"] == "sleeping"
+        assert server.get("/v1/models").json()["data"] == []
         assert server.get("/load_progress").json()["state"] == "sleeping"
         assert server.post(f"/v1/models/{MODEL}/predict", **predict).status_code == 503
 
-        assert server.post("/wake_up").status_code == 200
+        awake = server.post("/wake_up")
+        assert (awake.status_code, awake.content) == (200, b"")
         assert server.get("/is_sleeping").json() == {"is_sleeping": False}
+        assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [MODEL]
         assert server.get("/healthz").status_code == 200
         assert server.post(f"/v1/models/{MODEL}/predict", **predict).status_code == 200
 
         # Level 2 discards the weights: waking up reloads and re-verifies the checkpoint.
         assert server.post("/sleep?level=2").status_code == 200
-        assert server.post("/wake_up").json() == {"is_sleeping": False, "state": "ready"}
+        assert server.post("/wake_up").status_code == 200
+        assert server.get("/is_sleeping").json() == {"is_sleeping": False}
         assert server.post(f"/v1/models/{MODEL}/predict", **predict).status_code == 200
         assert server.log.read_text().count("-> loading") == 2
 
-        assert server.post("/sleep?level=3").status_code == 400
+        bad_level = server.post("/sleep?level=3")
+        assert bad_level.status_code == 400
+        assert bad_level.json()["error"]["param"] == "level"
 
 
 def test_start_sleeping(checkpoint: Path, tmp_path: Path) -> None:
@@ -276,6 +332,7 @@ def test_start_sleeping(checkpoint: Path, tmp_path: Path) -> None:
         health = server.get("/healthz")
         assert health.status_code == 503
         assert health.json()["status"] == "sleeping"
+        assert server.get("/health").status_code == 200
         assert server.post("/wake_up").status_code == 200
         assert server.get("/healthz").status_code == 200
 

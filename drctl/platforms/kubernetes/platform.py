@@ -9,12 +9,18 @@ Every API call runs the official (blocking) client in a thread. 429/5xx are retr
 409 conflicts (stale resourceVersion) are re-read and retried, 403 is a non-retryable
 ``PermissionDenied`` error that names the verb and resource. GPU cordons are kept in memory only.
 
-Promotion: a hot standby is relabelled; a warm standby (running, model asleep) is woken with
-``POST /wake_up`` on its pod IP and container port, then relabelled; a cold standby (a Deployment
-scaled to 0, or running without a GPU) is promoted by patching its Deployment: one GPU requested and
-limited, replicas 1, role ``promoting`` on the Deployment and its pod template (this rolls out a new
-pod, which ``wait_loaded`` waits for). Relabelling a running pod does not touch its Deployment's
-pod template: changing the template rolls the pod out, which would unload a loaded standby.
+Every call on an instance goes through its model's engine profile (:mod:`drctl.policies.engines`):
+the warm probe asks the engine's health path, and waking up is the engine's wake call (vLLM's
+``POST /wake_up``, SGLang's ``POST /resume_memory_occupation``) on the pod IP and container port.
+Reconciliation builds each instance's pod from the engine's template (:mod:`.templates`: image,
+args, env, startup and readiness probes on the health path, one GPU).
+
+Promotion: a hot standby is relabelled; a warm standby (running, model asleep) is woken through its
+engine's wake call, then relabelled; a cold standby (a Deployment scaled to 0, or running without a
+GPU) is promoted by patching its Deployment: one GPU requested and limited, replicas 1, role
+``promoting`` on the Deployment and its pod template (this rolls out a new pod, which
+``wait_loaded`` waits for). Relabelling a running pod does not touch its Deployment's pod template:
+changing the template rolls the pod out, which would unload a loaded standby.
 
 Optional Istio mode (``istio_virtual_service=``): registering an instance at priority 0 also shifts
 the model's VirtualService weights from the primary to the standby destination (see ``istio``).
@@ -25,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api, CustomObjectsApi, V1Deployment
@@ -38,6 +45,8 @@ from drctl.platforms import errors, node_agents
 from drctl.platforms.base import ProgressCallback, find_instance
 from drctl.platforms.kubernetes import istio
 from drctl.platforms.kubernetes.fencing import KubernetesFencing
+from drctl.platforms.kubernetes.templates import DEFAULT_IMAGES, GPU_RESOURCE, EngineNotOnKubernetes, InstanceTemplate
+from drctl.policies.engines import Engine, EngineProfile
 from drctl.policies.schema import DRPolicy
 
 MODEL = "drctl.io/model"
@@ -46,7 +55,6 @@ INSTANCE = "drctl.io/instance"
 SERVING = "drctl.io/serving"
 GPU_ANNOTATION = "drctl.io/gpu"
 ZONE = "topology.kubernetes.io/zone"
-GPU_RESOURCE = "nvidia.com/gpu"
 MERGE_PATCH = "application/merge-patch+json"
 
 PERMISSION_DENIED = "PermissionDenied"
@@ -96,6 +104,15 @@ def _phase(pod: Any) -> str:
     return str(pod.status.phase) if pod.status and pod.status.phase else "Unknown"
 
 
+def _is_sleeping(response: httpx.Response) -> bool | None:
+    """An ``is_sleeping`` answer: ``{"is_sleeping": bool}``; None for anything else."""
+    try:
+        asleep = response.json().get("is_sleeping") if response.status_code == 200 else None
+    except (ValueError, AttributeError):
+        return None
+    return asleep if isinstance(asleep, bool) else None
+
+
 def _has_gpu(containers: Any) -> bool:
     """Whether any container (client objects) requests or limits a GPU."""
     for c in containers or []:
@@ -105,13 +122,14 @@ def _has_gpu(containers: Any) -> bool:
     return False
 
 
-WakeUp = Callable[[str], Awaitable[int]]
-"""POST to a URL, return the HTTP status (injectable so tests need no model server)."""
+WakeUp = Callable[[str, dict[str, Any] | None], Awaitable[int]]
+"""POST to a URL with an optional JSON body (the engine's wake call), return the HTTP status
+(injectable so tests need no model server)."""
 
 
-async def http_wake_up(url: str) -> int:
+async def http_wake_up(url: str, body: dict[str, Any] | None = None) -> int:
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=2.0)) as client:
-        return (await client.post(url)).status_code
+        return (await client.post(url, json=body)).status_code
 
 
 API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
@@ -132,7 +150,10 @@ class KubernetesPlatform:
         namespace: str,
         policy: DRPolicy,
         *,
-        image: str = "vllm/vllm-openai:latest",
+        image: str | None = None,
+        images: Mapping[Engine, str] | None = None,
+        model_source: str = "/models/{model}",
+        models_claim: str | None = "drctl-models",
         attempts: int = 5,
         backoff_s: float = 0.2,
         poll_s: float = 1.0,
@@ -155,7 +176,10 @@ class KubernetesPlatform:
         )
         self.namespace = namespace
         self.policy = policy
-        self.image = image
+        chosen = {**DEFAULT_IMAGES, **(images or {})}
+        if image is not None:  # the one image setting (DRCTL_KUBERNETES_IMAGE) is vLLM's
+            chosen[Engine.VLLM] = image
+        self.template = InstanceTemplate(images=chosen, model_source=model_source, models_claim=models_claim)
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.poll_s = poll_s
@@ -342,16 +366,24 @@ class KubernetesPlatform:
         address = _address(pod)
         if address is None:
             return False, f"warm standby: pod {name} is Running but not Ready, and has no address to ask"
-        url = f"http://{address}{self.policy.load_balancer.health_check.path}"
+        engine = self._engine(instance.model)
+        url = f"http://{address}{engine.health_path}"
         try:
             async with httpx.AsyncClient(timeout=self.policy.detection.probe_timeout.total_seconds()) as client:
                 response = await client.get(url)
-            state = response.json().get("status") if response.status_code != 200 else "ok"
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                asleep, why = None, None
+                if response.status_code == 200 and engine.is_sleeping_path is not None:
+                    asleep = _is_sleeping(await client.get(f"http://{address}{engine.is_sleeping_path}"))
+                elif response.status_code != 200 and engine.load_progress_path is not None:
+                    why = (await client.get(f"http://{address}{engine.load_progress_path}")).text
+        except httpx.HTTPError as exc:
             return False, f"warm standby: pod {name} not Ready and {url} did not answer: {type(exc).__name__}"
-        if response.status_code == 200 or state == "sleeping":
-            return True, f"warm standby: pod {name} Running, model {'asleep' if state == 'sleeping' else 'awake'}"
-        return False, f"warm standby: pod {name} not Ready, {url} answered {response.status_code} {state}"
+        verdict = engine.judge_health(
+            response.status_code, response.text, asleep=asleep, may_sleep=True, load_progress=why
+        )
+        if verdict.healthy:
+            return True, f"warm standby: pod {name} Running, {verdict.detail}"
+        return False, f"warm standby: pod {name} not Ready, {verdict.detail}"
 
     async def restore_checkpoint(self, instance: Instance) -> str:
         """Delete the instance's pods: its Deployment starts new ones, whose model server fetches the
@@ -393,18 +425,33 @@ class KubernetesPlatform:
         raise errors.not_a_standby(instance.id, instance.role)
 
     async def _wake(self, instance: Instance, pod: Any) -> str:
+        woken = await self._wake_pod(instance, pod)
+        await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
+        return f"warm standby {woken}, marked promoting"
+
+    async def _wake_pod(self, instance: Instance, pod: Any) -> str:
+        """Wake the pod's model up through its engine's wake call; says how."""
+        engine = self._engine(instance.model)
+        if engine.wake is None:
+            return f"awake already ({engine.engine} cannot sleep)"
         ports = [p.container_port for c in (pod.spec.containers or []) for p in (c.ports or [])]
         if not ports:
             raise errors.model_load_failed(instance.id, f"pod {pod.metadata.name} exposes no container port")
-        url = f"http://{pod.status.pod_ip}:{ports[0]}/wake_up"
+        query = f"?{urlencode(engine.wake.params)}" if engine.wake.params else ""
+        url = f"http://{pod.status.pod_ip}:{ports[0]}{engine.wake.path}{query}"
         try:
-            status = await self.wake_up(url)
+            status = await self.wake_up(url, engine.wake.json)
         except httpx.HTTPError as exc:
             raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from exc  # retryable
         if status != 200:
-            raise errors.model_load_failed(instance.id, f"wake_up answered {status}")
-        await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
-        return f"warm standby woken up ({url}), marked promoting"
+            raise errors.model_load_failed(instance.id, f"{engine.wake.path} answered {status}")
+        return f"woken up ({url})"
+
+    def _engine(self, model: str) -> EngineProfile:
+        try:
+            return self.policy.model(model).engine_profile
+        except KeyError:
+            raise errors.unknown_model(model, self.policy.model_names) from None
 
     async def _promote_deployment(self, instance: Instance) -> str:
         """GPU request and limit, replicas 1, role promoting on the Deployment and its pod template."""
@@ -531,25 +578,25 @@ class KubernetesPlatform:
         return sorted(set(self._cordoned) | from_agents)
 
     def deployment(self, action: ReconcileAction) -> dict[str, Any]:
-        """The Deployment for one instance: selected by instance and model, labelled with its tier."""
+        """The Deployment for one instance: selected by instance and model, labelled with its tier,
+        its pod the model's engine template (:mod:`.templates`). A cold standby is the same pod
+        without a GPU, scaled to 0 (its normal state: a checkpoint and no process); promotion asks
+        for the GPU and scales it to 1. ``Recreate``: never two pods of one instance on one GPU."""
         selector = {MODEL: action.model, INSTANCE: action.instance}
         # Also the seed's cold-standby manager labels (app, standby-type), for existing dashboards.
         labels = {**selector, ROLE: action.tier.value, SERVING: "false", "app": action.model}
         if action.tier.is_standby:
             labels["standby-type"] = action.tier.value
-        container: dict[str, Any] = {"name": "model", "image": self.image, "args": ["--model", action.model]}
-        if action.tier != Role.COLD:
-            container["resources"] = {"limits": {GPU_RESOURCE: "1"}}
-        pod_spec: dict[str, Any] = {"containers": [container]}
-        if action.node:
-            pod_spec["nodeSelector"] = {"kubernetes.io/hostname": action.node}
+        engine = self.policy.model(action.model).engine
+        pod_spec = self.template.pod_spec(engine, action.model, gpu=action.tier != Role.COLD, node=action.node)
         annotations = {GPU_ANNOTATION: action.gpu} if action.gpu else {}
         return {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": {"name": action.instance, "labels": labels, "annotations": annotations},
             "spec": {
-                "replicas": 1,
+                "replicas": 0 if action.tier == Role.COLD else 1,
+                "strategy": {"type": "Recreate"},
                 "selector": {"matchLabels": selector},
                 "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
             },
@@ -559,14 +606,17 @@ class KubernetesPlatform:
         if action.model not in self.policy.model_names:
             raise errors.unknown_model(action.model, self.policy.model_names)
         await self.fencing.check(action.model, action.epoch)
-        body = V1Deployment.from_dict(self.deployment(action))
+        try:
+            body = V1Deployment.from_dict(self.deployment(action))
+        except EngineNotOnKubernetes as exc:
+            raise not_built(f"{action.instance}: {exc}") from exc
         try:
             await self._call("create", "deployments.apps", self.apps.create_namespaced_deployment, self.namespace, body)
         except ApiException as exc:
             if exc.status != 409:
                 raise
             return f"deployment {action.instance} already exists"
-        gpu = "no GPU" if action.tier == Role.COLD else f"1 GPU ({action.gpu or 'any'})"
+        gpu = "no GPU, scaled to 0" if action.tier == Role.COLD else f"1 GPU ({action.gpu or 'any'})"
         return f"deployment {action.instance} created: {action.tier}, {gpu}"
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
@@ -576,8 +626,10 @@ class KubernetesPlatform:
             return f"already {action.tier}"
         if action.tier != Role.HOT or instance.role != Role.WARM:
             raise not_built(f"retiering {instance.id} {instance.role} → {action.tier}")
+        pods = [p for p in await self._instance_pods(instance) if p.status and p.status.pod_ip]
+        woken = f"; {await self._wake_pod(instance, pods[0])}" if pods else ""  # a hot standby is awake
         await self._set_labels(instance, {ROLE: Role.HOT.value})
-        return f"{instance.id} warm → hot (pod relabelled; both tiers hold a GPU)"
+        return f"{instance.id} warm → hot (pod relabelled; both tiers hold a GPU){woken}"
 
     async def delete_instance(self, action: ReconcileAction) -> str:
         await self.fencing.check(action.model, action.epoch)

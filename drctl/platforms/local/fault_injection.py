@@ -79,7 +79,8 @@ class LocalFaultInjector:
                 fault.corrupted.append(str(path))
                 await asyncio.to_thread(corrupt_checkpoint, path, 4096, 64)
                 async with httpx.AsyncClient() as http:
-                    reload = await faults.reload_weights(http, f"http://{serving.address}")
+                    profile = self.platform.policy.model(target.model).engine_profile
+                    reload = await faults.reload_weights(http, f"http://{serving.address}", profile)
                 fault.detail = f"{path.name} corrupted (64 bytes at 4096); {serving.id} reloaded its weights: {reload}"
 
     async def restore(self, fault: InjectedFault) -> DrillRestore:

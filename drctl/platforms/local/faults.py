@@ -14,6 +14,10 @@ import httpx
 
 from drctl.platforms import node_agents
 from drctl.platforms.local import processes
+from drctl.policies.engines import Engine, EngineProfile, HttpCall, profile
+
+DEMO = profile(Engine.DEMO)
+"""The engine ``reload_weights`` assumes when not told: drctl's stand-in."""
 
 
 def kill(pid: int) -> None:
@@ -78,14 +82,34 @@ async def agent_for_node(http: httpx.AsyncClient, agent_urls: list[str], node: s
     return None
 
 
-async def reload_weights(http: httpx.AsyncClient, base_url: str) -> str:
-    """Make an instance load its checkpoint again: sleep level 2 drops the weights, wake-up reloads
-    and re-verifies them (vLLM's sleep mode API). Returns how the wake-up answered: with a corrupted
-    checkpoint the reload fails, which is the point."""
-    (await http.post(f"{base_url}/sleep", params={"level": 2}, timeout=5.0)).raise_for_status()
-    response = await http.post(f"{base_url}/wake_up", timeout=30.0)
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    return f"wake_up {response.status_code}" + (f": {error}" if error else "")
+async def reload_weights(http: httpx.AsyncClient, base_url: str, engine: EngineProfile = DEMO) -> str:
+    """Make an instance load its weights from disk again, through its engine's ``reload_weights``
+    calls, so that a corrupted checkpoint is found (the drill's model-corruption fault). The demo:
+    sleep level 2 drops the weights and waking up reloads and re-verifies them; vLLM: sleep level 2,
+    then the weights' memory back, ``reload_weights`` over ``/collective_rpc``, the KV cache back
+    (all dev-mode endpoints). SGLang has no such calls in its profile: the fault runs on the demo
+    and vLLM only. Putting it to sleep must succeed; from then on the first call that fails is the
+    answer (with a corrupted checkpoint the reload fails, which is the point), else the last one's."""
+    if not engine.reload_weights:
+        raise RuntimeError(f"reloading the weights from disk is not supported for {engine.engine} instances")
+    first, *rest = engine.reload_weights
+    (await _send(http, base_url, first, 5.0)).raise_for_status()
+    answer = f"{first.path} done"
+    for call in rest:
+        response = await _send(http, base_url, call, 30.0)
+        try:
+            error = response.json().get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if isinstance(error, dict):  # OpenAI's error shape (vLLM's, the demo's): {"message", "type", ...}
+            error = error.get("message")
+        answer = f"{call.path.lstrip('/')} {response.status_code}" + (f": {error}" if error else "")
+        if not response.is_success:
+            break
+    return answer
+
+
+async def _send(http: httpx.AsyncClient, base_url: str, call: HttpCall, timeout_s: float) -> httpx.Response:
+    return await http.request(
+        call.method, f"{base_url}{call.path}", params=call.params, json=call.json, timeout=timeout_s
+    )

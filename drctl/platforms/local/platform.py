@@ -7,6 +7,10 @@ in the registry by id, so they act on what the registry says now.
 Tier mapping (seed §4.1 on one machine): hot = running, loaded, registered at priority 1;
 warm = running, loaded and asleep (vLLM sleep mode), not registered; cold = checkpoint only,
 no process. Serving instances are registered at priority 0.
+
+Every call on an instance (health, readiness, sleep, wake, verify) goes through its model's engine
+profile (``ModelPolicy.engine_profile``, :mod:`drctl.policies.engines`), so a vLLM or SGLang fleet
+is asked on the paths it serves; its process starts with the profile's ``server_env``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -33,6 +38,7 @@ from drctl.platforms.local.checkpoints import (
 )
 from drctl.platforms.local.fault_injection import LocalFaultInjector
 from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
+from drctl.policies.engines import MODEL_HEADER, EngineProfile, HttpCall
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DRPolicy, ModelPolicy
@@ -110,10 +116,11 @@ class LocalPlatform:
         return find_instance(await self.list_instances(model), model, instance_id)
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
-        """Healthy *for its tier*: serving and hot answer ``/healthz`` 200; a warm standby is loaded
-        and asleep (``/healthz`` 503 ``sleeping``, or 200 if awake); a cold standby has no process,
-        its normal state, and is healthy while the model's checkpoint is intact. A warm standby
-        whose process is gone or whose model failed (or is still loading) is not."""
+        """Healthy *for its tier*: serving and hot answer their engine's health path with 200 and
+        are awake; a warm standby is loaded, asleep or awake (see ``EngineProfile.judge_health``);
+        a cold standby has no process, its normal state, and is healthy while the model's checkpoint
+        is intact. A warm standby whose process is gone or whose model failed (or is still loading)
+        is not."""
         if instance.role == Role.COLD:
             checkpoint = self.layout.checkpoint(instance.model)
             size = self._checkpoint_size(self.policy.model(instance.model))
@@ -132,25 +139,49 @@ class LocalPlatform:
         local = self._local(instance)
         if not processes.is_alive(local.pid):
             return False, f"process {local.pid} is not running"
+        engine = self._engine(instance.model)
         last = ""
         timeout = self.policy.detection.probe_timeout.total_seconds()
         for attempt in range(3):
             try:
-                response = await self._http.get(self._url(local, "/healthz"), timeout=timeout)
-                if response.status_code == 200:
-                    return True, "healthz 200"
-                try:
-                    state = response.json().get("status")
-                except (ValueError, AttributeError):
-                    state = None
-                if instance.role == Role.WARM and state == "sleeping":
-                    return True, "healthz 503 sleeping: loaded and asleep, a warm standby's normal state"
-                last = f"healthz {response.status_code}: {response.text[:200]}"
+                response = await self._http.get(self._url(local, engine.health_path), timeout=timeout)
             except httpx.HTTPError as exc:
-                last = f"healthz unreachable: {type(exc).__name__}"
+                last = f"{engine.health_path} unreachable: {type(exc).__name__}"
+            else:
+                up = response.status_code == 200
+                verdict = engine.judge_health(
+                    response.status_code,
+                    response.text,
+                    asleep=await self._asleep(local, engine, timeout) if up else None,
+                    may_sleep=instance.role == Role.WARM,
+                    load_progress=None if up else await self._load_progress(local, engine, timeout),
+                )
+                if verdict.healthy:
+                    return True, verdict.detail
+                last = verdict.detail
             if attempt < 2:
                 await asyncio.sleep(0.1)
         return False, last
+
+    async def _load_progress(self, local: LocalInstance, engine: EngineProfile, timeout_s: float) -> str | None:
+        """The engine's load progress answer (the demo's: why it is not up), None without one."""
+        if engine.load_progress_path is None:
+            return None
+        try:
+            return (await self._http.get(self._url(local, engine.load_progress_path), timeout=timeout_s)).text
+        except httpx.HTTPError:
+            return None
+
+    async def _asleep(self, local: LocalInstance, engine: EngineProfile, timeout_s: float) -> bool | None:
+        """What the engine's ``is_sleeping`` query answers; None without one, or without an answer."""
+        if engine.is_sleeping_path is None:
+            return None
+        try:
+            response = await self._http.get(self._url(local, engine.is_sleeping_path), timeout=timeout_s)
+            asleep = response.json().get("is_sleeping") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return asleep if isinstance(asleep, bool) else None
 
     async def claim_epoch(self, model: str) -> int:
         if model not in self.policy.model_names:
@@ -201,17 +232,27 @@ class LocalPlatform:
             self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "hot standby: already loaded and registered at priority 1"
         if instance.role == Role.WARM and processes.is_alive(local.pid):
-            response = await self._http.post(self._url(local, "/wake_up"), timeout=60.0)
+            engine = self._engine(instance.model)
+            if engine.wake is None:
+                self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+                return f"warm standby: {engine.engine} cannot sleep, so it is awake already"
+            response = await self._send(local, engine.wake, timeout_s=60.0)
             if response.status_code != 200:
-                raise errors.model_load_failed(instance.id, f"wake_up answered {response.status_code}")
+                said = response.text.strip()[:200]
+                raise errors.model_load_failed(
+                    instance.id, f"{engine.wake.path} answered {response.status_code}" + (f": {said}" if said else "")
+                )
             self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
-            return "warm standby woken up (/wake_up)"
+            return f"warm standby woken up ({engine.wake.path})"
         # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
         started = self._start_process(local.with_changes(role=Role.PROMOTING), epoch)
         return f"cold standby started as pid {started.pid} on port {started.port}"
 
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback) -> str:
+        """Until the instance has loaded its model: its engine's load progress where it has one (the
+        demo), else its model listed on the engine's models path (vLLM, SGLang)."""
         local = self._local(instance)
+        engine = self._engine(instance.model)
         start = time.monotonic()
         deadline = start + self.load_timeout_s(instance.model)
         while time.monotonic() < deadline:
@@ -219,11 +260,7 @@ class LocalPlatform:
                 said = self._log_tail(instance.id)
                 why = f"process {local.pid} exited while loading" + (f"; its log ends: {said}" if said else "")
                 raise errors.model_load_failed(instance.id, why)
-            try:
-                response = await self._http.get(self._url(local, "/load_progress"), timeout=1.0)
-                state = response.json()
-            except (httpx.HTTPError, ValueError):
-                state = {"state": "starting", "progress": 0.0}
+            state = await self._load_state(local, engine)
             progress(float(state.get("progress") or 0.0), str(state.get("state")))
             if state.get("state") == "ready":
                 return f"loaded in {time.monotonic() - start:.2f}s"
@@ -234,6 +271,33 @@ class LocalPlatform:
                 raise errors.model_load_failed(instance.id, error)
             await asyncio.sleep(0.05)
         raise TimeoutError(f"{instance.id} did not load within {self.load_timeout_s(instance.model):.0f}s")
+
+    async def _load_state(self, local: LocalInstance, engine: EngineProfile) -> dict[str, Any]:
+        """``{"state": starting | loading | ready | failed, "progress", "error"}`` of a loading instance."""
+        starting: dict[str, Any] = {"state": "starting", "progress": 0.0}
+        if engine.load_progress_path is not None:
+            try:
+                response = await self._http.get(self._url(local, engine.load_progress_path), timeout=1.0)
+                state = response.json()
+            except (httpx.HTTPError, ValueError):
+                return starting
+            return state if isinstance(state, dict) else starting
+        try:
+            response = await self._http.get(self._url(local, engine.models_path), timeout=1.0)
+        except httpx.HTTPError:
+            return starting  # vLLM's and SGLang's servers listen once the weights are loaded
+        if response.status_code == 200 and engine.lists_model(response.text, local.model):
+            return {"state": "ready", "progress": 1.0}
+        # Up, the model not listed yet. A server that says its model failed (the demo's health
+        # answer) has failed for good: say so now rather than at the timeout.
+        try:
+            health = await self._http.get(self._url(local, engine.health_path), timeout=1.0)
+        except httpx.HTTPError:
+            return {"state": "loading", "progress": 0.0}
+        verdict = engine.judge_health(health.status_code, health.text, asleep=None, may_sleep=True)
+        if verdict.final:
+            return {"state": "failed", "progress": 0.0, "error": _error_field(health.text) or verdict.detail}
+        return {"state": "loading", "progress": 0.0}
 
     async def restore_checkpoint(self, instance: Instance) -> str:
         """Copy the good checkpoint over the corrupted one, then restart the instance's process so it
@@ -255,9 +319,11 @@ class LocalPlatform:
         return f"registered at priority {priority}"
 
     async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
-        """A predict through Envoy succeeds, and Envoy counts the instance healthy at priority 0."""
-        url = f"{self.settings.lb_url}/v1/models/{instance.model}/predict"
-        body = {"prompt": "drctl verify", "max_tokens": 4}
+        """A real one-token completion through Envoy succeeds (OpenAI's ``POST /v1/completions``,
+        the model in the body and in the ``model-name`` header, so it routes by either), and Envoy
+        counts the instance healthy at priority 0."""
+        call = self._engine(instance.model).completion(instance.model, prompt="drctl verify")
+        url = f"{self.settings.lb_url}{call.path}"
         port = self._local(instance).port
         start = time.monotonic()
         last = "not tried"
@@ -268,11 +334,13 @@ class LocalPlatform:
                 if not mine or not mine[0].healthy or mine[0].priority != 0:
                     last = f"Envoy: {mine[0] if mine else 'host not in cluster yet'}"
                 else:
-                    response = await self._http.post(url, json=body, timeout=5.0)
+                    response = await self._http.request(
+                        call.method, url, json=call.json, headers={MODEL_HEADER: instance.model}, timeout=5.0
+                    )
                     if response.status_code == 200 and response.json().get("model") == instance.model:
                         served_by = response.headers.get("x-drctl-instance", "?")
-                        return f"predict via LB 200 (served by {served_by}); Envoy: healthy at priority 0"
-                    last = f"predict via LB {response.status_code}: {response.text[:200]}"
+                        return f"{call.path} via LB 200 (served by {served_by}); Envoy: healthy at priority 0"
+                    last = f"{call.path} via LB {response.status_code}: {response.text[:200]}"
             except (httpx.HTTPError, ValueError, LookupError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             progress(min(0.99, (time.monotonic() - start) / 30.0), last)
@@ -344,8 +412,7 @@ class LocalPlatform:
             return f"already {action.tier}"
         await self.wait_loaded(existing, progress)
         if action.tier == Role.WARM:
-            response = await self._http.post(self._url(existing, "/sleep"), params={"level": 1}, timeout=10.0)
-            response.raise_for_status()
+            await self._put_to_sleep(existing)
         self.registry.update(
             existing.id, epoch=action.epoch, role=action.tier, lb_priority=LB_PRIORITY.get(action.tier)
         )
@@ -360,10 +427,11 @@ class LocalPlatform:
             return f"already {action.tier}"
         if action.tier != Role.HOT or instance.role != Role.WARM:
             raise errors.not_a_standby(instance.id, f"{instance.role} (only warm → hot is supported)")
+        engine = self._engine(instance.model)
         if not processes.is_alive(instance.pid):
             instance = self._start_process(instance, action.epoch)
-        else:
-            response = await self._http.post(self._url(instance, "/wake_up"), timeout=60.0)
+        elif engine.wake is not None:
+            response = await self._send(instance, engine.wake, timeout_s=60.0)
             response.raise_for_status()
         await self.wait_loaded(instance, progress)
         self.registry.update(instance.id, epoch=action.epoch, role=Role.HOT, lb_priority=LB_PRIORITY[Role.HOT])
@@ -506,8 +574,7 @@ class LocalPlatform:
     async def _settle(self, instance: LocalInstance, timeout_s: float) -> None:
         await self.wait_loaded(instance, lambda _f, _s: None)
         if instance.role == Role.WARM:
-            response = await self._http.post(self._url(instance, "/sleep"), params={"level": 1}, timeout=10.0)
-            response.raise_for_status()
+            await self._put_to_sleep(instance)
         lb_priority = LB_PRIORITY.get(instance.role)
         self.registry.update(instance.id, lb_priority=lb_priority)
 
@@ -562,7 +629,8 @@ class LocalPlatform:
                 "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
             },
         )
-        pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log")
+        env = self._engine(instance.model).server_env
+        pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log", env=env)
         updated = instance.with_changes(port=port, pid=pid)
         instances[instance.id] = updated
         return updated
@@ -586,6 +654,45 @@ class LocalPlatform:
             raise errors.unknown_instance(instance.model, instance.id, known)
         return local
 
+    def _engine(self, model: str) -> EngineProfile:
+        """The engine profile of ``model``'s instances; the non-retryable ``UnknownModel`` when the
+        policy no longer has the model."""
+        try:
+            return self.policy.model(model).engine_profile
+        except KeyError:
+            raise errors.unknown_model(model, self.policy.model_names) from None
+
+    async def _send(self, instance: LocalInstance, call: HttpCall, timeout_s: float) -> httpx.Response:
+        """One of the engine profile's calls (sleep, wake up) on the instance."""
+        return await self._http.request(
+            call.method, self._url(instance, call.path), params=call.params, json=call.json, timeout=timeout_s
+        )
+
+    async def _put_to_sleep(self, instance: LocalInstance) -> None:
+        """Put a loaded warm standby to sleep through its engine's sleep call; an engine that cannot
+        sleep keeps it loaded and awake (out of the load balancer all the same)."""
+        engine = self._engine(instance.model)
+        if engine.sleep is None:
+            return
+        response = await self._send(instance, engine.sleep, timeout_s=10.0)
+        if response.status_code != 200:
+            needs = " ".join([*engine.server_flags, *(f"{k}={v}" for k, v in engine.server_env.items())])
+            hint = f" (its server needs {needs})" if needs else ""
+            raise RuntimeError(
+                f"{instance.id}: {engine.sleep.path} answered {response.status_code}{hint}: {response.text[:200]}"
+            )
+
     @staticmethod
     def _url(instance: LocalInstance, path: str) -> str:
+        if instance.address is None:
+            raise RuntimeError(f"{instance.id} has no process to call (no port)")
         return f"http://{instance.address}{path}"
+
+
+def _error_field(body: str) -> str | None:
+    """The ``error`` of a JSON answer (the demo's health answer says why its model failed)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return str(error) if error else None

@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError
 from drctl.payloads import ReconcileAction, ReconcileActionKind, Role
 from drctl.platforms.kubernetes.platform import KubernetesPlatform
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
+from drctl.policies.engines import Engine
 from drctl.policies.schema import DRPolicy, ModelPolicy
 from tests.sim.test_inference_server import MODEL as DEMO_MODEL
 from tests.sim.test_inference_server import Server, demo_server
@@ -132,14 +133,16 @@ async def emulator() -> AsyncIterator[Any]:
 
 
 class FakeWakeUp:
-    """Stands in for ``POST /wake_up`` on the pod: records URLs, answers ``status``."""
+    """Stands in for the engine's wake call on the pod: records URLs and bodies, answers ``status``."""
 
     def __init__(self) -> None:
         self.urls: list[str] = []
+        self.bodies: list[dict[str, Any] | None] = []
         self.status = 200
 
-    async def __call__(self, url: str) -> int:
+    async def __call__(self, url: str, body: dict[str, Any] | None = None) -> int:
         self.urls.append(url)
+        self.bodies.append(body)
         return self.status
 
 
@@ -148,7 +151,13 @@ def wake_up() -> FakeWakeUp:
     return FakeWakeUp()
 
 
-POLICY = DRPolicy(models=[ModelPolicy(name="llama"), ModelPolicy(name="mistral")])
+POLICY = DRPolicy(
+    models=[
+        ModelPolicy(name="llama"),  # vLLM, the default engine
+        ModelPolicy(name="mistral"),
+        ModelPolicy(name="qwen", engine=Engine.SGLANG),
+    ]
+)
 
 
 @pytest_asyncio.fixture()
@@ -278,11 +287,13 @@ async def test_create_and_delete_deployment(platform: KubernetesPlatform, emulat
     assert "already exists" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
     warm = emulator.objects[DEPLOYMENTS, NS, "llama-warm"]
     container = warm["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert warm["spec"]["replicas"] == 1 and warm["spec"]["strategy"] == {"type": "Recreate"}
     assert warm["spec"]["template"]["metadata"]["labels"]["drctl.io/role"] == "warm"
     assert warm["spec"]["selector"]["matchLabels"] == {"drctl.io/model": "llama", "drctl.io/instance": "llama-warm"}
     cold = emulator.objects[DEPLOYMENTS, NS, "llama-cold"]
     assert "resources" not in cold["spec"]["template"]["spec"]["containers"][0]
+    assert cold["spec"]["replicas"] == 0  # a checkpoint and no process: promotion scales it up
     deleted = await platform.delete_instance(action(Role.WARM, ReconcileActionKind.DELETE))
     assert deleted == "deployment llama-warm deleted"
     assert emulator.objects[DEPLOYMENTS, NS, "llama-warm"].deleted
@@ -321,7 +332,8 @@ async def test_warm_promotion_wakes_the_pod_and_relabels(
     emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
     warm = await platform.get_instance("llama", "llama-2")
     assert "woken up" in await platform.promote(warm)
-    assert wake_up.urls == ["http://10.0.0.7:8000/wake_up"]
+    assert wake_up.urls == ["http://10.0.0.7:8000/wake_up"]  # vLLM's wake call
+    assert wake_up.bodies == [None]
     assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "promoting"
     assert labels(emulator, "llama-2-xyz")["drctl.io/serving"] == "false"
     promoting = await platform.get_instance("llama", "llama-2")
@@ -334,7 +346,7 @@ async def test_warm_wake_up_failure_is_a_load_failure(
 ) -> None:
     emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
     wake_up.status = 503
-    with pytest.raises(ApplicationError, match="wake_up answered 503") as err:
+    with pytest.raises(ApplicationError, match="/wake_up answered 503") as err:
         await platform.promote(await platform.get_instance("llama", "llama-2"))
     assert err.value.type == "ModelLoadFailed"
     assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "warm"
@@ -477,8 +489,9 @@ async def test_istio_forbidden_names_the_resource(istio_platform: KubernetesPlat
 
 # -- probe: each tier by its own healthy state ----------------------------------------------------
 #
-# A sleeping model server may fail its pod's readiness probe (the demo server answers /healthz 503
-# "sleeping"): a warm standby's normal state. A cold standby is a Deployment scaled to 0, without a
+# A sleeping model server may fail its pod's readiness probe (one that answers its health path 503
+# while asleep; vLLM and the demo answer 200): a warm standby's normal state, asked on the engine's
+# health path and is-sleeping query. A cold standby is a Deployment scaled to 0, without a
 # pod. Neither is a failure a failover's confirm step may act on.
 
 PROBE_CKPT_SIZE = 256 * 1024
@@ -542,7 +555,7 @@ async def test_a_warm_pod_whose_model_failed_is_not(
         server.wait_until("failed")
         emulator.objects[PODS, NS, "llama-2-xyz"] = warm_pod(server)
         healthy, why = await platform.probe(await platform.get_instance("llama", "llama-2"))
-    assert not healthy and "503 failed" in why
+    assert not healthy and "/health 503" in why, why  # llama is vLLM: no load progress to say why
 
 
 async def test_a_warm_pod_with_a_crashing_container_is_not(platform: KubernetesPlatform, emulator: Any) -> None:
@@ -570,3 +583,104 @@ async def test_a_cold_deployment_scaled_to_zero_is_healthy(platform: KubernetesP
     emulator.objects[DEPLOYMENTS, NS, "llama-8"] = cold_deployment("llama-8", replicas=0)
     hot = cold.model_copy(update={"id": "llama-8", "role": Role.HOT})
     assert await platform.probe(hot) == (False, "no pod")
+
+
+# -- engines: each model's pods are built and called as its engine wants ------------------------------
+
+
+def instance_action(model: str, tier: Role, instance: str) -> ReconcileAction:
+    return ReconcileAction(
+        kind=ReconcileActionKind.CREATE, model=model, instance=instance, tier=tier, gpu="node-a/1", node="node-a"
+    )
+
+
+async def test_a_vllm_instance_pod_runs_the_openai_server_with_sleep_mode(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    await platform.create_instance(instance_action("llama", Role.HOT, "llama-7"), lambda _f, _s: None)
+    spec = emulator.objects[DEPLOYMENTS, NS, "llama-7"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["image"] == "vllm/vllm-openai:latest"
+    args = container["args"]
+    assert args[args.index("--model") + 1] == "/models/llama"
+    assert args[args.index("--served-model-name") + 1] == "llama"
+    assert args[args.index("--port") + 1] == "8000" and "--enable-sleep-mode" in args
+    assert container["env"] == [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60, "model loads take minutes"
+    assert "livenessProbe" not in container  # a hung instance is drctl's to fail over
+    assert container["resources"]["requests"] == {"nvidia.com/gpu": "1"}
+    assert spec["nodeSelector"] == {"kubernetes.io/hostname": "node-a"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["drctl-models"]
+
+
+async def test_an_sglang_instance_pod_runs_launch_server_with_the_memory_saver(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    await platform.create_instance(instance_action("qwen", Role.WARM, "qwen-1"), lambda _f, _s: None)
+    (container,) = emulator.objects[DEPLOYMENTS, NS, "qwen-1"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "lmsysorg/sglang:latest"
+    command = container["command"]
+    assert command[:3] == ["python3", "-m", "sglang.launch_server"]
+    assert command[command.index("--model-path") + 1] == "/models/qwen"
+    assert command[command.index("--served-model-name") + 1] == "qwen"
+    assert command[command.index("--host") + 1] == "0.0.0.0" and command[command.index("--port") + 1] == "8000"
+    assert "--enable-memory-saver" in command and "args" not in container and "env" not in container
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+
+
+async def test_the_images_and_the_weights_are_the_platforms_settings(emulator: Any, wake_up: FakeWakeUp) -> None:
+    config = Configuration(host=str(emulator.url).rstrip("/"))
+    with ApiClient(config) as client:
+        platform = KubernetesPlatform(
+            client,
+            NS,
+            POLICY,
+            image="registry.local/vllm:v1",  # DRCTL_KUBERNETES_IMAGE: vLLM's
+            images={Engine.SGLANG: "registry.local/sglang:v2"},
+            model_source="hf-org/{model}-instruct",
+            models_claim=None,
+        )
+        vllm = platform.deployment(instance_action("llama", Role.HOT, "llama-7"))["spec"]["template"]["spec"]
+        sglang = platform.deployment(instance_action("qwen", Role.HOT, "qwen-7"))["spec"]["template"]["spec"]
+    assert vllm["containers"][0]["image"] == "registry.local/vllm:v1"
+    assert "hf-org/llama-instruct" in vllm["containers"][0]["args"]
+    assert sglang["containers"][0]["image"] == "registry.local/sglang:v2"
+    assert [v["name"] for v in vllm["volumes"]] == ["dshm"]
+    assert [m["mountPath"] for m in vllm["containers"][0]["volumeMounts"]] == ["/dev/shm"]
+
+
+async def test_the_demo_engine_has_no_pod_template(emulator: Any) -> None:
+    demo_policy = DRPolicy(models=[ModelPolicy(name="llama", engine=Engine.DEMO)])
+    config = Configuration(host=str(emulator.url).rstrip("/"))
+    with ApiClient(config) as client:
+        platform = KubernetesPlatform(client, NS, demo_policy)
+        with pytest.raises(ApplicationError, match="no pod template for the demo engine") as err:
+            await platform.create_instance(instance_action("llama", Role.HOT, "llama-7"), lambda _f, _s: None)
+    assert err.value.non_retryable and (DEPLOYMENTS, NS, "llama-7") not in emulator.objects
+
+
+async def test_an_sglang_warm_standby_is_woken_by_resuming_its_memory(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "qwen-2-xyz"] = pod("qwen-2-xyz", "qwen", Role.WARM, "qwen-2")
+    assert "woken up" in await platform.promote(await platform.get_instance("qwen", "qwen-2"))
+    assert wake_up.urls == ["http://10.0.0.7:8000/resume_memory_occupation"]
+    assert wake_up.bodies == [{}]
+
+
+async def test_retiering_warm_to_hot_wakes_the_model(
+    platform: KubernetesPlatform, emulator: Any, wake_up: FakeWakeUp
+) -> None:
+    emulator.objects[PODS, NS, "llama-2-xyz"] = pod("llama-2-xyz", "llama", Role.WARM, "llama-2")
+    action = instance_action("llama", Role.HOT, "llama-2").model_copy(update={"kind": ReconcileActionKind.RETIER})
+    detail = await platform.retier_instance(action, lambda _f, _s: None)
+    assert "warm → hot" in detail and wake_up.urls == ["http://10.0.0.7:8000/wake_up"]
+    assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "hot"

@@ -28,9 +28,12 @@ from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.workers.stack import free_ports
 
+# Both models run drctl's stand-in; alpha as the demo engine (its load progress), the second as
+# vLLM (the default engine: readiness is the model listed by /v1/models), which the stand-in speaks.
 POLICY = """\
 models:
   - name: alpha
+    engine: demo
     priority: critical
     hotStandby: 1
     warmStandby: 1

@@ -88,7 +88,7 @@ async def test_the_platform_hands_out_plain_instances_and_looks_their_process_up
 
         # The process comes from the registry: running, so the probe asks its (closed) port.
         healthy, why = await platform.probe(one)
-        assert not healthy and "healthz unreachable" in why, why
+        assert not healthy and "/health unreachable" in why, why
 
         with platform.registry.edit() as instances:
             del instances["alpha-0"]

@@ -1,9 +1,11 @@
 """LocalPlatform.probe judges each tier by its own healthy state, against real demo-server processes.
 
-A failover's confirm step reads the probe: a warm standby answering ``/healthz`` 503 ``sleeping`` is
-loaded and asleep, its normal state, and a cold standby has no process by design; an alert for
-either must end as a false alarm, not eject it. A warm standby whose process died or whose model
-failed is unhealthy, and so is a hot standby that sleeps (it could not take traffic at once).
+The probe asks the model's engine profile's paths (the example policy's models run the demo engine):
+``/health``, which answers 200 asleep or awake as vLLM's does, and ``/is_sleeping``. A failover's
+confirm step reads the probe: a warm standby that is loaded and asleep is in its normal state, and a
+cold standby has no process by design; an alert for either must end as a false alarm, not eject it.
+A warm standby whose process died or whose model failed is unhealthy, and so is a hot standby that
+sleeps (it could not take traffic at once).
 """
 
 from __future__ import annotations
@@ -62,19 +64,19 @@ def on(server: Server, role: Role, platform: LocalPlatform) -> Instance:
 async def test_a_sleeping_warm_standby_is_healthy(platform: LocalPlatform, sleeping: Server) -> None:
     healthy, why = await platform.probe(on(sleeping, Role.WARM, platform))
     assert healthy, why
-    assert "sleeping" in why
+    assert why.startswith("/health ") and "loaded and asleep" in why, why
     assert sleeping.get("/is_sleeping").json() == {"is_sleeping": True}  # the probe did not wake it
 
 
 async def test_a_sleeping_hot_or_serving_instance_is_not(platform: LocalPlatform, sleeping: Server) -> None:
     for role in (Role.HOT, Role.SERVING):
         healthy, why = await platform.probe(on(sleeping, role, platform))
-        assert not healthy and "503" in why and "sleeping" in why, (role, why)
+        assert not healthy and why.startswith("/health ") and "asleep" in why, (role, why)
 
 
 async def test_an_awake_warm_standby_is_healthy(platform: LocalPlatform, sleeping: Server) -> None:
     assert sleeping.post("/wake_up").status_code == 200
-    assert await platform.probe(on(sleeping, Role.WARM, platform)) == (True, "healthz 200")
+    assert await platform.probe(on(sleeping, Role.WARM, platform)) == (True, "/health 200, awake")
 
 
 async def test_a_warm_standby_whose_process_died_is_not(platform: LocalPlatform, sleeping: Server) -> None:
