@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from drctl.cli.common import load_policy, out, show
+from drctl.cli.common import EXIT_BAD_INPUT, fail, load_policy, out, show
 from drctl.cli.render import explain_data, explain_lines, validated_line
+
+if TYPE_CHECKING:
+    from drctl.policies.explain import RtoAssumptions
 
 app = typer.Typer(help="Check DR policy files.", no_args_is_help=True)
 
@@ -25,12 +28,53 @@ def validate(file: Annotated[Path, typer.Argument(help="policy YAML file")]) -> 
 def explain(
     file: Annotated[Path, typer.Argument(help="policy YAML file")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    gpu_figures: Annotated[
+        Path | None,
+        typer.Option(
+            help="figures written by scripts/gpu_check.py --out on a GPU machine: warm and cold estimates "
+            "from the measured wake and load rates instead of assumed ones"
+        ),
+    ] = None,
 ) -> None:
     """Per model: instances per tier, GPU memory per zone, expected RTO after each failure vs the target."""
+    from drctl.policies.explain import RtoAssumptions
     from drctl.policies.explain import explain as explain_policy
 
-    items = explain_policy(load_policy(file))
+    assumptions, measured_on = RtoAssumptions(), None
+    if gpu_figures is not None:
+        assumptions, measured_on = measured_assumptions(gpu_figures)
+    items = explain_policy(load_policy(file), assumptions)
     if as_json:
         out.print_json(json.dumps(explain_data(items)))
         return
-    show(explain_lines(items))
+    show(explain_lines(items, assumptions, measured_on))
+
+
+def measured_assumptions(path: Path) -> tuple[RtoAssumptions, str]:
+    """The RTO assumptions with the wake and cold-load rates a GPU run measured; exits 2 on a file
+    that is not such a run (a ``--cpu`` dry run says nothing about a GPU)."""
+    import dataclasses
+
+    from drctl.policies.explain import RtoAssumptions
+
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        fail(f"cannot read --gpu-figures {path}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+    except ValueError as exc:
+        fail(f"--gpu-figures {path} is not JSON: {exc}", EXIT_BAD_INPUT)
+    if not isinstance(figures, dict):
+        fail(f"--gpu-figures {path} is not a gpu_check.py report (not a JSON object)", EXIT_BAD_INPUT)
+    summary = figures.get("summary")
+    if not isinstance(summary, dict):
+        fail(f"--gpu-figures {path} has no measured rates: {figures.get('error', 'no summary')}", EXIT_BAD_INPUT)
+    if not figures.get("gpu_figures"):
+        fail(f"--gpu-figures {path} comes from a --cpu dry run: it says nothing about a GPU", EXIT_BAD_INPUT)
+    try:
+        wake, load = float(summary["wake_gib_per_s"]), float(summary["cold_load_gib_per_s"])
+    except (KeyError, TypeError, ValueError):
+        fail(f"--gpu-figures {path}: summary needs wake_gib_per_s and cold_load_gib_per_s", EXIT_BAD_INPUT)
+    if wake <= 0 or load <= 0:
+        fail(f"--gpu-figures {path}: rates must be positive", EXIT_BAD_INPUT)
+    measured = dataclasses.replace(RtoAssumptions(), wake_gib_per_s=wake, cold_load_gib_per_s=load)
+    return measured, str(figures.get("gpu") or figures.get("machine") or "a GPU")

@@ -303,8 +303,11 @@ def explain_data(items: list[ModelExplanation]) -> list[dict[str, Any]]:
     ]
 
 
-def explain_lines(items: list[ModelExplanation]) -> Lines:
-    """Per model: its tiers and targets, GPU memory per zone, the expected RTO after each loss."""
+def explain_lines(
+    items: list[ModelExplanation], a: RtoAssumptions | None = None, measured_on: str | None = None
+) -> Lines:
+    """Per model: its tiers and targets, GPU memory per zone, the expected RTO after each loss;
+    ``measured_on`` names the GPU whose figures gave the warm and cold rates (None: assumed)."""
     from drctl.policies.durations import format_duration
     from drctl.policies.sizes import format_size
 
@@ -328,10 +331,15 @@ def explain_lines(items: list[ModelExplanation]) -> Lines:
             )
         lines.append("  after each lost serving instance: " + " · ".join(steps))
         lines += [f"  [yellow]does not fit the pool[/]: {lit(line)}" for line in item.unplaced]
-    a = RtoAssumptions()
+    a = a or RtoAssumptions()
+    rates = (
+        f"measured on {lit(measured_on)} by scripts/gpu_check.py"
+        if measured_on
+        else "assumed: measure them with scripts/gpu_check.py, then --gpu-figures"
+    )
     lines.append(
         f"[dim]estimates: detection {a.detection_s:g}s; hot switch {a.hot_switch_s:g}s (measured, docs/benchmarks.md); "
         f"warm wakes at {a.wake_gib_per_s:g} GiB/s; cold starts in {a.cold_start_s:g}s and loads at "
-        f"{a.cold_load_gib_per_s:g} GiB/s; plus one health-check interval for a new endpoint[/]"
+        f"{a.cold_load_gib_per_s:g} GiB/s ({rates}); plus one health-check interval for a new endpoint[/]"
     )
     return lines
