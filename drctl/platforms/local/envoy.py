@@ -11,6 +11,50 @@ whose address it already knows, so the promoted host stays routable through the 
 
 The EDS file is always replaced atomically (``os.replace`` of a fsynced temporary file in the same
 folder); Envoy watches the folder (``watched_directory``) and re-reads the file on the rename.
+
+Routes, matched in this order (the first match wins):
+
+1. ``/v1/models/{model}/...`` → the model's cluster (the demo's own API).
+2. ``/v1/completions`` and ``/v1/chat/completions`` whose JSON body's ``model`` names a fleet model
+   → its cluster: what an unchanged OpenAI client sends. Envoy's ``json_to_metadata`` filter
+   reads the body's ``model`` into dynamic metadata (namespace ``drctl.request``) and clears the
+   route cache, and these routes match on that metadata (RouteMatch ``dynamic_metadata``).
+3. Any path with a ``model-name`` header naming a fleet model → its cluster. It is chosen from the
+   headers alone, so the body is not read and the header wins over the body's ``model``.
+4. The same two OpenAI paths otherwise, answered by Envoy in OpenAI's (vLLM's) error shape
+   ``{"error": {"message", "type", "param", "code"}}``: 400 ``BadRequestError`` for a body that is
+   not JSON (or not sent as JSON), 404 ``NotFoundError`` "The model `X` does not exist." for a
+   ``model`` outside the fleet (X quoted only if printable ASCII, at most 256 characters), 404 for
+   a body without a (string or number) ``model``.
+5. ``GET /v1/models`` → the fleet's models as OpenAI's model list (Envoy answers it).
+6. Anything else → 404 in the same shape, naming the fleet's models.
+
+Why this order: Envoy first picks a route from the headers alone, before any body has arrived.
+The path and header routes match then, with the body filter disabled on them, so drctl's own
+calls (and any request naming its model by path or header) are forwarded at once, their body
+unread, whatever it says. An OpenAI request naming its model only in the body lands first on the
+last OpenAI error route (the "names no model" 404, the one of them without a metadata condition),
+where the filter runs: it reads the body, writes the metadata and clears the route cache, and the
+routes are matched again with the metadata: a body route forwards it, or an error route answers.
+The body routes need the metadata, so they match only in that second pass.
+
+The body filter holds the request until the whole body is there (at most
+:data:`MAX_REQUEST_BODY_BYTES`, else 413) and runs only on the OpenAI paths' routes; responses are
+never buffered: a ``"stream": true`` answer (server-sent events) passes chunk by chunk.
+
+Timeouts on every model route: no limit on a whole response (``timeout: 0s``), and the policy's
+``requestTimeout`` as the route's ``idle_timeout``, the longest silence allowed: for a plain answer
+the time until it arrives, for a stream the longest gap between two chunks. The retry policy's
+``perTryTimeout`` bounds each attempt until its response headers only (Envoy ignores it once the
+response has started), so it cuts no stream, but it does bound a non-streamed completion: a fleet
+serving long non-streamed completions needs a ``perTryTimeout`` longer than they take. Retries
+happen only before the response headers are sent (Envoy's rule): a stream open on an instance that
+dies is cut, lost in flight; the next request goes to a live one.
+
+Every error Envoy answers itself is in OpenAI's error shape with ``content-type:
+application/json``: the routes above, 413 for a body too large, and its own 5xx (``no healthy
+upstream``, connect failures, timeouts) with Envoy's text as the message. Every response from a
+model adds ``x-drctl-instance`` (the instance id from the EDS file) unless the server sent one.
 """
 
 from __future__ import annotations
@@ -47,12 +91,37 @@ MAX_DOWNSTREAM_CONNECTIONS = 10_000
 MODEL_HEADER = "model-name"
 """Request header that selects the model on any path."""
 
+INSTANCE_HEADER = "x-drctl-instance"
+"""Response header naming the instance that answered (the EDS ``hostname``), unless the server sent one."""
+
+OPENAI_BODY_PATHS = ("/v1/completions", "/v1/chat/completions")
+"""The OpenAI API paths routed by the ``model`` of their JSON body."""
+OPENAI_PATH_REGEX = "/v1/(chat/)?completions"
+""":data:`OPENAI_BODY_PATHS` as one RE2 pattern (Envoy matches it against the whole path, no query)."""
+
+MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body Envoy takes on a body-routed path (larger: 413). It must hold the whole
+body to read its ``model``: long prompts and chats are hundreds of KiB, images sent inline as base64
+a few MiB. Also every listener connection's buffer limit (Envoy's default 1 MiB): the flow-control
+watermark of one connection, and the most of a request body kept to retry it."""
+
+MAX_MODEL_NAME_ECHO = 256
+"""Envoy quotes at most this many characters of an unknown ``model`` in its 404 message (and none
+of one that is not printable ASCII)."""
+
+REQUEST_METADATA_NAMESPACE = "drctl.request"
+"""Dynamic-metadata namespace json_to_metadata writes: ``model`` (the body's model, as a string),
+``error`` (``missing``: no ``model`` or not a JSON object; ``invalid``: not JSON, or not sent as JSON)."""
+
 SERVING_PRIORITY = 0
 STANDBY_PRIORITY = 1
 
 _CLA_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_JSON_TO_METADATA = "envoy.filters.http.json_to_metadata"
+_JSON_TO_METADATA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata"
+_FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 _PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 _PREVIOUS_PRIORITIES_TYPE = (
     "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
@@ -134,55 +203,239 @@ def _retry_policy(lb: LoadBalancerPolicy) -> dict[str, Any]:
     }
 
 
+def _body_model_filter() -> dict[str, Any]:
+    """json_to_metadata: the body's ``model`` into ``drctl.request.model``, or ``drctl.request.error``.
+
+    Every outcome writes a key, and writing one clears the route cache, so the routes are matched
+    again with the metadata; a request left without any would keep the route its headers chose.
+    The filter buffers the whole body (up to :data:`MAX_REQUEST_BODY_BYTES`, then 413) and holds
+    back the request until then; it runs only on the routes that need it (``typed_per_filter_config``
+    disables it elsewhere), and reads no response: responses, streams included, pass unbuffered.
+    """
+
+    def key(name: str, value: str | None = None) -> dict[str, Any]:
+        pair: dict[str, Any] = {"metadata_namespace": REQUEST_METADATA_NAMESPACE, "key": name}
+        if value is None:
+            pair["type"] = "STRING"  # a number becomes its text; an object or a list counts as missing
+        else:
+            pair["value"] = value
+        return pair
+
+    return {
+        "name": _JSON_TO_METADATA,
+        "typed_config": {
+            "@type": _JSON_TO_METADATA_TYPE,
+            "request_rules": {
+                "rules": [
+                    {
+                        "selectors": [{"key": "model"}],
+                        "on_present": key("model"),
+                        "on_missing": key("error", "missing"),
+                        # Not JSON, or a content-type other than the allowed ones.
+                        "on_error": key("error", "invalid"),
+                    },
+                    # An empty "model" writes nothing under on_present; this rule writes a key
+                    # whatever the body holds, so the route cache is always cleared.
+                    {
+                        "selectors": [{"key": "model"}],
+                        "on_present": key("parsed", "yes"),
+                        "on_missing": key("parsed", "yes"),
+                    },
+                ],
+                # application/json with or without parameters (charset=utf-8), or none at all.
+                "allow_content_types_regex": {"regex": "(?i)application/json(\\s*;.*)?"},
+                "allow_empty_content_type": True,
+            },
+        },
+    }
+
+
+def _no_body_parsing() -> dict[str, Any]:
+    """``typed_per_filter_config`` of a route that must not buffer the request body."""
+    return {_JSON_TO_METADATA: {"@type": _FILTER_CONFIG_TYPE, "disabled": True}}
+
+
+def _openai_error(message: str, error_type: str, code: int | str, *, param: str | None = "model") -> dict[str, Any]:
+    """An OpenAI/vLLM error body as an Envoy ``json_format`` (Envoy escapes what it substitutes)."""
+    return {"json_format": {"error": {"message": message, "type": error_type, "param": param, "code": code}}}
+
+
+def _direct_error(name: str, match: dict[str, Any], status: int, body_format: dict[str, Any]) -> dict[str, Any]:
+    """A route Envoy answers itself with a JSON body (``json_format`` sets ``content-type: application/json``)."""
+    return {"name": name, "match": match, "direct_response": {"status": status, "body_format": body_format}}
+
+
+def _request_metadata(key: str, **value: Any) -> dict[str, Any]:
+    """A RouteMatch ``dynamic_metadata`` matcher on ``drctl.request.{key}`` (written by json_to_metadata)."""
+    return {"filter": REQUEST_METADATA_NAMESPACE, "path": [{"key": key}], "value": value}
+
+
+def _echoable_name() -> dict[str, Any]:
+    """A StringMatcher for a name Envoy may quote in an error message: printable ASCII only."""
+    return {"safe_regex": {"regex": "[ -~]+"}}
+
+
+def _openai_path() -> dict[str, Any]:
+    return {"safe_regex": {"regex": OPENAI_PATH_REGEX}}
+
+
 def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
     lb = policy.load_balancer
+    models = policy.model_names
 
     def action(model: str) -> dict[str, Any]:
         # A fresh dict per route, so a YAML dump has no anchors/aliases for a reader to chase.
-        return {"cluster": model, "timeout": _duration(lb.request_timeout), "retry_policy": _retry_policy(lb)}
+        return {
+            "cluster": model,
+            # No limit on a whole response: a completion streamed for minutes must not be cut. The
+            # idle timeout bounds the silence instead (no byte in either direction): for a
+            # non-streamed answer that is the time until it arrives, for a stream the longest gap
+            # between two chunks. 0s: no limit at all (Envoy's meaning, and the policy's).
+            "timeout": "0s",
+            "idle_timeout": _duration(lb.request_timeout),
+            "retry_policy": _retry_policy(lb),
+        }
+
+    def instance_header() -> list[dict[str, Any]]:
+        # Which instance answered, for any engine (the demo server sends it too; its own wins).
+        return [
+            {
+                "header": {"key": INSTANCE_HEADER, "value": f"%UPSTREAM_METADATA({_METADATA_NAMESPACE}:instance)%"},
+                "append_action": "ADD_IF_ABSENT",
+            }
+        ]
+
+    def model_route(name: str, match: dict[str, Any], model: str, *, parse_body: bool) -> dict[str, Any]:
+        route: dict[str, Any] = {
+            "name": name,
+            "match": match,
+            "route": action(model),
+            "response_headers_to_add": instance_header(),
+        }
+        if not parse_body:
+            route["typed_per_filter_config"] = _no_body_parsing()
+        return route
 
     by_path = [
-        {
-            "name": f"{model}-path",
-            "match": {"prefix": f"/v1/models/{model}/"},
-            "route": action(model),
-        }
-        for model in policy.model_names
+        model_route(f"{model}-path", {"prefix": f"/v1/models/{model}/"}, model, parse_body=False) for model in models
+    ]
+    by_body = [
+        model_route(
+            f"{model}-body",
+            {**_openai_path(), "dynamic_metadata": [_request_metadata("model", string_match={"exact": model})]},
+            model,
+            parse_body=True,
+        )
+        for model in models
     ]
     by_header = [
-        {
-            "name": f"{model}-header",
-            "match": {"prefix": "/", "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
-            "route": action(model),
-        }
-        for model in policy.model_names
+        model_route(
+            f"{model}-header",
+            {"prefix": "/", "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
+            model,
+            parse_body=False,
+        )
+        for model in models
     ]
-    unknown = {
-        "name": "unknown-model",
-        "match": {"prefix": "/"},
+    fleet = ", ".join(models).replace("%", "%%")  # a literal in Envoy's format strings
+    body_errors = [
+        _direct_error(
+            "openai-invalid-body",
+            {**_openai_path(), "dynamic_metadata": [_request_metadata("error", string_match={"exact": "invalid"})]},
+            400,
+            _openai_error(
+                "The request body is not valid JSON (send a JSON object with content-type: application/json).",
+                "BadRequestError",
+                400,
+                param=None,
+            ),
+        ),
+        # The unknown name is quoted (its first MAX_MODEL_NAME_ECHO characters) only when it is
+        # printable ASCII: Envoy escapes it for JSON and substitutes nothing inside it, but it
+        # reads the name byte by byte, so UTF-8 would come out mangled.
+        _direct_error(
+            "openai-unknown-model",
+            {**_openai_path(), "dynamic_metadata": [_request_metadata("model", string_match=_echoable_name())]},
+            404,
+            _openai_error(
+                f"The model `%DYNAMIC_METADATA({REQUEST_METADATA_NAMESPACE}:model):{MAX_MODEL_NAME_ECHO}%` "
+                "does not exist.",
+                "NotFoundError",
+                404,
+            ),
+        ),
+        _direct_error(
+            "openai-unknown-model-unquoted",
+            {**_openai_path(), "dynamic_metadata": [_request_metadata("model", present_match=True)]},
+            404,
+            _openai_error(f"The model does not exist; the fleet serves: {fleet}.", "NotFoundError", 404),
+        ),
+        # Also the route Envoy picks from the headers alone, before the body is read: the one route
+        # of these paths with json_to_metadata enabled that matches without metadata. The body's
+        # model then clears the route cache and the routes are matched again.
+        _direct_error(
+            "openai-no-model",
+            _openai_path(),
+            404,
+            _openai_error(
+                f'The request names no model: set "model" in the JSON body to one of: {fleet}.', "NotFoundError", 404
+            ),
+        ),
+    ]
+    model_list = {
+        "name": "model-list",
+        "match": {"path": "/v1/models", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
         "direct_response": {
-            "status": 404,
+            "status": 200,
             "body": {
                 "inline_string": json.dumps(
                     {
-                        "error": "unknown model",
-                        "detail": f"use /v1/models/<model>/... or the {MODEL_HEADER} header",
-                        "models": policy.model_names,
+                        "object": "list",
+                        "data": [{"id": m, "object": "model", "created": 0, "owned_by": "drctl"} for m in models],
                     }
                 )
             },
         },
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
+        "response_headers_to_add": [_json_content_type()],
+        "typed_per_filter_config": _no_body_parsing(),
     }
-    return [*by_path, *by_header, unknown]
+    unknown = {
+        **_direct_error(
+            "unknown-model",
+            {"prefix": "/"},
+            404,
+            _openai_error(
+                'This request names no model of the fleet: name it in the JSON body\'s "model" on '
+                f"{' or '.join(OPENAI_BODY_PATHS)}, in the path /v1/models/<model>/..., or in the "
+                f"{MODEL_HEADER} header. The fleet serves: {fleet}.",
+                "NotFoundError",
+                404,
+            ),
+        ),
+        "typed_per_filter_config": _no_body_parsing(),
+    }
+    return [*by_path, *by_body, *by_header, *body_errors, model_list, unknown]
 
 
-def _cluster(model: str, lb: LoadBalancerPolicy, eds_dir: Path) -> dict[str, Any]:
+def _json_content_type() -> dict[str, Any]:
+    return {
+        "header": {"key": "content-type", "value": "application/json"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+def health_check_path(policy: DRPolicy, model: str) -> str:
+    """The path Envoy health-checks ``model``'s instances on: the policy's ``healthCheck.path`` when
+    it sets one, else the model's engine profile's (``/health``, which vLLM, SGLang and the demo
+    server all serve)."""
+    hc = policy.load_balancer.health_check
+    if "path" in hc.model_fields_set:
+        return hc.path
+    return policy.model(model).engine_profile.health_path
+
+
+def _cluster(model: str, policy: DRPolicy, eds_dir: Path) -> dict[str, Any]:
+    lb = policy.load_balancer
     hc = lb.health_check
     od = lb.outlier_detection
     return {
@@ -209,7 +462,7 @@ def _cluster(model: str, lb: LoadBalancerPolicy, eds_dir: Path) -> dict[str, Any
                 "no_traffic_interval": _duration(hc.interval),
                 "unhealthy_threshold": hc.unhealthy_threshold,
                 "healthy_threshold": hc.healthy_threshold,
-                "http_health_check": {"path": hc.path},
+                "http_health_check": {"path": health_check_path(policy, model)},
             }
         ],
         "outlier_detection": {
@@ -242,15 +495,16 @@ def render_bootstrap(
     Dump it with :func:`envoy_yaml` (a plain ``yaml.safe_dump`` leaves model names such as ``n``
     or ``1e3`` unquoted, which Envoy would read as a bool or a number).
 
-    Requests reach a model by path (``/v1/models/{model}/...``) or by the ``model-name`` header;
-    anything else gets a 404 JSON body. Each cluster reads ``eds_dir/{model}.yaml``, which should
-    exist (see :func:`write_eds`) before Envoy starts.
+    Requests reach a model by path (``/v1/models/{model}/...``), by the JSON body's ``model`` on
+    ``/v1/completions`` and ``/v1/chat/completions``, or by the ``model-name`` header; anything
+    else gets an OpenAI-shaped 404 (see the module's docstring for the routes and their order).
+    Each cluster reads ``eds_dir/{model}.yaml``, which should exist (see :func:`write_eds`) before
+    Envoy starts, and health-checks its hosts on :func:`health_check_path`.
 
     The admin API listens on loopback whatever ``listen_host`` is: it has no authentication and can
     stop Envoy (``/quitquitquit``) or rewrite its state, so only this machine may reach it.
     """
     eds_dir = eds_dir.resolve()
-    lb = policy.load_balancer
     hcm = {
         "@type": _HCM_TYPE,
         "stat_prefix": "ingress",
@@ -259,7 +513,41 @@ def render_bootstrap(
             "name": "models",
             "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": _routes(policy)}],
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}],
+        "http_filters": [
+            _body_model_filter(),
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}},
+        ],
+        # A body over the buffer limit (json_to_metadata must hold it whole) gets OpenAI's error
+        # shape too, not Envoy's plain "Payload Too Large".
+        "local_reply_config": {
+            "mappers": [
+                {
+                    "filter": {
+                        "status_code_filter": {
+                            "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "drctl.413"}}
+                        }
+                    },
+                    "body_format_override": _openai_error(
+                        f"The request body is larger than {MAX_REQUEST_BODY_BYTES} bytes.",
+                        "BadRequestError",
+                        413,
+                        param=None,
+                    ),
+                },
+                # Envoy's own 5xx (no healthy upstream, upstream connect error, timeouts): the same
+                # shape, Envoy's text as the message. An upstream's own 5xx passes unchanged.
+                {
+                    "filter": {
+                        "status_code_filter": {
+                            "comparison": {"op": "GE", "value": {"default_value": 500, "runtime_key": "drctl.5xx"}}
+                        }
+                    },
+                    "body_format_override": _openai_error(
+                        "%LOCAL_REPLY_BODY%", "ServiceUnavailableError", "%RESPONSE_CODE%", param=None
+                    ),
+                },
+            ]
+        },
     }
     return {
         "node": {"id": "drctl-local", "cluster": "drctl"},
@@ -281,12 +569,13 @@ def render_bootstrap(
                 {
                     "name": "models",
                     "address": {"socket_address": {"address": listen_host, "port_value": listen_port}},
+                    "per_connection_buffer_limit_bytes": MAX_REQUEST_BODY_BYTES,
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
-            "clusters": [_cluster(model, lb, eds_dir) for model in policy.model_names],
+            "clusters": [_cluster(model, policy, eds_dir) for model in policy.model_names],
         },
     }
 

@@ -65,7 +65,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        if self.path == "/healthz":
+        if self.path in ("/health", "/healthz"):
             if hang_healthz.is_set():
                 time.sleep(60)
             return self._reply({"ok": True})
@@ -123,64 +123,79 @@ class Stack:
         return f"{self.lb_url}/v1/models/{MODEL}/predict"
 
 
-async def _start_backend(name: str, procs: list[asyncio.subprocess.Process], delay: float = 0.005) -> Backend:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", BACKEND, name, str(delay), stdout=asyncio.subprocess.PIPE
-    )
+async def start_process(
+    script: str, *args: str, procs: list[asyncio.subprocess.Process]
+) -> tuple[int, asyncio.subprocess.Process]:
+    """Run ``python -c script *args``; it prints its port on its first line. Appended to ``procs``."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE)
     procs.append(proc)
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 10)
-    return Backend(name=name, port=int(line), proc=proc)
+    return int(line), proc
 
 
-def _prepare_envoy(tmp_path: Path, a: Backend, b: Backend) -> tuple[Path, Path, int, int]:
-    eds_dir = tmp_path / "eds"
-    write_eds(eds_dir, MODEL, [a.endpoint(0), b.endpoint(1)])
-    write_eds(eds_dir, EMPTY_MODEL, [])
+async def _start_backend(name: str, procs: list[asyncio.subprocess.Process], delay: float = 0.005) -> Backend:
+    port, proc = await start_process(BACKEND, name, str(delay), procs=procs)
+    return Backend(name=name, port=port, proc=proc)
+
+
+async def start_envoy(
+    tmp_path: Path, policy: DRPolicy, eds_dir: Path, procs: list[asyncio.subprocess.Process]
+) -> tuple[str, str]:
+    """Start the real Envoy on ``policy``'s bootstrap (EDS files in ``eds_dir`` written already) and
+    wait until it is ready; returns ``(listener URL, admin URL)``. Appended to ``procs``."""
+    envoy = find_binary("envoy")  # a real part: missing Envoy fails the test, it does not skip
     listen_port, admin_port = _free_port(), _free_port()
     bootstrap = tmp_path / "bootstrap.yaml"
     bootstrap.write_text(
         envoy_yaml(
-            render_bootstrap(POLICY, listen_host=HOST, listen_port=listen_port, admin_port=admin_port, eds_dir=eds_dir)
+            render_bootstrap(policy, listen_host=HOST, listen_port=listen_port, admin_port=admin_port, eds_dir=eds_dir)
         )
     )
-    return bootstrap, eds_dir, listen_port, admin_port
+    log = tmp_path / "envoy.log"
+    procs.append(
+        await asyncio.create_subprocess_exec(
+            envoy,
+            *("-c", str(bootstrap), "--disable-hot-restart", "--concurrency", "2"),
+            *("-l", "warning", "--log-path", str(log)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    )
+    admin_url = f"http://{HOST}:{admin_port}"
+    try:
+        await wait_until_ready(admin_url, 15)
+    except TimeoutError:
+        pytest.fail("Envoy did not start:\n" + (log.read_text() if log.exists() else "(no log)"))
+    return f"http://{HOST}:{listen_port}", admin_url
+
+
+async def stop_processes(procs: list[asyncio.subprocess.Process]) -> None:
+    """``kill -9`` and reap, last started first."""
+    for proc in reversed(procs):
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    envoy = find_binary("envoy")  # a real part: missing Envoy fails the test, it does not skip
     procs: list[asyncio.subprocess.Process] = []
     try:
         a = await _start_backend("a", procs)
         b = await _start_backend("b", procs)
-        bootstrap, eds_dir, listen_port, admin_port = _prepare_envoy(tmp_path, a, b)
-        log = tmp_path / "envoy.log"
-        procs.append(
-            await asyncio.create_subprocess_exec(
-                envoy,
-                *("-c", str(bootstrap), "--disable-hot-restart", "--concurrency", "2"),
-                *("-l", "warning", "--log-path", str(log)),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-        )
-        admin_url = f"http://{HOST}:{admin_port}"
-        try:
-            await wait_until_ready(admin_url, 15)
-        except TimeoutError:
-            pytest.fail("Envoy did not start:\n" + (log.read_text() if log.exists() else "(no log)"))
+        eds_dir = tmp_path / "eds"
+        write_eds(eds_dir, MODEL, [a.endpoint(0), b.endpoint(1)])
+        write_eds(eds_dir, EMPTY_MODEL, [])
+        lb_url, admin_url = await start_envoy(tmp_path, POLICY, eds_dir, procs)
         # Envoy is ready only after the first health check of the initial hosts.
         assert {(h.instance, h.priority, h.healthy) for h in await cluster_hosts(admin_url, MODEL)} == {
             ("a", 0, True),
             ("b", 1, True),
         }
-        yield Stack(lb_url=f"http://{HOST}:{listen_port}", admin_url=admin_url, eds_dir=eds_dir, a=a, b=b)
+        yield Stack(lb_url=lb_url, admin_url=admin_url, eds_dir=eds_dir, a=a, b=b)
     finally:
-        for proc in reversed(procs):
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+        await stop_processes(procs)
 
 
 @dataclass(frozen=True)
@@ -259,8 +274,11 @@ def test_render_bootstrap_takes_the_policy() -> None:
     source = cluster["eds_cluster_config"]["eds_config"]["path_config_source"]
     assert source == {"path": "/x/eds/m.yaml", "watched_directory": {"path": "/x/eds"}}
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    assert route["timeout"] == "45s"
+    routes = [r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
+    assert len(routes) == 3  # by path, by the body's model, by header
+    route = routes[0]
+    # The request timeout bounds silence, not a whole response: a long stream lives.
+    assert all((r["timeout"], r["idle_timeout"]) == ("0s", "45s") for r in routes)
     retry = route["retry_policy"]
     assert (retry["num_retries"], retry["per_try_timeout"], retry["retry_on"]) == (1, "3s", "connect-failure")
     # A single retry must leave priority 0 at once, or it could never reach the standby.
@@ -304,11 +322,17 @@ async def test_routes_by_path_and_header_to_the_serving_host(stack: Stack) -> No
         ):
             assert unknown.status_code == 404
             assert unknown.headers["content-type"] == "application/json"
-            assert unknown.json()["error"] == "unknown model"
-            assert unknown.json()["models"] == [MODEL, EMPTY_MODEL]
+            error = unknown.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == ("NotFoundError", 404, "model")
+            assert error["message"].endswith(f"header. The fleet serves: {MODEL}, {EMPTY_MODEL}.")
 
-        # A known model without endpoints is routed (Envoy read its file) but has nobody to serve it.
-        assert (await client.post(f"{stack.lb_url}/v1/models/{EMPTY_MODEL}/predict", json={})).status_code == 503
+        # A known model without endpoints is routed (Envoy read its file) but has nobody to serve it;
+        # Envoy's own 503 comes in OpenAI's error shape.
+        empty = await client.post(f"{stack.lb_url}/v1/models/{EMPTY_MODEL}/predict", json={})
+        assert empty.status_code == 503
+        assert empty.json() == {
+            "error": {"message": "no healthy upstream", "type": "ServiceUnavailableError", "param": None, "code": 503}
+        }
     assert await cluster_hosts(stack.admin_url, EMPTY_MODEL) == []
     with pytest.raises(LookupError):
         await cluster_hosts(stack.admin_url, "nope")
