@@ -561,6 +561,15 @@ class DrillMeasurement(Payload):
     "data loss: in-flight requests"). Reported, not judged."""
     worst_latency_ms: float | None = None
     """Slowest successful request after the fault (retries through Envoy included)."""
+    streams: int = 0
+    """Streamed chat completions opened after the fault (one is open at all times)."""
+    streams_failed: int = 0
+    """Of those, the ones that did not end with ``[DONE]``. Reported, not judged."""
+    streams_cut: int = 0
+    """Streams open when the fault was injected that did not end with ``[DONE]``: cut mid-response
+    (the stream's share of "in-flight requests may be lost"). Reported, not judged."""
+    streams_by_replacement: int = 0
+    """Streams after the fault that the promoted instance served (new streams reach the replacement)."""
     promoted: str | None = None
     promoted_tier: str | None = None
     runbooks: list[str] = Field(default_factory=list)

@@ -22,7 +22,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from drctl.activities.load import LoadGenerator, Sample
+from drctl.activities.load import LoadGenerator, Sample, StreamSample
 from drctl.payloads import (
     ActivityName,
     DrillMeasurement,
@@ -136,6 +136,7 @@ class DrillActivities:
         measurement.lost_in_flight = sum(1 for s in samples if not s.ok and s.sent_at < injected_mono)
         measurement.worst_latency_ms = max((round(s.latency_s * 1000, 1) for s in after if s.ok), default=None)
         measurement.notes += _failure_summary(samples, fault_mono)
+        _count_streams(measurement, load.stream_samples, fault_mono, injected_mono)
         return measurement
 
     async def _inject(self, target: DrillTarget, fault: InjectedFault) -> None:
@@ -343,3 +344,19 @@ def _failure_summary(samples: list[Sample], fault_at: float, first: int = 10) ->
         for s in failed[:first]
     ]
     return lines
+
+
+def _count_streams(m: DrillMeasurement, streams: list[StreamSample], fault_at: float, injected_at: float) -> None:
+    """The streams' share: cut at the fault, failed after it, and served by the replacement."""
+    open_at_fault = [s for s in streams if s.opened_at < injected_at and s.ended_at >= fault_at]
+    after = [s for s in streams if s.opened_at >= injected_at]
+    m.streams_cut = sum(1 for s in open_at_fault if not s.completed)
+    m.streams = len(after)
+    m.streams_failed = sum(1 for s in after if not s.completed)
+    m.streams_by_replacement = sum(1 for s in after if s.completed and m.promoted and s.served_by == m.promoted)
+    failed = [s for s in after if not s.completed][:3]
+    m.notes += [
+        f"stream opened {(s.opened_at - fault_at) * 1000:+.0f} ms from the fault ended after {s.chunks} chunk(s): "
+        f"{s.status} {s.error}".rstrip()
+        for s in failed
+    ]

@@ -44,6 +44,9 @@ def markdown(report: DrillReport) -> str:
             ),
             f"| requests failed | {m.failed_requests} of {m.requests} after the fault | | |",
             f"| in flight at the fault, lost | {m.lost_in_flight} | | in-flight requests may be lost |",
+            f"| streams cut at the fault | {m.streams_cut} | | a started response cannot be retried |",
+            f"| streams after the fault: failed, served by the replacement | {m.streams_failed} of {m.streams}, "
+            f"{m.streams_by_replacement} | | |",
             f"| slowest successful request | {seconds(m.worst_latency_ms)} | | |",
             "",
             f"Replacement: `{m.promoted or '-'}` ({m.promoted_tier or '-'})",

@@ -6,6 +6,11 @@ by the header; every engine drctl runs (vLLM, SGLang, the demo stand-in) answers
 
 Open loop (a request every ``1/rps`` seconds whatever the answers) so a stall shows up as failed or
 slow requests instead of silently lowering the rate, as a closed loop would.
+
+Beside them, one streamed chat completion (``"stream": true``, server-sent events) is open at all
+times, the next opened as one ends: a stream open on the instance the fault hits is cut — no load
+balancer can retry a response that has started — and the streams opened after the failover show
+which instance serves them (:class:`StreamSample`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from dataclasses import dataclass, field
 import httpx
 
 from drctl.policies.engines import MODEL_HEADER, completion
+
+STREAM_TOKENS = 48
+"""Tokens asked of each stream (the demo stand-in sends one every few ms: a stream lasts ~0.3 s)."""
 
 
 @dataclass(frozen=True)
@@ -32,30 +40,51 @@ class Sample:
     """The response body's start, or the exception's message, when not ok."""
 
 
+@dataclass(frozen=True)
+class StreamSample:
+    opened_at: float
+    """``time.monotonic()`` when the request was sent."""
+    ended_at: float
+    completed: bool
+    """The stream ended with ``data: [DONE]``."""
+    chunks: int
+    served_by: str | None
+    status: int | str
+    error: str = ""
+
+
 @dataclass
 class LoadGenerator:
     lb_url: str
     model: str
     rps: int
     timeout_s: float = 30.0
+    streams: bool = True
+    """Keep one streamed chat completion open at all times, beside the requests."""
     samples: list[Sample] = field(default_factory=list)
+    stream_samples: list[StreamSample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
+        self._streamer: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(
             timeout=self.timeout_s, limits=httpx.Limits(max_connections=max(64, self.rps * 2))
         )
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
+        if self.streams:
+            self._streamer = asyncio.create_task(self._stream_loop())
 
     async def stop(self) -> list[Sample]:
         """Stop sending, wait for the requests in flight, and return every sample."""
         self._stop.set()
         if self._runner is not None:
             await self._runner
+        if self._streamer is not None:
+            await asyncio.wait({self._streamer}, timeout=self.timeout_s + 1)
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=self.timeout_s + 1)
         await self._http.aclose()
@@ -91,3 +120,38 @@ class LoadGenerator:
         except httpx.HTTPError as exc:
             ok, status, served_by, error = False, type(exc).__name__, None, str(exc)[:200]
         self.samples.append(Sample(sent, time.monotonic() - sent, ok, served_by, status, error))
+
+    async def _stream_loop(self) -> None:
+        url = f"{self.lb_url}/v1/chat/completions"
+        n = 0
+        while not self._stop.is_set():
+            await self._stream(url, n)
+            n += 1
+
+    async def _stream(self, url: str, n: int) -> None:
+        opened = time.monotonic()
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": f"drill stream {n}"}],
+            "max_tokens": STREAM_TOKENS,
+            "stream": True,
+        }
+        chunks, done, served_by, error = 0, False, None, ""
+        status: int | str = ""
+        try:
+            async with self._http.stream("POST", url, json=body, headers={MODEL_HEADER: self.model}) as response:
+                status = response.status_code
+                served_by = response.headers.get("x-drctl-instance")
+                if response.status_code != 200:
+                    error = (await response.aread()).decode(errors="replace")[:200]
+                else:
+                    async for line in response.aiter_lines():
+                        if line == "data: [DONE]":
+                            done = True
+                        elif line.startswith("data: "):
+                            chunks += 1
+        except httpx.HTTPError as exc:
+            status, error = type(exc).__name__, str(exc)[:200]
+        self.stream_samples.append(StreamSample(opened, time.monotonic(), done, chunks, served_by, status, error))
+        if not done:
+            await asyncio.sleep(0.05)  # a failed stream is not retried in a tight loop

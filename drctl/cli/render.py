@@ -239,6 +239,10 @@ def drill_lines(report: DrillReport) -> Lines:
             f"  redundancy back {seconds(m.redundancy_ms)}   requests failed {m.failed_requests} of {m.requests}"
             + (f" (+{m.lost_in_flight} in flight at the fault)" if m.lost_in_flight else "")
         )
+        lines.append(
+            f"  streams: {m.streams_cut} cut at the fault; after it {m.streams_failed} of {m.streams} failed, "
+            f"{m.streams_by_replacement} served by the replacement"
+        )
     for name, verdict in report.verdicts.items():
         colour = "green" if verdict.startswith("pass") else "red"
         lines.append(f"  [{colour}]{lit(name)}[/]: {lit(verdict)}")

@@ -79,7 +79,8 @@ def assert_passed(report: DrillReport) -> None:
     saved = json.loads(Path(report.files["json"]).read_text())
     assert saved["measurement"]["rto_ms"] == m.rto_ms
     assert Path(report.files["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| total RTO |" in Path(report.files["markdown"]).read_text()
+    markdown = Path(report.files["markdown"]).read_text()
+    assert "| total RTO |" in markdown and "| streams cut at the fault |" in markdown
 
 
 # Zone outage first: the serving instances start in an active zone (az-1).
@@ -98,7 +99,12 @@ async def test_zone_outage(drill_stack: LocalStack) -> None:
 async def test_pod_crash(drill_stack: LocalStack) -> None:
     report = await drill(drill_stack, DrillScenario.POD_CRASH)
     assert_passed(report)
-    assert report.measurement is not None and report.measurement.promoted_tier == "hot"
+    m = report.measurement
+    assert m is not None and m.promoted_tier == "hot"
+    # A stream was open all along: the ones after the fault reached the replacement, none failed
+    # (Envoy retries a new stream on the hot standby); one open on the killed instance is cut.
+    assert m.streams > 0 and m.streams_failed == 0, m.notes
+    assert 0 < m.streams_by_replacement <= m.streams and m.streams_cut <= 1
 
 
 async def test_node_down(drill_stack: LocalStack) -> None:

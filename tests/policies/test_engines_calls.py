@@ -278,7 +278,7 @@ async def test_reloading_weights_goes_through_the_profile(server: FakeEngine) ->
 
 
 async def test_the_load_generator_sends_openai_completions(server: FakeEngine) -> None:
-    load = LoadGenerator(f"http://127.0.0.1:{server.port}", MODEL, rps=50)
+    load = LoadGenerator(f"http://127.0.0.1:{server.port}", MODEL, rps=50, streams=False)
     load.start()
     await asyncio.sleep(0.1)
     samples = await load.stop()
