@@ -63,6 +63,12 @@ class DrctlSettings(BaseSettings):
     instance_base_port: int = 18000
     node_agent_base_port: int = 9400
     """The local stack's node agents listen on this port and the next ones, one per policy node."""
+    worker_metrics_port: int = 9464
+    """The runbook worker's Prometheus ``/metrics`` (runbooks, RTO, redundancy, budget); 0: off."""
+    worker_sdk_metrics_port: int = 9465
+    """The Temporal SDK's own runtime metrics of the worker (its Prometheus exporter); 0: off."""
+    prober_metrics_port: int = 9466
+    """The health prober's Prometheus ``/metrics`` (probes, zone verdicts, reports); 0: off."""
 
     def fault_token(self) -> str | None:
         """The fault-injection token from ``fault_injection_token`` or its file; None when neither is

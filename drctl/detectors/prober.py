@@ -40,6 +40,7 @@ from drctl.policies.probing import ProbeEvent, ProbeTracker
 from drctl.policies.schema import DRPolicy
 from drctl.service import run_service
 from drctl.settings import DrctlSettings, StateLayout
+from drctl.telemetry.metrics import ProberMetrics, serve
 from drctl.temporal.client import connect
 
 log = logging.getLogger("drctl.prober")
@@ -69,8 +70,10 @@ class Prober:
         policy: DRPolicy,
         registry: InstanceRegistry,
         report: ReportFailover,
+        metrics: ProberMetrics | None = None,
     ) -> None:
         self.policy = policy
+        self.metrics = metrics
         self.registry = registry
         self.report = report
         self.trackers: dict[str, ProbeTracker] = {}
@@ -99,6 +102,9 @@ class Prober:
 
     async def tick(self, now: float) -> None:
         self.ticks += 1
+        if self.metrics is not None:
+            self.metrics.last_tick.set_to_current_time()
+            self.metrics.unreported.set(len(self.unreported))
         self._kick_reports()
         instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
         interval = self.policy.detection.probe_interval.total_seconds()
@@ -106,6 +112,7 @@ class Prober:
         for instance in instances:
             tracker = self.trackers.setdefault(instance.id, ProbeTracker(self.policy.detection))
             if not processes.is_alive(instance.pid):
+                self._count_probe(instance, "exited")
                 await self._handle(instance, tracker.observe(False, now, exited=True), tracker, now, exited=True)
             elif now >= self.next_probe.get(instance.id, 0.0):
                 self.next_probe[instance.id] = now + interval
@@ -115,10 +122,15 @@ class Prober:
             tracker = self.trackers[instance.id]
             # A model that failed to load will not come back by itself: no need to wait for more probes.
             event = tracker.observe(ok, time.monotonic(), exited=final)
+            self._count_probe(instance, "healthy" if ok else "failed-to-load" if final else "unhealthy")
             await self._handle(instance, event, tracker, now, exited=final)
         for instance_id in set(self.trackers) - {i.id for i in instances}:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
             self.reported.pop(instance_id, None)
+
+    def _count_probe(self, instance: LocalInstance, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.probes.labels(instance.model, instance.id, result).inc()
 
     async def _probe(self, instance: LocalInstance) -> tuple[bool, bool]:
         """(healthy, failure is final). Healthy: the engine's health path answers 200 and the
@@ -210,15 +222,21 @@ class Prober:
                 ticket = await self.report(request)
             except Exception as exc:
                 self.report_errors += 1
+                if self.metrics is not None:
+                    self.metrics.report_errors.inc()
                 log.warning("could not report %s yet (%s): trying again", instance_id, exc)
                 return
             self.unreported.pop(instance_id, None)
             self.reported[instance_id] = ticket
+            if self.metrics is not None:
+                self.metrics.reported.labels(request.model).inc()
             how = "joined" if ticket.joined else "opened"
             log.info("%s: %s incident %s (%s)", instance_id, how, ticket.workflow_id, ticket.state)
 
     def _record(self, instance: LocalInstance, first: float, exited: bool, action: str) -> None:
         self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
+        if self.metrics is not None:
+            self.metrics.detections.labels(instance.model, action).inc()
 
 
 async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Client | None = None) -> None:
@@ -231,7 +249,9 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     async def report(request: FailoverRequest) -> IncidentTicket:
         return await report_failover(client, settings, request, reporter="prober")
 
-    prober = Prober(policy, registry, report)
+    metrics = ProberMetrics()
+    close_metrics = serve(metrics.registry, settings.host, settings.prober_metrics_port, "prober")
+    prober = Prober(policy, registry, report, metrics)
     log.info("probing every %s", policy.detection.probe_interval)
     loops = [prober.run(stop)]
     checker = None
@@ -246,6 +266,8 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
         await asyncio.gather(*loops)
     finally:
         await prober.aclose()
+        if close_metrics is not None:
+            await asyncio.to_thread(close_metrics)
 
 
 async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, stop: asyncio.Event) -> None:
@@ -263,6 +285,8 @@ async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, 
             "zones": None if checker is None else checker.verdicts,
             "nodes_seen": None if checker is None else sorted(set(checker.node_of.values())),
         }
+        if checker is not None and prober.metrics is not None:
+            prober.metrics.zones(checker.verdicts, checker.checks)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)

@@ -7,10 +7,11 @@ TLS and Temporal Cloud come from settings: ``DRCTL_TEMPORAL_TLS_CERT``/``_KEY`` 
 from __future__ import annotations
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from drctl.settings import DrctlSettings
+from drctl.temporal.converter import drctl_data_converter
 
 
 class TemporalSettingsError(ValueError):
@@ -36,12 +37,15 @@ def tls_config(settings: DrctlSettings) -> TLSConfig | bool:
         raise TemporalSettingsError(f"cannot read a Temporal TLS file: {exc}") from None
 
 
-async def connect(settings: DrctlSettings) -> Client:
+async def connect(settings: DrctlSettings, runtime: Runtime | None = None) -> Client:
+    """A client for ``settings``. ``runtime``: the SDK runtime to use (the worker's exports the SDK's
+    own metrics to Prometheus, see :mod:`drctl.telemetry.metrics`); None: the SDK's default one."""
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=drctl_data_converter,
         tls=tls_config(settings),
         api_key=api_key,
+        runtime=runtime,
     )

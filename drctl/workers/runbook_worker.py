@@ -9,6 +9,7 @@ when it dies resumes from its last completed step once a worker polls the task q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 
@@ -22,7 +23,9 @@ from drctl.platforms.factory import make_platform
 from drctl.policies.loader import load_policy_file
 from drctl.service import run_service
 from drctl.settings import DrctlSettings
+from drctl.telemetry.metrics import run_worker_metrics, sdk_runtime
 from drctl.temporal.client import connect
+from drctl.temporal.refs import workflow_type
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
@@ -45,13 +48,17 @@ WORKFLOWS = [
     DrillWorkflow,
 ]
 
+RUNBOOKS = [w for w in WORKFLOWS if w not in (ModelGuardianWorkflow, BudgetWorkflow)]
+"""The runs counted in ``drctl_runbooks_total`` (the guardians and the budget never close)."""
+
 
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     policy = load_policy_file(settings.policy)
     platform = make_platform(settings, policy)
     for line in await platform.start():
         log.info("%s", line)
-    client = await connect(settings)
+    # The SDK's own metrics (task latencies, slots, polls) on their own port; 0: the default runtime.
+    client = await connect(settings, sdk_runtime(settings.host, settings.worker_sdk_metrics_port))
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -70,10 +77,24 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
     )
     log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
+    metrics = asyncio.create_task(
+        run_worker_metrics(
+            settings,
+            client,
+            platform,
+            [workflow_type(w) for w in RUNBOOKS],
+            workflow_type(FailoverWorkflow),
+            stop,
+        )
+    )
     try:
         async with worker:
             await stop.wait()
     finally:
+        if not stop.is_set():
+            metrics.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await metrics
         await platform.close()
 
 

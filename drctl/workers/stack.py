@@ -350,6 +350,10 @@ class LocalStack:
         }
         if self.with_node_agents:
             wanted |= {f"node agent {node}": port for node, port in self.node_agent_ports.items()}
+        metrics = {"worker metrics": s.worker_metrics_port, "Temporal SDK metrics": s.worker_sdk_metrics_port}
+        if self.with_prober:
+            metrics["prober metrics"] = s.prober_metrics_port
+        wanted |= {name: port for name, port in metrics.items() if port}  # 0: that endpoint is off
         busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
         if busy:
             raise StackError(
@@ -674,7 +678,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
     """Settings for a private stack on free ports, so it can run beside a ``drctl up``."""
-    temporal, ui, http, metrics, lb, admin, agents = free_ports(7)
+    temporal, ui, http, metrics, lb, admin, agents, worker_metrics, sdk_metrics, prober_metrics = free_ports(10)
     # Below the kernel's ephemeral range (32768 and up by default): a port picked there can be
     # handed to an outgoing connection between the pick and the instance's bind, and the instance
     # then dies while loading (seen once in CI).
@@ -690,5 +694,8 @@ def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") 
         envoy_admin_port=admin,
         instance_base_port=base,
         node_agent_base_port=agents,
+        worker_metrics_port=worker_metrics,
+        worker_sdk_metrics_port=sdk_metrics,
+        prober_metrics_port=prober_metrics,
         task_queue=task_queue,
     )

@@ -1,0 +1,1 @@
+"""What drctl's processes tell a monitoring system: Prometheus metrics (:mod:`.metrics`)."""
