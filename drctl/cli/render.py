@@ -18,6 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from drctl.activities.drill_report import seconds
+from drctl.cli.audit_story import Reporter as AuditReporter
+from drctl.cli.audit_story import RunStory as AuditRunStory
+from drctl.cli.audit_story import StoryStep as AuditStoryStep
 from drctl.payloads import (
     BudgetState,
     DrillReport,
@@ -208,16 +211,129 @@ def reconcile_lines(result: ReconcileResult) -> Lines:
 
 
 def audit_table(query: str, rows: list[dict[str, object]]) -> Table:
+    """The failovers found; a run that failed before recording its search attributes (bad input)
+    shows why it failed instead of a row of dashes."""
     table = Table(title=f"failovers ({lit(query)})", title_justify="left")
     for column in ("started", "model", "instance", "trigger", "outcome", "tier", "RTO ms", "status", "workflow id"):
         table.add_column(column)
     for row in rows:
+        failure = row.get("failure")
+        if failure and not any(row.get(k) for k in ("model", "instance", "trigger", "outcome")):
+            table.add_row(
+                str(row["started"])[:19],
+                Text(str(failure), style="red"),
+                *(cell("") for _ in range(4)),
+                "",
+                cell(row["status"] or "-"),
+                cell(row["workflow_id"]),
+            )
+            continue
         table.add_row(
             str(row["started"])[:19],
             *(cell(row[k] or "-") for k in ("model", "instance", "trigger", "outcome", "tier", "rto_ms", "status")),
             cell(row["workflow_id"]),
         )
     return table
+
+
+def _ms_text(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _step_words(step: AuditStoryStep) -> str:
+    """A step in plain words: ``promote llama-2-7b-1: failed after 3 attempts (checksum mismatch)``."""
+    state = {True: "ok", False: "failed", None: "running"}[step.ok]
+    attempts = f" after {step.attempts} attempts" if step.attempts and step.attempts > 1 else ""
+    words = f"{state}{attempts} in {_ms_text(step.duration_ms)}"
+    if step.activity_ms is not None:
+        words += f" (activity {_ms_text(step.activity_ms)})"
+    if step.detail:
+        words += f" — {step.detail}"
+    if step.failure and step.failure not in step.detail:
+        words += f" — {'why' if step.ok is False else 'retried because'}: {step.failure}"
+    return words
+
+
+def _story_facts(story: AuditRunStory) -> list[tuple[str, str]]:
+    facts = [
+        ("workflow", f"{story.workflow_type} {story.workflow_id} (run {story.run_id})"),
+        ("status", story.status),
+        ("started", story.started_at.isoformat() if story.started_at else "-"),
+        ("closed", story.closed_at.isoformat() if story.closed_at else "-"),
+        ("duration", _ms_text(story.duration_ms)),
+    ]
+    if story.model or story.instance:
+        facts.append(("failed instance", f"{story.instance or '?'} of {story.model or '?'}"))
+    if story.trigger:
+        facts.append(("trigger", story.trigger + (f" — {story.reason}" if story.reason else "")))
+    elif story.reason:
+        facts.append(("reason", story.reason))
+    if story.started_by:
+        facts.append(("started by", story.started_by))
+    for reporter in story.reporters:
+        facts.append(("reported by", _reporter_words(reporter)))
+    if story.joined_total > len(story.reporters):
+        facts.append(("reports", f"{story.joined_total} joined in all"))
+    if story.outcome:
+        facts.append(("outcome", story.outcome + (f" — {story.outcome_reason}" if story.outcome_reason else "")))
+    elif story.failure:
+        facts.append(("failure", story.failure))
+    if story.standby:
+        facts.append(("standby chosen", f"{story.standby} ({story.standby_tier or '?'})"))
+    if story.standby_why:
+        facts.append(("why", story.standby_why))
+    if story.rto_ms is not None or story.rto_target_ms is not None:
+        verdict = {True: "met", False: "MISSED", None: "no target known"}[story.rto_met]
+        facts.append(
+            ("RTO", f"{_ms_text(story.rto_ms)} against a target of {_ms_text(story.rto_target_ms)}: {verdict}")
+        )
+    facts += [("result", line) for line in story.summary]
+    return facts
+
+
+def _reporter_words(reporter: AuditReporter) -> str:
+    if reporter.kind == "alert":
+        return f"alert {reporter.fingerprint} via the alert receiver ({reporter.receiver or 'default'})"
+    if reporter.kind == "cli":
+        return f"CLI user {reporter.user}"
+    if reporter.kind == "drill":
+        return f"drill {reporter.drill}"
+    if reporter.kind == "workflow":
+        return f"workflow {reporter.workflow}"
+    return reporter.reporter
+
+
+def audit_story_lines(story: AuditRunStory) -> Lines:
+    """``drctl audit show``: the facts, then each step in plain words."""
+    width = max(len(k) for k, _ in _story_facts(story))
+    lines: Lines = [Text.assemble((f"{key:<{width}}  ", "bold"), value) for key, value in _story_facts(story)]
+    if story.steps:
+        lines.append(Text("steps", style="bold"))
+        for step in story.steps:
+            mark = {True: ("✓", "green"), False: ("✗", "red"), None: ("…", "yellow")}[step.ok]
+            lines.append(Text.assemble("  ", (mark[0], mark[1]), f" {step.step:<18} ", _step_words(step)))
+    return lines
+
+
+def audit_story_markdown(story: AuditRunStory) -> str:
+    """``drctl audit show --markdown``: the same story for an incident review."""
+    lines = [f"## {story.workflow_type} `{story.workflow_id}`", ""]
+    lines += ["| | |", "|---|---|"]
+    lines += [f"| {key} | {_md(value)} |" for key, value in _story_facts(story)]
+    if story.steps:
+        lines += ["", "| step | result | attempts | duration | detail |", "|---|---|---|---|---|"]
+        for step in story.steps:
+            state = {True: "ok", False: "**failed**", None: "running"}[step.ok]
+            detail = step.detail + (f" ({step.failure})" if step.failure and step.failure not in step.detail else "")
+            took = _ms_text(step.duration_ms)
+            lines.append(f"| {_md(step.step)} | {state} | {step.attempts or '-'} | {took} | {_md(detail)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _md(value: str) -> str:
+    return value.replace("|", "\\|").replace("\n", " ")
 
 
 # -- drills --------------------------------------------------------------------------------------

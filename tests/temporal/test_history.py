@@ -1,0 +1,68 @@
+"""Reading a run back from its history (drctl.temporal.history), on histories the time-skipping
+server records for FailoverWorkflow with fake activities."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.payloads import FailoverRequest, Role
+from drctl.temporal.converter import drctl_data_converter
+from drctl.temporal.history import UnknownRun, read_run
+from drctl.workflows.failover import FailoverWorkflow
+from tests.workflows.fakes import FakeFleet
+
+
+def drctl_client(env: WorkflowEnvironment) -> Client:
+    return Client(**{**env.client.config(), "data_converter": drctl_data_converter})
+
+
+async def run_failover(env: WorkflowEnvironment, fleet: FakeFleet, local_activities: bool) -> str:
+    client = drctl_client(env)
+    queue = f"test-{uuid.uuid4()}"
+    workflow_id = f"failover-llama-2-7b-0-{uuid.uuid4().hex[:6]}"
+    async with Worker(client, task_queue=queue, workflows=[FailoverWorkflow], activities=fleet.activities()):
+        await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(
+                model="llama-2-7b", instance="llama-2-7b-0", reason="test", local_activities=local_activities, epoch=1
+            ),
+            id=workflow_id,
+            task_queue=queue,
+        )
+    return workflow_id
+
+
+@pytest.mark.parametrize("local_activities", [True, False], ids=["local-activities", "regular-activities"])
+async def test_activities_with_their_failures_in_plain_words(
+    time_skipping_env: WorkflowEnvironment, local_activities: bool
+) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.WARM))
+    fleet.broken.add("llama-2-7b-1")
+    workflow_id = await run_failover(time_skipping_env, fleet, local_activities)
+
+    run = await read_run(drctl_client(time_skipping_env), workflow_id)
+
+    assert run.workflow_type == "FailoverWorkflow"
+    assert run.status == "completed"
+    assert run.input["model"] == "llama-2-7b"
+    assert run.result["outcome"] == "recovered"
+    assert run.started_at is not None and run.duration_ms is not None
+    names = [a.activity for a in run.activities]
+    assert names[:3] == ["probe_instance", "list_instances", "promote_standby"]
+    failed = [a for a in run.activities if a.ok is False]
+    assert [a.activity for a in failed] == ["promote_standby"]
+    assert failed[0].failure is not None and "Activity task failed" not in failed[0].failure
+    assert all(
+        a.local == (local_activities and a.activity not in {"list_instances", "load_model"}) for a in run.activities
+    )
+    assert all(a.attempts >= 1 and (a.duration_ms or 0) >= 0 for a in run.activities)
+
+
+async def test_unknown_workflow(time_skipping_env: WorkflowEnvironment) -> None:
+    with pytest.raises(UnknownRun, match="no workflow 'nope-"):
+        await read_run(drctl_client(time_skipping_env), f"nope-{uuid.uuid4().hex}")
