@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install up test check lint typecheck layers pytest bench clean system-deps
+.PHONY: install up test check lint typecheck layers pytest bench clean system-deps histories
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ pytest: install system-deps
 
 bench: install ## failover benchmark on a private stack (see docs/benchmarks.md)
 	$(BIN)/python bench/failover_bench.py
+
+# Re-record tests/histories (the determinism guard's workflow histories, ~15 s on a dev server).
+# Only after an intended change to a workflow made behind workflow.patched, never to make a replay
+# failure go away: that failure is what running workflows would hit (docs/workflows.md).
+histories: install
+	$(BIN)/python -m tests.histories.record
 
 clean:
 	rm -rf $(VENV) .drctl .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""The workflows as they were before each of their ``workflow.patched`` changes, to record runs
+that started before a patch (``record.py``): a worker still holds such runs when the patched code is
+deployed, and the replay test checks that the patched code still replays them (``patched`` is then
+false, and the old branch must issue the same commands as the old code did).
+
+Each class is registered under the real workflow's name and differs from it only by the patch.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+from drctl.payloads import (
+    ActivityName,
+    FailoverRequest,
+    FailoverResult,
+    InstanceList,
+    ModelRef,
+    ReconcileRequest,
+    ReconcileResult,
+)
+from drctl.workflows.failover import DECISION_INPUT_PERSISTED, FailoverWorkflow
+from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, ReconcileStandbysWorkflow, reconcile_pass
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeListingAsActivity(FailoverWorkflow):
+    """Before ``failover-listing-as-activity`` (0b8a930): the listing was a step like the others,
+    a local activity when the run uses local activities."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    async def _list(self, model: str) -> InstanceList:
+        return await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=model), InstanceList)
+
+
+@workflow.defn(name="ReconcileStandbysWorkflow", sandboxed=False)
+class ReconcileBeforeOnePassAtATime(ReconcileStandbysWorkflow):
+    """Before ``reconcile-one-pass-at-a-time`` (f99c0c4): the run made its pass itself, no child."""
+
+    @workflow.run
+    async def run(self, request: ReconcileRequest) -> ReconcileResult:
+        return await reconcile_pass(request, self._show)
+
+
+BEFORE_PATCHES: dict[str, type] = {
+    DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
+    ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
+}
+"""Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""
