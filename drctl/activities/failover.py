@@ -1,7 +1,9 @@
 """The failover runbook's activities, written once against the :class:`Platform` interface.
 
 Each activity is idempotent (Temporal runs it at least once), measures its own duration so the
-workflow can tell orchestration overhead from work, and heartbeats while it waits.
+workflow can tell orchestration overhead from work, and heartbeats while it waits. Each platform call
+is a span (``platform.{call}``, a child of the SDK's ``RunActivity`` span) with the model, instance,
+tier and epoch: the gap between the two is the adapter's own cost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from drctl.payloads import (
     StepReport,
 )
 from drctl.platforms.base import Platform
+from drctl.telemetry.tracing import set_attributes, span
 
 T = TypeVar("T")
 
@@ -71,8 +74,10 @@ class FailoverActivities:
     @activity.defn(name=ActivityName.PROBE_INSTANCE)
     async def probe_instance(self, ref: InstanceRef) -> ProbeResult:
         start = time.monotonic()
-        instance = await self.platform.get_instance(ref.model, ref.instance)
-        healthy, detail = await self.platform.probe(instance)
+        with span("platform.probe", model=ref.model, instance=ref.instance) as current:
+            instance = await self.platform.get_instance(ref.model, ref.instance)
+            set_attributes(current, tier=instance.role.value)
+            healthy, detail = await self.platform.probe(instance)
         return ProbeResult(instance=ref.instance, healthy=healthy, detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.LIST_INSTANCES)
@@ -81,44 +86,71 @@ class FailoverActivities:
         while the platform answers, so a worker that dies holding it is noticed within the heartbeat
         timeout (1 s) rather than the step's timeout."""
         start = time.monotonic()
-        instances = await with_heartbeats(self.platform.list_instances(ref.model))
+        with span("platform.list_instances", model=ref.model):
+            instances = await with_heartbeats(self.platform.list_instances(ref.model))
         return InstanceList(model=ref.model, instances=instances, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:
         return await self._on_instance(
-            request.model, request.instance, lambda i: self.platform.eject(i, request.reason, request.epoch)
+            "eject",
+            request.model,
+            request.instance,
+            lambda i: self.platform.eject(i, request.reason, request.epoch),
+            request.epoch,
         )
 
     @activity.defn(name=ActivityName.PROMOTE_STANDBY)
     async def promote_standby(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.promote(i, ref.epoch))
+        return await self._on_instance(
+            "promote", ref.model, ref.instance, lambda i: self.platform.promote(i, ref.epoch), ref.epoch
+        )
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, ref: InstanceRef) -> StepReport:
         return await self._on_instance(
-            ref.model, ref.instance, lambda i: self.platform.wait_loaded(i, heartbeat_progress)
+            "wait_loaded",
+            ref.model,
+            ref.instance,
+            lambda i: self.platform.wait_loaded(i, heartbeat_progress),
+            ref.epoch,
         )
 
     @activity.defn(name=ActivityName.RESTORE_CHECKPOINT)
     async def restore_checkpoint(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, self.platform.restore_checkpoint)
+        return await self._on_instance(
+            "restore_checkpoint", ref.model, ref.instance, self.platform.restore_checkpoint, ref.epoch
+        )
 
     @activity.defn(name=ActivityName.REGISTER_INSTANCE)
     async def register_instance(self, request: RegisterRequest) -> StepReport:
         return await self._on_instance(
-            request.model, request.instance, lambda i: self.platform.register(i, request.priority, request.epoch)
+            "register",
+            request.model,
+            request.instance,
+            lambda i: self.platform.register(i, request.priority, request.epoch),
+            request.epoch,
         )
 
     @activity.defn(name=ActivityName.VERIFY_SERVING)
     async def verify_serving(self, ref: InstanceRef) -> StepReport:
-        return await self._on_instance(ref.model, ref.instance, lambda i: self.platform.verify(i, heartbeat_progress))
+        return await self._on_instance(
+            "verify", ref.model, ref.instance, lambda i: self.platform.verify(i, heartbeat_progress), ref.epoch
+        )
 
     async def _on_instance(
-        self, model: str, instance_id: str, action: Callable[[Instance], Awaitable[str]]
+        self,
+        call: str,
+        model: str,
+        instance_id: str,
+        action: Callable[[Instance], Awaitable[str]],
+        epoch: int | None = None,
     ) -> StepReport:
-        """Look the instance up afresh (a retry sees what the last attempt changed), act, time it."""
+        """Look the instance up afresh (a retry sees what the last attempt changed), act, time it;
+        one span ``platform.{call}`` around both, with the instance's tier once it is known."""
         start = time.monotonic()
-        instance = await self.platform.get_instance(model, instance_id)
-        detail = await action(instance)
+        with span(f"platform.{call}", model=model, instance=instance_id, epoch=epoch) as current:
+            instance = await self.platform.get_instance(model, instance_id)
+            set_attributes(current, tier=instance.role.value)
+            detail = await action(instance)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))

@@ -35,6 +35,7 @@ from drctl.payloads import (
 )
 from drctl.platforms.base import Platform
 from drctl.policies.budget import BudgetLimits
+from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_closed
 
 HEARTBEAT_S = 1.0
@@ -58,7 +59,9 @@ class IncidentActivities:
     async def claim_epoch(self, ref: ModelRef) -> EpochGrant:
         """A new fencing epoch for the model, from the platform (the one authority that hands them out)."""
         start = time.monotonic()
-        epoch = await self.platform.claim_epoch(ref.model)
+        with span("platform.claim_epoch", model=ref.model) as current:
+            epoch = await self.platform.claim_epoch(ref.model)
+            current.set_attribute("drctl.epoch", epoch)
         return EpochGrant(model=ref.model, epoch=epoch, detail=f"epoch {epoch}", duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.REPORT_FAILURE)

@@ -23,11 +23,24 @@ from drctl.payloads import (
     StepReport,
 )
 from drctl.platforms.base import Platform
+from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import busy_models
 
 
 def _elapsed_ms(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 1)
+
+
+def _change(change: InstanceChange) -> dict[str, object]:
+    """A reconcile action's span attributes."""
+    action = change.action
+    return {
+        "model": action.model,
+        "instance": action.instance,
+        "tier": action.tier.value,
+        "epoch": action.epoch,
+        "gpu": action.gpu,
+    }
 
 
 class ReconcileActivities:
@@ -60,31 +73,36 @@ class ReconcileActivities:
     @activity.defn(name=ActivityName.CORDON_GPU)
     async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:
         start = time.monotonic()
-        detail = await self.platform.cordon_gpu(request.gpu, request.reason)
+        with span("platform.cordon_gpu", gpu=request.gpu):
+            detail = await self.platform.cordon_gpu(request.gpu, request.reason)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
-        detail = await self.platform.create_instance(change.action, heartbeat_progress)
+        with span("platform.create_instance", _change(change)):
+            detail = await self.platform.create_instance(change.action, heartbeat_progress)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.RETIER_INSTANCE)
     async def retier_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
-        detail = await self.platform.retier_instance(change.action, heartbeat_progress)
+        with span("platform.retier_instance", _change(change)):
+            detail = await self.platform.retier_instance(change.action, heartbeat_progress)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.DELETE_INSTANCE)
     async def delete_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
-        detail = await self.platform.delete_instance(change.action)
+        with span("platform.delete_instance", _change(change)):
+            detail = await self.platform.delete_instance(change.action)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.UNCORDON_GPU)
     async def uncordon_gpu(self, request: DrainGpuRequest) -> StepReport:
         start = time.monotonic()
-        detail = await self.platform.uncordon_gpu(request.gpu)
+        with span("platform.uncordon_gpu", gpu=request.gpu):
+            detail = await self.platform.uncordon_gpu(request.gpu)
         return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.REQUEST_RECONCILE)

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from drctl.cli import audit, budget, drills, failover, policy, reconcile, runbooks, stack, status
+from drctl.cli import audit, budget, drills, failover, policy, reconcile, runbooks, stack, status, trace
 
 app = typer.Typer(
     help="drctl: disaster recovery for GPU model-inference fleets (failover runbooks as Temporal workflows).",
@@ -29,6 +29,7 @@ app.command()(status.status)
 app.command()(failover.failover)
 app.command()(reconcile.reconcile)
 app.add_typer(audit.app, name="audit")
+app.command()(trace.trace)
 app.command("alert-receiver", context_settings=stack.PASS_THROUGH, add_help_option=False)(stack.alert_receiver)
 app.command("node-agent", context_settings=stack.PASS_THROUGH, add_help_option=False)(stack.node_agent)
 app.command()(runbooks.drain)

@@ -17,7 +17,7 @@ from typing import IO, Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console, RenderableType
 from rich.text import Text
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, Interceptor, WorkflowHandle
 
 from drctl.cli.policy_path import PolicyNotFound, find_policy
 from drctl.policies.loader import PolicyError, load_policy_file
@@ -116,10 +116,11 @@ def load_policy(path: Path) -> DRPolicy:
         fail(str(exc), EXIT_BAD_INPUT)
 
 
-async def connect(settings: DrctlSettings) -> Client:
-    """A Temporal client, or exit 1 (unreachable) or 2 (TLS settings that do not go together)."""
+async def connect(settings: DrctlSettings, interceptors: Sequence[Interceptor] = ()) -> Client:
+    """A Temporal client, or exit 1 (unreachable) or 2 (TLS settings that do not go together).
+    ``interceptors``: the tracing one of a command that starts a runbook (:mod:`drctl.cli.failover`)."""
     try:
-        return await temporal_connect(settings)
+        return await temporal_connect(settings, interceptors=interceptors)
     except TemporalSettingsError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     except RuntimeError as exc:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Interceptor, WorkflowFailureError
 
 from drctl.cli.common import (
     EXIT_BAD_INPUT,
@@ -38,6 +39,7 @@ from drctl.payloads import (
 )
 from drctl.platforms.local.registry import InstanceRegistry
 from drctl.settings import DrctlSettings, StateLayout
+from drctl.telemetry.tracing import setup_tracing, span
 from drctl.temporal.incidents import budget_state
 from drctl.temporal.runbooks import report_failover, start_failover_handle
 
@@ -84,29 +86,41 @@ def failover(
         fail(str(exc), EXIT_BAD_INPUT)
     if plan:
         request = request.model_copy(update={"plan_only": True})
-    result = asyncio.run(_run_failover(settings, request, wait or plan, as_json))
+    # The trace of a failover reported by hand starts in this command (`drctl trace WORKFLOW_ID`).
+    tracing = setup_tracing("cli", settings.state_dir)
+    try:
+        result = asyncio.run(_run_failover(settings, request, wait or plan, as_json, tracing.interceptors()))
+    finally:
+        tracing.shutdown()
     if result is not None and result.outcome not in (*SUCCESSFUL_OUTCOMES, FailoverOutcome.PLANNED):
         raise typer.Exit(EXIT_FAILED)
 
 
 async def _run_failover(
-    settings: DrctlSettings, request: FailoverRequest, wait: bool, as_json: bool
+    settings: DrctlSettings,
+    request: FailoverRequest,
+    wait: bool,
+    as_json: bool,
+    interceptors: Sequence[Interceptor] = (),
 ) -> FailoverResult | None:
     from drctl.workflows.failover import FailoverWorkflow
 
-    client = await connect(settings)
+    client = await connect(settings, interceptors)
     if request.plan_only:
-        handle = await client.start_workflow(
-            FailoverWorkflow.run,
-            request,
-            id=f"plan-{failover_workflow_id(request.model, request.instance)}-{uuid.uuid4().hex[:6]}",
-            task_queue=settings.task_queue,
-        )
+        with span("drctl failover --plan", model=request.model, instance=request.instance, trigger=request.trigger):
+            handle = await client.start_workflow(
+                FailoverWorkflow.run,
+                request,
+                id=f"plan-{failover_workflow_id(request.model, request.instance)}-{uuid.uuid4().hex[:6]}",
+                task_queue=settings.task_queue,
+            )
         if not as_json:
             out.print(f"plan of the failover of {request.instance} (nothing will be changed)", highlight=False)
     else:
-        ticket = await report_failover(client, settings, request, reporter=reporter())
-        handle = await start_failover_handle(client, settings.task_queue, ticket)
+        with span("drctl failover", model=request.model, instance=request.instance, trigger=request.trigger) as current:
+            ticket = await report_failover(client, settings, request, reporter=reporter())
+            current.set_attribute("drctl.incident", ticket.workflow_id)
+            handle = await start_failover_handle(client, settings.task_queue, ticket)
         if not as_json:
             how = "joined the recovery already open" if ticket.joined else "opened a recovery"
             out.print(f"reported to guardian-{request.model}: {how}", highlight=False)

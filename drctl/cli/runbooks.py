@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, Interceptor, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 
 from drctl.cli.common import (
@@ -33,6 +35,18 @@ from drctl.cli.render import lit, zone_progress_line
 from drctl.payloads import ZoneFailoverRequest, ZoneFailoverResult
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
+from drctl.telemetry.tracing import setup_tracing, span
+
+
+@contextmanager
+def traced_command(settings: DrctlSettings) -> Iterator[list[Interceptor]]:
+    """Tracing for a command that starts a runbook: the interceptors for its client; what it traced
+    is exported when it ends (the trace starts in the command: `drctl trace WORKFLOW_ID`)."""
+    tracing = setup_tracing("cli", settings.state_dir)
+    try:
+        yield list(tracing.interceptors())
+    finally:
+        tracing.shutdown()
 
 
 def drain(
@@ -56,9 +70,10 @@ def drain(
     except ValueError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
 
-    async def run() -> None:
-        client = await connect(settings)
-        handle = await start_gpu_drain(client, settings, request)
+    async def run(interceptors: list[Interceptor]) -> None:
+        client = await connect(settings, interceptors)
+        with span("drctl drain", gpu=gpu, trigger="manual"):
+            handle = await start_gpu_drain(client, settings, request)
         out.print(f"drain workflow [bold]{handle.id}[/]", highlight=False)
         try:
             result = await handle.result()
@@ -76,7 +91,8 @@ def drain(
         if result.failed:
             raise typer.Exit(EXIT_FAILED)
 
-    asyncio.run(run())
+    with traced_command(settings) as interceptors:
+        asyncio.run(run(interceptors))
 
 
 def require_zone(dr_policy: DRPolicy, zone: str) -> None:
@@ -106,14 +122,16 @@ def zone_failover(
         fail(str(exc), EXIT_BAD_INPUT)
     waits = dr_policy.az_failover.require_approval and not approved
 
-    async def run() -> None:
-        client = await connect(settings)
+    async def run(interceptors: list[Interceptor]) -> None:
+        client = await connect(settings, interceptors)
         if plan:
-            await _plan_zone_failover(client, settings, request)
+            with span("drctl zone-failover --plan", zone=zone, trigger="manual"):
+                await _plan_zone_failover(client, settings, request)
         else:
             await _zone_failover(client, settings, request, waits_for_approval=waits)
 
-    asyncio.run(run())
+    with traced_command(settings) as interceptors:
+        asyncio.run(run(interceptors))
 
 
 async def _plan_zone_failover(client: Client, settings: DrctlSettings, request: ZoneFailoverRequest) -> None:
@@ -139,7 +157,8 @@ async def _zone_failover(
     from drctl.workflows.zone import ZoneFailoverWorkflow
 
     zone = request.zone
-    handle = await start_zone_failover(client, settings, request)
+    with span("drctl zone-failover", zone=zone, trigger="manual"):
+        handle = await start_zone_failover(client, settings, request)
     out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
     if waits_for_approval:
         out.print(f"waiting for approval: drctl approve {zone} --approver NAME (or the UI's Update 'approve')")
@@ -173,22 +192,25 @@ def failback(
     settings, dr_policy = with_policy(policy)
     require_zone(dr_policy, zone)
 
-    async def run() -> None:
-        client = await connect(settings)
-        result = await client.execute_workflow(
-            ZoneFailbackWorkflow.run,
-            ZoneFailoverRequest(zone=zone, reason="failback"),
-            id=zone_failback_workflow_id(zone),
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        )
+    async def run(interceptors: list[Interceptor]) -> None:
+        client = await connect(settings, interceptors)
+        with span("drctl failback", zone=zone, trigger="manual"):
+            handle = await client.start_workflow(
+                ZoneFailbackWorkflow.run,
+                ZoneFailoverRequest(zone=zone, reason="failback"),
+                id=zone_failback_workflow_id(zone),
+                task_queue=settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+        result = await handle.result()
         out.print(
             f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}",
             highlight=False,
             markup=False,
         )
 
-    asyncio.run(run())
+    with traced_command(settings) as interceptors:
+        asyncio.run(run(interceptors))
 
 
 def approve(

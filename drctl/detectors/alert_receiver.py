@@ -94,7 +94,9 @@ from drctl.payloads import (
 )
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
+from drctl.service import configure_logging
 from drctl.settings import DrctlSettings
+from drctl.telemetry.tracing import server_span, setup_tracing, span
 from drctl.temporal.client import connect
 from drctl.temporal.incidents import report_failure
 
@@ -312,10 +314,14 @@ class AlertReceiver:
 
     async def handle_alerts(self, request: web.Request) -> web.Response:
         received_at = time.time()
-        try:
-            response = await self._alerts(request, received_at)
-        except Rejection as rejection:
-            response = self._reject(request, rejection)
+        # The trace of an alert-triggered recovery starts here: the guardian's update, the runbook
+        # and its activities are this span's descendants.
+        with server_span(f"POST {ALERTS_PATH}", request.headers, trigger="alert") as current:
+            try:
+                response = await self._alerts(request, received_at)
+            except Rejection as rejection:
+                response = self._reject(request, rejection)
+            current.set_attribute("http.response.status_code", response.status)
         self.metrics.notifications.labels(code=str(response.status)).inc()
         return response
 
@@ -366,7 +372,12 @@ class AlertReceiver:
                         workflow_id=guardian_workflow_id(target.model, self.task_queue),
                         detail=f"same instance as alerts[{first}] of this notification; reported once",
                     )
-            return await self._act(plan, received_at)
+            model = getattr(target, "model", None)
+            instance = getattr(target, "instance", None)
+            with span("alert.act", model=model, instance=instance, trigger="alert") as current:
+                current.set_attribute("drctl.alert.fingerprint", plan.alert.fingerprint)
+                current.set_attribute("drctl.alert.plan", plan.kind.value)
+                return await self._act(plan, received_at)
 
         outcomes = await asyncio.gather(*(act(plan) for plan in plans), return_exceptions=True)
         results: list[AlertResult] = []
@@ -633,8 +644,9 @@ async def serve(settings: AlertReceiverSettings, policy: DRPolicy, tokens: Token
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tracing = setup_tracing("alert-receiver", settings.state_dir)
     try:
-        client = await connect(settings)
+        client = await connect(settings, interceptors=tracing.interceptors())
     except RuntimeError as exc:
         print(f"error: cannot reach Temporal at {settings.temporal_address} ({exc})", file=sys.stderr)
         raise SystemExit(1) from None
@@ -657,6 +669,7 @@ async def serve(settings: AlertReceiverSettings, policy: DRPolicy, tokens: Token
         await stop.wait()
     finally:
         await runner.cleanup()
+        tracing.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -667,8 +680,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--host", default=settings.alert_receiver_host, help="address to listen on [%(default)s]")
     parser.add_argument("--port", type=int, default=settings.alert_receiver_port, help="port [%(default)s]")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None, help="text or json lines")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     try:
         tokens = load_tokens(settings)
         policy = load_policy_file(settings.policy)

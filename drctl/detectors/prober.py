@@ -41,6 +41,7 @@ from drctl.policies.schema import DRPolicy
 from drctl.service import run_service
 from drctl.settings import DrctlSettings, StateLayout
 from drctl.telemetry.metrics import ProberMetrics, serve
+from drctl.telemetry.tracing import setup_tracing, span
 from drctl.temporal.client import connect
 
 log = logging.getLogger("drctl.prober")
@@ -219,7 +220,13 @@ class Prober:
         the prober's business any more: the guardian and the fleet's budget delay what must wait."""
         for instance_id, request in list(self.unreported.items()):
             try:
-                ticket = await self.report(request)
+                # The trace of a probe-triggered recovery starts at this decision to report.
+                with span(
+                    "prober.report", model=request.model, instance=instance_id, trigger=Trigger.PROBE.value
+                ) as current:
+                    current.set_attribute("drctl.reason", request.reason)
+                    ticket = await self.report(request)
+                    current.set_attribute("drctl.incident", ticket.workflow_id)
             except Exception as exc:
                 self.report_errors += 1
                 if self.metrics is not None:
@@ -243,7 +250,8 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     from drctl.temporal.runbooks import report_failover
 
     policy = load_policy_file(settings.policy)
-    client = client or await connect(settings)
+    tracing = setup_tracing("prober", settings.state_dir)
+    client = client or await connect(settings, interceptors=tracing.interceptors())
     registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
 
     async def report(request: FailoverRequest) -> IncidentTicket:
@@ -268,6 +276,7 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
         await prober.aclose()
         if close_metrics is not None:
             await asyncio.to_thread(close_metrics)
+        tracing.shutdown()
 
 
 async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, stop: asyncio.Event) -> None:
@@ -301,7 +310,9 @@ def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> Z
     from drctl.temporal.runbooks import start_zone_failover
 
     async def start(zone: str, reason: str) -> str:
-        handle = await start_zone_failover(client, settings, ZoneFailoverRequest(zone=zone, reason=reason))
+        with span("prober.zone_failover", trigger=Trigger.PROBE.value) as current:
+            current.set_attribute("drctl.zone", zone)
+            handle = await start_zone_failover(client, settings, ZoneFailoverRequest(zone=zone, reason=reason))
         return handle.id
 
     return ZoneChecker(policy, settings.node_agent_urls, start, settings.node_agent_service)

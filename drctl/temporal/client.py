@@ -6,7 +6,9 @@ TLS and Temporal Cloud come from settings: ``DRCTL_TEMPORAL_TLS_CERT``/``_KEY`` 
 
 from __future__ import annotations
 
-from temporalio.client import Client
+from collections.abc import Sequence
+
+from temporalio.client import Client, Interceptor
 from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
@@ -37,9 +39,13 @@ def tls_config(settings: DrctlSettings) -> TLSConfig | bool:
         raise TemporalSettingsError(f"cannot read a Temporal TLS file: {exc}") from None
 
 
-async def connect(settings: DrctlSettings, runtime: Runtime | None = None) -> Client:
+async def connect(
+    settings: DrctlSettings, runtime: Runtime | None = None, interceptors: Sequence[Interceptor] = ()
+) -> Client:
     """A client for ``settings``. ``runtime``: the SDK runtime to use (the worker's exports the SDK's
-    own metrics to Prometheus, see :mod:`drctl.telemetry.metrics`); None: the SDK's default one."""
+    own metrics to Prometheus, see :mod:`drctl.telemetry.metrics`); None: the SDK's default one.
+    ``interceptors``: the tracing one when tracing is on (:mod:`drctl.telemetry.tracing`); a worker
+    built on this client uses them too."""
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     return await Client.connect(
         settings.temporal_address,
@@ -48,4 +54,5 @@ async def connect(settings: DrctlSettings, runtime: Runtime | None = None) -> Cl
         tls=tls_config(settings),
         api_key=api_key,
         runtime=runtime,
+        interceptors=interceptors,
     )

@@ -17,6 +17,11 @@ child all of its own environment, so every tenant's alert token was in every mod
   alert_receiver ``DRCTL_ALERT_TOKENS`` / ``DRCTL_ALERT_TOKENS_FILE`` (its tenants' tokens)
   ============== =====================================================================
 
+OpenTelemetry's standard ``OTEL_*`` variables (endpoint, service name, sampler, ``OTEL_SDK_DISABLED``)
+go to every drctl part; ``OTEL_EXPORTER_OTLP_HEADERS`` and ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` (a
+collector's API key, as a rule) are secrets, given only to the parts that export spans: the worker,
+the prober and the alert receiver.
+
 A variable counts as secret when :data:`drctl.settings.SECRET_SETTINGS` names it or its name says so
 (``TOKEN``, ``KEY``, ``SECRET``, ``PASSWORD``): an unknown secret is left out rather than leaked.
 """
@@ -37,6 +42,8 @@ SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 ALERT_SECRETS = ("DRCTL_ALERT_TOKENS", "DRCTL_ALERT_TOKENS_FILE")
 FAULT_SECRETS = ("fault_injection_token", "fault_injection_token_file")
 TEMPORAL_SECRETS = ("temporal_api_key", "temporal_tls_key")
+OTEL_SECRETS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+TRACED_PARTS = ("worker", "prober", "alert_receiver")
 
 
 def _variable(setting: str) -> str:
@@ -44,7 +51,9 @@ def _variable(setting: str) -> str:
 
 
 def is_secret(variable: str) -> bool:
-    """True for a ``DRCTL_*`` variable that holds (or points at) a secret."""
+    """True for a ``DRCTL_*`` or ``OTEL_*`` variable that holds (or points at) a secret."""
+    if variable.startswith("OTEL_") and variable.endswith("_HEADERS"):
+        return True
     if variable.startswith("DRCTL_") and variable[len("DRCTL_") :].lower() in SECRET_SETTINGS:
         return True
     return any(word in variable.upper() for word in SECRET_WORDS)
@@ -57,6 +66,8 @@ def secrets_of(part: str, node_names: Collection[str]) -> set[str]:
         allowed |= {_variable(s) for s in FAULT_SECRETS}
     if part == "alert_receiver":
         allowed |= set(ALERT_SECRETS)
+    if part in TRACED_PARTS:
+        allowed |= set(OTEL_SECRETS)
     return allowed
 
 
@@ -74,7 +85,7 @@ def part_environment(
     allowed = secrets_of(part, node_names)
     env = inherited_env(source)
     for name, value in source.items():
-        if name.startswith("DRCTL_") and (not is_secret(name) or name in allowed):
+        if name.startswith(("DRCTL_", "OTEL_")) and (not is_secret(name) or name in allowed):
             env[name] = value
     for key, value in settings.model_dump().items():
         name = _variable(key)

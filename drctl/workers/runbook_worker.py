@@ -24,6 +24,7 @@ from drctl.policies.loader import load_policy_file
 from drctl.service import run_service
 from drctl.settings import DrctlSettings
 from drctl.telemetry.metrics import run_worker_metrics, sdk_runtime
+from drctl.telemetry.tracing import setup_tracing
 from drctl.temporal.client import connect
 from drctl.temporal.refs import workflow_type
 from drctl.workflows.budget import BudgetWorkflow
@@ -57,8 +58,13 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     platform = make_platform(settings, policy)
     for line in await platform.start():
         log.info("%s", line)
+    tracing = setup_tracing("worker", settings.state_dir)
+    log.info("traces: %s", tracing.destination)
     # The SDK's own metrics (task latencies, slots, polls) on their own port; 0: the default runtime.
-    client = await connect(settings, sdk_runtime(settings.host, settings.worker_sdk_metrics_port))
+    # The tracing interceptor on the client applies to the worker built on it (workflows, activities).
+    client = await connect(
+        settings, sdk_runtime(settings.host, settings.worker_sdk_metrics_port), tracing.interceptors()
+    )
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -96,6 +102,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await metrics
         await platform.close()
+        tracing.shutdown()
 
 
 def main() -> None:
