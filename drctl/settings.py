@@ -69,6 +69,8 @@ class DrctlSettings(BaseSettings):
     """The Temporal SDK's own runtime metrics of the worker (its Prometheus exporter); 0: off."""
     prober_metrics_port: int = 9466
     """The health prober's Prometheus ``/metrics`` (probes, zone verdicts, reports); 0: off."""
+    prometheus_port: int = 9090
+    """Where ``drctl up --with-prometheus`` serves Prometheus's UI and API."""
 
     def fault_token(self) -> str | None:
         """The fault-injection token from ``fault_injection_token`` or its file; None when neither is
@@ -208,4 +210,5 @@ class StateLayout:
         return self.repository_dir / f"{model}.ckpt"
 
     def eds_file(self, model: str) -> Path:
-        return self.eds_dir / f"{model}.yaml"
+        """The model's EDS file, a folder per model (as ``drctl.platforms.local.envoy.eds_file``)."""
+        return self.eds_dir / model / "eds.yaml"

@@ -56,8 +56,9 @@ def dot(line: str) -> str:
 # -- up and status -------------------------------------------------------------------------------
 
 
-def summary_panel(settings: DrctlSettings, policy: DRPolicy) -> Panel:
-    """Where everything of a stack that has just come up is, and what to try first."""
+def summary_panel(settings: DrctlSettings, policy: DRPolicy, prometheus_url: str | None = None) -> Panel:
+    """Where everything of a stack that has just come up is, and what to try first; ``prometheus_url``
+    when ``drctl up --with-prometheus`` runs one."""
     layout = StateLayout(settings.state_dir)
     first = policy.models[0].name
     lines = [
@@ -66,6 +67,12 @@ def summary_panel(settings: DrctlSettings, policy: DRPolicy) -> Panel:
         f"task queue {settings.task_queue})",
         f"Load balancer    {settings.lb_url}/v1  (OpenAI API: /v1/completions, /v1/chat/completions)",
         f"Envoy admin      {settings.envoy_admin_url}",
+        f"Metrics          {metrics_line(settings)}",
+        (
+            f"Prometheus       {lit(prometheus_url)}  (drctl's alert rules; dashboard: deploy/grafana/drctl.json)"
+            if prometheus_url
+            else "Prometheus       not running (drctl up --with-prometheus; or deploy/prometheus/prometheus.yml)"
+        ),
         f"State folder     {layout.root}  (logs in {layout.logs_dir})",
         f"Policy           {Path(settings.policy).resolve()}",
         "",
@@ -75,6 +82,17 @@ def summary_panel(settings: DrctlSettings, policy: DRPolicy) -> Panel:
         f"       drctl failover {first} {first}-0 --reason 'manual test'",
     ]
     return Panel("\n".join(lines), title="drctl is up — Ctrl-C to stop", expand=False)
+
+
+def metrics_line(settings: DrctlSettings) -> str:
+    """The stack's Prometheus endpoints: ``worker :9464, SDK :9465, prober :9466`` (0: off)."""
+    ports = {
+        "worker": settings.worker_metrics_port,
+        "Temporal SDK": settings.worker_sdk_metrics_port,
+        "prober": settings.prober_metrics_port,
+    }
+    shown = [f"{name} :{port}" for name, port in ports.items() if port]
+    return f"/metrics on {settings.host}: " + ", ".join(shown) + ", node agents, alert receiver" if shown else "off"
 
 
 ROLE_STYLE = {"serving": "bold green", "hot": "red", "warm": "yellow", "cold": "cyan", "failed": "dim"}

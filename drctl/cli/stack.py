@@ -31,6 +31,13 @@ def up(
     state_dir: StateOption = None,
     fresh: Annotated[bool, typer.Option(help="delete the state folder first (Temporal history too)")] = False,
     prober: Annotated[bool, typer.Option(help="run the health prober, which starts failovers by itself")] = True,
+    with_prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--with-prometheus",
+            help="run Prometheus beside the stack, scraping it with the shipped rules (UI on DRCTL_PROMETHEUS_PORT)",
+        ),
+    ] = False,
 ) -> None:
     """Bring up the local stack on loopback and keep it running until Ctrl-C.
 
@@ -38,9 +45,14 @@ def up(
     model), the model instances the policy asks for (serving, hot and warm standbys) and the worker.
     """
     from drctl.cli.render import status_table
-    from drctl.workers.stack import LocalStack, StackError
+    from drctl.workers.stack import LocalStack, StackError, prometheus_binary
 
     settings, dr_policy = with_policy(policy, state_dir)
+    if with_prometheus:
+        try:
+            prometheus_binary()  # before anything starts (or is removed by --fresh)
+        except MissingBinaryError as exc:
+            fail(str(exc))
 
     def say(line: str) -> None:
         show([dot(line)])
@@ -65,6 +77,7 @@ def up(
             with_prober=prober,
             with_alert_receiver=True,
             with_node_agents=True,
+            with_prometheus=with_prometheus,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -72,7 +85,8 @@ def up(
             loop.add_signal_handler(sig, stop.set)
         try:
             await stack.start()
-            out.print(summary_panel(settings, dr_policy), highlight=False)
+            prometheus_url = stack.prometheus_url if "prometheus" in stack.pids else None
+            out.print(summary_panel(stack.settings, dr_policy, prometheus_url), highlight=False)
             out.print(status_table(await status_rows(settings, dr_policy)))
             await stack.supervise(stop)
         finally:

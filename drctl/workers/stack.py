@@ -7,6 +7,11 @@ files, the checkpoints, the instance registry and one log file per process.
 ``supervise`` keeps every part running: a part that exits is started again (Envoy from its last
 bootstrap and EDS files, Temporal on the same SQLite file and ports), at once the first time and
 with a doubling back-off when it keeps dying; what it did is in the stack file ``drctl status`` reads.
+
+With ``with_prometheus`` (``drctl up --with-prometheus``) a Prometheus (the Debian ``prometheus``
+package's binary) runs beside them, supervised the same way: its config is generated from the ports
+of the parts this stack runs (:func:`prometheus_config`), its rules are the shipped
+``deploy/prometheus/rules``, its data is in the state folder and its UI on ``DRCTL_PROMETHEUS_PORT``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+import yaml
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -37,7 +45,7 @@ from drctl.settings import DrctlSettings, StateLayout, new_token, write_secret_f
 from drctl.temporal.client import connect
 from drctl.temporal.schedules import ensure_reconcile_schedule
 from drctl.temporal.search_attributes import dev_server_flags, register_search_attributes
-from drctl.workers.binaries import find_binary
+from drctl.workers.binaries import MissingBinaryError, find_binary
 from drctl.workers.part_env import part_environment
 
 Say = Callable[[str], None]
@@ -54,6 +62,15 @@ WORKER_REPOLL_GRACE_S = 3.0
 (its SDK retries polls with a back-off of up to ~10 s after a long outage)."""
 TEMPORAL_CLIENTS = ("worker", "prober", "alert_receiver")
 """Parts that talk to Temporal: one waiting to be restarted is started as soon as Temporal is back."""
+PROMETHEUS_RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
+"""The shipped alert rules (``*.rules.yml``; their ``*.test.yml`` unit tests are not rule files)."""
+PROMETHEUS_SCRAPE_S = 5.0
+"""``drctl up``'s Prometheus scrapes and evaluates its rules this often."""
+PROMETHEUS_DEBIAN_BINARY = Path("/usr/bin/prometheus")
+PROMETHEUS_INSTALL_HINT = (
+    "prometheus not found: install it (Debian/Ubuntu: `sudo apt-get install prometheus`), "
+    "or run `drctl up` without --with-prometheus"
+)
 
 
 class StackError(RuntimeError):
@@ -101,6 +118,9 @@ class LocalStack:
     """Run the Alertmanager webhook receiver too, when alert tokens are configured."""
     with_node_agents: bool = False
     """Run one GPU node agent per policy node (``drctl up`` does): GPU health, zone checks, drills."""
+    with_prometheus: bool = False
+    """Run Prometheus beside the parts, scraping them (``drctl up --with-prometheus``)."""
+    prometheus_scrape_s: float = PROMETHEUS_SCRAPE_S
     parts: dict[str, PartStatus] = field(default_factory=dict)
     """Supervision record per part (``temporal``, ``envoy``, ``worker``, ``prober``, node names…)."""
 
@@ -111,11 +131,13 @@ class LocalStack:
         self._restarting: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._worker_check: asyncio.Task[None] | None = None
+        self._prometheus_binary = "prometheus"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         started = time.monotonic()
+        prometheus = prometheus_binary() if self.with_prometheus else None  # before anything starts
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.logs_dir.mkdir(parents=True, exist_ok=True)
         self.stop_leftovers()
@@ -142,6 +164,8 @@ class LocalStack:
             if self.with_node_agents:
                 checks = format_duration(self.policy.az_failover.health_check_interval)
                 self.say(f"zone health checks every {checks} through the node agents")
+        if prometheus is not None:
+            await self._start_prometheus(prometheus)
         assert self.client is not None
         every = self.policy.reconcile.interval
         done = await ensure_reconcile_schedule(self.client, self.policy, self.settings.task_queue)
@@ -155,7 +179,7 @@ class LocalStack:
     async def stop(self) -> None:
         self.say("stopping…")
         await self._cancel_restarts()
-        for name in ["prober", "alert_receiver", *self.node_agent_ports]:
+        for name in ["prometheus", "prober", "alert_receiver", *self.node_agent_ports]:
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=3.0)
         if "worker" in self.pids:
@@ -238,6 +262,8 @@ class LocalStack:
             return self._restart_temporal
         if name == "envoy":
             return self._restart_envoy
+        if name == "prometheus":
+            return self._spawn_prometheus
         starts: dict[str, Callable[[], None]] = {
             "worker": self.start_worker,
             "prober": self.start_prober,
@@ -353,6 +379,8 @@ class LocalStack:
         metrics = {"worker metrics": s.worker_metrics_port, "Temporal SDK metrics": s.worker_sdk_metrics_port}
         if self.with_prober:
             metrics["prober metrics"] = s.prober_metrics_port
+        if self.with_prometheus:
+            metrics["Prometheus (DRCTL_PROMETHEUS_PORT)"] = s.prometheus_port
         wanted |= {name: port for name, port in metrics.items() if port}  # 0: that endpoint is off
         busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
         if busy:
@@ -427,6 +455,8 @@ class LocalStack:
         a resumed fleet keeps its files until ``ensure_fleet`` rewrites them from the registry."""
         s = self.settings
         self.layout.eds_dir.mkdir(parents=True, exist_ok=True)
+        if keep_eds:
+            envoy.adopt_old_eds_layout(self.layout.eds_dir, self.policy.model_names)
         for model in self.policy.model_names:
             if not keep_eds or not self.layout.eds_file(model).exists():
                 envoy.write_eds(self.layout.eds_dir, model, [])
@@ -533,6 +563,78 @@ class LocalStack:
         args = ["--node", node, "--port", str(self.node_agent_ports[node]), "--allow-fault-injection"]
         self._start_python_process(node, "drctl.detectors.gpu_node_agent", args)
 
+    # -- Prometheus ----------------------------------------------------------------------------
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.prometheus_port}"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        return self.layout.root / "prometheus"
+
+    def prometheus_targets(self) -> dict[str, list[str]]:
+        """Scrape job → ``host:port`` targets of the parts this stack runs (the job names of
+        ``deploy/prometheus/prometheus.yml``, which the rules use)."""
+        s = self.settings
+        host = s.host if s.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        jobs: dict[str, list[int]] = {
+            "drctl-worker": [s.worker_metrics_port],
+            "drctl-worker-sdk": [s.worker_sdk_metrics_port],
+            "drctl-prober": [s.prober_metrics_port] if self.with_prober else [],
+            "drctl-alert-receiver": [alert_receiver_port()] if "alert_receiver" in self.pids else [],
+            "drctl-node-agent": sorted(self.node_agent_ports.values()) if self.with_node_agents else [],
+            "temporal-server": [s.temporal_metrics_port],
+        }
+        return {job: [f"{host}:{port}" for port in ports if port] for job, ports in jobs.items() if any(ports)}
+
+    def write_prometheus_config(self) -> Path:
+        """Write the generated config (targets of this stack, the shipped rules) into the state folder."""
+        self.prometheus_dir.mkdir(parents=True, exist_ok=True)
+        path = self.prometheus_dir / "prometheus.yml"
+        config = prometheus_config(self.prometheus_targets(), shipped_rule_files(), self.prometheus_scrape_s)
+        path.write_text(
+            "# Generated by `drctl up --with-prometheus` from this stack's ports; rewritten at each start.\n"
+            + yaml.safe_dump(config, sort_keys=False),
+            encoding="utf-8",
+        )
+        return path
+
+    def _prometheus_command(self, binary: str) -> list[str]:
+        return [
+            binary,
+            f"--config.file={self.prometheus_dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.prometheus_dir / 'data'}",
+            f"--web.listen-address={self.settings.host}:{self.settings.prometheus_port}",
+            "--storage.tsdb.retention.time=15d",
+            "--log.level=warn",
+        ]
+
+    async def _start_prometheus(self, binary: str) -> None:
+        self._prometheus_binary = binary
+        self.write_prometheus_config()
+        await self._spawn_prometheus()
+        rules = shipped_rule_files()
+        with_rules = f"rules {', '.join(r.name for r in rules)}" if rules else "no rules (deploy/ not found)"
+        self.say(f"Prometheus on {self.prometheus_url} (pid {self.pids['prometheus']}), {with_rules}")
+
+    async def _spawn_prometheus(self, timeout_s: float = 30.0) -> None:
+        """Start it (again: same config, same data) and wait until it is ready."""
+        pid = self._spawn_part("prometheus", self._prometheus_command(self._prometheus_binary), "prometheus.log")
+        log = self.layout.logs_dir / "prometheus.log"
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{self.prometheus_url}/-/ready")).status_code == 200:
+                        return
+                if not processes.is_alive(pid):
+                    raise StackError(f"Prometheus exited; see {log}")
+                if time.monotonic() > deadline:
+                    processes.terminate(pid, grace_s=1.0)
+                    raise StackError(f"Prometheus is not ready after {timeout_s:.0f}s; see {log}")
+                await asyncio.sleep(0.1)
+
     def _log_name(self, name: str) -> str:
         if name in self.node_agent_ports:
             return f"node-agent-{name}.log"
@@ -588,6 +690,7 @@ class LocalStack:
             "ui": s.temporal_ui_url,
             "lb": s.lb_url,
             "envoy_admin": s.envoy_admin_url,
+            **({"prometheus": self.prometheus_url} if "prometheus" in self.pids else {}),
             "policy": str(Path(s.policy).resolve()),
             "supervisor_pid": os.getpid(),
             "supervised": {
@@ -652,6 +755,34 @@ def _runs_drctl(pid: object) -> bool:
         return False
 
 
+def prometheus_binary() -> str:
+    """The ``prometheus`` binary (the Debian package's ``/usr/bin/prometheus``, or one on ``PATH``)."""
+    found = shutil.which("prometheus")
+    if found is None and PROMETHEUS_DEBIAN_BINARY.is_file():
+        found = str(PROMETHEUS_DEBIAN_BINARY)
+    if found is None:
+        raise MissingBinaryError(PROMETHEUS_INSTALL_HINT)
+    return found
+
+
+def shipped_rule_files() -> list[Path]:
+    """The alert rule files of ``deploy/prometheus/rules`` (none when drctl runs without its repository)."""
+    return sorted(p for p in PROMETHEUS_RULES_DIR.glob("*.rules.yml"))
+
+
+def prometheus_config(targets: dict[str, list[str]], rule_files: list[Path], interval_s: float) -> dict[str, Any]:
+    """A Prometheus config scraping ``targets`` (job → ``host:port`` list) every ``interval_s``, with
+    ``rule_files`` evaluated as often."""
+    interval = f"{interval_s:g}s"
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": list(hosts)}]} for job, hosts in targets.items()
+        ],
+    }
+
+
 def alert_tokens_configured() -> bool:
     return bool(os.environ.get("DRCTL_ALERT_TOKENS") or os.environ.get("DRCTL_ALERT_TOKENS_FILE"))
 
@@ -678,11 +809,13 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
     """Settings for a private stack on free ports, so it can run beside a ``drctl up``."""
-    temporal, ui, http, metrics, lb, admin, agents, worker_metrics, sdk_metrics, prober_metrics = free_ports(10)
+    ports = free_ports(11)
+    temporal, ui, http, metrics, lb, admin, _, worker_metrics, sdk_metrics, prober_metrics, prometheus = ports
     # Below the kernel's ephemeral range (32768 and up by default): a port picked there can be
     # handed to an outgoing connection between the pick and the instance's bind, and the instance
     # then dies while loading (seen once in CI).
     base = 20000 + (os.getpid() * 37) % 10000
+    agents = 30000 + (os.getpid() * 13) % 2000  # the agents take this port and the next ones: same reason
     return DrctlSettings(
         policy=policy,
         state_dir=state_dir,
@@ -697,5 +830,6 @@ def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") 
         worker_metrics_port=worker_metrics,
         worker_sdk_metrics_port=sdk_metrics,
         prober_metrics_port=prober_metrics,
+        prometheus_port=prometheus,
         task_queue=task_queue,
     )

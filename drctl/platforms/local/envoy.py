@@ -1,6 +1,6 @@
 """Envoy as the local data plane: the bootstrap, the per-model EDS files, and reading host health back.
 
-Every model gets one Envoy cluster. Its endpoints come from ``{eds_dir}/{model}.yaml`` (a
+Every model gets one Envoy cluster. Its endpoints come from ``{eds_dir}/{model}/eds.yaml`` (a
 ``DiscoveryResponse`` that Envoy watches on disk), grouped by load-balancer priority: 0 holds the
 serving instances, 1 the hot standbys. Envoy sends traffic to priority 1 only when priority 0 is
 (partly) unhealthy: with the default overprovisioning factor 1.4, in proportion once fewer than
@@ -10,7 +10,9 @@ rewrites the EDS file so the promoted standby sits at priority 0; Envoy keeps th
 whose address it already knows, so the promoted host stays routable through the move.
 
 The EDS file is always replaced atomically (``os.replace`` of a fsynced temporary file in the same
-folder); Envoy watches the folder (``watched_directory``) and re-reads the file on the rename.
+folder); Envoy watches the folder (``watched_directory``) and re-reads the file on the rename. Each
+model has a folder of its own: with one folder for all, every write made every cluster re-read its
+file, so Envoy's work per write grew with the number of models (``bench/envoy_fanout_bench.py``).
 
 Routes, matched in this order (the first match wins):
 
@@ -78,6 +80,10 @@ import yaml
 from drctl.policies.schema import DRPolicy, LoadBalancerPolicy
 from drctl.settings import LOOPBACK
 
+MAX_DIRECT_RESPONSE_BYTES = 4 * 2**20
+"""Largest body Envoy answers itself (the fleet's model list: ~70 B a model)."""
+MODELS_NAMED_IN_ERRORS = 20
+"""An error naming the fleet's models names this many, then says how many more."""
 CONNECT_TIMEOUT = timedelta(milliseconds=250)
 """Upstream connect timeout; every model instance is on the loopback, so a refused or hung connect
 is known to be dead quickly."""
@@ -337,7 +343,12 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
         )
         for model in models
     ]
-    fleet = ", ".join(models).replace("%", "%%")  # a literal in Envoy's format strings
+    named = ", ".join(models[:MODELS_NAMED_IN_ERRORS]) + (
+        f", … ({len(models) - MODELS_NAMED_IN_ERRORS} more: GET /v1/models)"
+        if len(models) > MODELS_NAMED_IN_ERRORS
+        else ""
+    )
+    fleet = named.replace("%", "%%")  # a literal in Envoy's format strings
     body_errors = [
         _direct_error(
             "openai-invalid-body",
@@ -446,9 +457,10 @@ def _cluster(model: str, policy: DRPolicy, eds_dir: Path) -> dict[str, Any]:
         "eds_cluster_config": {
             "eds_config": {
                 "path_config_source": {
-                    "path": str(eds_dir / f"{model}.yaml"),
-                    # Re-read the file whenever something is moved into the folder: os.replace.
-                    "watched_directory": {"path": str(eds_dir)},
+                    "path": str(eds_file(eds_dir, model)),
+                    # Re-read the file whenever something is moved into its folder (os.replace):
+                    # the model's own folder, so a write to another model's file is not seen here.
+                    "watched_directory": {"path": str(eds_file(eds_dir, model).parent)},
                 },
                 "resource_api_version": "V3",
             }
@@ -512,6 +524,9 @@ def render_bootstrap(
         "route_config": {
             "name": "models",
             "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": _routes(policy)}],
+            # Envoy refuses to start when a direct response's body is over this (4 KiB by default):
+            # the model list Envoy answers itself grows with the fleet (~70 B a model).
+            "max_direct_response_body_size_bytes": MAX_DIRECT_RESPONSE_BYTES,
         },
         "http_filters": [
             _body_model_filter(),
@@ -634,26 +649,46 @@ def envoy_yaml(document: dict[str, Any]) -> str:
     return yaml.dump(document, Dumper=_EnvoyDumper, sort_keys=False, allow_unicode=True)
 
 
+def eds_file(eds_dir: Path, model: str) -> Path:
+    """Where the model's endpoints are: a folder per model, so Envoy's watch of it sees only its writes."""
+    return eds_dir / model / "eds.yaml"
+
+
 def write_eds(eds_dir: Path, model: str, endpoints: Sequence[Endpoint]) -> None:
-    """Atomically replace ``eds_dir/{model}.yaml``: Envoy sees the old file or the new one, never half."""
-    eds_dir.mkdir(parents=True, exist_ok=True)
+    """Atomically replace the model's EDS file: Envoy sees the old file or the new one, never half."""
+    path = eds_file(eds_dir, model)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
     text = envoy_yaml(eds_document(model, endpoints))
-    fd, tmp = tempfile.mkstemp(dir=eds_dir, prefix=f".{model}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eds.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
-        os.replace(tmp, eds_dir / f"{model}.yaml")
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(eds_dir, os.O_RDONLY)
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def adopt_old_eds_layout(eds_dir: Path, models: Sequence[str]) -> list[str]:
+    """Move EDS files of the one-folder layout (``{eds_dir}/{model}.yaml``, before a folder per
+    model) into their model's folder, so a fleet resumed after an upgrade keeps its endpoints."""
+    moved = []
+    for model in models:
+        old, new = eds_dir / f"{model}.yaml", eds_file(eds_dir, model)
+        if old.exists() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old, new)
+            moved.append(model)
+    return moved
 
 
 def _host_status(raw: dict[str, Any]) -> HostStatus:

@@ -272,7 +272,8 @@ def test_render_bootstrap_takes_the_policy() -> None:
     )
     assert hc["http_health_check"]["path"] == "/ready"
     source = cluster["eds_cluster_config"]["eds_config"]["path_config_source"]
-    assert source == {"path": "/x/eds/m.yaml", "watched_directory": {"path": "/x/eds"}}
+    # A folder per model: a write to one model's file is not seen by the other clusters' watches.
+    assert source == {"path": "/x/eds/m/eds.yaml", "watched_directory": {"path": "/x/eds/m"}}
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = [r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
     assert len(routes) == 3  # by path, by the body's model, by header
