@@ -1,11 +1,13 @@
 """Failover benchmark: ``kill -9`` a serving instance on the real local stack and time the recovery.
 
     .venv/bin/python bench/failover_bench.py [--runs N] [--model llama-2-7b] [--rate-hz 100]
-        [--steps local|regular|both] [--json]
+        [--steps local|regular|both] [--telemetry on|off|both] [--json]
 
 With ``--steps both`` (the default) each round runs the failover twice, once with its short steps as
 local activities and once with every step a regular activity, so the two are compared side by side
-on the same machine in the same minute.
+on the same machine in the same minute. ``--telemetry both`` likewise runs each round with drctl's
+telemetry on (metrics endpoints, OpenTelemetry spans to the state folder) and off (metrics ports 0,
+``OTEL_SDK_DISABLED=true`` for every part), to measure what observing a failover costs it.
 
 Every run brings up a fresh private stack (Temporal dev server, Envoy, demo model processes, worker)
 in its own temporary state folder and on free ports, so each run starts with the policy's full set
@@ -146,6 +148,8 @@ class RunResult:
     run: int
     activity_mode: str = "local"
     """``local``: short steps as local activities; ``regular``: every step a regular activity."""
+    telemetry: bool = True
+    """Metrics endpoints and tracing on (the default), or all off."""
     error: str | None = None
     startup_s: float | None = None
     victim: str | None = None
@@ -176,11 +180,22 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-async def one_run(n: int, runs: int, policy: DRPolicy, model: str, rate_hz: float, steps: str) -> RunResult:
-    out = RunResult(run=n, activity_mode=steps)
+async def one_run(
+    n: int, runs: int, policy: DRPolicy, model: str, rate_hz: float, steps: str, telemetry: bool = True
+) -> RunResult:
+    out = RunResult(run=n, activity_mode=steps, telemetry=telemetry)
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix=f"drctl-bench-{n}-") as tmp:
         settings = isolated_settings(Path(tmp), POLICY)
+        if not telemetry:
+            settings = settings.model_copy(
+                update={"worker_metrics_port": 0, "worker_sdk_metrics_port": 0, "prober_metrics_port": 0}
+            )
+        # The stack's parts inherit OTEL_* from this process (drctl.workers.part_env).
+        if telemetry:
+            os.environ.pop("OTEL_SDK_DISABLED", None)
+        else:
+            os.environ["OTEL_SDK_DISABLED"] = "true"
         stack = LocalStack(settings, policy, say=lines.append)
         try:
             async with asyncio.timeout(RUN_TIMEOUT_S):
@@ -494,6 +509,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="both",
         help="short steps as local activities, all regular activities, or both side by side (default both)",
     )
+    parser.add_argument(
+        "--telemetry",
+        choices=["on", "off", "both"],
+        default="on",
+        help="metrics and tracing on, off, or both side by side (default on)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -510,18 +531,33 @@ async def bench(args: argparse.Namespace, policy: DRPolicy) -> list[RunResult]:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     modes = ["local", "regular"] if args.steps == "both" else [args.steps]
+    observed = [True, False] if args.telemetry == "both" else [args.telemetry == "on"]
     results = []
     for n in range(1, args.runs + 1):
-        for mode in modes:  # interleaved, so both modes see the same machine conditions
-            results.append(await one_run(n, args.runs, policy, args.model, args.rate_hz, mode))
+        for mode in modes:  # interleaved, so every mode sees the same machine conditions
+            for telemetry in observed:
+                results.append(await one_run(n, args.runs, policy, args.model, args.rate_hz, mode, telemetry))
     return results
 
 
+def mode_of(run: RunResult) -> str:
+    return run.activity_mode + ("" if run.telemetry else " (telemetry off)")
+
+
 def compare(summaries: dict[str, dict[str, Any]]) -> list[str]:
-    """Ratios of the medians, regular over local, for the figures the step mode changes."""
-    if not {"local", "regular"} <= summaries.keys():
-        return []
+    """Ratios of the medians, regular over local, for the figures the step mode changes; and each
+    mode with telemetry on over the same mode with it off."""
     lines = []
+    for mode in ("local", "regular"):
+        off = summaries.get(f"{mode} (telemetry off)")
+        on = summaries.get(mode)
+        for key in ("rto_ms", "orchestration_ms", "workflow_wall_ms"):
+            a = ((on or {}).get("figures", {}).get(key) or {}).get("median")
+            b = ((off or {}).get("figures", {}).get(key) or {}).get("median")
+            if a and b:
+                lines.append(f"{mode} {key}: median {a:.0f} ms with telemetry vs {b:.0f} ms without ({a / b:.2f}x)")
+    if not {"local", "regular"} <= summaries.keys():
+        return lines
     for key in ("switch_ms", "rto_ms", "orchestration_ms", "workflow_wall_ms"):
         local = (summaries["local"]["figures"].get(key) or {}).get("median")
         regular = (summaries["regular"]["figures"].get(key) or {}).get("median")
@@ -548,8 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         progress("interrupted; the stack of the run in progress was stopped")
         return 130
-    modes = sorted({r.activity_mode for r in runs})
-    summaries = {mode: summarize([r for r in runs if r.activity_mode == mode]) for mode in modes}
+    modes = sorted({mode_of(r) for r in runs})
+    summaries = {mode: summarize([r for r in runs if mode_of(r) == mode]) for mode in modes}
     summary = summarize(runs)
     comparison = compare(summaries)
     if args.json:
@@ -579,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             console = Console(width=200)
         for mode in modes:
             console.rule(f"{mode} activities")
-            print_report(console, [r for r in runs if r.activity_mode == mode], summaries[mode], machine, command)
+            print_report(console, [r for r in runs if mode_of(r) == mode], summaries[mode], machine, command)
         for line in comparison:
             console.print(line, highlight=False)
     progress(f"done in {time.monotonic() - _T0:.1f}s")
