@@ -216,6 +216,27 @@ class _PlacementRepair:
             return self.re_place(item, k, member, here, gpu, current)
         return self.move(item, k, member, here, gpu, current)
 
+    def better_place(
+        self,
+        request: PlacementRequest,
+        here: PlacementRequest,
+        member: PlannedStandby,
+        gpu: str,
+        current: tuple[int, ...],
+    ) -> Placement | None:
+        """Where placement puts ``request``, if that is strictly better than ``member``'s place on
+        ``gpu`` (judged as ``here``: where it would stand once the old one is gone) and preempts
+        nothing; else None, with the reason kept in ``why_not``."""
+        try:
+            placement = self.engine.decide(request)
+        except PlacementError as exc:
+            self.why_not[member.id] = exc.reason
+            return None
+        if placement.preempted or self.engine.penalty(here, placement.gpu.id) >= current:
+            self.why_not[member.id] = no_better(placement, gpu)
+            return None
+        return placement
+
     def re_place(
         self,
         item: SettledModel,
@@ -227,13 +248,8 @@ class _PlacementRepair:
     ) -> bool:
         """A standby this plan creates: placed again where placement does better, nothing to move."""
         assert member.action is not None
-        try:
-            placement = self.engine.decide(here)
-        except PlacementError as exc:
-            self.why_not[member.id] = exc.reason
-            return False
-        if placement.preempted or self.engine.penalty(here, placement.gpu.id) >= current:
-            self.why_not[member.id] = no_better(placement, gpu)
+        placement = self.better_place(here, here, member, gpu, current)
+        if placement is None:
             return False
         self.engine.apply(here, placement)
         self.engine = self.engine_of(self.engine.allocations)
@@ -271,14 +287,8 @@ class _PlacementRepair:
             return False
         new_id = f"{model.name}-{item.next_index}"
         request = dr_request(model, new_id, member.tier, here.protects, here.avoid_zones)
-        try:
-            placement = self.engine.decide(request)
-        except PlacementError as exc:
-            self.why_not[member.id] = exc.reason
-            return False
-        # Judged where it would stand once the old one is gone.
-        if placement.preempted or self.engine.penalty(here, placement.gpu.id) >= current:
-            self.why_not[member.id] = no_better(placement, gpu)
+        placement = self.better_place(request, here, member, gpu, current)
+        if placement is None:
             return False
         what = describe(self.engine, here, gpu, current)
         item.next_index += 1
