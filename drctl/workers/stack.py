@@ -357,6 +357,11 @@ class LocalStack:
             if isinstance(pid, int) and _uses_state_dir(pid, self.layout.root):
                 processes.terminate(pid, grace_s=3.0)
                 self.say(f"stopped leftover {name} (pid {pid}) of a `drctl up` that did not stop cleanly")
+        # A part restarted after the stack file was last written is not in it (seen in CI: the
+        # orphaned worker kept its metrics ports): every drctl part still running on this folder.
+        for pid in _drctl_parts_on(self.layout.root):
+            processes.terminate(pid, grace_s=3.0)
+            self.say(f"stopped leftover drctl part (pid {pid}) of a `drctl up` that did not stop cleanly")
         if instances:
             stopped = self.platform.stop_all()
             if stopped:
@@ -382,7 +387,14 @@ class LocalStack:
         if self.with_prometheus:
             metrics["Prometheus (DRCTL_PROMETHEUS_PORT)"] = s.prometheus_port
         wanted |= {name: port for name, port in metrics.items() if port}  # 0: that endpoint is off
-        busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
+        # A leftover part stopped just now may take a moment to let go of its ports (seen in CI
+        # after an unclean stop: the orphaned worker's metrics ports): wait a little before failing.
+        deadline = time.monotonic() + PORTS_RELEASE_WAIT_S
+        while True:
+            busy = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(s.host, port)]
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if busy:
             raise StackError(
                 "ports already in use: " + ", ".join(busy) + ". Is another `drctl up` running? "
@@ -744,6 +756,29 @@ def _uses_state_dir(pid: int, root: Path) -> bool:
     except OSError:
         return False
     return str(root).encode() + b"/" in cmdline or f"DRCTL_STATE_DIR={root}".encode() in environ.split(b"\0")
+
+
+PORTS_RELEASE_WAIT_S = 5.0
+"""How long a start waits for ports a stopped leftover still holds before it says they are in use."""
+
+
+def _drctl_parts_on(root: Path) -> list[int]:
+    """Processes running one of drctl's parts (``python -m drctl.…``) on the state folder ``root``
+    (``DRCTL_STATE_DIR`` in their environment); never this process or its parent."""
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_part = any(arg.startswith(b"drctl.") for arg in cmdline) and b"-m" in cmdline
+        if is_part and f"DRCTL_STATE_DIR={root}".encode() in environ:
+            found.append(int(entry.name))
+    return found
 
 
 def _runs_drctl(pid: object) -> bool:
