@@ -6,6 +6,7 @@ guardian (:mod:`drctl.temporal.incidents`), which runs one recovery per failure.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
@@ -29,6 +30,7 @@ from drctl.temporal.incidents import report_failure, runbook_handle, wait_starte
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.zone import ZoneFailoverWorkflow
 
+P = TypeVar("P")
 R = TypeVar("R")
 
 
@@ -65,24 +67,31 @@ async def start_gpu_drain(
     client: Client, settings: DrctlSettings, request: DrainGpuRequest
 ) -> WorkflowHandle[Any, DrainGpuResult]:
     """Start (or join) the drain of one GPU: one drain per GPU at a time."""
-    return await client.start_workflow(
-        DrainGpuWorkflow.run,
-        request,
-        id=drain_workflow_id(request.gpu),
-        task_queue=settings.task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        task_timeout=WORKFLOW_TASK_TIMEOUT,
-    )
+    return await _start_or_join(client, settings, DrainGpuWorkflow.run, request, drain_workflow_id(request.gpu))
 
 
 async def start_zone_failover(
     client: Client, settings: DrctlSettings, request: ZoneFailoverRequest
 ) -> WorkflowHandle[Any, ZoneFailoverResult]:
     """Start (or join) the failover of a zone: one per zone at a time."""
+    return await _start_or_join(
+        client, settings, ZoneFailoverWorkflow.run, request, zone_failover_workflow_id(request.zone)
+    )
+
+
+async def _start_or_join(
+    client: Client,
+    settings: DrctlSettings,
+    run: Callable[[Any, P], Awaitable[R]],
+    request: P,
+    workflow_id: str,
+) -> WorkflowHandle[Any, R]:
+    """Start the workflow whose run method is ``run`` under ``workflow_id``, or join the run already
+    going under it."""
     return await client.start_workflow(
-        ZoneFailoverWorkflow.run,
+        run,
         request,
-        id=zone_failover_workflow_id(request.zone),
+        id=workflow_id,
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         task_timeout=WORKFLOW_TASK_TIMEOUT,

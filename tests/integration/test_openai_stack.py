@@ -15,13 +15,12 @@ import signal
 from datetime import UTC, datetime
 
 import httpx
+import openai
 import pytest
 
 from drctl.payloads import FailoverOutcome, FailoverRequest, Role, Trigger
 from drctl.temporal.runbooks import start_failover
 from drctl.workers.stack import LocalStack
-
-openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.integration
 MODEL = "llama-2-7b"

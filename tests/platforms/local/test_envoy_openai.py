@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from drctl.platforms.local.envoy import (
@@ -417,7 +418,6 @@ async def test_a_failover_cuts_the_open_stream_and_new_streams_reach_the_replace
 
 
 async def test_the_openai_client_unchanged(fleet: Fleet) -> None:
-    openai = pytest.importorskip("openai")
     client = openai.AsyncOpenAI(base_url=fleet.url("/v1"), api_key="x", max_retries=0, timeout=10)
     completion = await client.completions.create(model=ALPHA, prompt="hi", max_tokens=3)
     assert (completion.model, completion.choices[0].text) == (ALPHA, "a0 a1 a2")
