@@ -60,6 +60,8 @@ class DrctlSettings(BaseSettings):
 
     envoy_port: int = 10000
     envoy_admin_port: int = 9901
+    xds_port: int = 9903
+    """drctl's xDS server (loopback only): Envoy gets every model's endpoints from it over one stream."""
     instance_base_port: int = 18000
     node_agent_base_port: int = 9400
     """The local stack's node agents listen on this port and the next ones, one per policy node."""

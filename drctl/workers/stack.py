@@ -41,7 +41,7 @@ from drctl.platforms.local import envoy, processes
 from drctl.platforms.local.platform import LocalPlatform
 from drctl.policies.durations import format_duration
 from drctl.policies.schema import DRPolicy
-from drctl.settings import DrctlSettings, StateLayout, new_token, write_secret_file
+from drctl.settings import LOOPBACK, DrctlSettings, StateLayout, new_token, write_secret_file
 from drctl.temporal.client import connect
 from drctl.temporal.schedules import ensure_reconcile_schedule
 from drctl.temporal.search_attributes import dev_server_flags, register_search_attributes
@@ -186,7 +186,7 @@ class LocalStack:
             processes.terminate(self.pids.pop("worker"), grace_s=6.0)
         stopped = self.platform.stop_all()
         self.say(f"stopped {stopped} model instance(s); they start again with the next `drctl up`")
-        for name in ("envoy", "temporal"):
+        for name in ("envoy", "xds", "temporal"):
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=5.0)
         await self.platform.close()
@@ -262,6 +262,8 @@ class LocalStack:
             return self._restart_temporal
         if name == "envoy":
             return self._restart_envoy
+        if name == "xds":
+            return self._start_xds
         if name == "prometheus":
             return self._spawn_prometheus
         starts: dict[str, Callable[[], None]] = {
@@ -378,6 +380,7 @@ class LocalStack:
             "Temporal metrics": s.temporal_metrics_port,
             "Envoy listener": s.envoy_port,
             "Envoy admin": s.envoy_admin_port,
+            "xDS server": s.xds_port,
         }
         if self.with_node_agents:
             wanted |= {f"node agent {node}": port for node, port in self.node_agent_ports.items()}
@@ -478,10 +481,24 @@ class LocalStack:
             listen_port=s.envoy_port,
             admin_port=s.envoy_admin_port,
             eds_dir=self.layout.eds_dir,
+            xds_port=s.xds_port,
         )
         self.layout.envoy_bootstrap.write_text(envoy.envoy_yaml(bootstrap), encoding="utf-8")
+        await self._start_xds()
         await self._spawn_envoy()
         self.say(f"Envoy ready (pid {self.pids['envoy']}), listening on {s.lb_url}")
+
+    async def _start_xds(self) -> None:
+        """drctl's xDS server, which sends Envoy the EDS files' endpoints (:mod:`drctl.platforms.local.xds`).
+        Started before Envoy, whose clusters wait for their first assignment; restarted by the
+        supervisor like any part, while Envoy keeps the endpoints it has."""
+        pid = self._start_python_process("xds", "drctl.workers.xds_server")
+        deadline = time.monotonic() + 30
+        while processes.port_is_free(LOOPBACK, self.settings.xds_port):  # free until the server binds it
+            if not processes.is_alive(pid) or time.monotonic() > deadline:
+                processes.terminate(pid, grace_s=1.0)
+                raise StackError(f"the xDS server did not start; see {self.layout.logs_dir / 'xds.log'}")
+            await asyncio.sleep(0.05)
 
     async def _restart_envoy(self) -> None:
         """From the last config as it is on disk: the bootstrap and the EDS files the activities keep
@@ -845,7 +862,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
     """Settings for a private stack on free ports, so it can run beside a ``drctl up``."""
     ports = free_ports(11)
-    temporal, ui, http, metrics, lb, admin, _, worker_metrics, sdk_metrics, prober_metrics, prometheus = ports
+    temporal, ui, http, metrics, lb, admin, xds, worker_metrics, sdk_metrics, prober_metrics, prometheus = ports
     # Below the kernel's ephemeral range (32768 and up by default): a port picked there can be
     # handed to an outgoing connection between the pick and the instance's bind, and the instance
     # then dies while loading (seen once in CI).
@@ -860,6 +877,7 @@ def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") 
         temporal_metrics_port=metrics,
         envoy_port=lb,
         envoy_admin_port=admin,
+        xds_port=xds,
         instance_base_port=base,
         node_agent_base_port=agents,
         worker_metrics_port=worker_metrics,

@@ -123,6 +123,10 @@ SERVING_PRIORITY = 0
 STANDBY_PRIORITY = 1
 
 _CLA_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+_HTTP_OPTIONS_NAME = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HTTP_OPTIONS_TYPE = f"type.googleapis.com/{_HTTP_OPTIONS_NAME}"
+XDS_CLUSTER = "drctl_xds"
+"""The cluster of drctl's xDS server; a model name cannot hold ``_``, so it never clashes with one."""
 _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _JSON_TO_METADATA = "envoy.filters.http.json_to_metadata"
@@ -187,17 +191,56 @@ def _duration(value: timedelta) -> str:
     return f"{text}s"
 
 
-def _retry_policy(lb: LoadBalancerPolicy) -> dict[str, Any]:
+RETRY_BASE_INTERVAL = timedelta(milliseconds=25)
+"""Envoy's default: the first retries, which go to another instance (a hot standby), barely wait."""
+RETRY_MAX_INTERVAL = timedelta(milliseconds=500)
+"""The longest back-off between two retries: how late a waiting request may notice its replacement."""
+
+
+def retries_to_wait(window: timedelta) -> int:
+    """Retries whose back-offs add up, on average, to ``window``.
+
+    Envoy waits a random time in ``[0, (2**n - 1) * base]`` before retry ``n``, at most the
+    maximum interval: on average half of that. While a model has no live instance (its only serving
+    one died and the replacement is a warm or cold standby still waking or loading), Envoy still
+    routes to the dead endpoint (every host unhealthy: its panic mode), the connection is refused
+    and the request retries; with enough retries spaced by the back-off it waits across the switch
+    instead of failing, and lands on the replacement at most one back-off after it is registered.
+    """
+    waited, retries = 0.0, 0
+    base, cap = RETRY_BASE_INTERVAL.total_seconds(), RETRY_MAX_INTERVAL.total_seconds()
+    while waited < window.total_seconds():
+        retries += 1
+        waited += min((2**retries - 1) * base, cap) / 2
+    return retries
+
+
+def replacement_window(policy: DRPolicy, model: str) -> timedelta:
+    """How long a request may wait for ``model``'s replacement: its RTO, at most the request timeout
+    (the route's idle timeout, which would end the wait anyway; 0 there means no limit)."""
+    rto = policy.model(model).rto
+    timeout = policy.load_balancer.request_timeout
+    return min(rto, timeout) if timeout > timedelta(0) else rto
+
+
+def _retry_policy(lb: LoadBalancerPolicy, window: timedelta = timedelta(0)) -> dict[str, Any]:
+    """The route's retries: ``attempts`` to other instances (the hot standbys), then enough spaced
+    retries to wait ``window`` for a replacement (:func:`retries_to_wait`)."""
     retries = lb.retries
     # previous_priorities recomputes the priority load after every `update_frequency` attempts and
     # excludes the priorities tried so far. With 2, the first retry may still go to another serving
     # (priority 0) host and the second retry goes to the standbys. With a single retry it must be 1,
     # or the retry would never leave priority 0.
     update_frequency = 2 if retries.attempts >= 2 else 1
+    waiting = retries_to_wait(window) if retries.attempts > 0 else 0
     return {
         "retry_on": retries.retry_on,
-        "num_retries": retries.attempts,
+        "num_retries": retries.attempts + waiting,
         "per_try_timeout": _duration(retries.per_try_timeout),
+        "retry_back_off": {
+            "base_interval": _duration(RETRY_BASE_INTERVAL),
+            "max_interval": _duration(RETRY_MAX_INTERVAL),
+        },
         "retry_host_predicate": [
             {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": _PREVIOUS_HOSTS_TYPE}}
         ],
@@ -299,7 +342,7 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
             # between two chunks. 0s: no limit at all (Envoy's meaning, and the policy's).
             "timeout": "0s",
             "idle_timeout": _duration(lb.request_timeout),
-            "retry_policy": _retry_policy(lb),
+            "retry_policy": _retry_policy(lb, replacement_window(policy, model)),
         }
 
     def instance_header() -> list[dict[str, Any]]:
@@ -445,7 +488,44 @@ def health_check_path(policy: DRPolicy, model: str) -> str:
     return policy.model(model).engine_profile.health_path
 
 
-def _cluster(model: str, policy: DRPolicy, eds_dir: Path) -> dict[str, Any]:
+def _eds_source(model: str, eds_dir: Path, over_ads: bool) -> dict[str, Any]:
+    if over_ads:
+        # From drctl's xDS server (drctl.platforms.local.xds), which reads the same files.
+        return {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "path_config_source": {
+            "path": str(eds_file(eds_dir, model)),
+            # Re-read the file whenever something is moved into its folder (os.replace):
+            # the model's own folder, so a write to another model's file is not seen here.
+            "watched_directory": {"path": str(eds_file(eds_dir, model).parent)},
+        },
+        "resource_api_version": "V3",
+    }
+
+
+def _xds_cluster(xds_port: int) -> dict[str, Any]:
+    """The cluster Envoy reaches drctl's xDS server through: HTTP/2 (gRPC) on loopback."""
+    return {
+        "name": XDS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _duration(CONNECT_TIMEOUT),
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS_NAME: {"@type": _HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": xds_port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _cluster(model: str, policy: DRPolicy, eds_dir: Path, over_ads: bool) -> dict[str, Any]:
     lb = policy.load_balancer
     hc = lb.health_check
     od = lb.outlier_detection
@@ -454,17 +534,7 @@ def _cluster(model: str, policy: DRPolicy, eds_dir: Path) -> dict[str, Any]:
         "type": "EDS",
         "connect_timeout": _duration(CONNECT_TIMEOUT),
         "lb_policy": "ROUND_ROBIN",
-        "eds_cluster_config": {
-            "eds_config": {
-                "path_config_source": {
-                    "path": str(eds_file(eds_dir, model)),
-                    # Re-read the file whenever something is moved into its folder (os.replace):
-                    # the model's own folder, so a write to another model's file is not seen here.
-                    "watched_directory": {"path": str(eds_file(eds_dir, model).parent)},
-                },
-                "resource_api_version": "V3",
-            }
-        },
+        "eds_cluster_config": {"eds_config": _eds_source(model, eds_dir, over_ads)},
         "health_checks": [
             {
                 "timeout": _duration(hc.timeout),
@@ -500,7 +570,13 @@ def _cluster(model: str, policy: DRPolicy, eds_dir: Path) -> dict[str, Any]:
 
 
 def render_bootstrap(
-    policy: DRPolicy, *, listen_host: str, listen_port: int, admin_port: int, eds_dir: Path
+    policy: DRPolicy,
+    *,
+    listen_host: str,
+    listen_port: int,
+    admin_port: int,
+    eds_dir: Path,
+    xds_port: int | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap for ``policy``: one listener, one EDS cluster per model.
 
@@ -510,8 +586,12 @@ def render_bootstrap(
     Requests reach a model by path (``/v1/models/{model}/...``), by the JSON body's ``model`` on
     ``/v1/completions`` and ``/v1/chat/completions``, or by the ``model-name`` header; anything
     else gets an OpenAI-shaped 404 (see the module's docstring for the routes and their order).
-    Each cluster reads ``eds_dir/{model}.yaml``, which should exist (see :func:`write_eds`) before
-    Envoy starts, and health-checks its hosts on :func:`health_check_path`.
+    Each cluster's endpoints are the model's EDS file ``eds_dir/{model}/eds.yaml`` (see
+    :func:`write_eds`): with ``xds_port``, as drctl's xDS server there sends them over one ADS stream
+    (what the stack does: see :mod:`drctl.platforms.local.xds`); without it, Envoy watches each file
+    itself, which needs an inotify instance per model (about 120 at most on default Linux) and the
+    files to exist before Envoy starts. Every cluster health-checks its hosts on
+    :func:`health_check_path`.
 
     The admin API listens on loopback whatever ``listen_host`` is: it has no authentication and can
     stop Envoy (``/quitquitquit``) or rewrite its state, so only this machine may reach it.
@@ -564,7 +644,9 @@ def render_bootstrap(
             ]
         },
     }
-    return {
+    over_ads = xds_port is not None
+    clusters = [_cluster(model, policy, eds_dir, over_ads) for model in policy.model_names]
+    bootstrap: dict[str, Any] = {
         "node": {"id": "drctl-local", "cluster": "drctl"},
         # Without a downstream connection limit Envoy warns at every start (and has no limit).
         "overload_manager": {
@@ -590,9 +672,20 @@ def render_bootstrap(
                     ],
                 }
             ],
-            "clusters": [_cluster(model, policy, eds_dir) for model in policy.model_names],
+            "clusters": clusters,
         },
     }
+    if xds_port is not None:
+        clusters.append(_xds_cluster(xds_port))
+        bootstrap["dynamic_resources"] = {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            }
+        }
+    return bootstrap
 
 
 def eds_document(model: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from drctl.platforms.local.envoy import (
     eds_document,
     envoy_yaml,
     render_bootstrap,
+    retries_to_wait,
     wait_until_ready,
     write_eds,
 )
@@ -140,16 +142,28 @@ async def _start_backend(name: str, procs: list[asyncio.subprocess.Process], del
 
 
 async def start_envoy(
-    tmp_path: Path, policy: DRPolicy, eds_dir: Path, procs: list[asyncio.subprocess.Process]
+    tmp_path: Path,
+    policy: DRPolicy,
+    eds_dir: Path,
+    procs: list[asyncio.subprocess.Process],
+    xds_port: int | None = None,
 ) -> tuple[str, str]:
-    """Start the real Envoy on ``policy``'s bootstrap (EDS files in ``eds_dir`` written already) and
-    wait until it is ready; returns ``(listener URL, admin URL)``. Appended to ``procs``."""
+    """Start the real Envoy on ``policy``'s bootstrap (EDS files in ``eds_dir`` written already, read
+    by Envoy itself or, with ``xds_port``, sent by drctl's xDS server there) and wait until it is
+    ready; returns ``(listener URL, admin URL)``. Appended to ``procs``."""
     envoy = find_binary("envoy")  # a real part: missing Envoy fails the test, it does not skip
     listen_port, admin_port = _free_port(), _free_port()
     bootstrap = tmp_path / "bootstrap.yaml"
     bootstrap.write_text(
         envoy_yaml(
-            render_bootstrap(policy, listen_host=HOST, listen_port=listen_port, admin_port=admin_port, eds_dir=eds_dir)
+            render_bootstrap(
+                policy,
+                listen_host=HOST,
+                listen_port=listen_port,
+                admin_port=admin_port,
+                eds_dir=eds_dir,
+                xds_port=xds_port,
+            )
         )
     )
     log = tmp_path / "envoy.log"
@@ -281,7 +295,11 @@ def test_render_bootstrap_takes_the_policy() -> None:
     # The request timeout bounds silence, not a whole response: a long stream lives.
     assert all((r["timeout"], r["idle_timeout"]) == ("0s", "45s") for r in routes)
     retry = route["retry_policy"]
-    assert (retry["num_retries"], retry["per_try_timeout"], retry["retry_on"]) == (1, "3s", "connect-failure")
+    # One quick retry (to a standby), then enough spaced ones to wait out the request timeout (45 s,
+    # shorter than the default RTO) for a replacement.
+    assert retry["num_retries"] == 1 + retries_to_wait(timedelta(seconds=45))
+    assert (retry["per_try_timeout"], retry["retry_on"]) == ("3s", "connect-failure")
+    assert retry["retry_back_off"] == {"base_interval": "0.025s", "max_interval": "0.5s"}
     # A single retry must leave priority 0 at once, or it could never reach the standby.
     assert retry["retry_priority"]["typed_config"]["update_frequency"] == 1
 
@@ -439,3 +457,44 @@ async def test_a_host_dropped_from_eds_stops_serving_even_while_healthy(stack: S
             await asyncio.sleep(0.01)
         served: list[Any] = [(await client.post(stack.predict_url, json={})).json()["backend"] for _ in range(20)]
     assert served == ["b"] * 20
+
+
+def test_retries_to_wait_add_up_to_the_window_on_average() -> None:
+    assert retries_to_wait(timedelta(0)) == 0
+    # 25, 75, 175, 375 ms then 500 ms caps: on average half of each.
+    assert retries_to_wait(timedelta(milliseconds=12)) == 1
+    assert retries_to_wait(timedelta(milliseconds=330)) == 5
+    ten, thirty = retries_to_wait(timedelta(seconds=10)), retries_to_wait(timedelta(seconds=30))
+    assert 38 <= ten <= 44
+    assert thirty - ten == 80  # 250 ms a retry once capped
+
+
+async def test_a_request_waits_for_the_replacement_of_a_model_s_only_instance(tmp_path: Path) -> None:
+    """A model with no hot standby: its only instance dies, and a replacement is registered seconds
+    later (a warm standby waking). Requests sent meanwhile wait and are answered by it; none fails."""
+    policy = DRPolicy.model_validate({"models": [{"name": MODEL, "rto": "20s"}, {"name": EMPTY_MODEL}]})
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        a = await _start_backend("a", procs)
+        b = await _start_backend("b", procs)
+        eds_dir = tmp_path / "eds"
+        write_eds(eds_dir, MODEL, [a.endpoint(0)])
+        write_eds(eds_dir, EMPTY_MODEL, [])
+        lb_url, _ = await start_envoy(tmp_path, policy, eds_dir, procs)
+        url = f"{lb_url}/v1/models/{MODEL}/predict"
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.post(url)).json()["backend"] == "a"
+            await a.kill()
+            started = time.monotonic()
+            waiting = [asyncio.create_task(client.post(url)) for _ in range(20)]
+            await asyncio.sleep(2.0)
+            assert not any(t.done() for t in waiting), "requests failed instead of waiting"
+            # The replacement comes in the same update that takes the dead endpoint out.
+            write_eds(eds_dir, MODEL, [b.endpoint(0)])
+            answers = await asyncio.gather(*waiting)
+            waited = time.monotonic() - started
+        assert [r.status_code for r in answers] == [200] * 20
+        assert {r.json()["backend"] for r in answers} == {"b"}
+        assert 2.0 <= waited < 6.0
+    finally:
+        await stop_processes(procs)

@@ -1,0 +1,28 @@
+"""The xDS server process of the local stack: Envoy's endpoints, from the EDS files, over ADS.
+
+    python -m drctl.workers.xds_server      # settings from DRCTL_* variables; `drctl up` starts it
+
+It listens on loopback at ``DRCTL_XDS_PORT`` and serves the files under the state folder's
+``envoy/eds/`` (see :mod:`drctl.platforms.local.xds` for why Envoy does not read them itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from drctl.platforms.local import xds
+from drctl.service import run_service
+from drctl.settings import LOOPBACK, DrctlSettings, StateLayout
+
+
+async def run_xds_server(settings: DrctlSettings, stop: asyncio.Event) -> None:
+    store = xds.open_store(StateLayout(settings.state_dir).eds_dir)
+    await xds.serve(store, LOOPBACK, settings.xds_port, stop)
+
+
+def main() -> None:
+    run_service(run_xds_server)
+
+
+if __name__ == "__main__":
+    main()
