@@ -231,6 +231,7 @@ class ActivityName:
     VERIFY_SERVING = "verify_serving"
     REQUEST_RECONCILE = "request_reconcile"
     OBSERVE_FLEET = "observe_fleet"
+    PLAN_RECONCILE = "plan_reconcile"
     CORDON_GPU = "cordon_gpu"
     UNCORDON_GPU = "uncordon_gpu"
     CREATE_INSTANCE = "create_instance"

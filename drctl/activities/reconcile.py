@@ -20,9 +20,12 @@ from drctl.payloads import (
     FleetSnapshot,
     InstanceChange,
     ModelRef,
+    ReconcilePlan,
+    ReconcileRequest,
     StepReport,
 )
 from drctl.platforms.base import Platform
+from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import busy_models
 
@@ -50,6 +53,7 @@ class ReconcileActivities:
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.observe_fleet,
+            self.plan_reconcile,
             self.create_instance,
             self.retier_instance,
             self.delete_instance,
@@ -69,6 +73,14 @@ class ReconcileActivities:
             epochs=await self.platform.epochs(),
             busy_models=await busy_models(activity.client(), activity.info().task_queue),
         )
+
+    @activity.defn(name=ActivityName.PLAN_RECONCILE)
+    async def plan_reconcile(self, request: ReconcileRequest) -> ReconcilePlan:
+        """Observe the fleet and plan the pass (pure: ``plan_pass``); only the plan goes into the
+        workflow's history, however large the fleet."""
+        snapshot = await self.observe_fleet()
+        with span("plan_reconcile", instances=len(snapshot.instances)):
+            return plan_pass(snapshot, request.models)
 
     @activity.defn(name=ActivityName.CORDON_GPU)
     async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:

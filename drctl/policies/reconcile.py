@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
+from drctl.payloads import FleetSnapshot, Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.placement import (
     LOADED_TIERS,
     Allocation,
@@ -376,3 +376,45 @@ def plan_emergency(
         )
     )
     return plan
+
+
+def without_leftovers(
+    snapshot: FleetSnapshot, models: list[str] | None
+) -> tuple[list[Instance], list[ReconcileAction]]:
+    """Instances left ``promoting`` by a create or a promotion that no longer runs (its activity was
+    refused as stale, or its worker died and the runbook moved on), in a model with no recovery in
+    flight (the budget says so): they are deleted, and planned around as gone. The planner alone
+    would skip such a model for ever, taking the leftover for a failover still running."""
+    kept: list[Instance] = []
+    cleanup: list[ReconcileAction] = []
+    for instance in snapshot.instances:
+        leftover = instance.role == Role.PROMOTING and instance.model not in snapshot.busy_models
+        if leftover and (models is None or instance.model in models):
+            cleanup.append(delete_action(instance, "left promoting by a create or promotion that no longer runs"))
+            kept.append(instance.model_copy(update={"role": Role.FAILED}))
+        else:
+            kept.append(instance)
+    return kept, cleanup
+
+
+def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
+    """Leave the models with a recovery in flight alone (the budget says which), and stamp every
+    other action with its model's epoch as observed: if a failover claims a newer epoch before the
+    action runs, the platform refuses it, and the next pass plans again from the new fleet."""
+    busy = snapshot.busy_models
+    actions = [
+        action.model_copy(update={"epoch": snapshot.epochs.get(action.model, 0)})
+        for action in plan.actions
+        if action.model not in busy
+    ]
+    skipped = [f"{model}: {runbook} in flight" for model, runbook in sorted(busy.items())]
+    return plan.model_copy(update={"actions": actions, "skipped_models": [*plan.skipped_models, *skipped]})
+
+
+def plan_pass(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePlan:
+    """One reconcile pass's plan from what was observed: leftovers deleted first, then what the
+    policy wants (:func:`plan_reconcile`), every action fenced with its model's epoch."""
+    policy = DRPolicy.model_validate(snapshot.policy)
+    instances, cleanup = without_leftovers(snapshot, models)
+    plan = plan_reconcile(policy, instances, models, snapshot.cordoned_gpus)
+    return fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)

@@ -1,6 +1,6 @@
 """ReconcileStandbysWorkflow: bring every model back to its serving/hot/warm/cold counts.
 
-Observe (one activity) → plan (pure, in the workflow: ``drctl.policies.reconcile``) → act. Runs
+Observe and plan (one activity; the plan is pure: ``drctl.policies.reconcile.plan_pass``) → act. Runs
 from a Temporal Schedule, right after a failover (the failover triggers the schedule), or by hand
 (``drctl reconcile [--dry-run]``). Idempotent: when the fleet matches the policy the plan is empty,
 so a second run changes nothing.
@@ -23,7 +23,7 @@ where placement puts it and deleting it only once the replacement exists (``plan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from temporalio import workflow
@@ -38,7 +38,6 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         ErrorType,
         FleetSnapshot,
-        Instance,
         InstanceChange,
         InstanceRef,
         ReconcileAction,
@@ -46,12 +45,10 @@ with workflow.unsafe.imports_passed_through():
         ReconcilePlan,
         ReconcileRequest,
         ReconcileResult,
-        Role,
         StepReport,
         reconcile_pass_workflow_id,
     )
-    from drctl.policies.reconcile import delete_action, plan_reconcile
-    from drctl.policies.schema import DRPolicy
+    from drctl.policies.reconcile import plan_pass
     from drctl.workflows.failover import STEP_ERRORS, error_type, why_failed
 
 RETRY = RetryPolicy(
@@ -75,41 +72,12 @@ MAX_PARALLEL_CREATES = 4
 """Instances start and load in parallel, a few at a time (each loads a checkpoint)."""
 
 
-def without_leftovers(
-    snapshot: FleetSnapshot, models: list[str] | None
-) -> tuple[list[Instance], list[ReconcileAction]]:
-    """Instances left ``promoting`` by a create or a promotion that no longer runs (its activity was
-    refused as stale, or its worker died and the runbook moved on), in a model with no recovery in
-    flight (the budget says so): they are deleted, and planned around as gone. The planner alone
-    would skip such a model for ever, taking the leftover for a failover still running."""
-    kept: list[Instance] = []
-    cleanup: list[ReconcileAction] = []
-    for instance in snapshot.instances:
-        leftover = instance.role == Role.PROMOTING and instance.model not in snapshot.busy_models
-        if leftover and (models is None or instance.model in models):
-            cleanup.append(delete_action(instance, "left promoting by a create or promotion that no longer runs"))
-            kept.append(instance.model_copy(update={"role": Role.FAILED}))
-        else:
-            kept.append(instance)
-    return kept, cleanup
-
-
-def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
-    """Leave the models with a recovery in flight alone (the budget says which), and stamp every
-    other action with its model's epoch as observed: if a failover claims a newer epoch before the
-    action runs, the platform refuses it, and the next pass plans again from the new fleet."""
-    busy = snapshot.busy_models
-    actions = [
-        action.model_copy(update={"epoch": snapshot.epochs.get(action.model, 0)})
-        for action in plan.actions
-        if action.model not in busy
-    ]
-    skipped = [f"{model}: {runbook} in flight" for model, runbook in sorted(busy.items())]
-    return plan.model_copy(update={"actions": actions, "skipped_models": [*plan.skipped_models, *skipped]})
-
-
 ONE_PASS_AT_A_TIME = "reconcile-one-pass-at-a-time"
 """Patch: runs started before passes were serialized replay their pass in line."""
+PLAN_IN_ACTIVITY = "reconcile-plan-in-activity"
+"""Patch: a pass plans in its activity and records the plan, not the whole fleet and policy (at
+1,000 models the snapshot is megabytes, in every pass's history). Runs started before observe,
+then plan in the workflow."""
 PASS_WAIT_HEARTBEAT = timedelta(seconds=5)
 
 
@@ -176,19 +144,40 @@ class ReconcilePassWorkflow:
         self._result = result
 
 
-async def reconcile_pass(request: ReconcileRequest, show: Callable[[ReconcileResult], None]) -> ReconcileResult:
-    """Observe, plan and (unless a dry run) act. ``show`` gets the result as soon as the plan is made
-    (and it fills in as actions run), for the ``progress`` query."""
+async def observe_and_plan(request: ReconcileRequest) -> ReconcilePlan:
+    """The pass's plan as runs before ``reconcile-plan-in-activity`` made it: the whole fleet and
+    policy into the history, the plan made in the workflow."""
     snapshot = await workflow.execute_activity(
         ActivityName.OBSERVE_FLEET,
         result_type=FleetSnapshot,
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=RETRY,
     )
-    policy = DRPolicy.model_validate(snapshot.policy)
-    instances, cleanup = without_leftovers(snapshot, request.models)
-    plan = plan_reconcile(policy, instances, request.models, snapshot.cordoned_gpus)
-    plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
+    return plan_pass(snapshot, request.models)
+
+
+async def plan_of_pass(request: ReconcileRequest) -> ReconcilePlan:
+    """The pass's plan, made by one activity (only the plan is recorded), or as an older run made it."""
+    if not workflow.patched(PLAN_IN_ACTIVITY):
+        return await observe_and_plan(request)
+    plan: ReconcilePlan = await workflow.execute_activity(
+        ActivityName.PLAN_RECONCILE,
+        request,
+        result_type=ReconcilePlan,
+        start_to_close_timeout=timedelta(seconds=60),
+        retry_policy=RETRY,
+    )
+    return plan
+
+
+async def reconcile_pass(
+    request: ReconcileRequest,
+    show: Callable[[ReconcileResult], None],
+    planner: Callable[[ReconcileRequest], Awaitable[ReconcilePlan]] = plan_of_pass,
+) -> ReconcileResult:
+    """Observe, plan and (unless a dry run) act. ``show`` gets the result as soon as the plan is made
+    (and it fills in as actions run), for the ``progress`` query."""
+    plan = await planner(request)
     result = ReconcileResult(plan=plan, dry_run=request.dry_run)
     show(result)
     if request.dry_run or not plan.actions:

@@ -20,7 +20,14 @@ from drctl.payloads import (
     ReconcileResult,
 )
 from drctl.workflows.failover import DECISION_INPUT_PERSISTED, FailoverWorkflow
-from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, ReconcileStandbysWorkflow, reconcile_pass
+from drctl.workflows.reconcile import (
+    ONE_PASS_AT_A_TIME,
+    PLAN_IN_ACTIVITY,
+    ReconcilePassWorkflow,
+    ReconcileStandbysWorkflow,
+    observe_and_plan,
+    reconcile_pass,
+)
 
 
 @workflow.defn(name="FailoverWorkflow", sandboxed=False)
@@ -45,8 +52,19 @@ class ReconcileBeforeOnePassAtATime(ReconcileStandbysWorkflow):
         return await reconcile_pass(request, self._show)
 
 
+@workflow.defn(name="ReconcilePassWorkflow", sandboxed=False)
+class ReconcilePassBeforePlanInActivity(ReconcilePassWorkflow):
+    """Before ``reconcile-plan-in-activity``: the pass observed the whole fleet (one activity) and
+    planned in the workflow."""
+
+    @workflow.run
+    async def run(self, request: ReconcileRequest) -> ReconcileResult:
+        return await reconcile_pass(request, self._show, observe_and_plan)
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
+    PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -58,13 +58,14 @@ from drctl.workers.runbook_worker import WORKFLOWS
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
-from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, ReconcileStandbysWorkflow
+from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
     FailoverBeforeListingAsActivity,
     ReconcileBeforeOnePassAtATime,
+    ReconcilePassBeforePlanInActivity,
 )
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_drain import on
@@ -337,6 +338,24 @@ async def reconcile_before_patch(client: Client, queue: str) -> list[Recorded]:
     ]
 
 
+async def reconcile_before_plan_patch(client: Client, queue: str) -> list[Recorded]:
+    """A pass started before the reconcile-plan-in-activity patch: the fleet observed, then planned
+    in the workflow."""
+    platform = FakePlatform()
+    async with worker(client, queue, platform.activities(), old=[ReconcilePassBeforePlanInActivity]):
+        await client.execute_workflow(
+            ReconcileStandbysWorkflow.run, ReconcileRequest(), id="reconcile-standbys", task_queue=queue
+        )
+    return [
+        Recorded(
+            "reconcile-pass-before-plan-patch",
+            reconcile_pass_workflow_id(queue),
+            "ReconcilePassWorkflow started before the reconcile-plan-in-activity patch: plans in the workflow",
+            PLAN_IN_ACTIVITY,
+        )
+    ]
+
+
 async def drain(client: Client, queue: str) -> list[Recorded]:
     bad = "gpu-node-0/0"
     instances = (
@@ -400,6 +419,7 @@ SCENARIOS: dict[str, Scenario] = {
     "budget-tripped": budget_tripped,
     "reconcile": reconcile,
     "reconcile-before-patch": reconcile_before_patch,
+    "reconcile-before-plan-patch": reconcile_before_plan_patch,
     "drain": drain,
     "zone-approval": zone_with_approval,
     "drill": drill,

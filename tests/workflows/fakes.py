@@ -22,11 +22,14 @@ from drctl.payloads import (
     InstanceRef,
     ModelRef,
     ProbeResult,
+    ReconcilePlan,
+    ReconcileRequest,
     RegisterRequest,
     Role,
     StepReport,
 )
 from drctl.policies.loader import load_policy_file
+from drctl.policies.reconcile import plan_pass
 from drctl.policies.schema import DRPolicy
 
 EXAMPLE_POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
@@ -143,6 +146,10 @@ class FakeFleet:
                 epochs=dict(fleet.epochs),
             )
 
+        @activity.defn(name=ActivityName.PLAN_RECONCILE)
+        async def plan(request: ReconcileRequest) -> ReconcilePlan:
+            return plan_pass(await observe(), request.models)
+
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
         async def create(change: InstanceChange) -> StepReport:
             a = change.action
@@ -186,6 +193,7 @@ class FakeFleet:
             verify,
             request_reconcile,
             observe,
+            plan,
             create,
             delete,
         ]

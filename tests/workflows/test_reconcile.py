@@ -21,12 +21,14 @@ from drctl.payloads import (
     InstanceChange,
     InstanceRef,
     ReconcileActionKind,
+    ReconcilePlan,
     ReconcileRequest,
     ReconcileResult,
     Role,
     StepReport,
 )
 from drctl.policies.loader import load_policy_file
+from drctl.policies.reconcile import plan_pass
 from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from tests.policies.test_reconcile import as_seen_on_drctl_up
 
@@ -57,6 +59,10 @@ class FakePlatform:
                 instances=list(platform.instances.values()),
                 busy_models=dict(platform.busy),
             )
+
+        @activity.defn(name=ActivityName.PLAN_RECONCILE)
+        async def plan(request: ReconcileRequest) -> ReconcilePlan:
+            return plan_pass(await observe(), request.models)
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
         async def create(change: InstanceChange) -> StepReport:
@@ -94,7 +100,7 @@ class FakePlatform:
             platform.corrupt_models.discard(ref.model)
             return StepReport(detail="restored")
 
-        return [observe, create, retier, delete, restore, await_reconcile_pass]
+        return [observe, plan, create, retier, delete, restore, await_reconcile_pass]
 
 
 async def reconcile(env: WorkflowEnvironment, platform: FakePlatform, **request: object) -> ReconcileResult:
