@@ -147,6 +147,9 @@ class _CountsPlanner:
         self.slots = {slot.id: slot for slot in self.inventory}
         self.every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
         self.reported = {i.id: i for i in instances}
+        self.by_model: dict[str, list[Instance]] = {}
+        for instance in instances:
+            self.by_model.setdefault(instance.model, []).append(instance)
         self.allocations = current_allocations(policy, instances)
         self.plan = ReconcilePlan()
         self.short_of_room = 0
@@ -160,7 +163,7 @@ class _CountsPlanner:
         missing hot one; returns what is left by tier and the next instance index (None: the model
         is skipped, a failover is settling it)."""
         plan = self.plan
-        mine = [i for i in self.instances if i.model == model.name]
+        mine = self.by_model.get(model.name, [])
         live = [i for i in mine if i.role != Role.FAILED]
         if any(i.role == Role.PROMOTING for i in live):
             plan.skipped_models.append(f"{model.name}: an instance is being promoted (failover running)")
@@ -417,4 +420,17 @@ def plan_pass(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePla
     policy = DRPolicy.model_validate(snapshot.policy)
     instances, cleanup = without_leftovers(snapshot, models)
     plan = plan_reconcile(policy, instances, models, snapshot.cordoned_gpus)
-    return fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
+    plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
+    return plan.model_copy(update={"violations": listed(plan.violations)})
+
+
+MAX_LISTED_VIOLATIONS = 20
+"""Placement drift said in a plan: the plan goes into every pass's workflow history, and a dense
+pool of 1,000 models can carry hundreds of standbys that no better place has room for."""
+
+
+def listed(lines: list[str], limit: int = MAX_LISTED_VIOLATIONS) -> list[str]:
+    """The first ``limit`` lines, and how many more there are."""
+    if len(lines) <= limit:
+        return lines
+    return [*lines[:limit], f"... and {len(lines) - limit} more like these"]

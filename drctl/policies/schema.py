@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
@@ -321,10 +322,12 @@ class DRPolicy(_Section):
 
     def model(self, name: str) -> ModelPolicy:
         """The policy of one model; raises ``KeyError`` with the known names when absent."""
-        for model in self.models:
-            if model.name == name:
-                return model
-        raise KeyError(name)
+        return self._models_by_name[name]
+
+    @cached_property
+    def _models_by_name(self) -> dict[str, ModelPolicy]:
+        # A lookup by name is a dict's, not a scan of the list: reconcile asks once per instance.
+        return {model.name: model for model in self.models}
 
     @property
     def zones(self) -> set[str]:
