@@ -1,12 +1,14 @@
-"""The Kubernetes watcher: its pure decisions, its caps, its watch loop (stubbed stream, 410 Gone),
-and one run over kmock's KubernetesEmulator (which streams watches) with the real client."""
+"""The Kubernetes watcher: its pure decisions (transitions, hysteresis and hold-down through the
+prober's ProbeTracker, zone verdicts), its watch loop (stubbed stream, 410 Gone), and one run over
+kmock's KubernetesEmulator (which streams watches) with the real client. Leader election, caps,
+panic and zones over the emulator: test_kube_watcher_cluster.py."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,12 +25,14 @@ from drctl.detectors.kube_watcher import (
     PodState,
     WatchState,
     node_failures,
+    node_state,
     pod_failures,
     pod_state,
-    recovered,
+    zone_verdicts,
 )
 from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Trigger
 from drctl.policies.schema import DetectionPolicy
+from drctl.policies.zone_health import ZoneVerdict
 
 POLICY = DetectionPolicy()
 
@@ -46,12 +50,13 @@ def test_not_ready_restart_and_deletion_are_incidents() -> None:
     pod = serving()
     [f] = pod_failures(pod, serving(ready=False))
     assert (f.model, f.instance, f.node) == ("llama", "llama-0", "node-a") and "not Ready" in f.reason
+    assert not f.exited  # one bad observation: hysteresis decides
     [f] = pod_failures(pod, serving(restarts=2))
-    assert "restarted (2x)" in f.reason
+    assert "restarted (2x)" in f.reason and f.exited  # down at once, like a process that exited
     [f] = pod_failures(pod, None)
-    assert "deleted" in f.reason
+    assert "deleted" in f.reason and f.exited
     [f] = pod_failures(pod, serving(terminating=True))
-    assert "deleted" in f.reason
+    assert "deleted" in f.reason and f.exited
     hot = serving(role="hot", serving=False)
     assert pod_failures(hot, serving(role="hot", serving=False, ready=False))
 
@@ -70,13 +75,28 @@ def test_what_is_not_an_incident() -> None:
     assert pod_failures(serving(terminating=True), None) == []  # its deletion already counted
 
 
-def test_recovered() -> None:
-    assert recovered(serving(ready=False), serving())
-    assert recovered(None, serving())
-    assert recovered(serving(role="failed", serving=False), serving())
-    assert not recovered(serving(), serving())
-    assert not recovered(serving(ready=False), serving(ready=False))
-    assert not recovered(serving(ready=False), None)
+def test_health_of_an_instance_from_its_pods_and_nodes() -> None:
+    state = WatchState()
+    state.node_sync([NodeState("node-a", zone="az-1"), NodeState("node-b", ready=False, zone="az-1")])
+    state.pod_sync(
+        [
+            serving("llama-0-abc"),
+            serving("llama-1-def", role="hot", serving=False, ready=False),
+            serving("llama-2-ghi", role="warm", serving=False),
+            serving("llama-3-jkl", node="node-b"),
+            serving("llama-4-old", terminating=True),
+            serving("llama-4-new"),  # the replacement pod of the same instance: Ready
+            serving("llama-5-xyz", role="failed", serving=False),
+        ]
+    )
+    health = state.health()
+    assert {i: (h.ok, h.zone) for i, h in health.items()} == {
+        "llama-0": (True, "az-1"),
+        "llama-1": (False, "az-1"),  # not Ready
+        "llama-3": (False, "az-1"),  # Ready, on a NotReady node
+        "llama-4": (True, "az-1"),  # one pod of it serves
+    }
+    assert state.unwatched() == {"llama-2", "llama-5"}
 
 
 # -- pure: nodes ----------------------------------------------------------------------------------
@@ -102,33 +122,50 @@ def test_node_not_ready_fails_its_serving_and_hot_pods() -> None:
 # -- pure: state, once per incident ---------------------------------------------------------------
 
 
-def test_state_starts_once_per_incident_until_ready_again() -> None:
-    state = WatchState()
-    assert state.pod_sync([serving()]) == []
-    [f] = state.pod_event("MODIFIED", serving(ready=False))
-    state.down.add(f.instance)  # reported
-    assert state.pod_event("MODIFIED", serving(ready=False, restarts=1)) == []  # same incident
-    assert state.pod_event("DELETED", serving(ready=False, restarts=1)) == []
-    # the Deployment's new pod for the same instance: starting, then Ready ends the incident
-    assert state.pod_event("ADDED", serving("llama-0-xyz", ready=False)) == []
-    assert state.down == {"llama-0"}
-    assert state.pod_event("MODIFIED", serving("llama-0-xyz")) == []
-    assert state.down == set()
-    [f] = state.pod_event("MODIFIED", serving("llama-0-xyz", restarts=1))
-    assert "restarted" in f.reason
-
-
-def test_node_and_pod_events_of_one_incident_start_once() -> None:
+def test_node_and_pod_events_of_one_batch_count_once() -> None:
     state = WatchState()
     state.node_sync([NodeState("node-a", zone="az-1")])
     state.pod_sync([serving(), serving("llama-1-def", role="hot", serving=False)])
     failures = state.node_event("MODIFIED", NodeState("node-a", ready=False, zone="az-1"))
-    assert [f.instance for f in failures] == ["llama-0", "llama-1"]
-    state.down.update(f.instance for f in failures)  # reported
+    assert [(f.instance, f.exited) for f in failures] == [("llama-0", False), ("llama-1", False)]
     assert state.zone("node-a") == "az-1"
-    # the node controller then marks the pods not Ready: already handled
-    assert state.pod_event("MODIFIED", serving(ready=False)) == []
-    assert state.pod_event("MODIFIED", serving("llama-1-def", role="hot", serving=False, ready=False)) == []
+    assert state.node_event("MODIFIED", NodeState("node-a", zone="az-1")) == []  # Ready again
+    assert [f.exited for f in state.node_sync([])] == [True, True]  # the node deleted: gone at once
+    # one failure per instance per listing, the exited one preferred
+    state.pod_sync([serving(), serving("llama-0-xyz")])
+    [f] = state.pod_sync([serving(ready=False)])
+    assert f.instance == "llama-0" and f.exited  # llama-0-xyz deleted, llama-0-abc not Ready
+
+
+def test_zone_verdicts_from_node_conditions_with_agents_as_a_second_opinion() -> None:
+    nodes = [
+        NodeState("n0", ready=False, zone="az-1"),
+        NodeState("n3", ready=False, zone="az-1"),
+        NodeState("n1", zone="az-2"),
+        NodeState("n9", ready=False),  # no zone label: in no zone
+    ]
+    zones = ["az-1", "az-2", "az-4"]
+    assert zone_verdicts(nodes, {}, zones) == {
+        "az-1": ZoneVerdict.DOWN,
+        "az-2": ZoneVerdict.UP,
+        "az-4": ZoneVerdict.UNKNOWN,  # no node: no evidence
+    }
+    # a NotReady node whose agent answers is there (its kubelet lost the API server): the zone is up
+    assert zone_verdicts(nodes, {"n3": True}, zones)["az-1"] == ZoneVerdict.UP
+    assert zone_verdicts(nodes, {"n3": False, "n0": False}, zones)["az-1"] == ZoneVerdict.DOWN
+
+
+def test_node_state_reads_ready_false_and_unknown_as_not_ready() -> None:
+    def v1node(*conditions: tuple[str, str]) -> Any:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(name="n", labels={"topology.kubernetes.io/zone": "az-1"}),
+            status=SimpleNamespace(conditions=[SimpleNamespace(type=t, status=s) for t, s in conditions]),
+        )
+
+    assert node_state(v1node(("Ready", "True"), ("MemoryPressure", "False"))) == NodeState("n", True, "az-1")
+    assert not node_state(v1node(("Ready", "False"))).ready
+    assert not node_state(v1node(("Ready", "Unknown"))).ready
+    assert node_state(v1node()).ready  # no Ready condition yet: no evidence
 
 
 def test_resync_after_gone_sees_deletions_and_changes() -> None:
@@ -189,20 +226,133 @@ def test_pod_state_reads_a_v1pod() -> None:
     assert pod_state(other) is None
 
 
-async def test_every_failure_is_reported_once_and_caps_are_the_budgets() -> None:
-    """The watcher keeps no caps of its own (they dropped failures): it reports each incident once to
-    the guardian, and the fleet's budget delays what must wait."""
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+HYSTERESIS = DetectionPolicy(
+    probe_interval=timedelta(seconds=1),
+    unhealthy_threshold=3,
+    healthy_threshold=2,
+    flap_window=timedelta(minutes=5),
+    flap_limit=3,
+    hold_down=timedelta(minutes=10),
+)
+
+
+async def test_not_ready_needs_threshold_looks_a_restart_none_and_each_incident_is_reported_once() -> None:
     started, _, report = fake_starter()
-    watcher = KubeWatcher(None, "fleet", DetectionPolicy(max_failovers_per_model=1), report)
+    clock = Clock()
+    watcher = KubeWatcher(None, "fleet", HYSTERESIS, report, clock=clock)
     pods = [v1pod("llama-0-abc", "llama-0"), v1pod("llama-1-def", "llama-1", role="hot")]
     await watcher.handle(Event("pods", "SYNC", pods))
-    await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False)]))
-    await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False, restarts=1)]))
+    watcher.tick(clock.now)  # first seen Ready: judged from now on
+
+    async def at(t: float, *events: Event) -> None:
+        clock.now = 100.0 + t
+        for event in events:
+            await watcher.handle(event)
+        watcher.tick(clock.now)
+        await watcher.settle()
+
+    not_ready = Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False)])
+    ready = Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0")])
+    await at(1.0, not_ready)  # look 1
+    await at(2.0)  # look 2
+    await at(2.5, ready)  # Ready again before look 3: a blip, not an incident
+    await at(3.0)
+    assert started == [] and watcher.trackers["llama-0"].up
+    await at(10.0, not_ready)  # look 1
+    await at(10.5)  # not due
+    await at(11.0)  # look 2
+    assert started == []
+    await at(12.0)  # look 3: down
     assert [(r.instance, r.trigger) for r in started] == [("llama-0", Trigger.PROBE)]
-    assert "not Ready" in started[0].reason and started[0].failed_at is not None
-    # A second failure of the model is reported too (the old per-model cap dropped it).
-    await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-1-def", "llama-1", role="hot", restarts=1)]))
+    assert started[0].reason == "kube-watcher: pod llama-0-abc not Ready (3 looks in a row)"
+    assert started[0].failed_at is not None and not started[0].confirmed  # the runbook confirms
+    for t in (13.0, 14.0, 15.0):  # still down, restarted even: the same incident
+        await at(t, Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", ready=False, restarts=1)]))
+    assert len(started) == 1
+    # A hot standby's container restarts: down at once, like a process that exited.
+    await at(16.0, Event("pods", "MODIFIED", [v1pod("llama-1-def", "llama-1", role="hot", restarts=1)]))
     assert [r.instance for r in started] == ["llama-0", "llama-1"]
+    assert "restarted (1x)" in started[1].reason
+    # Caps are the budget's: a second failure of the model is reported too (the guardian queues it).
+    assert [d.action for d in watcher.detections if d.instance == "llama-1"] == ["down", "reported"]
+
+
+async def test_an_instance_that_keeps_failing_is_held_down_not_failed_over_again_and_again() -> None:
+    started, _, report = fake_starter()
+    clock = Clock()
+    watcher = KubeWatcher(None, "fleet", HYSTERESIS, report, clock=clock)
+    await watcher.handle(Event("pods", "SYNC", [v1pod("llama-0-abc", "llama-0")]))
+    watcher.tick(clock.now)
+    restarts = 0
+    for cycle in range(5):  # restart, then Ready for two looks (up again), every 10 s
+        restarts += 1
+        clock.now += 10
+        await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", restarts=restarts)]))
+        for _ in range(2):
+            clock.now += 1
+            watcher.tick(clock.now)
+        await watcher.settle()
+        assert watcher.trackers["llama-0"].up, cycle
+    # flapLimit 3: the first two downs are failed over, the third and later are held for holdDown
+    assert len(started) == 2
+    actions = [d.action for d in watcher.detections if d.action != "up"]
+    assert actions == ["down", "reported", "down", "reported", *["held (flapping)"] * 3]
+    # after the hold-down (10 min) and out of the flap window, a failure is failed over again
+    clock.now += 11 * 60
+    await watcher.handle(Event("pods", "MODIFIED", [v1pod("llama-0-abc", "llama-0", restarts=restarts + 1)]))
+    await watcher.settle()
+    assert len(started) == 3
+
+
+async def test_a_report_that_does_not_get_through_is_kept_and_tried_again() -> None:
+    """Temporal unreachable (or a worker restarting): nothing is dropped, every failure of the
+    batch is reported once it gets through, past the policy's caps (the budget delays those)."""
+    reported: list[FailoverRequest] = []
+    down = True
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        if down:
+            raise RuntimeError("Temporal unreachable")
+        reported.append(request)
+        return IncidentTicket(
+            model=request.model,
+            instance=request.instance,
+            workflow_id=f"failover-{request.instance}",
+            joined=False,
+            state=IncidentState.QUEUED,
+            opened_at=datetime.now(UTC),
+        )
+
+    clock = Clock()
+    watcher = KubeWatcher(None, "fleet", DetectionPolicy(max_failovers_per_zone=1), report, clock=clock)
+    pods = [v1pod(f"llama-{n}-abc", f"llama-{n}") for n in range(4)]
+    await watcher.handle(Event("pods", "SYNC", pods))
+    watcher.tick(clock.now)
+    await watcher.handle(Event("pods", "DELETED", pods))
+    await watcher.settle()
+    assert reported == [] and len(watcher.unreported) == 4 and watcher.report_errors >= 1
+    for _ in range(3):
+        clock.now += 1
+        watcher.tick(clock.now)  # pods gone, reports pending: the trackers stay
+        await watcher.settle()
+    assert len(watcher.unreported) == 4
+    down = False
+    clock.now += 1
+    watcher.tick(clock.now)
+    await watcher.settle()
+    assert sorted(r.instance for r in reported) == [f"llama-{n}" for n in range(4)]
+    assert watcher.unreported == {}
+    clock.now += 1
+    watcher.tick(clock.now)  # reported and gone: forgotten
+    assert watcher.trackers == {}
 
 
 # -- the watch loop, over a stubbed stream --------------------------------------------------------
@@ -311,7 +461,8 @@ async def test_a_pod_turning_not_ready_over_a_real_watch_starts_one_failover() -
         emu.objects[PODS, NS, "llama-1-def"] = emulated_pod("llama-1-def", "llama-1", "warm")
         with ApiClient(Configuration(host=str(emu.url).rstrip("/"))) as client:
             core = CoreV1Api(client)
-            watcher = KubeWatcher(core, NS, POLICY, start, timeout_s=60, backoff_s=0.05, read_timeout_s=0.5)
+            fast = DetectionPolicy(probe_interval=timedelta(milliseconds=100))  # 3 looks: 0.2 s
+            watcher = KubeWatcher(core, NS, fast, start, timeout_s=60, backoff_s=0.05, read_timeout_s=0.5)
             stop = asyncio.Event()
             task = asyncio.create_task(watcher.run(stop))
             await wait_for(lambda: len(watcher.state.pods) == 2 and "node-a" in watcher.state.nodes)
@@ -329,4 +480,4 @@ async def test_a_pod_turning_not_ready_over_a_real_watch_starts_one_failover() -
             stop.set()
             await asyncio.wait_for(task, timeout=5)
     assert [(r.model, r.instance, r.trigger) for r in started] == [("llama", "llama-0", Trigger.PROBE)]
-    assert started[0].reason == "kube-watcher: pod llama-0-abc not Ready"
+    assert started[0].reason == "kube-watcher: pod llama-0-abc not Ready (3 looks in a row)"
