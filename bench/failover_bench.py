@@ -60,7 +60,7 @@ STEADY_S = 1.0
 AFTER_S = 1.0
 """Traffic kept going after the failover's result."""
 REQUEST_TIMEOUT_S = 5.0
-MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = 512
 """Load generator bound: a tick that finds this many requests in flight is skipped (and counted)."""
 WORKFLOW_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 150.0
@@ -165,6 +165,10 @@ class RunResult:
     dataplane_instance: str | None = None
     promoted_first_ms: float | None = None
     """Kill to the first 200 answered by the promoted instance (client clock)."""
+    median_ms: float | None = None
+    """Median latency of the answered requests (sent to answered, client clock), the whole run."""
+    slowest_ms: float | None = None
+    """The slowest answered request: what waiting across the switch added, at worst."""
     outcome: str | None = None
     promoted: str | None = None
     tier: str | None = None
@@ -291,6 +295,9 @@ async def _measure(out: RunResult, stack: LocalStack, model: str, rate_hz: float
     promoted = next((s for s in after if s.instance == result.promoted), None)
     if promoted is not None:
         out.promoted_first_ms = _ms(promoted.done - kill_mono)
+    latencies = [s.done - s.sent for s in samples if s.ok]
+    if latencies:
+        out.median_ms, out.slowest_ms = _ms(statistics.median(latencies)), _ms(max(latencies))
     if result.outcome != FailoverOutcome.RECOVERED:
         raise RuntimeError(f"failover ended {result.outcome.value}: {result.reason}")
     progress(
@@ -326,6 +333,8 @@ FIGURES = [
     Figure("failed", "failed requests"),
     Figure("dataplane_switch_ms", "kill→first 200 from a standby ms", digits=1),
     Figure("promoted_first_ms", "kill→first 200 from promoted ms", digits=1),
+    Figure("median_ms", "request latency, median ms", digits=1),
+    Figure("slowest_ms", "request latency, slowest ms", digits=1),
     Figure("switch_ms", "switch_ms (wf start→verified)"),
     Figure("rto_ms", "rto_ms (kill→verified)"),
     Figure("orchestration_ms", "orchestration_ms"),
