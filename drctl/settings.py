@@ -63,6 +63,17 @@ class DrctlSettings(BaseSettings):
     xds_port: int = 9903
     """drctl's xDS server (loopback only): Envoy gets every model's endpoints from it over one stream."""
     instance_base_port: int = 18000
+    instance_mode: Literal["process", "pooled"] = "process"
+    """How the local platform runs demo-server instances: ``process`` (the default), a process each,
+    as a real engine runs; ``pooled``, many to a process, one pool per node, each instance still on
+    its own port with its own pid (a thread id), so that a fleet of 1,000 fits on a small machine
+    (:mod:`drctl.platforms.local.pools`). A setting, not a policy field: the policy says what the
+    fleet is, is pure and means the same on Kubernetes, while how this machine simulates the
+    fleet's processes is the operator's choice, and the same policy runs in either mode. Only
+    instances whose command template runs the demo server are pooled; any other engine keeps its
+    process."""
+    instance_pool_base_port: int = 17900
+    """Pooled mode: the pools' control endpoints listen on loopback from this port, one per node."""
     node_agent_base_port: int = 9400
     """The local stack's node agents listen on this port and the next ones, one per policy node."""
     worker_metrics_port: int = 9464

@@ -44,8 +44,13 @@ class LocalFaultInjector:
             case DrillScenario.POD_CRASH:
                 if serving.pid is None:
                     raise RuntimeError(f"{serving.id} has no process to kill")
+                pooled = faults.is_pooled(serving.pid)
                 faults.kill(serving.pid)
-                fault.detail = f"kill -9 {serving.pid} ({serving.id})"
+                fault.detail = (
+                    f"crash of pooled instance {serving.id} (pid {serving.pid}) through its pool's control endpoint"
+                    if pooled
+                    else f"kill -9 {serving.pid} ({serving.id})"
+                )
             case DrillScenario.NODE_DOWN | DrillScenario.ZONE_OUTAGE:
                 nodes: set[str]
                 if target.scenario == DrillScenario.NODE_DOWN:
@@ -55,7 +60,7 @@ class LocalFaultInjector:
                 else:
                     nodes = {n.name for n in self.platform.policy.gpu_pool.nodes if n.zone == target.zone}
                 agent_pids = self._agent_pids()
-                pids = [i.pid for i in instances if i.node in nodes and i.pid is not None]
+                pids = list(dict.fromkeys(i.pid for i in instances if i.node in nodes and i.pid is not None))
                 pids += [agent_pids[n] for n in sorted(nodes) if n in agent_pids]
                 for pid in pids:
                     fault.stopped_pids += faults.stop([pid])

@@ -4,6 +4,10 @@ node agents and checkpoints, and how it is undone.
 A "node" on the local platform is a label on processes that share one machine, so a node that is
 down is simulated by stopping (SIGSTOP) every process carrying its label: the instances and the
 node's agent stop answering but keep their sockets, exactly like a hung host.
+
+Pooled instances (``DRCTL_INSTANCE_MODE=pooled``) get the same faults through their pool's control
+endpoint (``processes.signal_group`` routes a signal to one of them there): a kill crashes that
+instance alone, a stop hangs it alone (it accepts, never answers), a continue resumes it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ DEMO = profile(Engine.DEMO)
 def kill(pid: int) -> None:
     """kill -9 of one process (its group: the instance and anything it started)."""
     processes.signal_group(pid, signal.SIGKILL)
+
+
+def is_pooled(pid: int) -> bool:
+    """True when ``pid`` is an instance of a pool (a thread of its pool's process)."""
+    return processes.pool_control_port(pid) is not None
 
 
 def stop(pids: list[int]) -> list[int]:

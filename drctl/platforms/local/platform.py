@@ -28,7 +28,7 @@ import httpx
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.platforms import errors
 from drctl.platforms.base import ProgressCallback, find_instance
-from drctl.platforms.local import envoy, processes
+from drctl.platforms.local import envoy, pools, processes
 from drctl.platforms.local.checkpoints import (
     CHECKSUM_MISMATCH,
     ensure_checkpoint,
@@ -57,6 +57,8 @@ class LocalPlatform:
         self.policy = policy
         self.layout = StateLayout(settings.state_dir)
         self.registry = InstanceRegistry(self.layout.instances_file)
+        self.pools = pools.InstancePools(self.layout, settings.instance_pool_base_port)
+        """Pooled mode's processes, one per node (``DRCTL_INSTANCE_MODE=pooled``; see ``pools``)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
         self._draining: dict[asyncio.Task[None], int | None] = {}
         """Ejected processes still draining their connections, stopped when the task ends."""
@@ -507,11 +509,12 @@ class LocalPlatform:
         for problem in plan.unplaceable:
             on_progress(f"WARNING: not placed: {problem}")
         self._to_settle = []
-        for instance in self.registry.load().values():
-            if instance.role != Role.COLD:
-                started = self._start_process(instance)
-                self._to_settle.append(started.id)
-                on_progress(f"started {started.id} ({started.role}) pid {started.pid} port {started.port}")
+        with self.registry.edit() as instances:  # one write for the whole fleet, not one per instance
+            for instance in list(instances.values()):
+                if instance.role != Role.COLD:
+                    started = self._spawn(instances, instance)
+                    self._to_settle.append(started.id)
+                    on_progress(f"started {started.id} ({started.role}) pid {started.pid} port {started.port}")
 
     def _resume_fleet(self, on_progress: Callable[[str], None]) -> None:
         """The fleet as the registry recorded it (see :meth:`ensure_fleet`)."""
@@ -594,6 +597,7 @@ class LocalPlatform:
                 current = instances.get(instance_id)
                 if current is not None and current.pid == pid:
                     instances[instance_id] = current.with_changes(pid=None)
+        self.pools.stop_all()  # pooled mode: the pools, now empty (and any instance not recorded)
         return len(stopped)
 
     def sync_load_balancer(self, model: str) -> None:
@@ -629,8 +633,13 @@ class LocalPlatform:
                 "load_seconds_per_gib": self.policy.local.load_seconds_per_gib,
             },
         )
-        env = self._engine(instance.model).server_env
-        pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log", env=env)
+        pooled = pools.demo_server_args(command) if self.settings.instance_mode == "pooled" else None
+        if pooled is not None:
+            # Pooled mode: a thread of the node's pool, its thread id as pid (see ``pools``).
+            pid, port = self.pools.start_instance(pools.pool_name(instance.node), instance.id, pooled, port, taken)
+        else:
+            env = self._engine(instance.model).server_env
+            pid = processes.spawn(command, self.layout.logs_dir / f"{instance.id}.log", env=env)
         updated = instance.with_changes(port=port, pid=pid)
         instances[instance.id] = updated
         return updated
@@ -641,7 +650,7 @@ class LocalPlatform:
         try:
             text = (self.layout.logs_dir / f"{instance_id}.log").read_text(errors="replace")
         except OSError:
-            return ""
+            return self.pools.log_tail(instance_id, lines)  # pooled: its lines in its pool's log
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:800]
 
     def _local(self, instance: Instance) -> LocalInstance:

@@ -10,11 +10,23 @@ program needs to run, and what an inference engine reads: ``CUDA_*``, ``NVIDIA_*
 fault-injection token, the Temporal API key) would otherwise sit in ``/proc/PID/environ`` of every
 model instance, and in whatever the engine logs or dumps. A part of drctl that needs a setting gets
 it through ``env`` (see ``drctl.workers.part_env``).
+
+**Pooled instances** (``DRCTL_INSTANCE_MODE=pooled``, :mod:`drctl.platforms.local.pools`): many
+instances share one process, :data:`POOL_MODULE`, and each instance's pid is the id of the thread
+that serves it. ``/proc/<tid>`` behaves as a process's ``/proc/<pid>`` for what is read here (alive,
+stopped, its name), so :func:`is_alive` and :func:`runs_instance` need no other path. A signal to a
+thread id would reach the whole pool, though, so :func:`signal_group` (and through it
+:func:`terminate` and the drills' faults) never signals a thread: to a pooled instance it sends the
+signal's meaning through its pool's control endpoint (``POST /signal``: KILL crashes the instance,
+TERM stops it, STOP hangs it, CONT resumes it), and to a thread of any other process nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.client
+import json
 import os
 import signal
 import socket
@@ -23,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 INHERITED_NAMES = frozenset(
     {
@@ -98,8 +111,10 @@ def is_alive(pid: int | None) -> bool:
         except ProcessLookupError:
             return False
         return True
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
+    name, _, rest = stat.partition(" (")[2].rpartition(")")
+    if name == POOL_CONNECTION_THREAD:
+        return False  # a pool's connection thread took up the thread id of an ended instance
+    return rest.split()[0] not in ("Z", "X")
 
 
 def is_stopped(pid: int | None) -> bool:
@@ -114,15 +129,18 @@ def is_stopped(pid: int | None) -> bool:
 
 
 def runs_instance(pid: int | None, instance_id: str) -> bool:
-    """True when ``pid`` is alive and its command line names ``instance_id`` (guards against a
-    recycled pid before stopping a leftover process)."""
+    """True when ``pid`` is alive and its command line names ``instance_id``, or it is the thread
+    of a pooled instance named after ``instance_id`` (:func:`thread_tag`); guards against a
+    recycled pid before stopping a leftover process."""
     if not is_alive(pid):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if instance_id.encode() in argv:
+            return True
+        return Path(f"/proc/{pid}/comm").read_text().strip() == thread_tag(instance_id)
     except OSError:
         return False
-    return instance_id.encode() in argv
 
 
 def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
@@ -152,7 +170,10 @@ def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group of ``pid`` (its children too), or to ``pid`` alone."""
+    """Send ``sig`` to the process group of ``pid`` (its children too), or to ``pid`` alone; to a
+    pooled instance, through its pool's control endpoint (see the module's docstring)."""
+    if _signal_thread(pid, sig):
+        return
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -179,3 +200,92 @@ def pick_port(host: str, start: int, taken: Iterable[int]) -> int:
         if port > 65535:
             raise RuntimeError(f"no free port from {start} upward on {host}")
     return port
+
+
+# -- pooled instances ------------------------------------------------------------------------
+
+POOL_MODULE = "drctl.sim.instance_pool"
+"""The module a pool of instances runs (``python -m drctl.sim.instance_pool``); named, not imported:
+the platforms sit below ``drctl.sim`` in the layers."""
+POOL_CONNECTION_THREAD = "drctl-conn"
+"""The name of a pool's short-lived threads (``drctl.sim.instance_pool.CONNECTION_THREAD_NAME``):
+never an instance, whatever thread id it has."""
+POOL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGSTOP, signal.SIGCONT})
+"""The signals a pool acts out for one of its instances (any other is not sent)."""
+
+
+def thread_tag(instance_id: str) -> str:
+    """The name (``/proc/<pid>/comm``, at most 15 bytes) of the thread that serves a pooled instance:
+    a digest of its id, so that :func:`runs_instance` tells a recycled thread id apart."""
+    return "i" + hashlib.blake2b(instance_id.encode(), digest_size=7).hexdigest()
+
+
+def thread_group(pid: int | None) -> int | None:
+    """The process (thread group) that ``pid`` belongs to: ``pid`` itself for a process, its
+    process for a thread; None when there is no such pid."""
+    if pid is None or pid <= 0:
+        return None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    return None
+
+
+def pool_control_port(pid: int | None) -> int | None:
+    """The control port of the pool whose instance thread ``pid`` is; None when ``pid`` is not a
+    thread of a pool (a process of its own, a thread of something else, or gone)."""
+    group = thread_group(pid)
+    if group is None or group == pid:
+        return None
+    try:
+        argv = Path(f"/proc/{group}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if POOL_MODULE not in argv:
+        return None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--control-port" and i + 1 < len(argv) else arg.partition("--control-port=")[2]
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def pool_call(
+    port: int, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> tuple[int, dict[str, Any]]:
+    """One call of a pool's control endpoint on loopback: (status, JSON answer). ``OSError`` (a
+    refused connection, a timeout) when the pool does not answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {} if data is None else {"Content-Type": "application/json"}
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+    except http.client.HTTPException as exc:
+        raise OSError(f"pool on port {port}: {exc}") from exc
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(raw) if raw else {}
+    except ValueError:
+        answer = {"error": raw[:200].decode(errors="replace")}
+    return response.status, answer if isinstance(answer, dict) else {"answer": answer}
+
+
+def _signal_thread(pid: int, sig: signal.Signals) -> bool:
+    """Act out ``sig`` for a pooled instance through its pool; True when ``pid`` is a thread (pooled
+    or not: signalled, it would be its whole process), False for a process, to be signalled."""
+    group = thread_group(pid)
+    if group is None or group == pid:
+        return False
+    port = pool_control_port(pid)
+    if port is None or sig not in POOL_SIGNALS or is_stopped(group):
+        return True  # not a pool's, or a signal a pool does not act out, or a stopped pool: cannot answer
+    with contextlib.suppress(OSError):
+        pool_call(port, "POST", "/signal", {"pid": pid, "signal": sig.name}, timeout_s=5.0)
+    return True
