@@ -103,8 +103,13 @@ class InstancePools:
     def ensure(self, name: str) -> Pool:
         """The running pool of ``name`` (adopted), or a new one."""
         pool = self._read(self._state_file(name))
-        if pool is not None and _runs_pool(pool) and _answers(pool):
-            return pool
+        if pool is not None and _runs_pool(pool):
+            if _answers(pool):
+                return pool
+            if processes.is_stopped(pool.pid):
+                # Its node is hung (stopped): a second pool beside it would be an orphan nobody
+                # stops, and an instance started on a hung node is not one anybody wants.
+                raise RuntimeError(f"instance pool {name} (pid {pool.pid}) is stopped: node {name} looks hung")
         return self._start(name)
 
     def _start(self, name: str) -> Pool:

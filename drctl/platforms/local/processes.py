@@ -284,6 +284,15 @@ def _signal_thread(pid: int, sig: signal.Signals) -> bool:
     if group is None or group == pid:
         return False
     port = pool_control_port(pid)
+    if port is not None and sig == signal.SIGKILL and is_stopped(group):
+        # The whole pool is stopped (its node hung: a zone outage, a node-down drill) and cannot
+        # answer. Killing one of its instances kills the pool, as fencing a hung node would: every
+        # instance on it is as hung as this one, and a kill that waited for the node to come back
+        # would hold up every delete of a zone's instances (seen: reconcile could not empty a
+        # stopped zone in minutes). The prober fails the pool's other instances over.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group, signal.SIGKILL)
+        return True
     if port is None or sig not in POOL_SIGNALS or is_stopped(group):
         return True  # not a pool's, or a signal a pool does not act out, or a stopped pool: cannot answer
     with contextlib.suppress(OSError):

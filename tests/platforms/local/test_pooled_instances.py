@@ -4,6 +4,10 @@ or Envoy (the EDS files are written all the same)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -180,3 +184,29 @@ def test_only_the_demo_server_command_is_pooled() -> None:
     assert pools.demo_server_args(demo) == ["--model", "m", "--port", "1"]
     assert pools.demo_server_args(["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]) is None
     assert pools.with_port(["--port", "1", "--host", "h"], 7) == ["--port", "7", "--host", "h"]
+
+
+async def test_a_kill_on_a_stopped_node_fences_its_pool_at_once_and_no_second_pool_starts(
+    fleet: PooledFleet,
+) -> None:
+    """A zone outage stops a node's pool (SIGSTOP): deleting one of its instances must not wait for
+    the node to come back (reconcile deletes a zone's instances one by one), and no second pool may
+    start beside the stopped one (nobody would stop it)."""
+    running = _running(fleet)
+    victim = next(i for i in running.values() if i.pid is not None)
+    group = processes.thread_group(victim.pid)
+    assert group is not None and group != victim.pid
+    node_pools = pools.InstancePools(fleet.platform().layout, fleet.settings.instance_pool_base_port)
+    pool = next(p for p in node_pools.recorded() if p.pid == group)
+    os.kill(group, signal.SIGSTOP)
+    try:
+        with pytest.raises(RuntimeError, match="looks hung"):
+            node_pools.ensure(pool.name)
+        began = time.monotonic()
+        assert processes.terminate(victim.pid, grace_s=5.0)
+        assert time.monotonic() - began < 2.0
+        assert not processes.is_alive(group)
+        assert not processes.is_alive(victim.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group, signal.SIGCONT)

@@ -1,0 +1,285 @@
+"""A zone outage at fleet scale on the real local stack: how long until every affected model is
+switched for good, every runbook is done and redundancy is back.
+
+    .venv/bin/python bench/zone_bench.py [--models 50 150 500] [--mode pooled] [--rate-hz 2] [--json]
+
+For each size, a generated policy (``--models`` models, 1 serving + 1 hot standby each, 4 nodes x
+16 GPUs in two zones, the example policy's detection and zone-check settings) runs on a private
+stack (Temporal dev server, Envoy and drctl's xDS server, the instances, the worker, the prober and
+one node agent per node). With ``--rate-hz`` requests per second per model going through Envoy, every
+process of zone az-1 is stopped with SIGSTOP (its node agents, and its instances: in pooled mode the
+pools of its nodes, one process each), as a zone that loses power or network would look. Then, every
+100 ms, from the registry and Temporal's visibility:
+
+- **switched**: every model whose serving instance was in az-1 serves from az-2 (registered at
+  priority 0), for good;
+- **runbooks done**: no FailoverWorkflow or ZoneFailoverWorkflow still running;
+- **redundancy back**: every model has its serving instance and hot standby, none in az-1.
+
+Also: the client requests that failed, Envoy's cluster updates during the outage (``update_success``
+summed over the clusters), the prober's CPU while idle before the outage, and the stack's memory
+(RSS of every part and pool). ``--mode process`` runs one demo-server process per instance (the
+default mode of ``drctl up``), which needs ~23 MiB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+import yaml
+
+from drctl.payloads import Role
+from drctl.platforms.local.pools import InstancePools
+from drctl.policies.loader import load_policy_file
+from drctl.workers.stack import LocalStack, isolated_settings
+
+DOWN_ZONE, UP_ZONE = "az-1", "az-2"
+NODES, GPUS = 4, 16
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dr-policy.yaml"
+
+
+def policy_document(models: int) -> dict[str, Any]:
+    example = yaml.safe_load(EXAMPLE.read_text())
+    # Instances per GPU when the whole fleet runs in one zone (half the nodes), with room to spare.
+    per_gpu = max(1, -(-models * 2 // (NODES // 2 * GPUS)))
+    memory_gib = max(1, 80 // (per_gpu + 1))
+    return {
+        "models": [
+            {"name": f"m{i:04d}", "engine": "demo", "hotStandby": 1, "gpuMemory": f"{memory_gib}Gi", "rto": "30s"}
+            for i in range(models)
+        ],
+        "az_failover": {"activeZones": [DOWN_ZONE, UP_ZONE], "healthCheckInterval": "10s", "failoverThreshold": 3},
+        "tenants": [{"name": "default", "weight": 5, "capability": {"gpus": NODES * GPUS, "memory": "100Ti"}}],
+        "gpuPool": {
+            "nodes": [
+                {
+                    "name": f"gpu-node-{n}",
+                    "zone": DOWN_ZONE if n % 2 == 0 else UP_ZONE,
+                    "gpus": GPUS,
+                    "gpuMemory": "80Gi",
+                }
+                for n in range(NODES)
+            ]
+        },
+        "detection": example["detection"],
+        "loadBalancer": example["loadBalancer"],
+        "reconcile": {"interval": "30s"},
+        "local": {"checkpointSize": "64KiB"},
+    }
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    return 0
+
+
+async def envoy_updates(http: httpx.AsyncClient, admin_url: str) -> int:
+    text = (await http.get(f"{admin_url}/stats", params={"filter": r"\.update_success$"})).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.strip())
+
+
+class Load:
+    """Open-loop predict requests to every model in turn, ``rate_hz`` per model."""
+
+    def __init__(self, lb_url: str, models: list[str], rate_hz: float) -> None:
+        self.lb_url, self.models, self.rate = lb_url, models, rate_hz * len(models)
+        self.sent = self.failed = self.skipped = 0
+        self.failures: list[str] = []
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        in_flight: set[asyncio.Task[None]] = set()
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            next_at, n = time.monotonic(), 0
+            while not self.stop.is_set():
+                if len(in_flight) >= 512:
+                    self.skipped += 1
+                else:
+                    task = asyncio.create_task(self._one(client, self.models[n % len(self.models)]))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    n += 1
+                next_at += 1 / self.rate
+                delay = next_at - time.monotonic()
+                if delay < -0.5:
+                    next_at = time.monotonic()
+                await asyncio.sleep(max(0.0, delay))
+            if in_flight:
+                await asyncio.gather(*in_flight)
+
+    async def _one(self, client: httpx.AsyncClient, model: str) -> None:
+        self.sent += 1
+        try:
+            r = await client.post(f"{self.lb_url}/v1/models/{model}/predict", json={"prompt": "x", "max_tokens": 4})
+            ok, what = r.status_code == 200, str(r.status_code)
+        except httpx.HTTPError as exc:
+            ok, what = False, type(exc).__name__
+        if not ok:
+            self.failed += 1
+            if len(self.failures) < 5:
+                self.failures.append(f"{model}: {what}")
+
+
+async def running_runbooks(stack: LocalStack) -> int:
+    assert stack.client is not None
+    query = "ExecutionStatus = 'Running' AND WorkflowType IN ('FailoverWorkflow', 'ZoneFailoverWorkflow')"
+    return (await stack.client.count_workflows(query)).count
+
+
+async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    policy_path = workdir / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(policy_document(models), sort_keys=False))
+    policy = load_policy_file(policy_path)
+    settings = isolated_settings(workdir / "state", policy_path).model_copy(update={"instance_mode": args.mode})
+    os.environ["DRCTL_INSTANCE_MODE"] = args.mode  # the parts read their settings from the environment
+    stack = LocalStack(settings, policy, say=lambda m: print(f"    {m}", file=sys.stderr), with_prober=True)
+    stack.with_node_agents = True
+    began = time.monotonic()
+    await stack.start()
+    startup_s = time.monotonic() - began
+    stopped: list[int] = []
+    load = Load(settings.lb_url, policy.model_names, args.rate_hz)
+    loader = asyncio.create_task(load.run())
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await asyncio.sleep(3)
+            prober = stack.pids["prober"]
+            cpu0 = cpu_s(prober)
+            await asyncio.sleep(5)
+            prober_idle = (cpu_s(prober) - cpu0) / 5
+            pools = InstancePools(stack.layout, settings.instance_pool_base_port).recorded()
+            parts = [*stack.pids.values(), *(p.pid for p in pools)]
+            instances = list(stack.platform.registry.load().values())
+            instance_pids = {i.pid for i in instances if i.pid is not None} if args.mode == "process" else set()
+            rss = sum(rss_bytes(pid) for pid in [*parts, *instance_pids])
+            down_nodes = {n.name for n in policy.gpu_pool.nodes if n.zone == DOWN_ZONE}
+            affected = {i.model for i in instances if i.role == Role.SERVING and i.zone == DOWN_ZONE}
+            updates0 = await envoy_updates(http, settings.envoy_admin_url)
+
+            # The outage: every process of the zone stops at once.
+            victims = [stack.pids[n] for n in down_nodes if n in stack.pids]
+            if args.mode == "pooled":
+                victims += [p.pid for p in pools if p.name in down_nodes]
+            else:
+                victims += [i.pid for i in instances if i.zone == DOWN_ZONE and i.pid is not None]
+            t0 = time.monotonic()
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+
+            switched_s = done_s = back_s = None
+            deadline = t0 + args.timeout
+            while time.monotonic() < deadline and back_s is None:
+                await asyncio.sleep(0.1)
+                now = time.monotonic() - t0
+                fleet = list(stack.platform.registry.load().values())
+                serving_up = {
+                    i.model for i in fleet if i.role == Role.SERVING and i.lb_priority == 0 and i.zone == UP_ZONE
+                }
+                if switched_s is None and affected <= serving_up:
+                    switched_s = now
+                if switched_s is not None and done_s is None and await running_runbooks(stack) == 0:
+                    done_s = now
+                hot_up = {i.model for i in fleet if i.role == Role.HOT and i.lb_priority == 1 and i.zone != DOWN_ZONE}
+                in_down = {i.model for i in fleet if i.zone == DOWN_ZONE and i.role in (Role.SERVING, Role.HOT)}
+                if done_s is not None and set(policy.model_names) <= (serving_up & hot_up) and not in_down:
+                    back_s = now
+            updates = await envoy_updates(http, settings.envoy_admin_url) - updates0
+            zone_runs = []
+            assert stack.client is not None
+            async for wf in stack.client.list_workflows("WorkflowType = 'ZoneFailoverWorkflow'"):
+                if wf.close_time is not None:
+                    zone_runs.append((wf.close_time - wf.start_time).total_seconds())
+    finally:
+        load.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(loader, 70)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await stack.stop()
+    return {
+        "models": models,
+        "instances": len(instances),
+        "mode": args.mode,
+        "startup_s": round(startup_s, 1),
+        "affected_models": len(affected),
+        "switched_s": None if switched_s is None else round(switched_s, 1),
+        "runbooks_done_s": None if done_s is None else round(done_s, 1),
+        "redundancy_back_s": None if back_s is None else round(back_s, 1),
+        "zone_failover_s": round(statistics.median(zone_runs), 1) if zone_runs else None,
+        "envoy_updates": updates,
+        "requests": load.sent,
+        "failed": load.failed,
+        "skipped_ticks": load.skipped,
+        "failures": load.failures,
+        "prober_idle_cpu_pct": round(prober_idle * 100, 1),
+        "stack_rss_gib": round(rss / 2**30, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--models", type=int, nargs="+", default=[50, 150, 500])
+    parser.add_argument("--mode", choices=["pooled", "process"], default="pooled")
+    parser.add_argument("--rate-hz", type=float, default=2.0, help="requests per second per model")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for redundancy")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    for models in args.models:
+        print(f"{models} models ({models * 2} instances), {args.mode} …", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="drctl-zone-bench-") as tmp:
+            rows.append(asyncio.run(measure(models, args, Path(tmp))))
+        print(f"    {rows[-1]}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        return
+    print(f"Zone {DOWN_ZONE} stopped (SIGSTOP), {args.rate_hz:g} req/s per model, {args.mode} instances")
+    keys = [
+        ("instances", "instances"),
+        ("affected_models", "models served from the zone"),
+        ("switched_s", "every affected model switched for good, s"),
+        ("runbooks_done_s", "every runbook complete, s"),
+        ("redundancy_back_s", "redundancy back, s"),
+        ("zone_failover_s", "zone failover workflow, s"),
+        ("failed", "failed client requests"),
+        ("requests", "client requests"),
+        ("envoy_updates", "Envoy cluster updates"),
+        ("prober_idle_cpu_pct", "prober idle CPU, % of a core"),
+        ("stack_rss_gib", "stack memory (RSS), GiB"),
+        ("startup_s", "stack startup, s"),
+    ]
+    print("| | " + " | ".join(str(r["models"]) + " models" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for key, title in keys:
+        print(f"| {title} | " + " | ".join("-" if r[key] is None else str(r[key]) for r in rows) + " |")
+
+
+if __name__ == "__main__":
+    main()
