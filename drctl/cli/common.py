@@ -20,6 +20,7 @@ from rich.text import Text
 from temporalio.client import Client, Interceptor, WorkflowHandle
 
 from drctl.cli.policy_path import PolicyNotFound, find_policy
+from drctl.payloads import Instance
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
@@ -114,6 +115,35 @@ def load_policy(path: Path) -> DRPolicy:
         return load_policy_file(path)
     except PolicyError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
+
+
+def platform_place(settings: DrctlSettings) -> str:
+    """Where the platform the settings choose keeps its instances, for messages."""
+    if settings.platform == "local":
+        return str(settings.state_dir)
+    return f"Kubernetes namespace {settings.kubernetes_namespace!r}"
+
+
+async def read_fleet(
+    settings: DrctlSettings, policy: DRPolicy, models: Sequence[str] | None = None
+) -> tuple[dict[str, list[Instance]], list[str]]:
+    """Each model's instances (every model of the policy, or ``models``) and the cordoned GPUs, as
+    the platform the settings choose (``DRCTL_PLATFORM``) knows them, through the one Platform
+    interface: the local registry, or the cluster. Only reads (a platform that is not started
+    changes nothing). Exits 1 when the platform does not answer (a cluster out of reach)."""
+    from drctl.platforms.factory import make_platform  # the Kubernetes client is slow to import
+
+    try:
+        platform = make_platform(settings, policy)
+    except Exception as exc:  # no kubeconfig, no in-cluster account: said plainly
+        fail(f"cannot use the {settings.platform} platform: {type(exc).__name__}: {exc}")
+    try:
+        fleet = {model: await platform.list_instances(model) for model in models or policy.model_names}
+        return fleet, await platform.cordoned_gpus()
+    except Exception as exc:
+        fail(f"cannot read the fleet from {platform_place(settings)}: {type(exc).__name__}: {exc}")
+    finally:
+        await platform.close()
 
 
 async def connect(settings: DrctlSettings, interceptors: Sequence[Interceptor] = ()) -> Client:

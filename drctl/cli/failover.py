@@ -24,6 +24,8 @@ from drctl.cli.common import (
     connect,
     fail,
     out,
+    platform_place,
+    read_fleet,
     reporter,
     show,
     with_policy,
@@ -37,8 +39,7 @@ from drctl.payloads import (
     Trigger,
     failover_workflow_id,
 )
-from drctl.platforms.local.registry import InstanceRegistry
-from drctl.settings import DrctlSettings, StateLayout
+from drctl.settings import DrctlSettings
 from drctl.telemetry.tracing import setup_tracing, span
 from drctl.temporal.incidents import budget_state
 from drctl.temporal.runbooks import report_failover, start_failover_handle
@@ -74,10 +75,13 @@ def failover(
     settings, dr_policy = with_policy(policy, state_dir)
     if model not in dr_policy.model_names:
         fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
-    registry = InstanceRegistry(StateLayout(settings.state_dir).instances_file)
-    known = [i.id for i in registry.of_model(model)]
+    # The instance is checked where it lives: through the platform DRCTL_PLATFORM names (the local
+    # registry, or the cluster), never a local file behind its back.
+    fleet, _ = asyncio.run(read_fleet(settings, dr_policy, [model]))
+    known = [i.id for i in fleet[model]]
     if not known:
-        fail(f"no instances of {model} in {settings.state_dir}; is `drctl up` running?", EXIT_BAD_INPUT)
+        hint = "is `drctl up` running?" if settings.platform == "local" else "has reconciliation created them?"
+        fail(f"no instances of {model} in {platform_place(settings)}; {hint}", EXIT_BAD_INPUT)
     if instance not in known:
         fail(f"{model} has no instance {instance!r}; known: {', '.join(known)}", EXIT_BAD_INPUT)
     try:

@@ -1,4 +1,5 @@
-"""``drctl status``: the fleet as it is now, from the local stack's state folder, Envoy and Temporal.
+"""``drctl status``: the fleet as it is now, from the local stack's state folder, Envoy and Temporal;
+on Kubernetes (``DRCTL_PLATFORM=kubernetes``), from the cluster through the Platform interface.
 
 Only what is current is shown. The prober's status file outlives the prober: after a ``drctl up
 --no-prober`` it still holds the last run's pid, failures and zone verdicts. So a status file
@@ -19,9 +20,9 @@ import httpx
 import typer
 from rich.text import Text
 
-from drctl.cli.common import PolicyOption, StateOption, fail, out, show, with_policy
+from drctl.cli.common import PolicyOption, StateOption, fail, out, read_fleet, show, with_policy
 from drctl.cli.render import Lines, budget_line, prober_line, status_table
-from drctl.payloads import BudgetState
+from drctl.payloads import BudgetState, Instance
 from drctl.platforms.local import envoy, processes
 from drctl.platforms.local.registry import InstanceRegistry
 from drctl.policies.schema import DRPolicy
@@ -41,6 +42,9 @@ def status(
 ) -> None:
     """Show every model's instances: role (tier), load balancer priority, process and Envoy health."""
     settings, dr_policy = with_policy(policy, state_dir)
+    if settings.platform != "local":
+        platform_status(settings, dr_policy, as_json)
+        return
     layout = StateLayout(settings.state_dir)
     if not layout.instances_file.exists():
         fail(f"no local stack state in {layout.root}; start it with `drctl up`")
@@ -82,6 +86,41 @@ async def status_rows(settings: DrctlSettings, policy: DRPolicy) -> list[dict[st
                     }
                 )
     return rows
+
+
+def platform_status(settings: DrctlSettings, policy: DRPolicy, as_json: bool) -> None:
+    """Status of a fleet on another platform than the local one (a cluster): its instances and
+    cordoned GPUs as the platform reports them; there is no local process, Envoy or prober to show."""
+    fleet, cordoned = asyncio.run(read_fleet(settings, policy))
+    rows = [platform_row(instance) for model in policy.model_names for instance in fleet[model]]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    out.print(status_table(rows))
+    show([f"platform: {settings.platform}; cordoned GPUs: {', '.join(cordoned) or 'none'}"])
+    show([budget_line(asyncio.run(read_budget(settings)))])
+
+
+def platform_row(instance: Instance) -> dict[str, object]:
+    """A status row from what every platform knows of an instance (the same keys as the local rows;
+    ``pod`` in ``process``: a pod's name, or why it has none)."""
+    port = instance.address.rsplit(":", 1)[1] if instance.address else None
+    return {
+        "model": instance.model,
+        "instance": instance.id,
+        "role": instance.role.value,
+        "lb_priority": instance.lb_priority,
+        "gpu": instance.gpu,
+        "zone": instance.zone,
+        "port": int(port) if port and port.isdigit() else None,
+        "pid": None,
+        "process": instance.note or "-",
+        "envoy": None,
+        "serves": instance.lb_priority == 0 and instance.address is not None,
+        "note": instance.note,
+        "address": instance.address,
+        "node": instance.node,
+    }
 
 
 def process_state(pid: int | None) -> str:

@@ -5,22 +5,41 @@ selects ``drctl.io/serving=true``, so putting a pod in or out of the load balanc
 Reconciliation creates one Deployment per instance (named after it, selecting on the instance and
 model labels only, so relabelling a pod's role or serving flag never orphans it).
 
+**The record is the Deployment, the pod's labels are its projection.** An instance's tier
+(``drctl.io/role``), serving flag (``drctl.io/serving``) and the fencing epoch of the last runbook
+that changed it (annotation ``drctl.io/epoch``) are written first on its Deployment's *own*
+metadata, then on its pods. They are read back from the Deployment, so they survive what a pod
+does not: a pod deleted, evicted or rescheduled comes back from the pod template with the tier it
+was created with, and a worker restart forgets whatever it held in memory. Not the pod template:
+any change to a template rolls out a new pod, which would unload the model of the very standby
+being promoted (a hot promotion must stay a label flip); and not an annotation on the pod, which
+dies with it. A platform that was started (``start``: a worker) keeps the projection true: every
+read of the fleet re-labels the pods whose labels disagree with their Deployment (a restarted
+serving pod is put back in its Service), and ``start`` does so for the whole fleet. One that was
+not started (the CLI) only reads. A fenced write is refused when the Deployment records a newer
+epoch than the step carries; the write carries the Deployment's ``resourceVersion``, so it is a
+compare-and-set on the instance, not only the check of the model's epoch that precedes it. Pods
+without a Deployment (created by hand) keep their state on their labels, as before.
+
 Every API call runs the official (blocking) client in a thread. 429/5xx are retried with backoff,
 409 conflicts (stale resourceVersion) are re-read and retried, 403 is a non-retryable
-``PermissionDenied`` error that names the verb and resource. GPU cordons are kept in memory only.
+``PermissionDenied`` error that names the verb and resource. GPU cordons are in a ConfigMap
+(:mod:`.cordons`, which says why not on the Node), fencing epochs in another (:mod:`.fencing`).
 
 Every call on an instance goes through its model's engine profile (:mod:`drctl.policies.engines`):
 the warm probe asks the engine's health path, and waking up is the engine's wake call (vLLM's
-``POST /wake_up``, SGLang's ``POST /resume_memory_occupation``) on the pod IP and container port.
-Reconciliation builds each instance's pod from the engine's template (:mod:`.templates`: image,
-args, env, startup and readiness probes on the health path, one GPU).
+``POST /wake_up``, SGLang's ``POST /resume_memory_occupation``) on the pod IP and container port;
+a warm standby is created awake (the engine loads its model) and put to sleep with the engine's
+sleep call once its pod is Ready. Reconciliation builds each instance's pod from the engine's
+template (:mod:`.templates`: image, args, env, startup and readiness probes on the health path, one
+GPU), and waits for it to be Ready: an instance created is loaded.
 
 Promotion: a hot standby is relabelled; a warm standby (running, model asleep) is woken through its
 engine's wake call, then relabelled; a cold standby (a Deployment scaled to 0, or running without a
 GPU) is promoted by patching its Deployment: one GPU requested and limited, replicas 1, role
 ``promoting`` on the Deployment and its pod template (this rolls out a new pod, which
-``wait_loaded`` waits for). Relabelling a running pod does not touch its Deployment's pod template:
-changing the template rolls the pod out, which would unload a loaded standby.
+``wait_loaded`` waits for). Ejecting an instance records it failed and scales its Deployment to 0:
+its pod goes, and with it the GPU it held (the Deployment stays, as the record of the failure).
 
 Optional Istio mode (``istio_virtual_service=``): registering an instance at priority 0 also shifts
 the model's VirtualService weights from the primary to the standby destination (see ``istio``).
@@ -44,6 +63,7 @@ from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.platforms import errors, node_agents
 from drctl.platforms.base import ProgressCallback, find_instance
 from drctl.platforms.kubernetes import istio
+from drctl.platforms.kubernetes.cordons import KubernetesCordons
 from drctl.platforms.kubernetes.fencing import KubernetesFencing
 from drctl.platforms.kubernetes.templates import DEFAULT_IMAGES, GPU_RESOURCE, EngineNotOnKubernetes, InstanceTemplate
 from drctl.policies.engines import Engine, EngineProfile
@@ -54,6 +74,11 @@ ROLE = "drctl.io/role"
 INSTANCE = "drctl.io/instance"
 SERVING = "drctl.io/serving"
 GPU_ANNOTATION = "drctl.io/gpu"
+EPOCH_ANNOTATION = "drctl.io/epoch"
+"""On an instance's Deployment: the fencing epoch of the last runbook that changed its record."""
+RECORDED = (ROLE, SERVING)
+"""The labels whose truth is the Deployment's metadata; its pods carry a copy (the projection)."""
+HOSTNAME = "kubernetes.io/hostname"
 ZONE = "topology.kubernetes.io/zone"
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -100,6 +125,14 @@ def _address(pod: Any) -> str | None:
     return f"{ip}:{ports[0]}" if ip and ports else None
 
 
+def _epoch(annotations: Mapping[str, str]) -> int:
+    """The epoch an instance's Deployment records (0: none)."""
+    try:
+        return int(annotations.get(EPOCH_ANNOTATION, "0") or 0)
+    except ValueError:
+        return 0
+
+
 def _phase(pod: Any) -> str:
     return str(pod.status.phase) if pod.status and pod.status.phase else "Unknown"
 
@@ -123,8 +156,8 @@ def _has_gpu(containers: Any) -> bool:
 
 
 WakeUp = Callable[[str, dict[str, Any] | None], Awaitable[int]]
-"""POST to a URL with an optional JSON body (the engine's wake call), return the HTTP status
-(injectable so tests need no model server)."""
+"""POST to a URL with an optional JSON body (the engine's wake or sleep call), return the HTTP
+status (injectable so tests need no model server)."""
 
 
 async def http_wake_up(url: str, body: dict[str, Any] | None = None) -> int:
@@ -136,7 +169,7 @@ API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "pods"): frozenset({"delete", "get", "list", "patch"}),
     ("apps", "deployments"): frozenset({"create", "delete", "get", "list", "patch"}),
     ("", "nodes"): frozenset({"get"}),
-    ("", "configmaps"): frozenset({"create", "get", "update"}),
+    ("", "configmaps"): frozenset({"create", "get", "update"}),  # .fencing and .cordons
     (istio.GROUP, istio.PLURAL): frozenset({"get", "patch"}),
 }
 """Exactly the (API group, resource) → verbs this module calls; the RBAC manifests in
@@ -184,8 +217,9 @@ class KubernetesPlatform:
         self.backoff_s = backoff_s
         self.poll_s = poll_s
         self.fencing = KubernetesFencing(self.core, namespace, self._call)
-        self._cordoned: dict[str, str] = {}
-        """In memory only: lost when the worker restarts (a node taint or ConfigMap would persist it)."""
+        self.cordons = KubernetesCordons(self.core, namespace, self._call)
+        self._repair = False
+        """Set by ``start`` (a worker): reads re-label pods whose labels disagree with their record."""
 
     # -- API calls ---------------------------------------------------------------------------
 
@@ -238,84 +272,174 @@ class KubernetesPlatform:
             raise
 
     async def _instances(self, selector: str) -> list[Instance]:
+        """One ``Instance`` per instance: its state from its Deployment's record (its pods' labels
+        when it has no Deployment), its address from its pod (the Ready one first, during a
+        rollout). A started platform re-labels pods that disagree with their record."""
         zones: dict[str, str | None] = {}
-        instances = []
         pods, deployments = await asyncio.gather(self._pods(selector), self._deployments(selector))
+        records: dict[tuple[str, str], Any] = {}
+        for deployment in deployments:
+            labels = _labels(deployment)
+            if labels.get(MODEL):
+                records[(labels[MODEL], labels.get(INSTANCE, deployment.metadata.name))] = deployment
+        by_key: dict[tuple[str, str], list[Any]] = {}
         for pod in pods:
             labels = _labels(pod)
+            if labels.get(MODEL):
+                by_key.setdefault((labels[MODEL], labels.get(INSTANCE, pod.metadata.name)), []).append(pod)
+        instances = []
+        for key, its_pods in by_key.items():
+            its_pods.sort(key=lambda p: (not _ready(p), p.metadata.name))
+            pod = its_pods[0]
+            record = records.get(key)
+            state = _labels(record) if record is not None and ROLE in _labels(record) else _labels(pod)
             try:
-                role = Role(labels.get(ROLE, ""))
+                role = Role(state.get(ROLE, ""))
             except ValueError:
                 continue  # not ours to manage
-            serving = labels.get(SERVING) == "true"
+            if self._repair and record is not None:
+                await self._project(record, its_pods)
+            serving = state.get(SERVING) == "true"
             node = pod.spec.node_name
-            instances.append(
-                Instance(
-                    id=labels.get(INSTANCE, pod.metadata.name),
-                    model=labels[MODEL],
-                    role=role,
-                    address=_address(pod),
-                    lb_priority=0 if serving else (1 if role == Role.HOT else None),
-                    gpu=(pod.metadata.annotations or {}).get(GPU_ANNOTATION),
-                    node=node,
-                    zone=await self._zone(node, zones),
-                    note=pod.metadata.name,
-                )
-            )
-        with_pods = {(i.model, i.id) for i in instances}
-        for deployment in deployments:  # e.g. a cold standby scaled to 0: a Deployment without a pod
-            labels = _labels(deployment)
-            key = (labels.get(MODEL, ""), labels.get(INSTANCE, deployment.metadata.name))
-            try:
-                role = Role(labels.get(ROLE, ""))
-            except ValueError:
-                continue
-            if key in with_pods or not key[0]:
-                continue
+            annotations = {**((record.metadata.annotations or {}) if record is not None else {})}
+            annotations.update(pod.metadata.annotations or {})
             instances.append(
                 Instance(
                     id=key[1],
                     model=key[0],
                     role=role,
+                    address=_address(pod),
+                    lb_priority=0 if serving else (1 if role == Role.HOT else None),
+                    gpu=annotations.get(GPU_ANNOTATION),
+                    node=node,
+                    zone=await self._zone(node, zones),
+                    note=pod.metadata.name,
+                )
+            )
+        for key, deployment in records.items():  # e.g. a cold standby scaled to 0: a Deployment without a pod
+            if key in by_key:
+                continue
+            try:
+                role = Role(_labels(deployment).get(ROLE, ""))
+            except ValueError:
+                continue
+            node = ((deployment.spec.template.spec.node_selector if deployment.spec.template.spec else None) or {}).get(
+                HOSTNAME
+            )
+            instances.append(
+                Instance(
+                    id=key[1],
+                    model=key[0],
+                    role=role,
+                    lb_priority=0 if _labels(deployment).get(SERVING) == "true" else None,
                     gpu=(deployment.metadata.annotations or {}).get(GPU_ANNOTATION),
+                    node=node,
+                    zone=await self._zone(node, zones),
                     note=f"deployment {deployment.metadata.name}, no pod",
                 )
             )
         return sorted(instances, key=lambda i: i.id)
 
+    async def _project(self, record: Any, pods: list[Any]) -> None:
+        """Copy the record's tier and serving flag onto pods that lost them (a pod recreated from
+        its template); patches only pods that differ."""
+        want = {k: v for k, v in _labels(record).items() if k in RECORDED}
+        for pod in pods:
+            if any(_labels(pod).get(k) != v for k, v in want.items()):
+                await self._label_pod(pod.metadata.name, want)
+
     async def _instance_pods(self, instance: Instance) -> list[Any]:
         return await self._pods(f"{MODEL}={instance.model},{INSTANCE}={instance.id}")
 
-    async def _set_labels(self, instance: Instance, labels: dict[str, str]) -> bool:
-        """Set labels on the instance's pods; False if they all had them already. A 409 (another
-        writer changed the pod since we read it) is re-read and retried, up to ``attempts`` times."""
-        pods = await self._instance_pods(instance)
-        if not pods:
-            raise errors.unknown_instance(instance.model, instance.id, [])
-        changed = False
-        for name in [p.metadata.name for p in pods]:
-            for attempt in range(self.attempts):
+    async def _label_pod(self, name: str, labels: dict[str, str]) -> bool:
+        """Set labels on one pod; False if it had them already (or is gone). A 409 (another writer
+        changed the pod since we read it) is re-read and retried, up to ``attempts`` times."""
+        for attempt in range(self.attempts):
+            try:
                 pod: Any = await self._call("get", "pods", self.core.read_namespaced_pod, name, self.namespace)
-                if all(_labels(pod).get(k) == v for k, v in labels.items()):
-                    break
-                metadata: dict[str, Any] = {"labels": labels}
-                if pod.metadata.resource_version:
-                    metadata["resourceVersion"] = pod.metadata.resource_version  # optimistic concurrency
-                try:
-                    await self._call(
-                        "patch",
-                        "pods",
-                        self.core.patch_namespaced_pod,
-                        name,
-                        self.namespace,
-                        {"metadata": metadata},
-                        _content_type=MERGE_PATCH,
-                    )
-                    changed = True
-                    break
-                except ApiException as exc:
-                    if exc.status != 409 or attempt == self.attempts - 1:
-                        raise
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False  # gone meanwhile (its Deployment scaled down, say)
+                raise
+            if all(_labels(pod).get(k) == v for k, v in labels.items()):
+                return False
+            metadata: dict[str, Any] = {"labels": labels}
+            if pod.metadata.resource_version:
+                metadata["resourceVersion"] = pod.metadata.resource_version  # optimistic concurrency
+            try:
+                await self._call(
+                    "patch",
+                    "pods",
+                    self.core.patch_namespaced_pod,
+                    name,
+                    self.namespace,
+                    {"metadata": metadata},
+                    _content_type=MERGE_PATCH,
+                )
+                return True
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                if exc.status != 409 or attempt == self.attempts - 1:
+                    raise
+        return False
+
+    async def _record(
+        self, instance: Instance, labels: dict[str, str], epoch: int | None, replicas: int | None = None
+    ) -> bool | None:
+        """Write the instance's record on its Deployment's metadata (and ``replicas``, when given):
+        labels, and the epoch when the step is fenced. Refused with ``StaleEpoch`` when the record
+        holds a newer epoch. Returns whether it changed anything; None when the instance has no
+        Deployment of its model (a pod made by hand: its labels are its only record)."""
+        for attempt in range(self.attempts):
+            deployment = await self._read_deployment(instance.id)
+            if deployment is None or _labels(deployment).get(MODEL) != instance.model:
+                return None
+            annotations = deployment.metadata.annotations or {}
+            recorded = _epoch(annotations)
+            errors.check_epoch(instance.model, epoch, recorded)
+            metadata: dict[str, Any] = {}
+            if any(_labels(deployment).get(k) != v for k, v in labels.items()):
+                metadata["labels"] = labels
+            if epoch is not None and epoch != recorded:
+                metadata["annotations"] = {EPOCH_ANNOTATION: str(epoch)}
+            body: dict[str, Any] = {}
+            if replicas is not None and deployment.spec.replicas != replicas:
+                body["spec"] = {"replicas": replicas}
+            if not metadata and not body:
+                return False
+            if deployment.metadata.resource_version:
+                metadata["resourceVersion"] = deployment.metadata.resource_version  # compare-and-set
+            body["metadata"] = metadata
+            try:
+                await self._call(
+                    "patch",
+                    "deployments.apps",
+                    self.apps.patch_namespaced_deployment,
+                    instance.id,
+                    self.namespace,
+                    body,
+                    _content_type=MERGE_PATCH,
+                )
+                return True
+            except ApiException as exc:
+                if exc.status != 409 or attempt == self.attempts - 1:
+                    raise
+        return False
+
+    async def _set_labels(
+        self, instance: Instance, labels: dict[str, str], epoch: int | None = None, replicas: int | None = None
+    ) -> bool:
+        """The record first (the Deployment), then its projection (the pods' labels); False if both
+        were as wanted already. A retry after a crash between the two finds the record written and
+        labels the pods."""
+        recorded = await self._record(instance, labels, epoch, replicas)
+        pods = await self._instance_pods(instance)
+        if recorded is None and not pods:
+            raise errors.unknown_instance(instance.model, instance.id, [])
+        changed = bool(recorded)
+        for name in [p.metadata.name for p in pods]:
+            changed = await self._label_pod(name, labels) or changed
         return changed
 
     # -- the Platform interface -------------------------------------------------------------
@@ -323,8 +447,27 @@ class KubernetesPlatform:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> list[str]:
-        """Nothing to prepare: every call goes to the API server."""
-        return []
+        """From now on (a worker), reads keep pods' labels true to their Deployment's record; first,
+        the whole fleet's: a pod recreated while no worker ran gets its tier and serving flag back."""
+        self._repair = True
+        drifted = await self._drifted()
+        if drifted:
+            await self._instances(MODEL)  # a read by a started platform re-labels them
+        return [f"re-labelled pod(s) from their Deployment's record: {', '.join(drifted)}"] if drifted else []
+
+    async def _drifted(self) -> list[str]:
+        """Pods whose tier or serving flag disagrees with their Deployment's record."""
+        pods, deployments = await asyncio.gather(self._pods(MODEL), self._deployments(MODEL))
+        records = {(_labels(d).get(MODEL), _labels(d).get(INSTANCE, d.metadata.name)): d for d in deployments}
+        drifted = []
+        for pod in pods:
+            labels = _labels(pod)
+            record = records.get((labels.get(MODEL), labels.get(INSTANCE, pod.metadata.name)))
+            if record is None or ROLE not in _labels(record):
+                continue
+            if any(labels.get(k) != v for k, v in _labels(record).items() if k in RECORDED):
+                drifted.append(pod.metadata.name)
+        return sorted(drifted)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.core.api_client.close)
@@ -404,29 +547,29 @@ class KubernetesPlatform:
 
     async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
         await self.fencing.check(instance.model, epoch)
-        changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value})
+        changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value}, epoch, replicas=0)
         if not changed:
             return "already ejected"
-        return f"{SERVING}=false (out of the Service), marked failed: {reason[:200]}"
+        return f"{SERVING}=false (out of the Service), marked failed, scaled to 0 (GPU released): {reason[:200]}"
 
     async def promote(self, instance: Instance, epoch: int | None = None) -> str:
         await self.fencing.check(instance.model, epoch)
         if instance.role in (Role.SERVING, Role.PROMOTING):
             return f"already {instance.role}"
         if instance.role == Role.HOT:
-            await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
+            await self._set_labels(instance, {ROLE: Role.PROMOTING.value}, epoch)
             return "hot standby: already loaded, marked promoting"
         if instance.role == Role.WARM:
             pods = [p for p in await self._instance_pods(instance) if p.status and p.status.pod_ip]
             if pods:
-                return await self._wake(instance, pods[0])
+                return await self._wake(instance, pods[0], epoch)
         if instance.role in (Role.WARM, Role.COLD):  # a warm standby without a pod is started like a cold one
-            return await self._promote_deployment(instance)
+            return await self._promote_deployment(instance, epoch)
         raise errors.not_a_standby(instance.id, instance.role)
 
-    async def _wake(self, instance: Instance, pod: Any) -> str:
+    async def _wake(self, instance: Instance, pod: Any, epoch: int | None) -> str:
         woken = await self._wake_pod(instance, pod)
-        await self._set_labels(instance, {ROLE: Role.PROMOTING.value})
+        await self._set_labels(instance, {ROLE: Role.PROMOTING.value}, epoch)
         return f"warm standby {woken}, marked promoting"
 
     async def _wake_pod(self, instance: Instance, pod: Any) -> str:
@@ -453,14 +596,17 @@ class KubernetesPlatform:
         except KeyError:
             raise errors.unknown_model(model, self.policy.model_names) from None
 
-    async def _promote_deployment(self, instance: Instance) -> str:
-        """GPU request and limit, replicas 1, role promoting on the Deployment and its pod template."""
+    async def _promote_deployment(self, instance: Instance, epoch: int | None = None) -> str:
+        """GPU request and limit, replicas 1, role promoting on the Deployment and its pod template
+        (and the epoch on the record: a compare-and-set like every fenced write of the record)."""
         name = instance.id
         labels = {ROLE: Role.PROMOTING.value}
         for attempt in range(self.attempts):
             deployment = await self._read_deployment(name)
             if deployment is None:
                 raise errors.model_load_failed(instance.id, f"no deployment {name} to scale up")
+            recorded = _epoch(deployment.metadata.annotations or {})
+            errors.check_epoch(instance.model, epoch, recorded)
             template = deployment.spec.template
             containers = template.spec.containers or []
             if not containers:
@@ -477,6 +623,8 @@ class KubernetesPlatform:
             resources.setdefault("requests", {})[GPU_RESOURCE] = "1"
             resources.setdefault("limits", {})[GPU_RESOURCE] = "1"
             metadata: dict[str, Any] = {"labels": labels}
+            if epoch is not None and epoch != recorded:
+                metadata["annotations"] = {EPOCH_ANNOTATION: str(epoch)}
             if deployment.metadata.resource_version:
                 metadata["resourceVersion"] = deployment.metadata.resource_version
             body = {
@@ -501,7 +649,7 @@ class KubernetesPlatform:
                 if exc.status != 409 or attempt == self.attempts - 1:
                     raise
         if await self._instance_pods(instance):  # pods of the old template: their role too (until replaced)
-            await self._set_labels(instance, labels)
+            await self._set_labels(instance, labels, epoch)
         return f"cold standby: deployment {name} patched to 1 GPU, replicas 1, marked promoting"
 
     async def wait_loaded(self, instance: Instance, progress: ProgressCallback, timeout_s: float = 600.0) -> str:
@@ -528,7 +676,7 @@ class KubernetesPlatform:
             labels = {SERVING: "true", ROLE: Role.SERVING.value}
         else:  # a Service has no priorities: the hot backup stays out of it until promoted
             labels = {SERVING: "false", ROLE: Role.HOT.value}
-        changed = await self._set_labels(instance, labels)
+        changed = await self._set_labels(instance, labels, epoch)
         detail = f"{'registered' if changed else 'already registered'} at priority {priority}"
         if self.istio is not None and priority == 0:
             detail += "; " + await self.istio.shift(instance.model, to_standby=True)
@@ -539,6 +687,8 @@ class KubernetesPlatform:
         pods = await self._instance_pods(instance)
         if not pods:
             raise RuntimeError(f"{instance.id} has no pod")
+        # During a rollout (a promoted cold standby) the old pod may linger: the Ready one counts.
+        pods.sort(key=lambda p: (_labels(p).get(SERVING) != "true", not _ready(p), p.metadata.name))
         pod = pods[0]
         if _labels(pod).get(SERVING) != "true":
             raise RuntimeError(f"pod {pod.metadata.name} is not labelled {SERVING}=true")
@@ -556,44 +706,51 @@ class KubernetesPlatform:
         return await self._instances(MODEL)
 
     async def cordon_gpu(self, gpu: str, reason: str) -> str:
-        if gpu in self._cordoned:
-            return f"{gpu} already cordoned ({self._cordoned[gpu]})"
-        self._cordoned[gpu] = reason or "drained"
-        return f"{gpu} cordoned (in this worker's memory only)"
+        """Recorded in the ConfigMap ``drctl-cordoned-gpus`` (:mod:`.cordons` says why not on the Node)."""
+        changed, before = await self.cordons.change(gpu, reason or "drained")
+        if not changed:
+            return f"{gpu} already cordoned ({before})"
+        return f"{gpu} cordoned (ConfigMap {self.namespace}/drctl-cordoned-gpus)"
 
     async def uncordon_gpu(self, gpu: str) -> str:
-        if self._cordoned.pop(gpu, None) is None:
+        changed, _ = await self.cordons.change(gpu, None)
+        if not changed:
             return f"{gpu} was not cordoned"
         return f"{gpu} back in placement (unless its node agent still reports it drained)"
 
     async def cordoned_gpus(self) -> list[str]:
-        """Drained by a runbook (kept in this worker's memory), plus what the node agents say must
-        be drained right now (``GET /gpus?status=drain`` on each agent)."""
+        """Cordoned by a runbook (the ConfigMap, whichever worker wrote it), plus what the node agents
+        say must be drained right now (``GET /gpus?status=drain`` on each agent)."""
         urls = await node_agents.agent_urls(self._agent_urls, self._agent_service)
         from_agents: set[str] = set()
         if urls:
             async with httpx.AsyncClient() as client:
                 for answer in await node_agents.drained_gpus(urls, client):
                     from_agents.update(answer.drain)
-        return sorted(set(self._cordoned) | from_agents)
+        return sorted(set(await self.cordons.cordoned()) | from_agents)
 
     def deployment(self, action: ReconcileAction) -> dict[str, Any]:
         """The Deployment for one instance: selected by instance and model, labelled with its tier,
         its pod the model's engine template (:mod:`.templates`). A cold standby is the same pod
         without a GPU, scaled to 0 (its normal state: a checkpoint and no process); promotion asks
-        for the GPU and scales it to 1. ``Recreate``: never two pods of one instance on one GPU."""
+        for the GPU and scales it to 1. ``Recreate``: never two pods of one instance on one GPU. A
+        serving instance (an emergency one, or reconciliation's) is in its Service from the start
+        (the Service only sends to it once its pod is Ready). The Deployment's own metadata is the
+        instance's record (with the action's epoch); the template carries the tier it starts with."""
         selector = {MODEL: action.model, INSTANCE: action.instance}
+        serving = "true" if action.tier == Role.SERVING else "false"
         # Also the seed's cold-standby manager labels (app, standby-type), for existing dashboards.
-        labels = {**selector, ROLE: action.tier.value, SERVING: "false", "app": action.model}
+        labels = {**selector, ROLE: action.tier.value, SERVING: serving, "app": action.model}
         if action.tier.is_standby:
             labels["standby-type"] = action.tier.value
         engine = self.policy.model(action.model).engine
         pod_spec = self.template.pod_spec(engine, action.model, gpu=action.tier != Role.COLD, node=action.node)
         annotations = {GPU_ANNOTATION: action.gpu} if action.gpu else {}
+        record = {**annotations, EPOCH_ANNOTATION: str(action.epoch)} if action.epoch is not None else annotations
         return {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": {"name": action.instance, "labels": labels, "annotations": annotations},
+            "metadata": {"name": action.instance, "labels": labels, "annotations": record},
             "spec": {
                 "replicas": 0 if action.tier == Role.COLD else 1,
                 "strategy": {"type": "Recreate"},
@@ -603,6 +760,9 @@ class KubernetesPlatform:
         }
 
     async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
+        """The Deployment, then (unless cold) a wait for its pod to be Ready — the instance is loaded
+        when this returns, as the interface says — and a warm standby put to sleep. A retry finds
+        the Deployment (409) and carries on waiting."""
         if action.model not in self.policy.model_names:
             raise errors.unknown_model(action.model, self.policy.model_names)
         await self.fencing.check(action.model, action.epoch)
@@ -610,14 +770,48 @@ class KubernetesPlatform:
             body = V1Deployment.from_dict(self.deployment(action))
         except EngineNotOnKubernetes as exc:
             raise not_built(f"{action.instance}: {exc}") from exc
+        how = "created"
         try:
             await self._call("create", "deployments.apps", self.apps.create_namespaced_deployment, self.namespace, body)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            return f"deployment {action.instance} already exists"
-        gpu = "no GPU, scaled to 0" if action.tier == Role.COLD else f"1 GPU ({action.gpu or 'any'})"
-        return f"deployment {action.instance} created: {action.tier}, {gpu}"
+            how = "exists already"
+        if action.tier == Role.COLD:
+            return f"deployment {action.instance} {how}: cold, no GPU, scaled to 0"
+        instance = Instance(id=action.instance, model=action.model, role=action.tier, gpu=action.gpu)
+        loaded = await self.wait_loaded(instance, progress)
+        detail = f"deployment {action.instance} {how}: {action.tier}, 1 GPU ({action.gpu or 'any'}); {loaded}"
+        if action.tier == Role.WARM:
+            detail += f"; {await self._sleep(instance)}"
+        return detail
+
+    async def _sleep(self, instance: Instance) -> str:
+        """Put a warm standby's model to sleep through its engine's sleep call (idempotent: a model
+        its engine says is asleep is left alone)."""
+        engine = self._engine(instance.model)
+        pods = [p for p in await self._instance_pods(instance) if _ready(p) and _address(p)]
+        if not pods:
+            raise RuntimeError(f"{instance.id} has no Ready pod to put to sleep")  # retryable
+        address = _address(pods[0])
+        if engine.sleep is None:
+            return f"stays awake ({engine.engine} cannot sleep)"
+        if engine.is_sleeping_path is not None:
+            try:
+                async with httpx.AsyncClient(timeout=5.0) as client:
+                    if _is_sleeping(await client.get(f"http://{address}{engine.is_sleeping_path}")):
+                        return f"asleep already ({address})"
+            except httpx.HTTPError:
+                pass  # ask it to sleep anyway: that call's answer decides
+        query = f"?{urlencode(engine.sleep.params)}" if engine.sleep.params else ""
+        url = f"http://{address}{engine.sleep.path}{query}"
+        try:
+            status = await self.wake_up(url, engine.sleep.json)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from exc  # retryable
+        if status != 200:
+            raise RuntimeError(f"{url} answered {status}")  # retryable: it is loaded, only awake
+        return f"put to sleep ({url})"
 
     async def retier_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         await self.fencing.check(action.model, action.epoch)
@@ -628,7 +822,7 @@ class KubernetesPlatform:
             raise not_built(f"retiering {instance.id} {instance.role} → {action.tier}")
         pods = [p for p in await self._instance_pods(instance) if p.status and p.status.pod_ip]
         woken = f"; {await self._wake_pod(instance, pods[0])}" if pods else ""  # a hot standby is awake
-        await self._set_labels(instance, {ROLE: Role.HOT.value})
+        await self._set_labels(instance, {ROLE: Role.HOT.value}, action.epoch)
         return f"{instance.id} warm → hot (pod relabelled; both tiers hold a GPU){woken}"
 
     async def delete_instance(self, action: ReconcileAction) -> str:
@@ -640,6 +834,7 @@ class KubernetesPlatform:
                 self.apps.delete_namespaced_deployment,
                 action.instance,
                 self.namespace,
+                propagation_policy="Background",  # its pods go with it
             )
         except ApiException as exc:
             if exc.status != 404:

