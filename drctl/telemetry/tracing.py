@@ -43,7 +43,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind
 from temporalio.client import OutboundInterceptor, QueryWorkflowInput
-from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflowInboundInterceptor
+from temporalio.contrib.opentelemetry._context import attached_context
+from temporalio.worker import HandleUpdateInput, WorkflowInterceptorClassInput
 
 TRACES_DIR = "traces"
 MAX_FILE_BYTES = 8 * 1024 * 1024
@@ -172,11 +174,47 @@ def read_spans(folder: Path) -> list[dict[str, Any]]:
 class DrctlTracingInterceptor(TracingInterceptor):
     """The SDK's tracing interceptor, less the client's query spans: drctl polls queries (a runbook's
     progress every 150 ms, a guardian's state while a report waits for its runbook, the budget for
-    the metrics), and each would be a span, most of them the root of a trace of their own. Starts,
-    updates, signals, workflows and activities are traced as the SDK does."""
+    the metrics), and each would be a span, most of them the root of a trace of their own. And an
+    Update's handler runs in the trace of the request that sent it (:class:`UpdatesInSendersTrace`).
+    Starts, signals, workflows and activities are traced as the SDK does."""
 
     def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
         return _UntracedQueries(super().intercept_client(next), next)
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[TracingWorkflowInboundInterceptor]:
+        super().workflow_interceptor_class(input)  # registers the extern function its spans need
+        return UpdatesInSendersTrace
+
+
+class UpdatesInSendersTrace(TracingWorkflowInboundInterceptor):
+    """The SDK's workflow tracing, but an Update's handler runs in the trace of the request that sent
+    the Update, not in the trace of the workflow's start.
+
+    The SDK runs every handler under the context of the workflow's *start* and only links the
+    sender's span. For a workflow that lives long and is told things by Updates — a model's guardian
+    is started by the first report of a failure and receives every later report as an Update — that
+    put every later report's work in the first report's trace. Here the handler's span
+    (``HandleUpdate:report``) is the child of the sender's span (linked to the start's), and the
+    sender's context is current while the handler runs, so the guardian can keep it for the runbook
+    the report opens (``ModelGuardianWorkflow``). An Update sent without a trace context (from the UI,
+    or a client without tracing) is handled as the SDK does. No command changes: only spans and the
+    trace headers of what the handler starts."""
+
+    async def handle_update_handler(self, input: HandleUpdateInput) -> Any:
+        header = input.headers.get(self.header_key)
+        carrier = self.payload_converter.from_payloads([header])[0] if header else None
+        if not carrier:
+            return await super().handle_update_handler(input)
+        context = self._set_on_context(self.text_map_propagator.extract(carrier))
+        with attached_context(context):
+            self._completed_span(
+                f"HandleUpdate:{input.update}",
+                link_context_carrier=self._load_workflow_context_carrier(),
+                kind=SpanKind.SERVER,
+            )
+            return await self.next.handle_update_handler(input)
 
 
 class _UntracedQueries(OutboundInterceptor):

@@ -13,7 +13,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from drctl.settings import DrctlSettings
-from drctl.temporal.converter import drctl_data_converter
+from drctl.temporal.converter import drctl_data_converter, missing_input_plugin
 
 
 class TemporalSettingsError(ValueError):
@@ -45,7 +45,8 @@ async def connect(
     """A client for ``settings``. ``runtime``: the SDK runtime to use (the worker's exports the SDK's
     own metrics to Prometheus, see :mod:`drctl.telemetry.metrics`); None: the SDK's default one.
     ``interceptors``: the tracing one when tracing is on (:mod:`drctl.telemetry.tracing`); a worker
-    built on this client uses them too."""
+    built on this client uses them too. A worker built on it also fails a run started with no input
+    at once (:data:`drctl.temporal.converter.missing_input_plugin`)."""
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     return await Client.connect(
         settings.temporal_address,
@@ -54,5 +55,6 @@ async def connect(
         tls=tls_config(settings),
         api_key=api_key,
         runtime=runtime,
+        plugins=[missing_input_plugin],
         interceptors=interceptors,
     )

@@ -15,10 +15,20 @@ failed instance:
   an older one, so a late or retried step of an earlier runbook changes nothing.
 
 The guardian's history stays bounded with continue-as-new (when no incident is open).
+
+Traces: each report is the root of its own trace (the alert receiver's request, the prober's
+decision, the CLI), and the runbook it opens belongs to it. The report's Update carries its trace
+context; the tracing interceptor (``drctl.telemetry.tracing.UpdatesInSendersTrace``) makes it current
+in the ``report`` handler, which keeps it with the incident; the incident's recovery (the budget's
+lease, the epoch, the child ``FailoverWorkflow`` and all it does) runs under it
+(:data:`RUNBOOK_IN_REPORT_TRACE`). Before, the child started under the context of the guardian's own
+start, so every runbook of a guardian landed in the trace of the report that had started the guardian.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +38,11 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError, Workflow
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    # Passed through: the tracing interceptor (outside the sandbox) and this code must share one
+    # OpenTelemetry context (a module imported afresh in the sandbox would have its own).
+    import opentelemetry.context
     from pydantic import ValidationError
+    from temporalio.contrib.opentelemetry._context import attached_context
 
     from drctl.payloads import (
         WORKFLOW_TASK_TIMEOUT,
@@ -53,6 +67,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from drctl.workflows.failover import FailoverWorkflow
 
+RUNBOOK_IN_REPORT_TRACE = "guardian-runbook-in-report-trace"
+"""Patch: an incident's recovery runs under the trace context of the report that opened it, so its
+runbook is in that report's trace. Guardians started before it recover under the context of their
+own start, as they did (the first report's trace), until they continue as new."""
 RECENT_KEPT = 50
 """Closed incidents remembered, so a late report of a recovered failure joins instead of restarting."""
 JOINED_KEPT = 20
@@ -75,6 +93,9 @@ class ModelGuardianWorkflow:
         self._upgraded = 0
         self._running: dict[str, Any] = {}
         """Instance → the child handle of its running runbook."""
+        self._report_traces: dict[str, opentelemetry.context.Context] = {}
+        """Instance → the trace context of the report that opened its incident (not state: only trace
+        headers depend on it, and a replay rebuilds it from the reports' Updates)."""
 
     # -- reports --------------------------------------------------------------------------------
 
@@ -112,6 +133,7 @@ class ModelGuardianWorkflow:
             opened_at=workflow.now(),
         )
         state.queue.append(incident)
+        self._report_traces[incident.instance] = opentelemetry.context.get_current()
         return self._ticket(incident, joined=False)
 
     @report.validator
@@ -159,6 +181,20 @@ class ModelGuardianWorkflow:
         return info.get_current_history_length() > MAX_HISTORY or info.is_continue_as_new_suggested()
 
     async def _recover(self, incident: Incident) -> None:
+        with self._in_report_trace(incident):
+            await self._recover_incident(incident)
+
+    @contextmanager
+    def _in_report_trace(self, incident: Incident) -> Iterator[None]:
+        """The incident's recovery under the trace context of the report that opened it: the spans
+        and trace headers of what it starts (the local activities, the child runbook) follow it."""
+        context = self._report_traces.pop(incident.instance, None)
+        if not workflow.patched(RUNBOOK_IN_REPORT_TRACE):
+            context = None  # started before the patch: under the guardian's start, as it was
+        with attached_context(context):
+            yield
+
+    async def _recover_incident(self, incident: Incident) -> None:
         await self._wait_for_budget(incident)
         try:
             grant: EpochGrant = await workflow.execute_local_activity(

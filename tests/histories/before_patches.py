@@ -14,12 +14,15 @@ from drctl.payloads import (
     ActivityName,
     FailoverRequest,
     FailoverResult,
+    GuardianState,
+    Incident,
     InstanceList,
     ModelRef,
     ReconcileRequest,
     ReconcileResult,
 )
 from drctl.workflows.failover import DECISION_INPUT_PERSISTED, FailoverWorkflow
+from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
     ONE_PASS_AT_A_TIME,
     PLAN_IN_ACTIVITY,
@@ -62,9 +65,23 @@ class ReconcilePassBeforePlanInActivity(ReconcilePassWorkflow):
         return await reconcile_pass(request, self._show, observe_and_plan)
 
 
+@workflow.defn(name="ModelGuardianWorkflow", sandboxed=False)
+class GuardianBeforeReportTrace(ModelGuardianWorkflow):
+    """Before ``guardian-runbook-in-report-trace``: an incident's recovery (and its runbook) ran under
+    the trace context of the guardian's start, whichever report opened it."""
+
+    @workflow.run
+    async def run(self, state: GuardianState) -> None:
+        await super().run(state)
+
+    async def _recover(self, incident: Incident) -> None:
+        await self._recover_incident(incident)
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
     PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
+    RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -32,6 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python tests/histories/record.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -50,6 +51,7 @@ from drctl.payloads import (
     guardian_workflow_id,
     reconcile_pass_workflow_id,
 )
+from drctl.telemetry.tracing import DrctlTracingInterceptor
 from drctl.temporal.converter import drctl_data_converter
 from drctl.temporal.incidents import guardian_state, report_failure, wait_closed
 from drctl.temporal.search_attributes import dev_server_flags
@@ -58,12 +60,14 @@ from drctl.workers.runbook_worker import WORKFLOWS
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
     FailoverBeforeListingAsActivity,
+    GuardianBeforeReportTrace,
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
 )
@@ -263,6 +267,44 @@ async def guardian_direct_start(client: Client, queue: str) -> list[Recorded]:
     ]
 
 
+async def two_incidents(client: Client, queue: str, old: Sequence[type] = ()) -> None:
+    """Two failures of the model, each from its own report: the second after the first recovered."""
+    fleet = fleet_of(("0", Role.SERVING), ("1", Role.HOT), ("2", Role.HOT))
+    async with worker(client, queue, fleet.activities(), old):
+        for instance, reporter in ((f"{MODEL}-0", "prober"), (f"{MODEL}-1", "alert abc123")):
+            ticket = await report_failure(client, queue, report(instance, reporter))
+            await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+        await budget_when(client, queue, lambda s: not s.running)
+
+
+async def guardian_report_trace(client: Client, queue: str) -> list[Recorded]:
+    """Two incidents, each recovered in the trace of its report (recorded with tracing on, so the
+    reports' Updates and the children's starts carry trace headers)."""
+    tracer = TracerProvider().get_tracer("record")  # recording spans, exported nowhere
+    traced = Client(**{**client.config(), "interceptors": [DrctlTracingInterceptor(tracer)]})
+    await two_incidents(traced, queue)
+    return [
+        Recorded(
+            "guardian-report-trace",
+            guardian_workflow_id(MODEL, queue),
+            "ModelGuardianWorkflow (still running), traced: two incidents, each recovered in its report's trace",
+        )
+    ]
+
+
+async def guardian_before_trace_patch(client: Client, queue: str) -> list[Recorded]:
+    """A guardian started before the guardian-runbook-in-report-trace patch: two incidents."""
+    await two_incidents(client, queue, old=[GuardianBeforeReportTrace])
+    return [
+        Recorded(
+            "guardian-before-trace-patch",
+            guardian_workflow_id(MODEL, queue),
+            "ModelGuardianWorkflow started before the guardian-runbook-in-report-trace patch: two incidents",
+            RUNBOOK_IN_REPORT_TRACE,
+        )
+    ]
+
+
 async def budget_tripped(client: Client, queue: str) -> list[Recorded]:
     """Three models fail in one zone with one recovery per zone allowed and a breaker that trips
     past one waiting: one runs, the breaker trips, a person resets it, the other two run."""
@@ -416,6 +458,8 @@ SCENARIOS: dict[str, Scenario] = {
     **FAILOVERS,
     "guardian-joined": guardian_joined,
     "guardian-direct-start": guardian_direct_start,
+    "guardian-report-trace": guardian_report_trace,
+    "guardian-before-trace-patch": guardian_before_trace_patch,
     "budget-tripped": budget_tripped,
     "reconcile": reconcile,
     "reconcile-before-patch": reconcile_before_patch,
