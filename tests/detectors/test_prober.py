@@ -66,3 +66,94 @@ async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retri
         assert len(reported) == 4
     finally:
         await prober.aclose()
+
+
+def _ticket(request: FailoverRequest) -> IncidentTicket:
+    return IncidentTicket(
+        model=request.model,
+        instance=request.instance,
+        workflow_id=f"failover-{request.instance}",
+        joined=False,
+        state=IncidentState.QUEUED,
+        opened_at=datetime.now(UTC),
+    )
+
+
+async def test_exits_in_a_large_fleet_are_looked_for_a_window_at_a_time(tmp_path: Path) -> None:
+    """Past EXIT_CHECKS_PER_TICK instances, each tick reads /proc for the next window of them: every
+    exit is still seen, within a few ticks, at a fixed cost per tick."""
+    from drctl.detectors.prober import EXIT_CHECKS_PER_TICK
+
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    count = EXIT_CHECKS_PER_TICK * 2 + 100
+    with registry.edit() as instances:
+        for n in range(count):  # processes gone (pid None)
+            instances[f"m-{n}"] = LocalInstance(id=f"m-{n}", model="llama-2-7b", role=Role.SERVING, port=1)
+    reported: list[FailoverRequest] = []
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        reported.append(request)
+        return _ticket(request)
+
+    prober = Prober(POLICY, registry, report)
+    try:
+        now = time.monotonic()
+        await prober.tick(now)
+        assert len(prober.unreported) + len(prober.reported) == EXIT_CHECKS_PER_TICK
+        for k in range(2):
+            await prober.tick(now + 0.1 * (k + 1))
+        await settle(prober)
+        assert len({r.instance for r in reported}) == count
+    finally:
+        await prober.aclose()
+
+
+async def test_a_serving_instance_found_asleep_is_reported(tmp_path: Path) -> None:
+    """``/health`` answers 200 asleep or awake (vLLM's way); ``is_sleeping``, asked every few probes
+    and on every probe once asleep, makes the instance down after ``unhealthyThreshold`` probes."""
+    import json
+    import os
+
+    asleep = {"value": False}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                path = request.split(b" ", 2)[1]
+                body = json.dumps({"is_sleeping": asleep["value"]}).encode() if path == b"/is_sleeping" else b"{}"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        instances["llama-2-7b-0"] = LocalInstance(
+            id="llama-2-7b-0", model="llama-2-7b", role=Role.SERVING, port=port, pid=os.getpid()
+        )
+    reported: list[FailoverRequest] = []
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        reported.append(request)
+        return _ticket(request)
+
+    prober = Prober(POLICY, registry, report)
+    interval = POLICY.detection.probe_interval.total_seconds()
+    try:
+        now = time.monotonic()
+        for k in range(4):  # awake: healthy, never reported
+            await prober.tick(now + k * interval)
+        asleep["value"] = True
+        for k in range(4, 4 + 3 * POLICY.detection.unhealthy_threshold):
+            await prober.tick(now + k * interval)
+            await settle(prober)
+            if reported:
+                break
+        assert [r.instance for r in reported] == ["llama-2-7b-0"]
+        assert "failed probes" in reported[0].reason
+    finally:
+        await prober.aclose()
+        server.close()

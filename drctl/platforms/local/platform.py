@@ -51,6 +51,10 @@ RESPAWNED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.PROMOTING)
 """Roles whose process a clean stop ends and the next ``drctl up`` starts again."""
 
 
+SETTLE_CONCURRENCY = 32
+"""Instances ``settle_fleet`` waits on at once (see there)."""
+
+
 class LocalPlatform:
     def __init__(self, settings: DrctlSettings, policy: DRPolicy) -> None:
         self.settings = settings
@@ -569,7 +573,15 @@ class LocalPlatform:
         register them in Envoy. Adopted instances are already loaded (and asleep, if warm)."""
         registry = self.registry.load()
         pending = [registry[i] for i in self._to_settle if i in registry]
-        await asyncio.gather(*(self._settle(i, timeout_s) for i in pending))
+        # Waited for a few at a time: they load in parallel anyway (started by ensure_fleet), and
+        # polling a thousand at once, each every 50 ms, starved the loads themselves of CPU.
+        gate = asyncio.Semaphore(SETTLE_CONCURRENCY)
+
+        async def settle(instance: LocalInstance) -> None:
+            async with gate:
+                await self._settle(instance, timeout_s)
+
+        await asyncio.gather(*(settle(i) for i in pending))
         self._to_settle = []
         for model in self.policy.model_names:
             self.sync_load_balancer(model)

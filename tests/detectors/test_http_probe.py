@@ -1,0 +1,116 @@
+"""The prober's keep-alive GETs against real sockets: the demo server, and a raw server that answers
+with a length, chunked, closing, slowly or never."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from drctl.detectors.http_probe import ProbeClient, ProbeError
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class RawServer:
+    """Answers ``GET /len``, ``/chunked``, ``/close``, ``/hang`` and ``/garbage``; counts connections."""
+
+    port: int = 0
+    connections: int = 0
+    server: asyncio.Server | None = None
+    hung: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                path = request.split(b" ", 2)[1]
+                if path == b"/len":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n" + b'{"status":"ok"}')
+                elif path == b"/chunked":
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    writer.write(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n")
+                elif path == b"/close":
+                    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+                    writer.close()
+                    return
+                elif path == b"/hang":
+                    self.hung.append(writer)
+                    await asyncio.sleep(3600)
+                else:
+                    writer.write(b"SSH-2.0-not-http\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawServer]:
+    made = RawServer()
+    made.server = await asyncio.start_server(made.handle, HOST, 0)
+    made.port = made.server.sockets[0].getsockname()[1]
+    try:
+        yield made
+    finally:
+        made.server.close()
+        for writer in made.hung:
+            writer.close()
+
+
+async def test_answers_reuse_one_connection(raw: RawServer) -> None:
+    client = ProbeClient()
+    try:
+        for _ in range(5):
+            assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
+        assert raw.connections == 1
+        assert await client.get(raw.address, "/chunked", 1.0) == (503, b"hello world")
+        assert raw.connections == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_closing_answer_is_read_and_the_next_probe_connects_again(raw: RawServer) -> None:
+    client = ProbeClient()
+    try:
+        assert await client.get(raw.address, "/close", 1.0) == (200, b"ok")
+        assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
+        assert raw.connections == 2
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_server_misses_the_deadline_and_its_connection_is_not_reused(raw: RawServer) -> None:
+    client = ProbeClient()
+    try:
+        began = time.monotonic()
+        with pytest.raises(ProbeError, match="TimeoutError"):
+            await client.get(raw.address, "/hang", 0.2)
+        assert 0.15 < time.monotonic() - began < 1.0
+        assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
+        assert raw.connections == 2
+    finally:
+        await client.aclose()
+
+
+async def test_refused_and_garbage_are_probe_errors(raw: RawServer) -> None:
+    client = ProbeClient()
+    try:
+        with pytest.raises(ProbeError, match="not an HTTP"):
+            await client.get(raw.address, "/garbage", 1.0)
+        assert raw.server is not None
+        raw.server.close()
+        await raw.server.wait_closed()
+        with pytest.raises(ProbeError):
+            await client.get(raw.address, "/len", 1.0)
+    finally:
+        await client.aclose()
