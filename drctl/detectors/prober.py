@@ -103,6 +103,9 @@ class Prober:
         """Instances last seen asleep: asked ``is_sleeping`` on every probe until seen awake."""
         self._fleet: tuple[tuple[int, int, int], list[LocalInstance]] | None = None
         self._exit_cursor = 0
+        self.zone_alarm: Callable[[], None] | None = None
+        """Called when every watched instance of a zone is down (the zone check looks at once)."""
+        self._zones_alarmed: set[str] = set()
 
     async def aclose(self) -> None:
         if self._reporting is not None:
@@ -157,6 +160,7 @@ class Prober:
             event = tracker.observe(ok, time.monotonic(), exited=final)
             self._count_probe(instance, "healthy" if ok else "failed-to-load" if final else "unhealthy")
             await self._handle(instance, event, tracker, now, exited=final)
+        self._sound_zone_alarm(instances)
         gone = set(self.trackers) - {i.id for i in instances}
         for instance_id in gone:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
@@ -165,6 +169,20 @@ class Prober:
             self._asleep.discard(instance_id)
         if gone:
             self._http.forget({i.address for i in instances if i.address is not None})
+
+    def instances_down(self, zone: str) -> bool:
+        """Every instance watched in ``zone`` is down (past its hysteresis); False with none."""
+        fleet = self._fleet[1] if self._fleet is not None else []
+        states = [self.trackers[i.id].up for i in fleet if i.zone == zone and i.id in self.trackers]
+        return bool(states) and not any(states)
+
+    def _sound_zone_alarm(self, instances: list[LocalInstance]) -> None:
+        zones = {i.zone for i in instances if i.zone is not None}
+        down = {zone for zone in zones if self.instances_down(zone)}
+        if down - self._zones_alarmed and self.zone_alarm is not None:
+            log.warning("every watched instance in %s is down: zone check now", ", ".join(sorted(down)))
+            self.zone_alarm()
+        self._zones_alarmed = down
 
     def _exit_check_window(self, count: int) -> range | set[int]:
         """Which of ``count`` instances (by position) have their process looked for this tick."""
@@ -313,6 +331,8 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     checker = None
     if settings.node_agent_urls or settings.node_agent_service:
         checker = zone_checker(settings, policy, client)
+        checker.instances_down = prober.instances_down
+        prober.zone_alarm = checker.wake.set
         loops.append(checker.run(stop))
         log.info(
             "checking zones %s every %s", policy.az_failover.active_zones, policy.az_failover.health_check_interval

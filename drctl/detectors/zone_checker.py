@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,12 @@ class ZoneChecker:
     checks: int = 0
     verdicts: dict[str, str] = field(default_factory=dict)
     """The last check's verdict per active zone."""
+    instances_down: Callable[[str], bool] | None = None
+    """Zone → the prober has every instance it watches there down (at least one): the second
+    signal that lets a zone be judged down at its first failed check (``confirmFromInstances``)."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set (by the prober, when a zone's instances all go down) to check at once, not at the next
+    interval."""
 
     def __post_init__(self) -> None:
         self.tracker = ZoneHealthTracker(self.policy.az_failover.failover_threshold)
@@ -67,9 +74,18 @@ class ZoneChecker:
             nodes = [n for n, z in self.zone_of_node.items() if z == zone]
             verdict = verdicts[zone] = zone_verdict(node_up, nodes)
             failures_before = self.tracker.failures.get(zone, 0)
-            if self.tracker.observe(zone, verdict):
+            corroborated = (
+                verdict == ZoneVerdict.DOWN
+                and self.policy.az_failover.confirm_from_instances
+                and self.instances_down is not None
+                and self.instances_down(zone)
+            )
+            if self.tracker.observe(zone, verdict, corroborated):
                 threshold = self.policy.az_failover.failover_threshold
-                reason = f"zone health check: {threshold} failed checks in a row (no node of {zone} answers)"
+                if corroborated and failures_before + 1 < threshold:
+                    reason = f"zone health check: no node of {zone} answers and every instance there is down"
+                else:
+                    reason = f"zone health check: {threshold} failed checks in a row (no node of {zone} answers)"
                 workflow_id = await self.start_zone_failover(zone, reason)
                 self.started.append((zone, workflow_id))
                 log.error("zone %s is down: started %s", zone, workflow_id)
@@ -90,7 +106,11 @@ class ZoneChecker:
                     log.exception("zone check failed")
                 # At a fixed rate: a check that waited on silent agents does not stretch the interval.
                 next_at = max(next_at + interval, time.monotonic())
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=next_at - time.monotonic())
-                except TimeoutError:
-                    pass
+                woken = asyncio.create_task(self.wake.wait())
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait({woken, stopped}, timeout=next_at - time.monotonic(), return_when=FIRST_COMPLETED)
+                for task in (woken, stopped):
+                    task.cancel()
+                if self.wake.is_set():
+                    self.wake.clear()
+                    next_at = time.monotonic()  # checked now; the regular cadence starts again from here

@@ -101,6 +101,10 @@ class ZoneFailoverPolicy(_Section):
     require_approval: bool = False
     """Wait for an operator's approval (a workflow Update) before moving a zone's serving."""
     max_parallel_failovers: Annotated[int, Field(ge=1, le=64)] = 4
+    confirm_from_instances: bool = True
+    """Judge a zone down at the first failed check, without waiting ``failoverThreshold`` checks,
+    when the prober also has every instance it watches in the zone down (each past its own
+    ``unhealthyThreshold``): two independent signals agree. False: always wait the threshold."""
 
 
 class HealthCheckPolicy(_Section):

@@ -38,8 +38,10 @@ class ZoneHealthTracker:
     failures: dict[str, int] = field(default_factory=dict)
     tripped: set[str] = field(default_factory=set)
 
-    def observe(self, zone: str, verdict: ZoneVerdict) -> bool:
-        """Record one check; True exactly when this check makes the zone count as failed."""
+    def observe(self, zone: str, verdict: ZoneVerdict, corroborated: bool = False) -> bool:
+        """Record one check; True exactly when this check makes the zone count as failed.
+        ``corroborated``: another signal (every instance in the zone down) agrees, so a failed
+        check trips the zone at once instead of after ``threshold`` of them."""
         if verdict == ZoneVerdict.UP:
             self.failures.pop(zone, None)
             self.tripped.discard(zone)
@@ -47,7 +49,8 @@ class ZoneHealthTracker:
         if verdict == ZoneVerdict.UNKNOWN:
             return False
         self.failures[zone] = self.failures.get(zone, 0) + 1
-        if self.failures[zone] >= self.threshold and zone not in self.tripped:
+        enough = self.failures[zone] >= self.threshold or corroborated
+        if enough and zone not in self.tripped:
             self.tripped.add(zone)
             return True
         return False

@@ -5,6 +5,8 @@ does not get through is tried again until it does."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,8 +113,6 @@ async def test_exits_in_a_large_fleet_are_looked_for_a_window_at_a_time(tmp_path
 async def test_a_serving_instance_found_asleep_is_reported(tmp_path: Path) -> None:
     """``/health`` answers 200 asleep or awake (vLLM's way); ``is_sleeping``, asked every few probes
     and on every probe once asleep, makes the instance down after ``unhealthyThreshold`` probes."""
-    import json
-    import os
 
     asleep = {"value": False}
 

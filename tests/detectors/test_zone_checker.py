@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -85,4 +87,73 @@ async def test_an_agent_that_vanishes_from_the_service_still_counts_against_its_
             assert started == ["az-2"]
     finally:
         await runner.cleanup()
+        await agent.aclose()
+
+
+@pytest.mark.parametrize("confirm", [True, False])
+async def test_a_zone_whose_instances_are_all_down_too_fails_over_at_its_first_failed_check(confirm: bool) -> None:
+    """Every node of az-2 silent *and* every instance the prober watches there down: two signals
+    agree, so the first failed check starts the zone failover (``confirmFromInstances``); with it
+    off, or while an instance still answers, the threshold applies."""
+    policy = POLICY.model_copy(
+        update={"az_failover": POLICY.az_failover.model_copy(update={"confirm_from_instances": confirm})}
+    )
+    agent, runner, url = await start_agent("gpu-node-1")  # az-2's only node
+    started: list[tuple[str, str]] = []
+    all_down = {"az-2": False}
+
+    async def start(zone: str, reason: str) -> str:
+        started.append((zone, reason))
+        return f"zone-failover-{zone}"
+
+    checker = ZoneChecker(policy, [url], start, instances_down=lambda zone: all_down.get(zone, False))
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await checker.check_once(http))["az-2"] == ZoneVerdict.UP
+            await runner.cleanup()
+            assert (await checker.check_once(http))["az-2"] == ZoneVerdict.DOWN
+            assert started == []  # an instance still up: no corroboration
+            all_down["az-2"] = True
+            await checker.check_once(http)
+            if confirm:
+                assert started == [
+                    ("az-2", "zone health check: no node of az-2 answers and every instance there is down")
+                ]
+            else:
+                assert started == []
+                await checker.check_once(http)  # the third failed check
+                assert [zone for zone, _ in started] == ["az-2"]
+    finally:
+        await runner.cleanup()
+        await agent.aclose()
+
+
+async def test_the_prober_s_alarm_makes_the_check_run_at_once() -> None:
+    """``wake`` cuts the wait until the next interval (10 s in the example policy)."""
+    agent, runner, url = await start_agent("gpu-node-1")
+    started: list[str] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append(zone)
+        return zone
+
+    checker = ZoneChecker(POLICY, [url], start, instances_down=lambda zone: zone == "az-2")
+    stop = asyncio.Event()
+    task = asyncio.create_task(checker.run(stop))
+    try:
+        for _ in range(100):
+            if checker.checks:
+                break
+            await asyncio.sleep(0.02)
+        await runner.cleanup()
+        began = time.monotonic()
+        checker.wake.set()
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.02)
+        assert started == ["az-2"] and time.monotonic() - began < 2.0
+    finally:
+        stop.set()
+        await task
         await agent.aclose()

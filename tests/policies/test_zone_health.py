@@ -34,3 +34,11 @@ def test_a_passing_check_resets_the_count_and_unknown_does_not_count() -> None:
     assert tracker.observe("az-1", ZoneVerdict.DOWN) is False
     assert tracker.observe("az-2", ZoneVerdict.DOWN) is False  # zones are counted apart
     assert tracker.observe("az-1", ZoneVerdict.DOWN) is True
+
+
+def test_a_corroborated_failed_check_trips_at_once_and_only_once() -> None:
+    tracker = ZoneHealthTracker(threshold=3)
+    assert tracker.observe("az-1", ZoneVerdict.DOWN, corroborated=True)
+    assert not tracker.observe("az-1", ZoneVerdict.DOWN, corroborated=True)
+    assert not tracker.observe("az-2", ZoneVerdict.UNKNOWN, corroborated=True)  # no evidence stays none
+    assert not tracker.observe("az-3", ZoneVerdict.UP, corroborated=True)
