@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from drctl.activities.load import LoadGenerator
-from drctl.detectors.prober import Prober
+from drctl.detectors.prober import SLEEP_CHECK_EVERY, Prober
 from drctl.payloads import FailoverRequest, IncidentTicket, ReconcileAction, ReconcileActionKind, Role
 from drctl.platforms.local import faults
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
@@ -249,11 +249,15 @@ async def test_the_prober_asks_the_engines_paths(server: FakeEngine, tmp_path: P
         instance = registry.load()[INSTANCE]
         assert await prober._probe(instance) == (True, False)
         server.asleep = True  # a serving vLLM instance asleep answers /health 200 and cannot serve
-        assert await prober._probe(instance) == ((False, False) if server.engine == Engine.VLLM else (True, False))
+        vllm = server.engine == Engine.VLLM
+        # is_sleeping is asked on every SLEEP_CHECK_EVERY-th probe (the 1st, the 4th, ...), then on
+        # every probe while the instance is seen asleep.
+        verdicts = [await prober._probe(instance) for _ in range(SLEEP_CHECK_EVERY + 1)]
+        assert verdicts == [(True, False)] * (SLEEP_CHECK_EVERY - 1) + [(not vllm, False)] * 2
     finally:
         await prober.aclose()
-    expected = ["GET /health", "GET /is_sleeping"] if server.engine == Engine.VLLM else ["GET /health"]
-    assert server.paths() == expected * 2
+    health, asked = ["GET /health"], ["GET /health", "GET /is_sleeping"] if vllm else ["GET /health"]
+    assert server.paths() == asked + health * (SLEEP_CHECK_EVERY - 1) + asked * 2
 
 
 # -- the drill's fault and load ----------------------------------------------------------------------
