@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import aiohttp
 import httpx
 import yaml
 
@@ -55,7 +56,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dr-policy.yaml"
 
 
-def policy_document(models: int) -> dict[str, Any]:
+def policy_document(models: int, parallel: int | None = None) -> dict[str, Any]:
     example = yaml.safe_load(EXAMPLE.read_text())
     # Instances per GPU when the whole fleet runs in one zone (half the nodes), with room to spare.
     per_gpu = max(1, -(-models * 2 // (NODES // 2 * GPUS)))
@@ -65,7 +66,8 @@ def policy_document(models: int) -> dict[str, Any]:
             {"name": f"m{i:04d}", "engine": "demo", "hotStandby": 1, "gpuMemory": f"{memory_gib}Gi", "rto": "30s"}
             for i in range(models)
         ],
-        "az_failover": {"activeZones": [DOWN_ZONE, UP_ZONE], "healthCheckInterval": "10s", "failoverThreshold": 3},
+        "az_failover": {"activeZones": [DOWN_ZONE, UP_ZONE], "healthCheckInterval": "10s", "failoverThreshold": 3}
+        | ({"maxParallelFailovers": parallel} if parallel else {}),
         "tenants": [{"name": "default", "weight": 5, "capability": {"gpus": NODES * GPUS, "memory": "100Ti"}}],
         "gpuPool": {
             "nodes": [
@@ -102,7 +104,8 @@ async def envoy_updates(http: httpx.AsyncClient, admin_url: str) -> int:
 
 
 class Load:
-    """Open-loop predict requests to every model in turn, ``rate_hz`` per model."""
+    """Open-loop predict requests to every model in turn, ``rate_hz`` per model (aiohttp: a tenth
+    of httpx's CPU per request, which matters at a thousand requests a second on two cores)."""
 
     def __init__(self, lb_url: str, models: list[str], rate_hz: float) -> None:
         self.lb_url, self.models, self.rate = lb_url, models, rate_hz * len(models)
@@ -111,9 +114,9 @@ class Load:
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
         in_flight: set[asyncio.Task[None]] = set()
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512), timeout=timeout) as client:
             next_at, n = time.monotonic(), 0
             while not self.stop.is_set():
                 if len(in_flight) >= 512:
@@ -131,12 +134,15 @@ class Load:
             if in_flight:
                 await asyncio.gather(*in_flight)
 
-    async def _one(self, client: httpx.AsyncClient, model: str) -> None:
+    async def _one(self, client: aiohttp.ClientSession, model: str) -> None:
         self.sent += 1
         try:
-            r = await client.post(f"{self.lb_url}/v1/models/{model}/predict", json={"prompt": "x", "max_tokens": 4})
-            ok, what = r.status_code == 200, str(r.status_code)
-        except httpx.HTTPError as exc:
+            async with client.post(
+                f"{self.lb_url}/v1/models/{model}/predict", json={"prompt": "x", "max_tokens": 4}
+            ) as r:
+                await r.read()
+                ok, what = r.status == 200, str(r.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             ok, what = False, type(exc).__name__
         if not ok:
             self.failed += 1
@@ -152,7 +158,7 @@ async def running_runbooks(stack: LocalStack) -> int:
 
 async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     policy_path = workdir / "policy.yaml"
-    policy_path.write_text(yaml.safe_dump(policy_document(models), sort_keys=False))
+    policy_path.write_text(yaml.safe_dump(policy_document(models, args.parallel), sort_keys=False))
     policy = load_policy_file(policy_path)
     settings = isolated_settings(workdir / "state", policy_path).model_copy(update={"instance_mode": args.mode})
     os.environ["DRCTL_INSTANCE_MODE"] = args.mode  # the parts read their settings from the environment
@@ -186,6 +192,15 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 victims += [p.pid for p in pools if p.name in down_nodes]
             else:
                 victims += [i.pid for i in instances if i.zone == DOWN_ZONE and i.pid is not None]
+            profiler = None
+            if args.profile:
+                # py-spy (a dev tool: pip install py-spy) samples the worker through the outage.
+                out = Path(args.profile) / f"worker-{models}.txt"
+                profiler = await asyncio.create_subprocess_exec(
+                    "py-spy", "record", "--nonblocking", "--format", "raw", "-d", str(int(args.timeout)),
+                    "-p", str(stack.pids["worker"]), "-o", str(out),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
             t0 = time.monotonic()
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
@@ -209,6 +224,9 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 in_down = {i.model for i in fleet if i.zone == DOWN_ZONE and i.role in (Role.SERVING, Role.HOT)}
                 if done_s is not None and set(policy.model_names) <= (serving_up & hot_up) and not in_down:
                     back_s = now
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+                await profiler.wait()
             updates = await envoy_updates(http, settings.envoy_admin_url) - updates0
             zone_runs = []
             assert stack.client is not None
@@ -249,6 +267,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["pooled", "process"], default="pooled")
     parser.add_argument("--rate-hz", type=float, default=2.0, help="requests per second per model")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for redundancy")
+    parser.add_argument("--parallel", type=int, default=None, help="az_failover.maxParallelFailovers (policy: 4)")
+    parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []

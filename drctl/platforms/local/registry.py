@@ -59,20 +59,35 @@ class InstanceRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
+        self._parsed: tuple[bytes, dict[str, Any], dict[str, LocalInstance]] | None = None
+        """The file's last content read or written here, parsed and validated: a platform call
+        reads the registry several times, and at hundreds of instances parsing and validating it
+        each time was a quarter of the worker's CPU in a zone failover (py-spy). Keyed by the
+        content itself, not the file's mtime or inode, which two quick writes can share."""
 
     def _read(self) -> dict[str, Any]:
+        return self._parse()[0]
+
+    def _parse(self) -> tuple[dict[str, Any], dict[str, LocalInstance]]:
         try:
-            raw: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+            content = self.path.read_bytes()
         except FileNotFoundError:
-            return {}
-        return raw
+            return {}, {}
+        if self._parsed is None or self._parsed[0] != content:
+            raw: dict[str, Any] = json.loads(content)
+            instances = {item["id"]: LocalInstance.model_validate(item) for item in raw.get("instances", [])}
+            self._parsed = (content, raw, instances)
+        return self._parsed[1], self._parsed[2]
 
     def load(self) -> dict[str, LocalInstance]:
-        """All instances by id (empty when the file does not exist yet)."""
-        return self._instances(self._read())
+        """All instances by id (empty when the file does not exist yet); copies, free to change."""
+        return {key: instance.model_copy() for key, instance in self._parse()[1].items()}
 
-    @staticmethod
-    def _instances(raw: dict[str, Any]) -> dict[str, LocalInstance]:
+    def _instances(self, raw: dict[str, Any]) -> dict[str, LocalInstance]:
+        """Copies of the instances of ``raw`` (as :meth:`_read` returned it: parsed already)."""
+        parsed = self._parsed
+        if parsed is not None and parsed[1] is raw:
+            return {key: instance.model_copy() for key, instance in parsed[2].items()}
         return {item["id"]: LocalInstance.model_validate(item) for item in raw.get("instances", [])}
 
     def of_model(self, model: str) -> list[LocalInstance]:
@@ -131,9 +146,11 @@ class InstanceRegistry:
         document = {k: v for k, v in raw.items() if k not in ("instances", "epochs")}
         document["epochs"] = dict(sorted(epochs.items()))
         document["instances"] = [i.model_dump(mode="json", exclude={"address"}) for i in ordered]
+        content = (json.dumps(document, indent=2) + "\n").encode("utf-8")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        tmp.write_bytes(content)
         os.replace(tmp, self.path)
+        self._parsed = (content, document, {i.id: i.model_copy() for i in ordered})
 
 
 def _index(instance_id: str) -> int:
