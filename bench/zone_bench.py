@@ -233,6 +233,11 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             async for wf in stack.client.list_workflows("WorkflowType = 'ZoneFailoverWorkflow'"):
                 if wf.close_time is not None:
                     zone_runs.append((wf.close_time - wf.start_time).total_seconds())
+            runbooks = [
+                (wf.close_time - wf.start_time).total_seconds()
+                async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'")
+                if wf.close_time is not None
+            ]
     finally:
         load.stop.set()
         with contextlib.suppress(Exception):
@@ -251,6 +256,8 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbooks_done_s": None if done_s is None else round(done_s, 1),
         "redundancy_back_s": None if back_s is None else round(back_s, 1),
         "zone_failover_s": round(statistics.median(zone_runs), 1) if zone_runs else None,
+        "runbooks": len(runbooks),
+        "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
         "envoy_updates": updates,
         "requests": load.sent,
         "failed": load.failed,
@@ -288,6 +295,8 @@ def main() -> None:
         ("runbooks_done_s", "every runbook complete, s"),
         ("redundancy_back_s", "redundancy back, s"),
         ("zone_failover_s", "zone failover workflow, s"),
+        ("runbooks", "FailoverWorkflow runs"),
+        ("runbook_median_s", "FailoverWorkflow, median s"),
         ("failed", "failed client requests"),
         ("requests", "client requests"),
         ("envoy_updates", "Envoy cluster updates"),
