@@ -40,14 +40,7 @@ async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retri
         if temporal_down:
             raise RuntimeError("Temporal unreachable")
         reported.append(request)
-        return IncidentTicket(
-            model=request.model,
-            instance=request.instance,
-            workflow_id=f"failover-{request.instance}",
-            joined=False,
-            state=IncidentState.QUEUED,
-            opened_at=datetime.now(UTC),
-        )
+        return _ticket(request)
 
     prober = Prober(POLICY, registry, report)  # the policy's caps: 1 per model, 3 per zone
     try:

@@ -31,11 +31,12 @@ drctl-cordoned-gpus -o yaml`` shows it to a person.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
-from kubernetes.client import CoreV1Api, V1ConfigMap, V1ObjectMeta
+from kubernetes.client import V1ConfigMap, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
+
+from drctl.platforms.kubernetes.fencing import ConfigMapRecord
 
 CONFIGMAP = "drctl-cordoned-gpus"
 KEY = "cordoned.json"
@@ -52,21 +53,8 @@ def _parse(found: Any | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-class KubernetesCordons:
-    def __init__(self, core: CoreV1Api, namespace: str, call: Callable[..., Any]) -> None:
-        self.core = core
-        self.namespace = namespace
-        self._call = call
-        """The platform's API call wrapper (thread, backoff on 429/5xx, 403 made final)."""
-
-    async def _read(self) -> Any | None:
-        try:
-            read = self.core.read_namespaced_config_map
-            return await self._call("get", "configmaps", read, CONFIGMAP, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+class KubernetesCordons(ConfigMapRecord):
+    configmap = CONFIGMAP
 
     async def cordoned(self) -> dict[str, str]:
         """Every cordoned GPU and why."""

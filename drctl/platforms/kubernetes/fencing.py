@@ -23,7 +23,12 @@ PREFIX = "epoch.drctl.io/"
 CLAIM_TRIES = 20
 
 
-class KubernetesFencing:
+class ConfigMapRecord:
+    """State drctl keeps in one ConfigMap of its namespace (``configmap``): read through the
+    platform's API call wrapper, None while the ConfigMap does not exist yet."""
+
+    configmap = CONFIGMAP
+
     def __init__(self, core: CoreV1Api, namespace: str, call: Callable[..., Any]) -> None:
         self.core = core
         self.namespace = namespace
@@ -33,11 +38,15 @@ class KubernetesFencing:
     async def _read(self) -> Any | None:
         try:
             read = self.core.read_namespaced_config_map
-            return await self._call("get", "configmaps", read, CONFIGMAP, self.namespace)
+            return await self._call("get", "configmaps", read, self.configmap, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+
+class KubernetesFencing(ConfigMapRecord):
+    configmap = CONFIGMAP
 
     async def epochs(self) -> dict[str, int]:
         found = await self._read()
