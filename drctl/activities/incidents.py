@@ -36,7 +36,7 @@ from drctl.payloads import (
 from drctl.platforms.base import Platform
 from drctl.policies.budget import BudgetLimits
 from drctl.telemetry.tracing import span
-from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_closed
+from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_running
 
 HEARTBEAT_S = 1.0
 LIMITS_TTL_S = 5.0
@@ -109,7 +109,7 @@ class IncidentActivities:
         queue = activity.info().task_queue
 
         async def one(ticket: IncidentTicket) -> RunbookOutcome:
-            incident = await wait_closed(client, queue, ticket)
+            incident = await wait_running(client, queue, ticket)
             try:
                 result = await runbook_result(client, incident)
             except (WorkflowFailureError, RPCError) as err:

@@ -76,6 +76,30 @@ async def wait_closed(client: Client, task_queue: str, ticket: IncidentTicket, p
         await asyncio.sleep(poll_s)
 
 
+POLL_FIRST_S = 0.05
+POLL_MAX_S = 1.0
+
+
+async def wait_running(client: Client, task_queue: str, ticket: IncidentTicket) -> Incident:
+    """The ticket's incident once its runbook has a run, or once it closed without one: asked of the
+    guardian (a query, which its worker answers) at growing intervals, 50 ms up to 1 s.
+
+    What waits for many runbooks at once (a zone failover, a drain) then awaits each run's result
+    with :func:`runbook_result`, a long poll the server answers when the run ends: polling the
+    guardians every 100 ms until the end was 160 queries a second at 16 runbooks in flight, which
+    the worker and the dev server had to answer beside the runbooks themselves."""
+    poll = POLL_FIRST_S
+    while True:
+        state = await guardian_state(client, task_queue, ticket.model)
+        queued, closed = (state.queue, state.recent) if state is not None else ([], [])
+        for incident in [*queued, *closed]:
+            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
+                if incident.run_id is not None or incident in closed:
+                    return incident
+        await asyncio.sleep(poll)
+        poll = min(POLL_MAX_S, poll * 2)
+
+
 async def wait_started(
     client: Client, task_queue: str, ticket: IncidentTicket, wait_s: float, poll_s: float = 0.05
 ) -> Incident | None:

@@ -19,6 +19,7 @@ from drctl.payloads import (
     FailoverRequest,
     FailoverResult,
     FailureReport,
+    IncidentState,
     IncidentTicket,
     Instance,
     Role,
@@ -26,7 +27,14 @@ from drctl.payloads import (
     budget_workflow_id,
     failover_workflow_id,
 )
-from drctl.temporal.incidents import budget_state, guardian_state, report_failure, runbook_result, wait_closed
+from drctl.temporal.incidents import (
+    budget_state,
+    guardian_state,
+    report_failure,
+    runbook_result,
+    wait_closed,
+    wait_running,
+)
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
@@ -238,3 +246,20 @@ async def test_a_report_for_another_model_is_refused(time_skipping_env: Workflow
             raise AssertionError("the guardian of llama-2-7b must refuse a mistral-7b report")
         except WorkflowUpdateFailedError as err:
             assert "recovers llama-2-7b, not mistral-7b" in str(err.cause)
+
+
+async def test_a_waiter_learns_the_run_before_it_ends_then_long_polls_its_result(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """``wait_running`` (what a zone failover's or a drain's wait uses) returns as soon as the
+    incident's runbook has a run, while it still runs; the result then comes from the server's long
+    poll, not from asking the guardian again and again."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.promote_gate = asyncio.Event()  # the runbook cannot end until the test lets it
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, report("llama-2-7b-0", "zone failover"))
+        incident = await asyncio.wait_for(wait_running(client, queue, ticket), timeout=30)
+        assert incident.run_id is not None and incident.state == IncidentState.RUNNING
+        fleet.promote_gate.set()
+        result = await asyncio.wait_for(runbook_result(client, incident), timeout=30)
+    assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
