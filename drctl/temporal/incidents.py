@@ -9,6 +9,7 @@ whether this report opened the incident or joined it. Nothing here starts ``Fail
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -65,15 +66,40 @@ async def report_failure(client: Client, task_queue: str, report: FailureReport)
     return ticket
 
 
+async def _wait_for_incident(
+    client: Client,
+    task_queue: str,
+    ticket: IncidentTicket,
+    ready: Callable[[Incident, bool], bool],
+    *,
+    poll_s: float,
+    poll_max_s: float | None = None,
+    wait_s: float | None = None,
+) -> Incident | None:
+    """The ticket's incident, asked of its guardian (a query) until ``ready(incident, closed)``;
+    every ``poll_s``, doubling up to ``poll_max_s`` when given. None once ``wait_s`` has passed."""
+    loop = asyncio.get_running_loop()
+    deadline = None if wait_s is None else loop.time() + wait_s
+    while True:
+        state = await guardian_state(client, task_queue, ticket.model)
+        queued, closed = (state.queue, state.recent) if state is not None else ([], [])
+        for incident, is_closed in [*((i, False) for i in queued), *((i, True) for i in closed)]:
+            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
+                if ready(incident, is_closed):
+                    return incident
+        if deadline is not None and loop.time() > deadline:
+            return None
+        await asyncio.sleep(poll_s)
+        if poll_max_s is not None:
+            poll_s = min(poll_max_s, poll_s * 2)
+
+
 async def wait_closed(client: Client, task_queue: str, ticket: IncidentTicket, poll_s: float = 0.1) -> Incident:
     """Wait until the guardian has closed the ticket's incident; returns it (with its run id and its
     final workflow id, which differs from the ticket's when that id was taken by a direct start)."""
-    while True:
-        state = await guardian_state(client, task_queue, ticket.model)
-        for incident in state.recent if state is not None else []:
-            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
-                return incident
-        await asyncio.sleep(poll_s)
+    incident = await _wait_for_incident(client, task_queue, ticket, lambda _i, closed: closed, poll_s=poll_s)
+    assert incident is not None  # no deadline
+    return incident
 
 
 POLL_FIRST_S = 0.05
@@ -88,16 +114,16 @@ async def wait_running(client: Client, task_queue: str, ticket: IncidentTicket) 
     with :func:`runbook_result`, a long poll the server answers when the run ends: polling the
     guardians every 100 ms until the end was 160 queries a second at 16 runbooks in flight, which
     the worker and the dev server had to answer beside the runbooks themselves."""
-    poll = POLL_FIRST_S
-    while True:
-        state = await guardian_state(client, task_queue, ticket.model)
-        queued, closed = (state.queue, state.recent) if state is not None else ([], [])
-        for incident in [*queued, *closed]:
-            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
-                if incident.run_id is not None or incident in closed:
-                    return incident
-        await asyncio.sleep(poll)
-        poll = min(POLL_MAX_S, poll * 2)
+    incident = await _wait_for_incident(
+        client,
+        task_queue,
+        ticket,
+        lambda i, closed: i.run_id is not None or closed,
+        poll_s=POLL_FIRST_S,
+        poll_max_s=POLL_MAX_S,
+    )
+    assert incident is not None  # no deadline
+    return incident
 
 
 async def wait_started(
@@ -105,17 +131,9 @@ async def wait_started(
 ) -> Incident | None:
     """The ticket's incident once its runbook has a run (None if it still waits after ``wait_s``:
     behind an earlier incident of the model, or for the budget)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while True:
-        state = await guardian_state(client, task_queue, ticket.model)
-        for incident in [*state.queue, *state.recent] if state is not None else []:
-            if incident.instance == ticket.instance and incident.opened_at == ticket.opened_at:
-                if incident.run_id is not None:
-                    return incident
-        if loop.time() > deadline:
-            return None
-        await asyncio.sleep(poll_s)
+    return await _wait_for_incident(
+        client, task_queue, ticket, lambda i, _closed: i.run_id is not None, poll_s=poll_s, wait_s=wait_s
+    )
 
 
 async def runbook_result(client: Client, incident: Incident) -> FailoverResult:
