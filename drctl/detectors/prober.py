@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -101,7 +101,7 @@ class Prober:
         """Probes sent to each instance (every ``SLEEP_CHECK_EVERY``-th also asks ``is_sleeping``)."""
         self._asleep: set[str] = set()
         """Instances last seen asleep: asked ``is_sleeping`` on every probe until seen awake."""
-        self._fleet: tuple[tuple[int, int, int], list[LocalInstance]] | None = None
+        self._fleet: tuple[Mapping[str, LocalInstance], list[LocalInstance]] | None = None
         self._exit_cursor = 0
         self.zone_alarm: Callable[[], None] | None = None
         """Called when every watched instance of a zone is down (the zone check looks at once)."""
@@ -113,16 +113,13 @@ class Prober:
         await self._http.aclose()
 
     def _probed(self) -> list[LocalInstance]:
-        """The instances to watch, read again only when the registry file changed (at 1,000
-        instances parsing it ten times a second was a tenth of a core)."""
-        try:
-            st = os.stat(self.registry.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # written by os.replace: a new inode each time
-        except OSError:
-            stamp = (0, 0, 0)
-        if self._fleet is None or self._fleet[0] != stamp:
-            instances = [i for i in self.registry.load().values() if i.role in PROBED_ROLES and i.port is not None]
-            self._fleet = (stamp, instances)
+        """The instances to watch, sorted out of the registry again only when its content changed
+        (the registry re-parses only then too: at 1,000 instances parsing the file ten times a
+        second was a tenth of a core)."""
+        view = self.registry.view()
+        if self._fleet is None or self._fleet[0] is not view:
+            instances = [i for i in view.values() if i.role in PROBED_ROLES and i.port is not None]
+            self._fleet = (view, instances)
         return self._fleet[1]
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -172,13 +169,19 @@ class Prober:
 
     def instances_down(self, zone: str) -> bool:
         """Every instance watched in ``zone`` is down (past its hysteresis); False with none."""
-        fleet = self._fleet[1] if self._fleet is not None else []
-        states = [self.trackers[i.id].up for i in fleet if i.zone == zone and i.id in self.trackers]
-        return bool(states) and not any(states)
+        return zone in self._zones_down(self._fleet[1] if self._fleet is not None else [])
+
+    def _zones_down(self, instances: list[LocalInstance]) -> set[str]:
+        """The zones whose every watched instance is down, in one pass over the fleet."""
+        up: dict[str, bool] = {}
+        for instance in instances:
+            tracker = self.trackers.get(instance.id)
+            if instance.zone is not None and tracker is not None:
+                up[instance.zone] = up.get(instance.zone, False) or tracker.up
+        return {zone for zone, any_up in up.items() if not any_up}
 
     def _sound_zone_alarm(self, instances: list[LocalInstance]) -> None:
-        zones = {i.zone for i in instances if i.zone is not None}
-        down = {zone for zone in zones if self.instances_down(zone)}
+        down = self._zones_down(instances)
         if down - self._zones_alarmed and self.zone_alarm is not None:
             log.warning("every watched instance in %s is down: zone check now", ", ".join(sorted(down)))
             self.zone_alarm()

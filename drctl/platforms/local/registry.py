@@ -17,7 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -78,6 +78,12 @@ class InstanceRegistry:
             instances = {item["id"]: LocalInstance.model_validate(item) for item in raw.get("instances", [])}
             self._parsed = (content, raw, instances)
         return self._parsed[1], self._parsed[2]
+
+    def view(self) -> Mapping[str, LocalInstance]:
+        """The instances as last parsed, not copied: the same mapping (and objects) for as long as
+        the file's content does not change, so a caller that reads often (the prober, ten times a
+        second) can tell "unchanged" by identity. Read only: :meth:`load` gives copies to change."""
+        return self._parse()[1]
 
     def load(self) -> dict[str, LocalInstance]:
         """All instances by id (empty when the file does not exist yet); copies, free to change."""
