@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,9 +30,10 @@ from drctl.detectors.kube_watcher import (
     pod_state,
     zone_verdicts,
 )
-from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Trigger
+from drctl.payloads import FailoverRequest, IncidentTicket, Trigger
 from drctl.policies.schema import DetectionPolicy
 from drctl.policies.zone_health import ZoneVerdict
+from tests.detectors.tickets import queued_ticket
 
 POLICY = DetectionPolicy()
 
@@ -187,16 +188,7 @@ def fake_starter() -> tuple[list[FailoverRequest], list[IncidentTicket], Any]:
 
     async def report(request: FailoverRequest) -> IncidentTicket:
         started.append(request)
-        tickets.append(
-            IncidentTicket(
-                model=request.model,
-                instance=request.instance,
-                workflow_id=f"failover-{request.instance}",
-                joined=False,
-                state=IncidentState.QUEUED,
-                opened_at=datetime.now(UTC),
-            )
-        )
+        tickets.append(queued_ticket(request))
         return tickets[-1]
 
     return started, tickets, report
@@ -322,14 +314,7 @@ async def test_a_report_that_does_not_get_through_is_kept_and_tried_again() -> N
         if down:
             raise RuntimeError("Temporal unreachable")
         reported.append(request)
-        return IncidentTicket(
-            model=request.model,
-            instance=request.instance,
-            workflow_id=f"failover-{request.instance}",
-            joined=False,
-            state=IncidentState.QUEUED,
-            opened_at=datetime.now(UTC),
-        )
+        return queued_ticket(request)
 
     clock = Clock()
     watcher = KubeWatcher(None, "fleet", DetectionPolicy(max_failovers_per_zone=1), report, clock=clock)

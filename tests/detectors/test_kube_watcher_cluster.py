@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from kubernetes.client import ApiClient, Configuration, CoordinationV1Api, CoreV
 from drctl.detectors.gpu_node_agent import NodeAgent, serve
 from drctl.detectors.kube_watcher import LEASE_NAME, KubeWatcher
 from drctl.detectors.leader import LeaderElector, LeaseTimings
-from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket
+from drctl.payloads import FailoverRequest, IncidentTicket
 from drctl.policies.loader import load_policy_file
 from drctl.policies.schema import DetectionPolicy
+from tests.detectors.tickets import queued_ticket
 from tests.platforms.kubernetes.test_platform import Emulator
 
 NS = "drctl"
@@ -85,17 +86,6 @@ def api_client(emulator: Any) -> Iterator[ApiClient]:
         yield client
 
 
-def ticket(request: FailoverRequest, joined: bool) -> IncidentTicket:
-    return IncidentTicket(
-        model=request.model,
-        instance=request.instance,
-        workflow_id=f"failover-{request.instance}",
-        joined=joined,
-        state=IncidentState.QUEUED,
-        opened_at=datetime.now(UTC),
-    )
-
-
 @dataclass
 class Guardians:
     """Stands in for Temporal: the reports and zone failovers every replica made, in order."""
@@ -111,7 +101,7 @@ class Guardians:
                 raise RuntimeError("Temporal unreachable")
             joined = any(i == request.instance for _, i in self.reports)
             self.reports.append((replica, request.instance))
-            return ticket(request, joined)
+            return queued_ticket(request, joined)
 
         async def start_zone(zone: str, reason: str) -> str:
             if self.refusing:

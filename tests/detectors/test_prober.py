@@ -8,13 +8,13 @@ import asyncio
 import json
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from drctl.detectors.prober import Prober
-from drctl.payloads import FailoverRequest, IncidentState, IncidentTicket, Role, Trigger
+from drctl.payloads import FailoverRequest, IncidentTicket, Role, Trigger
 from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
 from drctl.policies.loader import load_policy_file
+from tests.detectors.tickets import queued_ticket
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
 
@@ -40,7 +40,7 @@ async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retri
         if temporal_down:
             raise RuntimeError("Temporal unreachable")
         reported.append(request)
-        return _ticket(request)
+        return queued_ticket(request)
 
     prober = Prober(POLICY, registry, report)  # the policy's caps: 1 per model, 3 per zone
     try:
@@ -63,17 +63,6 @@ async def test_every_dead_instance_is_reported_once_and_a_failed_report_is_retri
         await prober.aclose()
 
 
-def _ticket(request: FailoverRequest) -> IncidentTicket:
-    return IncidentTicket(
-        model=request.model,
-        instance=request.instance,
-        workflow_id=f"failover-{request.instance}",
-        joined=False,
-        state=IncidentState.QUEUED,
-        opened_at=datetime.now(UTC),
-    )
-
-
 async def test_exits_in_a_large_fleet_are_looked_for_a_window_at_a_time(tmp_path: Path) -> None:
     """Past EXIT_CHECKS_PER_TICK instances, each tick reads /proc for the next window of them: every
     exit is still seen, within a few ticks, at a fixed cost per tick."""
@@ -88,7 +77,7 @@ async def test_exits_in_a_large_fleet_are_looked_for_a_window_at_a_time(tmp_path
 
     async def report(request: FailoverRequest) -> IncidentTicket:
         reported.append(request)
-        return _ticket(request)
+        return queued_ticket(request)
 
     prober = Prober(POLICY, registry, report)
     try:
@@ -131,7 +120,7 @@ async def test_a_serving_instance_found_asleep_is_reported(tmp_path: Path) -> No
 
     async def report(request: FailoverRequest) -> IncidentTicket:
         reported.append(request)
-        return _ticket(request)
+        return queued_ticket(request)
 
     prober = Prober(POLICY, registry, report)
     interval = POLICY.detection.probe_interval.total_seconds()
