@@ -1029,6 +1029,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: a server's main thread waits on it, then shuts down."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     app = DemoModel(
@@ -1047,13 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         log(args.instance, f"cannot listen on {args.host}:{args.port}: {e}")
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     host, port = server.server_address[:2]
     log(args.instance, f"model {args.model} listening on http://{host!s}:{port}")
     serve = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http", daemon=True)

@@ -51,7 +51,6 @@ import io
 import json
 import os
 import resource
-import signal
 import socket
 import sys
 import threading
@@ -60,10 +59,9 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
-from drctl.sim.inference_server import DemoHandler, DemoHTTPServer, DemoModel, log, parse_args
+from drctl.sim.inference_server import DemoHandler, DemoHTTPServer, DemoModel, log, parse_args, stop_on_signals
 
 THREAD_STACK_BYTES = 512 * 1024
 """Each instance and connection is a thread: a smaller stack than the default 8 MiB keeps the
@@ -473,13 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     host, port = server.server_address[:2]
     print(
         f"instance-pool[{args.name}] control on http://{host!s}:{port} (pid {os.getpid()}, {files} open files)",
