@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -29,6 +30,18 @@ INSTANCE_HEADER = "x-drctl-instance"
 
 def _client(stack: LocalStack) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{stack.settings.lb_url}/v1", api_key="unused", max_retries=0, timeout=15)
+
+
+async def _until_served_by(client: openai.AsyncOpenAI, instance: str, timeout_s: float = 10.0) -> None:
+    """Until three answers in a row come from ``instance`` (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    in_a_row = 0
+    while in_a_row < 3:
+        raw = await client.completions.with_raw_response.create(model=MODEL, prompt="who", max_tokens=1)
+        in_a_row = in_a_row + 1 if raw.headers.get(INSTANCE_HEADER) == instance else 0
+        if time.monotonic() > deadline:
+            pytest.fail(f"Envoy does not route {MODEL} to its serving instance {instance}")
+        await asyncio.sleep(0.05)
 
 
 async def test_completions_and_chat_by_the_body_model(local_stack: LocalStack) -> None:
@@ -57,6 +70,11 @@ async def test_a_stream_across_a_failover_is_cut_and_new_streams_reach_the_repla
     assert local_stack.client is not None
     client = _client(local_stack)
     [victim] = [i for i in local_stack.platform.registry.of_model(MODEL) if i.role == Role.SERVING]
+    # Precondition, not the subject: within a second or two of `drctl up` Envoy was seen to spread
+    # requests over the hot standbys too (each host one request, no retry; in 4 of 6 runs of this
+    # module alone, already at 447d885), though every host was healthy at its priority. Cause not
+    # found yet (see the closing note of issue 12); the stream below must start on the serving one.
+    await _until_served_by(client, victim.id)
 
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "a long answer"}], max_tokens=400, stream=True
