@@ -292,6 +292,11 @@ def _signal_thread(pid: int, sig: signal.Signals) -> bool:
         # stopped zone in minutes). The prober fails the pool's other instances over.
         with contextlib.suppress(ProcessLookupError):
             os.kill(group, signal.SIGKILL)
+        # The instance's thread can be gone while the rest of the pool is still exiting; wait for
+        # the whole pool, so that whoever fenced it may start a new one on the node at once.
+        deadline = time.monotonic() + 2.0
+        while is_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return True
     if port is None or sig not in POOL_SIGNALS or is_stopped(group):
         return True  # not a pool's, or a signal a pool does not act out, or a stopped pool: cannot answer
