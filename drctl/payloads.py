@@ -457,15 +457,18 @@ class DrillScenario(StrEnum):
     """The seed's fault-injection scenarios (§5.2's SLA table)."""
 
     POD_CRASH = "pod-crash"
-    """kill -9 of the serving instance."""
+    """kill -9 of the serving instance (Kubernetes: its pod deleted with grace period 0)."""
     NODE_DOWN = "node-down"
-    """Every instance of the serving instance's node, and its node agent, stop answering (SIGSTOP)."""
+    """Every instance of the serving instance's node, and its node agent, stop answering (SIGSTOP;
+    Kubernetes: the Node cordoned, tainted ``NoExecute`` and marked NotReady)."""
     GPU_FAILURE = "gpu-failure"
     """The node agent reports a drain-class Xid (79, fallen off the bus) for the serving GPU."""
     ZONE_OUTAGE = "zone-outage"
-    """Every node of the serving instance's zone down (SIGSTOP of instances and node agents)."""
+    """Every node of the serving instance's zone down (SIGSTOP of instances and node agents;
+    Kubernetes: node-down for every Node labelled with the zone)."""
     MODEL_CORRUPTION = "model-corruption"
-    """The model's checkpoint is corrupted and the serving instance reloads it: the checksum fails."""
+    """The model's checkpoint is corrupted and the serving instance reloads it: the checksum fails
+    (local platform only: on Kubernetes the worker cannot reach the model store)."""
 
 
 class DrillRequest(Payload):
@@ -508,6 +511,22 @@ class DrillPlan(Payload):
     target: DrillTarget
 
 
+class NodeFault(Payload):
+    """What a drill did to one Kubernetes Node, part by part, each recorded before it is written
+    (restore undoes a part only where it finds it in place, so a part that never got written is
+    left alone)."""
+
+    node: str
+    cordoned: bool = False
+    """``spec.unschedulable`` set (the node was schedulable): uncordoned on restore."""
+    tainted: bool = False
+    """The taint ``drctl.io/drill=node-down:NoExecute`` added (it had none): removed on restore."""
+    not_ready: bool = False
+    """Its ``Ready`` condition set False (reason ``DrctlDrill``) through the Node's status."""
+    previous_ready: dict[str, str] | None = None
+    """The ``Ready`` condition it had before (None: none), put back on restore while ours is there."""
+
+
 class InjectedFault(Payload):
     """What was done, so that ``restore`` can undo exactly that. Filled in as the injection goes, so a
     half-done injection is restored too."""
@@ -519,6 +538,10 @@ class InjectedFault(Payload):
     """Node agent URLs that got an injected Xid (cleared with ``DELETE /faults``)."""
     corrupted: list[str] = Field(default_factory=list)
     """Checkpoint paths that were corrupted."""
+    deleted_pods: list[str] = Field(default_factory=list)
+    """Kubernetes: pods deleted with grace period 0 (nothing to undo: their Deployment replaces them)."""
+    nodes: list[NodeFault] = Field(default_factory=list)
+    """Kubernetes: Nodes taken down (cordon, ``NoExecute`` taint, NotReady), as far as it went."""
 
 
 class LoadBucket(Payload):
@@ -748,6 +771,13 @@ class LeaseRequest(Payload):
     max_per_zone: int = 3
     trip_after_waiting: int = 50
     """The policy's budget as the requesting activity read it (the budget follows the newest)."""
+    max_parallel_zone: int | None = None
+    """Zone-level recoveries running at once, fleet-wide (the policy's ``maxParallelFailovers``):
+    a zone failover hands the budget every failover of the zone at once and the budget starts them
+    this many at a time. None: no cap (a request from before the cap existed)."""
+    rank: int = 0
+    """The model's priority rank (critical highest), filled in by the requesting activity: zone-level
+    requests waiting for ``max_parallel_zone`` start highest first."""
 
 
 class LeaseAnswer(Payload):
@@ -802,6 +832,7 @@ class BudgetState(Payload):
     max_per_minute: int = 120
     max_per_zone: int = 3
     trip_after_waiting: int = 50
+    max_parallel_zone: int | None = None
 
 
 class RunbookOutcome(Payload):
@@ -831,3 +862,7 @@ class RunbookIds(Payload):
     """Incidents to wait for (heartbeating) until each has closed, with its runbook's outcome."""
 
     tickets: list[IncidentTicket]
+    at_once: int | None = None
+    """Follow at most this many at a time, in order (a zone failover's whole zone: the budget starts
+    them ``maxParallelFailovers`` at a time, so watching more would only poll waiting guardians).
+    None: all at once."""

@@ -22,6 +22,7 @@ from temporalio.service import RPCError
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
+    FailureReport,
     IncidentTicket,
     IncidentTickets,
     LeaseAnswer,
@@ -39,6 +40,8 @@ from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_running
 
 HEARTBEAT_S = 1.0
+REPORTS_AT_ONCE = 16
+"""Reports of one batch in flight at once (each an Update-with-start on its model's guardian)."""
 LIMITS_TTL_S = 5.0
 
 
@@ -50,7 +53,7 @@ class IncidentActivities:
     def __init__(self, platform: Platform, alertmanager_url: str | None = None) -> None:
         self.platform = platform
         self.alertmanager_url = alertmanager_url or os.environ.get("DRCTL_ALERTMANAGER_URL")
-        self._limits_cache: tuple[float, BudgetLimits] | None = None
+        self._limits_cache: tuple[float, BudgetLimits, dict[str, int]] | None = None
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.claim_epoch, self.report_failure, self.request_lease, self.await_runbooks, self.budget_alert]
@@ -68,21 +71,37 @@ class IncidentActivities:
     async def report_failure(self, batch: ReportBatch) -> IncidentTickets:
         """Report each failure to its model's guardian (a runbook's way to reach the one serialization point)."""
         queue = activity.info().task_queue
-        tickets = [await report_failure(activity.client(), queue, report) for report in batch.reports]
-        return IncidentTickets(tickets=tickets)
+        client = activity.client()
+        gate = asyncio.Semaphore(REPORTS_AT_ONCE)
 
-    async def _limits(self) -> BudgetLimits:
-        """The policy's budget, re-read at most every few seconds (not on every recovery's path)."""
+        async def one(report: FailureReport) -> IncidentTicket:
+            async with gate:
+                return await report_failure(client, queue, report)
+
+        # Each report goes to another guardian: sent side by side, started in the batch's order (a
+        # zone failover lists critical models first), at most REPORTS_AT_ONCE in flight.
+        reporting = asyncio.ensure_future(asyncio.gather(*(one(r) for r in batch.reports)))
+        while not reporting.done():
+            if not activity.info().is_local:
+                activity.heartbeat()
+            await asyncio.wait({reporting}, timeout=HEARTBEAT_S)
+        return IncidentTickets(tickets=list(reporting.result()))
+
+    async def _limits(self) -> tuple[BudgetLimits, dict[str, int]]:
+        """The policy's budget and each model's priority rank, re-read at most every few seconds
+        (not on every recovery's path)."""
         now = time.monotonic()
         if self._limits_cache is None or now - self._limits_cache[0] > LIMITS_TTL_S:
-            self._limits_cache = (now, BudgetLimits.of(await self.platform.current_policy()))
-        return self._limits_cache[1]
+            policy = await self.platform.current_policy()
+            ranks = {m.name: m.priority.rank for m in policy.models}
+            self._limits_cache = (now, BudgetLimits.of(policy), ranks)
+        return self._limits_cache[1], self._limits_cache[2]
 
     @activity.defn(name=ActivityName.REQUEST_LEASE)
     async def request_lease(self, request: LeaseRequest) -> LeaseAnswer:
         """Ask the budget for room, with the instance's zone and the policy's limits filled in."""
         start = time.monotonic()
-        limits = await self._limits()
+        limits, ranks = await self._limits()
         zone = request.zone
         if request.instance is not None:
             try:
@@ -96,6 +115,8 @@ class IncidentActivities:
                 "max_per_minute": limits.max_per_minute,
                 "max_per_zone": limits.max_per_zone,
                 "trip_after_waiting": limits.trip_after_waiting,
+                "max_parallel_zone": limits.max_parallel_zone,
+                "rank": ranks.get(request.model, 0),
             }
         )
         granted = await request_lease(activity.client(), activity.info().task_queue, filled)
@@ -121,7 +142,13 @@ class IncidentActivities:
                 detail=result.reason,
             )
 
-        waiting = asyncio.ensure_future(asyncio.gather(*(one(t) for t in ids.tickets)))
+        gate = asyncio.Semaphore(ids.at_once or max(1, len(ids.tickets)))
+
+        async def in_turn(ticket: IncidentTicket) -> RunbookOutcome:
+            async with gate:
+                return await one(ticket)
+
+        waiting = asyncio.ensure_future(asyncio.gather(*(in_turn(t) for t in ids.tickets)))
         while not waiting.done():
             activity.heartbeat()
             await asyncio.wait({waiting}, timeout=HEARTBEAT_S)

@@ -25,6 +25,8 @@ class BudgetLimits:
     max_per_minute: int
     max_per_zone: int
     trip_after_waiting: int
+    max_parallel_zone: int | None = None
+    """Zone-level recoveries running at once (None: no cap)."""
 
     @classmethod
     def of(cls, policy: DRPolicy) -> BudgetLimits:
@@ -32,6 +34,7 @@ class BudgetLimits:
             max_per_minute=policy.budget.max_runbooks_per_minute,
             max_per_zone=policy.detection.max_failovers_per_zone,
             trip_after_waiting=policy.budget.trip_after_waiting,
+            max_parallel_zone=policy.az_failover.max_parallel_failovers,
         )
 
 
@@ -45,6 +48,9 @@ class Decision:
     """Decide again at this time even if nothing else happens (a start leaves the rate window)."""
     why_waiting: dict[str, str] | None = None
     """Incident → why it still waits."""
+    covered: frozenset[str] = frozenset()
+    """Incidents in ``grant`` asked at instance level and granted as zone-level (their zone is
+    failing over): they run as zone-level leases from now on."""
 
 
 def recent_starts(starts: Sequence[datetime], now: datetime) -> list[datetime]:
@@ -59,25 +65,58 @@ def decide(
     now: datetime,
     limits: BudgetLimits,
     tripped: bool,
+    zone_covers_zone: bool = False,
 ) -> Decision:
     """Which of ``waiting`` (oldest first) start now, given those ``running`` and the ``starts`` of
     the last minute. A request that does not fit waits without blocking later ones that do (a full
     zone does not hold up another zone); a zone-level lease (an approved zone failover) is held to
-    none of them: the zone-level decision was made (and approved, where the policy asks) already."""
-    if tripped:
-        zone_level = [w for w in waiting if w.kind == LeaseKind.ZONE]
-        return Decision(
-            grant=zone_level,
-            why_waiting={w.incident: "budget tripped: waiting for a person" for w in waiting if w not in zone_level},
-        )
-    in_window = sorted(recent_starts(starts, now))
-    per_zone = Counter(r.zone for r in running if r.zone is not None and r.kind == LeaseKind.INSTANCE)
+    none of them, and passes the breaker: the zone-level decision was made (and approved, where the
+    policy asks) already. Zone-level leases are held only to ``max_parallel_zone`` running at once.
+
+    ``zone_covers_zone``: an instance-level request in a zone that a zone-level lease is running or
+    waiting in counts as zone-level too. The zone's failover covers every failure in it; without
+    this, the prober's reports of the zone's standbys (which no zone failover reports: it moves
+    serving instances) pile up behind the per-zone cap, trip the breaker, and wait for a person."""
+    failing_over = {r.zone for r in (*running, *waiting) if r.kind == LeaseKind.ZONE and r.zone is not None}
+
+    def zone_level(request: LeaseRequest) -> bool:
+        return request.kind == LeaseKind.ZONE or (zone_covers_zone and request.zone in failing_over)
+
+    def _covered(granted: list[LeaseRequest]) -> frozenset[str]:
+        return frozenset(g.incident for g in granted if g.kind != LeaseKind.ZONE and zone_level(g))
+
+    zone_running = sum(1 for r in running if zone_level(r))
     grant: list[LeaseRequest] = []
     why: dict[str, str] = {}
+
+    def grant_zone_level(request: LeaseRequest) -> None:
+        nonlocal zone_running
+        cap = limits.max_parallel_zone
+        if cap is not None and zone_running >= cap:
+            why[request.incident] = f"{zone_running} zone failovers running (maxParallelFailovers {cap})"
+            return
+        grant.append(request)
+        zone_running += 1
+
+    if zone_covers_zone:
+        # Zone-level first, critical models first (a zone's reports arrive side by side, not in order).
+        first = sorted((w for w in waiting if zone_level(w)), key=lambda w: -w.rank)
+        waiting = [*first, *(w for w in waiting if not zone_level(w))]
+    if tripped:
+        for request in waiting:
+            if zone_level(request):
+                grant_zone_level(request)
+            else:
+                why[request.incident] = "budget tripped: waiting for a person"
+        return Decision(grant=grant, why_waiting=why, covered=_covered(grant))
+    in_window = sorted(recent_starts(starts, now))
+    per_zone = Counter(r.zone for r in running if r.zone is not None and not zone_level(r))
     for request in waiting:
-        if request.kind == LeaseKind.ZONE:
-            grant.append(request)
-            in_window.append(now)
+        if zone_level(request):
+            before = len(grant)
+            grant_zone_level(request)
+            if len(grant) > before:
+                in_window.append(now)
             continue
         if len(in_window) >= limits.max_per_minute:
             why[request.incident] = (
@@ -93,7 +132,7 @@ def decide(
         in_window.append(now)
         if request.zone is not None:
             per_zone[request.zone] += 1
-    still_waiting = len(waiting) - len(grant)
+    still_waiting = sum(1 for w in waiting if not zone_level(w)) - sum(1 for g in grant if not zone_level(g))
     trip = None
     if still_waiting > limits.trip_after_waiting:
         trip = (
@@ -104,4 +143,4 @@ def decide(
     rate_limited = any("last minute" in reason for reason in why.values())
     if rate_limited and in_window:
         wake_at = min(in_window) + RATE_WINDOW
-    return Decision(grant=grant, trip=trip, wake_at=wake_at, why_waiting=why)
+    return Decision(grant=grant, trip=trip, wake_at=wake_at, why_waiting=why, covered=_covered(grant))

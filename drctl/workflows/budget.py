@@ -42,6 +42,11 @@ LEASE_TTL = timedelta(minutes=30)
 """A lease not handed back within this long is taken back (its guardian was terminated by hand)."""
 MAX_HISTORY = 5_000
 """Continue as new past this many history events, carrying the state."""
+ZONE_COVERS_ZONE = "budget-zone-covers-zone"
+"""Patch: while a zone fails over, the budget counts every recovery in that zone as zone-level
+(``decide(zone_covers_zone=True)``): the prober's reports of the zone's standbys no longer trip the
+breaker and wait for a person. Budgets started before it decide as they did until they continue as
+new."""
 
 
 @workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
@@ -67,6 +72,7 @@ class BudgetWorkflow:
         state.max_per_minute = request.max_per_minute
         state.max_per_zone = request.max_per_zone
         state.trip_after_waiting = request.trip_after_waiting
+        state.max_parallel_zone = request.max_parallel_zone
         if any(r.incident == request.incident for r in state.running):
             self._regrant.append(request.incident)
         else:
@@ -116,6 +122,9 @@ class BudgetWorkflow:
         self._decide()
         return any(r.incident == request.incident for r in self._state.running)
 
+    def _zone_covers_zone(self) -> bool:
+        return workflow.patched(ZONE_COVERS_ZONE)
+
     def _decide(self) -> None:
         """Grant what fits now (pure decision), trip the breaker if it must; signals go out from the loop."""
         now = workflow.now()
@@ -127,12 +136,16 @@ class BudgetWorkflow:
             s.waiting,
             s.starts,
             now,
-            BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting),
+            BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting, s.max_parallel_zone),
             tripped=s.tripped is not None,
+            zone_covers_zone=self._zone_covers_zone(),
         )
         for request in decision.grant:
             s.waiting.remove(request)
-            s.running.append(request.model_copy(update={"granted_at": now}))
+            granted: dict[str, object] = {"granted_at": now}
+            if request.incident in decision.covered:
+                granted["kind"] = LeaseKind.ZONE  # its zone fails over: a zone-level lease from now on
+            s.running.append(request.model_copy(update=granted))
             s.starts.append(now)
             s.granted_total += 1
             if request.incident not in self._answered:

@@ -10,10 +10,12 @@ moves until an operator approves through the ``approve`` Update.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -21,10 +23,18 @@ with workflow.unsafe.imports_passed_through():
     from drctl.payloads import (
         ActivityName,
         DrainGpuRequest,
+        FailoverOutcome,
+        FailoverRequest,
+        FailureReport,
         FleetSnapshot,
+        IncidentTicket,
+        IncidentTickets,
         Instance,
         ModelRef,
+        ReportBatch,
         Role,
+        RunbookIds,
+        RunbookOutcomes,
         StepReport,
         Trigger,
         ZoneApproval,
@@ -35,10 +45,19 @@ with workflow.unsafe.imports_passed_through():
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
     from drctl.policies.standby import standby_candidates
-    from drctl.workflows.reports import recover_through_guardians
+    from drctl.workflows.reports import REPORT_RETRY, recover_through_guardians
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 STEP_TIMEOUT = timedelta(seconds=30)
+BATCHED = "zone-failover-batched"
+"""Patch: the zone's GPUs are cordoned side by side, and its serving instances are reported to
+their guardians in one activity and followed in one more, the budget starting their runbooks
+``maxParallelFailovers`` at a time. Before, each GPU was cordoned in turn and each instance took
+a report and a follow-up activity of its own, gated in the workflow: two activities and about four
+workflow tasks per instance, which at hundreds of instances kept the recovery waiting on the
+orchestration. Runs started before it go on one instance at a time."""
+REPORT_TIMEOUT = timedelta(minutes=10)
+"""Reporting a whole zone (hundreds of Update-with-starts on a loaded machine), heartbeating."""
 
 
 async def observe_fleet() -> tuple[FleetSnapshot, DRPolicy]:
@@ -88,6 +107,9 @@ class ZoneFailoverWorkflow:
         self._result.plan = _plan_lines(request, snapshot, policy, serving)
         return self._result
 
+    def _batched(self) -> bool:
+        return workflow.patched(BATCHED)
+
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         result = self._result = ZoneFailoverResult(zone=request.zone)
@@ -105,6 +127,11 @@ class ZoneFailoverWorkflow:
         result.approved_by = (
             self._approval.approver if self._approval else ("pre-approved" if request.approved else None)
         )
+        if self._batched():
+            await _cordon_side_by_side(request, policy, result)
+            await _move_as_one_batch(request, policy, serving, result)
+            result.reconcile = await request_reconcile(policy)
+            return result
         for slot in gpu_inventory(policy.gpu_pool):
             if slot.zone == request.zone:
                 await workflow.execute_activity(
@@ -138,6 +165,83 @@ class ZoneFailoverWorkflow:
         # Standbys on the cordoned GPUs move now, not at the next scheduled reconcile.
         result.reconcile = await request_reconcile(policy)
         return result
+
+
+async def _cordon_side_by_side(request: ZoneFailoverRequest, policy: DRPolicy, result: ZoneFailoverResult) -> None:
+    """Cordon every GPU of the zone, the activities side by side (each is idempotent)."""
+    gpus = [slot.id for slot in gpu_inventory(policy.gpu_pool) if slot.zone == request.zone]
+    reason = f"zone {request.zone} failed over: {request.reason}"[:500]
+    await asyncio.gather(
+        *(
+            workflow.execute_activity(
+                ActivityName.CORDON_GPU,
+                DrainGpuRequest(gpu=gpu, reason=reason),
+                result_type=StepReport,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+            for gpu in gpus
+        )
+    )
+    result.cordoned_gpus.extend(gpus)
+
+
+async def _move_as_one_batch(
+    request: ZoneFailoverRequest, policy: DRPolicy, serving: list[Instance], result: ZoneFailoverResult
+) -> None:
+    """Report every serving instance of the zone to its guardian in one activity per priority
+    (critical models first), then follow all the runbooks in one more. The guardians' zone-level leases are what bounds
+    the runbooks running at once: the budget starts them ``maxParallelFailovers`` at a time."""
+    if not serving:
+        return
+    reason = f"zone {request.zone} failover: {request.reason}"[:500]
+    reporter = workflow.info().workflow_id
+    reports = [
+        FailureReport(
+            request=FailoverRequest(
+                model=i.model,
+                instance=i.id,
+                trigger=Trigger.ALERT,
+                confirmed=True,
+                reason=reason,
+                prefer_zone=policy.az_failover.standby_zone,
+            ),
+            reporter=reporter,
+            zone_level=True,
+        )
+        for i in serving
+    ]
+    rank = {m.name: m.priority.rank for m in policy.models}
+    tickets: list[IncidentTicket] = []
+    try:
+        # One batch per priority, critical first: a batch's reports go out side by side, so only a
+        # batch that has returned (its guardians have asked the budget) is surely ahead of the next.
+        for _, batch in itertools.groupby(reports, key=lambda r: rank.get(r.request.model, 0)):
+            reported: IncidentTickets = await workflow.execute_activity(
+                ActivityName.REPORT_FAILURE,
+                ReportBatch(reports=list(batch)),
+                result_type=IncidentTickets,
+                start_to_close_timeout=REPORT_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=REPORT_RETRY,
+            )
+            tickets.extend(reported.tickets)
+        outcomes: RunbookOutcomes = await workflow.execute_activity(
+            ActivityName.AWAIT_RUNBOOKS,
+            RunbookIds(tickets=tickets, at_once=policy.az_failover.max_parallel_failovers),
+            result_type=RunbookOutcomes,
+            start_to_close_timeout=timedelta(hours=1),
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=REPORT_RETRY,
+        )
+    except ActivityError as exc:
+        result.failed.extend(f"{i.id}: {exc}" for i in serving)
+        result.pending = []
+        return
+    for instance, end in zip(serving, outcomes.outcomes, strict=True):
+        line = f"{instance.id} → {end.promoted or '-'} ({end.outcome})"
+        (result.moved if end.outcome == FailoverOutcome.RECOVERED.value else result.failed).append(line)
+    result.pending = []
 
 
 def _plan_lines(

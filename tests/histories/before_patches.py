@@ -12,6 +12,7 @@ from temporalio import workflow
 
 from drctl.payloads import (
     ActivityName,
+    BudgetState,
     FailoverRequest,
     FailoverResult,
     GuardianState,
@@ -20,7 +21,10 @@ from drctl.payloads import (
     ModelRef,
     ReconcileRequest,
     ReconcileResult,
+    ZoneFailoverRequest,
+    ZoneFailoverResult,
 )
+from drctl.workflows.budget import ZONE_COVERS_ZONE, BudgetWorkflow
 from drctl.workflows.failover import DECISION_INPUT_PERSISTED, FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
@@ -31,6 +35,7 @@ from drctl.workflows.reconcile import (
     observe_and_plan,
     reconcile_pass,
 )
+from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
 
 
 @workflow.defn(name="FailoverWorkflow", sandboxed=False)
@@ -78,10 +83,37 @@ class GuardianBeforeReportTrace(ModelGuardianWorkflow):
         await self._recover_incident(incident)
 
 
+@workflow.defn(name="ZoneFailoverWorkflow", sandboxed=False)
+class ZoneFailoverBeforeBatched(ZoneFailoverWorkflow):
+    """Before ``zone-failover-batched``: GPUs cordoned in turn, each serving instance reported and
+    followed on its own, at most ``maxParallelFailovers`` at a time in the workflow."""
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
+        return await super().run(request)
+
+    def _batched(self) -> bool:
+        return False
+
+
+@workflow.defn(name="BudgetWorkflow", sandboxed=False)
+class BudgetBeforeZoneCoversZone(BudgetWorkflow):
+    """Before ``budget-zone-covers-zone``: only a zone-level request was zone-level."""
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        await super().run(state)
+
+    def _zone_covers_zone(self) -> bool:
+        return False
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
     PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
     RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
+    BATCHED: ZoneFailoverBeforeBatched,
+    ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -61,15 +61,18 @@ from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE
+from drctl.workflows.budget import ZONE_COVERS_ZONE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
-from drctl.workflows.zone import ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
+    BudgetBeforeZoneCoversZone,
     FailoverBeforeListingAsActivity,
     GuardianBeforeReportTrace,
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
+    ZoneFailoverBeforeBatched,
 )
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_drain import on
@@ -308,6 +311,31 @@ async def guardian_before_trace_patch(client: Client, queue: str) -> list[Record
 async def budget_tripped(client: Client, queue: str) -> list[Recorded]:
     """Three models fail in one zone with one recovery per zone allowed and a breaker that trips
     past one waiting: one runs, the breaker trips, a person resets it, the other two run."""
+    await three_failures_in_one_zone(client, queue)
+    return [
+        Recorded("budget-tripped", budget_workflow_id(queue), "BudgetWorkflow (still running): zone cap, trip, reset"),
+        Recorded(
+            "budget-tripped-guardian",
+            guardian_workflow_id("mistral-7b", queue),
+            "a guardian whose recovery waited for the budget (lease_granted signal)",
+        ),
+    ]
+
+
+async def budget_before_zone_patch(client: Client, queue: str) -> list[Recorded]:
+    """``budget_tripped`` on a budget started before the budget-zone-covers-zone patch."""
+    await three_failures_in_one_zone(client, queue, old=[BudgetBeforeZoneCoversZone])
+    return [
+        Recorded(
+            "budget-before-zone-patch",
+            budget_workflow_id(queue),
+            "BudgetWorkflow started before the budget-zone-covers-zone patch: zone cap, trip, reset",
+            ZONE_COVERS_ZONE,
+        )
+    ]
+
+
+async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = spread_fleet(3)
     fleet.policy = fleet.policy.model_copy(
         update={
@@ -317,7 +345,7 @@ async def budget_tripped(client: Client, queue: str) -> list[Recorded]:
     )
     fleet.promote_gate = asyncio.Event()
     models = ("llama-2-7b", "mistral-7b", "gpt-4-8b")
-    async with worker(client, queue, fleet.activities()):
+    async with worker(client, queue, fleet.activities(), old):
         tickets = [await report_failure(client, queue, report(f"{m}-0", "prober", model=m)) for m in models]
         await budget_when(client, queue, lambda s: s.tripped is not None)
         fleet.promote_gate.set()
@@ -329,14 +357,6 @@ async def budget_tripped(client: Client, queue: str) -> list[Recorded]:
         for ticket in tickets[1:]:
             await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
         await budget_when(client, queue, lambda s: not s.running and not s.waiting)
-    return [
-        Recorded("budget-tripped", budget_workflow_id(queue), "BudgetWorkflow (still running): zone cap, trip, reset"),
-        Recorded(
-            "budget-tripped-guardian",
-            guardian_workflow_id("mistral-7b", queue),
-            "a guardian whose recovery waited for the budget (lease_granted signal)",
-        ),
-    ]
 
 
 # -- reconcile, drain, zone, drill ---------------------------------------------------------------
@@ -416,11 +436,29 @@ async def drain(client: Client, queue: str) -> list[Recorded]:
 
 
 async def zone_with_approval(client: Client, queue: str) -> list[Recorded]:
+    await approve_zone_failover(client, queue)
+    return [Recorded("zone-failover-approval", "zone", "ZoneFailoverWorkflow: waits for the approve Update, moves two")]
+
+
+async def zone_before_batched(client: Client, queue: str) -> list[Recorded]:
+    """``zone_with_approval`` on a run started before the zone-failover-batched patch."""
+    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeBatched])
+    return [
+        Recorded(
+            "zone-failover-before-batched",
+            "zone",
+            "ZoneFailoverWorkflow started before the zone-failover-batched patch: approve, move two one by one",
+            BATCHED,
+        )
+    ]
+
+
+async def approve_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = fleet_across_zones()
     fleet.policy = fleet.policy.model_copy(
         update={"az_failover": fleet.policy.az_failover.model_copy(update={"require_approval": True})}
     )
-    async with worker(client, queue, fleet.activities()):
+    async with worker(client, queue, fleet.activities(), old):
         handle = await client.start_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1", reason="zone down"), id="zone", task_queue=queue
         )
@@ -433,7 +471,6 @@ async def zone_with_approval(client: Client, queue: str) -> list[Recorded]:
         result = await handle.result()
         assert len(result.moved) == 2 and not result.failed, result
         await budget_when(client, queue, lambda s: not s.running)
-    return [Recorded("zone-failover-approval", "zone", "ZoneFailoverWorkflow: waits for the approve Update, moves two")]
 
 
 async def drill(client: Client, queue: str) -> list[Recorded]:
@@ -461,11 +498,13 @@ SCENARIOS: dict[str, Scenario] = {
     "guardian-report-trace": guardian_report_trace,
     "guardian-before-trace-patch": guardian_before_trace_patch,
     "budget-tripped": budget_tripped,
+    "budget-before-zone-patch": budget_before_zone_patch,
     "reconcile": reconcile,
     "reconcile-before-patch": reconcile_before_patch,
     "reconcile-before-plan-patch": reconcile_before_plan_patch,
     "drain": drain,
     "zone-approval": zone_with_approval,
+    "zone-before-batched": zone_before_batched,
     "drill": drill,
 }
 

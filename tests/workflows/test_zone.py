@@ -9,12 +9,21 @@ import uuid
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from drctl.payloads import Instance, Role, ZoneApproval, ZoneFailoverRequest, ZoneFailoverResult
+from drctl.payloads import (
+    ActivityName,
+    Instance,
+    LeaseKind,
+    Role,
+    ZoneApproval,
+    ZoneFailoverRequest,
+    ZoneFailoverResult,
+)
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.workflows.fakes import FakeFleet
+from tests.workflows.test_guardian import budget_when
 
 
 def fleet_across_zones() -> FakeFleet:
@@ -146,3 +155,50 @@ async def test_plan_lists_what_the_zone_failover_would_do_and_changes_nothing(
         "report gpt-4-8b-0 to guardian-gpt-4-8b: promote gpt-4-8b-1 (hot, az-3)",
     ]
     assert any("2 zone-level lease(s)" in line for line in result.plan)
+
+
+async def test_a_zone_is_reported_in_one_batch_and_the_budget_runs_max_parallel_at_a_time(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """Five serving instances in the zone: one report activity per priority (critical llama; normal
+    gpt-4-8b and three models the policy does not rank) and one follow-up activity for all five
+    (not two per instance),
+    and the budget's zone-level leases keep two runbooks at a time."""
+    fleet = fleet_across_zones()
+    for n in range(3):
+        model = f"extra-{n}"
+        fleet.instances[f"{model}-0"] = Instance(
+            id=f"{model}-0", model=model, role=Role.SERVING, zone="az-1", gpu="gpu-node-0/1", node="gpu-node-0",
+            lb_priority=0,
+        )  # fmt: skip
+        fleet.instances[f"{model}-1"] = Instance(
+            id=f"{model}-1", model=model, role=Role.HOT, zone="az-3", gpu="gpu-node-2/1", node="gpu-node-2",
+            lb_priority=1,
+        )  # fmt: skip
+    fleet.policy = fleet.policy.model_copy(
+        update={"az_failover": fleet.policy.az_failover.model_copy(update={"max_parallel_failovers": 2})}
+    )
+    fleet.promote_gate = asyncio.Event()
+    queue = f"zone-{uuid.uuid4()}"
+    client = time_skipping_env.client
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
+        activities=fleet.activities(),
+    ):
+        handle = await client.start_workflow(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
+        )
+        held = await budget_when(client, queue, lambda s: len(s.running) == 2 and len(s.waiting) == 3)
+        assert {r.kind for r in held.running + held.waiting} == {LeaseKind.ZONE}
+        fleet.promote_gate.set()
+        result = await handle.result()
+        scheduled = [
+            event.activity_task_scheduled_event_attributes.activity_type.name
+            async for event in handle.fetch_history_events()
+            if event.HasField("activity_task_scheduled_event_attributes")
+        ]
+    assert len(result.moved) == 5 and result.failed == [] and result.pending == []
+    assert scheduled.count(ActivityName.REPORT_FAILURE) == 2
+    assert scheduled.count(ActivityName.AWAIT_RUNBOOKS) == 1

@@ -53,6 +53,11 @@ RESPAWNED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.PROMOTING)
 
 SETTLE_CONCURRENCY = 32
 """Instances ``settle_fleet`` waits on at once (see there)."""
+VERIFY_FIRST_PAUSE_S = 0.002
+VERIFY_LAST_PAUSE_S = 0.05
+"""``verify`` checks again after 2 ms, then doubles the pause up to 50 ms: a registration reaches
+Envoy through the xDS server a few milliseconds after the EDS write, and a fixed 50 ms pause made
+every verify (and so every failover) wait 50 to 100 ms for it."""
 
 
 class LocalPlatform:
@@ -333,6 +338,7 @@ class LocalPlatform:
         port = self._local(instance).port
         start = time.monotonic()
         last = "not tried"
+        pause = VERIFY_FIRST_PAUSE_S
         while time.monotonic() - start < 30.0:
             try:
                 hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
@@ -350,7 +356,8 @@ class LocalPlatform:
             except (httpx.HTTPError, ValueError, LookupError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             progress(min(0.99, (time.monotonic() - start) / 30.0), last)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            pause = min(VERIFY_LAST_PAUSE_S, pause * 2)
         raise RuntimeError(f"verification through the load balancer failed: {last}")
 
     # -- reconciliation ----------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""The budget's pure decisions (``drctl.policies.budget.decide``): per-zone and per-minute caps for
+instance-level recoveries, and zone-level leases bounded only by ``maxParallelFailovers``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from drctl.payloads import LeaseKind, LeaseRequest
+from drctl.policies.budget import BudgetLimits, decide
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+LIMITS = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=2)
+
+
+def lease(n: int, zone: str = "az-1", kind: LeaseKind = LeaseKind.INSTANCE, rank: int = 0) -> LeaseRequest:
+    return LeaseRequest(
+        holder=f"guardian-m{n}", incident=f"failover-m{n}", model=f"m{n}", instance=f"m{n}-0", zone=zone, kind=kind,
+        rank=rank,
+    )  # fmt: skip
+
+
+def granted(requests: list[LeaseRequest]) -> list[str]:
+    return [r.model for r in requests]
+
+
+def test_instance_level_waits_on_the_per_zone_cap_without_blocking_another_zone() -> None:
+    waiting = [lease(1), lease(2), lease(3), lease(4, zone="az-2")]
+    decision = decide([], waiting, [], NOW, LIMITS, tripped=False)
+    assert granted(decision.grant) == ["m1", "m2", "m4"]
+    assert decision.why_waiting == {"failover-m3": "2 recoveries running in az-1 (max 2)"}
+    assert decision.trip is None
+
+
+def test_zone_level_leases_start_max_parallel_at_a_time_and_never_trip_the_breaker() -> None:
+    waiting = [lease(n, kind=LeaseKind.ZONE) for n in range(6)]
+    decision = decide([], waiting, [], NOW, LIMITS, tripped=False)
+    assert granted(decision.grant) == ["m0", "m1"]
+    assert decision.why_waiting is not None
+    assert decision.why_waiting["failover-m2"] == "2 zone failovers running (maxParallelFailovers 2)"
+    assert decision.trip is None  # four waiting > trip_after_waiting 3, but they are zone-level
+    # One finishes: the next starts.
+    running = [decision.grant[1]]
+    again = decide(running, waiting[2:], [], NOW, LIMITS, tripped=False)
+    assert granted(again.grant) == ["m2"]
+
+
+def test_without_a_cap_every_zone_level_lease_starts_at_once() -> None:
+    limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=None)
+    waiting = [lease(n, kind=LeaseKind.ZONE) for n in range(6)]
+    assert len(decide([], waiting, [], NOW, limits, tripped=False).grant) == 6
+
+
+def test_a_tripped_breaker_still_starts_zone_level_leases_within_the_cap() -> None:
+    waiting = [lease(1), *(lease(n, zone="az-2", kind=LeaseKind.ZONE) for n in (2, 3, 4))]
+    decision = decide([], waiting, [], NOW, LIMITS, tripped=True)
+    assert granted(decision.grant) == ["m2", "m3"]
+    assert decision.why_waiting is not None
+    assert decision.why_waiting["failover-m1"] == "budget tripped: waiting for a person"
+
+
+def test_a_zone_failing_over_covers_the_instance_level_recoveries_in_it() -> None:
+    """The prober reports a dead zone's standbys instance by instance; the zone failover reports its
+    serving instances zone-level. While the zone fails over, its instance-level requests count as
+    zone-level: they neither wait on the per-zone cap nor trip the breaker."""
+    zone_lease = lease(0, kind=LeaseKind.ZONE)
+    waiting = [lease(n) for n in range(1, 7)]
+    before = decide([zone_lease], waiting, [], NOW, LIMITS, tripped=False)
+    assert granted(before.grant) == ["m1", "m2"]  # without the patch: the per-zone cap
+    assert before.trip is not None  # and four waiting, more than the three allowed
+
+    covered = decide([zone_lease], waiting, [], NOW, LIMITS, tripped=False, zone_covers_zone=True)
+    assert granted(covered.grant) == ["m1"]  # zone-level now: one more beside the running zone lease
+    assert covered.covered == frozenset({"failover-m1"})
+    assert covered.trip is None
+    # Another zone's recoveries are not covered.
+    elsewhere = decide([zone_lease], [lease(7, zone="az-2")], [], NOW, LIMITS, tripped=False, zone_covers_zone=True)
+    assert granted(elsewhere.grant) == ["m7"] and elsewhere.covered == frozenset()
+
+
+def test_zone_level_leases_waiting_for_the_cap_start_critical_models_first() -> None:
+    waiting = [
+        lease(1, kind=LeaseKind.ZONE, rank=1),
+        lease(2, kind=LeaseKind.ZONE, rank=3),
+        lease(3, kind=LeaseKind.ZONE, rank=2),
+        lease(4, kind=LeaseKind.ZONE, rank=3),
+    ]
+    decision = decide([], waiting, [], NOW, LIMITS, tripped=False, zone_covers_zone=True)
+    assert granted(decision.grant) == ["m2", "m4"]  # rank 3 first, in the order they came
+    old = decide([], waiting, [], NOW, LIMITS, tripped=False)
+    assert granted(old.grant) == ["m1", "m2"]  # before the patch: in the order they came
