@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         SearchAttr,
         StepReport,
         StepTiming,
+        Trigger,
     )
     from drctl.policies.reconcile import plan_emergency
     from drctl.policies.schema import DRPolicy
@@ -82,6 +83,11 @@ QUICK = RetryPolicy(
 ONE_TRY = RetryPolicy(maximum_attempts=1)
 DECISION_INPUT_PERSISTED = "failover-listing-as-activity"
 """Patch id: runs started before the listing became a regular activity replay without it."""
+GONE_INSTANCE_SETTLES = "failover-gone-instance-settles"
+"""Patch: a detector's report of an instance that no longer exists when its runbook lists the
+fleet ends ``already-ejected`` (reconciliation replaced it while the report waited: the standbys
+of a failed zone, seen in a zone outage of 100 instances) instead of failing ``UnknownInstance``,
+which made every zone outage a row of failed runbooks. A manual start still fails on a wrong id."""
 MUTATING = frozenset(
     {
         ActivityName.EJECT_INSTANCE,
@@ -247,6 +253,13 @@ class FailoverWorkflow:
 
         listing = await self._list(request.model)
         if not any(i.id == request.instance for i in listing.instances):
+            if request.trigger != Trigger.MANUAL and self._gone_settles():
+                # A detector's report that waited (for the budget, behind the model's earlier
+                # incident) while reconciliation replaced the instance: nothing is left to do.
+                return self._finish(
+                    FailoverOutcome.ALREADY_EJECTED,
+                    f"{request.instance} no longer exists: removed since it was reported (reconciliation replaced it)",
+                )
             raise ApplicationError(
                 f"instance {request.instance} is not an instance of {request.model}",
                 type=ErrorType.UNKNOWN_INSTANCE,
@@ -292,6 +305,9 @@ class FailoverWorkflow:
         await self._replenish(request.model)
         how = "an emergency instance" if result.emergency else str(promoted.role)
         return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
+
+    def _gone_settles(self) -> bool:
+        return workflow.patched(GONE_INSTANCE_SETTLES)
 
     async def _list(self, model: str) -> InstanceList:
         """The listing every later decision is made from, recorded in the history before anything

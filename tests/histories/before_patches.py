@@ -25,7 +25,7 @@ from drctl.payloads import (
     ZoneFailoverResult,
 )
 from drctl.workflows.budget import ZONE_COVERS_ZONE, BudgetWorkflow
-from drctl.workflows.failover import DECISION_INPUT_PERSISTED, FailoverWorkflow
+from drctl.workflows.failover import DECISION_INPUT_PERSISTED, GONE_INSTANCE_SETTLES, FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
     ONE_PASS_AT_A_TIME,
@@ -49,6 +49,19 @@ class FailoverBeforeListingAsActivity(FailoverWorkflow):
 
     async def _list(self, model: str) -> InstanceList:
         return await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=model), InstanceList)
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeGoneInstanceSettles(FailoverWorkflow):
+    """Before ``failover-gone-instance-settles``: a reported instance missing from the listing
+    failed the run ``UnknownInstance``, whoever reported it."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    def _gone_settles(self) -> bool:
+        return False
 
 
 @workflow.defn(name="ReconcileStandbysWorkflow", sandboxed=False)
@@ -114,6 +127,7 @@ BEFORE_PATCHES: dict[str, type] = {
     PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
     RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
     BATCHED: ZoneFailoverBeforeBatched,
+    GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -18,6 +18,7 @@ exists (a history kept from before a patch, say).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: python tests/histories/record.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from opentelemetry.sdk.trace import TracerProvider
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -45,6 +46,7 @@ from drctl.payloads import (
     FailoverRequest,
     ReconcileRequest,
     Role,
+    Trigger,
     ZoneApproval,
     ZoneFailoverRequest,
     budget_workflow_id,
@@ -57,17 +59,18 @@ from drctl.temporal.incidents import guardian_state, report_failure, wait_closed
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
+from drctl.workflows.budget import ZONE_COVERS_ZONE
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE
-from drctl.workflows.budget import ZONE_COVERS_ZONE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
 from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
     BudgetBeforeZoneCoversZone,
+    FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
     GuardianBeforeReportTrace,
     ReconcileBeforeOnePassAtATime,
@@ -123,23 +126,29 @@ def failover_scenario(
     local_activities: bool = True,
     plan_only: bool = False,
     old: Sequence[type] = (),
+    instance: str = f"{MODEL}-0",
+    trigger: Trigger = Trigger.MANUAL,
+    confirmed: bool = False,
 ) -> Scenario:
     async def run(client: Client, queue: str) -> list[Recorded]:
         wf_id = f"failover-{name}"
         async with worker(client, queue, fleet.activities(), old):
-            await client.execute_workflow(
-                FailoverWorkflow.run,
-                FailoverRequest(
-                    model=MODEL,
-                    instance=f"{MODEL}-0",
-                    reason="recorded history",
-                    local_activities=local_activities,
-                    plan_only=plan_only,
-                    epoch=None if plan_only else 1,
-                ),
-                id=wf_id,
-                task_queue=queue,
-            )
+            with contextlib.suppress(WorkflowFailureError):  # a run recorded failing (before a patch)
+                await client.execute_workflow(
+                    FailoverWorkflow.run,
+                    FailoverRequest(
+                        model=MODEL,
+                        instance=instance,
+                        trigger=trigger,
+                        confirmed=confirmed,
+                        reason="recorded history",
+                        local_activities=local_activities,
+                        plan_only=plan_only,
+                        epoch=None if plan_only else 1,
+                    ),
+                    id=wf_id,
+                    task_queue=queue,
+                )
         before = next((patch for patch, cls in BEFORE_PATCHES.items() if cls in old), "")
         return [Recorded(f"failover-{name}", wf_id, about, before)]
 
@@ -165,6 +174,23 @@ def no_room() -> FakeFleet:
 
 
 FAILOVERS: dict[str, Scenario] = {
+    "failover-gone": failover_scenario(
+        "gone",
+        "the prober's report of an instance reconciliation has removed since: already-ejected",
+        fleet_of(("0", Role.SERVING), ("1", Role.HOT)),
+        instance=f"{MODEL}-7",
+        trigger=Trigger.PROBE,
+        confirmed=True,
+    ),
+    "failover-gone-before-patch": failover_scenario(
+        "gone-before-patch",
+        "the same, on a run started before failover-gone-instance-settles: fails UnknownInstance",
+        fleet_of(("0", Role.SERVING), ("1", Role.HOT)),
+        instance=f"{MODEL}-7",
+        trigger=Trigger.PROBE,
+        confirmed=True,
+        old=[FailoverBeforeGoneInstanceSettles],
+    ),
     "failover-hot": failover_scenario(
         "hot",
         "hot standby promoted, local activities (the default); the last serving instance ejected after verify",

@@ -160,6 +160,27 @@ async def test_unknown_instance_fails_without_side_effects(time_skipping_env: Wo
     assert [c[0] for c in fleet.calls] == ["probe"]
 
 
+@pytest.mark.parametrize("trigger", [Trigger.PROBE, Trigger.MANUAL])
+async def test_a_detectors_report_of_an_instance_gone_since_settles(
+    time_skipping_env: WorkflowEnvironment, trigger: Trigger
+) -> None:
+    """The prober reported a standby of a dead zone; by the time its runbook lists the fleet,
+    reconciliation has replaced it. That ends ``already-ejected``, not as a failed runbook; a
+    manual start naming an instance that does not exist still fails."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    request = FailoverRequest(model="llama-2-7b", instance="llama-2-7b-9", trigger=trigger, confirmed=True, epoch=1)
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        run = client.execute_workflow(FailoverWorkflow.run, request, id=f"gone-{uuid.uuid4()}", task_queue=queue)
+        if trigger == Trigger.MANUAL:
+            with pytest.raises(WorkflowFailureError):
+                await run
+            return
+        result = await run
+    assert result.outcome == FailoverOutcome.ALREADY_EJECTED
+    assert "no longer exists" in result.reason
+    assert [c[0] for c in fleet.calls] == ["list"]  # nothing changed
+
+
 async def test_duplicate_start_joins_the_running_failover(time_skipping_env: WorkflowEnvironment) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
     fleet.promote_gate = asyncio.Event()

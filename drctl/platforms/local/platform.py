@@ -398,7 +398,7 @@ class LocalPlatform:
         return {str(k): str(v) for k, v in data.items()}
 
     async def all_instances(self) -> list[Instance]:
-        return [i.to_instance() for i in self.registry.load().values()]
+        return [i.to_instance() for i in self.registry.view().values()]  # to_instance copies
 
     async def create_instance(self, action: ReconcileAction, progress: ProgressCallback) -> str:
         if action.model not in self.policy.model_names:
@@ -457,7 +457,7 @@ class LocalPlatform:
         retry finishes the job; forgotten first, the retry found it "already gone" while its
         endpoint stayed in Envoy and its process ran on (found by the nemesis: a worker killed
         during a placement move left a ghost hot standby in the load balancer)."""
-        instance = self.registry.load().get(action.instance)
+        instance = self.registry.get(action.instance)
         if instance is None:
             return "already gone"
         if instance.note != DELETING:  # not marked by an earlier attempt of this delete
