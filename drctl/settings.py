@@ -54,6 +54,14 @@ class DrctlSettings(BaseSettings):
     """Or a headless Service of the node agent DaemonSet, ``host:port``; every address is asked."""
     kubernetes_context: str | None = None
     """kubeconfig context outside a cluster; inside one the service account is used."""
+    kubernetes_fault_injection: bool = False
+    """Let drills inject faults on the cluster (delete pods, cordon, taint and mark Nodes NotReady,
+    Xids through the node agents). Off by default: it also needs the Role and ClusterRole of
+    ``deploy/kubernetes/drills``, which a platform team applies deliberately (docs/deploy.md)."""
+    drill_lb_url: str | None = None
+    """Where a drill sends its load, ``{model}`` replaced by the model's name (on Kubernetes the
+    model's Service, e.g. ``http://{model}.drctl.svc:8000``, or an ingress); default ``lb_url``,
+    the local stack's Envoy."""
     temporal_ui_port: int = 8233
     temporal_http_port: int = 7243
     temporal_metrics_port: int = 7244
@@ -102,6 +110,10 @@ class DrctlSettings(BaseSettings):
     @property
     def lb_url(self) -> str:
         return f"http://{self.host}:{self.envoy_port}"
+
+    def drill_load_url(self, model: str) -> str:
+        """Where a drill's load for ``model`` goes: ``drill_lb_url`` with the model in it, else ``lb_url``."""
+        return self.drill_lb_url.replace("{model}", model) if self.drill_lb_url else self.lb_url
 
     @property
     def envoy_admin_url(self) -> str:

@@ -2,20 +2,27 @@
 restore what was injected, and write the report.
 
 A drill runs on a platform that offers fault injection (``Platform.fault_injector()``): the local
-platform does (processes, node agents and checkpoints are on this machine); on Kubernetes it is not
-built yet, and ``drill_prepare`` refuses with a clear message.
+platform does (processes, node agents and checkpoints are on this machine); on Kubernetes it is
+opt-in (:mod:`drctl.platforms.kubernetes.faults`: pods deleted, Nodes cordoned, tainted and marked
+NotReady, Xids through the node agent DaemonSet; model corruption refused), and ``drill_prepare``
+refuses with how to opt in where it is off, or with why where the platform cannot inject the
+scenario, before any load is sent.
 
-The recovery is measured from the outside: the load generator's answers, and the runbooks the fault
-started as Temporal records them (workflow start times and the failover's own step timings).
-Temporal's timestamps and this process's clock are the same machine's clock on the local platform.
+The recovery is measured from the outside: the load generator's answers (through the load
+balancer: ``DRCTL_DRILL_LB_URL``, on a cluster the model's Service, else the local stack's Envoy),
+and the runbooks the fault started as Temporal records them (workflow start times and the
+failover's own step timings). Temporal's timestamps and this process's clock are the same
+machine's clock on the local platform; on a cluster they are two machines' clocks, so the figures
+are off by their skew (NTP keeps it to milliseconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -62,9 +69,25 @@ from drctl.workflows.zone import ZoneFailoverWorkflow
 
 POLL_S = 0.1
 
+T = TypeVar("T")
+
+
+KUBERNETES_OPT_IN = (
+    "fault injection on a cluster is opt-in and off: apply the deploy/kubernetes/drills component (the Role "
+    "and ClusterRole that let the worker delete pods and cordon, taint and mark Nodes NotReady) and set "
+    "DRCTL_KUBERNETES_FAULT_INJECTION=true for the worker (docs/deploy.md, “Drills on a cluster”)"
+)
+
 
 def not_ready(why: str) -> ApplicationError:
     return ApplicationError(why, type=ErrorType.DRILL_NOT_READY, non_retryable=True)
+
+
+def no_fault_injection(platform: str) -> str:
+    """Why a platform without a fault injector cannot drill, and how to change that where one can."""
+    if platform == "kubernetes":
+        return KUBERNETES_OPT_IN
+    return f"this platform ({platform}) cannot inject faults: drills run on the local platform and on Kubernetes"
 
 
 class DrillActivities:
@@ -81,10 +104,12 @@ class DrillActivities:
 
     @activity.defn(name=ActivityName.DRILL_PREPARE)
     async def drill_prepare(self, request: DrillRequest) -> DrillTarget:
-        if self.platform.fault_injector() is None:
-            raise not_ready(
-                f"this platform ({self.settings.platform}) cannot inject faults yet: drills run on the local platform"
-            )
+        injector = self.platform.fault_injector()
+        if injector is None:
+            raise not_ready(no_fault_injection(self.settings.platform))
+        refused = injector.refusal(request.scenario)
+        if refused is not None:
+            raise not_ready(refused)
         deadline = time.monotonic() + request.ready_wait_s
         while True:
             policy = await self.platform.current_policy()
@@ -109,7 +134,7 @@ class DrillActivities:
         """Not retried (a fault is injected once). Whatever breaks after the injection began is
         reported in the measurement, with the fault as far as it went, so the workflow restores it."""
         request, target = plan.request, plan.target
-        load = LoadGenerator(self.settings.lb_url, target.model, request.rps)
+        load = LoadGenerator(self.settings.drill_load_url(target.model), target.model, request.rps)
         load.start()
         heartbeat = _Heartbeat()
         fault = InjectedFault(injected_at=datetime.now(UTC))
@@ -180,7 +205,7 @@ class DrillActivities:
             measurement.notes.append(f"{failover_id} did not finish within {request.timeout_s:g}s")
         elif redundancy_at is None:
             measurement.notes.append(f"redundancy not back within {request.timeout_s:g}s: {'; '.join(missing)}")
-        await self._figures(measurement, target, t0, result, redundancy_at)
+        await self._figures(measurement, target, t0, result, redundancy_at, heartbeat)
         return measurement
 
     async def _failover_result(self, workflow_id: str, since: datetime) -> FailoverResult | None:
@@ -214,6 +239,7 @@ class DrillActivities:
         t0: datetime,
         result: FailoverResult | None,
         redundancy_at: datetime | None,
+        heartbeat: _Heartbeat,
     ) -> None:
         starts: dict[str, datetime] = {}
         since = (t0 - timedelta(seconds=1)).isoformat()
@@ -235,7 +261,7 @@ class DrillActivities:
             if wf.workflow_type == workflow_type(ReconcileStandbysWorkflow):
                 handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=ReconcileResult)
                 try:
-                    outcome = await asyncio.wait_for(handle.result(), timeout=30)
+                    outcome = await heartbeat.wait(handle.result(), 30, f"waiting for {wf.id}'s result")
                 except Exception as exc:  # still running, failed: say so rather than guess
                     m.notes.append(f"{wf.id}: no result ({type(exc).__name__})")
                     continue
@@ -316,17 +342,37 @@ class _Heartbeat:
     def __init__(self) -> None:
         self.fault: InjectedFault | None = None
 
+    def beat(self, phase: str) -> None:
+        details: dict[str, Any] = {"phase": phase}
+        if self.fault is not None:
+            details["fault"] = self.fault.model_dump(mode="json")
+        activity.heartbeat(details)
+
     async def sleep(self, seconds: float, phase: str) -> None:
         end = time.monotonic() + seconds
         while True:
-            details: dict[str, Any] = {"phase": phase}
-            if self.fault is not None:
-                details["fault"] = self.fault.model_dump(mode="json")
-            activity.heartbeat(details)
+            self.beat(phase)
             left = end - time.monotonic()
             if left <= 0:
                 return
             await asyncio.sleep(min(left, 0.5))
+
+    async def wait(self, awaitable: Awaitable[T], timeout_s: float, phase: str) -> T:
+        """``awaitable``'s result, heartbeating while it comes: a wait longer than the heartbeat
+        timeout (a reconcile still loading a standby) must not look like a lost run. Raises
+        ``TimeoutError`` after ``timeout_s``."""
+        task = asyncio.ensure_future(awaitable)
+        end = time.monotonic() + timeout_s
+        try:
+            while not task.done():
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{phase}: no answer within {timeout_s:g}s")
+                self.beat(phase)
+                await asyncio.wait({task}, timeout=min(left, 0.5))
+            return task.result()
+        finally:
+            task.cancel()
 
 
 def _failure_summary(samples: list[Sample], fault_at: float, first: int = 10) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from drctl.payloads import DrillRestore, DrillTarget, InjectedFault, Instance, ReconcileAction
+from drctl.payloads import DrillRestore, DrillScenario, DrillTarget, InjectedFault, Instance, ReconcileAction
 from drctl.platforms import errors
 from drctl.policies.schema import DRPolicy
 
@@ -31,6 +31,11 @@ ProgressCallback = Callable[[float, str], None]
 
 class FaultInjector(Protocol):
     """What a platform that can run DR drills offers: inject a scenario's fault, and undo it."""
+
+    def refusal(self, scenario: DrillScenario) -> str | None:
+        """Why ``scenario`` cannot be injected here (None: it can). Asked before a drill starts its
+        load, so that a fault this platform cannot inject is refused before anything happens."""
+        ...
 
     async def inject(self, target: DrillTarget, fault: InjectedFault) -> None:
         """Inject the fault, recording each part in ``fault`` before the next part can fail."""

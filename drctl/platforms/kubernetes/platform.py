@@ -42,7 +42,9 @@ GPU) is promoted by patching its Deployment: one GPU requested and limited, repl
 its pod goes, and with it the GPU it held (the Deployment stays, as the record of the failure).
 
 Optional Istio mode (``istio_virtual_service=``): registering an instance at priority 0 also shifts
-the model's VirtualService weights from the primary to the standby destination (see ``istio``).
+the model's VirtualService weights from the primary to the standby destination, recording the
+weights it replaced on the VirtualService; failback (``uncordon_gpu``) writes those back (see
+``istio``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.platforms import errors, node_agents
-from drctl.platforms.base import ProgressCallback, find_instance
+from drctl.platforms.base import FaultInjector, ProgressCallback, find_instance
 from drctl.platforms.kubernetes import istio
 from drctl.platforms.kubernetes.cordons import KubernetesCordons
 from drctl.platforms.kubernetes.fencing import KubernetesFencing
@@ -78,6 +80,10 @@ EPOCH_ANNOTATION = "drctl.io/epoch"
 """On an instance's Deployment: the fencing epoch of the last runbook that changed its record."""
 RECORDED = (ROLE, SERVING)
 """The labels whose truth is the Deployment's metadata; its pods carry a copy (the projection)."""
+STANDBY_TYPE = "standby-type"
+"""The seed's cold-standby manager label, kept for existing dashboards: the standby tier (or
+``promoting``) while the instance is one, absent once it serves or has failed. It follows ``ROLE``
+wherever drctl writes that (and is projected with it)."""
 HOSTNAME = "kubernetes.io/hostname"
 ZONE = "topology.kubernetes.io/zone"
 MERGE_PATCH = "application/merge-patch+json"
@@ -131,6 +137,24 @@ def _epoch(annotations: Mapping[str, str]) -> int:
         return int(annotations.get(EPOCH_ANNOTATION, "0") or 0)
     except ValueError:
         return 0
+
+
+def _with_standby_type(labels: Mapping[str, str | None]) -> dict[str, str | None]:
+    """``labels`` with ``standby-type`` following the role they set (None: remove the label)."""
+    out = dict(labels)
+    if labels.get(ROLE):
+        role = Role(str(labels[ROLE]))
+        out[STANDBY_TYPE] = role.value if role.is_standby or role == Role.PROMOTING else None
+    return out
+
+
+def _projected(record: Any) -> dict[str, str | None]:
+    """What an instance's pods must carry of its record: tier, serving flag and standby-type."""
+    labels = _labels(record)
+    want: dict[str, str | None] = {k: v for k, v in labels.items() if k in RECORDED}
+    if ROLE in labels:
+        want[STANDBY_TYPE] = labels.get(STANDBY_TYPE)
+    return want
 
 
 def _phase(pod: Any) -> str:
@@ -343,7 +367,7 @@ class KubernetesPlatform:
     async def _project(self, record: Any, pods: list[Any]) -> None:
         """Copy the record's tier and serving flag onto pods that lost them (a pod recreated from
         its template); patches only pods that differ."""
-        want = {k: v for k, v in _labels(record).items() if k in RECORDED}
+        want = _projected(record)
         for pod in pods:
             if any(_labels(pod).get(k) != v for k, v in want.items()):
                 await self._label_pod(pod.metadata.name, want)
@@ -351,7 +375,7 @@ class KubernetesPlatform:
     async def _instance_pods(self, instance: Instance) -> list[Any]:
         return await self._pods(f"{MODEL}={instance.model},{INSTANCE}={instance.id}")
 
-    async def _label_pod(self, name: str, labels: dict[str, str]) -> bool:
+    async def _label_pod(self, name: str, labels: Mapping[str, str | None]) -> bool:
         """Set labels on one pod; False if it had them already (or is gone). A 409 (another writer
         changed the pod since we read it) is re-read and retried, up to ``attempts`` times."""
         for attempt in range(self.attempts):
@@ -363,7 +387,7 @@ class KubernetesPlatform:
                 raise
             if all(_labels(pod).get(k) == v for k, v in labels.items()):
                 return False
-            metadata: dict[str, Any] = {"labels": labels}
+            metadata: dict[str, Any] = {"labels": dict(labels)}
             if pod.metadata.resource_version:
                 metadata["resourceVersion"] = pod.metadata.resource_version  # optimistic concurrency
             try:
@@ -385,7 +409,7 @@ class KubernetesPlatform:
         return False
 
     async def _record(
-        self, instance: Instance, labels: dict[str, str], epoch: int | None, replicas: int | None = None
+        self, instance: Instance, labels: Mapping[str, str | None], epoch: int | None, replicas: int | None = None
     ) -> bool | None:
         """Write the instance's record on its Deployment's metadata (and ``replicas``, when given):
         labels, and the epoch when the step is fenced. Refused with ``StaleEpoch`` when the record
@@ -400,7 +424,7 @@ class KubernetesPlatform:
             errors.check_epoch(instance.model, epoch, recorded)
             metadata: dict[str, Any] = {}
             if any(_labels(deployment).get(k) != v for k, v in labels.items()):
-                metadata["labels"] = labels
+                metadata["labels"] = dict(labels)
             if epoch is not None and epoch != recorded:
                 metadata["annotations"] = {EPOCH_ANNOTATION: str(epoch)}
             body: dict[str, Any] = {}
@@ -428,18 +452,22 @@ class KubernetesPlatform:
         return False
 
     async def _set_labels(
-        self, instance: Instance, labels: dict[str, str], epoch: int | None = None, replicas: int | None = None
+        self,
+        instance: Instance,
+        labels: Mapping[str, str | None],
+        epoch: int | None = None,
+        replicas: int | None = None,
     ) -> bool:
         """The record first (the Deployment), then its projection (the pods' labels); False if both
         were as wanted already. A retry after a crash between the two finds the record written and
-        labels the pods."""
-        recorded = await self._record(instance, labels, epoch, replicas)
+        labels the pods. A role comes with its ``standby-type``."""
+        recorded = await self._record(instance, _with_standby_type(labels), epoch, replicas)
         pods = await self._instance_pods(instance)
         if recorded is None and not pods:
             raise errors.unknown_instance(instance.model, instance.id, [])
         changed = bool(recorded)
         for name in [p.metadata.name for p in pods]:
-            changed = await self._label_pod(name, labels) or changed
+            changed = await self._label_pod(name, _with_standby_type(labels)) or changed
         return changed
 
     # -- the Platform interface -------------------------------------------------------------
@@ -465,16 +493,30 @@ class KubernetesPlatform:
             record = records.get((labels.get(MODEL), labels.get(INSTANCE, pod.metadata.name)))
             if record is None or ROLE not in _labels(record):
                 continue
-            if any(labels.get(k) != v for k, v in _labels(record).items() if k in RECORDED):
+            if any(labels.get(k) != v for k, v in _projected(record).items()):
                 drifted.append(pod.metadata.name)
         return sorted(drifted)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.core.api_client.close)
 
-    def fault_injector(self) -> None:
-        """Not built yet on Kubernetes (pod delete, node taint, Xid through the node agent DaemonSet)."""
-        return None
+    def fault_injector(self) -> FaultInjector | None:
+        """Drills' faults on the cluster (:mod:`.faults`), only where a platform team opted in: the
+        Role of ``deploy/kubernetes/drills`` applied and ``DRCTL_KUBERNETES_FAULT_INJECTION=true``
+        (read from the environment when asked). None otherwise: ``drill_prepare`` says how to opt in."""
+        from drctl.platforms.kubernetes.faults import KubernetesFaultInjector, fault_injection_settings
+
+        settings = fault_injection_settings()
+        if settings is None:
+            return None
+        return KubernetesFaultInjector(
+            self.core,
+            self.namespace,
+            self._call,
+            settings,
+            agent_urls=self._agent_urls,
+            agent_service=self._agent_service,
+        )
 
     async def list_instances(self, model: str) -> list[Instance]:
         if model not in self.policy.model_names:
@@ -600,7 +642,7 @@ class KubernetesPlatform:
         """GPU request and limit, replicas 1, role promoting on the Deployment and its pod template
         (and the epoch on the record: a compare-and-set like every fenced write of the record)."""
         name = instance.id
-        labels = {ROLE: Role.PROMOTING.value}
+        labels = _with_standby_type({ROLE: Role.PROMOTING.value})
         for attempt in range(self.attempts):
             deployment = await self._read_deployment(name)
             if deployment is None:
@@ -713,10 +755,17 @@ class KubernetesPlatform:
         return f"{gpu} cordoned (ConfigMap {self.namespace}/drctl-cordoned-gpus)"
 
     async def uncordon_gpu(self, gpu: str) -> str:
+        """Back in placement. This is failback's step (a zone's GPUs, a drill's GPU): in Istio mode
+        the VirtualService's weights go back to what they were before drctl first shifted them
+        (``istio.IstioRouting.restore``), also when the GPU was not cordoned (a retried step)."""
         changed, _ = await self.cordons.change(gpu, None)
         if not changed:
-            return f"{gpu} was not cordoned"
-        return f"{gpu} back in placement (unless its node agent still reports it drained)"
+            detail = f"{gpu} was not cordoned"
+        else:
+            detail = f"{gpu} back in placement (unless its node agent still reports it drained)"
+        if self.istio is not None:
+            detail += "; " + await self.istio.restore()
+        return detail
 
     async def cordoned_gpus(self) -> list[str]:
         """Cordoned by a runbook (the ConfigMap, whichever worker wrote it), plus what the node agents
@@ -742,7 +791,7 @@ class KubernetesPlatform:
         # Also the seed's cold-standby manager labels (app, standby-type), for existing dashboards.
         labels = {**selector, ROLE: action.tier.value, SERVING: serving, "app": action.model}
         if action.tier.is_standby:
-            labels["standby-type"] = action.tier.value
+            labels[STANDBY_TYPE] = action.tier.value
         engine = self.policy.model(action.model).engine
         pod_spec = self.template.pod_spec(engine, action.model, gpu=action.tier != Role.COLD, node=action.node)
         annotations = {GPU_ANNOTATION: action.gpu} if action.gpu else {}

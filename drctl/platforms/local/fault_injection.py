@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from drctl.payloads import DrillRestore, DrillScenario, DrillTarget, InjectedFault
+from drctl.platforms import node_agents
 from drctl.platforms.local import faults
 from drctl.platforms.local.checkpoints import (
     corrupt_checkpoint,
@@ -35,6 +36,10 @@ class LocalFaultInjector:
         self.platform = platform
         self.settings = platform.settings
         self.layout = platform.layout
+
+    def refusal(self, scenario: DrillScenario) -> str | None:
+        """None: every scenario's fault is this machine's to inject."""
+        return None
 
     async def inject(self, target: DrillTarget, fault: InjectedFault) -> None:
         """Inject the scenario's fault, recording each part in ``fault`` before the next can fail."""
@@ -72,12 +77,12 @@ class LocalFaultInjector:
                 if target.gpu is None or target.node is None:
                     raise RuntimeError("a GPU-failure drill needs a target GPU and its node")
                 async with httpx.AsyncClient(timeout=5.0) as http:
-                    url = await faults.agent_for_node(http, self.settings.node_agent_urls, target.node)
+                    url = await node_agents.agent_for_node(http, self.settings.node_agent_urls, target.node)
                     if url is None:
                         raise RuntimeError(f"no node agent answers for {target.node} (drctl up runs one per node)")
                     fault.xid_agents.append(url)
                     gpu_index = int(target.gpu.rsplit("/", 1)[1])
-                    status = await faults.inject_xid(http, url, gpu_index, 79, token=self.settings.fault_token())
+                    status = await node_agents.inject_xid(http, url, gpu_index, 79, token=self.settings.fault_token())
                 fault.detail = f"Xid 79 (GPU fallen off the bus) injected on {target.gpu} via {url}: {status}"
             case DrillScenario.MODEL_CORRUPTION:
                 path = self.layout.checkpoint(target.model)
@@ -98,7 +103,7 @@ class LocalFaultInjector:
         if fault.xid_agents:
             async with httpx.AsyncClient(timeout=5.0) as http:
                 for url in fault.xid_agents:
-                    cleared = await faults.clear_xids(http, url, token=self.settings.fault_token())
+                    cleared = await node_agents.clear_xids(http, url, token=self.settings.fault_token())
                     out.detail.append(f"{url}: injected Xids cleared on GPU(s) {cleared}")
         for name in fault.corrupted:
             path = Path(name)

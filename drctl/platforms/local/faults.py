@@ -1,5 +1,6 @@
-"""Fault injection on the local platform, for drills: what each scenario does to the processes,
-node agents and checkpoints, and how it is undone.
+"""Fault injection on the local platform, for drills: what each scenario does to the processes
+and checkpoints, and how it is undone (the node agents' fault endpoints are reached through
+:mod:`drctl.platforms.node_agents`, as on Kubernetes).
 
 A "node" on the local platform is a label on processes that share one machine, so a node that is
 down is simulated by stopping (SIGSTOP) every process carrying its label: the instances and the
@@ -16,7 +17,6 @@ import signal
 
 import httpx
 
-from drctl.platforms import node_agents
 from drctl.platforms.local import processes
 from drctl.policies.engines import Engine, EngineProfile, HttpCall, profile
 
@@ -49,46 +49,6 @@ def _signal_running(pids: list[int], sig: signal.Signals) -> list[int]:
     for pid in sent:
         processes.signal_group(pid, sig)
     return sent
-
-
-def _bearer(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _check(response: httpx.Response, agent_url: str) -> None:
-    if response.status_code == 404:
-        raise RuntimeError(f"{agent_url} does not accept injected faults (start it with --allow-fault-injection)")
-    if response.status_code == 401:
-        raise RuntimeError(
-            f"{agent_url} refused the fault-injection token: set DRCTL_FAULT_INJECTION_TOKEN (or _FILE) "
-            "to the agents' token (drctl up: .drctl/fault-token)"
-        )
-    response.raise_for_status()
-
-
-async def inject_xid(
-    http: httpx.AsyncClient, agent_url: str, gpu_index: int, xid: int = 79, token: str | None = None
-) -> str:
-    """Make a node agent handle ``xid`` on one GPU (needs ``--allow-fault-injection`` and its token)."""
-    response = await http.post(
-        f"{agent_url.rstrip('/')}/faults/xid", json={"gpu": gpu_index, "xid": xid}, headers=_bearer(token)
-    )
-    _check(response, agent_url)
-    return str(response.json().get("status"))
-
-
-async def clear_xids(http: httpx.AsyncClient, agent_url: str, token: str | None = None) -> list[int]:
-    response = await http.delete(f"{agent_url.rstrip('/')}/faults", headers=_bearer(token))
-    _check(response, agent_url)
-    return [int(i) for i in response.json().get("cleared", [])]
-
-
-async def agent_for_node(http: httpx.AsyncClient, agent_urls: list[str], node: str) -> str | None:
-    """The URL of the agent that says it runs on ``node``."""
-    for url in agent_urls:
-        if await node_agents.agent_node(http, url) == node:
-            return url
-    return None
 
 
 async def reload_weights(http: httpx.AsyncClient, base_url: str, engine: EngineProfile = DEMO) -> str:

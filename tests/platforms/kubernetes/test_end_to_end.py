@@ -6,13 +6,17 @@ cluster runs (a Deployment scaled up gets a pod, which turns Ready; a deleted on
 and a warm standby's pod is a real demo model server, so its sleep and wake calls go over HTTP.
 
 Nothing drctl runs is stubbed: the guardians, the budget, the fencing epochs (a ConfigMap), the
-cordons (another), the reconcile planner and the failover runbook are the production ones.
+cordons (another), the reconcile planner and the failover runbook are the production ones. The
+runbooks: failover (each tier), reconcile (from nothing, and towards a changed policy), GPU drain
+(of a serving instance, of standbys), zone failover and failback, in Istio mode too (a
+VirtualService object in the emulator: its weights are checked as written, no traffic flows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,10 +46,12 @@ from drctl.payloads import (
     ReconcileRequest,
     ReconcileResult,
     Role,
+    ZoneFailbackResult,
     ZoneFailoverRequest,
     ZoneFailoverResult,
     failover_workflow_id,
 )
+from drctl.platforms.kubernetes.istio import ORIGINAL_WEIGHTS
 from drctl.platforms.kubernetes.platform import KubernetesPlatform
 from drctl.platforms.local.checkpoints import ensure_checkpoint
 from drctl.policies.placement import gpu_inventory
@@ -57,13 +63,14 @@ from drctl.workers.runbook_worker import WORKFLOWS
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
-from drctl.workflows.zone import ZoneFailoverWorkflow
+from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.platforms.kubernetes.cluster import (
     CONFIGMAPS,
     DEPLOYMENTS,
     NODES,
     PODS,
     SERVICES,
+    VIRTUAL_SERVICES,
     Controllers,
     Emulator,
     labels_of,
@@ -106,9 +113,47 @@ class Cluster:
         self.emulator = emulator
         self.controllers = controllers
         self.servers = servers
+        self.istio: str | None = None
+        """The VirtualService the platforms shift (Istio mode), once a test has made one."""
 
-    def platform(self, client: ApiClient) -> KubernetesPlatform:
-        return KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.02)
+    def platform(self, client: ApiClient, policy: DRPolicy = POLICY) -> KubernetesPlatform:
+        return KubernetesPlatform(client, NS, policy, backoff_s=0.01, poll_s=0.02, istio_virtual_service=self.istio)
+
+    def virtual_service(self, routes: dict[str, list[tuple[str, int]]]) -> None:
+        """A VirtualService with one route per model (its header match), each to the given
+        destinations and weights, and Istio mode on for the platforms made from now on."""
+        self.istio = "model-routing"
+        self.emulator.resources[VIRTUAL_SERVICES] = kmock.ResourceInfo()
+        self.emulator.objects[VIRTUAL_SERVICES, NS, self.istio] = {
+            "apiVersion": "networking.istio.io/v1beta1",
+            "kind": "VirtualService",
+            "metadata": {"name": self.istio, "namespace": NS, "resourceVersion": "1"},
+            "spec": {
+                "hosts": ["inference.example.com"],
+                "http": [
+                    {
+                        "match": [{"headers": {"model-name": {"exact": model}}}],
+                        "route": [{"destination": {"host": h, "port": {"number": 8000}}, "weight": w} for h, w in to],
+                        "retries": {"attempts": 3},
+                    }
+                    for model, to in routes.items()
+                ],
+            },
+        }
+
+    def routing(self) -> dict[str, Any]:
+        assert self.istio is not None
+        found: dict[str, Any] = live(self.emulator, VIRTUAL_SERVICES, NS)[self.istio]
+        return found
+
+    def weights(self) -> dict[str, list[tuple[str, int]]]:
+        """Each route's destinations and weights, by the model its header match names."""
+        return {
+            r["match"][0]["headers"]["model-name"]["exact"]: [
+                (d["destination"]["host"], d["weight"]) for d in r["route"]
+            ]
+            for r in self.routing()["spec"]["http"]
+        }
 
     def client(self) -> ApiClient:
         return ApiClient(Configuration(host=str(self.emulator.url).rstrip("/")))
@@ -200,10 +245,13 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
 
 
 @contextlib.asynccontextmanager
-async def worker(env: WorkflowEnvironment, cluster: Cluster, queue: str) -> AsyncIterator[KubernetesPlatform]:
-    """A drctl worker as ``drctl.workers.runbook_worker`` builds one, on the Kubernetes platform."""
+async def worker(
+    env: WorkflowEnvironment, cluster: Cluster, queue: str, policy: DRPolicy = POLICY
+) -> AsyncIterator[KubernetesPlatform]:
+    """A drctl worker as ``drctl.workers.runbook_worker`` builds one, on the Kubernetes platform
+    (with ``policy``: as after the policy's ConfigMap changed and the worker restarted)."""
     with cluster.client() as client:
-        platform = cluster.platform(client)
+        platform = cluster.platform(client, policy)
         await platform.start()
         async with Worker(
             env.client,
@@ -331,6 +379,7 @@ async def test_failover_promotes_the_standby_of_each_tier(
         record = cluster.deployment(standby.id)
         assert labels_of(record)["drctl.io/role"] == "serving" and labels_of(record)["drctl.io/serving"] == "true"
         assert record["metadata"]["annotations"]["drctl.io/epoch"] == str(result.epoch)
+        assert "standby-type" not in labels_of(record), "the seed's label says standby while it is one"
         # The failed one is recorded failed and scaled to 0: its pod, and the GPU it held, are gone.
         failed_record = cluster.deployment(failed.id)
         assert labels_of(failed_record)["drctl.io/role"] == "failed"
@@ -340,6 +389,7 @@ async def test_failover_promotes_the_standby_of_each_tier(
         promoted_pods = cluster.pods(standby.id)
         assert cluster.selected(model) == sorted(promoted_pods) and len(promoted_pods) == 1
         (promoted_pod,) = promoted_pods
+        assert "standby-type" not in labels_of(promoted_pods[promoted_pod])
         if tier == Role.WARM:
             assert not cluster.asleep(promoted_pod), "woken up through vLLM's /wake_up"
         if tier == Role.COLD:
@@ -481,3 +531,240 @@ async def test_a_restarted_pod_and_a_restarted_worker_keep_tier_serving_flag_and
         (third,) = cluster.pods(hot.id)
         assert (await restarted.list_instances("llama"))[0].model == "llama"
         assert cluster.selected("llama") == [third]
+
+
+# -- reconcile towards a changed policy -------------------------------------------------------------
+
+CHANGED = POLICY.model_copy(
+    update={
+        "models": [
+            POLICY.model("llama").model_copy(update={"hot_standby": 2}),
+            POLICY.model("mistral").model_copy(update={"hot_standby": 1, "warm_standby": 0}),
+            POLICY.model("qwen").model_copy(update={"cold_standby": 0}),
+        ]
+    }
+)
+"""One more hot standby of llama, mistral's warm standby wanted hot, no cold standby of qwen."""
+
+
+async def test_reconcile_follows_a_changed_policy_creating_retiering_and_deleting(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+    warm = only(by_role(fleet, "mistral")[Role.WARM])
+    cold = only(by_role(fleet, "qwen")[Role.COLD])
+    llama_serving = only(by_role(fleet, "llama")[Role.SERVING])
+    (warm_pod,) = cluster.pods(warm.id)
+    assert cluster.asleep(warm_pod)
+    selected = {model: cluster.selected(model) for model in POLICY.model_names}
+
+    async with worker(temporal, cluster, queue, CHANGED) as platform:
+        result = await reconcile(run, queue)
+        kinds = sorted((a.kind.value, a.model, a.instance) for a in result.plan.actions)
+        assert [k[:2] for k in kinds] == [("create", "llama"), ("delete", "qwen"), ("retier", "mistral")], kinds
+        assert ("delete", "qwen", cold.id) in kinds and ("retier", "mistral", warm.id) in kinds
+
+        # The warm standby is hot now: its record and its pod say so (the seed's label too), its
+        # model was woken up, and it is still out of the model's Service. Same pod: no rollout.
+        record = cluster.deployment(warm.id)
+        assert {k: labels_of(record)[k] for k in ("drctl.io/role", "drctl.io/serving", "standby-type")} == {
+            "drctl.io/role": "hot",
+            "drctl.io/serving": "false",
+            "standby-type": "hot",
+        }
+        assert list(cluster.pods(warm.id)) == [warm_pod]
+        assert labels_of(cluster.pods(warm.id)[warm_pod])["drctl.io/role"] == "hot"
+        assert labels_of(cluster.pods(warm.id)[warm_pod])["standby-type"] == "hot"
+        assert not cluster.asleep(warm_pod)
+        # The surplus cold standby's Deployment is gone.
+        assert cold.id not in cluster.deployments()
+        # The new hot standby of llama: a Deployment with one Ready pod on the GPU placement chose,
+        # away from the serving instance's zone, not in the Service.
+        (create,) = [a for a in result.plan.actions if a.kind == "create"]
+        new = cluster.deployment(create.instance)
+        assert new["spec"]["replicas"] == 1 and labels_of(new)["drctl.io/role"] == "hot"
+        assert new["metadata"]["annotations"]["drctl.io/gpu"] == create.gpu
+        assert new["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": create.node}
+        assert create.zone != llama_serving.zone
+        (new_pod,) = cluster.pods(create.instance)
+        assert cluster.pods(create.instance)[new_pod]["status"]["phase"] == "Running"
+        # The Services still send to the serving instances only.
+        assert {model: cluster.selected(model) for model in POLICY.model_names} == selected
+        now = await platform.all_instances()
+        assert sorted(i.id for i in by_role(now, "llama")[Role.HOT]) == sorted(
+            [create.instance, *(i.id for i in by_role(fleet, "llama")[Role.HOT])]
+        )
+        assert [i.id for i in by_role(now, "mistral")[Role.HOT]] == [warm.id]
+        assert Role.COLD not in by_role(now, "qwen") and Role.WARM not in by_role(now, "mistral")
+
+        again = await reconcile(run, queue)
+        assert again.plan.actions == [] and again.applied == []
+
+
+# -- GPU drain of standbys --------------------------------------------------------------------------
+
+
+async def test_drain_gpu_of_standbys_deletes_them_and_reconcile_places_them_elsewhere(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        warm = only(by_role(fleet, "mistral")[Role.WARM])
+        gpu = warm.gpu
+        assert gpu is not None
+        on_gpu = [i for i in fleet if i.gpu == gpu]
+        assert all(i.role.is_standby for i in on_gpu), "a GPU of standbys only"
+        selected = {model: cluster.selected(model) for model in POLICY.model_names}
+
+        result: DrainGpuResult = await run(DrainGpuWorkflow.run, DrainGpuRequest(gpu=gpu, reason="ecc"), queue, "drain")
+
+        assert result.failed == [] and result.failovers == [], result
+        assert sorted(result.deleted) == sorted(i.id for i in on_gpu)
+        for standby in on_gpu:  # Deployments deleted, and their pods with them
+            assert standby.id not in cluster.deployments()
+            await cluster.settled(lambda s=standby: not cluster.pods(s.id), f"{standby.id}'s pods removed")
+        stored = live(cluster.emulator, CONFIGMAPS, NS)["drctl-cordoned-gpus"]["data"]["cordoned.json"]
+        assert json.loads(stored) == {gpu: "ecc"}
+        assert {model: cluster.selected(model) for model in POLICY.model_names} == selected, "serving untouched"
+
+        after = await reconcile(run, queue)
+        created = {a.model: a for a in after.plan.actions if a.kind == "create"}
+        assert {m: a.tier for m, a in created.items()} == {i.model: i.role for i in on_gpu}
+        assert all(a.gpu != gpu for a in created.values()), after.plan.actions
+        now = await platform.all_instances()
+        for standby in on_gpu:
+            replacement = only(by_role(now, standby.model)[standby.role])
+            assert replacement.id == created[standby.model].instance and replacement.gpu != gpu
+        (new_warm_pod,) = cluster.pods(created["mistral"].instance)
+        assert cluster.asleep(new_warm_pod), "the new warm standby was put to sleep"
+        assert {model: cluster.selected(model) for model in POLICY.model_names} == selected
+
+
+# -- zone failback, and Istio's weights back ---------------------------------------------------------
+
+ROUTES = {
+    "llama": [("llama", 90), ("llama-standby", 10)],  # the seed's split (§3.2)
+    "mistral": [("mistral", 100), (f"mistral-standby.{NS}.svc.cluster.local", 0)],
+    "qwen": [("qwen", 100), ("qwen-standby", 0)],
+}
+
+
+async def test_zone_failback_returns_the_zone_to_placement_and_istio_weights_to_the_operators(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    cluster.virtual_service(ROUTES)
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+        assert cluster.weights() == ROUTES, "creating serving instances shifts nothing"
+        zone = only(by_role(fleet, "llama")[Role.SERVING]).zone
+        assert zone is not None
+        in_zone = [i for i in fleet if i.zone == zone and i.role == Role.SERVING]
+        for instance in in_zone:
+            for pod in cluster.pods(instance.id):
+                cluster.controllers.break_pod(pod)
+        failover: ZoneFailoverResult = await run(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone=zone, reason="zone down"), queue, "zone"
+        )
+        assert failover.failed == [] and failover.pending == [], failover
+        moved = sorted({i.model for i in in_zone})
+        assert moved, "the zone served something"
+        # Failover sent each moved model's traffic to its standby destination and recorded the
+        # operator's weights on the VirtualService; the other models' routes are untouched.
+        shifted = cluster.weights()
+        for model, route in ROUTES.items():
+            want = [(route[0][0], 0), (route[1][0], 100)] if model in moved else route
+            assert shifted[model] == want, model
+        annotations = cluster.routing()["metadata"]["annotations"]
+        assert json.loads(annotations[ORIGINAL_WEIGHTS]) == {
+            m: [{h.split(".")[0]: w for h, w in ROUTES[m]}] for m in moved
+        }
+        epochs = await platform.epochs()
+        serving_after = {m: only(by_role(await platform.all_instances(), m)[Role.SERVING]) for m in POLICY.model_names}
+        # While the zone is out, reconciliation would move the standbys left in it.
+        stranded = [i.id for i in fleet if i.zone == zone and i.role.is_standby]
+        planned = await run(ReconcileStandbysWorkflow.run, ReconcileRequest(dry_run=True), queue, "dry")
+        assert sorted(a.instance for a in planned.plan.actions if a.kind == "delete") == sorted(stranded)
+
+    # Failback, by a restarted worker: what it needs (the cordons, the weights to go back to) is
+    # in the cluster.
+    zone_gpus = sorted(s.id for s in gpu_inventory(POLICY.gpu_pool) if s.zone == zone)
+    async with worker(temporal, cluster, queue) as restarted:
+        back: ZoneFailbackResult = await run(
+            ZoneFailbackWorkflow.run, ZoneFailoverRequest(zone=zone, reason="failback"), queue, "failback"
+        )
+        assert sorted(back.uncordoned_gpus) == zone_gpus
+        stored = live(cluster.emulator, CONFIGMAPS, NS)["drctl-cordoned-gpus"]["data"]["cordoned.json"]
+        assert json.loads(stored) == {}
+        assert await restarted.cordoned_gpus() == []
+        assert cluster.weights() == ROUTES, "every moved model back to the operator's split"
+        assert ORIGINAL_WEIGHTS not in (cluster.routing()["metadata"].get("annotations") or {})
+        assert cluster.routing()["spec"]["http"][0]["retries"] == {"attempts": 3}
+        # Serving stays where the failover put it (moving it back would be another failover).
+        for model, serving in serving_after.items():
+            assert only(by_role(await restarted.all_instances(), model)[Role.SERVING]).id == serving.id
+            assert cluster.selected(model) == sorted(cluster.pods(serving.id))
+        assert await restarted.epochs() == epochs, "failback claims no epoch"
+        # The zone is back in placement: its standbys stay, and what is missing may go there.
+        after = await reconcile(run, queue)
+        assert [a for a in after.plan.actions if a.kind == "delete"] == [], after.plan.actions
+        assert set(stranded) <= set(cluster.deployments())
+        now = await restarted.all_instances()
+        for model, tier in STANDBY_OF.items():
+            assert len(by_role(now, model).get(tier, [])) == 1, (model, now)
+
+        # A second failback finds nothing to do, and writes nothing.
+        version = cluster.routing()["metadata"]["resourceVersion"]
+        again: ZoneFailbackResult = await run(
+            ZoneFailbackWorkflow.run, ZoneFailoverRequest(zone=zone, reason="failback"), queue, "failback"
+        )
+        assert again.uncordoned_gpus == []
+        assert cluster.routing()["metadata"]["resourceVersion"] == version
+
+
+async def test_istio_failback_returns_to_the_weights_before_the_first_shift(cluster: Cluster) -> None:
+    """The record's edge cases, through the platform's failback step (``uncordon_gpu``)."""
+    cluster.virtual_service(ROUTES)
+    vs = cluster.emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]
+    with cluster.client() as client:
+        platform = cluster.platform(client)
+        assert platform.istio is not None
+        assert "no shifted weights to restore" in await platform.uncordon_gpu("node-1/0")
+
+        # A second failover before failback keeps the first record: back to 90/10, not to what an
+        # operator set in between.
+        assert "(was 90/10, recorded for failback)" in await platform.istio.shift("llama", to_standby=True)
+        http = copy.deepcopy(cluster.routing()["spec"]["http"])
+        http[0]["route"][0]["weight"] = http[0]["route"][1]["weight"] = 50
+        vs.patch({"spec": {"http": http}})
+        assert "recorded" not in await platform.istio.shift("llama", to_standby=True)
+        assert cluster.weights()["llama"] == [("llama", 0), ("llama-standby", 100)]
+        assert "llama back to 90/10" in await platform.uncordon_gpu("node-1/0")
+        assert cluster.weights() == ROUTES
+        assert ORIGINAL_WEIGHTS not in (cluster.routing()["metadata"].get("annotations") or {})
+
+        # A route removed since failover has nothing to go back to: its record is dropped.
+        await platform.istio.shift("qwen", to_standby=True)
+        vs.patch(
+            {
+                "spec": {
+                    "http": [
+                        r for r in cluster.routing()["spec"]["http"] if r["route"][0]["destination"]["host"] != "qwen"
+                    ]
+                }
+            }
+        )
+        assert "qwen: route gone" in await platform.uncordon_gpu("node-1/0")
+        assert ORIGINAL_WEIGHTS not in (cluster.routing()["metadata"].get("annotations") or {})
+
+        # A model given another route since failover: which weights go where is a person's call.
+        await platform.istio.shift("mistral", to_standby=True)
+        http = cluster.routing()["spec"]["http"]
+        vs.patch({"spec": {"http": [*http, copy.deepcopy(http[1])]}})
+        with pytest.raises(ApplicationError) as changed:
+            await platform.uncordon_gpu("node-1/0")
+        assert changed.value.type == "IstioRouteChanged" and changed.value.non_retryable
+        assert "mistral" in json.loads(cluster.routing()["metadata"]["annotations"][ORIGINAL_WEIGHTS])
