@@ -12,7 +12,7 @@ from temporalio import activity
 from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from drctl.activities.failover import heartbeat_progress
+from drctl.activities.failover import heartbeat_progress, with_heartbeats
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
@@ -65,6 +65,12 @@ class ReconcileActivities:
 
     @activity.defn(name=ActivityName.OBSERVE_FLEET)
     async def observe_fleet(self) -> FleetSnapshot:
+        """The fleet now, heartbeating while the platform answers (the callers set a short
+        heartbeat timeout: a worker that dies holding this is noticed in seconds, not at the
+        start-to-close timeout)."""
+        return await with_heartbeats(self._observe())
+
+    async def _observe(self) -> FleetSnapshot:
         policy = await self.platform.current_policy()
         return FleetSnapshot(
             policy=policy.model_dump(mode="json", by_alias=True),
@@ -78,7 +84,9 @@ class ReconcileActivities:
     async def plan_reconcile(self, request: ReconcileRequest) -> ReconcilePlan:
         """Observe the fleet and plan the pass (pure: ``plan_pass``); only the plan goes into the
         workflow's history, however large the fleet."""
-        snapshot = await self.observe_fleet()
+        snapshot = await with_heartbeats(self._observe())
+        if not activity.info().is_local:
+            activity.heartbeat()
         with span("plan_reconcile", instances=len(snapshot.instances)):
             return plan_pass(snapshot, request.models)
 

@@ -78,6 +78,8 @@ PLAN_IN_ACTIVITY = "reconcile-plan-in-activity"
 """Patch: a pass plans in its activity and records the plan, not the whole fleet and policy (at
 1,000 models the snapshot is megabytes, in every pass's history). Runs started before observe,
 then plan in the workflow."""
+OBSERVE_HEARTBEAT = timedelta(seconds=5)
+"""Heartbeat timeout of the activities that observe the whole fleet (they heartbeat as they go)."""
 PASS_WAIT_HEARTBEAT = timedelta(seconds=5)
 
 
@@ -165,6 +167,9 @@ async def plan_of_pass(request: ReconcileRequest) -> ReconcilePlan:
         request,
         result_type=ReconcilePlan,
         start_to_close_timeout=timedelta(seconds=60),
+        # A worker killed while planning: retried after this, not after the 60 s (the nemesis found
+        # a kill in that moment holding the fleet short of its standbys for a minute).
+        heartbeat_timeout=OBSERVE_HEARTBEAT,
         retry_policy=RETRY,
     )
     return plan

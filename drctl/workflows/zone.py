@@ -66,6 +66,7 @@ async def observe_fleet() -> tuple[FleetSnapshot, DRPolicy]:
         ActivityName.OBSERVE_FLEET,
         result_type=FleetSnapshot,
         start_to_close_timeout=STEP_TIMEOUT,
+        heartbeat_timeout=timedelta(seconds=5),  # a dead worker: retried in seconds, not 30 s
         retry_policy=RETRY,
     )
     return snapshot, DRPolicy.model_validate(snapshot.policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from temporalio import activity
@@ -47,6 +48,9 @@ class FakePlatform:
     """Models with a recovery in flight, as the budget tells ``observe_fleet``."""
     hold: asyncio.Event | None = None
     """When set, creates wait for it (a pass that takes a while: instances loading)."""
+    plan_dies_first: bool = False
+    """The first attempt of the planning activity never answers (its worker died holding it)."""
+    plan_attempts: list[tuple[int, datetime]] = field(default_factory=list)
 
     def activities(self) -> list[object]:
         platform = self
@@ -62,6 +66,10 @@ class FakePlatform:
 
         @activity.defn(name=ActivityName.PLAN_RECONCILE)
         async def plan(request: ReconcileRequest) -> ReconcilePlan:
+            info = activity.info()
+            platform.plan_attempts.append((info.attempt, info.current_attempt_scheduled_time))
+            if platform.plan_dies_first and info.attempt == 1:
+                await asyncio.sleep(3600)  # a worker that died mid-plan: no answer, no heartbeat
             return plan_pass(await observe(), request.models)
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
@@ -265,3 +273,17 @@ async def test_requests_that_overlap_make_their_passes_one_after_the_other(
     assert len(creates) == len(set(creates)) == len(built.plan.actions) > 0  # no instance created twice
     assert not any(c.startswith("delete ") for c in platform.calls)
     assert platform.calls.count("observe") == 2 and again.plan.actions == [] and again.failed == []
+
+
+async def test_a_worker_that_dies_while_planning_delays_the_pass_seconds_not_a_minute(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """The planning activity heartbeats and has a short heartbeat timeout: a worker killed while it
+    plans is replaced by another attempt within seconds. With only the 60 s start-to-close timeout
+    (found by the nemesis) the fleet stayed a standby short for a minute."""
+    platform = FakePlatform(plan_dies_first=True)
+    result = await reconcile(time_skipping_env, platform)
+    assert result.failed == [] and len(result.applied) == 12
+    (first, began), (second, retried) = platform.plan_attempts
+    assert (first, second) == (1, 2)
+    assert (retried - began).total_seconds() < 15
