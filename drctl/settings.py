@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,16 @@ class DrctlSettings(BaseSettings):
     """Or a headless Service of the node agent DaemonSet, ``host:port``; every address is asked."""
     kubernetes_context: str | None = None
     """kubeconfig context outside a cluster; inside one the service account is used."""
+    kubernetes_istio_virtual_service: str | None = None
+    """Istio mode: the VirtualService (in ``kubernetes_namespace``) whose weights a failover shifts
+    from each model's primary destination to its standby one and failback shifts back
+    (``drctl.platforms.kubernetes.istio``). None: no Istio, the label flip alone routes."""
+    kubernetes_istio_primary_host: str = "{model}"
+    """Istio mode: the host of a model's primary destination in that VirtualService, ``{model}``
+    replaced by the model's name (a short Service name or its FQDN: only the part before the first
+    dot is compared)."""
+    kubernetes_istio_standby_host: str = "{model}-standby"
+    """Istio mode: the host of a model's standby destination, ``{model}`` replaced as above."""
     kubernetes_fault_injection: bool = False
     """Let drills inject faults on the cluster (delete pods, cordon, taint and mark Nodes NotReady,
     Xids through the node agents). Off by default: it also needs the Role and ClusterRole of
@@ -62,6 +72,11 @@ class DrctlSettings(BaseSettings):
     """Where a drill sends its load, ``{model}`` replaced by the model's name (on Kubernetes the
     model's Service, e.g. ``http://{model}.drctl.svc:8000``, or an ingress); default ``lb_url``,
     the local stack's Envoy."""
+    worker_creates_reconcile_schedule: bool = True
+    """The runbook worker creates the Temporal Schedule ``drctl-reconcile-standbys`` when it starts
+    and the schedule does not exist (every platform: on a cluster nothing else does). An existing
+    schedule is left exactly as it is (an operator's pause, interval or note stays). ``drctl up``
+    turns this off for its worker: it creates or updates the schedule itself, to the policy."""
     temporal_ui_port: int = 8233
     temporal_http_port: int = 7243
     temporal_metrics_port: int = 7244
@@ -92,6 +107,18 @@ class DrctlSettings(BaseSettings):
     """The health prober's Prometheus ``/metrics`` (probes, zone verdicts, reports); 0: off."""
     prometheus_port: int = 9090
     """Where ``drctl up --with-prometheus`` serves Prometheus's UI and API."""
+
+    @field_validator("kubernetes_istio_primary_host", "kubernetes_istio_standby_host")
+    @classmethod
+    def _a_host_per_model(cls, value: str) -> str:
+        """A template naming each model's own host: ``{model}`` in it and no other placeholder."""
+        if "{model}" not in value:
+            raise ValueError(f"{value!r} must contain {{model}} (each model routes to its own Service)")
+        try:
+            value.format(model="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{value!r}: only {{model}} may be replaced ({exc!r})") from None
+        return value
 
     def fault_token(self) -> str | None:
         """The fault-injection token from ``fault_injection_token`` or its file; None when neither is

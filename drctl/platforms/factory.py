@@ -34,4 +34,7 @@ def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | 
         image=settings.kubernetes_image,
         node_agent_urls=settings.node_agent_urls,
         node_agent_service=settings.node_agent_service,
+        istio_virtual_service=settings.kubernetes_istio_virtual_service,
+        istio_primary_host=settings.kubernetes_istio_primary_host,
+        istio_standby_host=settings.kubernetes_istio_standby_host,
     )

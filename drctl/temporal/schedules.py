@@ -49,8 +49,21 @@ def reconcile_schedule(policy: DRPolicy, task_queue: str) -> Schedule:
 
 
 async def ensure_reconcile_schedule(client: Client, policy: DRPolicy, task_queue: str) -> str:
-    """Create the schedule, or update it to the policy's interval; returns what it did."""
+    """Create the schedule, or update it to the policy's interval; returns what it did (``drctl up``:
+    the local stack owns its schedule and re-applies the policy at every start)."""
     return await create_or_update(client, RECONCILE_SCHEDULE_ID, reconcile_schedule(policy, task_queue))
+
+
+async def create_reconcile_schedule_if_missing(client: Client, policy: DRPolicy, task_queue: str) -> str:
+    """Create the schedule unless one with its id exists, which is then left exactly as it is (an
+    operator's pause, interval or note stays). What a worker does at start on every platform: on a
+    cluster nothing else creates it, and two replicas starting at once create it once (the second
+    gets "already running"). Returns what it did."""
+    try:
+        await client.create_schedule(RECONCILE_SCHEDULE_ID, reconcile_schedule(policy, task_queue))
+    except ScheduleAlreadyRunningError:
+        return "exists, left as it is"
+    return "created"
 
 
 async def create_or_update(client: Client, schedule_id: str, schedule: Schedule) -> str:

@@ -1,9 +1,14 @@
-"""The Temporal worker: runs the runbook workflows and their activities on the local platform.
+"""The Temporal worker: runs the runbook workflows and their activities on the platform the settings choose.
 
     python -m drctl.workers.runbook_worker        # settings from DRCTL_* environment variables
 
 ``drctl up`` starts it as a child process (and restarts it if it dies); a failover in flight
 when it dies resumes from its last completed step once a worker polls the task queue again.
+
+At start it creates the Temporal Schedule ``drctl-reconcile-standbys`` if it does not exist (and
+leaves an existing one alone), so that standbys are replaced wherever a worker runs: on Kubernetes
+nothing else creates it. ``DRCTL_WORKER_CREATES_RECONCILE_SCHEDULE=false`` turns that off; ``drctl
+up`` does, as it creates or updates the schedule itself.
 """
 
 from __future__ import annotations
@@ -13,20 +18,25 @@ import contextlib
 import logging
 from datetime import timedelta
 
+from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
 from drctl.activities.reconcile import ReconcileActivities
+from drctl.payloads import RECONCILE_SCHEDULE_ID
 from drctl.platforms.factory import make_platform
 from drctl.policies.loader import load_policy_file
+from drctl.policies.schema import DRPolicy
 from drctl.service import run_service
 from drctl.settings import DrctlSettings
 from drctl.telemetry.metrics import run_worker_metrics, sdk_runtime
 from drctl.telemetry.tracing import setup_tracing
 from drctl.temporal.client import connect
 from drctl.temporal.refs import workflow_type
+from drctl.temporal.schedules import create_reconcile_schedule_if_missing
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
@@ -82,6 +92,8 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         # dead worker's sticky queue, so this is short (bench/worker_kill_bench.py).
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
     )
+    if settings.worker_creates_reconcile_schedule:
+        await ensure_schedule_exists(client, policy, settings.task_queue)
     log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
     metrics = asyncio.create_task(
         run_worker_metrics(
@@ -103,6 +115,19 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
             await metrics
         await platform.close()
         tracing.shutdown()
+
+
+async def ensure_schedule_exists(client: Client, policy: DRPolicy, task_queue: str) -> None:
+    """The reconcile schedule, created if missing (``DRCTL_WORKER_CREATES_RECONCILE_SCHEDULE``).
+    Without it, standbys a failover used up are never replaced: a failover's last step only
+    triggers it. A Temporal that refuses (an API key without the right to create schedules) is
+    logged, not fatal: the worker is still what runs every recovery."""
+    try:
+        done = await create_reconcile_schedule_if_missing(client, policy, task_queue)
+    except RPCError as exc:
+        log.error("could not create the Temporal Schedule %s: %s", RECONCILE_SCHEDULE_ID, exc)
+        return
+    log.info("reconcile schedule %s: %s", RECONCILE_SCHEDULE_ID, done)
 
 
 def main() -> None:

@@ -547,7 +547,11 @@ class LocalStack:
                 await asyncio.sleep(0.05)
 
     def start_worker(self) -> None:
-        self._start_python_process("worker", "drctl.workers.runbook_worker")
+        # The stack creates or updates the reconcile schedule itself, to the policy (``start``): its
+        # worker leaves it alone, so a fresh stack's schedule is created once, by the stack.
+        self._start_python_process(
+            "worker", "drctl.workers.runbook_worker", env={"DRCTL_WORKER_CREATES_RECONCILE_SCHEDULE": "false"}
+        )
 
     def start_prober(self) -> None:
         self.layout.prober_status_file.unlink(missing_ok=True)
@@ -677,11 +681,17 @@ class LocalStack:
             return f"node-agent-{name}.log"
         return name.replace("_", "-") + ".log"
 
-    def _start_python_process(self, name: str, module: str, args: list[str] | None = None) -> int:
-        # Its settings, and only the secrets this part uses (the alert tokens only to the receiver…).
-        env = part_environment(self.settings, name, node_names=self.node_agent_ports, state_root=self.layout.root)
+    def _start_python_process(
+        self, name: str, module: str, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> int:
+        # Its settings, and only the secrets this part uses (the alert tokens only to the receiver…);
+        # ``env``: settings that differ for this part.
+        environment = part_environment(
+            self.settings, name, node_names=self.node_agent_ports, state_root=self.layout.root
+        )
+        environment.update(env or {})
         command = [sys.executable, "-m", module, *(args or [])]
-        return self._spawn_part(name, command, self._log_name(name), env)
+        return self._spawn_part(name, command, self._log_name(name), environment)
 
     def _spawn_part(self, name: str, command: list[str], log_name: str, env: dict[str, str] | None = None) -> int:
         pid = processes.spawn(command, self.layout.logs_dir / log_name, env=env)

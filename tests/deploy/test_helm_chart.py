@@ -44,8 +44,9 @@ DRCTL_WORKLOADS = {
     ("Deployment", "drctl-alert-receiver"),
     ("DaemonSet", "drctl-node-agent"),
 }
-TEMPORAL_CONTAINERS = {"worker", "kube-watcher", "alert-receiver"}
-"""The containers that talk to Temporal (they read the drctl-env ConfigMap)."""
+TEMPORAL_CONTAINERS = {"worker", "kube-watcher", "alert-receiver", "node-agent"}
+"""The containers that talk to Temporal (they read the drctl-env ConfigMap): the node agent starts
+DrainGpuWorkflow when one of its GPUs turns "drain"."""
 
 Doc = dict[str, Any]
 Key = tuple[str, str, str]
@@ -77,6 +78,27 @@ def helm() -> str:
 def kustomized() -> dict[Key, Doc]:
     result = subprocess.run(
         [tool("kubectl"), "kustomize", str(KUSTOMIZATION)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return by_key(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def kustomized_with_drills(tmp_path_factory: pytest.TempPathFactory) -> dict[Key, Doc]:
+    """The base plus the drills component, through an overlay of one's own as docs/deploy.md shows
+    (kustomize refuses an overlay inside the base, and takes no absolute roots)."""
+    overlay = tmp_path_factory.mktemp("overlays") / "with-drills"
+    overlay.mkdir()
+    base = os.path.relpath(KUSTOMIZATION, overlay)
+    spec = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [base],
+        "components": [f"{base}/drills"],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
     return by_key(result.stdout)
@@ -234,10 +256,15 @@ PLATFORM_VALUES: Doc = {
         "faultInjection": {"enabled": True, "existingSecret": "drill-token", "key": "bearer"},
     },
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
-    "worker": {"metrics": {"enabled": True}},
+    "worker": {
+        "metrics": {"enabled": True},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "control", "effect": "NoSchedule"}],
+    },
+    "drills": {"enabled": True},
 }
 """Non-default values a platform team sets: Temporal Cloud over mTLS with an API key, tokens from
-their Secrets, another GPU node label, drills' fault injection, the ServiceMonitor, worker metrics."""
+their Secrets, another GPU node label, drills (the worker's side and the agents'), the
+ServiceMonitor, worker metrics and tolerations."""
 
 
 @pytest.mark.parametrize("values", [None, PLATFORM_VALUES], ids=["defaults", "platform-values"])
@@ -273,6 +300,42 @@ def test_default_render_is_the_kustomization(render: Render, kustomized: dict[Ke
     for key, doc in chart.items():
         diff = differences(kustomized[key], without_helm_additions(doc))
         assert not diff, f"{key}:\n  " + "\n  ".join(diff)
+
+
+def test_drills_enabled_renders_the_kustomization_with_the_drills_component(
+    render: Render, kustomized: dict[Key, Doc], kustomized_with_drills: dict[Key, Doc]
+) -> None:
+    """``drills.enabled=true`` is the overlay of the base and ``deploy/kubernetes/drills``, field for
+    field: the drctl-drills Role, ClusterRole and bindings (their rules are held to
+    FAULT_PERMISSIONS in test_drill_manifests.py), the worker's opt-in, agents' Service, fault token,
+    load URL and toleration, and the node agents' fault endpoints with the same token."""
+    chart = render({"drills": {"enabled": True}})
+    namespace_key = ("Namespace", "", NAMESPACE)
+    assert set(chart) == set(kustomized_with_drills) - {namespace_key}, (
+        f"only in the chart: {sorted(set(chart) - set(kustomized_with_drills))}; "
+        f"only in the kustomization: {sorted(set(kustomized_with_drills) - set(chart) - {namespace_key})}"
+    )
+    added = set(kustomized_with_drills) - set(kustomized)
+    assert {(kind, name) for kind, _, name in added} == {
+        (kind, "drctl-drills") for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    }
+    for key, doc in chart.items():
+        diff = differences(kustomized_with_drills[key], without_helm_additions(doc))
+        assert not diff, f"{key}:\n  " + "\n  ".join(diff)
+    # And it changes what the default leaves alone: not a no-op comparison.
+    worker = container(one(chart, "Deployment", "drctl-worker"), "worker")
+    assert env_of(worker)["DRCTL_KUBERNETES_FAULT_INJECTION"]["value"] == "true"
+    assert "DRCTL_KUBERNETES_FAULT_INJECTION" not in env_of(
+        container(one(render(), "Deployment", "drctl-worker"), "worker")
+    )
+
+
+def test_drills_without_rbac_create_leave_the_roles_to_the_platform_team(render: Render) -> None:
+    chart = render({"drills": {"enabled": True}, "rbac": {"create": False}, "serviceAccount": {"name": "drctl"}})
+    assert not [k for k in chart if k[2].endswith("-drills")]
+    assert "--allow-fault-injection" in container(one(chart, "DaemonSet", "drctl-node-agent"), "node-agent")["command"]
+    tolerations = pod_spec(one(chart, "Deployment", "drctl-worker"))["tolerations"]
+    assert {"key": "drctl.io/drill", "operator": "Exists", "effect": "NoExecute"} in tolerations
 
 
 def test_namespace_create_adds_the_kustomization_namespace(render: Render, kustomized: dict[Key, Doc]) -> None:
@@ -385,6 +448,22 @@ def test_node_agent_runs_on_the_given_gpu_label_with_fault_injection(platform_re
     assert spec["automountServiceAccountToken"] is False
 
 
+def test_drills_give_the_worker_the_agents_token_and_keep_its_own_tolerations(
+    platform_render: dict[Key, Doc],
+) -> None:
+    worker = one(platform_render, "Deployment", "drctl-worker")
+    c = container(worker, "worker")
+    assert (
+        env_of(c)["DRCTL_FAULT_INJECTION_TOKEN_FILE"]["value"] == mounts_of(c)["fault-token"]["mountPath"] + "/bearer"
+    )
+    assert volumes_of(worker)["fault-token"]["secret"]["secretName"] == "drill-token"
+    assert "fault-token" not in mounts_of(container(worker, "kube-watcher"))
+    assert pod_spec(worker)["tolerations"] == [
+        {"key": "drctl.io/drill", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "dedicated", "operator": "Equal", "value": "control", "effect": "NoSchedule"},
+    ]
+
+
 def test_service_monitor_scrapes_the_metrics_services(platform_render: dict[Key, Doc], render: Render) -> None:
     (monitor,) = [doc for (kind, _, _), doc in platform_render.items() if kind == "ServiceMonitor"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -467,7 +546,10 @@ def test_secret_files_are_readable_by_the_pods_user(
 
 def test_another_release_and_namespace_rename_everything(render: Render) -> None:
     """No name or namespace of the defaults is left hard-coded: release "prod" in namespace "gpu-dr"."""
-    chart = render({"serviceMonitor": {"enabled": True}}, release="prod", namespace="gpu-dr")
+    chart = render(
+        {"serviceMonitor": {"enabled": True}, "drills": {"enabled": True}}, release="prod", namespace="gpu-dr"
+    )
+    assert ("ClusterRole", "", "prod-drctl-drills") in chart and ("Role", "gpu-dr", "prod-drctl-drills") in chart
     for (kind, namespace, name), doc in chart.items():
         if kind in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert namespace == ""
@@ -493,6 +575,9 @@ def test_another_release_and_namespace_rename_everything(render: Render) -> None
                 assert one(chart, "ConfigMap", source["configMapRef"]["name"])
     watcher = container(one(chart, "Deployment", "prod-drctl-worker"), "kube-watcher")
     assert env_of(watcher)["DRCTL_NODE_AGENT_SERVICE"]["value"] == "prod-drctl-node-agent.gpu-dr.svc:9400"
+    drilling = env_of(container(one(chart, "Deployment", "prod-drctl-worker"), "worker"))
+    assert drilling["DRCTL_NODE_AGENT_SERVICE"]["value"] == "prod-drctl-node-agent.gpu-dr.svc:9400"
+    assert drilling["DRCTL_DRILL_LB_URL"]["value"] == "http://{model}.gpu-dr.svc:8000"
     for (kind, _, name), service in chart.items():
         if kind == "Service":
             pods = [
@@ -513,6 +598,11 @@ def test_another_release_and_namespace_rename_everything(render: Render) -> None
             "nodeAgent.faultInjection.existingSecret is required",
         ),
         ({"alertReceiver": {"tokens": {"existingSecret": ""}}}, "alertReceiver.tokens.existingSecret is required"),
+        (
+            {"drills": {"enabled": True}, "nodeAgent": {"faultInjection": {"existingSecret": ""}}},
+            "nodeAgent.faultInjection.existingSecret is required",
+        ),
+        ({"drills": {"enabled": True, "loadUrl": "http://lb:8000"}}, "/drills/loadUrl"),
         ({"temporal": {"address": "no-port"}}, "/temporal/address"),
         ({"temporal": {"tls": {"enabled": "yes"}}}, "/temporal/tls/enabled"),
         ({"workr": {"replicas": 1}}, "workr"),
@@ -523,6 +613,8 @@ def test_another_release_and_namespace_rename_everything(render: Render) -> None
         "ca-without-cert",
         "faults-without-token",
         "no-tokens",
+        "drills-without-token",
+        "load-url-without-model",
         "address",
         "bool",
         "typo",

@@ -26,11 +26,14 @@ from typing import Any
 import httpx
 import pynvml
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from temporalio.service import RPCError
 
 from drctl.detectors.gpu_node_agent import FaultTokenMissing, GpuReport, NodeAgent, make_app, serve
 from drctl.detectors.nvml import NvmlInventory, NvmlUnavailable, XidEvent
+from drctl.payloads import drain_workflow_id
 from drctl.policies.gpu_health import UNKNOWN_NO_NVML, classify
 from drctl.policies.schema import GpuNodePolicy, GpuPoolPolicy
 
@@ -973,3 +976,74 @@ def test_nvml_check_script_needs_only_nvidia_ml_py() -> None:
             "libnvidia-ml.so.1 cannot be loaded - no NVIDIA driver on this machine "
             "(or, in a container, the NVIDIA runtime did not mount it)"
         )
+
+
+# -- the drain on a cluster: the DaemonSet's Temporal settings -----------------------------------------------
+
+
+def daemonset_environment(temporal_address: str) -> dict[str, str]:
+    """The node agent's environment as deploy/kubernetes gives it: the ConfigMap drctl-env (which its
+    container must take, as the worker's do) and its own literal env; the Temporal address pointed at
+    the test's server, the policy at a file of this checkout."""
+    deploy = ROOT / "deploy" / "kubernetes"
+    (config,) = yaml.safe_load_all((deploy / "config.yaml").read_text(encoding="utf-8"))
+    daemonset = next(
+        d
+        for d in yaml.safe_load_all((deploy / "node-agent.yaml").read_text(encoding="utf-8"))
+        if d["kind"] == "DaemonSet"
+    )
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert {"configMapRef": {"name": config["metadata"]["name"]}} in container.get("envFrom", []), (
+        "the node agent reads the worker's Temporal settings"
+    )
+    env = {k: str(v) for k, v in config["data"].items()}
+    env.update({e["name"]: str(e["value"]) for e in container["env"] if "value" in e})  # env wins over envFrom
+    assert {"DRCTL_TEMPORAL_ADDRESS", "DRCTL_TEMPORAL_NAMESPACE", "DRCTL_TASK_QUEUE"} <= env.keys()
+    env.update(
+        DRCTL_TEMPORAL_ADDRESS=temporal_address,
+        DRCTL_POLICY=str(ROOT / "examples" / "dr-policy.yaml"),
+        DRCTL_HOST="127.0.0.1",
+        DRCTL_FAULT_INJECTION_TOKEN=FAULT_TOKEN,  # the drills component's Secret
+    )
+    return env
+
+
+@needs_no_nvml
+async def test_an_xid_on_a_cluster_starts_the_drain_on_the_workers_temporal(
+    agent_process: Any, time_skipping_env: Any
+) -> None:
+    """An Xid 79 makes the GPU "drain", and the agent, configured as the DaemonSet is, starts
+    DrainGpuWorkflow for it on the Temporal namespace and task queue of drctl-env, where the worker
+    polls. Without those settings (the DaemonSet before) it tried 127.0.0.1:7233 and failed: the GPU
+    was kept out of placement but never drained."""
+    client = time_skipping_env.client
+    env = daemonset_environment(client.service_client.config.target_host)
+    assert client.namespace == env["DRCTL_TEMPORAL_NAMESPACE"]
+    process, url = agent_process("--node", "gpu-node-1", "--interval", "0.2", "--allow-fault-injection", env=env)
+    async with httpx.AsyncClient(base_url=url, timeout=5, headers=AUTH) as http:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                injected = await http.post("/faults/xid", json={"gpu": 1, "xid": 79})
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert injected.json()["status"] == "drain"
+    handle = client.get_workflow_handle(drain_workflow_id("gpu-node-1/1"))
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            described = await handle.describe()
+            break
+        except RPCError:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no DrainGpuWorkflow started"
+            await asyncio.sleep(0.1)
+    assert described.workflow_type == "DrainGpuWorkflow"
+    assert described.task_queue == env["DRCTL_TASK_QUEUE"]
+    await handle.terminate("test over")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert f"GPU gpu-node-1/1 drains: started {handle.id}" in stderr

@@ -2,7 +2,10 @@
 
 The VirtualService routes a model to two destinations: the primary Service (host ``{model}``) and
 the standby Service (host ``{model}-standby``), at whatever weights the operator wrote (100/0, or
-the seed's 90/10). When a standby is registered as the new primary, ``shift`` writes 0/100.
+the seed's 90/10). When a standby is registered as the new primary, ``shift`` writes 0/100. The
+hosts are templates (``DRCTL_KUBERNETES_ISTIO_PRIMARY_HOST`` / ``_STANDBY_HOST``). A model that has no
+route to both of its hosts in the VirtualService is not routed by it: ``shift`` logs that and writes
+nothing ("nothing to shift"), and the failover goes on with the label flip as its only routing.
 
 **Failback restores the operator's weights, not 100/0.** The DR policy has no traffic section, so
 the split the VirtualService had before drctl first touched a model's route *is* the policy. The
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -33,11 +37,12 @@ from kubernetes.client import CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from temporalio.exceptions import ApplicationError
 
+log = logging.getLogger(__name__)
+
 GROUP = "networking.istio.io"
 VERSION = "v1beta1"
 PLURAL = "virtualservices"
 MERGE_PATCH = "application/merge-patch+json"
-NO_ROUTE = "IstioRouteNotFound"
 ROUTE_CHANGED = "IstioRouteChanged"
 ORIGINAL_WEIGHTS = "drctl.io/weights-before-failover"
 """Annotation on the VirtualService: ``{model: [{host: weight, ...}, ...]}``, per route of the
@@ -222,9 +227,12 @@ class IstioRouting:
             try:
                 new = with_weights(http, weights)
             except LookupError as exc:
-                raise ApplicationError(
-                    f"VirtualService {self.name!r}: {exc}", type=NO_ROUTE, non_retryable=True
-                ) from exc
+                # Not routed through this VirtualService: the model's Service (the label flip
+                # already made) is its only routing, so there is no weight to shift. Failing here
+                # would fail the failover after the new instance was labelled serving.
+                detail = f"VirtualService {self.name}: {exc}; nothing to shift for {model}"
+                log.warning("%s", detail)
+                return detail
             if new is None:
                 return f"VirtualService {self.name} already at {shown}"
             records = recorded(vs)

@@ -41,16 +41,22 @@ GPU) is promoted by patching its Deployment: one GPU requested and limited, repl
 ``wait_loaded`` waits for). Ejecting an instance records it failed and scales its Deployment to 0:
 its pod goes, and with it the GPU it held (the Deployment stays, as the record of the failure).
 
-Optional Istio mode (``istio_virtual_service=``): registering an instance at priority 0 also shifts
-the model's VirtualService weights from the primary to the standby destination, recording the
-weights it replaced on the VirtualService; failback (``uncordon_gpu``) writes those back (see
-``istio``).
+Optional Istio mode (``istio_virtual_service=``, from ``DRCTL_KUBERNETES_ISTIO_VIRTUAL_SERVICE``):
+registering an instance at priority 0 also shifts the model's VirtualService weights from the
+primary to the standby destination, recording the weights it replaced on the VirtualService;
+failback (``uncordon_gpu``) writes those back (see ``istio``). A model the VirtualService has no
+route for has nothing to shift: register says so and succeeds.
+
+Placement keeps out what ``cordoned_gpus`` returns: the cordons, the GPUs the node agents want
+drained, and every GPU of a Node the cluster has closed (NotReady, cordoned, tainted: ``nodes``),
+the last read from the Nodes each time, never recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -64,10 +70,16 @@ from temporalio.exceptions import ApplicationError
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.platforms import errors, node_agents
 from drctl.platforms.base import FaultInjector, ProgressCallback, find_instance
-from drctl.platforms.kubernetes import istio
+from drctl.platforms.kubernetes import istio, nodes
 from drctl.platforms.kubernetes.cordons import KubernetesCordons
 from drctl.platforms.kubernetes.fencing import KubernetesFencing
-from drctl.platforms.kubernetes.templates import DEFAULT_IMAGES, GPU_RESOURCE, EngineNotOnKubernetes, InstanceTemplate
+from drctl.platforms.kubernetes.templates import (
+    DEFAULT_IMAGES,
+    GPU_RESOURCE,
+    TOLERATIONS,
+    EngineNotOnKubernetes,
+    InstanceTemplate,
+)
 from drctl.policies.engines import Engine, EngineProfile
 from drctl.policies.schema import DRPolicy
 
@@ -92,6 +104,8 @@ PERMISSION_DENIED = "PermissionDenied"
 NOT_BUILT = "NotBuiltOnKubernetes"
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def permission_denied(verb: str, resource: str, namespace: str, exc: ApiException) -> ApplicationError:
@@ -192,7 +206,7 @@ async def http_wake_up(url: str, body: dict[str, Any] | None = None) -> int:
 API_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "pods"): frozenset({"delete", "get", "list", "patch"}),
     ("apps", "deployments"): frozenset({"create", "delete", "get", "list", "patch"}),
-    ("", "nodes"): frozenset({"get"}),
+    ("", "nodes"): frozenset({"get", "list"}),  # an instance's zone; Nodes closed to placement (.nodes)
     ("", "configmaps"): frozenset({"create", "get", "update"}),  # .fencing and .cordons
     (istio.GROUP, istio.PLURAL): frozenset({"get", "patch"}),
 }
@@ -216,6 +230,8 @@ class KubernetesPlatform:
         poll_s: float = 1.0,
         wake_up: WakeUp = http_wake_up,
         istio_virtual_service: str | None = None,
+        istio_primary_host: str = "{model}",
+        istio_standby_host: str = "{model}-standby",
         node_agent_urls: Sequence[str] = (),
         node_agent_service: str | None = None,
     ) -> None:
@@ -226,7 +242,13 @@ class KubernetesPlatform:
         self.wake_up = wake_up
         self.istio = (
             istio.IstioRouting(
-                CustomObjectsApi(api_client), self._call, namespace, istio_virtual_service, attempts=attempts
+                CustomObjectsApi(api_client),
+                self._call,
+                namespace,
+                istio_virtual_service,
+                primary_host=istio_primary_host,
+                standby_host=istio_standby_host,
+                attempts=attempts,
             )
             if istio_virtual_service
             else None
@@ -768,15 +790,43 @@ class KubernetesPlatform:
         return detail
 
     async def cordoned_gpus(self) -> list[str]:
-        """Cordoned by a runbook (the ConfigMap, whichever worker wrote it), plus what the node agents
-        say must be drained right now (``GET /gpus?status=drain`` on each agent)."""
+        """What placement must keep out: cordoned by a runbook (the ConfigMap, whichever worker wrote
+        it), what the node agents say must be drained right now (``GET /gpus?status=drain`` on each
+        agent), and every GPU of a Node the cluster has closed (NotReady, cordoned, or tainted with
+        what instance pods do not tolerate: :mod:`.nodes`). The last is read from the Nodes each
+        time and never recorded: a Node back in service brings its GPUs back."""
         urls = await node_agents.agent_urls(self._agent_urls, self._agent_service)
         from_agents: set[str] = set()
         if urls:
             async with httpx.AsyncClient() as client:
                 for answer in await node_agents.drained_gpus(urls, client):
                     from_agents.update(answer.drain)
-        return sorted(set(await self.cordons.cordoned()) | from_agents)
+        closed = await self.closed_nodes()
+        from_nodes = {
+            f"{node.name}/{index}"
+            for node in self.policy.gpu_pool.nodes
+            if node.name in closed
+            for index in range(node.gpus)
+        }
+        return sorted(set(await self.cordons.cordoned()) | from_agents | from_nodes)
+
+    async def closed_nodes(self) -> dict[str, str]:
+        """Nodes of the policy's GPU pool that cannot take a new instance now, with why (:mod:`.nodes`).
+        Empty, with a warning, when the Nodes cannot be read (no ``list`` on nodes, say): placement
+        then goes on as the cordons alone say, as it did before Nodes were read."""
+        pool = {node.name for node in self.policy.gpu_pool.nodes}
+        try:
+            found: Any = await self._call("list", "nodes", self.core.list_node)
+        except (ApiException, ApplicationError) as exc:
+            log.warning("cannot read the Nodes, so none is kept out of placement for its state: %s", exc)
+            return {}
+        closed: dict[str, str] = {}
+        for node in found.items or []:
+            name = str(node.metadata.name)
+            why = nodes.unavailable(node, TOLERATIONS) if name in pool else None
+            if why is not None:
+                closed[name] = why
+        return closed
 
     def deployment(self, action: ReconcileAction) -> dict[str, Any]:
         """The Deployment for one instance: selected by instance and model, labelled with its tier,

@@ -33,6 +33,9 @@ from drctl.policies.engines import Engine, profile
 
 PORT = 8000
 GPU_RESOURCE = "nvidia.com/gpu"
+TOLERATIONS: list[dict[str, str]] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+"""The instance pods' tolerations: the GPU nodes' own taint, nothing else (placement keeps out a
+Node tainted with anything else that closes it: :mod:`.nodes`)."""
 MODELS_MOUNT = "/models"
 
 DEFAULT_IMAGES: dict[Engine, str] = {
@@ -111,7 +114,7 @@ class InstanceTemplate:
             )
         spec: dict[str, Any] = {
             "automountServiceAccountToken": False,
-            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [dict(t) for t in TOLERATIONS],
             "containers": [self.container(engine, model, gpu=gpu)],
             "volumes": volumes,
         }

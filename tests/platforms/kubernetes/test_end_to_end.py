@@ -70,6 +70,7 @@ from tests.platforms.kubernetes.cluster import (
     NODES,
     PODS,
     SERVICES,
+    VERSIONS,
     VIRTUAL_SERVICES,
     Controllers,
     Emulator,
@@ -157,6 +158,16 @@ class Cluster:
 
     def client(self) -> ApiClient:
         return ApiClient(Configuration(host=str(self.emulator.url).rstrip("/")))
+
+    def node_ready(self, name: str, ready: bool) -> None:
+        """The Node's ``Ready`` condition, as its kubelet (or, once it stops posting, the node
+        lifecycle controller) writes it."""
+        condition = {"type": "Ready", "status": "True" if ready else "False", "reason": "KubeletNotReady"}
+        if ready:
+            condition["reason"] = "KubeletReady"
+        self.emulator.objects[NODES, None, name].patch(
+            {"metadata": {"resourceVersion": str(next(VERSIONS))}, "status": {"conditions": [condition]}}
+        )
 
     def deployment(self, name: str) -> dict[str, Any]:
         found: dict[str, Any] = live(self.emulator, DEPLOYMENTS, NS)[name]
@@ -442,6 +453,66 @@ async def test_drain_gpu_moves_what_runs_on_it_and_its_cordon_outlives_the_worke
         assert live_on_gpu == [], live_on_gpu
         assert "back in placement" in await restarted.uncordon_gpu(gpu)
         assert gpu not in await restarted.cordoned_gpus()
+
+
+async def test_a_notready_node_is_kept_out_of_placement_until_it_is_ready_again(
+    temporal: WorkflowEnvironment, run: Run, cluster: Cluster
+) -> None:
+    """The Node of llama's serving instance goes NotReady: the instance is failed over, and the
+    reconcile that replaces the used-up hot standby places it elsewhere. Without the Node's state,
+    placement put it on the GPU the failed instance freed on that very Node (checked against the
+    code before it read Nodes: ``node-1/0``, where its pod could never run). The standbys left on
+    the Node are moved, as off a cordoned GPU. A spare Node in the zone, added to the pool after the
+    fleet was built, gives placement room. The Node's GPUs are never recorded as cordoned: Ready
+    again, they are back in placement with nobody uncordoning them."""
+    queue = f"k8s-{uuid.uuid4().hex[:8]}"
+    async with worker(temporal, cluster, queue) as platform:
+        fleet = await built_fleet(run, queue, cluster, platform)
+    failed = only(by_role(fleet, "llama")[Role.SERVING])
+    hot = only(by_role(fleet, "llama")[Role.HOT])
+    down, zone = failed.node, failed.zone
+    assert down is not None and zone is not None
+    stranded = sorted(i.id for i in fleet if i.node == down and i.role.is_standby)
+    spare = "node-9"
+    cluster.emulator.objects[NODES, None, spare] = {
+        "metadata": {"name": spare, "labels": {"topology.kubernetes.io/zone": zone}}
+    }
+    grown = POLICY.model_copy(deep=True)
+    grown.gpu_pool.nodes.append(grown.gpu_pool.nodes[0].model_copy(update={"name": spare, "zone": zone}))
+    down_gpus = {f"{down}/{i}" for i in range(2)}
+
+    async with worker(temporal, cluster, queue, grown) as platform:
+        # The Node goes NotReady; the node lifecycle controller then marks its pods not Ready.
+        cluster.node_ready(down, False)
+        for pod in cluster.pods(failed.id):
+            cluster.controllers.break_pod(pod)
+        assert await platform.closed_nodes() == {down: "NotReady (KubeletNotReady)"}
+        assert down_gpus <= set(await platform.cordoned_gpus())
+
+        result = await fail_over(temporal, run, queue, "llama", failed.id)
+        assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == hot.id, result
+
+        after = await reconcile(run, queue)
+        creates = [a for a in after.plan.actions if a.kind == "create"]
+        assert [a for a in creates if a.node == down or a.gpu in down_gpus] == [], after.plan.actions
+        (llama,) = [a for a in creates if a.model == "llama"]
+        assert llama.tier == Role.HOT
+        moved = sorted(a.instance for a in after.plan.actions if a.kind == "delete")
+        assert moved == stranded, after.plan.actions
+        now = await platform.all_instances()
+        assert [i.id for i in now if i.node == down and i.role != Role.FAILED] == []
+        assert only(by_role(now, "llama")[Role.HOT]).id == llama.instance
+        for action in creates:
+            spec = cluster.deployment(action.instance)["spec"]["template"]["spec"]
+            assert spec["nodeSelector"] == {"kubernetes.io/hostname": action.node} and action.node != down
+        # The Node's state is not drctl's decision: nothing was written to the cordons' ConfigMap.
+        cordons = live(cluster.emulator, CONFIGMAPS, NS).get("drctl-cordoned-gpus")
+        assert cordons is None or not down_gpus & json.loads(cordons["data"]["cordoned.json"]).keys()
+
+        # Ready again: its GPUs are back in placement, with nobody uncordoning them.
+        cluster.node_ready(down, True)
+        assert await platform.closed_nodes() == {}
+        assert not down_gpus & set(await platform.cordoned_gpus())
 
 
 async def test_zone_failover_moves_every_serving_instance_out_of_the_zone(

@@ -5,7 +5,9 @@ tests add it: :mod:`tests.platforms.kubernetes.cluster`."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,13 +17,17 @@ import kmock
 import pytest
 import pytest_asyncio
 from kubernetes.client import ApiClient, Configuration
+from kubernetes.config import kube_config
+from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import ReconcileAction, ReconcileActionKind, Role
+from drctl.platforms.factory import make_platform
 from drctl.platforms.kubernetes.platform import KubernetesPlatform
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
 from drctl.policies.engines import Engine
 from drctl.policies.schema import DRPolicy, ModelPolicy
+from drctl.settings import DrctlSettings
 from tests.platforms.kubernetes.cluster import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -284,6 +290,67 @@ async def test_cordons_are_kept_in_a_configmap(platform: KubernetesPlatform, emu
     assert await platform.cordoned_gpus() == ["node-a/1"]
 
 
+def gpu_node(name: str, *, ready: str | None = "True", unschedulable: bool = False, taints: Any = ()) -> Any:
+    node: dict[str, Any] = {"metadata": {"name": name}, "spec": {"taints": list(taints)}, "status": {}}
+    if unschedulable:
+        node["spec"]["unschedulable"] = True
+    if ready is not None:
+        node["status"]["conditions"] = [{"type": "Ready", "status": ready, "reason": "Kubelet"}]
+    return node
+
+
+async def test_gpus_of_a_node_the_cluster_closed_are_kept_out_of_placement(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    """Read from the Node objects (the default policy's pool: gpu-node-0..3, 4 GPUs each), never
+    written to the cordons' ConfigMap: NotReady (False or Unknown), cordoned, or tainted with what
+    the instance pods do not tolerate. The GPU nodes' own taint (tolerated), a PreferNoSchedule
+    taint, a Node without a Ready condition yet and a Node outside the pool change nothing."""
+    gpu_taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    nodes = {
+        "gpu-node-0": gpu_node("gpu-node-0", ready="False", taints=[gpu_taint]),
+        "gpu-node-1": gpu_node("gpu-node-1", unschedulable=True),
+        "gpu-node-2": gpu_node("gpu-node-2", taints=[gpu_taint, {"key": "drctl.io/drill", "effect": "NoExecute"}]),
+        "gpu-node-3": gpu_node("gpu-node-3", taints=[gpu_taint, {"key": "team", "effect": "PreferNoSchedule"}]),
+        "node-b": gpu_node("node-b", ready="Unknown"),  # not in the pool
+    }
+    for name, body in nodes.items():
+        emulator.objects[NODES, None, name] = body
+    assert await platform.closed_nodes() == {
+        "gpu-node-0": "NotReady (Kubelet)",
+        "gpu-node-1": "cordoned (unschedulable)",
+        "gpu-node-2": "tainted drctl.io/drill:NoExecute",
+    }
+    assert await platform.cordon_gpu("node-a/0", "xid 79")
+    want = ["node-a/0", *(f"gpu-node-{n}/{i}" for n in range(3) for i in range(4))]
+    assert await platform.cordoned_gpus() == sorted(want)
+    stored = emulator.objects[CONFIGMAPS, NS, "drctl-cordoned-gpus"]["data"]["cordoned.json"]
+    assert json.loads(stored) == {"node-a/0": "xid 79"}
+
+    # The Nodes back in service (and one lost: Unknown; one tainted with a key it does not tolerate).
+    emulator.objects[NODES, None, "gpu-node-0"] = gpu_node("gpu-node-0", ready="Unknown")
+    emulator.objects[NODES, None, "gpu-node-1"] = gpu_node("gpu-node-1", ready=None)
+    emulator.objects[NODES, None, "gpu-node-2"] = gpu_node(
+        "gpu-node-2", taints=[{"key": "nvidia.com/gpu", "value": "x", "effect": "NoExecute"}]
+    )
+    assert await platform.closed_nodes() == {
+        "gpu-node-0": "NotReady (Kubelet)",
+        "gpu-node-2": "tainted nvidia.com/gpu=x:NoExecute",
+    }
+    assert "gpu-node-1/0" not in await platform.cordoned_gpus()
+
+
+async def test_nodes_that_cannot_be_read_close_nothing(
+    platform: KubernetesPlatform, emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator.objects[NODES, None, "gpu-node-0"] = gpu_node("gpu-node-0", ready="False")
+    message = 'nodes is forbidden: User "system:serviceaccount:fleet:drctl" cannot list resource "nodes"'
+    emulator["list", NODES] << kmock.KubernetesError(status=403, reason="Forbidden", message=message)
+    with caplog.at_level(logging.WARNING):
+        assert await platform.closed_nodes() == {}
+    assert "cannot read the Nodes" in caplog.text and "denied list on nodes" in caplog.text
+
+
 # -- warm and cold promotion ----------------------------------------------------------------------
 
 
@@ -449,11 +516,98 @@ async def test_istio_register_shifts_weights_idempotently(istio_platform: Kubern
     assert len([r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]) == 1
 
 
-async def test_istio_without_a_route_for_the_model_is_final(istio_platform: KubernetesPlatform, emulator: Any) -> None:
-    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"].patch({"spec": {"http": []}})
-    with pytest.raises(ApplicationError, match="no http route") as err:
-        await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
-    assert err.value.non_retryable and err.value.type == "IstioRouteNotFound"
+async def test_istio_without_a_route_for_the_model_is_nothing_to_shift(
+    istio_platform: KubernetesPlatform, emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model the VirtualService has no route for is not routed by it: its Service, which the
+    label flip already switched, is its only routing. So register says so and succeeds, writing
+    nothing to the VirtualService. It used to fail, non-retryable, *after* the pod was labelled
+    serving, which failed the failover of a model that had nothing to shift."""
+    vs = emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"]
+    vs.patch({"spec": {"http": [vs["spec"]["http"][1]]}})  # mistral's route only
+    before = copy.deepcopy(dict(emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"].raw))
+    with caplog.at_level(logging.WARNING, logger="drctl.platforms.kubernetes.istio"):
+        detail = await istio_platform.register(await istio_platform.get_instance("llama", "llama-1"), 0)
+    assert "registered at priority 0" in detail
+    assert "nothing to shift for llama" in detail and "no http route" in detail
+    assert "nothing to shift for llama" in caplog.text
+    assert labels(emulator, "llama-1-def")["drctl.io/serving"] == "true"
+    assert not [r for r in patches(emulator) if r.resource == VIRTUAL_SERVICES]
+    assert dict(emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"].raw) == before
+    # A model that has a route is still shifted on the same VirtualService.
+    detail = await istio_platform.register(await istio_platform.get_instance("mistral", "mistral-0"), 0)
+    assert "weights 0/100" in detail
+    assert weights(emulator) == [[("mistral", 0), ("mistral-standby", 100)]]
+
+
+@pytest.fixture()
+def kubeconfig(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A kubeconfig whose current context is the emulator (what ``make_platform`` loads outside a
+    cluster); the client's default configuration it sets is put back afterwards."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": str(emulator.url).rstrip("/")}}],
+                "users": [{"name": "drctl", "user": {"token": "t"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "drctl"}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    # The client reads $KUBECONFIG once, when imported: set where it keeps it.
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    saved = Configuration._default  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        Configuration._default = saved  # type: ignore[attr-defined]
+
+
+async def test_the_settings_switch_istio_mode_on_with_their_host_templates(
+    emulator: Any, kubeconfig: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DRCTL_KUBERNETES_ISTIO_* reach the platform through the factory: the VirtualService named and
+    the route hosts as templated (here ``{model}-primary`` / ``{model}-backup``, not the defaults)."""
+    vs = virtual_service()
+    vs["spec"]["http"][0]["route"] = [
+        {"destination": {"host": "llama-primary"}, "weight": 90},
+        {"destination": {"host": "llama-backup.fleet.svc.cluster.local"}, "weight": 10},
+    ]
+    emulator.objects[VIRTUAL_SERVICES, NS, "model-routing"] = vs
+    monkeypatch.setenv("DRCTL_KUBERNETES_ISTIO_VIRTUAL_SERVICE", "model-routing")
+    monkeypatch.setenv("DRCTL_KUBERNETES_ISTIO_PRIMARY_HOST", "{model}-primary")
+    monkeypatch.setenv("DRCTL_KUBERNETES_ISTIO_STANDBY_HOST", "{model}-backup")
+    settings = DrctlSettings(_env_file=None, platform="kubernetes", kubernetes_namespace=NS)  # type: ignore[call-arg]
+    platform = make_platform(settings, POLICY)
+    assert isinstance(platform, KubernetesPlatform)
+    try:
+        detail = await platform.register(await platform.get_instance("llama", "llama-1"), 0)
+    finally:
+        await platform.close()
+    assert "VirtualService model-routing weights 0/100 (was 90/10, recorded for failback)" in detail
+    assert weights(emulator)[0] == [("llama-primary", 0), ("llama-backup.fleet.svc.cluster.local", 100)]
+
+
+async def test_istio_mode_is_off_by_default_and_a_host_template_must_name_the_model(
+    emulator: Any, kubeconfig: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("VIRTUAL_SERVICE", "PRIMARY_HOST", "STANDBY_HOST"):
+        monkeypatch.delenv(f"DRCTL_KUBERNETES_ISTIO_{name}", raising=False)
+    settings = DrctlSettings(_env_file=None, platform="kubernetes", kubernetes_namespace=NS)  # type: ignore[call-arg]
+    assert (settings.kubernetes_istio_primary_host, settings.kubernetes_istio_standby_host) == (
+        "{model}",
+        "{model}-standby",
+    )
+    platform = make_platform(settings, POLICY)
+    assert isinstance(platform, KubernetesPlatform) and platform.istio is None
+    await platform.close()
+    for bad in ("llama-standby", "{model}-{zone}"):
+        with pytest.raises(ValidationError, match="kubernetes_istio_standby_host"):
+            DrctlSettings(_env_file=None, kubernetes_istio_standby_host=bad)  # type: ignore[call-arg]
 
 
 async def test_istio_forbidden_names_the_resource(istio_platform: KubernetesPlatform, emulator: Any) -> None:

@@ -172,3 +172,32 @@ fsGroup: 10001
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+Are the node agents' fault endpoints on? nodeAgent.faultInjection.enabled, or drills.enabled (drills
+inject Xids through them). Validates the token Secret on the way.
+*/}}
+{{- define "drctl.faultInjection" -}}
+{{- $fault := .Values.nodeAgent.faultInjection }}
+{{- if or $fault.enabled .Values.drills.enabled }}
+{{- $_ := required "nodeAgent.faultInjection.existingSecret is required when nodeAgent.faultInjection.enabled or drills.enabled: the agent refuses fault injection without a token" $fault.existingSecret }}
+{{- true }}
+{{- end }}
+{{- end }}
+
+{{/* The fault-injection token: the file a container reads, its mount and its volume. */}}
+{{- define "drctl.faultTokenFile" -}}
+{{- printf "/etc/drctl/fault-token/%s" .Values.nodeAgent.faultInjection.key }}
+{{- end }}
+
+{{- define "drctl.faultTokenMount" -}}
+- name: fault-token
+  mountPath: /etc/drctl/fault-token
+  readOnly: true
+{{- end }}
+
+{{- define "drctl.faultTokenVolume" -}}
+- name: fault-token
+  secret:
+    secretName: {{ .Values.nodeAgent.faultInjection.existingSecret }}
+{{- end }}
