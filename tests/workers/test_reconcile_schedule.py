@@ -21,11 +21,9 @@ from temporalio.testing import WorkflowEnvironment
 from drctl.payloads import RECONCILE_SCHEDULE_ID
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
-from drctl.temporal.converter import drctl_data_converter
-from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers import runbook_worker
-from drctl.workers.binaries import find_binary
 from drctl.workers.stack import LocalStack, isolated_settings
+from tests.dev_server import dev_server
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY_FILE = ROOT / "examples" / "dr-policy.yaml"
@@ -35,16 +33,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 async def temporal() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        data_converter=drctl_data_converter,
-        dev_server_extra_args=[*dev_server_flags(), "--log-level", "error"],
-        ui=False,
-    )
-    try:
+    async with dev_server() as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 @pytest.fixture()

@@ -58,14 +58,12 @@ from drctl.policies.drills import choose_target
 from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DetectionPolicy, DRPolicy
 from drctl.settings import DrctlSettings
-from drctl.temporal.converter import drctl_data_converter
 from drctl.temporal.runbooks import report_failover
 from drctl.temporal.schedules import ensure_reconcile_schedule
-from drctl.temporal.search_attributes import dev_server_flags
-from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
 from drctl.workflows.drill import DrillWorkflow
 from tests.detectors.tickets import queued_ticket
+from tests.dev_server import dev_server
 from tests.platforms.kubernetes.cluster import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -638,16 +636,8 @@ async def test_the_injector_calls_exactly_the_verbs_it_declares(fleet: Fleet, op
 
 @pytest_asyncio.fixture()
 async def temporal() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        data_converter=drctl_data_converter,
-        dev_server_extra_args=[*dev_server_flags(), "--log-level", "error"],
-        ui=False,
-    )
-    try:
+    async with dev_server() as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 @contextlib.asynccontextmanager

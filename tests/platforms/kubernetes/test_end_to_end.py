@@ -56,14 +56,12 @@ from drctl.platforms.kubernetes.platform import KubernetesPlatform
 from drctl.platforms.local.checkpoints import ensure_checkpoint
 from drctl.policies.placement import gpu_inventory
 from drctl.policies.schema import DRPolicy
-from drctl.temporal.converter import drctl_data_converter
-from drctl.temporal.search_attributes import dev_server_flags
-from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.reconcile import ReconcileStandbysWorkflow
 from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
+from tests.dev_server import dev_server
 from tests.platforms.kubernetes.cluster import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -243,16 +241,8 @@ async def cluster(checkpoint: Path, tmp_path: Path) -> AsyncIterator[Cluster]:
 @pytest_asyncio.fixture()
 async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     """A dev server per test: the failover and guardian workflow IDs are per model and instance."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        data_converter=drctl_data_converter,
-        dev_server_extra_args=[*dev_server_flags(), "--log-level", "error"],
-        ui=False,
-    )
-    try:
+    async with dev_server() as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 @contextlib.asynccontextmanager
