@@ -194,6 +194,18 @@ def test_a_failure_without_its_one_recovery_or_its_reports_violates_invariant_4(
     assert any("is serving after its recovery" in p for p in problems), problems
 
 
+def test_a_standby_reconciliation_replaced_before_its_runbook_ran_settles_already_ejected() -> None:
+    """A hung hot standby reported by the prober: while the report waited behind the model's other
+    incident, reconciliation replaced it; its runbook found it gone (patch
+    failover-gone-instance-settles) and ended already-ejected (seed 2, round 6). The same for a
+    serving instance would hide a lost promotion."""
+    gone = _guardians(_incident("llama-2-7b-1", FailoverOutcome.ALREADY_EJECTED))
+    assert invariant_violations(gone, None, [], [_injected("llama-2-7b-1", role=Role.HOT)]) == []
+    serving_gone = _guardians(_incident("llama-2-7b-0", FailoverOutcome.ALREADY_EJECTED))
+    problems = invariant_violations(serving_gone, None, [], [_injected("llama-2-7b-0")])
+    assert any("is gone after its recovery" in p for p in problems), problems
+
+
 def test_a_standby_ejected_as_a_broken_candidate_needs_no_incident_of_its_own() -> None:
     """A hung hot standby another runbook tried first and ejected (seed 1, round 21), or that
     reconciliation moved (seed 1, round 40): handled, in that runbook's audit."""
