@@ -468,7 +468,8 @@ class DrillScenario(StrEnum):
     Kubernetes: node-down for every Node labelled with the zone)."""
     MODEL_CORRUPTION = "model-corruption"
     """The model's checkpoint is corrupted and the serving instance reloads it: the checksum fails
-    (local platform only: on Kubernetes the worker cannot reach the model store)."""
+    (Kubernetes: the weights file in the serving pod, overwritten through ``pods/exec``, only where
+    the pod has a copy of its own; the shared model store is never written)."""
 
 
 class DrillRequest(Payload):
@@ -527,6 +528,22 @@ class NodeFault(Payload):
     """The ``Ready`` condition it had before (None: none), put back on restore while ours is there."""
 
 
+class PodCorruption(Payload):
+    """A weights file a model-corruption drill overwrote inside a Kubernetes pod, recorded before
+    the write (restore compares the bytes with ``original`` to tell whether it was written)."""
+
+    pod: str
+    uid: str | None = None
+    """The pod's uid: a pod of the same name made later is not this one."""
+    container: str
+    path: str
+    """The file as the container sees it, symlinks resolved."""
+    length: int
+    """Bytes overwritten from offset 0."""
+    original: str
+    """Those bytes before the write, in hex."""
+
+
 class InjectedFault(Payload):
     """What was done, so that ``restore`` can undo exactly that. Filled in as the injection goes, so a
     half-done injection is restored too."""
@@ -542,6 +559,8 @@ class InjectedFault(Payload):
     """Kubernetes: pods deleted with grace period 0 (nothing to undo: their Deployment replaces them)."""
     nodes: list[NodeFault] = Field(default_factory=list)
     """Kubernetes: Nodes taken down (cordon, ``NoExecute`` taint, NotReady), as far as it went."""
+    corrupted_in_pods: list[PodCorruption] = Field(default_factory=list)
+    """Kubernetes: weights files overwritten inside pods (restore deletes a pod still holding one)."""
 
 
 class LoadBucket(Payload):

@@ -48,6 +48,12 @@ class DrctlSettings(BaseSettings):
     kubernetes_namespace: str = "drctl"
     kubernetes_image: str = "vllm/vllm-openai:latest"
     """Image of model instances that reconciliation creates on Kubernetes."""
+    kubernetes_model_source: str = "/models/{model}"
+    """Where instance pods load their weights from, ``{model}`` replaced by the model's name: a path
+    (on ``kubernetes_models_claim``, or in the image) or a Hugging Face id the engine downloads."""
+    kubernetes_models_claim: str | None = "drctl-models"
+    """The PersistentVolumeClaim holding the weights, mounted read-only at ``/models`` in instance
+    pods; empty: none (the weights come with the image or the engine's download)."""
     node_agent_urls: list[str] = Field(default_factory=list)
     """GPU node agents to ask for GPUs to drain (JSON list), e.g. '["http://10.0.0.5:9400"]'."""
     node_agent_service: str | None = None

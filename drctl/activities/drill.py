@@ -4,9 +4,9 @@ restore what was injected, and write the report.
 A drill runs on a platform that offers fault injection (``Platform.fault_injector()``): the local
 platform does (processes, node agents and checkpoints are on this machine); on Kubernetes it is
 opt-in (:mod:`drctl.platforms.kubernetes.faults`: pods deleted, Nodes cordoned, tainted and marked
-NotReady, Xids through the node agent DaemonSet; model corruption refused), and ``drill_prepare``
-refuses with how to opt in where it is off, or with why where the platform cannot inject the
-scenario, before any load is sent.
+NotReady, Xids through the node agent DaemonSet, a serving pod's own copy of the weights corrupted
+through ``pods/exec``), and ``drill_prepare`` refuses with how to opt in where it is off, or with
+why where the platform cannot inject the scenario, before any load is sent.
 
 The recovery is measured from the outside: the load generator's answers (through the load
 balancer: ``DRCTL_DRILL_LB_URL``, on a cluster the model's Service, else the local stack's Envoy),
@@ -74,7 +74,8 @@ T = TypeVar("T")
 
 KUBERNETES_OPT_IN = (
     "fault injection on a cluster is opt-in and off: apply the deploy/kubernetes/drills component (the Role "
-    "and ClusterRole that let the worker delete pods and cordon, taint and mark Nodes NotReady) and set "
+    "and ClusterRole that let the worker delete pods, exec into them, and cordon, taint and mark Nodes "
+    "NotReady) and set "
     "DRCTL_KUBERNETES_FAULT_INJECTION=true for the worker (docs/deploy.md, “Drills on a cluster”)"
 )
 

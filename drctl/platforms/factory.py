@@ -32,6 +32,8 @@ def make_platform(settings: DrctlSettings, policy: DRPolicy) -> LocalPlatform | 
         settings.kubernetes_namespace,
         policy,
         image=settings.kubernetes_image,
+        model_source=settings.kubernetes_model_source,
+        models_claim=settings.kubernetes_models_claim or None,
         node_agent_urls=settings.node_agent_urls,
         node_agent_service=settings.node_agent_service,
         istio_virtual_service=settings.kubernetes_istio_virtual_service,

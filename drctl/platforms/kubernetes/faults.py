@@ -4,7 +4,8 @@ and undone.
 This is the platform's optional fault-injection capability (:class:`drctl.platforms.base.FaultInjector`),
 and on a cluster it is opt-in: deleting pods is in the worker's Role already, but cordoning,
 tainting and marking Nodes NotReady needs cluster-wide ``patch`` on ``nodes`` and ``nodes/status``,
-which can evict anyone's pods. So the platform offers it only when ``DRCTL_KUBERNETES_FAULT_INJECTION``
+which can evict anyone's pods, and corrupting a pod's weights needs ``pods/exec``, a shell in the
+model pods. So the platform offers it only when ``DRCTL_KUBERNETES_FAULT_INJECTION``
 is true, and the verbs it uses (``FAULT_PERMISSIONS``) are granted by a separate Role and ClusterRole
 in ``deploy/kubernetes/drills`` that a platform team applies deliberately (tests/deploy checks the
 two match exactly).
@@ -20,12 +21,15 @@ What each scenario does:
 - **gpu-failure**: Xid 79 injected into the GPU node agent of the GPU's node, found the way the
   platform finds its agents (``DRCTL_NODE_AGENT_URLS`` / ``_SERVICE``, each agent's ``/healthz``
   names its node), with the fault-injection bearer token;
-- **model-corruption**: refused. The checkpoints are in the model store the instance pods mount
-  (the ``drctl-models`` claim, or the engine's own download), which the worker does not mount;
-  corrupting one would need ``pods/exec`` into a model pod, a permission drctl does not ask for.
+- **model-corruption**: the start of the weights file the serving pod loads overwritten through
+  ``pods/exec``, then the server made to reload its weights (which fails); restore deletes the pod
+  if it still holds the damaged copy (:mod:`.model_faults`). Only a copy that is the pod's own (its
+  container's filesystem, an ``emptyDir``): where the platform's pods load the weights from the
+  read-only model store (the default ``drctl-models`` claim) the scenario is refused.
 
 Every part is recorded in the ``InjectedFault`` before it is written (a pod's name before its
-delete, a Node's cordon, taint and NotReady each before its patch), so whatever was done is undone
+delete, a Node's cordon, taint and NotReady each before its patch, a weights file and its first
+bytes before they are overwritten), so whatever was done is undone
 (the drill workflow restores from the activity's last heartbeat if the worker dies mid-drill);
 restore undoes only what it finds in place, so a part recorded but never written is left alone.
 """
@@ -41,26 +45,25 @@ from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import DrillRestore, DrillScenario, DrillTarget, InjectedFault, NodeFault
 from drctl.platforms import node_agents
+from drctl.platforms.kubernetes.model_faults import ModelFaults, weights_in_the_store
 from drctl.platforms.kubernetes.node_faults import Call, NodeFaults
 from drctl.platforms.kubernetes.platform import INSTANCE, MODEL, PERMISSION_DENIED, ZONE
+from drctl.platforms.kubernetes.templates import InstanceTemplate
+from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings
 
 FAULT_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
-    ("", "pods"): frozenset({"delete", "list"}),
+    ("", "pods"): frozenset({"delete", "get", "list"}),
+    ("", "pods/exec"): frozenset({"create", "get"}),  # a WebSocket GET: "get", and "create" from 1.35
     ("", "nodes"): frozenset({"get", "list", "patch"}),
     ("", "nodes/status"): frozenset({"patch"}),
 }
 """Exactly the (API group, resource) → verbs this injector calls; ``deploy/kubernetes/drills``
-grants these and nothing more (checked by tests/deploy)."""
+grants these and nothing more (checked by tests/deploy). An exec is called as ``create`` on
+``pods/exec`` and authorized as both (:mod:`.model_faults`)."""
 
 XID = 79
 """Fallen off the bus: a drain-class Xid, as on the local platform."""
-
-NO_MODEL_STORE = (
-    "model-corruption is not injected on Kubernetes: the checkpoints are in the model store that the "
-    "instance pods mount (the drctl-models claim, or the engine's own download), which the worker does "
-    "not mount; corrupting one would need pods/exec into a model pod, a permission drctl does not ask for"
-)
 
 
 def fault_injection_settings() -> DrctlSettings | None:
@@ -84,6 +87,8 @@ class KubernetesFaultInjector:
         *,
         agent_urls: Sequence[str] = (),
         agent_service: str | None = None,
+        policy: DRPolicy | None = None,
+        template: InstanceTemplate | None = None,
     ) -> None:
         self.core = core
         self.namespace = namespace
@@ -91,12 +96,19 @@ class KubernetesFaultInjector:
         self.settings = settings
         self.agent_urls = list(agent_urls)
         self.agent_service = agent_service
+        self.policy = policy
+        """The models' engines (model-corruption reloads the weights through the engine's calls)."""
+        self.template = template or InstanceTemplate()
+        """How the platform builds instance pods: where their weights are."""
         self.nodes = NodeFaults(core, call)
+        self.models = ModelFaults(core, namespace, call)
 
     def refusal(self, scenario: DrillScenario) -> str | None:
         """What this cluster cannot do, known before anything is injected."""
         if scenario == DrillScenario.MODEL_CORRUPTION:
-            return NO_MODEL_STORE
+            if self.policy is None:
+                return "model-corruption needs the policy (the models' engines): this injector was given none"
+            return weights_in_the_store(self.template)
         if scenario == DrillScenario.GPU_FAILURE:
             if not self.agent_urls and not self.agent_service:
                 return (
@@ -134,6 +146,11 @@ class KubernetesFaultInjector:
                     await self._nodes_down(await self._zone_nodes(target.zone), f"zone {target.zone}", fault)
                 case DrillScenario.GPU_FAILURE:
                     await self._xid(target, fault)
+                case DrillScenario.MODEL_CORRUPTION:
+                    assert self.policy is not None  # refusal() says so otherwise
+                    engine = self.policy.model(target.model).engine_profile
+                    selector = f"{MODEL}={target.model},{INSTANCE}={target.instance}"
+                    await self.models.corrupt(target, selector, engine, fault)
         except ApplicationError as exc:
             if exc.type != PERMISSION_DENIED:
                 raise
@@ -157,6 +174,11 @@ class KubernetesFaultInjector:
                 out.detail.append(await self.nodes.bring_back(node))
             except (ApiException, ApplicationError, RuntimeError) as exc:
                 failed.append(f"{node.node}: {_why(exc)}")
+        for record in fault.corrupted_in_pods:
+            try:
+                out.detail.append(await self.models.restore(record))
+            except (ApiException, ApplicationError, RuntimeError) as exc:
+                failed.append(f"pod {record.pod}: {_why(exc)}")
         if fault.xid_agents:
             token = self.settings.fault_token()
             async with httpx.AsyncClient(timeout=5.0) as http:

@@ -538,6 +538,8 @@ class KubernetesPlatform:
             settings,
             agent_urls=self._agent_urls,
             agent_service=self._agent_service,
+            policy=self.policy,
+            template=self.template,
         )
 
     async def list_instances(self, model: str) -> list[Instance]:
@@ -595,7 +597,10 @@ class KubernetesPlatform:
     async def restore_checkpoint(self, instance: Instance) -> str:
         """Delete the instance's pods: its Deployment starts new ones, whose model server fetches the
         checkpoint from the model store again (what the image must do on start) instead of reusing a
-        corrupted local copy. Not exercised against a real cluster (see docs/deploy.md)."""
+        corrupted local copy. Not exercised against a real cluster (see docs/deploy.md). The
+        model-corruption drill restores the pod it damaged the same way (:mod:`.model_faults`); no
+        runbook reaches this on Kubernetes yet: ``wait_loaded`` reports a failed pod or a timeout,
+        never ``CheckpointCorrupt``."""
         pods = await self._instance_pods(instance)
         for pod in pods:
             await self._call("delete", "pods", self.core.delete_namespaced_pod, pod.metadata.name, self.namespace)

@@ -1,6 +1,7 @@
 """Fault injection on the local platform, for drills: what each scenario does to the processes
 and checkpoints, and how it is undone (the node agents' fault endpoints are reached through
-:mod:`drctl.platforms.node_agents`, as on Kubernetes).
+:mod:`drctl.platforms.node_agents`, and a reload of the weights through :mod:`drctl.platforms.weights`,
+as on Kubernetes).
 
 A "node" on the local platform is a label on processes that share one machine, so a node that is
 down is simulated by stopping (SIGSTOP) every process carrying its label: the instances and the
@@ -15,13 +16,9 @@ from __future__ import annotations
 
 import signal
 
-import httpx
-
 from drctl.platforms.local import processes
-from drctl.policies.engines import Engine, EngineProfile, HttpCall, profile
-
-DEMO = profile(Engine.DEMO)
-"""The engine ``reload_weights`` assumes when not told: drctl's stand-in."""
+from drctl.platforms.weights import DEMO as DEMO
+from drctl.platforms.weights import reload_weights as reload_weights
 
 
 def kill(pid: int) -> None:
@@ -49,36 +46,3 @@ def _signal_running(pids: list[int], sig: signal.Signals) -> list[int]:
     for pid in sent:
         processes.signal_group(pid, sig)
     return sent
-
-
-async def reload_weights(http: httpx.AsyncClient, base_url: str, engine: EngineProfile = DEMO) -> str:
-    """Make an instance load its weights from disk again, through its engine's ``reload_weights``
-    calls, so that a corrupted checkpoint is found (the drill's model-corruption fault). The demo:
-    sleep level 2 drops the weights and waking up reloads and re-verifies them; vLLM: sleep level 2,
-    then the weights' memory back, ``reload_weights`` over ``/collective_rpc``, the KV cache back
-    (all dev-mode endpoints). SGLang has no such calls in its profile: the fault runs on the demo
-    and vLLM only. Putting it to sleep must succeed; from then on the first call that fails is the
-    answer (with a corrupted checkpoint the reload fails, which is the point), else the last one's."""
-    if not engine.reload_weights:
-        raise RuntimeError(f"reloading the weights from disk is not supported for {engine.engine} instances")
-    first, *rest = engine.reload_weights
-    (await _send(http, base_url, first, 5.0)).raise_for_status()
-    answer = f"{first.path} done"
-    for call in rest:
-        response = await _send(http, base_url, call, 30.0)
-        try:
-            error = response.json().get("error")
-        except (ValueError, AttributeError):
-            error = None
-        if isinstance(error, dict):  # OpenAI's error shape (vLLM's, the demo's): {"message", "type", ...}
-            error = error.get("message")
-        answer = f"{call.path.lstrip('/')} {response.status_code}" + (f": {error}" if error else "")
-        if not response.is_success:
-            break
-    return answer
-
-
-async def _send(http: httpx.AsyncClient, base_url: str, call: HttpCall, timeout_s: float) -> httpx.Response:
-    return await http.request(
-        call.method, f"{base_url}{call.path}", params=call.params, json=call.json, timeout=timeout_s
-    )

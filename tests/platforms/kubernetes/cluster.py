@@ -17,6 +17,12 @@ and Ready a moment later, with an IP; a pod the test "breaks" stays Running, not
 container in CrashLoopBackOff). A pod whose template is a warm standby gets a real model server (the
 demo inference server, which speaks vLLM's sleep API) when the test asks for it, so the platform's
 sleep and wake calls go over HTTP to a process.
+
+The emulator has no ``pods/exec`` either (no kubelet, no container runtime). ``ExecEmulator`` adds
+the API server's exec endpoint and nothing behind it but a stand-in: ``PodShells`` runs the command
+with this machine's ``sh`` in a temporary directory that plays the pod's container filesystem. The
+client side is the real ``kubernetes.stream.stream`` and its WebSocket client, over the channel
+protocol a real API server speaks.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -106,6 +115,99 @@ class Emulator(kmock.KubernetesEmulator):
         data["metadata"] = {**data.get("metadata", {}), "resourceVersion": str(next(VERSIONS))}
         self.objects[key] = data
         return aiohttp.web.json_response(data)
+
+
+@dataclass
+class PodShells:
+    """What runs behind ``pods/exec`` here: each pod's container filesystem is a directory under
+    ``root`` (``root/<pod>``), made by ``image`` the first time the pod is asked for it (a pod made
+    later, by its Deployment, gets a fresh one: what re-fetching the weights gives). A command runs
+    with this machine's ``sh`` in that directory, ``HOME`` in it, each absolute path among the
+    script's arguments (``sh -c SCRIPT NAME ARG…``) moved under it, and the directory's prefix taken
+    out of what the command prints: the script's own logic (``find``, ``readlink``, ``dd``, ``od``)
+    runs for real, on real files. ``refuse``: the API server answers 403 to every exec.
+    ``before_run``: called with the pod and command just before one runs (a test looks at what the
+    caller recorded by then); if it returns a text, the command does not run and exits 5 with it
+    on stderr."""
+
+    root: Path
+    image: Callable[[Path], None]
+    refuse: bool = False
+    before_run: Callable[[str, list[str]], str | None] | None = None
+    calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    """(pod, container, command) of every exec that ran."""
+
+    def fs(self, pod: str) -> Path:
+        path = self.root / pod
+        if not path.exists():
+            path.mkdir(parents=True)
+            self.image(path)
+        return path
+
+    async def run(self, pod: str, container: str, command: list[str]) -> tuple[int, bytes, bytes]:
+        fs = self.fs(pod)
+        if self.before_run is not None:
+            refused = self.before_run(pod, command)
+            if refused is not None:
+                return 5, b"", refused.encode()
+        self.calls.append((pod, container, command))
+        argv = command[:4] + [f"{fs}{a}" if a.startswith("/") else a for a in command[4:]]
+        home = fs / "root"
+        home.mkdir(exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=fs, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await process.communicate()
+        prefix = str(fs).encode()
+        return process.returncode or 0, out.replace(prefix, b""), err.replace(prefix, b"")
+
+
+def _status(code: int, reason: str, message: str) -> aiohttp.web.Response:
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason}
+    return aiohttp.web.json_response({**body, "code": code}, status=code)
+
+
+class ExecEmulator(Emulator):
+    """``Emulator`` with the exec endpoint (``GET …/pods/<name>/exec?command=…&container=…``
+    upgraded to a WebSocket): 403 when ``shells.refuse``, 404 for a pod that is not there, 400 for a
+    container it does not have; else the command runs in ``shells`` and its stdout, stderr and exit
+    status come back on channels 1, 2 and 3, as the API server sends them (v4/v5 channel protocol)."""
+
+    shells: PodShells
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.subresource != "exec" or request.resource is None or request.name is None:
+            return await super()._handle(request)
+        raw = request._raw_request
+        assert isinstance(raw, aiohttp.web.BaseRequest)
+        if self.shells.refuse:
+            why = f'pods "{request.name}" is forbidden: User cannot get resource "pods/exec" in the namespace'
+            return _status(403, "Forbidden", why)
+        pod = live(self, request.resource, request.namespace).get(request.name)
+        if pod is None:
+            return _status(404, "NotFound", f'pods "{request.name}" not found')
+        container = raw.query.get("container", "")
+        if container not in {c["name"] for c in pod["spec"]["containers"]}:
+            return _status(400, "BadRequest", f"container {container} is not valid for pod {request.name}")
+        ws = aiohttp.web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
+        await ws.prepare(raw)
+        code, out, err = await self.shells.run(request.name, container, raw.query.getall("command"))
+        for channel, data in ((1, out), (2, err)):
+            if data:
+                await ws.send_bytes(bytes([channel]) + data)
+        status: dict[str, Any] = {"metadata": {}, "status": "Success"}
+        if code:
+            status = {
+                "metadata": {},
+                "status": "Failure",
+                "message": f"command terminated with non-zero exit code: exit code {code}",
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+            }
+        await ws.send_bytes(b"\x03" + json.dumps(status).encode())
+        await ws.close()
+        return ws
 
 
 def live(emulator: Emulator, resource: Any, namespace: str | None) -> dict[str, Any]:

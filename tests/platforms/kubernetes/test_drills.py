@@ -1,14 +1,27 @@
 """Drills on the Kubernetes platform, against kmock's KubernetesEmulator with the real ``kubernetes``
 client over HTTP: each scenario's fault injected through the platform's own ``fault_injector()``,
 its effect on the emulated cluster (and on the watcher, which must see it), restored to the cluster
-as it was, restore again changing nothing; the refusals (no opt-in, no model store, no node agents);
-the verbs the injector calls are exactly those it declares (and ``deploy/kubernetes/drills``
-grants); and one pod-crash drill end to end through ``DrillWorkflow`` on a real worker.
+as it was, restore again changing nothing; the refusals (no opt-in, weights only in the read-only
+model store, no node agents, an engine that cannot reload); the verbs the injector calls are exactly
+those it declares (and ``deploy/kubernetes/drills`` grants); and one pod-crash drill end to end
+through ``DrillWorkflow`` on a real worker.
 
 The emulator has no kubelet, scheduler or node controllers: ``Controllers``
 (tests/platforms/kubernetes/cluster.py) plays the Deployment controller and a kubelet, and
 ``NodeLifecycle`` here plays what a cluster does about a Node a drill takes down (pods on a NotReady
 node not Ready, pods evicted by a ``NoExecute`` taint, new pods kept off a cordoned node).
+
+**What is faked for model corruption.** The emulator has no ``pods/exec`` and there is no container
+runtime here. ``ExecEmulator`` (cluster.py) adds the API server's exec endpoint, and behind it only
+a stand-in for the container: ``PodShells`` runs the exec'd command with this machine's ``sh`` in a
+temporary directory per pod that plays the container's filesystem (``weights_image`` fills it with
+llama's weights and checksum sidecar at ``/models/llama``; a pod made later gets a fresh one, as
+re-fetched weights would be). Everything on the drctl side is real: the ``kubernetes`` client's
+``stream`` and WebSocket client, the channel protocol, the exit status, a 403 or 404 at the
+handshake, and the scripts themselves (``find``, ``readlink``, ``dd``, ``od`` on real files). The
+serving pod's model server is the demo inference server loading that very file, so its own sha256
+check is what catches the corruption. Not shown: a real container (its image's tools, a read-only
+root filesystem, user ids), a real kubelet's exec, or real vLLM failing to reload.
 """
 
 from __future__ import annotations
@@ -27,7 +40,20 @@ import kmock
 import pytest
 import pytest_asyncio
 import yaml
-from kubernetes.client import ApiClient, Configuration, CoreV1Api
+from kubernetes.client import (
+    ApiClient,
+    Configuration,
+    CoreV1Api,
+    V1Container,
+    V1EmptyDirVolumeSource,
+    V1HostPathVolumeSource,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodSpec,
+    V1SecurityContext,
+    V1Volume,
+    V1VolumeMount,
+)
 from kubernetes.client.exceptions import ApiException
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -49,12 +75,16 @@ from drctl.payloads import (
     FailoverRequest,
     IncidentTicket,
     InjectedFault,
+    PodCorruption,
     Role,
 )
-from drctl.platforms.kubernetes import node_faults
-from drctl.platforms.kubernetes.faults import FAULT_PERMISSIONS, NO_MODEL_STORE, KubernetesFaultInjector
+from drctl.platforms.kubernetes import model_faults, node_faults
+from drctl.platforms.kubernetes.faults import FAULT_PERMISSIONS, KubernetesFaultInjector
 from drctl.platforms.kubernetes.platform import PERMISSION_DENIED, KubernetesPlatform, permission_denied
+from drctl.platforms.kubernetes.templates import InstanceTemplate
+from drctl.platforms.local.checkpoints import CHECKSUM_MISMATCH, ensure_checkpoint
 from drctl.policies.drills import choose_target
+from drctl.policies.engines import Engine
 from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DetectionPolicy, DRPolicy
 from drctl.settings import DrctlSettings
@@ -73,9 +103,12 @@ from tests.platforms.kubernetes.cluster import (
     VERSIONS,
     Controllers,
     Emulator,
+    ExecEmulator,
+    PodShells,
     labels_of,
     live,
 )
+from tests.sim.test_inference_server import Server, demo_server
 
 NS = "fleet"
 POLICY = DRPolicy.model_validate(
@@ -186,17 +219,23 @@ class NodeLifecycle(Controllers):
 
 
 class Fleet:
-    """The emulated cluster with llama's serving instance and hot standby built by the platform."""
+    """The emulated cluster with llama's serving instance and hot standby built by the platform
+    (``platform_kw``: how that platform builds pods, which every platform of the fleet shares)."""
 
-    def __init__(self, emulator: Emulator, controllers: NodeLifecycle) -> None:
+    def __init__(self, emulator: ExecEmulator, controllers: NodeLifecycle, **platform_kw: Any) -> None:
         self.emulator = emulator
         self.controllers = controllers
+        self.platform_kw = platform_kw
+
+    @property
+    def shells(self) -> PodShells:
+        return self.emulator.shells
 
     def client(self) -> ApiClient:
         return ApiClient(Configuration(host=str(self.emulator.url).rstrip("/")))
 
     def platform(self, client: ApiClient, **kw: Any) -> KubernetesPlatform:
-        return KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.02, **kw)
+        return KubernetesPlatform(client, NS, POLICY, backoff_s=0.01, poll_s=0.02, **{**self.platform_kw, **kw})
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {name: without_version(n) for name, n in live(self.emulator, NODES, None).items()}
@@ -212,9 +251,20 @@ class Fleet:
         raise AssertionError(f"not settled: {what}")
 
 
-@pytest_asyncio.fixture()
-async def fleet() -> AsyncIterator[Fleet]:
-    async with Emulator() as emulator, kmock.Server(emulator):
+CHECKPOINT = "/models/llama/llama.ckpt"
+"""llama's weights in a pod whose copy is its own (``/models/{model}`` without the claim)."""
+
+
+def weights_image(fs: Path) -> None:
+    """A model container's filesystem as its image (or its start-up fetch) leaves it: llama's
+    weights and their sha256 sidecar under ``/models/llama``."""
+    ensure_checkpoint(fs / CHECKPOINT.lstrip("/"), "llama", 256 * 1024)
+
+
+@contextlib.asynccontextmanager
+async def built_fleet(pods_root: Path, **platform_kw: Any) -> AsyncIterator[Fleet]:
+    async with ExecEmulator() as emulator, kmock.Server(emulator):
+        emulator.shells = PodShells(pods_root, weights_image)
         for name in NODE_ZONES:
             emulator.objects[NODES, None, name] = node(name)
         emulator.objects[SERVICES, NS, "llama"] = {
@@ -225,12 +275,28 @@ async def fleet() -> AsyncIterator[Fleet]:
             emulator.resources[resource] = kmock.ResourceInfo()
         controllers = NodeLifecycle(emulator, NS)
         async with controllers:
-            built = Fleet(emulator, controllers)
+            built = Fleet(emulator, controllers, **platform_kw)
             with built.client() as client:
                 platform = built.platform(client)
                 for action in plan_reconcile(POLICY, [], POLICY.model_names).actions:
                     await platform.create_instance(action, lambda *_: None)
             yield built
+
+
+@pytest_asyncio.fixture()
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    """Built by the platform's defaults: the pods load their weights from the read-only
+    ``drctl-models`` claim."""
+    async with built_fleet(tmp_path / "pods") as built:
+        yield built
+
+
+@pytest_asyncio.fixture()
+async def own_weights(tmp_path: Path) -> AsyncIterator[Fleet]:
+    """Built by a platform without the models claim: each pod's ``/models/llama`` is in its own
+    container filesystem (weights in the image, or fetched when it starts)."""
+    async with built_fleet(tmp_path / "pods", models_claim=None) as built:
+        yield built
 
 
 @pytest.fixture()
@@ -275,19 +341,22 @@ async def prepare(platform: KubernetesPlatform, scenario: DrillScenario, setting
 # -- the opt-in ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scenario", [DrillScenario.NODE_DOWN, DrillScenario.MODEL_CORRUPTION])
 async def test_without_the_opt_in_nothing_is_injected_and_the_drill_says_how_to_opt_in(
-    fleet: Fleet, opted_out: None
+    own_weights: Fleet, opted_out: None, scenario: DrillScenario
 ) -> None:
+    fleet = own_weights  # where model corruption could run, were it opted in to
     before = fleet.nodes()
     with fleet.client() as client:
         platform = fleet.platform(client)
         assert platform.fault_injector() is None
         with pytest.raises(ApplicationError) as refused:
-            await prepare(platform, DrillScenario.NODE_DOWN, DrctlSettings(platform="kubernetes"))
+            await prepare(platform, scenario, DrctlSettings(platform="kubernetes"))
     assert refused.value.type == ErrorType.DRILL_NOT_READY and refused.value.non_retryable
     assert "DRCTL_KUBERNETES_FAULT_INJECTION=true" in refused.value.message
-    assert "deploy/kubernetes/drills" in refused.value.message
+    assert "deploy/kubernetes/drills" in refused.value.message and "exec" in refused.value.message
     assert fleet.nodes() == before
+    assert fleet.shells.calls == [], "no exec into any pod"
 
 
 async def test_with_the_opt_in_the_drill_is_prepared_on_the_serving_instance(fleet: Fleet, opted_in: None) -> None:
@@ -570,27 +639,253 @@ async def test_gpu_failure_with_a_wrong_token_is_refused_by_the_agent(
             assert await platform.cordoned_gpus() == []
 
 
+# -- model corruption ---------------------------------------------------------------------------------
+
+
+def first_bytes(fleet: Fleet, pod: str, n: int = model_faults.LENGTH) -> bytes:
+    return (fleet.shells.fs(pod) / CHECKPOINT.lstrip("/")).read_bytes()[:n]
+
+
+def scripts(fleet: Fleet) -> list[tuple[str, str]]:
+    """(pod, which script) of every exec that ran, in order."""
+    names = {model_faults.LOCATE: "locate", model_faults.CORRUPT: "corrupt", model_faults.CHECK: "check"}
+    return [(pod, names.get(command[2], "?")) for pod, _, command in fleet.shells.calls]
+
+
+def deletes_of(fleet: Fleet, pod: str) -> int:
+    return sum(1 for r in fleet.emulator if r.method == kmock.method.DELETE and r.name == pod)
+
+
+@contextlib.contextmanager
+def serving_from_its_own_copy(fleet: Fleet, pod: str, log_dir: Path) -> Iterator[Server]:
+    """The demo model server behind ``pod``, loaded from the pod's own copy of the weights (its
+    sha256 checked against the sidecar), the pod's IP and port pointing at it."""
+    with demo_server(fleet.shells.fs(pod) / CHECKPOINT.lstrip("/"), log_dir, instance=pod) as server:
+        server.wait_until("ready")
+        containers = copy.deepcopy(live(fleet.emulator, PODS, NS)[pod]["spec"]["containers"])
+        containers[0]["ports"] = [{"name": "http", "containerPort": int(server.url.rsplit(":", 1)[1])}]
+        fleet.emulator.objects[PODS, NS, pod].patch(
+            {"metadata": {"resourceVersion": str(next(VERSIONS))}, "spec": {"containers": containers}}
+        )
+        yield server
+
+
+async def test_model_corruption_overwrites_the_serving_pods_weights_and_its_server_fails_the_checksum(
+    own_weights: Fleet, opted_in: None, tmp_path: Path
+) -> None:
+    fleet = own_weights
+    seen_at_write: list[list[PodCorruption]] = []
+    fault = fresh_fault()
+
+    def at_write(pod: str, command: list[str]) -> None:
+        if command[2] == model_faults.CORRUPT:
+            seen_at_write.append([r.model_copy() for r in fault.corrupted_in_pods])
+
+    fleet.shells.before_run = at_write
+    with injector_of(fleet) as (platform, injector):
+        assert injector.refusal(DrillScenario.MODEL_CORRUPTION) is None
+        hit = await prepare(platform, DrillScenario.MODEL_CORRUPTION, DrctlSettings(platform="kubernetes"))
+        (pod,) = fleet.pods(hit.instance)
+        others = {p for i in await platform.all_instances() if i.id != hit.instance for p in fleet.pods(i.id)}
+        assert others, "the hot standby's pod"
+        path = fleet.shells.fs(pod) / CHECKPOINT.lstrip("/")
+        before = path.read_bytes()
+        with serving_from_its_own_copy(fleet, pod, tmp_path) as server:
+            await injector.inject(hit, fault)
+            progress = server.get("/load_progress").json()
+
+        record = PodCorruption(
+            pod=pod, container="model", path=CHECKPOINT, length=64, original=before[:64].hex()
+        )  # the emulator gives pods no uid
+        assert fault.corrupted_in_pods == [record]
+        assert seen_at_write == [[record]], "recorded before the write reached the pod"
+        assert scripts(fleet) == [(pod, "locate"), (pod, "corrupt")], "the serving pod only, not the hot standby's"
+        after = path.read_bytes()
+        assert len(after) == len(before) and after[64:] == before[64:] and after[:64] != before[:64]
+        # The model server reloaded its weights from that file, and its own checksum caught it.
+        assert progress["state"] == "failed" and progress["error"].startswith(CHECKSUM_MISMATCH), progress
+        assert fault.detail.startswith(f"{CHECKPOINT} (262144 bytes) in pod {pod}: its first 64 bytes overwritten")
+        assert "wake_up 503" in fault.detail and CHECKSUM_MISMATCH in fault.detail, fault.detail
+        assert all(first_bytes(fleet, p) == before[:64] for p in others)
+
+        restored = await injector.restore(fault)
+        assert restored.detail == [
+            f"pod {pod} deleted ({CHECKPOINT} overwritten): "
+            "its Deployment starts a fresh one, which fetches the weights"
+        ]
+        assert scripts(fleet)[-1] == (pod, "check") and deletes_of(fleet, pod) == 1
+        assert pod not in live(fleet.emulator, PODS, NS)
+        await fleet.settled(lambda: bool(fleet.pods(hit.instance)), "a fresh pod for the instance")
+
+        again = await injector.restore(fault)
+        assert again.detail == [f"pod {pod} is gone, and its copy of {CHECKPOINT} with it: nothing to restore"]
+        assert deletes_of(fleet, pod) == 1 and len(scripts(fleet)) == 3, "nothing more done"
+
+
+async def test_a_corruption_recorded_but_never_written_is_left_alone(own_weights: Fleet, opted_in: None) -> None:
+    """The write fails in the pod (a read-only filesystem, say): the file is in the fault, restore
+    reads its bytes back, finds them the ones recorded, and leaves the pod alone."""
+    fleet = own_weights
+
+    def read_only(pod: str, command: list[str]) -> str | None:
+        if command[2] == model_faults.CORRUPT:
+            return f"dd: failed to open '{CHECKPOINT}': Read-only file system"
+        return None
+
+    fleet.shells.before_run = read_only
+    with injector_of(fleet) as (platform, injector):
+        hit = await target(platform, DrillScenario.MODEL_CORRUPTION)
+        (pod,) = fleet.pods(hit.instance)
+        before = first_bytes(fleet, pod)
+        fault = fresh_fault()
+        with pytest.raises(RuntimeError, match=r"was not overwritten: dd: failed to open .*: Read-only file system"):
+            await injector.inject(hit, fault)
+        assert [(r.pod, r.path, r.original) for r in fault.corrupted_in_pods] == [(pod, CHECKPOINT, before.hex())]
+        assert first_bytes(fleet, pod) == before
+
+        restored = await injector.restore(fault)
+        assert restored.detail == [
+            f"pod {pod}: {CHECKPOINT} has its own bytes (never overwritten, or a fresh container): left alone"
+        ]
+        assert deletes_of(fleet, pod) == 0 and pod in live(fleet.emulator, PODS, NS)
+
+
+async def test_exec_denied_is_permission_denied_and_nothing_is_recorded(own_weights: Fleet, opted_in: None) -> None:
+    """No ``pods/exec`` in the worker's roles: the API server refuses the WebSocket upgrade (403),
+    which the drill reports as the platform's PermissionDenied, pointing at the drills' roles."""
+    fleet = own_weights
+    fleet.shells.refuse = True
+    with injector_of(fleet) as (platform, injector):
+        hit = await target(platform, DrillScenario.MODEL_CORRUPTION)
+        (pod,) = fleet.pods(hit.instance)
+        before = first_bytes(fleet, pod)
+        fault = fresh_fault()
+        with pytest.raises(ApplicationError) as denied:
+            await injector.inject(hit, fault)
+    assert denied.value.type == PERMISSION_DENIED and denied.value.non_retryable
+    assert "denied create on pods/exec" in denied.value.message and "HTTP 403" in denied.value.message
+    assert "is forbidden" in denied.value.message and "deploy/kubernetes/drills" in denied.value.message
+    assert fault.corrupted_in_pods == [] and fleet.shells.calls == [] and first_bytes(fleet, pod) == before
+
+
+async def test_model_corruption_refuses_weights_on_a_shared_volume_before_writing(fleet: Fleet, opted_in: None) -> None:
+    """Pods that mount the models claim, found by an injector told otherwise (pods from an older
+    template, say): the file is located, found on the claim, and nothing is recorded or written."""
+    with injector_of(fleet) as (platform, opted):
+        injector = KubernetesFaultInjector(
+            platform.core,
+            NS,
+            platform._call,
+            opted.settings,
+            policy=POLICY,
+            template=InstanceTemplate(models_claim=None),
+        )
+        assert injector.refusal(DrillScenario.MODEL_CORRUPTION) is None
+        hit = await target(platform, DrillScenario.MODEL_CORRUPTION)
+        (pod,) = fleet.pods(hit.instance)
+        before = first_bytes(fleet, pod)
+        fault = fresh_fault()
+        with pytest.raises(RuntimeError) as refused:
+            await injector.inject(hit, fault)
+    assert str(refused.value) == (
+        f"{CHECKPOINT} in pod {pod} is on volume models (persistentVolumeClaim drctl-models, mounted read-only), not "
+        "the pod's own copy: a drill overwrites only weights in the container's filesystem or an emptyDir, which "
+        "deleting the pod restores; nothing was written"
+    )
+    assert fault.corrupted_in_pods == [] and scripts(fleet) == [(pod, "locate")] and first_bytes(fleet, pod) == before
+
+
+def test_only_the_pods_own_copy_may_be_overwritten() -> None:
+    """The container's filesystem and an emptyDir die with the pod; a claim, a hostPath, or a
+    read-only root filesystem do not qualify (the pod as the client reads it)."""
+
+    def pod(*volumes: V1Volume, read_only_root: bool = False) -> tuple[V1Pod, V1Container]:
+        mounts = [V1VolumeMount(name=v.name, mount_path=f"/{v.name}") for v in volumes]
+        context = V1SecurityContext(read_only_root_filesystem=True) if read_only_root else None
+        container = V1Container(name="model", volume_mounts=mounts, security_context=context)
+        spec = V1PodSpec(containers=[container], volumes=list(volumes))
+        return V1Pod(metadata=V1ObjectMeta(name="p"), spec=spec), container
+
+    scratch = V1Volume(name="scratch", empty_dir=V1EmptyDirVolumeSource())
+    host = V1Volume(name="cache", host_path=V1HostPathVolumeSource(path="/var/cache/models"))
+    assert model_faults.shared_storage(*pod(scratch, host), "/opt/weights/a.safetensors") is None
+    assert model_faults.shared_storage(*pod(scratch, host), "/scratch/llama/a.safetensors") is None
+    on_host = model_faults.shared_storage(*pod(scratch, host), "/cache/llama/a.safetensors")
+    assert on_host is not None and "on volume cache (hostPath)" in on_host
+    assert model_faults.shared_storage(*pod(scratch, host), "/cachex/a") is None, "a prefix of a name is not a mount"
+    read_only = model_faults.shared_storage(*pod(read_only_root=True), "/opt/weights/a.safetensors")
+    assert read_only is not None and "readOnlyRootFilesystem" in read_only
+
+
+async def test_model_corruption_needs_an_engine_that_can_reload(own_weights: Fleet, opted_in: None) -> None:
+    """SGLang has no reload calls in its profile: refused before any exec."""
+    fleet = own_weights
+    raw = POLICY.model_dump(by_alias=True)
+    raw["models"] = [{**m, "engine": Engine.SGLANG.value} for m in raw["models"]]
+    sglang = DRPolicy.model_validate(raw)
+    assert sglang.model("llama").engine == Engine.SGLANG
+    with injector_of(fleet) as (platform, opted):
+        injector = KubernetesFaultInjector(
+            platform.core, NS, platform._call, opted.settings, policy=sglang, template=platform.template
+        )
+        hit = await target(platform, DrillScenario.MODEL_CORRUPTION)
+        with pytest.raises(RuntimeError, match=r"no such calls for sglang instances .*; nothing was written"):
+            await injector.inject(hit, fresh_fault())
+    assert fleet.shells.calls == []
+
+
+async def test_the_weights_of_a_hugging_face_download_are_found_in_the_cache(own_weights: Fleet) -> None:
+    """``--model org/name`` (the engine downloads it): the first safetensors shard of the revision
+    ``refs/main`` names, resolved to its blob in the Hugging Face cache under ``$HOME``."""
+    fleet = own_weights
+    pod = next(iter(live(fleet.emulator, PODS, NS)))
+    repo = fleet.shells.fs(pod) / "root/.cache/huggingface/hub/models--meta-llama--llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("abc123")
+    for rev in ("abc123", "0ld"):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for name, blob in (("model-00002-of-00002.safetensors", "b2"), ("model-00001-of-00002.safetensors", "b1")):
+        (repo / "blobs" / blob).write_bytes(bytes([len(name)]) * 100)
+        (repo / "snapshots/abc123" / name).symlink_to(f"../../blobs/{blob}")
+    (repo / "snapshots/abc123/config.json").write_text("{}")
+    with fleet.client() as client:
+        models = model_faults.ModelFaults(CoreV1Api(client), NS, fleet.platform(client)._call)
+        found = await models.exec(pod, "model", model_faults.LOCATE, "meta-llama/llama", "64")
+        missing = await models.exec(pod, "model", model_faults.LOCATE, "meta-llama/other", "64")
+    assert (found.code, found.stdout.splitlines()) == (
+        0,
+        ["/root/.cache/huggingface/hub/models--meta-llama--llama/blobs/b1", "100", bytes([32]).hex() * 64],
+    )
+    assert missing.code == 3 and "nor downloaded into its Hugging Face cache" in missing.stderr
+
+
 # -- refusals -----------------------------------------------------------------------------------------
 
 
 async def test_what_the_cluster_cannot_inject_is_refused_before_the_drill_starts(fleet: Fleet, opted_in: None) -> None:
+    """The default template's pods load their weights from the read-only claim every instance
+    shares: model corruption is refused before any load is sent, and by ``inject`` too."""
     settings = DrctlSettings(platform="kubernetes")
     before = fleet.nodes()
     with fleet.client() as client:
         without_agents = fleet.platform(client)
         with pytest.raises(ApplicationError) as corrupt:
             await prepare(without_agents, DrillScenario.MODEL_CORRUPTION, settings)
-        assert corrupt.value.type == ErrorType.DRILL_NOT_READY and corrupt.value.message == NO_MODEL_STORE
-        assert "pods/exec" in NO_MODEL_STORE and "does not mount" in NO_MODEL_STORE
+        assert corrupt.value.type == ErrorType.DRILL_NOT_READY and corrupt.value.non_retryable
+        assert corrupt.value.message == model_faults.weights_in_the_store(without_agents.template)
+        assert "/models/<model> on the drctl-models claim, mounted read-only" in corrupt.value.message
+        assert "DRCTL_KUBERNETES_MODEL_SOURCE" in corrupt.value.message
         with pytest.raises(ApplicationError) as no_agents:
             await prepare(without_agents, DrillScenario.GPU_FAILURE, settings)
         assert "DRCTL_NODE_AGENT_SERVICE" in no_agents.value.message
         injector = without_agents.fault_injector()
         assert injector is not None
         hit = await target(without_agents, DrillScenario.POD_CRASH)
-        with pytest.raises(RuntimeError, match="model-corruption is not injected on Kubernetes"):
+        with pytest.raises(RuntimeError, match="model-corruption is not injected here"):
             await injector.inject(hit.model_copy(update={"scenario": DrillScenario.MODEL_CORRUPTION}), fresh_fault())
     assert fleet.nodes() == before
+    assert fleet.shells.calls == []
 
 
 async def test_gpu_failure_without_the_token_is_refused(
@@ -607,9 +902,15 @@ async def test_gpu_failure_without_the_token_is_refused(
 # -- RBAC: the verbs called are the verbs declared --------------------------------------------------------
 
 
-async def test_the_injector_calls_exactly_the_verbs_it_declares(fleet: Fleet, opted_in: None) -> None:
+async def test_the_injector_calls_exactly_the_verbs_it_declares(
+    own_weights: Fleet, opted_in: None, tmp_path: Path
+) -> None:
     """Every scenario that touches the API, injected and restored twice: the (group, resource, verb)
-    calls are ``FAULT_PERMISSIONS``, which tests/deploy holds ``deploy/kubernetes/drills`` to."""
+    calls are ``FAULT_PERMISSIONS``, which tests/deploy holds ``deploy/kubernetes/drills`` to. An
+    exec is called as ``create`` on ``pods/exec``; on the wire it is a WebSocket ``GET``, which the
+    API server authorizes as ``get`` (and, from 1.35, as ``create`` too): the emulator's request log
+    shows those."""
+    fleet = own_weights
     called: set[tuple[str, str, str]] = set()
     with injector_of(fleet) as (platform, opted):
 
@@ -618,15 +919,32 @@ async def test_the_injector_calls_exactly_the_verbs_it_declares(fleet: Fleet, op
             called.add((group, plural, verb))
             return await platform._call(verb, resource, fn, *args, **kwargs)
 
-        injector = KubernetesFaultInjector(platform.core, NS, recording, opted.settings)
+        injector = KubernetesFaultInjector(
+            platform.core, NS, recording, opted.settings, policy=POLICY, template=platform.template
+        )
         instances = [i.id for i in await platform.all_instances()]
-        for scenario in (DrillScenario.NODE_DOWN, DrillScenario.ZONE_OUTAGE, DrillScenario.POD_CRASH):
+        scenarios = (
+            DrillScenario.MODEL_CORRUPTION,
+            DrillScenario.NODE_DOWN,
+            DrillScenario.ZONE_OUTAGE,
+            DrillScenario.POD_CRASH,
+        )
+        for scenario in scenarios:
             await fleet.settled(lambda: all(fleet.pods(i) for i in instances), "every instance has its pod back")
             hit = await target(platform, scenario)
             fault = fresh_fault()
-            await injector.inject(hit, fault)
+            if scenario == DrillScenario.MODEL_CORRUPTION:
+                (pod,) = fleet.pods(hit.instance)
+                with serving_from_its_own_copy(fleet, pod, tmp_path):
+                    await injector.inject(hit, fault)
+                assert fault.corrupted_in_pods
+            else:
+                await injector.inject(hit, fault)
             await injector.restore(fault)
             await injector.restore(fault)
+    exec_requests = [r for r in fleet.emulator if r.subresource == "exec"]
+    assert len(exec_requests) == 3 and {r.method for r in exec_requests} == {kmock.method.GET}
+    called |= {("", "pods/exec", "get") for _ in exec_requests[:1]}
     declared = {(group, resource, verb) for (group, resource), verbs in FAULT_PERMISSIONS.items() for verb in verbs}
     assert called == declared
 
