@@ -24,6 +24,7 @@ from drctl.payloads import (
     failover_workflow_id,
 )
 from drctl.platforms.local import envoy, processes
+from drctl.platforms.local.platform import DELETING
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import instance_index
 from drctl.workers.stack import LocalStack, isolated_settings
@@ -64,11 +65,14 @@ async def _hot_standbys(stack: LocalStack, count: int) -> list[Instance]:
 
 async def _reconciled(stack: LocalStack) -> None:
     """Reconcile until the fleet matches the policy: after a failover, reconciliation replaces the
-    used standby and may move others (a few per pass); the stop must not cut that short."""
+    used standby and may move others (a few per pass); the stop must not cut that short. A move
+    creates the replacement first, so the fleet matches while the moved instance is still being
+    deleted (role failed, note ``deleting``): wait for that delete too (CI saw the registry lose
+    such an instance between the test's snapshot and the end of the stop)."""
     assert stack.client is not None
     for _ in range(4):
         if not stack.platform.fleet_drift():
-            return
+            break
         await stack.client.execute_workflow(
             "ReconcileStandbysWorkflow",
             ReconcileRequest(),
@@ -77,6 +81,10 @@ async def _reconciled(stack: LocalStack) -> None:
             result_type=ReconcileResult,
         )
     assert stack.platform.fleet_drift() == []
+    deadline = time.monotonic() + 30.0
+    while any(i.note == DELETING for i in stack.platform.registry.load().values()):
+        assert time.monotonic() < deadline, "a reconcile pass never finished its delete"
+        await asyncio.sleep(0.1)
 
 
 async def _served_by(stack: LocalStack) -> set[str]:
