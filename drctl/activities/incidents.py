@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from temporalio import activity
@@ -19,10 +19,10 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from drctl.activities.failover import with_heartbeats
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
-    FailureReport,
     IncidentTicket,
     IncidentTickets,
     LeaseAnswer,
@@ -39,10 +39,24 @@ from drctl.policies.budget import BudgetLimits
 from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_running
 
+T = TypeVar("T")
+
 HEARTBEAT_S = 1.0
 REPORTS_AT_ONCE = 16
 """Reports of one batch in flight at once (each an Update-with-start on its model's guardian)."""
 LIMITS_TTL_S = 5.0
+
+
+async def in_order_at_most(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Await ``calls`` side by side, at most ``limit`` at a time, started in their order; their
+    results in that order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def in_turn(call: Awaitable[T]) -> T:
+        async with gate:
+            return await call
+
+    return list(await asyncio.gather(*(in_turn(call) for call in calls)))
 
 
 def _elapsed_ms(start: float) -> float:
@@ -72,20 +86,11 @@ class IncidentActivities:
         """Report each failure to its model's guardian (a runbook's way to reach the one serialization point)."""
         queue = activity.info().task_queue
         client = activity.client()
-        gate = asyncio.Semaphore(REPORTS_AT_ONCE)
-
-        async def one(report: FailureReport) -> IncidentTicket:
-            async with gate:
-                return await report_failure(client, queue, report)
-
         # Each report goes to another guardian: sent side by side, started in the batch's order (a
         # zone failover lists critical models first), at most REPORTS_AT_ONCE in flight.
-        reporting = asyncio.ensure_future(asyncio.gather(*(one(r) for r in batch.reports)))
-        while not reporting.done():
-            if not activity.info().is_local:
-                activity.heartbeat()
-            await asyncio.wait({reporting}, timeout=HEARTBEAT_S)
-        return IncidentTickets(tickets=list(reporting.result()))
+        reports = [report_failure(client, queue, report) for report in batch.reports]
+        tickets = await with_heartbeats(in_order_at_most(REPORTS_AT_ONCE, reports), every_s=HEARTBEAT_S)
+        return IncidentTickets(tickets=tickets)
 
     async def _limits(self) -> tuple[BudgetLimits, dict[str, int]]:
         """The policy's budget and each model's priority rank, re-read at most every few seconds
@@ -142,17 +147,8 @@ class IncidentActivities:
                 detail=result.reason,
             )
 
-        gate = asyncio.Semaphore(ids.at_once or max(1, len(ids.tickets)))
-
-        async def in_turn(ticket: IncidentTicket) -> RunbookOutcome:
-            async with gate:
-                return await one(ticket)
-
-        waiting = asyncio.ensure_future(asyncio.gather(*(in_turn(t) for t in ids.tickets)))
-        while not waiting.done():
-            activity.heartbeat()
-            await asyncio.wait({waiting}, timeout=HEARTBEAT_S)
-        return RunbookOutcomes(outcomes=list(waiting.result()))
+        followed = in_order_at_most(ids.at_once or max(1, len(ids.tickets)), [one(t) for t in ids.tickets])
+        return RunbookOutcomes(outcomes=await with_heartbeats(followed, every_s=HEARTBEAT_S))
 
     @activity.defn(name=ActivityName.BUDGET_ALERT)
     async def budget_alert(self, reason: str) -> StepReport:

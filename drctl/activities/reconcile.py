@@ -84,8 +84,8 @@ class ReconcileActivities:
     async def plan_reconcile(self, request: ReconcileRequest) -> ReconcilePlan:
         """Observe the fleet and plan the pass (pure: ``plan_pass``); only the plan goes into the
         workflow's history, however large the fleet."""
-        snapshot = await with_heartbeats(self._observe())
-        if not activity.info().is_local:
+        snapshot = await self.observe_fleet()
+        if not activity.info().is_local:  # and once more before planning, which cannot heartbeat
             activity.heartbeat()
         with span("plan_reconcile", instances=len(snapshot.instances)):
             return plan_pass(snapshot, request.models)

@@ -89,14 +89,16 @@ def decide(
     grant: list[LeaseRequest] = []
     why: dict[str, str] = {}
 
-    def grant_zone_level(request: LeaseRequest) -> None:
+    def grant_zone_level(request: LeaseRequest) -> bool:
+        """Grant it unless ``max_parallel_zone`` run already; True when granted."""
         nonlocal zone_running
         cap = limits.max_parallel_zone
         if cap is not None and zone_running >= cap:
             why[request.incident] = f"{zone_running} zone failovers running (maxParallelFailovers {cap})"
-            return
+            return False
         grant.append(request)
         zone_running += 1
+        return True
 
     if zone_covers_zone:
         # Zone-level first, critical models first (a zone's reports arrive side by side, not in order).
@@ -113,9 +115,7 @@ def decide(
     per_zone = Counter(r.zone for r in running if r.zone is not None and not zone_level(r))
     for request in waiting:
         if zone_level(request):
-            before = len(grant)
-            grant_zone_level(request)
-            if len(grant) > before:
+            if grant_zone_level(request):
                 in_window.append(now)
             continue
         if len(in_window) >= limits.max_per_minute:

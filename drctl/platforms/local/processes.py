@@ -163,10 +163,15 @@ def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
             return True
         time.sleep(0.02)
     signal_group(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
+    _wait_exited(pid, 2.0)
+    return True
+
+
+def _wait_exited(pid: int, timeout_s: float) -> None:
+    """Until ``pid`` has exited (a zombie counts), at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return True
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:
@@ -294,9 +299,7 @@ def _signal_thread(pid: int, sig: signal.Signals) -> bool:
             os.kill(group, signal.SIGKILL)
         # The instance's thread can be gone while the rest of the pool is still exiting; wait for
         # the whole pool, so that whoever fenced it may start a new one on the node at once.
-        deadline = time.monotonic() + 2.0
-        while is_alive(group) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_exited(group, 2.0)
         return True
     if port is None or sig not in POOL_SIGNALS or is_stopped(group):
         return True  # not a pool's, or a signal a pool does not act out, or a stopped pool: cannot answer
