@@ -8,17 +8,16 @@ it (settings that exist, a token file that is a mounted Secret, the agents' flag
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from drctl.platforms.kubernetes.faults import FAULT_PERMISSIONS
 from drctl.settings import DrctlSettings
+from tests.deploy.kube_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -179,9 +178,9 @@ def test_the_node_agent_patch_turns_its_fault_endpoints_on_with_the_token() -> N
 # -- rendered -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
 def test_an_overlay_with_the_component_renders_the_drill_setup(tmp_path: Path) -> None:
     """The overlay docs/deploy.md shows: the base plus the component, as kubectl renders it."""
+    kubectl = tool("kubectl")
     overlay = tmp_path / "with-drills"
     overlay.mkdir()
     base_dir = os.path.relpath(DEPLOY, overlay)  # kustomize takes no absolute roots
@@ -193,7 +192,7 @@ def test_an_overlay_with_the_component_renders_the_drill_setup(tmp_path: Path) -
     }
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(overlay_spec), encoding="utf-8")
     rendered = subprocess.run(
-        ["kubectl", "kustomize", str(overlay)], check=True, capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(overlay)], check=True, capture_output=True, text=True, timeout=60
     ).stdout
     docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
     assert ("ClusterRole", "drctl-drills") in docs and ("Role", "drctl-drills") in docs
@@ -212,6 +211,6 @@ def test_an_overlay_with_the_component_renders_the_drill_setup(tmp_path: Path) -
     token_mounted(worker, containers["worker"])
 
     default = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY)], check=True, capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(DEPLOY)], check=True, capture_output=True, text=True, timeout=60
     ).stdout
     assert "drctl-drills" not in default and "--allow-fault-injection" not in default

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import difflib
 import os
-import platform
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.deploy.kube_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "drctl"
@@ -54,19 +53,6 @@ Key = tuple[str, str, str]
 
 
 # -- the tools -------------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    reason = f"{name} is not beside {sys.executable} nor on PATH: run scripts/install-kube-tools.sh (make kube-tools)"
-    if os.environ.get("CI") and sys.platform == "linux" and platform.machine() == "x86_64":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
