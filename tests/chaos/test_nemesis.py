@@ -5,6 +5,7 @@ to fail on broken state; and the guardian bug the nemesis found, pinned on the t
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -449,7 +450,10 @@ async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_
     )
     settings = DrctlSettings(policy=policy_file, state_dir=tmp_path / "state")
     platform = LocalPlatform(settings, load_policy_file(policy_file))
-    sleeper = ["python3", "-c", "import time; time.sleep(60)"]
+    # The interpreter itself, not `python3` from PATH: a pyenv shim is a chain of scripts exec'ing
+    # each other, and in one link of it the command line does not name the instance (CI saw
+    # drain_leftovers miss the process then).
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     ejected = processes.spawn([*sleeper, "alpha-0"], tmp_path / "alpha-0.log")
     serving = processes.spawn([*sleeper, "alpha-1"], tmp_path / "alpha-1.log")
     try:
@@ -458,6 +462,12 @@ async def test_a_restarted_worker_stops_an_ejected_instance_whose_draining_died_
             instances["alpha-1"] = LocalInstance(
                 id="alpha-1", model="alpha", role=Role.SERVING, port=45671, pid=serving, lb_priority=0
             )
+        # Until it has exec'd, the child's command line is still this test's: drain_leftovers only
+        # stops a process that names its instance.
+        for _ in range(100):
+            if processes.runs_instance(ejected, "alpha-0"):
+                break
+            await asyncio.sleep(0.02)
         assert platform.drain_leftovers() == ["alpha-0"]
         assert processes.is_alive(ejected)  # not at once: its connections drain first (1.2 s here)
         for _ in range(100):
