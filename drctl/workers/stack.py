@@ -861,20 +861,32 @@ def alert_receiver_port() -> int:
     return int(os.environ.get("DRCTL_ALERT_RECEIVER_PORT", "9095"))
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that were free a moment ago (for tests and benchmarks)."""
-    import socket
+FREE_PORTS_FIRST, FREE_PORTS_END = 12000, 17000
+"""Where :func:`free_ports` looks: below the kernel's ephemeral range (32768 and up by default) and
+below the ranges the isolated instances (20000 and up), node agents (30000 and up) and pools (17900)
+take. A port the kernel handed out for ``bind(0)`` could be handed out again between the pick and
+the bind: the Temporal dev server binds its internal services that way, took the HTTP port picked
+for it, and panicked (seen once in CI)."""
+_next_free_port: int | None = None
 
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago (for tests and benchmarks), each call
+    going on from where the last one stopped, from a point that depends on the process."""
+    global _next_free_port
+    span = FREE_PORTS_END - FREE_PORTS_FIRST
+    port = _next_free_port or FREE_PORTS_FIRST + (os.getpid() * 97) % span
+    found: list[int] = []
+    for _ in range(span):
+        if processes.port_is_free(host, port):
+            found.append(port)
+            if len(found) == count:
+                break
+        port = FREE_PORTS_FIRST + (port + 1 - FREE_PORTS_FIRST) % span
+    else:
+        raise RuntimeError(f"no {count} free ports between {FREE_PORTS_FIRST} and {FREE_PORTS_END} on {host}")
+    _next_free_port = FREE_PORTS_FIRST + (port + 1 - FREE_PORTS_FIRST) % span
+    return found
 
 
 def isolated_settings(state_dir: Path, policy: Path, task_queue: str = "drctl") -> DrctlSettings:
