@@ -201,13 +201,18 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                     "-p", str(stack.pids["worker"]), "-o", str(out),
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 )  # fmt: skip
-            t0 = time.monotonic()
+            up_pools = [p.pid for p in pools if p.name not in down_nodes]
+            cpu_parts = {name: pid for name, pid in stack.pids.items() if name not in down_nodes}
+            cpu_before = {name: cpu_s(pid) for name, pid in cpu_parts.items()}
+            pools_before, bench_before = sum(cpu_s(pid) for pid in up_pools), time.process_time()
+            t0, t0_wall = time.monotonic(), time.time()
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                     stopped.append(pid)
 
             switched_s = done_s = back_s = None
+            cpu_spent: dict[str, float] = {}
             deadline = t0 + args.timeout
             while time.monotonic() < deadline and back_s is None:
                 await asyncio.sleep(0.1)
@@ -218,6 +223,10 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 }
                 if switched_s is None and affected <= serving_up:
                     switched_s = now
+                if done_s is None:  # CPU seconds each part spent from the outage to the last runbook
+                    cpu_spent = {name: cpu_s(pid) - cpu_before[name] for name, pid in cpu_parts.items()}
+                    cpu_spent["pools (up zone)"] = sum(cpu_s(pid) for pid in up_pools) - pools_before
+                    cpu_spent["bench (load, polling)"] = time.process_time() - bench_before
                 if switched_s is not None and done_s is None and await running_runbooks(stack) == 0:
                     done_s = now
                 hot_up = {i.model for i in fleet if i.role == Role.HOT and i.lb_priority == 1 and i.zone != DOWN_ZONE}
@@ -229,15 +238,17 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 await profiler.wait()
             updates = await envoy_updates(http, settings.envoy_admin_url) - updates0
             zone_runs = []
+            zone_started: list[float] = []
             assert stack.client is not None
             async for wf in stack.client.list_workflows("WorkflowType = 'ZoneFailoverWorkflow'"):
+                zone_started.append(round(wf.start_time.timestamp() - t0_wall, 1))
                 if wf.close_time is not None:
                     zone_runs.append((wf.close_time - wf.start_time).total_seconds())
-            runbooks = [
-                (wf.close_time - wf.start_time).total_seconds()
-                async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'")
-                if wf.close_time is not None
-            ]
+            runbooks, runbook_spans = [], []
+            async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
+                if wf.close_time is not None:
+                    runbooks.append((wf.close_time - wf.start_time).total_seconds())
+                    runbook_spans.append((wf.start_time.timestamp() - t0_wall, wf.close_time.timestamp() - t0_wall))
     finally:
         load.stop.set()
         with contextlib.suppress(Exception):
@@ -256,6 +267,9 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbooks_done_s": None if done_s is None else round(done_s, 1),
         "redundancy_back_s": None if back_s is None else round(back_s, 1),
         "zone_failover_s": round(statistics.median(zone_runs), 1) if zone_runs else None,
+        "zone_failover_started_s": zone_started,
+        "runbooks_started_by_2s": _by_2s(start for start, _ in runbook_spans),
+        "runbooks_closed_by_2s": _by_2s(close for _, close in runbook_spans),
         "runbooks": len(runbooks),
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
         "envoy_updates": updates,
@@ -264,8 +278,17 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "skipped_ticks": load.skipped,
         "failures": load.failures,
         "prober_idle_cpu_pct": round(prober_idle * 100, 1),
+        "cpu_s_until_runbooks_done": {k: round(v, 1) for k, v in sorted(cpu_spent.items(), key=lambda kv: -kv[1])},
         "stack_rss_gib": round(rss / 2**30, 2),
     }
+
+
+def _by_2s(offsets: Any) -> dict[int, int]:
+    """How many of ``offsets`` (seconds after the outage) fall in each 2-second bucket."""
+    buckets: dict[int, int] = {}
+    for offset in offsets:
+        buckets[int(offset // 2) * 2] = buckets.get(int(offset // 2) * 2, 0) + 1
+    return dict(sorted(buckets.items()))
 
 
 def main() -> None:

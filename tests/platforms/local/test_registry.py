@@ -1,0 +1,97 @@
+"""The local registry at fleet scale: a change costs the instances it changed, not the fleet, in the
+process that writes it and in every process that reads it, and what it hands out stays its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from drctl.payloads import ErrorType, Role
+from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
+
+
+def fleet(path: Path, models: int = 3) -> InstanceRegistry:
+    registry = InstanceRegistry(path)
+    with registry.edit() as instances:
+        for m in range(models):
+            for k, role in enumerate((Role.SERVING, Role.HOT)):
+                instance = LocalInstance(id=f"m{m}-{k}", model=f"m{m}", role=role, port=18000 + 2 * m + k, pid=100 + m)
+                instances[instance.id] = instance
+    return registry
+
+
+def test_the_file_has_one_instance_per_line_and_stays_json(tmp_path: Path) -> None:
+    registry = fleet(tmp_path / "instances.json")
+    registry.claim_epoch("m1")
+    text = (tmp_path / "instances.json").read_text()
+    document = json.loads(text)
+    assert document["epochs"] == {"m1": 1}
+    assert [i["id"] for i in document["instances"]] == ["m0-0", "m0-1", "m1-0", "m1-1", "m2-0", "m2-1"]
+    lines = [line.rstrip(",") for line in text.splitlines() if line.startswith('{"id"')]
+    assert [json.loads(line)["id"] for line in lines] == [i["id"] for i in document["instances"]]
+
+
+def test_another_process_sees_a_change_and_keeps_what_did_not_change(tmp_path: Path) -> None:
+    writer = fleet(tmp_path / "instances.json")
+    reader = InstanceRegistry(tmp_path / "instances.json")
+    before = reader.view()
+    writer.update("m1-0", lb_priority=0, note="promoted")
+    after = reader.view()
+    assert after is not before  # "changed" is still told by identity (the prober relies on it)
+    assert after["m1-0"].note == "promoted" and before["m1-0"].note == ""
+    assert after["m0-0"] is before["m0-0"]  # unchanged: not validated again
+    assert reader.view() is after  # nothing new written: the same mapping
+
+
+def test_what_the_registry_hands_out_cannot_change_what_it_keeps(tmp_path: Path) -> None:
+    registry = fleet(tmp_path / "instances.json")
+    updated = registry.update("m0-0", note="a")
+    updated.note = "changed by the caller"
+    copy = registry.get("m0-1")
+    assert copy is not None
+    copy.note = "changed by the caller"
+    with registry.edit() as instances:
+        edited = instances["m2-0"]
+        edited.note = "b"
+    edited.note = "changed after the edit"
+    kept = registry.view()
+    assert (kept["m0-0"].note, kept["m0-1"].note, kept["m2-0"].note) == ("a", "", "b")
+    assert json.loads((tmp_path / "instances.json").read_text())["instances"][4]["note"] == "b"
+
+
+def test_an_edit_that_fails_writes_nothing_and_leaves_the_view_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "instances.json"
+    registry = fleet(path)
+    content = path.read_bytes()
+    with pytest.raises(RuntimeError), registry.edit() as instances:
+        instances["m0-0"].note = "half done"
+        del instances["m1-1"]
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == content
+    assert registry.view()["m0-0"].note == "" and "m1-1" in registry.view()
+
+
+def test_a_fenced_update_with_an_old_epoch_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "instances.json"
+    registry = fleet(path)
+    registry.claim_epoch("m0")
+    registry.claim_epoch("m0")
+    content = path.read_bytes()
+    with pytest.raises(ApplicationError) as refused:
+        registry.update("m0-0", epoch=1, lb_priority=None)
+    assert refused.value.type == ErrorType.STALE_EPOCH
+    assert path.read_bytes() == content
+
+
+def test_a_file_in_the_older_indented_format_is_read_and_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "instances.json"
+    item = {"id": "m-0", "model": "m", "role": "serving", "lb_priority": 0, "gpu": None, "zone": None}
+    item |= {"node": None, "note": "", "host": "127.0.0.1", "port": 18000, "pid": 7}
+    path.write_text(json.dumps({"epochs": {"m": 4}, "instances": [item]}, indent=2))
+    registry = InstanceRegistry(path)
+    assert registry.epochs() == {"m": 4}
+    registry.update("m-0", note="moved")
+    assert json.loads(path.read_text())["instances"] == [{**item, "note": "moved"}]
