@@ -134,7 +134,12 @@ def audit_query(model: str | None, outcome: str | None, since: str | None, now: 
     if outcome:
         if outcome not in {o.value for o in FailoverOutcome}:
             fail(f"unknown outcome {outcome!r}; one of {', '.join(o.value for o in FailoverOutcome)}", EXIT_BAD_INPUT)
-        clauses.append(f"{SearchAttr.OUTCOME} = '{outcome}'")
+        if outcome == FailoverOutcome.FAILED:
+            # A run that failed before it recorded its search attributes (input missing or invalid,
+            # from the UI or `temporal workflow start`) has no outcome but its execution status.
+            clauses.append(f"({SearchAttr.OUTCOME} = '{outcome}' OR ExecutionStatus = 'Failed')")
+        else:
+            clauses.append(f"{SearchAttr.OUTCOME} = '{outcome}'")
     if since:
         clauses.append(_since_clause(since, now))
     return " AND ".join(clauses)

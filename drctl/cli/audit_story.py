@@ -114,6 +114,8 @@ class RunStory(BaseModel):
     rto_met: bool | None = None
     summary: list[str] = Field(default_factory=list)
     failure: str | None = None
+    task_failures: list[str] = Field(default_factory=list)
+    """Workflow tasks that failed and ran again (with the local activities they had run)."""
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -133,6 +135,7 @@ def build_story(run: RunHistory, *, rto_target_ms: float | None = None, first_re
         duration_ms=run.duration_ms,
         parent_workflow_id=run.parent_workflow_id,
         failure=run.failure,
+        task_failures=run.task_failures,
     )
     given, result = _dict(run.input), _dict(run.result)
     if run.workflow_type == "FailoverWorkflow":
@@ -154,7 +157,7 @@ def _failover(
 ) -> None:
     story.model = given.get("model") or result.get("model")
     story.instance = given.get("instance") or result.get("instance")
-    story.trigger = given.get("trigger") or "manual"
+    story.trigger = given.get("trigger") or ("manual" if given else None)  # no input: no trigger
     story.reason = given.get("reason") or None
     joined = [str(r) for r in result.get("joined") or []]
     if not result:  # failed or running: the joined signals are in the history

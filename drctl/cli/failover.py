@@ -126,7 +126,15 @@ async def _run_failover(
             current.set_attribute("drctl.incident", ticket.workflow_id)
             handle = await start_failover_handle(client, settings.task_queue, ticket)
         if not as_json:
-            how = "joined the recovery already open" if ticket.joined else "opened a recovery"
+            if not ticket.joined:
+                how = "opened a recovery"
+            elif ticket.state == IncidentState.DONE:
+                # Recorded with the closed incident (the guardian's `incidents` query), not in the
+                # runbook's history: the runbook had ended before this report came.
+                outcome = ticket.outcome.value if ticket.outcome is not None else "done"
+                how = f"this failure was already handled (the runbook ended {outcome}); nothing more to do"
+            else:
+                how = "joined the recovery already open"
             out.print(f"reported to guardian-{request.model}: {how}", highlight=False)
             if ticket.detail and ticket.state == IncidentState.QUEUED:
                 out.print(f"  queued: {ticket.detail}", highlight=False, markup=False)

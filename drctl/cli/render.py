@@ -308,6 +308,9 @@ def _story_facts(story: AuditRunStory) -> list[tuple[str, str]]:
             ("RTO", f"{_ms_text(story.rto_ms)} against a target of {_ms_text(story.rto_target_ms)}: {verdict}")
         )
     facts += [("result", line) for line in story.summary]
+    if story.task_failures:
+        again = "; the steps it had run ran again in the next task"
+        facts += [("workflow task failed", words + again) for words in story.task_failures]
     return facts
 
 

@@ -73,7 +73,7 @@ FLEET_POLL_S = 10.0
 LOOKBACK = timedelta(minutes=10)
 """Runs that closed this long ago are still looked for (visibility is eventually consistent)."""
 
-RTO_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
+RTO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 DETECTION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
 COUNTED_ROLES = (Role.SERVING, Role.HOT, Role.WARM, Role.COLD, Role.PROMOTING, Role.FAILED)
 

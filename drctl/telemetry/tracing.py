@@ -45,7 +45,7 @@ from opentelemetry.trace import Span, SpanKind
 from temporalio.client import OutboundInterceptor, QueryWorkflowInput
 from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflowInboundInterceptor
 from temporalio.contrib.opentelemetry._context import attached_context
-from temporalio.worker import HandleUpdateInput, WorkflowInterceptorClassInput
+from temporalio.worker import HandleSignalInput, HandleUpdateInput, WorkflowInterceptorClassInput
 
 TRACES_DIR = "traces"
 MAX_FILE_BYTES = 8 * 1024 * 1024
@@ -203,11 +203,9 @@ class UpdatesInSendersTrace(TracingWorkflowInboundInterceptor):
     trace headers of what the handler starts."""
 
     async def handle_update_handler(self, input: HandleUpdateInput) -> Any:
-        header = input.headers.get(self.header_key)
-        carrier = self.payload_converter.from_payloads([header])[0] if header else None
-        if not carrier:
+        context = self._senders_context(input.headers)
+        if context is None:
             return await super().handle_update_handler(input)
-        context = self._set_on_context(self.text_map_propagator.extract(carrier))
         with attached_context(context):
             self._completed_span(
                 f"HandleUpdate:{input.update}",
@@ -215,6 +213,41 @@ class UpdatesInSendersTrace(TracingWorkflowInboundInterceptor):
                 kind=SpanKind.SERVER,
             )
             return await self.next.handle_update_handler(input)
+
+    def handle_update_validator(self, input: HandleUpdateInput) -> None:
+        context = self._senders_context(input.headers)
+        if context is None:
+            return super().handle_update_validator(input)
+        with attached_context(context):
+            self._completed_span(
+                f"ValidateUpdate:{input.update}",
+                link_context_carrier=self._load_workflow_context_carrier(),
+                kind=SpanKind.SERVER,
+            )
+            return self.next.handle_update_validator(input)
+
+    async def handle_signal(self, input: HandleSignalInput) -> None:
+        """Signals too: the budget is told of each released lease by a signal from a guardian's
+        recovery, which runs in its report's trace; the release belongs there, not under the trace
+        of whatever first started the budget."""
+        context = self._senders_context(input.headers)
+        if context is None:
+            return await super().handle_signal(input)
+        with attached_context(context):
+            self._completed_span(
+                f"HandleSignal:{input.signal}",
+                link_context_carrier=self._load_workflow_context_carrier(),
+                kind=SpanKind.SERVER,
+            )
+            return await self.next.handle_signal(input)
+
+    def _senders_context(self, headers: Mapping[str, Any]) -> Any:
+        """The trace context the sender put in the headers, or None without one."""
+        header = headers.get(self.header_key)
+        carrier = self.payload_converter.from_payloads([header])[0] if header else None
+        if not carrier:
+            return None
+        return self._set_on_context(self.text_map_propagator.extract(carrier))
 
 
 class _UntracedQueries(OutboundInterceptor):

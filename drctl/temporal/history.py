@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
@@ -66,6 +66,9 @@ class RunHistory(BaseModel):
     failure: str | None = None
     activities: list[ActivityRun] = Field(default_factory=list)
     signals: list[SignalSeen] = Field(default_factory=list)
+    task_failures: list[str] = Field(default_factory=list)
+    """Each workflow task that failed, in plain words: the local activities it had run are run again
+    by the next one (their first run's time and effects are not in the history)."""
 
     @property
     def duration_ms(self) -> float | None:
@@ -168,6 +171,8 @@ def run_from_events(workflow_id: str, run_id: str, events: Iterable[HistoryEvent
                 run.activities.append(
                     _local_activity(marker.details["data"], marker.failure if marker.HasField("failure") else None, at)
                 )
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+            run.task_failures.append(task_failure_words(event.workflow_task_failed_event_attributes))
         elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             signal = event.workflow_execution_signaled_event_attributes
             if at is not None:
@@ -187,6 +192,29 @@ def run_from_events(workflow_id: str, run_id: str, events: Iterable[HistoryEvent
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:
                 run.failure = "canceled"
     return run
+
+
+TASK_FAILURE_CAUSES = {
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND: (
+        "a signal or update came while the task was completing; the task ran again with it"
+    ),
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE: (
+        "the worker that had the run cached was gone; another worker replayed it"
+    ),
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR: (
+        "the workflow code no longer matches this run's history (non-determinism)"
+    ),
+}
+
+
+def task_failure_words(attrs: Any) -> str:
+    """A failed workflow task in plain words: its cause, then the failure's own message if any."""
+    cause = TASK_FAILURE_CAUSES.get(attrs.cause)
+    if cause is None:
+        name = WorkflowTaskFailedCause.Name(attrs.cause).removeprefix("WORKFLOW_TASK_FAILED_CAUSE_")
+        cause = name.lower().replace("_", " ")
+    message = plain_failure(attrs.failure) if attrs.HasField("failure") else ""
+    return cause if not message or message in cause else f"{cause}: {message}"
 
 
 def _close(activity: ActivityRun | None, at: datetime | None, failure: str | None) -> None:

@@ -85,6 +85,9 @@ async def test_bad_input_from_the_ui_fails_with_one_line_and_shows_in_the_audit(
     listed = _cli(local_stack, "audit", "--json")
     [row] = [r for r in json.loads(listed.stdout) if r["workflow_id"] == handle.id]
     assert row["failure"].startswith("invalid FailoverRequest: model 'NOPE!'")
+    # The filter the "runbook failed" alert points to finds it, though it recorded no outcome.
+    failed = _cli(local_stack, "audit", "--outcome", "failed", "--json")
+    assert handle.id in [r["workflow_id"] for r in json.loads(failed.stdout)]
     shown = _cli(local_stack, "audit", "show", handle.id)
     assert "invalid FailoverRequest" in shown.stdout and "Traceback" not in shown.stderr
     missing = _cli(local_stack, "audit", "show", "no-such-run")

@@ -91,6 +91,7 @@ async def test_the_runbook_of_a_later_report_is_in_that_reports_trace(
         by_name.setdefault(s.name, []).append(s)
     # The guardian handled each report in that report's trace, and started each child there.
     assert sorted(trace_of(s) for s in by_name["HandleUpdate:report"]) == sorted([first, second])
+    assert sorted(trace_of(s) for s in by_name["ValidateUpdate:report"]) == sorted([first, second])
     assert sorted(trace_of(s) for s in by_name["StartChildWorkflow:FailoverWorkflow"]) == sorted([first, second])
     # The second report's client span is the parent of the guardian's start of the second runbook.
     [client_span] = [

@@ -66,3 +66,31 @@ async def test_activities_with_their_failures_in_plain_words(
 async def test_unknown_workflow(time_skipping_env: WorkflowEnvironment) -> None:
     with pytest.raises(UnknownRun, match="no workflow 'nope-"):
         await read_run(drctl_client(time_skipping_env), f"nope-{uuid.uuid4().hex}")
+
+
+def test_a_workflow_task_that_failed_and_ran_again_is_in_the_story() -> None:
+    """A signal that lands while a task completes fails that task (UNHANDLED_COMMAND) and the next
+    task runs its local activities again: the audit must say so, not show one clean attempt."""
+    from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
+    from temporalio.api.failure.v1 import Failure
+    from temporalio.api.history.v1 import HistoryEvent
+
+    from drctl.cli.audit_story import build_story
+    from drctl.cli.render import audit_story_lines
+    from drctl.temporal.history import run_from_events
+
+    started = HistoryEvent(event_id=1, event_type=EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)
+    started.workflow_execution_started_event_attributes.workflow_type.name = "FailoverWorkflow"
+    failed = HistoryEvent(event_id=5, event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    failed.workflow_task_failed_event_attributes.cause = (
+        WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND
+    )
+    failed.workflow_task_failed_event_attributes.failure.CopyFrom(Failure(message="UnhandledCommand"))
+    run = run_from_events("failover-x", "r1", [started, failed])
+    assert run.task_failures == [
+        "a signal or update came while the task was completing; the task ran again with it: UnhandledCommand"
+    ]
+    story = build_story(run)
+    assert story.trigger is None  # no input: no trigger to report ("manual" was shown before)
+    shown = "\n".join(str(line) for line in audit_story_lines(story))
+    assert "workflow task failed" in shown and "ran again in the next task" in shown

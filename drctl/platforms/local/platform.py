@@ -220,7 +220,7 @@ class LocalPlatform:
         # not be reset now, when the only healthy host may be the one their retry must not use.
         drain_s = self._drain_s()
         self._stop_after(local.pid, drain_s)
-        return f"removed from LB, marked failed; process stopped after {drain_s:g}s of connection draining"
+        return f"removed from LB, marked failed; process to stop after {drain_s:g}s of connection draining"
 
     def _stop_after(self, pid: int | None, delay_s: float) -> None:
         async def stop() -> None:
