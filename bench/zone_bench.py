@@ -40,9 +40,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import datetime
+
 import aiohttp
 import httpx
 import yaml
+from temporalio.api.enums.v1 import EventType
 
 from drctl.payloads import Role
 from drctl.platforms.local.pools import InstancePools
@@ -242,8 +245,18 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             assert stack.client is not None
             async for wf in stack.client.list_workflows("WorkflowType = 'ZoneFailoverWorkflow'"):
                 zone_started.append(round(wf.start_time.timestamp() - t0_wall, 1))
+                if args.events:
+                    print_events(await stack.client.get_workflow_handle(wf.id).fetch_history(), t0_wall)
                 if wf.close_time is not None:
                     zone_runs.append((wf.close_time - wf.start_time).total_seconds())
+            task_timeouts = 0  # workflow tasks that timed out (a worker too busy to finish one in time)
+            async for wf in stack.client.list_workflows(
+                "WorkflowType IN ('FailoverWorkflow', 'ModelGuardianWorkflow', 'BudgetWorkflow')"
+            ):
+                history = await stack.client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+                task_timeouts += sum(
+                    1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
+                )
             runbooks, runbook_spans = [], []
             async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
                 if wf.close_time is not None:
@@ -271,6 +284,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbooks_started_by_2s": _by_2s(start for start, _ in runbook_spans),
         "runbooks_closed_by_2s": _by_2s(close for _, close in runbook_spans),
         "runbooks": len(runbooks),
+        "workflow_task_timeouts": task_timeouts,
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
         "envoy_updates": updates,
         "requests": load.sent,
@@ -281,6 +295,20 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "cpu_s_until_runbooks_done": {k: round(v, 1) for k, v in sorted(cpu_spent.items(), key=lambda kv: -kv[1])},
         "stack_rss_gib": round(rss / 2**30, 2),
     }
+
+
+def print_events(history: Any, t0_wall: float) -> None:
+    """The zone failover's history, runs of one event type folded: when each phase began and ended."""
+    runs: list[list[Any]] = []
+    for event in history.events:
+        name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
+        at = event.event_time.ToDatetime(datetime.UTC).timestamp() - t0_wall
+        if runs and runs[-1][0] == name:
+            runs[-1][2], runs[-1][3] = at, runs[-1][3] + 1
+        else:
+            runs.append([name, at, at, 1])
+    for name, first, last, count in runs:
+        print(f"      {first:7.2f}-{last:7.2f} s  {count:4d} x {name}", file=sys.stderr)
 
 
 def _by_2s(offsets: Any) -> dict[int, int]:
@@ -300,6 +328,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=None, help="az_failover.maxParallelFailovers (policy: 4)")
     parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--events", action="store_true", help="print the zone failover's history, folded")
     args = parser.parse_args()
     rows = []
     for models in args.models:

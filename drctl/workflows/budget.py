@@ -47,6 +47,12 @@ ZONE_COVERS_ZONE = "budget-zone-covers-zone"
 (``decide(zone_covers_zone=True)``): the prober's reports of the zone's standbys no longer trip the
 breaker and wait for a person. Budgets started before it decide as they did until they continue as
 new."""
+GRANTS_SIDE_BY_SIDE = "budget-grants-side-by-side"
+"""Patch: the ``lease_granted`` signals of one decision go out side by side, in one workflow task.
+Before, each was awaited in turn, and every signal's acknowledgement took a workflow task of its own:
+in a zone failover of 300 instances the budget handed out about five leases a second however many
+runbooks were allowed at once, and each of the ``maxParallelFailovers`` slots stood idle for
+seconds between two runbooks. Budgets started before it signal in turn until they continue as new."""
 
 
 @workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
@@ -125,6 +131,9 @@ class BudgetWorkflow:
     def _zone_covers_zone(self) -> bool:
         return workflow.patched(ZONE_COVERS_ZONE)
 
+    def _grants_side_by_side(self) -> bool:
+        return workflow.patched(GRANTS_SIDE_BY_SIDE)
+
     def _decide(self) -> None:
         """Grant what fits now (pure decision), trip the breaker if it must; signals go out from the loop."""
         now = workflow.now()
@@ -173,6 +182,9 @@ class BudgetWorkflow:
             self._changed = False
             self._decide()
             s = self._state
+            if self._to_signal and self._grants_side_by_side():
+                batch, self._to_signal = self._to_signal, []
+                await asyncio.gather(*(self._grant(holder, incident) for holder, incident in batch))
             while self._to_signal:
                 holder, incident = self._to_signal.pop(0)
                 await self._grant(holder, incident)

@@ -24,7 +24,7 @@ from drctl.payloads import (
     ZoneFailoverRequest,
     ZoneFailoverResult,
 )
-from drctl.workflows.budget import ZONE_COVERS_ZONE, BudgetWorkflow
+from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, BudgetWorkflow
 from drctl.workflows.failover import DECISION_INPUT_PERSISTED, GONE_INSTANCE_SETTLES, FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
@@ -121,6 +121,18 @@ class BudgetBeforeZoneCoversZone(BudgetWorkflow):
         return False
 
 
+@workflow.defn(name="BudgetWorkflow", sandboxed=False)
+class BudgetBeforeGrantsSideBySide(BudgetWorkflow):
+    """Before ``budget-grants-side-by-side``: each ``lease_granted`` signal awaited in turn."""
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        await super().run(state)
+
+    def _grants_side_by_side(self) -> bool:
+        return False
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
@@ -129,5 +141,6 @@ BEFORE_PATCHES: dict[str, type] = {
     BATCHED: ZoneFailoverBeforeBatched,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
+    GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

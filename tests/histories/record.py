@@ -59,7 +59,7 @@ from drctl.temporal.incidents import guardian_state, report_failure, wait_closed
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
-from drctl.workflows.budget import ZONE_COVERS_ZONE
+from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -69,6 +69,7 @@ from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
+    BudgetBeforeGrantsSideBySide,
     BudgetBeforeZoneCoversZone,
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
@@ -361,6 +362,19 @@ async def budget_before_zone_patch(client: Client, queue: str) -> list[Recorded]
     ]
 
 
+async def budget_before_grants_patch(client: Client, queue: str) -> list[Recorded]:
+    """``budget_tripped`` on a budget started before the budget-grants-side-by-side patch."""
+    await three_failures_in_one_zone(client, queue, old=[BudgetBeforeGrantsSideBySide])
+    return [
+        Recorded(
+            "budget-before-grants-patch",
+            budget_workflow_id(queue),
+            "BudgetWorkflow started before the budget-grants-side-by-side patch: zone cap, trip, reset",
+            GRANTS_SIDE_BY_SIDE,
+        )
+    ]
+
+
 async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = spread_fleet(3)
     fleet.policy = fleet.policy.model_copy(
@@ -525,6 +539,7 @@ SCENARIOS: dict[str, Scenario] = {
     "guardian-before-trace-patch": guardian_before_trace_patch,
     "budget-tripped": budget_tripped,
     "budget-before-zone-patch": budget_before_zone_patch,
+    "budget-before-grants-patch": budget_before_grants_patch,
     "reconcile": reconcile,
     "reconcile-before-patch": reconcile_before_patch,
     "reconcile-before-plan-patch": reconcile_before_plan_patch,

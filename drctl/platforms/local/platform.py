@@ -675,10 +675,9 @@ class LocalPlatform:
     def _local(self, instance: Instance) -> LocalInstance:
         """The registry's record of ``instance`` as it is now (its process); the non-retryable
         ``UnknownInstance`` when the registry no longer has it."""
-        instances = self.registry.load()
-        local = instances.get(instance.id)
+        local = self.registry.get(instance.id)  # one copy, not the fleet's
         if local is None or local.model != instance.model:
-            known = sorted(i.id for i in instances.values() if i.model == instance.model)
+            known = sorted(i.id for i in self.registry.view().values() if i.model == instance.model)
             raise errors.unknown_instance(instance.model, instance.id, known)
         return local
 

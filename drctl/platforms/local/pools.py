@@ -104,12 +104,15 @@ class InstancePools:
         """The running pool of ``name`` (adopted), or a new one."""
         pool = self._read(self._state_file(name))
         if pool is not None and _runs_pool(pool):
-            if _answers(pool):
-                return pool
             if processes.is_stopped(pool.pid):
                 # Its node is hung (stopped): a second pool beside it would be an orphan nobody
-                # stops, and an instance started on a hung node is not one anybody wants.
+                # stops, and an instance started on a hung node is not one anybody wants. Checked
+                # before asking it: a stopped pool accepts the connection and never answers, and the
+                # ask blocked the worker's event loop for its whole timeout on every try (workflow
+                # tasks timed out behind it in a zone outage).
                 raise RuntimeError(f"instance pool {name} (pid {pool.pid}) is stopped: node {name} looks hung")
+            if _answers(pool):
+                return pool
         return self._start(name)
 
     def _start(self, name: str) -> Pool:
