@@ -3,7 +3,8 @@
 Each activity is idempotent (Temporal runs it at least once), measures its own duration so the
 workflow can tell orchestration overhead from work, and heartbeats while it waits. Each platform call
 is a span (``platform.{call}``, a child of the SDK's ``RunActivity`` span) with the model, instance,
-tier and epoch: the gap between the two is the adapter's own cost.
+tier and epoch: the gap between the two is the adapter's own cost. Each step logs one line when it
+is done (:func:`log_step`), with its workflow, model, instance and duration.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ async def with_heartbeats(work: Awaitable[T], every_s: float = 0.25) -> T:
         activity.heartbeat()
 
 
+def log_step(step: str, duration_ms: float, detail: str = "", **fields: str | int | None) -> None:
+    """One INFO line for a runbook step that is done, through the SDK's ``activity.logger`` (which
+    adds the workflow and activity: ``--log-format json`` has them as keys, and the trace id, since
+    the step's span is current). ``fields`` (``model``, ``instance``, ``epoch``, ``gpu``…) and
+    ``step`` and ``duration_ms`` are keys of the JSON line too; None ones are left out."""
+    context = {name: value for name, value in fields.items() if value is not None}
+    target = "/".join(str(context[k]) for k in ("model", "instance", "gpu") if k in context)
+    activity.logger.info(
+        "%s%s done in %.1f ms%s",
+        step,
+        f" {target}" if target else "",
+        duration_ms,
+        f": {detail[:200]}" if detail else "",
+        extra={"step": step, "duration_ms": duration_ms, **context},
+    )
+
+
 def heartbeat_progress(fraction: float, what: str) -> None:
     if not activity.info().is_local:  # local activities cannot heartbeat
         activity.heartbeat({"progress": round(fraction, 3), "detail": what})
@@ -78,7 +96,9 @@ class FailoverActivities:
             instance = await self.platform.get_instance(ref.model, ref.instance)
             set_attributes(current, tier=instance.role.value)
             healthy, detail = await self.platform.probe(instance)
-        return ProbeResult(instance=ref.instance, healthy=healthy, detail=detail, duration_ms=_elapsed_ms(start))
+            result = ProbeResult(instance=ref.instance, healthy=healthy, detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("probe", result.duration_ms, detail, model=ref.model, instance=ref.instance)
+        return result
 
     @activity.defn(name=ActivityName.LIST_INSTANCES)
     async def list_instances(self, ref: ModelRef) -> InstanceList:
@@ -88,7 +108,9 @@ class FailoverActivities:
         start = time.monotonic()
         with span("platform.list_instances", model=ref.model):
             instances = await with_heartbeats(self.platform.list_instances(ref.model))
-        return InstanceList(model=ref.model, instances=instances, duration_ms=_elapsed_ms(start))
+            listed = InstanceList(model=ref.model, instances=instances, duration_ms=_elapsed_ms(start))
+            log_step("list_instances", listed.duration_ms, f"{len(instances)} instance(s)", model=ref.model)
+        return listed
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:
@@ -147,10 +169,13 @@ class FailoverActivities:
         epoch: int | None = None,
     ) -> StepReport:
         """Look the instance up afresh (a retry sees what the last attempt changed), act, time it;
-        one span ``platform.{call}`` around both, with the instance's tier once it is known."""
+        one span ``platform.{call}`` around both, with the instance's tier once it is known; one log
+        line when done (:func:`log_step`)."""
         start = time.monotonic()
         with span(f"platform.{call}", model=model, instance=instance_id, epoch=epoch) as current:
             instance = await self.platform.get_instance(model, instance_id)
             set_attributes(current, tier=instance.role.value)
             detail = await action(instance)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step(call, report.duration_ms, detail, model=model, instance=instance_id, epoch=epoch)
+        return report

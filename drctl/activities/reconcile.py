@@ -12,7 +12,7 @@ from temporalio import activity
 from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from drctl.activities.failover import heartbeat_progress, with_heartbeats
+from drctl.activities.failover import heartbeat_progress, log_step, with_heartbeats
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
@@ -44,6 +44,12 @@ def _change(change: InstanceChange) -> dict[str, object]:
         "epoch": action.epoch,
         "gpu": action.gpu,
     }
+
+
+def _step_fields(change: InstanceChange) -> dict[str, str | int | None]:
+    """A reconcile action's log line keys (:func:`~drctl.activities.failover.log_step`)."""
+    action = change.action
+    return {"model": action.model, "instance": action.instance, "tier": action.tier.value, "epoch": action.epoch}
 
 
 class ReconcileActivities:
@@ -95,35 +101,45 @@ class ReconcileActivities:
         start = time.monotonic()
         with span("platform.cordon_gpu", gpu=request.gpu):
             detail = await self.platform.cordon_gpu(request.gpu, request.reason)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("cordon_gpu", report.duration_ms, detail, gpu=request.gpu)
+        return report
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
         with span("platform.create_instance", _change(change)):
             detail = await self.platform.create_instance(change.action, heartbeat_progress)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("create_instance", report.duration_ms, detail, **_step_fields(change))
+        return report
 
     @activity.defn(name=ActivityName.RETIER_INSTANCE)
     async def retier_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
         with span("platform.retier_instance", _change(change)):
             detail = await self.platform.retier_instance(change.action, heartbeat_progress)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("retier_instance", report.duration_ms, detail, **_step_fields(change))
+        return report
 
     @activity.defn(name=ActivityName.DELETE_INSTANCE)
     async def delete_instance(self, change: InstanceChange) -> StepReport:
         start = time.monotonic()
         with span("platform.delete_instance", _change(change)):
             detail = await self.platform.delete_instance(change.action)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("delete_instance", report.duration_ms, detail, **_step_fields(change))
+        return report
 
     @activity.defn(name=ActivityName.UNCORDON_GPU)
     async def uncordon_gpu(self, request: DrainGpuRequest) -> StepReport:
         start = time.monotonic()
         with span("platform.uncordon_gpu", gpu=request.gpu):
             detail = await self.platform.uncordon_gpu(request.gpu)
-        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+            log_step("uncordon_gpu", report.duration_ms, detail, gpu=request.gpu)
+        return report
 
     @activity.defn(name=ActivityName.REQUEST_RECONCILE)
     async def request_reconcile(self, ref: ModelRef) -> StepReport:

@@ -1,6 +1,9 @@
 """``drctl up`` and the processes it runs, each of which can also be run on its own: ``drctl worker``,
 ``drctl alert-receiver``, ``drctl node-agent`` (pass-throughs to their modules' own options).
 
+Each takes ``--log-format text|json`` (default: ``DRCTL_LOG_FORMAT``, else text); ``drctl up`` hands
+its choice on to every part it starts.
+
 The pass-throughs read their settings themselves; the policy they get is the one the other
 commands would use (:mod:`drctl.cli.policy_path`), handed on as ``DRCTL_POLICY`` when the user
 named none.
@@ -12,6 +15,7 @@ import asyncio
 import os
 import shutil
 import signal
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -26,6 +30,23 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 """Context settings of a command whose options are its module's own (``--help`` included)."""
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        help="log lines as text, or json: one JSON object a line with workflow and trace ids "
+        "\\[default: $DRCTL_LOG_FORMAT or text]",
+        case_sensitive=False,
+        show_default=False,
+    ),
+]
+
+
 def up(
     policy: PolicyOption = None,
     state_dir: StateOption = None,
@@ -38,11 +59,13 @@ def up(
             help="run Prometheus beside the stack, scraping it with the shipped rules (UI on DRCTL_PROMETHEUS_PORT)",
         ),
     ] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Bring up the local stack on loopback and keep it running until Ctrl-C.
 
     Starts the Temporal dev server (SQLite in the state folder, UI on :8233), Envoy (one cluster per
     model), the model instances the policy asks for (serving, hot and warm standbys) and the worker.
+    --log-format is that of the parts' logs (in the state folder's logs/), not of this console.
     """
     from drctl.cli.render import status_table
     from drctl.workers.stack import LocalStack, StackError, prometheus_binary
@@ -78,6 +101,7 @@ def up(
             with_alert_receiver=True,
             with_node_agents=True,
             with_prometheus=with_prometheus,
+            log_format=None if log_format is None else log_format.value,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -98,19 +122,20 @@ def up(
         fail(str(exc))
 
 
-def worker() -> None:
+def worker(log_format: LogFormatOption = None) -> None:
     """Run the Temporal worker in the foreground (``drctl up`` starts one for you)."""
     from drctl.workers.runbook_worker import main as worker_main
 
     settings, _ = with_policy()  # it cannot run without one: say so here, not in a traceback
     os.environ["DRCTL_POLICY"] = str(settings.policy.resolve())
-    worker_main()
+    worker_main([] if log_format is None else ["--log-format", log_format.value])
 
 
 def alert_receiver(ctx: typer.Context) -> None:
     """Receive Alertmanager webhooks and start runbooks (tokens: DRCTL_ALERT_TOKENS or _FILE).
 
-    Options are those of `python -m drctl.detectors.alert_receiver` (see --help): --host, --port.
+    Options are those of `python -m drctl.detectors.alert_receiver` (see --help): --host, --port,
+    --log-format text|json.
     """
     from drctl.detectors.alert_receiver import main as receiver_main
 
@@ -120,7 +145,8 @@ def alert_receiver(ctx: typer.Context) -> None:
 
 def node_agent(ctx: typer.Context) -> None:
     """Report this node's GPUs from NVML (or the policy without NVML); a GPU in "drain" starts
-    DrainGpuWorkflow. Options: --node NAME [--host --port 9400 --interval 5 --policy FILE]."""
+    DrainGpuWorkflow. Options: --node NAME [--host --port 9400 --interval 5 --policy FILE
+    --log-format text|json]."""
     from drctl.detectors.gpu_node_agent import main as agent_main
 
     _hand_on_policy()

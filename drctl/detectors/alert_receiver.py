@@ -477,7 +477,10 @@ class AlertReceiver:
         tenant = start.memo.get("tenant", "")
         report = FailureReport(request=start.input, reporter=f"alert {alert.fingerprint} ({tenant})"[:200])
         ticket = await report_failure(self.client, self.task_queue, report)
+        # Logged in the span ``alert.act``: the line carries the trace id beside the incident's id.
+        target = {"model": start.input.model, "instance": start.input.instance}
         if ticket.joined:
+            _event(logging.INFO, "incident_joined", **fields, **target, workflow_id=ticket.workflow_id)
             detail = f"joined {ticket.workflow_id} ({ticket.state}); nothing new started"
             return AlertResult(**fields, action=AlertAction.DUPLICATE, workflow_id=ticket.workflow_id, detail=detail)
         record = StartRecord(ticket.workflow_id, None, alert.starts_at, received_at, time.time())
@@ -487,6 +490,7 @@ class AlertReceiver:
             logging.INFO,
             "incident_opened",
             **fields,
+            **target,
             workflow_id=ticket.workflow_id,
             alert_to_start_s=round(record.alert_to_start_s, 3),
             receive_to_start_s=round(record.started_at - received_at, 4),
@@ -566,12 +570,19 @@ class AlertReceiver:
         )
 
 
+LINE_FIELDS = ("event", "workflow_id", "run_id", "model", "instance", "tenant")
+"""Fields of an event that are also keys of its line with ``--log-format json``
+(:class:`drctl.service.JsonFormatter`), beside the trace id of the span it is logged in."""
+
+
 def _event(level: int, event: str, **fields: Any) -> None:
-    """One structured log line: the event and its fields as JSON (also on the record as ``drctl``).
-    Every field is clipped (:func:`drctl.detectors.alerts.clip`): a label value of a megabyte must
-    not become a log line of a megabyte."""
+    """One structured log line: the event and its fields as JSON (also on the record as ``drctl``,
+    and :data:`LINE_FIELDS` as attributes of their own). Every field is clipped
+    (:func:`drctl.detectors.alerts.clip`): a label value of a megabyte must not become a log line
+    of a megabyte."""
     record = {"event": event, **{name: clip(value) for name, value in fields.items()}}
-    log.log(level, json.dumps(record, default=str, sort_keys=False), extra={"drctl": record})
+    extra = {name: record[name] for name in LINE_FIELDS if isinstance(record.get(name), str)}
+    log.log(level, json.dumps(record, default=str, sort_keys=False), extra={"drctl": record, **extra})
 
 
 def check_token_tenants(tokens: TokenSet, policy: DRPolicy) -> None:

@@ -1,6 +1,7 @@
 """The GPU node agent: reads every GPU of its node from NVML, classifies it, and serves the result.
 
     python -m drctl.detectors.gpu_node_agent --node gpu-node-0 [--port 9400] [--policy FILE] [--interval 5]
+        [--log-format json]
 
 Every ``--interval`` seconds it reads each GPU through NVML (``pynvml``, from the ``nvidia-ml-py``
 package): memory, utilisation, temperature and its slowdown/shutdown thresholds, volatile ECC
@@ -674,6 +675,9 @@ def _parser() -> argparse.ArgumentParser:
         help="serve POST /faults/xid and DELETE /faults, for DR drills (drctl drill gpu-failure); off by default; "
         "needs DRCTL_FAULT_INJECTION_TOKEN or DRCTL_FAULT_INJECTION_TOKEN_FILE, which callers send as a bearer token",
     )
+    from drctl.service import add_log_format_option
+
+    add_log_format_option(parser)
     return parser
 
 
@@ -720,8 +724,10 @@ async def run_agent(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from drctl.service import configure_logging
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)  # --log-format, else DRCTL_LOG_FORMAT, else text
     from drctl.policies.loader import PolicyError, load_policy_file
     from drctl.settings import DrctlSettings
 

@@ -772,8 +772,14 @@ async def run_kube_watcher(settings: DrctlSettings, stop: asyncio.Event, client:
         log.info("stopped after %.0fs; %d failure(s) reported", time.monotonic() - began, len(watcher.started))
 
 
-def main() -> None:
-    run_service(run_kube_watcher)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_service(
+        run_kube_watcher,
+        argv,
+        prog="python -m drctl.detectors.kube_watcher",
+        description="The Kubernetes watcher: watches the fleet's pods and nodes and reports a failed "
+        "instance to its model's guardian, and a silent zone to the zone failover.",
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -288,26 +288,38 @@ class Prober:
         (Temporal down, a worker restarting) is tried again next tick: never dropped. Caps are not
         the prober's business any more: the guardian and the fleet's budget delay what must wait."""
         for instance_id, request in list(self.unreported.items()):
+            fields = {"model": request.model, "instance": instance_id}
             try:
                 # The trace of a probe-triggered recovery starts at this decision to report.
                 with span(
                     "prober.report", model=request.model, instance=instance_id, trigger=Trigger.PROBE.value
                 ) as current:
                     current.set_attribute("drctl.reason", request.reason)
-                    ticket = await self.report(request)
+                    try:
+                        ticket = await self.report(request)
+                    except Exception as exc:
+                        log.warning("could not report %s yet (%s): trying again", instance_id, exc, extra=fields)
+                        raise
                     current.set_attribute("drctl.incident", ticket.workflow_id)
-            except Exception as exc:
+                    # Logged in the span: the line carries the trace id as well as the incident's id.
+                    how = "joined" if ticket.joined else "opened"
+                    log.info(
+                        "%s: %s incident %s (%s)",
+                        instance_id,
+                        how,
+                        ticket.workflow_id,
+                        ticket.state,
+                        extra={**fields, "workflow_id": ticket.workflow_id, "reason": request.reason},
+                    )
+            except Exception:
                 self.report_errors += 1
                 if self.metrics is not None:
                     self.metrics.report_errors.inc()
-                log.warning("could not report %s yet (%s): trying again", instance_id, exc)
                 return
             self.unreported.pop(instance_id, None)
             self.reported[instance_id] = ticket
             if self.metrics is not None:
                 self.metrics.reported.labels(request.model).inc()
-            how = "joined" if ticket.joined else "opened"
-            log.info("%s: %s incident %s (%s)", instance_id, how, ticket.workflow_id, ticket.state)
 
     def _record(self, instance: LocalInstance, first: float, exited: bool, action: str) -> None:
         self.detections.append(Detection(instance.id, instance.model, first, time.monotonic(), exited, action))
@@ -389,8 +401,14 @@ def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> Z
     return ZoneChecker(policy, settings.node_agent_urls, start, settings.node_agent_service)
 
 
-def main() -> None:
-    run_service(run_prober)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_service(
+        run_prober,
+        argv,
+        prog="python -m drctl.detectors.prober",
+        description="The health prober: probes serving instances and hot standbys, and reports a "
+        "confirmed failure to the model's guardian (which starts the failover runbook).",
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Temporal worker: runs the runbook workflows and their activities on the platform the settings choose.
 
-    python -m drctl.workers.runbook_worker        # settings from DRCTL_* environment variables
+    python -m drctl.workers.runbook_worker [--log-format json]   # settings from DRCTL_* variables
 
 ``drctl up`` starts it as a child process (and restarts it if it dies); a failover in flight
 when it dies resumes from its last completed step once a worker polls the task queue again.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -130,8 +131,13 @@ async def ensure_schedule_exists(client: Client, policy: DRPolicy, task_queue: s
     log.info("reconcile schedule %s: %s", RECONCILE_SCHEDULE_ID, done)
 
 
-def main() -> None:
-    run_service(run_worker)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_service(
+        run_worker,
+        argv,
+        prog="python -m drctl.workers.runbook_worker",
+        description="The Temporal worker: runs drctl's runbook workflows and their activities.",
+    )
 
 
 if __name__ == "__main__":

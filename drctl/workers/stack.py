@@ -128,6 +128,10 @@ class LocalStack:
     with_prometheus: bool = False
     """Run Prometheus beside the parts, scraping them (``drctl up --with-prometheus``)."""
     prometheus_scrape_s: float = PROMETHEUS_SCRAPE_S
+    log_format: str | None = None
+    """``text`` or ``json`` (``drctl up --log-format``): handed to every drctl part it starts (worker,
+    prober, xds server, node agents, alert receiver) as ``DRCTL_LOG_FORMAT``; None: they inherit
+    this process's ``DRCTL_LOG_FORMAT``, if any (:mod:`drctl.workers.part_env`)."""
     parts: dict[str, PartStatus] = field(default_factory=dict)
     """Supervision record per part (``temporal``, ``envoy``, ``worker``, ``prober``, node names…)."""
 
@@ -689,6 +693,8 @@ class LocalStack:
         environment = part_environment(
             self.settings, name, node_names=self.node_agent_ports, state_root=self.layout.root
         )
+        if self.log_format is not None:
+            environment["DRCTL_LOG_FORMAT"] = self.log_format
         environment.update(env or {})
         command = [sys.executable, "-m", module, *(args or [])]
         return self._spawn_part(name, command, self._log_name(name), environment)

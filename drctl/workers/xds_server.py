@@ -9,6 +9,7 @@ It listens on loopback at ``DRCTL_XDS_PORT`` and serves the files under the stat
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from drctl.platforms.local import xds
 from drctl.service import run_service
@@ -20,8 +21,13 @@ async def run_xds_server(settings: DrctlSettings, stop: asyncio.Event) -> None:
     await xds.serve(store, LOOPBACK, settings.xds_port, stop)
 
 
-def main() -> None:
-    run_service(run_xds_server)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_service(
+        run_xds_server,
+        argv,
+        prog="python -m drctl.workers.xds_server",
+        description="The local stack's xDS server: serves Envoy the endpoints of the EDS files over ADS.",
+    )
 
 
 if __name__ == "__main__":
