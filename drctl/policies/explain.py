@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from drctl.payloads import Role
-from drctl.policies.placement import LOADED_TIERS
+from drctl.policies.placement import LOADED_TIERS, serving_zones
 from drctl.policies.reconcile import plan_reconcile, wanted_counts
 from drctl.policies.schema import DRPolicy, ModelPolicy
 
@@ -54,6 +54,9 @@ class ModelExplanation:
     """zone → {"loaded": bytes, "reserved": bytes} as placement lays the model out."""
     failures: list[FailureStep] = field(default_factory=list)
     unplaced: list[str] = field(default_factory=list)
+    outside_active_zones: list[str] = field(default_factory=list)
+    """Serving instances placement puts outside the active zones (an active-passive policy with a
+    standby zone), each with why no active zone could take it; empty when every one is inside."""
 
 
 def tier_rto_s(policy: DRPolicy, model: ModelPolicy, tier: Role | None, a: RtoAssumptions) -> float:
@@ -67,8 +70,18 @@ def tier_rto_s(policy: DRPolicy, model: ModelPolicy, tier: Role | None, a: RtoAs
     return a.detection_s + a.cold_start_s + weights_gib / a.cold_load_gib_per_s + health_check + a.hot_switch_s
 
 
+def _zone_note(reason: str, zone: str) -> str:
+    """The part of a create's reason where placement says why serving is outside the active zones."""
+    start = reason.find(f"in zone {zone}, outside the active zones")
+    if start < 0:
+        return f"in zone {zone}, outside the active zones"
+    end = reason.find("; ", start)
+    return reason[start:] if end < 0 else reason[start:end]
+
+
 def explain(policy: DRPolicy, assumptions: RtoAssumptions = RtoAssumptions()) -> list[ModelExplanation]:
     plan = plan_reconcile(policy, [])
+    active = serving_zones(policy)
     explanations = []
     for model in policy.models:
         counts = wanted_counts(model)
@@ -87,6 +100,12 @@ def explain(policy: DRPolicy, assumptions: RtoAssumptions = RtoAssumptions()) ->
             zone = item.memory_by_zone.setdefault(action.zone, {"loaded": 0, "reserved": 0})
             zone[kind] += model.gpu_memory
         item.unplaced = [line for line in plan.unplaceable if line.startswith(f"{model.name}-")]
+        item.outside_active_zones = [
+            f"{action.instance}: {_zone_note(action.reason, action.zone)}"
+            for action in plan.actions
+            if action.model == model.name and action.tier == Role.SERVING and action.zone is not None
+            if active and action.zone not in active
+        ]
         standbys = [Role.HOT] * counts[Role.HOT] + [Role.WARM] * counts[Role.WARM] + [Role.COLD] * counts[Role.COLD]
         for n, tier in enumerate([*standbys, None], start=1):
             rto = tier_rto_s(policy, model, tier, assumptions)

@@ -43,11 +43,14 @@ Tenant quotas (``TenantPolicy.capability``; ``None`` = no cap in that dimension)
 Choice among GPUs, in order
     1. no preemption before any preemption (plain fit → quota reclaim → emergency);
     2. anti-affinity: not on a node in ``request.protects`` while another node fits; then (without
-       preemption) not in a zone in ``request.avoid_zones``, and with ``request.spread`` DR spread:
-       the lowest :meth:`PlacementEngine.penalty`, compared as a whole (a serving instance: the
-       fewest serving instances on the node, then on the GPU, then an empty GPU; a standby: a GPU
-       without a serving instance, then without its own model). Requests with neither field set
-       rank exactly as before (best fit packs); the planner sets both;
+       preemption) zone roles: a serving (or promoting) request with ``request.serving_zones`` (the
+       active zones of an active-passive policy, :func:`serving_zones`) not outside them while a GPU
+       in them fits; then not in a zone in ``request.avoid_zones``, and with ``request.spread`` DR
+       spread: the lowest :meth:`PlacementEngine.penalty`, compared as a whole (a serving instance:
+       the fewest serving instances on the node, then on the GPU, then an empty GPU; a standby: a
+       GPU without a serving instance, then without its own model). Requests with none of these
+       fields set rank exactly as before (best fit packs); the planner sets them. (With preemption,
+       the zone roles rank right after the cost of the victims, rule 4.);
     3. within the tenant's cap before borrowed capacity;
     4. (preemption only) the least important victims: victim sets compare by their number of victims
        per class, most important class first (critical loaded, critical reserved, high loaded, high
@@ -77,7 +80,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from drctl.policies.schema import GpuPoolPolicy, Priority, TenantPolicy
+from drctl.policies.schema import DRPolicy, GpuPoolPolicy, Priority, TenantPolicy
 
 LOADED_TIERS = frozenset({"serving", "hot", "promoting"})
 """Tiers that occupy physical GPU memory."""
@@ -126,6 +129,20 @@ class GpuSlot:
     index: int
     memory: int
     """Physical memory in bytes."""
+
+
+def serving_zones(policy: DRPolicy) -> frozenset[str]:
+    """The zones serving instances belong in (``PlacementRequest.serving_zones``): the active zones
+    of an active-passive policy that names its standby zone. The zone health checker watches only
+    the active zones, and a zone failover moves serving to the standby zone, so serving elsewhere is
+    outside every zone check. Empty (every zone alike) when the policy has no active zones or names
+    no standby zone: ``activeZones`` left unset reads as its default (``[az-1]``), which cannot be
+    told from one written out once the policy has travelled as data, so only a policy that
+    declares the passive side too gets zone roles."""
+    failover = policy.az_failover
+    if failover.standby_zone is None or not failover.active_zones:
+        return frozenset()
+    return frozenset(failover.active_zones)
 
 
 def gpu_inventory(pool: GpuPoolPolicy) -> list[GpuSlot]:
@@ -178,10 +195,25 @@ class PlacementRequest:
     prefers the nodes and GPUs with the fewest serving instances of the fleet, then an empty GPU; a
     standby prefers a GPU without a serving instance and without another instance of its model.
     Without it, best fit packs (the seed's behaviour)."""
+    serving_zones: frozenset[str] = frozenset()
+    """Zones where serving belongs (:func:`serving_zones`: an active-passive policy's active zones).
+    A serving (or promoting) request is placed outside them only when no GPU in them can take it
+    (after ``protects``: replicas of one model still never share a node while another node fits);
+    the reason then says so. Empty, or a standby's request: every zone alike."""
 
     @property
     def loaded(self) -> bool:
         return self.tier in LOADED_TIERS
+
+    @property
+    def zoned(self) -> frozenset[str]:
+        """The zones this request must prefer: ``serving_zones`` for a serving request, else none."""
+        return self.serving_zones if self.tier in SERVING_TIERS else frozenset()
+
+    def outside(self, zone: str) -> bool:
+        """In a zone where this (serving) request does not belong, per ``serving_zones``."""
+        zoned = self.zoned
+        return bool(zoned) and zone not in zoned
 
 
 @dataclass(frozen=True)
@@ -771,9 +803,12 @@ class PlacementEngine:
 
     def _plain_ranked(self, request: PlacementRequest) -> tuple[int, bool, tuple[int, ...]] | None:
         """(GPU ordinal, borrowed, penalty) of the best placement without preemption, for requests
-        with ``avoid_zones`` or ``spread``: one scan of every GPU, ranked by (penalty, borrowed, the
-        model's allocations in the zone, leftover, most copies of the model, GPU order): the same
-        order as :meth:`_plain` with the penalty in place of "on a protected node"."""
+        with ``avoid_zones``, ``spread`` or (serving) ``serving_zones``: one scan of every GPU, ranked
+        by (on a protected node, outside the serving zones, penalty, borrowed, the model's
+        allocations in the zone, leftover, most copies of the model, GPU order): the same order as
+        :meth:`_plain` with the penalty in place of "on a protected node". (Outside the serving
+        zones is no part of the penalty, whose layout placement repair reads; without
+        ``serving_zones`` it is 0 everywhere and the order is the penalty's.)"""
         m = request.memory
         if self.allocated + m > self.pool_cap:
             return None
@@ -784,8 +819,9 @@ class PlacementEngine:
         protects, avoid = request.protects, request.avoid_zones
         spread = self._spread_use() if request.spread else None
         serving = request.tier in SERVING_TIERS
+        zoned = request.zoned
         slots, zone_of = self._slots, self._zone_of
-        best: tuple[tuple[int, ...], bool, int, int, int, int] | None = None
+        best: tuple[int, int, tuple[int, ...], bool, int, int, int, int] | None = None
         for i, free in enumerate(self._frees(request.loaded)):
             if free < m:
                 continue
@@ -804,10 +840,11 @@ class PlacementEngine:
                     penalty = (*penalty, on_node, spread.serving[i], int(spread.count[i] > 0))
                 else:
                     penalty = (*penalty, int(spread.serving[i] > 0), int(copies.get(i, 0) > 0))
-            key = (penalty, borrowed, zones.get(zone_of[i], 0), free - m, -copies.get(i, 0), i)
+            outside = int(bool(zoned) and slot.zone not in zoned)
+            key = (penalty[0], outside, penalty, borrowed, zones.get(zone_of[i], 0), free - m, -copies.get(i, 0), i)
             if best is None or key < best:
                 best = key
-        return None if best is None else (best[5], best[1], best[0])
+        return None if best is None else (best[7], best[3], best[2])
 
     def penalty(self, request: PlacementRequest, gpu: str) -> tuple[int, ...]:
         """How far ``gpu`` is from where the request belongs, compared lexicographically (lower is
@@ -876,6 +913,23 @@ class PlacementEngine:
         if request.tier in SERVING_TIERS:
             return (*key, spread.node_serving.get(slot.node, 0), spread.serving[i], int(spread.count[i] > 0))
         return (*key, int(spread.serving[i] > 0), int(self._copies(request.model, i) > 0))
+
+    def _zone_note(self, request: PlacementRequest, slot: GpuSlot) -> str:
+        """A serving request placed outside its serving zones: said, and why no GPU in them took it."""
+        if not request.outside(slot.zone):
+            return ""
+        zoned = request.zoned
+        m = request.memory
+        room = [i for i, s in enumerate(self._slots) if s.zone in zoned and self._free(i, request.loaded) >= m]
+        if not any(s.zone in zoned for s in self._slots):
+            why = "the pool has no GPU there"
+        elif not room:
+            why = f"no GPU there has {format_size(m)} free"
+        elif all(self._slots[i].node in request.protects for i in room):
+            why = f"every node there with room already serves {request.model}"
+        else:
+            why = f"the GPUs there with room are beyond tenant {request.tenant!r}'s quota"
+        return f"; in zone {slot.zone}, outside the active zones ({', '.join(sorted(zoned))}): {why}"
 
     def _penalty_notes(self, request: PlacementRequest, slot: GpuSlot, penalty: tuple[int, ...]) -> str:
         """Why the chosen GPU is not perfect: each part of its penalty, said."""
@@ -990,6 +1044,7 @@ class PlacementEngine:
         key = (
             slot.node in request.protects,
             victim_cost(victims),
+            request.outside(slot.zone),
             len(victims),
             freed,
             mode,
@@ -1030,7 +1085,7 @@ class PlacementEngine:
     def _decide(self, request: PlacementRequest) -> Placement:
         m = request.memory
         what = "loaded" if request.loaded else "overcommitted"
-        if request.spread or request.avoid_zones:
+        if request.spread or request.avoid_zones or request.zoned:
             plain = self._plain_ranked(request)
         else:
             found = self._plain(request)
@@ -1042,7 +1097,7 @@ class PlacementEngine:
             reason = f"{request.tier} on {slot.id} (zone {slot.zone}): best fit, leaves {format_size(leftover)} {what}"
             if borrowed:
                 reason += f"; on capacity borrowed from reclaimable tenants ({self._cap_text(request.tenant)})"
-            reason += self._penalty_notes(request, slot, penalty)
+            reason += self._zone_note(request, slot) + self._penalty_notes(request, slot, penalty)
             return Placement(gpu=slot, borrowed=borrowed, reason=reason)
         notes: list[str] = []
         cap_mem, cap_gpus = self._caps(request.tenant)
@@ -1069,6 +1124,8 @@ class PlacementEngine:
             reason += "; on borrowed capacity"
         if slot.node in request.protects:
             reason += f"; on protected node {slot.node}: no other node fits"
+        if request.outside(slot.zone):
+            reason += f"; in zone {slot.zone}, outside the active zones ({', '.join(sorted(request.zoned))})"
         return Placement(gpu=slot, preempted=candidate.victims, borrowed=candidate.borrowed, reason=reason)
 
     def _cap_text(self, tenant: str) -> str:

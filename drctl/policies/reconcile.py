@@ -11,17 +11,20 @@ deterministically inside the workflow and the same plan is what ``drctl reconcil
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from drctl.payloads import FleetSnapshot, Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.placement import (
     LOADED_TIERS,
     Allocation,
     GpuSlot,
+    PlacementEngine,
     PlacementError,
     PlacementRequest,
     assign_borrowed,
     gpu_inventory,
     place,
+    serving_zones,
 )
 from drctl.policies.placement_repair import (
     MAX_MOVES_PER_MODEL,
@@ -130,6 +133,7 @@ def plan_reconcile(
         planner.allocations,
         planner.short_of_room,
     )
+    plan.violations.extend(serving_zone_violations(policy, instances, plan, settled, planner.cordoned))
     return plan
 
 
@@ -151,6 +155,8 @@ class _CountsPlanner:
         for instance in instances:
             self.by_model.setdefault(instance.model, []).append(instance)
         self.allocations = current_allocations(policy, instances)
+        self.serving_zones = serving_zones(policy)
+        """Where serving instances belong (the active zones); empty: anywhere."""
         self.plan = ReconcilePlan()
         self.short_of_room = 0
         """Wanted instances that did not fit for lack of capacity or quota (not for being too large)."""
@@ -245,6 +251,8 @@ class _CountsPlanner:
                 next_index += 1
                 nodes, zones = failure_domains(serving_gpus, self.every_gpu, self.reported)
                 request = dr_request(model, instance_id, tier, nodes, zones)
+                if self.serving_zones:
+                    request = replace(request, serving_zones=self.serving_zones)
                 try:
                     placement = place(
                         request, self.inventory, self.allocations, self.policy.gpu_pool, self.policy.tenants
@@ -270,7 +278,9 @@ class _CountsPlanner:
                         zone=placement.gpu.zone,
                         preempts=sorted(victims),
                         reason=f"{tier} missing: policy wants {want[tier]}"
-                        + (" (borrowed capacity)" if placement.borrowed else ""),
+                        + (" (borrowed capacity)" if placement.borrowed else "")
+                        # Serving outside the active zones: placement says why no active zone took it.
+                        + (f"; {placement.reason}" if request.outside(placement.gpu.zone) else ""),
                     )
                 )
                 if tier == Role.SERVING:
@@ -278,6 +288,85 @@ class _CountsPlanner:
                 else:
                     standbys.append(PlannedStandby(instance_id, tier, placement.gpu.id, len(plan.actions) - 1))
         return created, SettledModel(model, serving_gpus, standbys, next_index)
+
+
+def failed_over_zones(policy: DRPolicy, cordoned: Iterable[str]) -> list[str]:
+    """Active zones whose GPUs are all cordoned: failed over (``ZoneFailoverWorkflow`` cordons the
+    whole zone until ``drctl failback``)."""
+    out = set(cordoned)
+    by_zone: dict[str, list[str]] = {}
+    for slot in gpu_inventory(policy.gpu_pool):
+        by_zone.setdefault(slot.zone, []).append(slot.id)
+    return sorted(z for z in serving_zones(policy) if by_zone.get(z) and all(g in out for g in by_zone[z]))
+
+
+def serving_zone_violations(
+    policy: DRPolicy,
+    instances: Sequence[Instance],
+    plan: ReconcilePlan,
+    settled: Sequence[SettledModel],
+    cordoned: Iterable[str],
+) -> list[str]:
+    """Serving instances outside the active zones (a failover promoted a standby of the standby
+    zone, or no active zone had room when they were placed) while placement, on the pool as this
+    plan leaves it, would now put them in an active zone. Reported only: reconcile never moves a
+    serving instance (moving one is a failover: an operator's call, as failback is). Nothing is said
+    while an active zone is failed over: serving in the standby zone is then exactly right."""
+    zones = serving_zones(policy)
+    if not zones or failed_over_zones(policy, cordoned):
+        return []
+    every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
+    reported = {i.id: i for i in instances}
+    outside = [
+        (item, instance_id, zone)
+        for item in settled
+        for instance_id, gpu in item.serving
+        for zone in failure_domains([(instance_id, gpu)], every_gpu, reported)[1]
+        if zone not in zones
+    ]
+    if not outside:
+        return []
+    engine = PlacementEngine(
+        usable_inventory(policy, cordoned),
+        current_allocations(policy, _after(instances, plan)),
+        policy.gpu_pool,
+        policy.tenants,
+        index=False,
+    )
+    out = []
+    active = ", ".join(sorted(zones))
+    for item, instance_id, zone in outside:
+        others = [(i, g) for i, g in item.serving if i != instance_id]
+        nodes, avoid = failure_domains(others, every_gpu, reported)
+        request = replace(
+            dr_request(item.model, instance_id, Role.SERVING, nodes, avoid),
+            serving_zones=zones,
+        )
+        try:
+            placement = engine.decide(request)
+        except PlacementError:
+            continue
+        if placement.preempted or placement.gpu.zone not in zones:
+            continue
+        out.append(
+            f"serving {instance_id} of {item.model.name} in zone {zone}, outside the active zones ({active}), "
+            f"while {placement.gpu.id} (zone {placement.gpu.zone}) could take it "
+            "(reconcile never moves a serving instance)"
+        )
+    return out
+
+
+def _after(instances: Sequence[Instance], plan: ReconcilePlan) -> list[Instance]:
+    """The instances as the plan's actions leave them."""
+    by_id = {i.id: i for i in instances}
+    for a in plan.actions:
+        if a.kind == ReconcileActionKind.DELETE:
+            by_id.pop(a.instance, None)
+        elif a.kind == ReconcileActionKind.RETIER and a.instance in by_id:
+            by_id[a.instance] = by_id[a.instance].model_copy(update={"role": a.tier})
+        else:
+            by_id[a.instance] = Instance(id=a.instance, model=a.model, role=a.tier, gpu=a.gpu, node=a.node, zone=a.zone)
+    return list(by_id.values())
 
 
 def _preempt(victim: Allocation, reason: str) -> ReconcileAction:
@@ -355,6 +444,7 @@ def plan_emergency(
         protects=frozenset({failed.node}) if failed is not None and failed.node else frozenset(),
         emergency=model.priority == Priority.CRITICAL,
         spread=True,
+        serving_zones=serving_zones(policy),
     )
     plan = ReconcilePlan()
     try:
@@ -375,7 +465,8 @@ def plan_emergency(
             node=placement.gpu.node,
             zone=placement.gpu.zone,
             preempts=[v.instance for v in placement.preempted],
-            reason=f"emergency: no standby of {model_name} could take over from {failed_instance}",
+            reason=f"emergency: no standby of {model_name} could take over from {failed_instance}"
+            + (f"; {placement.reason}" if request.outside(placement.gpu.zone) else ""),
         )
     )
     return plan

@@ -1,0 +1,302 @@
+"""Zone roles in placement: an active-passive policy's serving instances go to its active zones
+(the zones the health checker watches) while one has room; standbys may use any zone; a policy
+without zone roles places as before."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, Role
+from drctl.policies.explain import explain
+from drctl.policies.loader import load_policy_file, parse_policy
+from drctl.policies.placement import (
+    SERVING_TIERS,
+    Allocation,
+    Placement,
+    PlacementError,
+    PlacementRequest,
+    gpu_inventory,
+    place,
+    serving_zones,
+)
+from drctl.policies.reconcile import plan_emergency, plan_reconcile
+from drctl.policies.schema import DRPolicy, Priority
+from tests.policies.test_placement import PROPERTY, Scenario, plain_options, run, scenarios
+from tests.policies.test_reconcile import apply
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml"
+POLICY = load_policy_file(EXAMPLE)
+ACTIVE = {"az-1", "az-2"}
+GiB = 1024**3
+
+
+def without_zone_roles(policy: DRPolicy, **az_failover: object) -> DRPolicy:
+    """The policy with its ``az_failover`` section replaced (none: the schema's defaults)."""
+    data = policy.model_dump(mode="json", by_alias=True)
+    if az_failover:
+        data["az_failover"] = {**data["az_failover"], **az_failover}
+    else:
+        del data["az_failover"]
+    return DRPolicy.model_validate(data)
+
+
+def serving_zone_of(actions: Sequence[ReconcileAction], model: str) -> list[str | None]:
+    return [a.zone for a in actions if a.model == model and a.tier == Role.SERVING]
+
+
+# -- the example policy -----------------------------------------------------------------------------
+
+
+def test_example_policy_has_zone_roles() -> None:
+    assert serving_zones(POLICY) == frozenset(ACTIVE)
+
+
+def test_every_serving_instance_of_the_example_lands_in_an_active_zone() -> None:
+    plan = plan_reconcile(POLICY, [])
+    assert plan.unplaceable == []
+    for model in POLICY.model_names:
+        zones = serving_zone_of(plan.actions, model)
+        assert zones and all(z in ACTIVE for z in zones), (model, zones)
+    # The trial's case: gpt-4-8b served from gpu-node-2 (az-3, the standby zone).
+    assert {a.node for a in plan.actions if a.tier == Role.SERVING}.isdisjoint({"gpu-node-2"})
+    # No node carries two serving instances while another active node has none (3 active nodes).
+    serving_nodes = [a.node for a in plan.actions if a.tier == Role.SERVING]
+    assert len(set(serving_nodes)) == len(serving_nodes) == 3
+    # Nothing said about serving outside the active zones: there is none.
+    assert not any("outside the active zones" in a.reason for a in plan.actions)
+    assert plan.violations == []
+
+
+def test_standbys_still_use_the_standby_zone_and_avoid_their_serving_domain() -> None:
+    fleet = apply([], plan_reconcile(POLICY, []).actions)
+    standby_zones = {i.zone for i in fleet if i.role != Role.SERVING}
+    assert "az-3" in standby_zones
+    for model in POLICY.model_names:
+        serving = [i for i in fleet if i.model == model and i.role == Role.SERVING]
+        standbys = [i for i in fleet if i.model == model and i.role != Role.SERVING]
+        assert not {i.node for i in serving} & {i.node for i in standbys}, model
+        # Three zones and at most three standbys per model: none needs the serving zone.
+        assert not {i.zone for i in serving} & {i.zone for i in standbys}, model
+
+
+def test_second_pass_on_the_example_changes_nothing() -> None:
+    fleet = apply([], plan_reconcile(POLICY, []).actions)
+    plan = plan_reconcile(POLICY, fleet)
+    assert plan.actions == [] and plan.violations == []
+
+
+def test_explain_lists_no_serving_outside_the_active_zones() -> None:
+    assert all(item.outside_active_zones == [] for item in explain(POLICY))
+
+
+# -- falling back to the standby zone -----------------------------------------------------------------
+
+TWO_ZONES = """
+models:
+  - {name: big-a, priority: critical, gpuMemory: 80Gi}
+  - {name: big-b, priority: high, gpuMemory: 80Gi}
+az_failover: {strategy: active-passive, activeZones: [az-1], standbyZone: az-3}
+gpuPool:
+  overcommitRatio: 1.0
+  nodes:
+    - {name: node-a, zone: az-1, gpus: 1, gpuMemory: 80Gi}
+    - {name: node-s, zone: az-3, gpus: 1, gpuMemory: 80Gi}
+"""
+
+
+def test_with_the_active_zones_full_serving_falls_back_to_the_standby_zone_and_says_so() -> None:
+    policy = parse_policy(TWO_ZONES)
+    plan = plan_reconcile(policy, [])
+    assert plan.unplaceable == []
+    by_model = {a.model: a for a in plan.actions}
+    assert by_model["big-a"].zone == "az-1"  # critical first: the active zone
+    fallback = by_model["big-b"]
+    assert fallback.zone == "az-3"
+    assert "in zone az-3, outside the active zones (az-1): no GPU there has 80 GiB free" in fallback.reason
+    outside = {item.name: item.outside_active_zones for item in explain(policy)}
+    assert outside["big-a"] == []
+    assert outside["big-b"] == ["big-b-0: in zone az-3, outside the active zones (az-1): no GPU there has 80 GiB free"]
+    # Nothing better exists: no violation while the active zone stays full.
+    assert plan.violations == []
+
+
+def example_request(instance: str, tier: str = "serving", **fields: object) -> PlacementRequest:
+    request = PlacementRequest(
+        instance=instance,
+        model="m",
+        tenant="default",
+        priority=Priority.NORMAL,
+        tier=tier,
+        memory=16 * GiB,
+        spread=True,
+        serving_zones=serving_zones(POLICY),
+    )
+    return replace(request, **fields)  # type: ignore[arg-type]
+
+
+def fill(zones: set[str]) -> list[Allocation]:
+    """Every GPU of the example pool in ``zones`` loaded full."""
+    return [
+        Allocation(f"full-{s.id}", "filler", "default", Priority.CRITICAL, "serving", s.memory, s.id)
+        for s in gpu_inventory(POLICY.gpu_pool)
+        if s.zone in zones
+    ]
+
+
+def test_place_falls_back_only_when_no_active_gpu_fits() -> None:
+    inventory = gpu_inventory(POLICY.gpu_pool)
+    pool, tenants = POLICY.gpu_pool, POLICY.tenants
+    # az-1 full: az-2 is still an active zone with room.
+    assert place(example_request("m-0"), inventory, fill({"az-1"}), pool, tenants).gpu.zone == "az-2"
+    # Both active zones full: the standby zone, said.
+    placement = place(example_request("m-0"), inventory, fill(ACTIVE), pool, tenants)
+    assert placement.gpu.zone == "az-3"
+    assert "outside the active zones (az-1, az-2): no GPU there has 16 GiB free" in placement.reason
+    # A promoting instance is serving too.
+    assert place(example_request("m-0", "promoting"), inventory, fill(ACTIVE), pool, tenants).gpu.zone == "az-3"
+    # A standby is not bound to the active zones: with nothing placed, best fit's order picks.
+    standby = place(example_request("m-1", "warm"), inventory, [], pool, tenants)
+    assert "outside the active zones" not in standby.reason
+
+
+def test_replicas_never_share_a_node_to_stay_in_the_active_zones() -> None:
+    """Three active nodes: three replicas fill them (two share az-1, none shares a node); a fourth
+    goes to the standby zone rather than onto a node that already serves the model."""
+    data = POLICY.model_dump(mode="json", by_alias=True)
+    data["models"] = [{"name": "wide", "replicas": 4, "priority": "critical"}]
+    policy = DRPolicy.model_validate(data)
+    plan = plan_reconcile(policy, [])
+    serving = [a for a in plan.actions if a.tier == Role.SERVING]
+    assert len({a.node for a in serving}) == 4
+    assert sorted(a.zone or "" for a in serving) == ["az-1", "az-1", "az-2", "az-3"]
+    fourth = next(a for a in serving if a.zone == "az-3")
+    assert "outside the active zones (az-1, az-2): every node there with room already serves wide" in fourth.reason
+
+
+def test_emergency_instance_goes_to_an_active_zone() -> None:
+    fleet = apply([], plan_reconcile(POLICY, []).actions)
+    serving = next(i for i in fleet if i.model == "gpt-4-8b" and i.role == Role.SERVING)
+    gone = [i for i in fleet if not (i.model == "gpt-4-8b" and i.role != Role.SERVING)]
+    plan = plan_emergency(POLICY, gone, "gpt-4-8b", serving.id)
+    create = next(a for a in plan.actions if a.kind == ReconcileActionKind.CREATE)
+    assert create.zone in ACTIVE and create.node != serving.node
+
+
+# -- no zone roles: as before ---------------------------------------------------------------------------
+
+
+def test_without_zone_roles_placement_is_as_before() -> None:
+    """Without ``az_failover`` (its default ``activeZones: [az-1]`` names no standby zone), with no
+    active zones, or with no standby zone: no zone roles, and the plan is the one drctl made before
+    zone roles existed (gpt-4-8b serving from gpu-node-2, in az-3)."""
+    before = [
+        ("llama-2-7b-0", "serving", "gpu-node-0/0"),
+        ("llama-2-7b-1", "hot", "gpu-node-1/0"),
+        ("llama-2-7b-2", "hot", "gpu-node-2/0"),
+        ("llama-2-7b-3", "cold", "gpu-node-1/1"),
+        ("mistral-7b-0", "serving", "gpu-node-1/2"),
+        ("mistral-7b-1", "hot", "gpu-node-2/0"),
+        ("mistral-7b-2", "warm", "gpu-node-0/1"),
+        ("mistral-7b-3", "cold", "gpu-node-0/2"),
+        ("gpt-4-8b-0", "serving", "gpu-node-2/1"),
+        ("gpt-4-8b-1", "warm", "gpu-node-0/1"),
+        ("gpt-4-8b-2", "cold", "gpu-node-1/0"),
+        ("gpt-4-8b-3", "cold", "gpu-node-0/2"),
+    ]
+    for policy in (
+        without_zone_roles(POLICY),
+        without_zone_roles(POLICY, activeZones=[]),
+        without_zone_roles(POLICY, standbyZone=None),
+    ):
+        assert serving_zones(policy) == frozenset()
+        plan = plan_reconcile(policy, [])
+        assert [(a.instance, a.tier.value, a.gpu) for a in plan.actions] == before
+        assert all(item.outside_active_zones == [] for item in explain(policy))
+
+
+@st.composite
+def zoned_scenarios(draw: st.DrawFn) -> Scenario:
+    """Scenarios whose requests carry serving zones (a subset of the pool's zones), spread and
+    avoided zones, as the planner sends them."""
+    scenario = draw(scenarios())
+    zones = sorted({n.zone for n in scenario.pool.nodes} | {"az-9"})
+    active = frozenset(draw(st.sets(st.sampled_from(zones), min_size=1, max_size=2)))
+    requests = [
+        replace(
+            r,
+            spread=draw(st.booleans()),
+            avoid_zones=frozenset(draw(st.sets(st.sampled_from(zones), max_size=1))),
+            serving_zones=active,
+        )
+        for r in scenario.requests
+    ]
+    return Scenario(scenario.pool, scenario.tenants, requests)
+
+
+@PROPERTY
+@given(zoned_scenarios())
+def test_zoned_placement_is_the_best_feasible_gpu(scenario: Scenario) -> None:
+    """With ``serving_zones``: a serving (or promoting) request takes the first feasible GPU by (a
+    protected node, outside the serving zones, then the order without zone roles); a standby's
+    order is the one without zone roles. So serving leaves the serving zones only when no GPU there
+    (off the protected nodes, if any GPU off them fits) can take it."""
+    zone_of = {s.id: s.zone for s in scenario.inventory}
+    for step in run(scenario):
+        options = plain_options(step, scenario)
+        result = step.result
+        request = step.request
+        if isinstance(result, PlacementError):
+            assert not options, f"{request} refused ({result.reason}) though {sorted(options)} fit"
+            continue
+        assert isinstance(result, Placement)
+        if result.preempted:
+            assert not options
+            continue
+        serving = request.tier in SERVING_TIERS
+        keys = {
+            gpu: (rank[0][0], serving and zone_of[gpu] not in request.serving_zones, rank)  # type: ignore[index]
+            for gpu, (rank, _borrowed) in options.items()
+        }
+        assert result.gpu.id in keys
+        assert keys[result.gpu.id] == min(keys.values())
+        outside = serving and result.gpu.zone not in request.serving_zones
+        assert ("outside the active zones" in result.reason) == outside
+
+
+# -- reconciliation and failover ------------------------------------------------------------------------
+
+
+def promoted_to_standby_zone() -> list[Instance]:
+    """The example fleet after mistral's serving instance failed and a standby in az-3 took over."""
+    fleet = apply([], plan_reconcile(POLICY, []).actions)
+    serving = next(i for i in fleet if i.model == "mistral-7b" and i.role == Role.SERVING)
+    taker = next(i for i in fleet if i.model == "mistral-7b" and i.role != Role.SERVING and i.zone == "az-3")
+    out = [i for i in fleet if i.id != serving.id]
+    return [i.model_copy(update={"role": Role.SERVING}) if i.id == taker.id else i for i in out]
+
+
+def test_reconcile_reports_serving_left_in_the_standby_zone_and_never_moves_it() -> None:
+    fleet = promoted_to_standby_zone()
+    taker = next(i for i in fleet if i.model == "mistral-7b" and i.role == Role.SERVING)
+    assert taker.zone == "az-3"
+    plan = plan_reconcile(POLICY, fleet)
+    assert not any(a.instance == taker.id for a in plan.actions)  # serving is never moved by reconcile
+    said = [v for v in plan.violations if v.startswith(f"serving {taker.id} ")]
+    assert len(said) == 1
+    assert "in zone az-3, outside the active zones (az-1, az-2)" in said[0]
+    assert "(reconcile never moves a serving instance)" in said[0]
+
+
+def test_during_a_zone_failover_serving_in_the_standby_zone_is_not_a_violation() -> None:
+    fleet = promoted_to_standby_zone()
+    az2 = [s.id for s in gpu_inventory(POLICY.gpu_pool) if s.zone == "az-2"]
+    plan = plan_reconcile(POLICY, fleet, cordoned=az2)
+    assert not any("outside the active zones" in v for v in plan.violations)
+    # A single drained GPU is no zone failover: still said.
+    plan = plan_reconcile(POLICY, fleet, cordoned=az2[:1])
+    assert any("outside the active zones" in v for v in plan.violations)
