@@ -63,6 +63,7 @@ from drctl.payloads import (
 from drctl.policies.loader import load_policy_file
 from drctl.policies.standby import FailoverPlan, must_defer_eject, plan_failover, standby_candidates
 from drctl.temporal.runbooks import start_failover
+from drctl.workers.runbook_worker import workflow_runner
 from drctl.workers.stack import LocalStack, isolated_settings
 from drctl.workflows.failover import FailoverWorkflow
 
@@ -185,6 +186,7 @@ async def bench(rounds: int, model: str) -> dict[str, list[float]]:
             worker = Worker(
                 client,
                 task_queue=BENCH_QUEUE,
+                workflow_runner=workflow_runner(stack.settings),  # as the stack's worker runs them
                 workflows=[FailoverWorkflow],
                 activities=[
                     *FailoverActivities(stack.platform).all(),

@@ -47,7 +47,7 @@ import httpx
 import yaml
 from temporalio.api.enums.v1 import EventType
 
-from drctl.payloads import Role
+from drctl.payloads import Role, guardian_workflow_id
 from drctl.platforms.local.pools import InstancePools
 from drctl.policies.loader import load_policy_file
 from drctl.workers.stack import LocalStack, isolated_settings
@@ -247,6 +247,11 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 zone_started.append(round(wf.start_time.timestamp() - t0_wall, 1))
                 if args.events:
                     print_events(await stack.client.get_workflow_handle(wf.id).fetch_history(), t0_wall)
+                    # A guardian whose zone-level recovery waited for the budget: the hand-offs.
+                    last = max(affected)
+                    print(f"    guardian of {last}:", file=sys.stderr)
+                    guardian = stack.client.get_workflow_handle(guardian_workflow_id(last, settings.task_queue))
+                    print_events(await guardian.fetch_history(), t0_wall)
                 if wf.close_time is not None:
                     zone_runs.append((wf.close_time - wf.start_time).total_seconds())
             task_timeouts = 0  # workflow tasks that timed out (a worker too busy to finish one in time)

@@ -78,6 +78,12 @@ class DrctlSettings(BaseSettings):
     """Where a drill sends its load, ``{model}`` replaced by the model's name (on Kubernetes the
     model's Service, e.g. ``http://{model}.drctl.svc:8000``, or an ingress); default ``lb_url``,
     the local stack's Envoy."""
+    workflow_sandbox: bool = False
+    """Run workflow code in the Temporal SDK's sandbox in the runbook worker. Off by default: a new
+    sandbox for every workflow run (each guardian, runbook and budget run) was a quarter of the
+    worker's CPU in a zone outage of 300 instances, and drctl's workflows are checked in the sandbox
+    anyway: every workflow test and the replay of the recorded histories run sandboxed in CI
+    (docs/workflows.md). Turn it on to have a worker refuse non-deterministic calls at run time."""
     worker_creates_reconcile_schedule: bool = True
     """The runbook worker creates the Temporal Schedule ``drctl-reconcile-standbys`` when it starts
     and the schedule does not exist (every platform: on a cluster nothing else does). An existing

@@ -21,7 +21,8 @@ from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.service import RPCError
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
@@ -64,6 +65,12 @@ RUNBOOKS = [w for w in WORKFLOWS if w not in (ModelGuardianWorkflow, BudgetWorkf
 """The runs counted in ``drctl_runbooks_total`` (the guardians and the budget never close)."""
 
 
+def workflow_runner(settings: DrctlSettings) -> WorkflowRunner:
+    """How the worker runs workflow code: unsandboxed unless ``DRCTL_WORKFLOW_SANDBOX`` (see the
+    setting: the sandbox costs a new module import per workflow run; CI checks the code in it)."""
+    return SandboxedWorkflowRunner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
+
+
 async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
     policy = load_policy_file(settings.policy)
     platform = make_platform(settings, policy)
@@ -92,6 +99,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         # recovery crosses three workflows (guardian, budget, runbook), each of which may sit in a
         # dead worker's sticky queue, so this is short (bench/worker_kill_bench.py).
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
+        workflow_runner=workflow_runner(settings),
     )
     if settings.worker_creates_reconcile_schedule:
         await ensure_schedule_exists(client, policy, settings.task_queue)
