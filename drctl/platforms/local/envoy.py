@@ -65,6 +65,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -804,11 +805,16 @@ def _host_status(raw: dict[str, Any]) -> HostStatus:
 async def cluster_hosts(admin_url: str, model: str, client: httpx.AsyncClient | None = None) -> list[HostStatus]:
     """The hosts of ``model``'s cluster with their priority and health, from ``/clusters?format=json``.
 
+    Only that cluster is asked for (``filter``, a regular expression on the cluster's name): the
+    whole ``/clusters`` document grows with the fleet (about 1 MB at 500 models), and parsing it on
+    every verify poll was an eighth of the worker's CPU in a zone outage of 1,000 instances.
+
     Raises ``LookupError`` if Envoy has no such cluster, ``httpx.HTTPError`` if the admin API fails.
     """
-    url = f"{admin_url.rstrip('/')}/clusters?format=json"
+    url = f"{admin_url.rstrip('/')}/clusters"
+    params = {"format": "json", "filter": f"^{re.escape(model)}$"}
     async with _client_or_own(client, 5.0) as http:
-        response = await http.get(url)
+        response = await http.get(url, params=params)
     response.raise_for_status()
     for cluster in response.json().get("cluster_statuses", []):
         if cluster.get("name") == model:

@@ -498,3 +498,21 @@ async def test_a_request_waits_for_the_replacement_of_a_model_s_only_instance(tm
         assert 2.0 <= waited < 6.0
     finally:
         await stop_processes(procs)
+
+
+async def test_cluster_hosts_asks_envoy_for_that_cluster_only() -> None:
+    """The whole ``/clusters`` document grows with the fleet (~1 MB at 500 models) and verify polls
+    it; Envoy's ``filter`` (a regular expression on the name, anchored, the name escaped) keeps it
+    to one cluster. Another cluster in the answer (an Envoy without ``filter``) is still skipped."""
+    asked: list[httpx.URL] = []
+
+    def admin(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url)
+        statuses = [{"name": "m.x2", "host_statuses": []}, {"name": "m.x", "host_statuses": []}]
+        return httpx.Response(200, json={"cluster_statuses": statuses})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(admin)) as client:
+        assert await cluster_hosts("http://admin", "m.x", client) == []
+    [url] = asked
+    assert url.path == "/clusters"
+    assert dict(url.params) == {"format": "json", "filter": "^m\\.x$"}
