@@ -37,7 +37,7 @@ from drctl.platforms.local.checkpoints import (
     restore_checkpoint,
 )
 from drctl.platforms.local.fault_injection import LocalFaultInjector
-from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
+from drctl.platforms.local.registry import EditedInstances, InstanceRegistry, LocalInstance
 from drctl.policies.engines import MODEL_HEADER, EngineProfile, HttpCall
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
@@ -639,7 +639,8 @@ class LocalPlatform:
 
     def _spawn(self, instances: dict[str, LocalInstance], instance: LocalInstance) -> LocalInstance:
         """Start the instance's process (inside a registry edit) and record its port and pid."""
-        taken = [i.port for i in instances.values() if i.port is not None and i.id != instance.id]
+        peek = instances.peek() if isinstance(instances, EditedInstances) else instances.values()
+        taken = [i.port for i in peek if i.port is not None and i.id != instance.id]
         port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
         command = processes.render_command(
             self.policy.local.command,

@@ -72,6 +72,67 @@ class _Snapshot:
     """Each instance's line of the file, where this process wrote it."""
 
 
+class EditedInstances(dict[str, LocalInstance]):
+    """The instances an :meth:`InstanceRegistry.edit` yields: each is copied the first time it is
+    read, so the registry's own objects never reach the caller and an edit of one instance does not
+    copy the fleet (copying 1,000 instances for each create and delete was an eighth of the worker's
+    CPU in a zone outage of 1,000 instances). :meth:`peek` reads them without copying, for a caller
+    that only looks (the ports already taken)."""
+
+    def __init__(self, kept: dict[str, LocalInstance]) -> None:
+        super().__init__(kept)
+        self._copied: set[str] = set()
+
+    def __getitem__(self, key: str) -> LocalInstance:
+        value = super().__getitem__(key)
+        if key not in self._copied:
+            value = value.model_copy()
+            super().__setitem__(key, value)
+            self._copied.add(key)
+        return value
+
+    def __setitem__(self, key: str, value: LocalInstance) -> None:
+        super().__setitem__(key, value)
+        self._copied.add(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> list[LocalInstance]:  # type: ignore[override]
+        return [self[key] for key in self]
+
+    def items(self) -> list[tuple[str, LocalInstance]]:  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            super().pop(key)
+            return value
+        return default[0] if default else super().pop(key)
+
+    def setdefault(self, key: str, default: LocalInstance) -> LocalInstance:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def copy(self) -> dict[str, LocalInstance]:
+        return dict(self.items())
+
+    def peek(self) -> list[LocalInstance]:
+        """Every instance as it is now, not copied: to read only."""
+        return list(dict.values(self))
+
+    def as_written(self) -> dict[str, LocalInstance]:
+        """What the edit leaves: the registry's objects for the instances never read (unchanged),
+        the caller's copies for the rest."""
+        return dict(dict.items(self))
+
+
 class InstanceRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -148,7 +209,7 @@ class InstanceRegistry:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     @contextmanager
-    def edit(self, model: str | None = None, epoch: int | None = None) -> Iterator[dict[str, LocalInstance]]:
+    def edit(self, model: str | None = None, epoch: int | None = None) -> Iterator[EditedInstances]:
         """Yield the instances for changing in place; written back atomically on exit.
 
         With ``model`` and ``epoch``: a fenced change, refused with the non-retryable ``StaleEpoch``
@@ -157,9 +218,9 @@ class InstanceRegistry:
             epochs = _epochs(snapshot)
             if model is not None:
                 errors.check_epoch(model, epoch, epochs.get(model, 0))
-            instances = {key: instance.model_copy() for key, instance in snapshot.instances.items()}
+            instances = EditedInstances(snapshot.instances)
             yield instances
-            self._write(snapshot, instances, epochs)
+            self._write(snapshot, instances.as_written(), epochs)
 
     def claim_epoch(self, model: str) -> int:
         """The model's next fencing epoch; from now on, steps with an older one are refused."""

@@ -95,3 +95,19 @@ def test_a_file_in_the_older_indented_format_is_read_and_rewritten(tmp_path: Pat
     assert registry.epochs() == {"m": 4}
     registry.update("m-0", note="moved")
     assert json.loads(path.read_text())["instances"] == [{**item, "note": "moved"}]
+
+
+def test_an_edit_copies_only_what_it_reads_and_keeps_the_rest(tmp_path: Path) -> None:
+    registry = fleet(tmp_path / "instances.json", models=50)
+    before = registry.view()
+    with registry.edit() as instances:
+        taken = sorted(i.port for i in instances.peek() if i.port is not None)  # looked at, not copied
+        instances["m7-0"].note = "changed"
+        instances["m8-1"] = instances["m8-1"].with_changes(note="replaced")
+        assert instances.get("m9-0") is not before["m9-0"]  # read: a copy, free to change
+        assert instances.pop("m10-1") is not before["m10-1"]
+    after = registry.view()
+    assert len(taken) == 100 and len(after) == 99 and "m10-1" not in after
+    assert (after["m7-0"].note, after["m8-1"].note, after["m9-0"].note) == ("changed", "replaced", "")
+    assert after["m20-0"] is before["m20-0"]  # never read: the registry's own object, not re-validated
+    assert before["m7-0"].note == ""  # the object handed out before the edit did not change under it
