@@ -439,6 +439,7 @@ def explain_data(items: list[ModelExplanation]) -> list[dict[str, Any]]:
                 for f in i.failures
             ],
             "unplaced": i.unplaced,
+            "outside_active_zones": i.outside_active_zones,
         }
         for i in items
     ]
@@ -472,6 +473,7 @@ def explain_lines(
             )
         lines.append("  after each lost serving instance: " + " · ".join(steps))
         lines += [f"  [yellow]does not fit the pool[/]: {lit(line)}" for line in item.unplaced]
+        lines += [f"  [yellow]serves outside the active zones[/]: {lit(line)}" for line in item.outside_active_zones]
     a = a or RtoAssumptions()
     rates = (
         f"measured on {lit(measured_on)} by scripts/gpu_check.py"

@@ -52,3 +52,25 @@ def test_figures_that_are_no_gpu_run_are_refused(tmp_path: Path) -> None:
     assert code == 2 and "no measured rates: PyTorch is not installed" in text
     code, text = explain("--gpu-figures", str(tmp_path / "missing.json"))
     assert code == 2 and "cannot read --gpu-figures" in text and "Traceback" not in text
+
+
+def test_a_serving_instance_outside_the_active_zones_is_shown(tmp_path: Path) -> None:
+    """``policy explain`` says where placement had to put a serving instance in the standby zone."""
+    policy = tmp_path / "full.yaml"
+    policy.write_text(
+        "models:\n"
+        "  - {name: big-a, priority: critical, gpuMemory: 80Gi}\n"
+        "  - {name: big-b, priority: high, gpuMemory: 80Gi}\n"
+        "az_failover: {strategy: active-passive, activeZones: [az-1], standbyZone: az-3}\n"
+        "gpuPool:\n"
+        "  overcommitRatio: 1.0\n"
+        "  nodes:\n"
+        "    - {name: node-a, zone: az-1, gpus: 1, gpuMemory: 80Gi}\n"
+        "    - {name: node-s, zone: az-3, gpus: 1, gpuMemory: 80Gi}\n"
+    )
+    text = CliRunner().invoke(app, ["policy", "explain", str(policy)], env={"COLUMNS": "300"})
+    assert text.exit_code == 0, text.output
+    assert "serves outside the active zones: big-b-0: in zone az-3, outside the active zones (az-1)" in text.output
+    data = CliRunner().invoke(app, ["policy", "explain", str(policy), "--json"])
+    rows = {row["model"]: row["outside_active_zones"] for row in json.loads(data.output)}
+    assert rows["big-a"] == [] and rows["big-b"][0].startswith("big-b-0: in zone az-3")
