@@ -104,15 +104,16 @@ class InstancePools:
         """The running pool of ``name`` (adopted), or a new one."""
         pool = self._read(self._state_file(name))
         if pool is not None and _runs_pool(pool):
-            if processes.is_stopped(pool.pid):
-                # Its node is hung (stopped): a second pool beside it would be an orphan nobody
-                # stops, and an instance started on a hung node is not one anybody wants. Checked
-                # before asking it: a stopped pool accepts the connection and never answers, and the
-                # ask blocked the worker's event loop for its whole timeout on every try (workflow
-                # tasks timed out behind it in a zone outage).
-                raise RuntimeError(f"instance pool {name} (pid {pool.pid}) is stopped: node {name} looks hung")
-            if _answers(pool):
+            # Its node is hung (stopped): a second pool beside it would be an orphan nobody stops,
+            # and an instance started on a hung node is not one anybody wants. Checked before asking
+            # it (a stopped pool accepts the connection and never answers, and the ask blocked the
+            # worker's event loop for its whole timeout on every try: workflow tasks timed out
+            # behind it in a zone outage), and again after a failed ask (a stop just sent may not
+            # show in /proc at once).
+            if not processes.is_stopped(pool.pid) and _answers(pool):
                 return pool
+            if processes.is_stopped(pool.pid):
+                raise RuntimeError(f"instance pool {name} (pid {pool.pid}) is stopped: node {name} looks hung")
         return self._start(name)
 
     def _start(self, name: str) -> Pool:
