@@ -124,7 +124,10 @@ async def test_one_failover_is_one_trace_from_the_trigger_to_the_platform_calls(
         )
     result = await asyncio.wait_for(handle.result(), timeout=60)
     assert result.outcome == FailoverOutcome.RECOVERED and result.promoted is not None
-    tracing.shutdown()
+    # In a thread: shutting down exports what is left, to the receiver, which answers on this
+    # event loop (called here, the export waited on a loop it was blocking and the spans were lost
+    # whenever the periodic export had not sent them yet: a fast failover).
+    await asyncio.to_thread(tracing.shutdown)
 
     wanted = {f"RunActivity:{a}" for a in (ActivityName.PROMOTE_STANDBY, ActivityName.REGISTER_INSTANCE)}
     wanted |= {f"RunActivity:{ActivityName.VERIFY_SERVING}", "platform.verify"}
