@@ -108,14 +108,6 @@ def add_log_format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, help=LOG_FORMAT_HELP)
 
 
-def log_format_option(argv: Sequence[str] | None = None) -> str | None:
-    """``--log-format text|json`` from the command line, if given (ignores everything else)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_log_format_option(parser)
-    known, _ = parser.parse_known_args(argv)
-    return known.log_format  # type: ignore[no-any-return]
-
-
 def service_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """The command line of a service: ``--help`` and ``--log-format``; its settings are ``DRCTL_*``."""
     parser = argparse.ArgumentParser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from temporalio import activity
@@ -50,6 +50,19 @@ def _step_fields(change: InstanceChange) -> dict[str, str | int | None]:
     """A reconcile action's log line keys (:func:`~drctl.activities.failover.log_step`)."""
     action = change.action
     return {"model": action.model, "instance": action.instance, "tier": action.tier.value, "epoch": action.epoch}
+
+
+async def _platform_step(
+    call: str, action: Awaitable[str], span_fields: Mapping[str, object], **log_fields: str | int | None
+) -> StepReport:
+    """One platform call as a step: inside its span ``platform.{call}``, timed, and logged when done
+    (:func:`~drctl.activities.failover.log_step`)."""
+    start = time.monotonic()
+    with span(f"platform.{call}", span_fields):
+        detail = await action
+        report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        log_step(call, report.duration_ms, detail, **log_fields)
+    return report
 
 
 class ReconcileActivities:
@@ -98,48 +111,39 @@ class ReconcileActivities:
 
     @activity.defn(name=ActivityName.CORDON_GPU)
     async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:
-        start = time.monotonic()
-        with span("platform.cordon_gpu", gpu=request.gpu):
-            detail = await self.platform.cordon_gpu(request.gpu, request.reason)
-            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-            log_step("cordon_gpu", report.duration_ms, detail, gpu=request.gpu)
-        return report
+        return await _platform_step(
+            "cordon_gpu", self.platform.cordon_gpu(request.gpu, request.reason), {"gpu": request.gpu}, gpu=request.gpu
+        )
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:
-        start = time.monotonic()
-        with span("platform.create_instance", _change(change)):
-            detail = await self.platform.create_instance(change.action, heartbeat_progress)
-            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-            log_step("create_instance", report.duration_ms, detail, **_step_fields(change))
-        return report
+        return await _platform_step(
+            "create_instance",
+            self.platform.create_instance(change.action, heartbeat_progress),
+            _change(change),
+            **_step_fields(change),
+        )
 
     @activity.defn(name=ActivityName.RETIER_INSTANCE)
     async def retier_instance(self, change: InstanceChange) -> StepReport:
-        start = time.monotonic()
-        with span("platform.retier_instance", _change(change)):
-            detail = await self.platform.retier_instance(change.action, heartbeat_progress)
-            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-            log_step("retier_instance", report.duration_ms, detail, **_step_fields(change))
-        return report
+        return await _platform_step(
+            "retier_instance",
+            self.platform.retier_instance(change.action, heartbeat_progress),
+            _change(change),
+            **_step_fields(change),
+        )
 
     @activity.defn(name=ActivityName.DELETE_INSTANCE)
     async def delete_instance(self, change: InstanceChange) -> StepReport:
-        start = time.monotonic()
-        with span("platform.delete_instance", _change(change)):
-            detail = await self.platform.delete_instance(change.action)
-            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-            log_step("delete_instance", report.duration_ms, detail, **_step_fields(change))
-        return report
+        return await _platform_step(
+            "delete_instance", self.platform.delete_instance(change.action), _change(change), **_step_fields(change)
+        )
 
     @activity.defn(name=ActivityName.UNCORDON_GPU)
     async def uncordon_gpu(self, request: DrainGpuRequest) -> StepReport:
-        start = time.monotonic()
-        with span("platform.uncordon_gpu", gpu=request.gpu):
-            detail = await self.platform.uncordon_gpu(request.gpu)
-            report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-            log_step("uncordon_gpu", report.duration_ms, detail, gpu=request.gpu)
-        return report
+        return await _platform_step(
+            "uncordon_gpu", self.platform.uncordon_gpu(request.gpu), {"gpu": request.gpu}, gpu=request.gpu
+        )
 
     @activity.defn(name=ActivityName.REQUEST_RECONCILE)
     async def request_reconcile(self, ref: ModelRef) -> StepReport:

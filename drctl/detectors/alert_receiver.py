@@ -94,7 +94,7 @@ from drctl.payloads import (
 )
 from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.policies.schema import DRPolicy
-from drctl.service import configure_logging
+from drctl.service import add_log_format_option, configure_logging
 from drctl.settings import DrctlSettings
 from drctl.telemetry.tracing import server_span, setup_tracing, span
 from drctl.temporal.client import connect
@@ -691,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--host", default=settings.alert_receiver_host, help="address to listen on [%(default)s]")
     parser.add_argument("--port", type=int, default=settings.alert_receiver_port, help="port [%(default)s]")
-    parser.add_argument("--log-format", choices=("text", "json"), default=None, help="text or json lines")
+    add_log_format_option(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_format)
     try:

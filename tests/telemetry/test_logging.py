@@ -81,19 +81,24 @@ def json_lines(logger_name: str) -> Iterator[list[dict[str, Any]]]:
 # -- the services' command lines -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", SERVICES)
-def test_service_help_prints_help_and_exits_at_once(module: str) -> None:
-    """It used to ignore --help and start the real service (which then ran until killed)."""
-    started = time.monotonic()
-    # An unreachable Temporal: a service that started anyway would fail, not pass.
-    result = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
+def _service(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a service module with ``args``, Temporal unreachable (one that started anyway would fail,
+    not pass)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
         env=_env(DRCTL_TEMPORAL_ADDRESS="127.0.0.1:1"),
     )
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_service_help_prints_help_and_exits_at_once(module: str) -> None:
+    """It used to ignore --help and start the real service (which then ran until killed)."""
+    started = time.monotonic()
+    result = _service(module, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python -m {module} [-h] [--log-format {{text,json}}]"), result.stdout
     assert "--log-format" in result.stdout and "DRCTL_" in result.stdout
@@ -102,9 +107,7 @@ def test_service_help_prints_help_and_exits_at_once(module: str) -> None:
 
 
 def test_service_help_has_its_description() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "drctl.detectors.prober", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    result = _service("drctl.detectors.prober", "--help")
     assert "The health prober" in result.stdout
 
 
@@ -116,14 +119,7 @@ def test_service_help_has_its_description() -> None:
     ],
 )
 def test_service_refuses_a_bad_command_line(args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "drctl.detectors.prober", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(DRCTL_TEMPORAL_ADDRESS="127.0.0.1:1"),
-    )
+    result = _service("drctl.detectors.prober", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "usage: python -m drctl.detectors.prober" in result.stderr
 

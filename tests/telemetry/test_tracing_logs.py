@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from drctl.service import JsonFormatter, log_format_option
+from drctl.service import JsonFormatter, service_parser
 from drctl.telemetry.tracing import current_trace_id, setup_tracing, span
 
 
@@ -32,5 +32,5 @@ def test_json_lines_carry_workflow_activity_and_trace(tmp_path: Path) -> None:
 
 
 def test_log_format_option() -> None:
-    assert log_format_option(["--log-format", "json"]) == "json"
-    assert log_format_option([]) is None
+    assert service_parser().parse_args(["--log-format", "json"]).log_format == "json"
+    assert service_parser().parse_args([]).log_format is None

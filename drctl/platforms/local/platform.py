@@ -637,10 +637,9 @@ class LocalPlatform:
         with self.registry.edit(instance.model, epoch) as instances:
             return self._spawn(instances, instance)
 
-    def _spawn(self, instances: dict[str, LocalInstance], instance: LocalInstance) -> LocalInstance:
+    def _spawn(self, instances: EditedInstances, instance: LocalInstance) -> LocalInstance:
         """Start the instance's process (inside a registry edit) and record its port and pid."""
-        peek = instances.peek() if isinstance(instances, EditedInstances) else instances.values()
-        taken = [i.port for i in peek if i.port is not None and i.id != instance.id]
+        taken = [i.port for i in instances.peek() if i.port is not None and i.id != instance.id]
         port = processes.pick_port(self.settings.host, self.settings.instance_base_port, taken)
         command = processes.render_command(
             self.policy.local.command,

@@ -238,7 +238,7 @@ class InstanceRegistry:
             errors.check_epoch(current.model, epoch, epochs.get(current.model, 0))
             updated = current.with_changes(**changes)
             self._write(snapshot, {**snapshot.instances, instance_id: updated}, epochs)
-            return updated.model_copy()
+            return updated  # the registry keeps a copy of its own (_write)
 
     def _write(self, before: _Snapshot, instances: dict[str, LocalInstance], epochs: dict[str, int]) -> None:
         """Write the file: one line per instance, so the cost of a change is the instances it
