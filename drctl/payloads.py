@@ -85,6 +85,11 @@ class InstanceList(Payload):
     model: str
     instances: list[Instance]
     duration_ms: float = 0.0
+    serving_zones: list[str] = Field(default_factory=list)
+    """Where serving belongs under the policy as the listing read it (``serving_zones`` of
+    :mod:`drctl.policies.placement`: an active-passive policy's active zones; empty, every zone
+    alike, when the policy names no standby zone). Recorded with the listing, so the failover's
+    choice of standby replays from its history. Empty in listings recorded before it existed."""
 
 
 class RegisterRequest(Payload):
@@ -130,7 +135,9 @@ class FailoverRequest(Payload):
     over, the prober saw ``unhealthyThreshold`` failed probes): skip the confirm probe, which would
     see a process that still answers, or wait out a hung one's timeouts again."""
     prefer_zone: str | None = None
-    """Try standbys in this zone first, tier by tier (a zone failover: the policy's standby zone)."""
+    """Try standbys in this zone first, tier by tier (a zone failover: the policy's standby zone).
+    Without it, an active-passive policy's active zones go first within a tier, after the standbys
+    away from the failed node (``InstanceList.serving_zones``, ``standby_candidates``)."""
     epoch: int | None = None
     """The fencing epoch the model's guardian claimed for this runbook; every promote, register and
     eject carries it, and the platform refuses a stale one. None: the run was started directly (the

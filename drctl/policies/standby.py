@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from enum import StrEnum
 
 from drctl.payloads import Instance, Role
@@ -12,23 +12,45 @@ TIER_ORDER: tuple[Role, ...] = (Role.HOT, Role.WARM, Role.COLD)
 
 
 def standby_candidates(
-    instances: Sequence[Instance], failed_instance: str, prefer_zone: str | None = None
+    instances: Sequence[Instance],
+    failed_instance: str,
+    prefer_zone: str | None = None,
+    active_zones: Collection[str] = (),
 ) -> list[Instance]:
-    """Standbys to try, best first: hot, then warm, then cold. Within a tier, standbys away from the
-    failed instance's node come first, then those outside its zone: when the node (or zone) is what
-    failed, a standby there is likely down with it. ``prefer_zone`` (a zone failover: the policy's
-    standby zone) goes before that. Stable by id after that."""
+    """Standbys to try, best first. The keys, in order:
+
+    1. the tier: hot, then warm, then cold. A hot standby anywhere beats a warm one in a better
+       zone: it takes over in under a second, a warm one in seconds (RTO first);
+    2. in ``prefer_zone`` (a zone failover: the policy's standby zone);
+    3. away from the failed instance's node: when the node is what failed, a standby there is down
+       with it, and trying it costs the run a hot check (3 s) or a hung load before the next one;
+    4. in ``active_zones`` (an ordinary failover in an active-passive policy: its active zones,
+       :func:`drctl.policies.placement.serving_zones`): the promoted standby serves from then on,
+       and serving outside the active zones is outside every zone check (reconcile reports it).
+       After the node, as in placement, where anti-affinity (``protects``) ranks before the zone
+       roles: a standby on the failed node is rare (placement keeps a model's instances on separate
+       nodes while another fits), and trying one first is what made node-down drills slow;
+    5. away from the failed instance's zone (when the zone is what failed, a standby there is
+       likely down with it). After the active zones: an ordinary failover is not a zone failure
+       (that is ``ZoneFailoverWorkflow``, which sets ``prefer_zone``), and within the active zones
+       another zone than the failed one still goes first;
+    6. stable by id.
+
+    With no ``active_zones`` (not active-passive, or a zone failover) every zone is alike for key
+    4: the order is the one from before ``active_zones`` existed."""
     rank = {role: i for i, role in enumerate(TIER_ORDER)}
+    active = frozenset(active_zones)
     failed = next((i for i in instances if i.id == failed_instance), None)
     node = failed.node if failed else None
     zone = failed.zone if failed else None
     standbys = [i for i in instances if i.id != failed_instance and i.role in rank]
 
-    def key(i: Instance) -> tuple[int, bool, bool, bool, int, str]:
+    def key(i: Instance) -> tuple[int, bool, bool, bool, bool, int, str]:
         elsewhere = prefer_zone is not None and i.zone != prefer_zone
         same_node = node is not None and i.node == node
+        outside_active = bool(active) and i.zone not in active
         same_zone = zone is not None and i.zone == zone
-        return (rank[i.role], elsewhere, same_node, same_zone, len(i.id), i.id)
+        return (rank[i.role], elsewhere, same_node, outside_active, same_zone, len(i.id), i.id)
 
     return sorted(standbys, key=key)
 

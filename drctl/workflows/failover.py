@@ -88,6 +88,11 @@ GONE_INSTANCE_SETTLES = "failover-gone-instance-settles"
 fleet ends ``already-ejected`` (reconciliation replaced it while the report waited: the standbys
 of a failed zone, seen in a zone outage of 100 instances) instead of failing ``UnknownInstance``,
 which made every zone outage a row of failed runbooks. A manual start still fails on a wrong id."""
+PREFERS_ACTIVE_ZONES = "failover-prefers-active-zones"
+"""Patch: an ordinary failover (no ``prefer_zone``) in an active-passive policy tries, within a
+tier, the standbys in the active zones (``InstanceList.serving_zones``) first, so the standby it
+promotes serves where the zone checks watch (:func:`standby_candidates`). Runs from before order
+their standbys as they did, whatever their listing says."""
 MUTATING = frozenset(
     {
         ActivityName.EJECT_INSTANCE,
@@ -276,7 +281,9 @@ class FailoverWorkflow:
         if not result.eject_deferred:
             await self._step("eject", ActivityName.EJECT_INSTANCE, eject, StepReport)
 
-        candidates = standby_candidates(listing.instances, request.instance, request.prefer_zone)
+        candidates = standby_candidates(
+            listing.instances, request.instance, request.prefer_zone, self._active_zones(request, listing)
+        )
         self._record("pick", workflow.now(), workflow.now(), None, True, self._describe(candidates))
         promoted = await self._promote_first_that_works(candidates)
         if promoted is None:
@@ -308,6 +315,18 @@ class FailoverWorkflow:
 
     def _gone_settles(self) -> bool:
         return workflow.patched(GONE_INSTANCE_SETTLES)
+
+    def _active_zones(self, request: FailoverRequest, listing: InstanceList) -> list[str]:
+        """The zones whose standbys go first within a tier: the listing's ``serving_zones`` (an
+        active-passive policy's active zones) in an ordinary failover. None in a zone failover,
+        whose ``prefer_zone`` (the standby zone) orders it as before, and none when the policy has
+        no zone roles: the patch is asked (and its marker recorded) only where it can matter."""
+        if request.prefer_zone is not None or not listing.serving_zones:
+            return []
+        return listing.serving_zones if self._prefers_active_zones() else []
+
+    def _prefers_active_zones(self) -> bool:
+        return workflow.patched(PREFERS_ACTIVE_ZONES)
 
     async def _list(self, model: str) -> InstanceList:
         """The listing every later decision is made from, recorded in the history before anything

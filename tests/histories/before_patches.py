@@ -25,7 +25,12 @@ from drctl.payloads import (
     ZoneFailoverResult,
 )
 from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, BudgetWorkflow
-from drctl.workflows.failover import DECISION_INPUT_PERSISTED, GONE_INSTANCE_SETTLES, FailoverWorkflow
+from drctl.workflows.failover import (
+    DECISION_INPUT_PERSISTED,
+    GONE_INSTANCE_SETTLES,
+    PREFERS_ACTIVE_ZONES,
+    FailoverWorkflow,
+)
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
     ONE_PASS_AT_A_TIME,
@@ -61,6 +66,19 @@ class FailoverBeforeGoneInstanceSettles(FailoverWorkflow):
         return await super().run(request)
 
     def _gone_settles(self) -> bool:
+        return False
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeActiveZones(FailoverWorkflow):
+    """Before ``failover-prefers-active-zones``: within a tier, an ordinary failover ordered its
+    standbys by node and zone distance only, whatever zones the policy keeps serving in."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    def _prefers_active_zones(self) -> bool:
         return False
 
 
@@ -140,6 +158,7 @@ BEFORE_PATCHES: dict[str, type] = {
     RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
     BATCHED: ZoneFailoverBeforeBatched,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
+    PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
 }

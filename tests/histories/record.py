@@ -71,6 +71,7 @@ from tests.histories.before_patches import (
     BEFORE_PATCHES,
     BudgetBeforeGrantsSideBySide,
     BudgetBeforeZoneCoversZone,
+    FailoverBeforeActiveZones,
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
     GuardianBeforeReportTrace,
@@ -81,6 +82,7 @@ from tests.histories.before_patches import (
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_drain import on
 from tests.workflows.test_drill import FakeDrill
+from tests.workflows.test_failover_zones import listing_with_serving_zones, two_hot_standbys
 from tests.workflows.test_guardian import budget_when, report, spread_fleet
 from tests.workflows.test_reconcile import FakePlatform
 from tests.workflows.test_zone import fleet_across_zones
@@ -130,10 +132,11 @@ def failover_scenario(
     instance: str = f"{MODEL}-0",
     trigger: Trigger = Trigger.MANUAL,
     confirmed: bool = False,
+    activities: Callable[[FakeFleet], Sequence[Any]] = FakeFleet.activities,
 ) -> Scenario:
     async def run(client: Client, queue: str) -> list[Recorded]:
         wf_id = f"failover-{name}"
-        async with worker(client, queue, fleet.activities(), old):
+        async with worker(client, queue, activities(fleet), old):
             with contextlib.suppress(WorkflowFailureError):  # a run recorded failing (before a patch)
                 await client.execute_workflow(
                     FailoverWorkflow.run,
@@ -234,6 +237,19 @@ FAILOVERS: dict[str, Scenario] = {
         "as failover-hot, started before the failover-listing-as-activity patch (the listing a local activity)",
         fleet_of(("0", Role.SERVING), ("1", Role.HOT), ("2", Role.COLD)),
         old=[FailoverBeforeListingAsActivity],
+    ),
+    "failover-active-zone": failover_scenario(
+        "active-zone",
+        "active-passive policy, serving in az-2 fails: the hot standby in active az-1 is promoted, not az-3's",
+        two_hot_standbys(),
+        activities=listing_with_serving_zones,
+    ),
+    "failover-active-zone-before-patch": failover_scenario(
+        "active-zone-before-patch",
+        "the same, on a run started before failover-prefers-active-zones: the standby zone's hot standby (by id)",
+        two_hot_standbys(),
+        activities=listing_with_serving_zones,
+        old=[FailoverBeforeActiveZones],
     ),
     "failover-false-alarm": failover_scenario(
         "false-alarm",

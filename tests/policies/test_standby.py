@@ -61,3 +61,50 @@ def test_a_preferred_zone_goes_first_within_a_tier() -> None:
     ]
     assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-1", "m-2", "m-3"]
     assert [c.id for c in standby_candidates(instances, "m-0", prefer_zone="az-3")] == ["m-2", "m-1", "m-3"]
+
+
+def test_an_active_zone_goes_first_within_a_tier_after_the_failed_node() -> None:
+    """Active-passive (az-1, az-2 active, az-3 standby): an ordinary failover keeps serving in the
+    active zones; a hot standby still beats a warm one, and the failed node still goes last."""
+
+    def at(n: int, role: Role, node: str, zone: str) -> Instance:
+        return Instance(id=f"m-{n}", model="m", role=role, node=node, zone=zone)
+
+    active = ["az-1", "az-2"]
+    instances = [
+        at(0, Role.SERVING, "n1", "az-1"),
+        at(1, Role.HOT, "n3", "az-3"),  # the standby zone: first by the old order (away from az-1)
+        at(2, Role.HOT, "n4", "az-1"),  # the failed zone, another node: still active
+        at(3, Role.HOT, "n1", "az-1"),  # the failed node: likely down with it, last of the hot ones
+        at(4, Role.HOT, "n2", "az-2"),  # active, away from the failed zone: first
+        at(5, Role.WARM, "n2", "az-2"),  # a warm standby in an active zone after every hot one
+        at(6, Role.WARM, "n3", "az-3"),
+    ]
+    assert [c.id for c in standby_candidates(instances, "m-0")] == ["m-1", "m-4", "m-2", "m-3", "m-5", "m-6"]
+    assert [c.id for c in standby_candidates(instances, "m-0", active_zones=active)] == [
+        "m-4", "m-2", "m-1", "m-3", "m-5", "m-6",
+    ]  # fmt: skip
+
+
+def test_a_hot_standby_in_the_standby_zone_beats_a_warm_one_in_an_active_zone() -> None:
+    instances = [
+        Instance(id="m-0", model="m", role=Role.SERVING, node="n0", zone="az-2"),
+        Instance(id="m-1", model="m", role=Role.WARM, node="n1", zone="az-1"),
+        Instance(id="m-2", model="m", role=Role.HOT, node="n2", zone="az-3"),
+    ]
+    order = standby_candidates(instances, "m-0", active_zones={"az-1", "az-2"})
+    assert [c.id for c in order] == ["m-2", "m-1"]
+
+
+def test_a_zone_failover_orders_as_before_and_no_active_zones_change_nothing() -> None:
+    instances = [
+        Instance(id="m-0", model="m", role=Role.SERVING, node="n0", zone="az-1"),
+        Instance(id="m-1", model="m", role=Role.HOT, node="n1", zone="az-3"),
+        Instance(id="m-2", model="m", role=Role.HOT, node="n2", zone="az-2"),
+        Instance(id="m-3", model="m", role=Role.HOT, node="n3", zone="az-3"),
+    ]
+    # The preferred (standby) zone goes before the active zones when both are given.
+    zone_failover = standby_candidates(instances, "m-0", prefer_zone="az-3", active_zones=["az-1", "az-2"])
+    assert [c.id for c in zone_failover] == ["m-1", "m-3", "m-2"]
+    assert [c.id for c in standby_candidates(instances, "m-0", prefer_zone="az-3")] == ["m-1", "m-3", "m-2"]
+    assert standby_candidates(instances, "m-0", active_zones=()) == standby_candidates(instances, "m-0")
