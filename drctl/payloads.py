@@ -249,6 +249,7 @@ class ActivityName:
     REPORT_FAILURE = "report_failure"
     REQUEST_LEASE = "request_lease"
     AWAIT_RUNBOOKS = "await_runbooks"
+    REPORT_AND_AWAIT = "report_and_await"
     AWAIT_RECONCILE_PASS = "await_reconcile_pass"
     BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"
@@ -436,6 +437,8 @@ class ZoneFailoverResult(Payload):
     failed: list[str] = Field(default_factory=list)
     pending: list[str] = Field(default_factory=list)
     """Serving instances in the zone not handled yet (progress while it runs)."""
+    ejected: list[str] = Field(default_factory=list)
+    """``instance (outcome)`` for each standby of the zone taken out (reconciliation replaces it)."""
     cordoned_gpus: list[str] = Field(default_factory=list)
     reconcile: str = ""
     """Reconciliation requested at the end, so standbys leave the cordoned zone at once."""
@@ -716,6 +719,10 @@ class FailureReport(Payload):
     """Who says so: ``prober``, ``alert <fingerprint>``, ``cli user@host``, ``zone-failover-az-1``…"""
     zone_level: bool = False
     """Part of a zone failover decided at the zone level: its lease skips the per-zone cap and rate."""
+    lease: str | None = None
+    """The zone-level lease this report runs under (a zone failover's, held in the budget for the
+    whole zone): the guardian starts its runbook without asking the budget, and the reporter bounds
+    how many run at once. None: the guardian asks the budget for the incident."""
 
 
 class IncidentState(StrEnum):
@@ -739,6 +746,9 @@ class IncidentTicket(Payload):
     incident of the instance may have used it, and a taken id is replaced by ``…-e{epoch}``."""
     outcome: FailoverOutcome | None = None
     detail: str = ""
+    run_id: str | None = None
+    """The runbook's run, when it had one as the guardian answered (always, under a zone
+    failover's lease: the answer waits for it)."""
 
 
 class Incident(Payload):
@@ -760,6 +770,11 @@ class Incident(Payload):
     outcome: FailoverOutcome | None = None
     waiting_for: str = ""
     """Why it has not started yet (the budget's reason), shown by ``drctl status``."""
+    lease: str | None = None
+    """The zone failover's lease it runs under (:attr:`FailureReport.lease`): no budget request."""
+    asked_budget: bool = False
+    """It asked the budget for a lease of its own (hand it back when it closes, even if a zone
+    failover's lease let it start first)."""
 
 
 class GuardianState(Payload):
@@ -804,6 +819,12 @@ class LeaseRequest(Payload):
     rank: int = 0
     """The model's priority rank (critical highest), filled in by the requesting activity: zone-level
     requests waiting for ``max_parallel_zone`` start highest first."""
+    slots: int = 1
+    """Recoveries this lease stands for. A zone failover takes one zone-level lease for its whole
+    zone with ``maxParallelFailovers`` slots (fewer when the zone has fewer serving instances) and
+    runs that many runbooks at once under it, their guardians asking nothing more of the budget."""
+    covers: list[str] = Field(default_factory=list)
+    """Models a zone failover's lease recovers: busy for reconciliation while the lease is held."""
 
 
 class LeaseAnswer(Payload):
@@ -878,6 +899,9 @@ class ReportBatch(Payload):
     """Failure reports a runbook (zone failover, drain, a direct start) hands to the guardians."""
 
     reports: list[FailureReport]
+    at_once: int | None = None
+    """Report-and-follow (``report_and_await``): at most this many reported and not yet recovered at
+    once, in order. None: all at once."""
 
 
 class IncidentTickets(Payload):

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 from temporalio import activity
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
@@ -23,6 +23,7 @@ from drctl.activities.failover import with_heartbeats
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
+    FailureReport,
     IncidentTicket,
     IncidentTickets,
     LeaseAnswer,
@@ -59,6 +60,20 @@ async def in_order_at_most(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]
     return list(await asyncio.gather(*(in_turn(call) for call in calls)))
 
 
+async def _followed(client: Client, queue: str, ticket: IncidentTicket) -> RunbookOutcome:
+    """The end of the runbook that handles ``ticket``'s incident, once it has ended. A ticket that
+    names its run is followed at once; otherwise its guardian is asked until the run has started."""
+    run = ticket if ticket.run_id is not None else await wait_running(client, queue, ticket)
+    workflow_id = run.workflow_id
+    try:
+        result = await runbook_result(client, run)
+    except (WorkflowFailureError, RPCError) as err:
+        return RunbookOutcome(workflow_id=workflow_id, outcome="failed", detail=str(err)[:300])
+    return RunbookOutcome(
+        workflow_id=workflow_id, outcome=result.outcome.value, promoted=result.promoted, detail=result.reason
+    )
+
+
 def _elapsed_ms(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 1)
 
@@ -70,7 +85,14 @@ class IncidentActivities:
         self._limits_cache: tuple[float, BudgetLimits, dict[str, int]] | None = None
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.claim_epoch, self.report_failure, self.request_lease, self.await_runbooks, self.budget_alert]
+        return [
+            self.claim_epoch,
+            self.report_failure,
+            self.request_lease,
+            self.await_runbooks,
+            self.report_and_await,
+            self.budget_alert,
+        ]
 
     @activity.defn(name=ActivityName.CLAIM_EPOCH)
     async def claim_epoch(self, ref: ModelRef) -> EpochGrant:
@@ -121,7 +143,8 @@ class IncidentActivities:
                 "max_per_zone": limits.max_per_zone,
                 "trip_after_waiting": limits.trip_after_waiting,
                 "max_parallel_zone": limits.max_parallel_zone,
-                "rank": ranks.get(request.model, 0),
+                # A zone failover's lease goes as early as its most critical model.
+                "rank": max((ranks.get(m, 0) for m in [request.model, *request.covers]), default=0),
             }
         )
         granted = await request_lease(activity.client(), activity.info().task_queue, filled)
@@ -133,21 +156,26 @@ class IncidentActivities:
         """Wait until each incident has closed, heartbeating; idempotent (a retry waits again)."""
         client = activity.client()
         queue = activity.info().task_queue
+        followed = in_order_at_most(
+            ids.at_once or max(1, len(ids.tickets)), [_followed(client, queue, t) for t in ids.tickets]
+        )
+        return RunbookOutcomes(outcomes=await with_heartbeats(followed, every_s=HEARTBEAT_S))
 
-        async def one(ticket: IncidentTicket) -> RunbookOutcome:
-            incident = await wait_running(client, queue, ticket)
-            try:
-                result = await runbook_result(client, incident)
-            except (WorkflowFailureError, RPCError) as err:
-                return RunbookOutcome(workflow_id=incident.workflow_id, outcome="failed", detail=str(err)[:300])
-            return RunbookOutcome(
-                workflow_id=incident.workflow_id,
-                outcome=result.outcome.value,
-                promoted=result.promoted,
-                detail=result.reason,
-            )
+    @activity.defn(name=ActivityName.REPORT_AND_AWAIT)
+    async def report_and_await(self, batch: ReportBatch) -> RunbookOutcomes:
+        """Report each failure and follow its runbook to the end, at most ``batch.at_once`` reported
+        and not yet ended at a time, started in the batch's order (a zone failover lists critical
+        models first). What a zone failover runs under its one zone-level lease: this bound, not
+        the budget, is what keeps ``maxParallelFailovers`` runbooks running at once. Idempotent: a
+        retry reports again, and a report of a recovered failure joins its closed incident."""
+        client = activity.client()
+        queue = activity.info().task_queue
 
-        followed = in_order_at_most(ids.at_once or max(1, len(ids.tickets)), [one(t) for t in ids.tickets])
+        async def one(report: FailureReport) -> RunbookOutcome:
+            return await _followed(client, queue, await report_failure(client, queue, report))
+
+        at_once = batch.at_once or max(1, len(batch.reports))
+        followed = in_order_at_most(at_once, [one(r) for r in batch.reports])
         return RunbookOutcomes(outcomes=await with_heartbeats(followed, every_s=HEARTBEAT_S))
 
     @activity.defn(name=ActivityName.BUDGET_ALERT)

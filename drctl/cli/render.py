@@ -402,7 +402,11 @@ def budget_lines(state: BudgetState) -> Lines:
         f"{len(state.starts)}/{state.max_per_minute} · per zone at most {state.max_per_zone} · "
         f"trips past {state.trip_after_waiting} waiting",
     ]
-    lines += [f"  running  {lease.incident} (zone {lease.zone or '-'}, {lease.kind})" for lease in state.running]
+    lines += [
+        f"  running  {lease.incident} (zone {lease.zone or '-'}, {lease.kind}"
+        + (f", {lease.slots} runbooks at a time for {len(lease.covers)} models)" if lease.covers else ")")
+        for lease in state.running
+    ]
     for lease in state.waiting:
         lines.append(f"  waiting  {lease.incident}: {lit(state.why_waiting.get(lease.incident, ''))}")
     lines += [f"  {lit(line)}" for line in state.resets[-3:]]

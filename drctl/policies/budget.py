@@ -71,7 +71,8 @@ def decide(
     the last minute. A request that does not fit waits without blocking later ones that do (a full
     zone does not hold up another zone); a zone-level lease (an approved zone failover) is held to
     none of them, and passes the breaker: the zone-level decision was made (and approved, where the
-    policy asks) already. Zone-level leases are held only to ``max_parallel_zone`` running at once.
+    policy asks) already. Zone-level leases are held only to ``max_parallel_zone`` running at once,
+    counted in slots (a zone failover's one lease for its zone stands for the runbooks it runs).
 
     ``zone_covers_zone``: an instance-level request in a zone that a zone-level lease is running or
     waiting in counts as zone-level too. The zone's failover covers every failure in it; without
@@ -85,19 +86,24 @@ def decide(
     def _covered(granted: list[LeaseRequest]) -> frozenset[str]:
         return frozenset(g.incident for g in granted if g.kind != LeaseKind.ZONE and zone_level(g))
 
-    zone_running = sum(1 for r in running if zone_level(r))
+    zone_running = sum(r.slots for r in running if zone_level(r))
     grant: list[LeaseRequest] = []
     why: dict[str, str] = {}
+    zone_queue_held = False
 
     def grant_zone_level(request: LeaseRequest) -> bool:
-        """Grant it unless ``max_parallel_zone`` run already; True when granted."""
-        nonlocal zone_running
+        """Grant it if its slots fit under ``max_parallel_zone`` (a lease of more slots than the cap
+        fits when nothing zone-level runs); True when granted. Zone-level requests start in order:
+        once one does not fit, later ones wait behind it (a zone failover's lease for its whole
+        zone is not overtaken, one slot at a time, by the prober's reports of that zone)."""
+        nonlocal zone_running, zone_queue_held
         cap = limits.max_parallel_zone
-        if cap is not None and zone_running >= cap:
+        if zone_queue_held or (cap is not None and zone_running > 0 and zone_running + request.slots > cap):
             why[request.incident] = f"{zone_running} zone failovers running (maxParallelFailovers {cap})"
+            zone_queue_held = True
             return False
         grant.append(request)
-        zone_running += 1
+        zone_running += request.slots
         return True
 
     if zone_covers_zone:

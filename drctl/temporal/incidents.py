@@ -136,8 +136,9 @@ async def wait_started(
     )
 
 
-async def runbook_result(client: Client, incident: Incident) -> FailoverResult:
-    """The result of the run that handled ``incident`` (not a later or earlier run of the same id)."""
+async def runbook_result(client: Client, incident: Incident | IncidentTicket) -> FailoverResult:
+    """The result of the run that handled ``incident`` (not a later or earlier run of the same id;
+    a ticket names it when the guardian answered once the run had started)."""
     handle = client.get_workflow_handle(incident.workflow_id, run_id=incident.run_id, result_type=FailoverResult)
     result: FailoverResult = await handle.result()
     return result
@@ -179,11 +180,16 @@ async def budget_state(client: Client, task_queue: str) -> BudgetState | None:
 
 
 async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
-    """Models with a recovery running or waiting for the budget → that recovery's runbook."""
+    """Models with a recovery running or waiting for the budget → that recovery's runbook (or the
+    zone failover whose lease covers the model: its runbooks ask the budget nothing more)."""
     state = await budget_state(client, task_queue)
     if state is None:
         return {}
-    return {lease.model: lease.incident for lease in [*state.waiting, *state.running]}
+    busy: dict[str, str] = {}
+    for lease in [*state.waiting, *state.running]:
+        for model in [lease.model, *lease.covers] if lease.model else lease.covers:
+            busy.setdefault(model, lease.incident)
+    return busy
 
 
 async def guardian_state(client: Client, task_queue: str, model: str) -> GuardianState | None:

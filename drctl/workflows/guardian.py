@@ -12,7 +12,11 @@ failed instance:
 - before an incident's runbook starts, the fleet's budget (``BudgetWorkflow``) grants a lease, and
   the platform hands out a new fencing **epoch** for the model; the runbook (a child
   ``FailoverWorkflow``) carries it in every promote, register and eject, and the platform refuses
-  an older one, so a late or retried step of an earlier runbook changes nothing.
+  an older one, so a late or retried step of an earlier runbook changes nothing;
+- a report under a zone failover's lease (``FailureReport.lease``) asks the budget nothing: the zone
+  failover holds one lease for its whole zone and bounds how many of its reports run at once. The
+  lease covers the model's incidents queued ahead too (one slot, one after another), and the answer
+  to such a report waits until its runbook has a run.
 
 The guardian's history stays bounded with continue-as-new (when no incident is open).
 
@@ -114,9 +118,13 @@ class ModelGuardianWorkflow:
                 if open_.request.prefer_zone is None and request.prefer_zone is not None:
                     open_.request = open_.request.model_copy(update={"prefer_zone": request.prefer_zone})
                 self._upgraded += 1
+            if report.lease is not None:
+                self._run_under(report.lease, open_)
             handle = self._running.get(open_.instance)
             if handle is not None:
                 await self._tell_runbook(handle, "joined", reporter)
+            if report.lease is not None:
+                await self._until_started(open_)
             return self._ticket(open_, joined=True)
         settled = next(
             (i for i in reversed(state.recent) if i.instance == request.instance and i.outcome in SETTLED), None
@@ -134,7 +142,30 @@ class ModelGuardianWorkflow:
         )
         state.queue.append(incident)
         self._report_traces[incident.instance] = opentelemetry.context.get_current()
+        if report.lease is not None:
+            self._run_under(report.lease, incident)
+            await self._until_started(incident)
         return self._ticket(incident, joined=False)
+
+    @staticmethod
+    async def _until_started(incident: Incident) -> None:
+        """Answer a report under a zone failover's lease once its runbook has a run (or the incident
+        closed without one): the answer then names the run, and the reporter awaits its result at
+        once instead of asking this guardian again and again until it has started. Nothing waits
+        for the budget under a lease, so this is the time the runbooks ahead of it take."""
+        await workflow.wait_condition(lambda: incident.run_id is not None or incident.state == IncidentState.DONE)
+
+    def _run_under(self, lease: str, incident: Incident) -> None:
+        """A zone failover's lease covers ``incident`` and every incident queued before it (they run
+        one after another in the one slot the zone failover holds for this model): none of them
+        waits for the budget any more. Without the incidents ahead, a report waiting behind an
+        incident of the same zone that waits for the zone failover's own lease would never run."""
+        for queued in self._state.queue[: self._state.queue.index(incident) + 1]:
+            if queued.lease is None and queued.state == IncidentState.QUEUED:
+                queued.lease = lease
+                queued.zone_level = True
+                queued.waiting_for = ""
+        self._upgraded += 1
 
     @report.validator
     def _validate_report(self, report: FailureReport) -> None:
@@ -147,6 +178,8 @@ class ModelGuardianWorkflow:
 
     @workflow.signal(name="lease_granted")
     def lease_granted(self, grant: LeaseGrant) -> None:
+        if not any(i.workflow_id == grant.incident for i in self._state.queue):
+            return  # late: its incident has closed (it ran under a zone failover's lease; handed back)
         self._granted.add(grant.incident)
 
     @workflow.signal(name="alert_resolved")
@@ -174,6 +207,7 @@ class ModelGuardianWorkflow:
             incident = self._state.queue[0]
             await self._recover(incident)
             self._state.queue.remove(incident)
+            self._granted.discard(incident.workflow_id)  # a grant that came while it closed
             self._state.recent = [*self._state.recent, incident][-RECENT_KEPT:]
 
     def _should_continue_as_new(self) -> bool:
@@ -213,13 +247,16 @@ class ModelGuardianWorkflow:
             self._running.pop(incident.instance, None)
             incident.state = IncidentState.DONE
             incident.closed_at = workflow.now()
-            await workflow.get_external_workflow_handle(budget_workflow_id(workflow.info().task_queue)).signal(
-                "release", LeaseRelease(incident=incident.workflow_id)
-            )
+            if incident.lease is None or incident.asked_budget:
+                await workflow.get_external_workflow_handle(budget_workflow_id(workflow.info().task_queue)).signal(
+                    "release", LeaseRelease(incident=incident.workflow_id)
+                )
 
     async def _wait_for_budget(self, incident: Incident) -> None:
         sent_kind: LeaseKind | None = None
         while incident.workflow_id not in self._granted:
+            if incident.lease is not None:
+                return  # a zone failover's lease covers it (a request sent already is handed back at the end)
             kind = LeaseKind.ZONE if incident.zone_level else LeaseKind.INSTANCE
             if kind != sent_kind:
                 answer: LeaseAnswer = await workflow.execute_local_activity(
@@ -235,6 +272,7 @@ class ModelGuardianWorkflow:
                     start_to_close_timeout=timedelta(seconds=10),
                     retry_policy=LEASE_RETRY,
                 )
+                incident.asked_budget = True
                 if answer.granted:
                     self._granted.add(incident.workflow_id)
                     break
@@ -304,4 +342,5 @@ class ModelGuardianWorkflow:
             outcome=incident.outcome,
             opened_at=incident.opened_at,
             detail=incident.waiting_for,
+            run_id=incident.run_id,
         )

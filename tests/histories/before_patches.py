@@ -40,7 +40,7 @@ from drctl.workflows.reconcile import (
     observe_and_plan,
     reconcile_pass,
 )
-from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
 
 
 @workflow.defn(name="FailoverWorkflow", sandboxed=False)
@@ -123,7 +123,24 @@ class ZoneFailoverBeforeBatched(ZoneFailoverWorkflow):
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         return await super().run(request)
 
+    def _one_lease(self) -> bool:
+        return False
+
     def _batched(self) -> bool:
+        return False
+
+
+@workflow.defn(name="ZoneFailoverWorkflow", sandboxed=False)
+class ZoneFailoverBeforeOneLease(ZoneFailoverWorkflow):
+    """Before ``zone-failover-one-lease``: each serving instance's guardian asked the budget for a
+    zone-level lease of its own; the zone's reports went out in one activity per priority and the
+    runbooks were followed in one more."""
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
+        return await super().run(request)
+
+    def _one_lease(self) -> bool:
         return False
 
 
@@ -157,6 +174,7 @@ BEFORE_PATCHES: dict[str, type] = {
     PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
     RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
     BATCHED: ZoneFailoverBeforeBatched,
+    ONE_LEASE: ZoneFailoverBeforeOneLease,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,

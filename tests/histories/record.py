@@ -65,7 +65,7 @@ from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
-from drctl.workflows.zone import BATCHED, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
@@ -78,6 +78,7 @@ from tests.histories.before_patches import (
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
     ZoneFailoverBeforeBatched,
+    ZoneFailoverBeforeOneLease,
 )
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_drain import on
@@ -493,7 +494,14 @@ async def drain(client: Client, queue: str) -> list[Recorded]:
 
 async def zone_with_approval(client: Client, queue: str) -> list[Recorded]:
     await approve_zone_failover(client, queue)
-    return [Recorded("zone-failover-approval", "zone", "ZoneFailoverWorkflow: waits for the approve Update, moves two")]
+    return [
+        Recorded("zone-failover-approval", "zone", "ZoneFailoverWorkflow: waits for the approve Update, moves two"),
+        Recorded(
+            "guardian-under-zone-lease",
+            guardian_workflow_id("llama-2-7b", queue),
+            "ModelGuardianWorkflow (still running): a report under the zone failover's lease, no budget asked",
+        ),
+    ]
 
 
 async def zone_before_batched(client: Client, queue: str) -> list[Recorded]:
@@ -505,6 +513,19 @@ async def zone_before_batched(client: Client, queue: str) -> list[Recorded]:
             "zone",
             "ZoneFailoverWorkflow started before the zone-failover-batched patch: approve, move two one by one",
             BATCHED,
+        )
+    ]
+
+
+async def zone_before_one_lease(client: Client, queue: str) -> list[Recorded]:
+    """``zone_with_approval`` on a run started before the zone-failover-one-lease patch."""
+    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeOneLease])
+    return [
+        Recorded(
+            "zone-failover-before-one-lease",
+            "zone",
+            "ZoneFailoverWorkflow started before the zone-failover-one-lease patch: approve, a lease per instance",
+            ONE_LEASE,
         )
     ]
 
@@ -562,6 +583,7 @@ SCENARIOS: dict[str, Scenario] = {
     "drain": drain,
     "zone-approval": zone_with_approval,
     "zone-before-batched": zone_before_batched,
+    "zone-before-one-lease": zone_before_one_lease,
     "drill": drill,
 }
 

@@ -154,16 +154,16 @@ async def test_plan_lists_what_the_zone_failover_would_do_and_changes_nothing(
         "report llama-2-7b-0 to guardian-llama-2-7b: promote llama-2-7b-1 (hot, az-3)",  # critical first
         "report gpt-4-8b-0 to guardian-gpt-4-8b: promote gpt-4-8b-1 (hot, az-3)",
     ]
-    assert any("2 zone-level lease(s)" in line for line in result.plan)
+    assert any("one zone-level lease for 2 runbook(s)" in line for line in result.plan)
 
 
-async def test_a_zone_is_reported_in_one_batch_and_the_budget_runs_max_parallel_at_a_time(
+async def test_a_zone_fails_over_under_one_lease_max_parallel_at_a_time(
     time_skipping_env: WorkflowEnvironment,
 ) -> None:
-    """Five serving instances in the zone: one report activity per priority (critical llama; normal
-    gpt-4-8b and three models the policy does not rank) and one follow-up activity for all five
-    (not two per instance),
-    and the budget's zone-level leases keep two runbooks at a time."""
+    """Five serving instances and a standby in the zone: the zone failover takes one zone-level
+    lease of two slots (``maxParallelFailovers``) for all six, reports and follows them in one
+    activity, and two runbooks run at a time; the guardians ask the budget nothing (one grant in
+    all, not six). The standby is taken out by a runbook of its own; its model serves on."""
     fleet = fleet_across_zones()
     for n in range(3):
         model = f"extra-{n}"
@@ -175,6 +175,11 @@ async def test_a_zone_is_reported_in_one_batch_and_the_budget_runs_max_parallel_
             id=f"{model}-1", model=model, role=Role.HOT, zone="az-3", gpu="gpu-node-2/1", node="gpu-node-2",
             lb_priority=1,
         )  # fmt: skip
+    # mistral serves from az-2; its second hot standby is in the failed zone: taken out, not moved.
+    fleet.instances["mistral-7b-2"] = Instance(
+        id="mistral-7b-2", model="mistral-7b", role=Role.HOT, zone="az-1", gpu="gpu-node-0/2", node="gpu-node-0",
+        lb_priority=1,
+    )  # fmt: skip
     fleet.policy = fleet.policy.model_copy(
         update={"az_failover": fleet.policy.az_failover.model_copy(update={"max_parallel_failovers": 2})}
     )
@@ -190,8 +195,19 @@ async def test_a_zone_is_reported_in_one_batch_and_the_budget_runs_max_parallel_
         handle = await client.start_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
         )
-        held = await budget_when(client, queue, lambda s: len(s.running) == 2 and len(s.waiting) == 3)
-        assert {r.kind for r in held.running + held.waiting} == {LeaseKind.ZONE}
+        held = await budget_when(client, queue, lambda s: len(s.running) == 1)
+        (lease,) = held.running
+        assert (lease.kind, lease.slots, lease.zone, lease.incident) == (LeaseKind.ZONE, 2, "az-1", handle.id)
+        assert lease.covers == ["extra-0", "extra-1", "extra-2", "gpt-4-8b", "llama-2-7b", "mistral-7b"]
+        assert held.waiting == []
+        for _ in range(100):
+            if len(promotes := [s for step, s in fleet.calls if step == "promote"]) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a third runbook, were it let through, would have promoted by now
+        assert len([s for step, s in fleet.calls if step == "promote"]) == 2
+        # Started in order: the critical model, then the unranked ones by name (gpt-4-8b is not ranked).
+        assert sorted(promotes) == ["extra-0-1", "llama-2-7b-1"]
         fleet.promote_gate.set()
         result = await handle.result()
         scheduled = [
@@ -199,6 +215,10 @@ async def test_a_zone_is_reported_in_one_batch_and_the_budget_runs_max_parallel_
             async for event in handle.fetch_history_events()
             if event.HasField("activity_task_scheduled_event_attributes")
         ]
+        after = await budget_when(client, queue, lambda s: not s.running)
     assert len(result.moved) == 5 and result.failed == [] and result.pending == []
-    assert scheduled.count(ActivityName.REPORT_FAILURE) == 2
-    assert scheduled.count(ActivityName.AWAIT_RUNBOOKS) == 1
+    assert result.ejected == ["mistral-7b-2 (standby-ejected)"]
+    assert fleet.instances["mistral-7b-0"].role == Role.SERVING
+    assert scheduled.count(ActivityName.REQUEST_LEASE) == 1 and scheduled.count(ActivityName.REPORT_AND_AWAIT) == 1
+    assert ActivityName.REPORT_FAILURE not in scheduled
+    assert after.granted_total == 1 and after.waiting == []  # the zone's one lease, handed back
