@@ -107,7 +107,9 @@ class ReconcileActivities:
         if not activity.info().is_local:  # and once more before planning, which cannot heartbeat
             activity.heartbeat()
         with span("plan_reconcile", instances=len(snapshot.instances)):
-            return plan_pass(snapshot, request.models)
+            # In a thread: at 1,000 instances a plan is CPU for a second or more, which on the
+            # event loop held every other activity and workflow task of this worker.
+            return await asyncio.to_thread(plan_pass, snapshot, request.models)
 
     @activity.defn(name=ActivityName.CORDON_GPU)
     async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:
