@@ -102,7 +102,7 @@ def is_alive(pid: int | None) -> bool:
         return False
     reap()
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = _proc_stat(pid)
     except (FileNotFoundError, ProcessLookupError):
         return False
     except OSError:
@@ -117,12 +117,25 @@ def is_alive(pid: int | None) -> bool:
     return rest.split()[0] not in ("Z", "X")
 
 
+def _proc_stat(pid: int) -> str:
+    """The ``stat`` line of thread ``pid`` (a process's main thread, or a pooled instance's
+    thread), read with two system calls. The prober reads 2,500 a second at 1,000 instances:
+    ``Path.read_text`` of ``/proc/{pid}/stat`` was a tenth of a core, as the kernel sums that file
+    over every thread of the process (a pool runs hundreds); the thread's own file under ``task``
+    is 3 µs, not 8, and names the thread itself."""
+    fd = os.open(f"/proc/{pid}/task/{pid}/stat", os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def is_stopped(pid: int | None) -> bool:
     """True when the process exists and is stopped (SIGSTOP: state ``T``), e.g. by a node-down drill."""
     if pid is None or pid <= 0:
         return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = _proc_stat(pid)
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
