@@ -59,7 +59,7 @@ def wanted_counts(model: ModelPolicy) -> dict[Role, int]:
 
 def allocation_of(policy: DRPolicy, instance: Instance) -> Allocation | None:
     """The pool capacity an instance holds; None when it holds none (failed, or never placed)."""
-    if instance.gpu is None or instance.role == Role.FAILED or instance.model not in policy.model_names:
+    if instance.gpu is None or instance.role == Role.FAILED or not policy.has_model(instance.model):
         return None
     model = policy.model(instance.model)
     return Allocation(
@@ -103,10 +103,11 @@ def plan_reconcile(
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
+    selected = None if models is None else set(models)
     kept = [
         found
         for model in order
-        if models is None or model.name in models
+        if selected is None or model.name in selected
         if (found := planner.free_surplus(model)) is not None
     ]
     changed = bool(planner.plan.actions)

@@ -328,6 +328,9 @@ class DRPolicy(_Section):
         """The policy of one model; raises ``KeyError`` with the known names when absent."""
         return self._models_by_name[name]
 
+    def has_model(self, name: str) -> bool:
+        return name in self._models_by_name
+
     @cached_property
     def _models_by_name(self) -> dict[str, ModelPolicy]:
         # A lookup by name is a dict's, not a scan of the list: reconcile asks once per instance.
