@@ -26,6 +26,7 @@ from drctl.payloads import (
 from drctl.platforms.local import envoy, processes
 from drctl.platforms.local.platform import DELETING
 from drctl.policies.loader import load_policy_file
+from drctl.policies.placement import serving_zones
 from drctl.policies.reconcile import instance_index
 from drctl.workers.stack import LocalStack, isolated_settings
 from tests.integration.conftest import EXAMPLE_POLICY
@@ -149,8 +150,11 @@ async def test_clean_restart_resumes_the_recorded_fleet(tmp_path_factory: pytest
 
         # The resumed stack runs the next failover itself, and the replacement's id continues.
         result = await _failover_after_kill(second, f"{MODEL}-1")
-        assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == hot[0]
-        replaced = {i.id for i in await _hot_standbys(second, 2)} - {hot[1]}
+        # Of the two hot standbys, the one in an active zone (the example policy is active-passive).
+        active = [i for i in hot if resumed[i].zone in serving_zones(policy)]
+        assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == (active or hot)[0]
+        kept = next(i for i in hot if i != result.promoted)
+        replaced = {i.id for i in await _hot_standbys(second, 2)} - {kept}
         newest = max(instance_index(i) for i in recorded if i.startswith(f"{MODEL}-"))
         assert len(replaced) == 1 and instance_index(replaced.pop()) > newest, replaced
     finally:

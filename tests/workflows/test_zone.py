@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -13,7 +15,9 @@ from drctl.payloads import (
     ActivityName,
     Instance,
     LeaseKind,
+    ReportBatch,
     Role,
+    RunbookOutcomes,
     ZoneApproval,
     ZoneFailoverRequest,
     ZoneFailoverResult,
@@ -222,3 +226,37 @@ async def test_a_zone_fails_over_under_one_lease_max_parallel_at_a_time(
     assert scheduled.count(ActivityName.REQUEST_LEASE) == 1 and scheduled.count(ActivityName.REPORT_AND_AWAIT) == 1
     assert ActivityName.REPORT_FAILURE not in scheduled
     assert after.granted_total == 1 and after.waiting == []  # the zone's one lease, handed back
+
+
+async def test_a_zone_failover_whose_report_activity_is_cut_short_recovers_each_instance_once(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """The worker running ``report_and_await`` dies after the first runbook has ended (here: its
+    first attempt fails there). The retry reports the whole zone again: the recovered instance's
+    report joins its closed incident, the other starts its runbook; nothing is promoted twice."""
+    fleet = fleet_across_zones()
+    real = next(a for a in fleet.activities() if getattr(a, "__name__", "") == "report_and_await")
+
+    @activity.defn(name=ActivityName.REPORT_AND_AWAIT)
+    async def cut_short(batch: ReportBatch) -> RunbookOutcomes:
+        if activity.info().attempt == 1:
+            await real(batch.model_copy(update={"reports": batch.reports[:1]}))
+            raise ApplicationError("the worker died")
+        return await real(batch)
+
+    queue = f"zone-{uuid.uuid4()}"
+    activities = [a for a in fleet.activities() if getattr(a, "__name__", "") != "report_and_await"]
+    async with Worker(
+        time_skipping_env.client,
+        task_queue=queue,
+        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
+        activities=[*activities, cut_short],
+    ):
+        result = await time_skipping_env.client.execute_workflow(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
+        )
+        after = await budget_when(time_skipping_env.client, queue, lambda s: not s.running)
+    assert sorted(result.moved) == ["gpt-4-8b-0 → gpt-4-8b-1 (recovered)", "llama-2-7b-0 → llama-2-7b-1 (recovered)"]
+    promotes = [subject for step, subject in fleet.calls if step == "promote"]
+    assert sorted(promotes) == ["gpt-4-8b-1", "llama-2-7b-1"]  # once each, across both attempts
+    assert after.waiting == [] and after.granted_total == 1
