@@ -437,8 +437,6 @@ class ZoneFailoverResult(Payload):
     failed: list[str] = Field(default_factory=list)
     pending: list[str] = Field(default_factory=list)
     """Serving instances in the zone not handled yet (progress while it runs)."""
-    ejected: list[str] = Field(default_factory=list)
-    """``instance (outcome)`` for each standby of the zone taken out (reconciliation replaces it)."""
     cordoned_gpus: list[str] = Field(default_factory=list)
     reconcile: str = ""
     """Reconciliation requested at the end, so standbys leave the cordoned zone at once."""

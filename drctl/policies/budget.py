@@ -71,8 +71,9 @@ def decide(
     the last minute. A request that does not fit waits without blocking later ones that do (a full
     zone does not hold up another zone); a zone-level lease (an approved zone failover) is held to
     none of them, and passes the breaker: the zone-level decision was made (and approved, where the
-    policy asks) already. Zone-level leases are held only to ``max_parallel_zone`` running at once,
-    counted in slots (a zone failover's one lease for its zone stands for the runbooks it runs).
+    policy asks) already. Zone-level leases are held only to ``max_parallel_zone`` running at once:
+    zone failovers' leases for their whole zone, counted in slots, and single zone-level recoveries,
+    each pool on its own.
 
     ``zone_covers_zone``: an instance-level request in a zone that a zone-level lease is running or
     waiting in counts as zone-level too. The zone's failover covers every failure in it; without
@@ -86,24 +87,38 @@ def decide(
     def _covered(granted: list[LeaseRequest]) -> frozenset[str]:
         return frozenset(g.incident for g in granted if g.kind != LeaseKind.ZONE and zone_level(g))
 
-    zone_running = sum(r.slots for r in running if zone_level(r))
+    # Two pools under the cap: zone failovers' leases (one per zone, in slots) and single
+    # zone-level recoveries (a zone's reports of old, and the prober's reports in a zone failing
+    # over, which a zone failover's lease covers but does not run: its standbys).
+    blocks_running = sum(r.slots for r in running if r.covers)
+    singles_running = sum(1 for r in running if zone_level(r) and not r.covers)
     grant: list[LeaseRequest] = []
     why: dict[str, str] = {}
-    zone_queue_held = False
+    held = {True: False, False: False}
 
     def grant_zone_level(request: LeaseRequest) -> bool:
-        """Grant it if its slots fit under ``max_parallel_zone`` (a lease of more slots than the cap
-        fits when nothing zone-level runs); True when granted. Zone-level requests start in order:
-        once one does not fit, later ones wait behind it (a zone failover's lease for its whole
-        zone is not overtaken, one slot at a time, by the prober's reports of that zone)."""
-        nonlocal zone_running, zone_queue_held
+        """Grant it if it fits under ``max_parallel_zone`` in its pool; True when granted. A zone
+        failover's lease is counted in slots and fits when no other zone failover's runs (a lease of
+        more slots than the cap runs alone). In each pool requests start in order: once one does not
+        fit, later ones wait behind it (a zone's lease is not overtaken by single slots)."""
+        nonlocal blocks_running, singles_running
         cap = limits.max_parallel_zone
-        if zone_queue_held or (cap is not None and zone_running > 0 and zone_running + request.slots > cap):
-            why[request.incident] = f"{zone_running} zone failovers running (maxParallelFailovers {cap})"
-            zone_queue_held = True
+        block = bool(request.covers)
+        in_use = blocks_running if block else singles_running
+        fits = cap is None or in_use == 0 or in_use + request.slots <= cap
+        if held[block] or not fits:
+            why[request.incident] = (
+                f"{in_use} runbooks of zone failovers running (maxParallelFailovers {cap})"
+                if block
+                else f"{in_use} zone failovers running (maxParallelFailovers {cap})"
+            )
+            held[block] = True
             return False
         grant.append(request)
-        zone_running += request.slots
+        if block:
+            blocks_running += request.slots
+        else:
+            singles_running += 1
         return True
 
     if zone_covers_zone:

@@ -54,7 +54,6 @@ with workflow.unsafe.imports_passed_through():
     from drctl.policies.standby import standby_candidates
     from drctl.workflows.reports import REPORT_RETRY, recover_through_guardians
 
-STANDBY_ROLES = (Role.HOT, Role.WARM, Role.COLD)
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
 STEP_TIMEOUT = timedelta(seconds=30)
 BATCHED = "zone-failover-batched"
@@ -155,11 +154,7 @@ class ZoneFailoverWorkflow:
         )
         if self._one_lease():
             await _cordon_side_by_side(request, policy, result)
-            standbys = sorted(
-                (i for i in snapshot.instances if i.zone == request.zone and i.role in STANDBY_ROLES),
-                key=lambda i: (-rank.get(i.model, 0), i.model, i.id),
-            )
-            await self._move_under_one_lease(request, policy, serving, standbys, result)
+            await self._move_under_one_lease(request, policy, serving, result)
             result.reconcile = await request_reconcile(policy)
             return result
         if self._batched():
@@ -202,31 +197,17 @@ class ZoneFailoverWorkflow:
         return result
 
     async def _move_under_one_lease(
-        self,
-        request: ZoneFailoverRequest,
-        policy: DRPolicy,
-        serving: list[Instance],
-        standbys: list[Instance],
-        result: ZoneFailoverResult,
+        self, request: ZoneFailoverRequest, policy: DRPolicy, serving: list[Instance], result: ZoneFailoverResult
     ) -> None:
         """Take the zone's one lease, then report every serving instance under it and follow each
-        runbook to its end, critical models first, at most the lease's slots at a time; then the
-        zone's standbys, each taken out by a runbook of its own. Hand the lease back at the end,
-        whatever happened.
-
-        The standbys are the zone failover's too: the prober reports them as they go silent, and
-        their recoveries wait for the zone's lease (they are in the zone failing over). Left to
-        the prober, they would start only after the lease is handed back, three at a time in the
-        zone (the per-zone cap), and each model stays busy for reconciliation until its standby's
-        runbook has run: at 300 instances, redundancy came back 23 s later than with them here."""
-        if not serving and not standbys:
+        runbook to its end, critical models first, at most the lease's slots at a time; hand the
+        lease back at the end, whatever happened. The zone's standbys are left to reconciliation
+        (requested at the end: it moves those on the cordoned GPUs in one pass) and to the
+        prober's reports, which the budget runs beside this lease (they are covered by it)."""
+        if not serving:
             return
-        instances = [*serving, *standbys]
-        lease = await self._take_zone_lease(request, policy, instances)
-        reports = [
-            *_reports(request, policy, serving, lease=lease.incident),
-            *_reports(request, policy, standbys, lease=lease.incident, why="a standby in the failed zone"),
-        ]
+        lease = await self._take_zone_lease(request, policy, serving)
+        reports = _reports(request, policy, serving, lease=lease.incident)
         try:
             outcomes: RunbookOutcomes = await workflow.execute_activity(
                 ActivityName.REPORT_AND_AWAIT,
@@ -237,23 +218,20 @@ class ZoneFailoverWorkflow:
                 retry_policy=REPORT_RETRY,
             )
         except ActivityError as exc:
-            result.failed.extend(f"{i.id}: {exc}" for i in instances)
+            result.failed.extend(f"{i.id}: {exc}" for i in serving)
             result.pending = []
             return
         finally:
             await workflow.get_external_workflow_handle(budget_workflow_id(workflow.info().task_queue)).signal(
                 "release", LeaseRelease(incident=lease.incident)
             )
-        _record_outcomes(serving, outcomes.outcomes[: len(serving)], result)
-        for instance, end in zip(standbys, outcomes.outcomes[len(serving) :], strict=True):
-            taken_out = end.outcome in (FailoverOutcome.STANDBY_EJECTED.value, FailoverOutcome.ALREADY_EJECTED.value)
-            (result.ejected if taken_out else result.failed).append(f"{instance.id} ({end.outcome})")
+        _record_outcomes(serving, outcomes.outcomes, result)
 
     async def _take_zone_lease(
         self, request: ZoneFailoverRequest, policy: DRPolicy, instances: list[Instance]
     ) -> LeaseRequest:
         """One zone-level lease for the whole zone, ``maxParallelFailovers`` slots (no more than the
-        zone has instances to report); waits for the budget's grant when it cannot be granted at once."""
+        zone has serving instances); waits for the budget's grant when it cannot be granted at once."""
         lease = LeaseRequest(
             holder=workflow.info().workflow_id,
             incident=workflow.info().workflow_id,
@@ -280,10 +258,9 @@ def _reports(
     policy: DRPolicy,
     instances: list[Instance],
     lease: str | None = None,
-    why: str | None = None,
 ) -> list[FailureReport]:
     """The zone failover's report of each of ``instances`` (their failure is the zone's: confirmed)."""
-    reason = f"zone {request.zone} failover: {why or request.reason}"[:500]
+    reason = f"zone {request.zone} failover: {request.reason}"[:500]
     reporter = workflow.info().workflow_id
     return [
         FailureReport(
@@ -382,12 +359,9 @@ def _plan_lines(
         pick = next((c for c in candidates if c.zone != request.zone), candidates[0] if candidates else None)
         target = f"{pick.id} ({pick.role}, {pick.zone or '-'})" if pick else "no standby: an emergency instance"
         lines.append(f"report {instance.id} to guardian-{instance.model}: promote {target}")
-    standbys = [i for i in snapshot.instances if i.zone == request.zone and i.role in STANDBY_ROLES]
-    if standbys:
-        lines.append(f"report {len(standbys)} standby(s) of {request.zone}: each taken out by a runbook")
-    if runbooks := len(serving) + len(standbys):
-        slots = min(policy.az_failover.max_parallel_failovers, runbooks)
-        lines.append(f"budget: one zone-level lease for {runbooks} runbook(s), {slots} at a time")
+    if serving:
+        slots = min(policy.az_failover.max_parallel_failovers, len(serving))
+        lines.append(f"budget: one zone-level lease for {len(serving)} runbook(s), {slots} at a time")
     lines.append("request reconciliation (standbys leave the cordoned zone)")
     return lines
 

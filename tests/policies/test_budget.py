@@ -94,34 +94,38 @@ def zone_lease(zone: str, slots: int, rank: int = 0) -> LeaseRequest:
     """A zone failover's one lease for its whole zone."""
     return LeaseRequest(
         holder=f"zone-failover-{zone}", incident=f"zone-failover-{zone}", model="", zone=zone, kind=LeaseKind.ZONE,
-        slots=slots, rank=rank,
+        slots=slots, rank=rank, covers=[f"served-from-{zone}"],
     )  # fmt: skip
 
 
-def test_a_zone_failovers_lease_counts_its_slots_against_the_cap() -> None:
+def test_a_zone_failovers_lease_counts_its_slots_and_a_second_zone_waits() -> None:
     limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=4)
     block = zone_lease("az-1", slots=4)
-    # Alone: granted, and it fills the cap: a covered recovery in its zone waits behind it.
+    # Alone: granted. The prober's report in its zone is covered (zone-level) and runs beside it,
+    # in the pool of single recoveries (the zone failover's runbooks are its serving instances).
     first = decide([], [block, lease(1)], [], NOW, limits, tripped=False, zone_covers_zone=True)
-    assert granted(first.grant) == [""]
-    assert first.why_waiting == {"failover-m1": "4 zone failovers running (maxParallelFailovers 4)"}
+    assert granted(first.grant) == ["", "m1"] and first.covered == {"failover-m1"}
     # A second zone's lease waits while the first runs (4 + 4 slots > 4).
     second = decide([block], [zone_lease("az-2", slots=4)], [], NOW, limits, tripped=False)
     assert second.grant == []
+    assert second.why_waiting == {"zone-failover-az-2": "4 runbooks of zone failovers running (maxParallelFailovers 4)"}
 
 
-def test_a_lease_of_more_slots_than_the_cap_starts_when_nothing_zone_level_runs() -> None:
+def test_a_lease_of_more_slots_than_the_cap_starts_when_no_other_zone_failover_runs() -> None:
     big = zone_lease("az-1", slots=8)
-    assert granted(decide([], [big], [], NOW, LIMITS, tripped=False).grant) == [""]
-    running_one = [lease(9, zone="az-3", kind=LeaseKind.ZONE)]
-    assert decide(running_one, [big], [], NOW, LIMITS, tripped=False).grant == []
+    single = lease(9, zone="az-3", kind=LeaseKind.ZONE)
+    assert granted(decide([single], [big], [], NOW, LIMITS, tripped=False).grant) == [""]
+    assert decide([zone_lease("az-3", slots=1)], [big], [], NOW, LIMITS, tripped=False).grant == []
 
 
-def test_a_waiting_zone_lease_is_not_overtaken_one_slot_at_a_time() -> None:
-    """One zone-level lease runs (1 of 2 slots); the zone failover's lease of two waits, and a
-    single-slot request behind it does not take the free slot (it would, again and again)."""
-    running = [lease(9, zone="az-3", kind=LeaseKind.ZONE)]
-    waiting = [zone_lease("az-1", slots=2), lease(1, zone="az-2", kind=LeaseKind.ZONE)]
+def test_a_waiting_zone_lease_is_not_overtaken_by_a_smaller_one() -> None:
+    """One zone failover runs (1 of 2 slots); another zone's lease of two waits, and a third zone's
+    lease of one behind it does not take the free slot (it would, again and again)."""
+    running = [zone_lease("az-3", slots=1)]
+    waiting = [zone_lease("az-1", slots=2), zone_lease("az-2", slots=1)]
     decision = decide(running, waiting, [], NOW, LIMITS, tripped=False)
     assert decision.grant == []
-    assert decision.why_waiting is not None and set(decision.why_waiting) == {"zone-failover-az-1", "failover-m1"}
+    assert decision.why_waiting is not None and set(decision.why_waiting) == {
+        "zone-failover-az-1",
+        "zone-failover-az-2",
+    }
