@@ -250,6 +250,7 @@ class ActivityName:
     REQUEST_LEASE = "request_lease"
     AWAIT_RUNBOOKS = "await_runbooks"
     REPORT_AND_AWAIT = "report_and_await"
+    HAND_BACK_LEASE = "hand_back_lease"
     AWAIT_RECONCILE_PASS = "await_reconcile_pass"
     BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"

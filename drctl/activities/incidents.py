@@ -27,6 +27,7 @@ from drctl.payloads import (
     IncidentTicket,
     IncidentTickets,
     LeaseAnswer,
+    LeaseRelease,
     LeaseRequest,
     ModelRef,
     ReportBatch,
@@ -38,7 +39,7 @@ from drctl.payloads import (
 from drctl.platforms.base import Platform
 from drctl.policies.budget import BudgetLimits
 from drctl.telemetry.tracing import span
-from drctl.temporal.incidents import report_failure, request_lease, runbook_result, wait_running
+from drctl.temporal.incidents import hand_back_lease, report_failure, request_lease, runbook_result, wait_running
 
 T = TypeVar("T")
 
@@ -91,6 +92,7 @@ class IncidentActivities:
             self.request_lease,
             self.await_runbooks,
             self.report_and_await,
+            self.hand_back_lease,
             self.budget_alert,
         ]
 
@@ -177,6 +179,13 @@ class IncidentActivities:
         at_once = batch.at_once or max(1, len(batch.reports))
         followed = in_order_at_most(at_once, [one(r) for r in batch.reports])
         return RunbookOutcomes(outcomes=await with_heartbeats(followed, every_s=HEARTBEAT_S))
+
+    @activity.defn(name=ActivityName.HAND_BACK_LEASE)
+    async def hand_back_lease(self, release: LeaseRelease) -> StepReport:
+        """Hand a lease back, returning once the budget no longer holds it (an Update, not a signal)."""
+        start = time.monotonic()
+        detail = await hand_back_lease(activity.client(), activity.info().task_queue, release)
+        return StepReport(detail=detail, duration_ms=_elapsed_ms(start))
 
     @activity.defn(name=ActivityName.BUDGET_ALERT)
     async def budget_alert(self, reason: str) -> StepReport:

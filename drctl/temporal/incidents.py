@@ -30,6 +30,7 @@ from drctl.payloads import (
     GuardianState,
     Incident,
     IncidentTicket,
+    LeaseRelease,
     LeaseRequest,
     SearchAttr,
     budget_workflow_id,
@@ -164,6 +165,19 @@ async def request_lease(client: Client, task_queue: str, request: LeaseRequest) 
         BudgetWorkflow.acquire_now, request, start_workflow_operation=start, rpc_timeout=RPC_TIMEOUT
     )
     return granted
+
+
+async def hand_back_lease(client: Client, task_queue: str, release: LeaseRelease) -> str:
+    """Hand a lease back to the budget, returning once the budget's state no longer holds it."""
+    try:
+        answer: str = await client.get_workflow_handle(budget_workflow_id(task_queue)).execute_update(
+            BudgetWorkflow.hand_back, release, rpc_timeout=RPC_TIMEOUT
+        )
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return "no budget running: nothing to hand back"
+    return answer
 
 
 async def budget_state(client: Client, task_queue: str) -> BudgetState | None:

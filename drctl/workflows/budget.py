@@ -97,6 +97,15 @@ class BudgetWorkflow:
         state.why_waiting.pop(release.incident, None)
         self._changed = True
 
+    @workflow.update(name="hand_back")
+    def hand_back(self, release: LeaseRelease) -> str:
+        """Like the ``release`` signal, answered once the lease is out of the state: a zone failover
+        hands its lease back this way before it asks for reconciliation, which must not find the
+        zone's models still busy (a signal not yet processed left them so, and reconciliation
+        skipped them until its next scheduled pass)."""
+        self.release(release)
+        return f"{release.incident} handed back"
+
     @workflow.update(name="reset")
     def reset(self, reset: BudgetReset) -> str:
         """A person closes the breaker: waiting recoveries may start again, within the budget."""

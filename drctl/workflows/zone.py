@@ -47,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
         ZoneFailbackResult,
         ZoneFailoverRequest,
         ZoneFailoverResult,
-        budget_workflow_id,
     )
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
@@ -222,8 +221,14 @@ class ZoneFailoverWorkflow:
             result.pending = []
             return
         finally:
-            await workflow.get_external_workflow_handle(budget_workflow_id(workflow.info().task_queue)).signal(
-                "release", LeaseRelease(incident=lease.incident)
+            # An Update (through an activity), not a signal: once it returns, the budget no longer
+            # holds the lease, and the reconciliation asked for next finds the zone's models free.
+            await workflow.execute_activity(
+                ActivityName.HAND_BACK_LEASE,
+                LeaseRelease(incident=lease.incident),
+                result_type=StepReport,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=REPORT_RETRY,
             )
         _record_outcomes(serving, outcomes.outcomes, result)
 
