@@ -29,6 +29,7 @@ from drctl.workflows.failover import (
     DECISION_INPUT_PERSISTED,
     GONE_INSTANCE_SETTLES,
     PREFERS_ACTIVE_ZONES,
+    STANDBY_EJECTED_REPLENISHES,
     FailoverWorkflow,
 )
 from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
@@ -66,6 +67,19 @@ class FailoverBeforeGoneInstanceSettles(FailoverWorkflow):
         return await super().run(request)
 
     def _gone_settles(self) -> bool:
+        return False
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeStandbyReplenishes(FailoverWorkflow):
+    """Before ``failover-standby-ejected-replenishes``: a failed standby was ejected, and nothing
+    asked reconciliation to replace it."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    def _standby_ejected_replenishes(self) -> bool:
         return False
 
 
@@ -177,6 +191,7 @@ BEFORE_PATCHES: dict[str, type] = {
     ONE_LEASE: ZoneFailoverBeforeOneLease,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
+    STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
 }

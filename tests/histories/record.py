@@ -74,6 +74,7 @@ from tests.histories.before_patches import (
     FailoverBeforeActiveZones,
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
+    FailoverBeforeStandbyReplenishes,
     GuardianBeforeReportTrace,
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
@@ -251,6 +252,19 @@ FAILOVERS: dict[str, Scenario] = {
         two_hot_standbys(),
         activities=listing_with_serving_zones,
         old=[FailoverBeforeActiveZones],
+    ),
+    "failover-standby-ejected": failover_scenario(
+        "standby-ejected",
+        "a hot standby failed: ejected, reconciliation asked to replace it",
+        fleet_of(("0", Role.SERVING), ("1", Role.HOT)),
+        instance=f"{MODEL}-1",
+    ),
+    "failover-standby-ejected-before-patch": failover_scenario(
+        "standby-ejected-before-patch",
+        "the same, on a run started before failover-standby-ejected-replenishes: ejected, nothing asked",
+        fleet_of(("0", Role.SERVING), ("1", Role.HOT)),
+        instance=f"{MODEL}-1",
+        old=[FailoverBeforeStandbyReplenishes],
     ),
     "failover-false-alarm": failover_scenario(
         "false-alarm",

@@ -230,7 +230,8 @@ async def test_failed_standby_is_ejected_without_promoting_another(time_skipping
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT), ("llama-2-7b-2", Role.HOT))
     result = await run_failover(time_skipping_env, fleet, instance="llama-2-7b-1")
     assert result.outcome == FailoverOutcome.STANDBY_EJECTED
-    assert fleet.steps() == ["probe:llama-2-7b-1", "list:llama-2-7b", "eject:llama-2-7b-1"]
+    # ... and reconciliation is asked to replace it at once, not at its next scheduled pass.
+    assert fleet.steps() == ["probe:llama-2-7b-1", "list:llama-2-7b", "eject:llama-2-7b-1", "replenish:llama-2-7b"]
     assert fleet.instances["llama-2-7b-0"].role == Role.SERVING
     assert fleet.instances["llama-2-7b-2"].role == Role.HOT
 
