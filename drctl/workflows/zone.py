@@ -208,13 +208,8 @@ class ZoneFailoverWorkflow:
         lease = await self._take_zone_lease(request, policy, serving)
         reports = _reports(request, policy, serving, lease=lease.incident)
         try:
-            outcomes: RunbookOutcomes = await workflow.execute_activity(
-                ActivityName.REPORT_AND_AWAIT,
-                ReportBatch(reports=reports, at_once=lease.slots),
-                result_type=RunbookOutcomes,
-                start_to_close_timeout=timedelta(hours=1),
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=REPORT_RETRY,
+            outcomes = await _followed_to_the_end(
+                ActivityName.REPORT_AND_AWAIT, ReportBatch(reports=reports, at_once=lease.slots)
             )
         except ActivityError as exc:
             result.failed.extend(f"{i.id}: {exc}" for i in serving)
@@ -285,6 +280,19 @@ def _reports(
     ]
 
 
+async def _followed_to_the_end(activity: str, arg: ReportBatch | RunbookIds) -> RunbookOutcomes:
+    """The runbooks' ends, from an activity that follows them (heartbeating) until each has ended."""
+    outcomes: RunbookOutcomes = await workflow.execute_activity(
+        activity,
+        arg,
+        result_type=RunbookOutcomes,
+        start_to_close_timeout=timedelta(hours=1),
+        heartbeat_timeout=timedelta(seconds=10),
+        retry_policy=REPORT_RETRY,
+    )
+    return outcomes
+
+
 def _record_outcomes(serving: list[Instance], outcomes: list[RunbookOutcome], result: ZoneFailoverResult) -> None:
     for instance, end in zip(serving, outcomes, strict=True):
         line = f"{instance.id} → {end.promoted or '-'} ({end.outcome})"
@@ -335,13 +343,9 @@ async def _move_as_one_batch(
                 retry_policy=REPORT_RETRY,
             )
             tickets.extend(reported.tickets)
-        outcomes: RunbookOutcomes = await workflow.execute_activity(
+        outcomes = await _followed_to_the_end(
             ActivityName.AWAIT_RUNBOOKS,
             RunbookIds(tickets=tickets, at_once=policy.az_failover.max_parallel_failovers),
-            result_type=RunbookOutcomes,
-            start_to_close_timeout=timedelta(hours=1),
-            heartbeat_timeout=timedelta(seconds=10),
-            retry_policy=REPORT_RETRY,
         )
     except ActivityError as exc:
         result.failed.extend(f"{i.id}: {exc}" for i in serving)
