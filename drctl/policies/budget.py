@@ -87,38 +87,33 @@ def decide(
     def _covered(granted: list[LeaseRequest]) -> frozenset[str]:
         return frozenset(g.incident for g in granted if g.kind != LeaseKind.ZONE and zone_level(g))
 
-    # Two pools under the cap: zone failovers' leases (one per zone, in slots) and single
-    # zone-level recoveries (a zone's reports of old, and the prober's reports in a zone failing
-    # over, which a zone failover's lease covers but does not run: its standbys).
-    blocks_running = sum(r.slots for r in running if r.covers)
-    singles_running = sum(1 for r in running if zone_level(r) and not r.covers)
+    # Two pools, each held to the cap on its own, keyed by "is a zone failover's lease": those
+    # leases (one per zone, counted in slots) and single zone-level recoveries (a zone's reports of
+    # old, and the prober's reports in a zone failing over, which a zone failover's lease covers but
+    # does not run: its standbys). A single recovery is one slot.
+    in_use = {True: 0, False: 0}
+    for r in running:
+        if zone_level(r):
+            in_use[bool(r.covers)] += r.slots
+    held = {True: False, False: False}
     grant: list[LeaseRequest] = []
     why: dict[str, str] = {}
-    held = {True: False, False: False}
 
     def grant_zone_level(request: LeaseRequest) -> bool:
         """Grant it if it fits under ``max_parallel_zone`` in its pool; True when granted. A zone
         failover's lease is counted in slots and fits when no other zone failover's runs (a lease of
         more slots than the cap runs alone). In each pool requests start in order: once one does not
         fit, later ones wait behind it (a zone's lease is not overtaken by single slots)."""
-        nonlocal blocks_running, singles_running
         cap = limits.max_parallel_zone
-        block = bool(request.covers)
-        in_use = blocks_running if block else singles_running
-        fits = cap is None or in_use == 0 or in_use + request.slots <= cap
-        if held[block] or not fits:
-            why[request.incident] = (
-                f"{in_use} runbooks of zone failovers running (maxParallelFailovers {cap})"
-                if block
-                else f"{in_use} zone failovers running (maxParallelFailovers {cap})"
-            )
-            held[block] = True
+        pool = bool(request.covers)
+        used = in_use[pool]
+        if held[pool] or (cap is not None and used > 0 and used + request.slots > cap):
+            running_what = "runbooks of zone failovers" if pool else "zone failovers"
+            why[request.incident] = f"{used} {running_what} running (maxParallelFailovers {cap})"
+            held[pool] = True
             return False
         grant.append(request)
-        if block:
-            blocks_running += request.slots
-        else:
-            singles_running += 1
+        in_use[pool] += request.slots
         return True
 
     if zone_covers_zone:

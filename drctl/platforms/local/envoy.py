@@ -13,9 +13,9 @@ The EDS file is always replaced atomically (``os.replace`` of a temporary file i
 Envoy watches the folder (``watched_directory``) and re-reads the file on the rename. It is not
 fsynced: the registry is the truth, and a resumed fleet's files are rewritten from it
 (``ensure_fleet``); the two fsyncs per write were a tenth of the worker's CPU in a zone outage of
-1,000 instances, on the event loop. Each
-model has a folder of its own: with one folder for all, every write made every cluster re-read its
-file, so Envoy's work per write grew with the number of models (``bench/envoy_fanout_bench.py``).
+1,000 instances, on the event loop. Each model has a folder of its own: with one folder for all,
+every write made every cluster re-read its file, so Envoy's work per write grew with the number of
+models (``bench/envoy_fanout_bench.py``).
 
 Routes, matched in this order (the first match wins):
 
