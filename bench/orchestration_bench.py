@@ -8,14 +8,14 @@ the three interleaved so that they share the machine's minute:
 
 ``plain``
     This process calls the runbook's activity functions itself, in the runbook's order (claim the
-    epoch, confirm, list, promote, load, register, verify, eject, ask for replenishment), through
+    epoch and list, confirm, promote, load, register, verify, eject, ask for replenishment), through
     ``temporalio.testing.ActivityEnvironment`` and the same platform code the worker runs. No
     Temporal round trip except the replenish step's schedule trigger, which is one of the steps.
 ``runbook``
-    ``FailoverWorkflow`` started directly by this process with the claimed epoch, on a worker in
-    this process (``request_eager_start``: the start's answer carries the first workflow task, so
-    no poll round trip), the steps as local activities and the listing as a regular activity, as in
-    production.
+    ``FailoverWorkflow`` started directly by this process with the claimed epoch and the listing
+    claimed with it, as a guardian starts it, on a worker in this process (``request_eager_start``:
+    the start's answer carries the first workflow task, so no poll round trip), the steps as local
+    activities, as in production.
 ``guardian``
     The production path: a report to the model's guardian (Update-with-start), the budget's lease,
     the epoch, the runbook as the guardian's child on the stack's own worker; the time until the
@@ -97,7 +97,7 @@ class Plain:
         probe = await self._run(self.failover.probe_instance, InstanceRef(model=model, instance=instance))
         if probe.healthy:
             return "false-alarm"
-        listing = await self._run(self.failover.list_instances, ModelRef(model=model))
+        listing = grant.listing or await self._run(self.failover.list_instances, ModelRef(model=model))
         if plan_failover(listing.instances, instance) != FailoverPlan.REPLACE:
             return "nothing to promote"
         eject = EjectRequest(model=model, instance=instance, reason="bench", epoch=epoch)
@@ -122,7 +122,13 @@ async def _through_runbook(client: Client, stack: LocalStack, model: str, instan
         IncidentActivities(stack.platform).claim_epoch, ModelRef(model=model)
     )
     request = FailoverRequest(
-        model=model, instance=instance, trigger=Trigger.DRILL, reason="bench", epoch=grant.epoch, failed_at=_now()
+        model=model,
+        instance=instance,
+        trigger=Trigger.DRILL,
+        reason="bench",
+        epoch=grant.epoch,
+        listing=grant.listing,  # as the guardian hands it over: listed with the epoch claim
+        failed_at=_now(),
     )
     t0 = _now()
     handle = await client.start_workflow(

@@ -143,6 +143,11 @@ class FailoverRequest(Payload):
     eject carries it, and the platform refuses a stale one. None: the run was started directly (the
     UI, ``temporal workflow start``): it hands the report to the guardian and follows the runbook
     the guardian runs, so that one failure still gets one recovery."""
+    listing: InstanceList | None = None
+    """The model's instances as listed right after the guardian claimed ``epoch`` (its
+    ``claim_epoch`` step lists them): the runbook decides from this listing, recorded in its start,
+    instead of listing again as a step of its own (a regular activity: a server round trip and a
+    workflow task more per runbook). Used only with ``epoch``; None: the runbook lists itself."""
     plan_only: bool = False
     """Decide and report every step (instances touched, standby promoted), change nothing."""
     local_activities: bool = True
@@ -707,6 +712,10 @@ class EpochGrant(Payload):
     epoch: int
     detail: str = ""
     duration_ms: float = 0.0
+    listing: InstanceList | None = None
+    """The model's instances, listed just after the claim (no runbook of an older epoch can change
+    them any more): the guardian hands it to the runbook it starts (``FailoverRequest.listing``).
+    None when the listing failed (the runbook then lists itself) or in grants recorded before."""
 
 
 class FailureReport(Payload):

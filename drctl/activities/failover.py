@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from temporalio import activity
 
+from drctl.activities.listing import ModelListing
 from drctl.payloads import (
     ActivityName,
     EjectRequest,
@@ -28,13 +29,9 @@ from drctl.payloads import (
     StepReport,
 )
 from drctl.platforms.base import Platform
-from drctl.policies.loader import PolicyError
-from drctl.policies.placement import serving_zones
 from drctl.telemetry.tracing import set_attributes, span
 
 T = TypeVar("T")
-POLICY_TTL_S = 5.0
-"""How long a listing reuses the policy's serving zones before reading the policy again."""
 
 
 def _elapsed_ms(start: float) -> float:
@@ -80,7 +77,7 @@ class FailoverActivities:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
-        self._zones_cache: tuple[float, frozenset[str]] | None = None
+        self._listing = ModelListing(platform)
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -111,31 +108,10 @@ class FailoverActivities:
         while the platform answers, so a worker that dies holding it is noticed within the heartbeat
         timeout (1 s) rather than the step's timeout. The listing carries where serving belongs
         under the policy now (``serving_zones``): the failover prefers a standby there."""
-        start = time.monotonic()
         with span("platform.list_instances", model=ref.model):
-            instances = await with_heartbeats(self.platform.list_instances(ref.model))
-            zones = await self._serving_zones()
-            listed = InstanceList(
-                model=ref.model, instances=instances, duration_ms=_elapsed_ms(start), serving_zones=sorted(zones)
-            )
-            log_step("list_instances", listed.duration_ms, f"{len(instances)} instance(s)", model=ref.model)
+            listed = await with_heartbeats(self._listing(ref.model))
+            log_step("list_instances", listed.duration_ms, f"{len(listed.instances)} instance(s)", model=ref.model)
         return listed
-
-    async def _serving_zones(self) -> frozenset[str]:
-        """The policy's zones for serving, re-read at most every few seconds (the local platform
-        parses the policy file: tens of milliseconds at 500 models, on every failover's path
-        otherwise); none (every zone alike) when the policy does not read now (a local policy file
-        mid-edit): that must not fail a failover."""
-        now = time.monotonic()
-        if self._zones_cache is not None and now - self._zones_cache[0] < POLICY_TTL_S:
-            return self._zones_cache[1]
-        try:
-            zones = serving_zones(await self.platform.current_policy())
-        except PolicyError as err:
-            activity.logger.warning("listing without the policy's active zones: %s", err)
-            return frozenset()
-        self._zones_cache = (now, zones)
-        return zones
 
     @activity.defn(name=ActivityName.EJECT_INSTANCE)
     async def eject_instance(self, request: EjectRequest) -> StepReport:

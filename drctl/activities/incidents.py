@@ -20,12 +20,14 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from drctl.activities.failover import with_heartbeats
+from drctl.activities.listing import ModelListing
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
     FailureReport,
     IncidentTicket,
     IncidentTickets,
+    InstanceList,
     LeaseAnswer,
     LeaseRelease,
     LeaseRequest,
@@ -82,6 +84,7 @@ def _elapsed_ms(start: float) -> float:
 class IncidentActivities:
     def __init__(self, platform: Platform, alertmanager_url: str | None = None) -> None:
         self.platform = platform
+        self._listing = ModelListing(platform)
         self.alertmanager_url = alertmanager_url or os.environ.get("DRCTL_ALERTMANAGER_URL")
         self._limits_cache: tuple[float, BudgetLimits, dict[str, int]] | None = None
 
@@ -98,12 +101,22 @@ class IncidentActivities:
 
     @activity.defn(name=ActivityName.CLAIM_EPOCH)
     async def claim_epoch(self, ref: ModelRef) -> EpochGrant:
-        """A new fencing epoch for the model, from the platform (the one authority that hands them out)."""
+        """A new fencing epoch for the model, from the platform (the one authority that hands them
+        out), and the model's instances listed right after it: the decision input of the runbook
+        the guardian starts with this epoch. A listing that fails is left out (the runbook lists
+        itself, and retries that step as it always did); the epoch is what must not fail."""
         start = time.monotonic()
         with span("platform.claim_epoch", model=ref.model) as current:
             epoch = await self.platform.claim_epoch(ref.model)
             current.set_attribute("drctl.epoch", epoch)
-        return EpochGrant(model=ref.model, epoch=epoch, detail=f"epoch {epoch}", duration_ms=_elapsed_ms(start))
+            try:
+                listing: InstanceList | None = await self._listing(ref.model)
+            except Exception as err:  # any platform failure: the runbook lists itself
+                activity.logger.warning("epoch %d of %s claimed, listing failed: %s", epoch, ref.model, err)
+                listing = None
+        return EpochGrant(
+            model=ref.model, epoch=epoch, detail=f"epoch {epoch}", duration_ms=_elapsed_ms(start), listing=listing
+        )
 
     @activity.defn(name=ActivityName.REPORT_FAILURE)
     async def report_failure(self, batch: ReportBatch) -> IncidentTickets:

@@ -53,6 +53,11 @@ Before, each was awaited in turn, and every signal's acknowledgement took a work
 in a zone failover of 300 instances the budget handed out about five leases a second however many
 runbooks were allowed at once, and each of the ``maxParallelFailovers`` slots stood idle for
 seconds between two runbooks. Budgets started before it signal in turn until they continue as new."""
+ZONE_FAILOVER_FIRST = "budget-zone-failover-first"
+"""Patch: while a zone failover's lease runs, the single recoveries of its zone that have not
+started wait until it is handed back (``decide(zone_failover_first=True)``): the prober's reports of
+the zone's standbys no longer take the machine from its serving instances. Budgets started before
+it decide as they did until they continue as new."""
 
 
 @workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
@@ -140,6 +145,9 @@ class BudgetWorkflow:
     def _zone_covers_zone(self) -> bool:
         return workflow.patched(ZONE_COVERS_ZONE)
 
+    def _zone_failover_first(self) -> bool:
+        return workflow.patched(ZONE_FAILOVER_FIRST)
+
     def _grants_side_by_side(self) -> bool:
         return workflow.patched(GRANTS_SIDE_BY_SIDE)
 
@@ -157,6 +165,7 @@ class BudgetWorkflow:
             BudgetLimits(s.max_per_minute, s.max_per_zone, s.trip_after_waiting, s.max_parallel_zone),
             tripped=s.tripped is not None,
             zone_covers_zone=self._zone_covers_zone(),
+            zone_failover_first=self._zone_failover_first(),
         )
         for request in decision.grant:
             s.waiting.remove(request)

@@ -262,7 +262,7 @@ class FailoverWorkflow:
         if probe.healthy:
             return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
 
-        listing = await self._list(request.model)
+        listing = await self._list(request)
         if not any(i.id == request.instance for i in listing.instances):
             if request.trigger != Trigger.MANUAL and self._gone_settles():
                 # A detector's report that waited (for the budget, behind the model's earlier
@@ -339,7 +339,18 @@ class FailoverWorkflow:
     def _prefers_active_zones(self) -> bool:
         return workflow.patched(PREFERS_ACTIVE_ZONES)
 
-    async def _list(self, model: str) -> InstanceList:
+    async def _list(self, request: FailoverRequest) -> InstanceList:
+        """The listing the guardian claimed with the epoch (``request.listing``, recorded in this
+        run's start), or the runbook's own ``list`` step when there is none (a run from before, a
+        listing that failed at the claim, a run started directly with an epoch)."""
+        claimed = request.listing
+        if claimed is not None and request.epoch is not None and claimed.model == request.model:
+            now = workflow.now()
+            self._record("list", now, now, claimed.duration_ms, True, "listed with the epoch claim")
+            return claimed
+        return await self._list_step(request.model)
+
+    async def _list_step(self, model: str) -> InstanceList:
         """The listing every later decision is made from, recorded in the history before anything
         changes: a regular activity (its result is an event), not a local one.
 

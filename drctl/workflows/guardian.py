@@ -241,7 +241,9 @@ class ModelGuardianWorkflow:
             incident.epoch = grant.epoch
             incident.state = IncidentState.RUNNING
             incident.waiting_for = ""
-            result = await self._run_runbook(incident, incident.request.model_copy(update={"epoch": grant.epoch}))
+            # The listing claimed with the epoch goes into the runbook's start: it lists nothing itself.
+            runbook_request = incident.request.model_copy(update={"epoch": grant.epoch, "listing": grant.listing})
+            result = await self._run_runbook(incident, runbook_request)
             incident.outcome = result.outcome if result is not None else FailoverOutcome.FAILED
         finally:
             self._running.pop(incident.instance, None)

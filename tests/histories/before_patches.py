@@ -24,7 +24,7 @@ from drctl.payloads import (
     ZoneFailoverRequest,
     ZoneFailoverResult,
 )
-from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, BudgetWorkflow
+from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST, BudgetWorkflow
 from drctl.workflows.failover import (
     DECISION_INPUT_PERSISTED,
     GONE_INSTANCE_SETTLES,
@@ -53,7 +53,7 @@ class FailoverBeforeListingAsActivity(FailoverWorkflow):
     async def run(self, request: FailoverRequest) -> FailoverResult:
         return await super().run(request)
 
-    async def _list(self, model: str) -> InstanceList:
+    async def _list_step(self, model: str) -> InstanceList:
         return await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=model), InstanceList)
 
 
@@ -182,6 +182,18 @@ class BudgetBeforeGrantsSideBySide(BudgetWorkflow):
         return False
 
 
+@workflow.defn(name="BudgetWorkflow", sandboxed=False)
+class BudgetBeforeZoneFailoverFirst(BudgetWorkflow):
+    """Before ``budget-zone-failover-first``: a zone's single recoveries ran beside its failover's lease."""
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        await super().run(state)
+
+    def _zone_failover_first(self) -> bool:
+        return False
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
@@ -194,5 +206,6 @@ BEFORE_PATCHES: dict[str, type] = {
     STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
+    ZONE_FAILOVER_FIRST: BudgetBeforeZoneFailoverFirst,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -44,6 +44,9 @@ from drctl.payloads import (
     DrillRequest,
     DrillScenario,
     FailoverRequest,
+    LeaseKind,
+    LeaseRelease,
+    LeaseRequest,
     ReconcileRequest,
     Role,
     Trigger,
@@ -55,11 +58,11 @@ from drctl.payloads import (
 )
 from drctl.telemetry.tracing import DrctlTracingInterceptor
 from drctl.temporal.converter import drctl_data_converter
-from drctl.temporal.incidents import guardian_state, report_failure, wait_closed
+from drctl.temporal.incidents import guardian_state, hand_back_lease, report_failure, request_lease, wait_closed
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
-from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE
+from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -71,6 +74,7 @@ from tests.histories.before_patches import (
     BEFORE_PATCHES,
     BudgetBeforeGrantsSideBySide,
     BudgetBeforeZoneCoversZone,
+    BudgetBeforeZoneFailoverFirst,
     FailoverBeforeActiveZones,
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
@@ -406,6 +410,55 @@ async def budget_before_grants_patch(client: Client, queue: str) -> list[Recorde
     ]
 
 
+async def standby_report_under_zone_lease(client: Client, queue: str, old: Sequence[type] = ()) -> str:
+    """A zone failover's lease for az-1 is running when the prober reports another model's standby
+    in az-1; the lease is handed back, and the standby's recovery runs. The incident's runbook id."""
+    fleet = spread_fleet(2)
+    lease_id = "zone-failover-az-1"
+    zone_lease = LeaseRequest(
+        holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+        covers=[MODEL], max_parallel_zone=2,
+    )  # fmt: skip
+    async with worker(client, queue, fleet.activities(), old):
+        assert await request_lease(client, queue, zone_lease)
+        ticket = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
+        await budget_when(client, queue, lambda s: bool(s.waiting) or s.granted_total >= 2)  # held, or granted
+        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
+        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+    return ticket.workflow_id
+
+
+async def budget_zone_failover_first(client: Client, queue: str) -> list[Recorded]:
+    runbook = await standby_report_under_zone_lease(client, queue)
+    return [
+        Recorded(
+            "budget-zone-failover-first",
+            budget_workflow_id(queue),
+            "BudgetWorkflow (still running): a standby's recovery in az-1 waits for az-1's failover lease",
+        ),
+        Recorded(
+            "guardian-claimed-listing",
+            guardian_workflow_id("mistral-7b", queue),
+            "ModelGuardianWorkflow (still running): the epoch claim lists the model for the runbook",
+        ),
+        Recorded("failover-claimed-listing", runbook, "FailoverWorkflow deciding from the listing in its start"),
+    ]
+
+
+async def budget_before_failover_first_patch(client: Client, queue: str) -> list[Recorded]:
+    """``budget_zone_failover_first`` on a budget started before the budget-zone-failover-first patch."""
+    await standby_report_under_zone_lease(client, queue, old=[BudgetBeforeZoneFailoverFirst])
+    return [
+        Recorded(
+            "budget-before-failover-first-patch",
+            budget_workflow_id(queue),
+            "BudgetWorkflow started before the budget-zone-failover-first patch: the standby's recovery runs at once",
+            ZONE_FAILOVER_FIRST,
+        )
+    ]
+
+
 async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = spread_fleet(3)
     fleet.policy = fleet.policy.model_copy(
@@ -591,6 +644,8 @@ SCENARIOS: dict[str, Scenario] = {
     "budget-tripped": budget_tripped,
     "budget-before-zone-patch": budget_before_zone_patch,
     "budget-before-grants-patch": budget_before_grants_patch,
+    "budget-zone-failover-first": budget_zone_failover_first,
+    "budget-before-failover-first-patch": budget_before_failover_first_patch,
     "reconcile": reconcile,
     "reconcile-before-patch": reconcile_before_patch,
     "reconcile-before-plan-patch": reconcile_before_plan_patch,

@@ -123,7 +123,7 @@ class ListsWithoutThePatch(FailoverWorkflow):
     async def run(self, request: FailoverRequest) -> FailoverResult:
         return await super().run(request)
 
-    async def _list(self, model: str) -> InstanceList:
+    async def _list_step(self, model: str) -> InstanceList:
         listing: InstanceList = await workflow.execute_local_activity(
             ActivityName.LIST_INSTANCES,
             ModelRef(model=model),
@@ -154,7 +154,7 @@ class OldBranchDropped(FailoverWorkflow):
     async def run(self, request: FailoverRequest) -> FailoverResult:
         return await super().run(request)
 
-    async def _list(self, model: str) -> InstanceList:
+    async def _list_step(self, model: str) -> InstanceList:
         return await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=model), InstanceList, long=True)
 
 

@@ -129,3 +129,31 @@ def test_a_waiting_zone_lease_is_not_overtaken_by_a_smaller_one() -> None:
         "zone-failover-az-1",
         "zone-failover-az-2",
     }
+
+
+def test_while_a_zone_failovers_lease_runs_its_zones_single_recoveries_wait_for_it() -> None:
+    """The prober's reports in a zone whose failover's lease runs wait until the lease is handed
+    back (the lease recovers the serving ones; the standbys' runbooks would only take the machine
+    from it); another zone's go on, and nothing trips."""
+    limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=4)
+    running = [zone_lease("az-1", slots=4)]
+    waiting = [*(lease(n) for n in range(1, 7)), lease(7, zone="az-2")]
+    decision = decide(running, waiting, [], NOW, limits, tripped=False, zone_covers_zone=True, zone_failover_first=True)
+    assert granted(decision.grant) == ["m7"]
+    assert decision.why_waiting is not None
+    assert decision.why_waiting["failover-m1"] == "the failover of zone az-1 goes first (its lease is running)"
+    assert decision.trip is None
+    # Before the patch they ran beside the lease, in the pool of single recoveries.
+    before = decide(running, waiting, [], NOW, limits, tripped=False, zone_covers_zone=True)
+    assert granted(before.grant) == ["m1", "m2", "m3", "m4", "m7"]
+    # Handed back: they start, up to the cap.
+    after = decide([], waiting[:6], [], NOW, limits, tripped=False, zone_covers_zone=True, zone_failover_first=True)
+    assert granted(after.grant) == ["m1", "m2"]  # instance-level again once the zone lease is gone
+
+
+def test_a_zone_failover_still_waiting_for_its_lease_holds_nothing_back() -> None:
+    limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=4)
+    running = [zone_lease("az-3", slots=4)]
+    waiting = [zone_lease("az-1", slots=4), lease(1), lease(2)]
+    decision = decide(running, waiting, [], NOW, limits, tripped=False, zone_covers_zone=True, zone_failover_first=True)
+    assert granted(decision.grant) == ["m1", "m2"]  # az-1's own lease waits for az-3's

@@ -54,6 +54,8 @@ class FakeFleet:
     """Fencing epochs per model, as the platform keeps them: fenced steps with an older one are refused."""
     refused: list[tuple[str, str]] = field(default_factory=list)
     """Fenced steps refused as stale (step, instance)."""
+    listing_at_claim_fails: bool = False
+    """The platform's listing fails when the guardian's epoch claim asks (the runbook's own step works)."""
     """Instances whose checkpoint fails its checksum until ``restore_checkpoint`` runs for them."""
 
     @classmethod
@@ -221,6 +223,14 @@ class FakePlatform:
 
     async def current_policy(self) -> DRPolicy:
         return self.fleet.policy
+
+    async def list_instances(self, model: str) -> list[Instance]:
+        """The guardian's epoch claim lists the model for the runbook it starts (as ``list_instances``
+        the activity does: one ``list`` call either way)."""
+        if self.fleet.listing_at_claim_fails:
+            raise ConnectionError("platform API unreachable")
+        self.fleet.calls.append(("list", model))
+        return [i for i in self.fleet.instances.values() if i.model == model]
 
     async def get_instance(self, model: str, instance_id: str) -> Instance:
         if instance_id not in self.fleet.instances:

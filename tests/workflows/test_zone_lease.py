@@ -8,8 +8,8 @@ import asyncio
 
 from temporalio.testing import WorkflowEnvironment
 
-from drctl.payloads import FailoverOutcome, FailureReport, IncidentState, Role
-from drctl.temporal.incidents import guardian_state, report_failure
+from drctl.payloads import FailoverOutcome, FailureReport, IncidentState, LeaseKind, LeaseRelease, LeaseRequest, Role
+from drctl.temporal.incidents import guardian_state, hand_back_lease, report_failure, request_lease
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_guardian import budget_when, guarded, report, result_of, spread_fleet
 
@@ -70,3 +70,24 @@ async def test_a_lease_covers_the_incidents_queued_ahead_of_its_own(time_skippin
     assert after.granted_total == 0 and after.tripped is not None  # the breaker still waits for a person
     assert state is not None and [i.lease for i in state.recent] == [LEASE, LEASE]
     assert all(i.state == IncidentState.DONE for i in state.recent)
+
+
+async def test_the_prober_s_reports_in_a_zone_wait_while_its_failover_s_lease_runs(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """A zone failover holds its lease for az-1 (covering llama-2-7b); the prober reports
+    mistral-7b's standby in az-1. Its recovery waits until the lease is handed back, then runs."""
+    fleet = spread_fleet(2)
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        zone_lease = LeaseRequest(
+            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+            covers=["llama-2-7b"], max_parallel_zone=2,
+        )  # fmt: skip
+        assert await request_lease(client, queue, zone_lease)
+        standby = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
+        held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
+        assert held.why_waiting == {standby.workflow_id: "the failover of zone az-1 goes first (its lease is running)"}
+        assert [w.incident for w in held.waiting] == [standby.workflow_id]
+        await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
+        result = await result_of(client, queue, standby)
+    assert result.outcome == FailoverOutcome.STANDBY_EJECTED

@@ -1,0 +1,64 @@
+"""The guardian's epoch claim lists the model, and the runbook it starts decides from that listing
+(``FailoverRequest.listing``, recorded in the runbook's start) instead of listing again as a regular
+activity of its own. Time-skipping server, fake platform."""
+
+from __future__ import annotations
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role
+from drctl.temporal.incidents import report_failure
+from tests.workflows.fakes import FakeFleet
+from tests.workflows.test_guardian import guarded, report, result_of
+
+
+async def scheduled_activities(client: Client, workflow_id: str) -> list[str]:
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+
+
+def list_step(result: FailoverResult) -> str:
+    return next(s.detail for s in result.steps if s.step == "list")
+
+
+async def test_the_runbook_decides_from_the_listing_claimed_with_its_epoch(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        result = await result_of(client, queue, ticket)
+        runbook = await client.get_workflow_handle(ticket.workflow_id).fetch_history()
+        scheduled = await scheduled_activities(client, ticket.workflow_id)
+    assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
+    assert list_step(result) == "listed with the epoch claim"
+    assert ActivityName.LIST_INSTANCES not in scheduled  # the report uses regular activities: listed if it listed
+    # The listing is in the runbook's start, so a replay decides from the same one.
+    started = FailoverRequest.model_validate_json(
+        runbook.events[0].workflow_execution_started_event_attributes.input.payloads[0].data
+    )
+    assert started.epoch == 1 and started.listing is not None
+    assert [i.id for i in started.listing.instances] == ["llama-2-7b-0", "llama-2-7b-1"]
+    # Listed once, after the epoch was claimed and before anything changed.
+    steps = [name for name, _ in fleet.calls]
+    assert steps.count("list") == 1 and steps.index("claim-epoch") < steps.index("list") < steps.index("promote")
+
+
+async def test_a_listing_that_fails_at_the_claim_leaves_the_runbook_to_list(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    fleet.listing_at_claim_fails = True
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        result = await result_of(client, queue, ticket)
+        scheduled = await scheduled_activities(client, ticket.workflow_id)
+    assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
+    assert list_step(result) != "listed with the epoch claim"
+    assert ActivityName.LIST_INSTANCES in scheduled
