@@ -1,6 +1,6 @@
 """Orchestration benchmark: the same hot-standby failover as plain asyncio and through Temporal.
 
-    .venv/bin/python bench/orchestration_bench.py [--rounds 8] [--model llama-2-7b] [--json]
+    .venv/bin/python bench/orchestration_bench.py [--rounds 8] [--model llama-2-7b] [--confirmed] [--json]
 
 One private stack (Temporal dev server, Envoy, the demo model processes, the worker) in a temporary
 state folder. Each round ``kill -9``s the model's serving instance and recovers it one of three ways,
@@ -82,7 +82,8 @@ def progress(line: str) -> None:
 class Plain:
     """The hot-standby runbook's steps in plain asyncio, calling the activity functions the worker runs."""
 
-    def __init__(self, stack: LocalStack, client: Client) -> None:
+    def __init__(self, stack: LocalStack, client: Client, confirmed: bool) -> None:
+        self.confirmed = confirmed
         self.failover = FailoverActivities(stack.platform)
         self.incidents = IncidentActivities(stack.platform)
         self.reconcile = ReconcileActivities(stack.platform)
@@ -94,9 +95,10 @@ class Plain:
     async def recover(self, model: str, instance: str) -> str:
         grant = await self._run(self.incidents.claim_epoch, ModelRef(model=model))
         epoch = grant.epoch
-        probe = await self._run(self.failover.probe_instance, InstanceRef(model=model, instance=instance))
-        if probe.healthy:
-            return "false-alarm"
+        if not self.confirmed:
+            probe = await self._run(self.failover.probe_instance, InstanceRef(model=model, instance=instance))
+            if probe.healthy:
+                return "false-alarm"
         listing = grant.listing or await self._run(self.failover.list_instances, ModelRef(model=model))
         if plan_failover(listing.instances, instance) != FailoverPlan.REPLACE:
             return "nothing to promote"
@@ -117,14 +119,17 @@ class Plain:
         return FailoverOutcome.RECOVERED.value
 
 
-async def _through_runbook(client: Client, stack: LocalStack, model: str, instance: str, n: int) -> str:
+async def _through_runbook(
+    client: Client, stack: LocalStack, model: str, instance: str, n: int, confirmed: bool
+) -> str:
     grant = await ActivityEnvironment(client=client).run(
         IncidentActivities(stack.platform).claim_epoch, ModelRef(model=model)
     )
     request = FailoverRequest(
         model=model,
         instance=instance,
-        trigger=Trigger.DRILL,
+        trigger=Trigger.PROBE if confirmed else Trigger.DRILL,
+        confirmed=confirmed,
         reason="bench",
         epoch=grant.epoch,
         listing=grant.listing,  # as the guardian hands it over: listed with the epoch claim
@@ -151,8 +156,15 @@ async def _through_runbook(client: Client, stack: LocalStack, model: str, instan
     return result.outcome.value
 
 
-async def _through_guardian(client: Client, stack: LocalStack, model: str, instance: str) -> str:
-    request = FailoverRequest(model=model, instance=instance, trigger=Trigger.DRILL, reason="bench", failed_at=_now())
+async def _through_guardian(client: Client, stack: LocalStack, model: str, instance: str, confirmed: bool) -> str:
+    request = FailoverRequest(
+        model=model,
+        instance=instance,
+        trigger=Trigger.PROBE if confirmed else Trigger.DRILL,
+        confirmed=confirmed,
+        reason="bench",
+        failed_at=_now(),
+    )
     handle = await start_failover(client, stack.settings, request)
     result = await handle.result()
     return result.outcome.value
@@ -177,7 +189,9 @@ async def _settled(stack: LocalStack, model: str) -> None:
     raise RuntimeError(f"{model} did not get its hot standby back within {SETTLE_TIMEOUT_S:.0f} s")
 
 
-async def bench(rounds: int, model: str) -> dict[str, list[float]]:
+async def bench(rounds: int, model: str, confirmed: bool) -> dict[str, list[float]]:
+    """``confirmed``: the failure comes established, as the prober's and a zone failover's reports
+    do, and no path probes it (the runbook runs every step in one workflow task)."""
     policy = load_policy_file(POLICY)
     walls: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="drctl-orch-bench-") as tmp:
@@ -201,7 +215,7 @@ async def bench(rounds: int, model: str) -> dict[str, list[float]]:
                 ],
                 graceful_shutdown_timeout=timedelta(seconds=2),
             )
-            plain = Plain(stack, client)
+            plain = Plain(stack, client, confirmed)
             async with worker:
                 for n in range(rounds):
                     for mode in MODES if n % 2 == 0 else tuple(reversed(MODES)):
@@ -216,9 +230,9 @@ async def bench(rounds: int, model: str) -> dict[str, list[float]]:
                         if mode == "plain":
                             outcome = await plain.recover(model, victim.id)
                         elif mode == "runbook":
-                            outcome = await _through_runbook(client, stack, model, victim.id, n)
+                            outcome = await _through_runbook(client, stack, model, victim.id, n, confirmed)
                         else:
-                            outcome = await _through_guardian(client, stack, model, victim.id)
+                            outcome = await _through_guardian(client, stack, model, victim.id, confirmed)
                         wall_ms = (time.monotonic() - began) * 1000
                         progress(f"round {n + 1}/{rounds} {mode:8s} {outcome:10s} {wall_ms:6.1f} ms")
                         if outcome != FailoverOutcome.RECOVERED.value:
@@ -234,12 +248,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="rounds; each runs all three modes (default 8)")
     parser.add_argument("--model", default="llama-2-7b", help="a model with a hot standby in the example policy")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument(
+        "--confirmed",
+        action="store_true",
+        help="the failure comes established (the prober's reports, a zone failover's): no confirm probe on any path",
+    )
     args = parser.parse_args()
-    walls = asyncio.run(bench(args.rounds, args.model))
+    walls = asyncio.run(bench(args.rounds, args.model, args.confirmed))
     medians = {mode: statistics.median(values) for mode, values in walls.items()}
     summary = {
         "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
         "rounds": args.rounds,
+        "confirmed": args.confirmed,
         "wall_ms": walls,
         "median_ms": medians,
         "ratio_to_plain": {mode: round(medians[mode] / medians["plain"], 2) for mode in MODES},

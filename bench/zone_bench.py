@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,10 @@ import httpx
 import yaml
 from temporalio.api.enums.v1 import EventType
 
-from drctl.payloads import Role, guardian_workflow_id
+from drctl.payloads import Role, SearchAttr, guardian_workflow_id
 from drctl.platforms.local.pools import InstancePools
 from drctl.policies.loader import load_policy_file
+from drctl.settings import DrctlSettings
 from drctl.workers.stack import LocalStack, isolated_settings
 
 DOWN_ZONE, UP_ZONE = "az-1", "az-2"
@@ -104,6 +106,25 @@ def rss_bytes(pid: int) -> int:
 async def envoy_updates(http: httpx.AsyncClient, admin_url: str) -> int:
     text = (await http.get(f"{admin_url}/stats", params={"filter": r"\.update_success$"})).text
     return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.strip())
+
+
+async def cache_evictions(http: httpx.AsyncClient, settings: DrctlSettings) -> int | None:
+    """Workflows the worker pushed out of its cache to make room (the SDK's own metrics): each one
+    replays its history on its next workflow task. None when the SDK's metrics are off."""
+    if not settings.worker_sdk_metrics_port:
+        return None
+    text = (await http.get(f"http://{settings.host}:{settings.worker_sdk_metrics_port}/metrics")).text
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("temporal_sticky_cache_total_forced_eviction") and not line.startswith("#")
+        )
+    )
+
+
+def _first(values: Any) -> str:
+    return str(values[0]) if values else "-"
 
 
 class Load:
@@ -240,6 +261,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
                 await profiler.wait()
             updates = await envoy_updates(http, settings.envoy_admin_url) - updates0
+            evictions = await cache_evictions(http, settings)
             zone_runs = []
             zone_started: list[float] = []
             assert stack.client is not None
@@ -263,7 +285,10 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                     1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
                 )
             runbooks, runbook_spans = [], []
+            kinds: Counter[str] = Counter()  # trigger and outcome: which runbooks ran, and to what end
             async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
+                attrs = wf.search_attributes
+                kinds[f"{_first(attrs.get(SearchAttr.TRIGGER))} {_first(attrs.get(SearchAttr.OUTCOME))}"] += 1
                 if wf.close_time is not None:
                     runbooks.append((wf.close_time - wf.start_time).total_seconds())
                     runbook_spans.append((wf.start_time.timestamp() - t0_wall, wf.close_time.timestamp() - t0_wall))
@@ -289,7 +314,9 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbooks_started_by_2s": _by_2s(start for start, _ in runbook_spans),
         "runbooks_closed_by_2s": _by_2s(close for _, close in runbook_spans),
         "runbooks": len(runbooks),
+        "runbook_kinds": dict(kinds.most_common()),
         "workflow_task_timeouts": task_timeouts,
+        "workflow_cache_evictions": evictions,
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
         "envoy_updates": updates,
         "requests": load.sent,
@@ -354,6 +381,8 @@ def main() -> None:
         ("zone_failover_s", "zone failover workflow, s"),
         ("runbooks", "FailoverWorkflow runs"),
         ("runbook_median_s", "FailoverWorkflow, median s"),
+        ("workflow_task_timeouts", "workflow task timeouts"),
+        ("workflow_cache_evictions", "workflows pushed out of the worker's cache"),
         ("failed", "failed client requests"),
         ("requests", "client requests"),
         ("envoy_updates", "Envoy cluster updates"),

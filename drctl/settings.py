@@ -84,6 +84,10 @@ class DrctlSettings(BaseSettings):
     worker's CPU in a zone outage of 300 instances, and drctl's workflows are checked in the sandbox
     anyway: every workflow test and the replay of the recorded histories run sandboxed in CI
     (docs/workflows.md). Turn it on to have a worker refuse non-deterministic calls at run time."""
+    worker_workflow_cache: int | None = Field(default=None, ge=2)
+    """Workflows the runbook worker keeps in memory between their tasks (the SDK's
+    ``max_cached_workflows``). None: sized to the fleet, two per model and 500 more, at least the
+    SDK's 1,000 (:func:`drctl.workers.runbook_worker.workflow_cache_size`)."""
     worker_creates_reconcile_schedule: bool = True
     """The runbook worker creates the Temporal Schedule ``drctl-reconcile-standbys`` when it starts
     and the schedule does not exist (every platform: on a cluster nothing else does). An existing

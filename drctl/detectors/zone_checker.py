@@ -26,6 +26,12 @@ from drctl.policies.zone_health import ZoneHealthTracker, ZoneVerdict, zone_verd
 
 log = logging.getLogger("drctl.zone_checker")
 
+ALARM_AGENT_TIMEOUT_S = 0.5
+"""How long a check the prober's zone alarm asked for waits for each node agent. A live agent
+answers ``/healthz`` in milliseconds; a SIGSTOPped or cut-off one never does, and the regular
+check's 2 s wait was two of the ~5.5 s from a zone's outage to its failover. A slow agent counted
+silent here cannot fail a zone over by itself: its zone's instances must all be down too."""
+
 StartZoneFailover = Callable[[str, str], Awaitable[str]]
 """``(zone, reason) -> workflow id``: starts (or joins) the zone's failover."""
 
@@ -54,13 +60,17 @@ class ZoneChecker:
         self.tracker = ZoneHealthTracker(self.policy.az_failover.failover_threshold)
         self.zone_of_node = {node.name: node.zone for node in self.policy.gpu_pool.nodes}
 
-    async def check_once(self, http: httpx.AsyncClient) -> dict[str, ZoneVerdict]:
-        """One zone check: ask every agent, decide every active zone, start failovers that are due."""
+    async def check_once(self, http: httpx.AsyncClient, alarmed: bool = False) -> dict[str, ZoneVerdict]:
+        """One zone check: ask every agent, decide every active zone, start failovers that are due.
+        ``alarmed``: the prober's zone alarm asked for it (every instance of a zone is down), so it
+        waits :data:`ALARM_AGENT_TIMEOUT_S` at most for each agent."""
         urls = await node_agents.agent_urls(self.agent_urls, self.agent_service)
         # Agents seen before stay asked: a headless Service drops a dead node's agent from DNS,
         # and its silence is exactly the evidence the check needs.
         urls += [url for url in self.node_of if url not in urls]
         timeout = min(2.0, max(0.2, self.policy.az_failover.health_check_interval.total_seconds() / 2))
+        if alarmed:
+            timeout = min(timeout, ALARM_AGENT_TIMEOUT_S)
         answers = await asyncio.gather(*(node_agents.agent_node(http, url, timeout) for url in urls))
         node_up: dict[str, bool | None] = {}
         for url, node in zip(urls, answers, strict=True):
@@ -98,10 +108,11 @@ class ZoneChecker:
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.policy.az_failover.health_check_interval.total_seconds()
         next_at = time.monotonic()
+        alarmed = False
         async with httpx.AsyncClient() as http:
             while not stop.is_set():
                 try:
-                    await self.check_once(http)
+                    await self.check_once(http, alarmed)
                 except Exception:
                     log.exception("zone check failed")
                 # At a fixed rate: a check that waited on silent agents does not stretch the interval.
@@ -111,6 +122,7 @@ class ZoneChecker:
                 await asyncio.wait({woken, stopped}, timeout=next_at - time.monotonic(), return_when=FIRST_COMPLETED)
                 for task in (woken, stopped):
                     task.cancel()
-                if self.wake.is_set():
+                alarmed = self.wake.is_set()
+                if alarmed:
                     self.wake.clear()
                     next_at = time.monotonic()  # checked now; the regular cadence starts again from here

@@ -65,6 +65,23 @@ RUNBOOKS = [w for w in WORKFLOWS if w not in (ModelGuardianWorkflow, BudgetWorkf
 """The runs counted in ``drctl_runbooks_total`` (the guardians and the budget never close)."""
 
 
+SDK_DEFAULT_WORKFLOW_CACHE = 1000
+"""The SDK's default ``max_cached_workflows``."""
+
+
+def workflow_cache_size(policy: DRPolicy, settings: DrctlSettings) -> int:
+    """Workflows the worker keeps in memory between their tasks (``DRCTL_WORKER_WORKFLOW_CACHE``,
+    or sized to the fleet): room for every model's guardian and one runbook each, and 500 more (the
+    budget, zone failovers, reconciliation, drains, drills, runbooks that joined another). A
+    workflow pushed out replays its history on its next task. Guardians never close, so on a
+    long-lived worker of a fleet past 1,000 models the SDK's default would be full of them. At
+    1,000 models (a zone outage of 2,000 instances) the default and this size measured the same:
+    the workflows active at once were fewer than 1,000 (docs/benchmarks.md)."""
+    if settings.worker_workflow_cache is not None:
+        return settings.worker_workflow_cache
+    return max(SDK_DEFAULT_WORKFLOW_CACHE, 2 * len(policy.models) + 500)
+
+
 def workflow_runner(settings: DrctlSettings) -> WorkflowRunner:
     """How the worker runs workflow code: unsandboxed unless ``DRCTL_WORKFLOW_SANDBOX`` (see the
     setting: the sandbox costs a new module import per workflow run; CI checks the code in it)."""
@@ -100,6 +117,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
         # dead worker's sticky queue, so this is short (bench/worker_kill_bench.py).
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=500),
         workflow_runner=workflow_runner(settings),
+        max_cached_workflows=workflow_cache_size(policy, settings),
     )
     if settings.worker_creates_reconcile_schedule:
         await ensure_schedule_exists(client, policy, settings.task_queue)

@@ -258,7 +258,11 @@ class FailoverWorkflow:
             )
             probe = ProbeResult(instance=request.instance, healthy=False, detail="confirmed by caller", duration_ms=0)
         else:
-            probe = await self._step("confirm", ActivityName.PROBE_INSTANCE, ref, ProbeResult)
+            # With the listing from the start, nothing else would record a decision input before
+            # the first change: the probe goes as a regular activity then (see ``_confirm_recorded``).
+            probe = await self._step(
+                "confirm", ActivityName.PROBE_INSTANCE, ref, ProbeResult, long=self._confirm_recorded(request)
+            )
         if probe.healthy:
             return self._finish(FailoverOutcome.FALSE_ALARM, f"instance is healthy: {probe.detail}")
 
@@ -339,12 +343,31 @@ class FailoverWorkflow:
     def _prefers_active_zones(self) -> bool:
         return workflow.patched(PREFERS_ACTIVE_ZONES)
 
+    def _confirm_recorded(self, request: FailoverRequest) -> bool:
+        """Whether the confirm probe must be a regular activity: when the listing came with the
+        run's start (``_claimed_listing``) and the steps are local activities. Local activities are
+        recorded only when their workflow task completes, and without the listing step nothing
+        ends the first task before the changes begin: a task run again (its completion refused for
+        a ``joined`` signal, or its worker dead) would probe again an instance the first attempt
+        had already ejected and replaced, and could end ``false-alarm`` with the promotion in no
+        audit. A report that established the failure (``confirmed``: the prober, a zone failover, a
+        drain) has no probe, and runs every step in one workflow task."""
+        return self._local_activities and not self._plan_only and self._claimed_listing(request) is not None
+
+    @staticmethod
+    def _claimed_listing(request: FailoverRequest) -> InstanceList | None:
+        """The listing the guardian claimed with the epoch, if this run has one for its model."""
+        claimed = request.listing
+        if claimed is not None and request.epoch is not None and claimed.model == request.model:
+            return claimed
+        return None
+
     async def _list(self, request: FailoverRequest) -> InstanceList:
         """The listing the guardian claimed with the epoch (``request.listing``, recorded in this
         run's start), or the runbook's own ``list`` step when there is none (a run from before, a
         listing that failed at the claim, a run started directly with an epoch)."""
-        claimed = request.listing
-        if claimed is not None and request.epoch is not None and claimed.model == request.model:
+        claimed = self._claimed_listing(request)
+        if claimed is not None:
             now = workflow.now()
             self._record("list", now, now, claimed.duration_ms, True, "listed with the epoch claim")
             return claimed

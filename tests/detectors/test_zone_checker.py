@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from drctl.detectors.gpu_node_agent import NodeAgent, serve
-from drctl.detectors.zone_checker import ZoneChecker
+from drctl.detectors.zone_checker import ALARM_AGENT_TIMEOUT_S, ZoneChecker
+from drctl.platforms import node_agents
 from drctl.policies.loader import load_policy_file
 from drctl.policies.zone_health import ZoneVerdict
 
@@ -157,3 +158,32 @@ async def test_the_prober_s_alarm_makes_the_check_run_at_once() -> None:
         stop.set()
         await task
         await agent.aclose()
+
+
+async def test_a_check_the_alarm_asked_for_waits_less_for_silent_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGSTOPped agent takes the connection and never answers: the regular check waits its full
+    timeout for it; the check the prober's alarm asked for (every instance of the zone down) waits
+    ``ALARM_AGENT_TIMEOUT_S``, and the two signals together still fail the zone over at once."""
+    waits: list[float] = []
+
+    async def silent(http: httpx.AsyncClient, url: str, wait_s: float) -> str | None:
+        waits.append(wait_s)
+        return None
+
+    started: list[str] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append(zone)
+        return zone
+
+    checker = ZoneChecker(POLICY, [], start, instances_down=lambda zone: zone == "az-1")
+    checker.node_of = {"http://10.0.0.1:9400": "gpu-node-0", "http://10.0.0.2:9400": "gpu-node-3"}
+    monkeypatch.setattr(node_agents, "agent_node", silent)
+    async with httpx.AsyncClient() as http:
+        await checker.check_once(http)
+        regular, waits[:] = list(waits), []
+        await checker.check_once(http, alarmed=True)
+    interval = POLICY.az_failover.health_check_interval.total_seconds()
+    assert regular == [min(2.0, interval / 2)] * 2
+    assert waits == [ALARM_AGENT_TIMEOUT_S] * 2
+    assert started == ["az-1"]  # at the first check: corroborated by the instances

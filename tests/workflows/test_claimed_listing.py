@@ -4,11 +4,20 @@ activity of its own. Time-skipping server, fake platform."""
 
 from __future__ import annotations
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from drctl.payloads import ActivityName, FailoverOutcome, FailoverRequest, FailoverResult, Role
+from drctl.payloads import (
+    ActivityName,
+    FailoverOutcome,
+    FailoverRequest,
+    FailoverResult,
+    FailureReport,
+    Role,
+    Trigger,
+)
 from drctl.temporal.incidents import report_failure
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_guardian import guarded, report, result_of
@@ -62,3 +71,23 @@ async def test_a_listing_that_fails_at_the_claim_leaves_the_runbook_to_list(
     assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
     assert list_step(result) != "listed with the epoch claim"
     assert ActivityName.LIST_INSTANCES in scheduled
+
+
+@pytest.mark.parametrize("confirmed", [True, False])
+async def test_with_local_activities_only_a_confirm_probe_is_recorded_before_the_changes(
+    time_skipping_env: WorkflowEnvironment, confirmed: bool
+) -> None:
+    """With the listing in its start and local activities, a report that established the failure
+    (the prober's) runs every step in its first workflow task; one that must be confirmed (an
+    alert's) probes as a regular activity, so the probe is in the history before anything changes
+    and a task run again cannot see another answer."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    request = FailoverRequest(
+        model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.ALERT, confirmed=confirmed, local_activities=True
+    )
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, FailureReport(request=request, reporter="alert abc123"))
+        result = await result_of(client, queue, ticket)
+        scheduled = await scheduled_activities(client, ticket.workflow_id)
+    assert result.outcome == FailoverOutcome.RECOVERED and list_step(result) == "listed with the epoch claim"
+    assert scheduled == ([] if confirmed else [ActivityName.PROBE_INSTANCE])
