@@ -105,10 +105,11 @@ async def test_kill_serving_instance_then_failover_loses_no_request(local_stack:
     assert result.rto_ms is not None and 0 < result.rto_ms < 30_000
     assert result.switch_ms is not None and result.orchestration_ms is not None
 
-    # Every step is in the workflow history (local activities as markers, the load as an activity).
+    # Every step is in the workflow history (local activities as markers, the probe as an activity:
+    # the listing came with the run's start, claimed with the epoch, and the probe's answer must be
+    # recorded before anything changes).
     assert await activities_in_history(handle) == [
         ActivityName.PROBE_INSTANCE,
-        ActivityName.LIST_INSTANCES,
         ActivityName.PROMOTE_STANDBY,
         ActivityName.LOAD_MODEL,
         ActivityName.REGISTER_INSTANCE,
