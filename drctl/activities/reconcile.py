@@ -90,13 +90,22 @@ class ReconcileActivities:
         return await with_heartbeats(self._observe())
 
     async def _observe(self) -> FleetSnapshot:
+        """The epochs first, then the models busy with a recovery, then the instances. In this
+        order a runbook is either busy here (its model skipped), or it claimed its epoch after the
+        epochs were read (every action on its model refused as stale), or it ended before the
+        instances were read (they show what it did). Read the other way round (the nemesis, seed 3:
+        a worker restart made the budget's answer take 0.5 s), the instances showed a hot standby
+        a runbook was ejecting that moment, the busy models showed the runbook ended, the epoch was
+        the runbook's own, and reconciliation deleted the ejected standby as misplaced."""
+        epochs = await self.platform.epochs()
+        busy = await busy_models(activity.client(), activity.info().task_queue)
         policy = await self.platform.current_policy()
         return FleetSnapshot(
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
-            epochs=await self.platform.epochs(),
-            busy_models=await busy_models(activity.client(), activity.info().task_queue),
+            epochs=epochs,
+            busy_models=busy,
         )
 
     @activity.defn(name=ActivityName.PLAN_RECONCILE)
