@@ -114,6 +114,13 @@ class InstancePools:
                 return pool
             if processes.is_stopped(pool.pid):
                 raise RuntimeError(f"instance pool {name} (pid {pool.pid}) is stopped: node {name} looks hung")
+            # Running, but too busy to answer in time (at 2,000 instances a pool ran at 200 % CPU):
+            # a second pool started beside it took over its record, and the first, with every
+            # instance it still served, was left running after the stack stopped. The step retries.
+            raise RuntimeError(
+                f"instance pool {name} (pid {pool.pid}) runs but did not answer within 1 s: "
+                "not starting a second pool beside it"
+            )
         return self._start(name)
 
     def _start(self, name: str) -> Pool:

@@ -210,3 +210,18 @@ async def test_a_kill_on_a_stopped_node_fences_its_pool_at_once_and_no_second_po
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(group, signal.SIGCONT)
+
+
+async def test_a_pool_too_busy_to_answer_gets_no_second_pool_beside_it(
+    fleet: PooledFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running pool that does not answer its health check in time (at 2,000 instances one ran at
+    200 % CPU) is not replaced: a second pool would take over its record, and the first, with every
+    instance it serves, would run on after the stack stopped."""
+    node_pools = pools.InstancePools(fleet.platform().layout, fleet.settings.instance_pool_base_port)
+    pool = node_pools.recorded()[0]
+    monkeypatch.setattr(pools, "_answers", lambda _pool: False)
+    with pytest.raises(RuntimeError, match="not starting a second pool"):
+        node_pools.ensure(pool.name)
+    assert [p.pid for p in node_pools.recorded() if p.name == pool.name] == [pool.pid]
+    assert processes.is_alive(pool.pid)
