@@ -29,8 +29,9 @@ log = logging.getLogger("drctl.zone_checker")
 ALARM_AGENT_TIMEOUT_S = 0.5
 """How long a check the prober's zone alarm asked for waits for each node agent. A live agent
 answers ``/healthz`` in milliseconds; a SIGSTOPped or cut-off one never does, and the regular
-check's 2 s wait was two of the ~5.5 s from a zone's outage to its failover. A slow agent counted
-silent here cannot fail a zone over by itself: its zone's instances must all be down too."""
+check waited 2 s for it (a zone failover started 5.0-5.6 s after the outage at 1,000 instances,
+4.4 s with this). A slow agent counted silent here cannot fail a zone over by itself: its zone's
+instances must all be down too."""
 
 StartZoneFailover = Callable[[str, str], Awaitable[str]]
 """``(zone, reason) -> workflow id``: starts (or joins) the zone's failover."""

@@ -84,10 +84,11 @@ def decide(
     ``zone_failover_first``: while a zone failover's lease runs, the single recoveries in its zone
     that have not started wait for it to be handed back. They are the prober's reports of the zone's
     instances: a serving one the zone failover recovers under its lease (its guardian runs the
-    waiting incident then), and a standby whose runbook only ejects it. Run beside the lease, they
-    took a third of the machine from the zone's serving instances (107 standby runbooks among 357
-    in a zone outage of 1,000 instances). A zone failover still waiting for its lease holds nothing
-    back: its zone's recoveries start meanwhile, as before."""
+    waiting incident then), and a standby whose runbook only ejects it. Beside the lease they
+    compete with the zone's serving instances for the machine. (In the 1,000-instance zone outage of
+    ``bench/zone_bench.py`` most came after the lease anyway, and this measured no change there.) A
+    zone failover still waiting for its lease holds nothing back: its zone's recoveries start
+    meanwhile, as before."""
     failing_over = {r.zone for r in (*running, *waiting) if r.kind == LeaseKind.ZONE and r.zone is not None}
     recovering = {r.zone for r in running if r.covers and r.zone is not None} if zone_failover_first else set()
 

@@ -55,9 +55,9 @@ runbooks were allowed at once, and each of the ``maxParallelFailovers`` slots st
 seconds between two runbooks. Budgets started before it signal in turn until they continue as new."""
 ZONE_FAILOVER_FIRST = "budget-zone-failover-first"
 """Patch: while a zone failover's lease runs, the single recoveries of its zone that have not
-started wait until it is handed back (``decide(zone_failover_first=True)``): the prober's reports of
-the zone's standbys no longer take the machine from its serving instances. Budgets started before
-it decide as they did until they continue as new."""
+started wait until it is handed back (``decide(zone_failover_first=True)``), so the prober's
+reports of the zone's standbys do not compete with its serving instances for the machine. Budgets
+started before it decide as they did until they continue as new."""
 
 
 @workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
