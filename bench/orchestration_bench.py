@@ -119,22 +119,26 @@ class Plain:
         return FailoverOutcome.RECOVERED.value
 
 
+def _request(model: str, instance: str, confirmed: bool) -> FailoverRequest:
+    """The report of the kill: established (as the prober's) or to be confirmed (as an alert's)."""
+    return FailoverRequest(
+        model=model,
+        instance=instance,
+        trigger=Trigger.PROBE if confirmed else Trigger.DRILL,
+        confirmed=confirmed,
+        reason="bench",
+        failed_at=_now(),
+    )
+
+
 async def _through_runbook(
     client: Client, stack: LocalStack, model: str, instance: str, n: int, confirmed: bool
 ) -> str:
     grant = await ActivityEnvironment(client=client).run(
         IncidentActivities(stack.platform).claim_epoch, ModelRef(model=model)
     )
-    request = FailoverRequest(
-        model=model,
-        instance=instance,
-        trigger=Trigger.PROBE if confirmed else Trigger.DRILL,
-        confirmed=confirmed,
-        reason="bench",
-        epoch=grant.epoch,
-        listing=grant.listing,  # as the guardian hands it over: listed with the epoch claim
-        failed_at=_now(),
-    )
+    # As the guardian hands it over: the epoch, and the listing claimed with it.
+    request = _request(model, instance, confirmed).model_copy(update={"epoch": grant.epoch, "listing": grant.listing})
     t0 = _now()
     handle = await client.start_workflow(
         FailoverWorkflow.run,
@@ -157,15 +161,7 @@ async def _through_runbook(
 
 
 async def _through_guardian(client: Client, stack: LocalStack, model: str, instance: str, confirmed: bool) -> str:
-    request = FailoverRequest(
-        model=model,
-        instance=instance,
-        trigger=Trigger.PROBE if confirmed else Trigger.DRILL,
-        confirmed=confirmed,
-        reason="bench",
-        failed_at=_now(),
-    )
-    handle = await start_failover(client, stack.settings, request)
+    handle = await start_failover(client, stack.settings, _request(model, instance, confirmed))
     result = await handle.result()
     return result.outcome.value
 
