@@ -16,7 +16,7 @@ from drctl.payloads import Instance, Role
 from drctl.platforms.local import processes
 from drctl.platforms.local.platform import LocalPlatform
 from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
-from drctl.policies.loader import load_policy_file
+from drctl.policies.loader import PolicyError, load_policy_file
 from drctl.settings import DrctlSettings
 
 
@@ -100,3 +100,20 @@ async def test_the_platform_hands_out_plain_instances_and_looks_their_process_up
     finally:
         processes.terminate(pid, grace_s=0.5)
         await platform.close()
+
+
+async def test_the_policy_is_parsed_again_only_when_its_file_changed(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("models:\n  - name: alpha\n    hotStandby: 1\n")
+    platform = LocalPlatform(
+        DrctlSettings(policy=policy_file, state_dir=tmp_path / "state"), load_policy_file(policy_file)
+    )
+    first = await platform.current_policy()
+    assert await platform.current_policy() is first  # unchanged bytes: the same parse
+    policy_file.write_text("models:\n  - name: beta\n    hotStandby: 1\n")
+    changed = await platform.current_policy()
+    assert changed is not first and changed.model_names == ["beta"]
+    policy_file.write_text("models: [")  # a broken edit fails every time it is asked, as before
+    for _ in range(2):
+        with pytest.raises(PolicyError):
+            await platform.current_policy()
