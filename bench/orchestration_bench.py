@@ -252,13 +252,15 @@ def main() -> None:
     args = parser.parse_args()
     walls = asyncio.run(bench(args.rounds, args.model, args.confirmed))
     medians = {mode: statistics.median(values) for mode, values in walls.items()}
+    # Ratios only when plain ran (``ORCH_MODES`` may leave it out).
+    ratios = {mode: round(medians[mode] / medians["plain"], 2) for mode in MODES} if "plain" in medians else {}
     summary = {
         "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
         "rounds": args.rounds,
         "confirmed": args.confirmed,
         "wall_ms": walls,
         "median_ms": medians,
-        "ratio_to_plain": {mode: round(medians[mode] / medians["plain"], 2) for mode in MODES},
+        "ratio_to_plain": ratios,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -268,7 +270,7 @@ def main() -> None:
         values = walls[mode]
         print(
             f"{mode:10s} {medians[mode]:10.1f} {min(values):7.1f} {max(values):7.1f} "
-            f"{summary['ratio_to_plain'][mode]:8.2f}"
+            + (f"{ratios[mode]:8.2f}" if mode in ratios else f"{'-':>8s}")
         )
 
 
