@@ -202,7 +202,8 @@ class ZoneFailoverWorkflow:
         runbook to its end, critical models first, at most the lease's slots at a time; hand the
         lease back at the end, whatever happened. The zone's standbys are left to reconciliation
         (requested at the end: it moves those on the cordoned GPUs in one pass) and to the
-        prober's reports, which the budget runs beside this lease (they are covered by it)."""
+        prober's reports, which the budget holds until this lease is handed back (patch
+        ``budget-zone-failover-first``; before it they ran beside the lease)."""
         if not serving:
             return
         lease = await self._take_zone_lease(request, policy, serving)
