@@ -93,11 +93,14 @@ class FailoverActivities:
 
     @activity.defn(name=ActivityName.PROBE_INSTANCE)
     async def probe_instance(self, ref: InstanceRef) -> ProbeResult:
+        """As a regular activity (the confirm step of a runbook whose listing came with its start)
+        it heartbeats while the instance answers, as the listing step does: a worker that dies
+        holding it costs the heartbeat timeout (1 s), not the step's 10 s."""
         start = time.monotonic()
         with span("platform.probe", model=ref.model, instance=ref.instance) as current:
             instance = await self.platform.get_instance(ref.model, ref.instance)
             set_attributes(current, tier=instance.role.value)
-            healthy, detail = await self.platform.probe(instance)
+            healthy, detail = await with_heartbeats(self.platform.probe(instance))
             result = ProbeResult(instance=ref.instance, healthy=healthy, detail=detail, duration_ms=_elapsed_ms(start))
             log_step("probe", result.duration_ms, detail, model=ref.model, instance=ref.instance)
         return result

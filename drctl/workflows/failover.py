@@ -136,6 +136,7 @@ HEARTBEAT_TIMEOUTS = {
     ActivityName.LOAD_MODEL: timedelta(seconds=3),
     ActivityName.VERIFY_SERVING: timedelta(seconds=3),
     ActivityName.LIST_INSTANCES: timedelta(seconds=1),
+    ActivityName.PROBE_INSTANCE: timedelta(seconds=1),
     ActivityName.CREATE_INSTANCE: timedelta(seconds=5),
     ActivityName.AWAIT_RUNBOOKS: timedelta(seconds=10),
 }

@@ -24,9 +24,17 @@ from tests.workflows.test_guardian import guarded, report, result_of
 
 
 async def scheduled_activities(client: Client, workflow_id: str) -> list[str]:
+    return [name for name, _ in await scheduled_with_heartbeat(client, workflow_id)]
+
+
+async def scheduled_with_heartbeat(client: Client, workflow_id: str) -> list[tuple[str, float]]:
+    """Each regular activity the run scheduled, with its heartbeat timeout in seconds (0: none)."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     return [
-        e.activity_task_scheduled_event_attributes.activity_type.name
+        (
+            e.activity_task_scheduled_event_attributes.activity_type.name,
+            e.activity_task_scheduled_event_attributes.heartbeat_timeout.ToTimedelta().total_seconds(),
+        )
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
@@ -88,6 +96,7 @@ async def test_with_local_activities_only_a_confirm_probe_is_recorded_before_the
     async with guarded(time_skipping_env, fleet) as (client, queue):
         ticket = await report_failure(client, queue, FailureReport(request=request, reporter="alert abc123"))
         result = await result_of(client, queue, ticket)
-        scheduled = await scheduled_activities(client, ticket.workflow_id)
+        scheduled = await scheduled_with_heartbeat(client, ticket.workflow_id)
     assert result.outcome == FailoverOutcome.RECOVERED and list_step(result) == "listed with the epoch claim"
-    assert scheduled == ([] if confirmed else [ActivityName.PROBE_INSTANCE])
+    # The probe heartbeats: a worker that dies holding it costs a second, not the step's 10 s.
+    assert scheduled == ([] if confirmed else [(ActivityName.PROBE_INSTANCE, 1.0)])
