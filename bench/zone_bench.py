@@ -61,7 +61,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dr-policy.yaml"
 
 
-def policy_document(models: int, parallel: int | None = None) -> dict[str, Any]:
+def policy_document(
+    models: int, parallel: int | None = None, reconcile: dict[str, int] | None = None
+) -> dict[str, Any]:
     example = yaml.safe_load(EXAMPLE.read_text())
     # Instances per GPU when the whole fleet runs in one zone (half the nodes), with room to spare.
     per_gpu = max(1, -(-models * 2 // (NODES // 2 * GPUS)))
@@ -87,7 +89,7 @@ def policy_document(models: int, parallel: int | None = None) -> dict[str, Any]:
         },
         "detection": example["detection"],
         "loadBalancer": example["loadBalancer"],
-        "reconcile": {"interval": "30s"},
+        "reconcile": {"interval": "30s"} | (reconcile or {}),
         "local": {"checkpointSize": "64KiB"},
     }
 
@@ -182,7 +184,11 @@ async def running_runbooks(stack: LocalStack) -> int:
 
 async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     policy_path = workdir / "policy.yaml"
-    policy_path.write_text(yaml.safe_dump(policy_document(models, args.parallel), sort_keys=False))
+    pacing = {"maxParallelChanges": args.reconcile_parallel, "maxLoadsPerNode": args.loads_per_node}
+    document = policy_document(models, args.parallel, {k: v for k, v in pacing.items() if v is not None})
+    if args.runbooks_per_minute:
+        document["budget"] = {"maxRunbooksPerMinute": args.runbooks_per_minute}
+    policy_path.write_text(yaml.safe_dump(document, sort_keys=False))
     policy = load_policy_file(policy_path)
     settings = isolated_settings(workdir / "state", policy_path).model_copy(update={"instance_mode": args.mode})
     os.environ["DRCTL_INSTANCE_MODE"] = args.mode  # the parts read their settings from the environment
@@ -284,6 +290,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 task_timeouts += sum(
                     1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
                 )
+            passes = await reconcile_passes(stack, t0_wall)
             runbooks, runbook_spans = [], []
             kinds: Counter[str] = Counter()  # trigger and outcome: which runbooks ran, and to what end
             async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
@@ -318,6 +325,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "workflow_task_timeouts": task_timeouts,
         "workflow_cache_evictions": evictions,
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
+        "reconcile_passes": passes,
         "envoy_updates": updates,
         "requests": load.sent,
         "failed": load.failed,
@@ -327,6 +335,41 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "cpu_s_until_runbooks_done": {k: round(v, 1) for k, v in sorted(cpu_spent.items(), key=lambda kv: -kv[1])},
         "stack_rss_gib": round(rss / 2**30, 2),
     }
+
+
+async def reconcile_passes(stack: LocalStack, t0_wall: float) -> list[str]:
+    """Each reconciliation pass since the outage: when it ran (seconds after the outage), and its
+    creates and deletes with the median time of one (scheduled to completed)."""
+    assert stack.client is not None
+    lines: list[tuple[float, str]] = []
+    async for wf in stack.client.list_workflows("WorkflowType = 'ReconcilePassWorkflow'"):
+        start = wf.start_time.timestamp() - t0_wall
+        if start < 0:
+            continue
+        history = await stack.client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+        scheduled: dict[int, tuple[str, float]] = {}
+        took: dict[str, list[float]] = {}
+        plans: list[str] = []
+        errors: list[str] = []
+        for e in history.events:
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                kind = e.activity_task_scheduled_event_attributes.activity_type.name
+                scheduled[e.event_id] = (kind, e.event_time.ToDatetime(datetime.UTC).timestamp())
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                kind, at = scheduled[e.activity_task_completed_event_attributes.scheduled_event_id]
+                took.setdefault(kind, []).append(e.event_time.ToDatetime(datetime.UTC).timestamp() - at)
+                if kind == "plan_reconcile":  # what each plan asked for: kind and tier of its actions
+                    plan = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data)
+                    asked = Counter(f"{a['kind']} {a['tier']}" for a in plan["actions"])
+                    plans.append(", ".join(f"{n} {what}" for what, n in sorted(asked.items())) or "nothing")
+                elif kind == "apply_changes":
+                    done = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data)
+                    errors.extend(o["error"] for o in done["outcomes"] if o.get("error"))
+        end = f"{wf.close_time.timestamp() - t0_wall:.1f}" if wf.close_time else "-"
+        done = ", ".join(f"{len(v)} {k} ({statistics.median(v):.2f} s)" for k, v in sorted(took.items()))
+        failed = f"; {len(errors)} failed, first: {errors[0][:160]}" if errors else ""
+        lines.append((start, f"{start:.1f}-{end} s: {done}; planned {' / '.join(plans)}{failed}"))
+    return [line for _, line in sorted(lines)]
 
 
 def print_events(history: Any, t0_wall: float) -> None:
@@ -358,6 +401,9 @@ def main() -> None:
     parser.add_argument("--rate-hz", type=float, default=2.0, help="requests per second per model")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for redundancy")
     parser.add_argument("--parallel", type=int, default=None, help="az_failover.maxParallelFailovers (policy: 4)")
+    parser.add_argument("--reconcile-parallel", type=int, default=None, help="reconcile.maxParallelChanges")
+    parser.add_argument("--loads-per-node", type=int, default=None, help="reconcile.maxLoadsPerNode")
+    parser.add_argument("--runbooks-per-minute", type=int, default=None, help="budget.maxRunbooksPerMinute")
     parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--events", action="store_true", help="print the zone failover's history, folded")

@@ -68,6 +68,11 @@ class Instance(Payload):
     zone: str | None = None
     node: str | None = None
     note: str = ""
+    created_at: datetime | None = None
+    """When the platform made this instance (a pod's creation time; the local platform's create).
+    Reconciliation gives a replacement the id of the instance it replaces when that was the
+    model's last: a failure reported before ``created_at`` was the earlier instance's, and the
+    runbook probes this one before acting on the report. None: not known (made before it was kept)."""
 
 
 class InstanceRef(Payload):
@@ -249,6 +254,7 @@ class ActivityName:
     CREATE_INSTANCE = "create_instance"
     RETIER_INSTANCE = "retier_instance"
     DELETE_INSTANCE = "delete_instance"
+    APPLY_CHANGES = "apply_changes"
     RESTORE_CHECKPOINT = "restore_checkpoint"
     CLAIM_EPOCH = "claim_epoch"
     REPORT_FAILURE = "report_failure"
@@ -257,6 +263,7 @@ class ActivityName:
     REPORT_AND_AWAIT = "report_and_await"
     HAND_BACK_LEASE = "hand_back_lease"
     AWAIT_RECONCILE_PASS = "await_reconcile_pass"
+    AWAIT_ZONE_FAILOVERS = "await_zone_failovers"
     BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"
     DRILL_RUN = "drill_run"
@@ -347,6 +354,9 @@ class FleetSnapshot(Payload):
     busy_models: dict[str, str] = Field(default_factory=dict)
     """Models with a recovery in flight or waiting for the budget → its runbook: reconcile leaves
     them alone (told by the budget, not inferred from counts)."""
+    zones_failing_over: list[str] = Field(default_factory=list)
+    """Zones whose failover's lease the budget is running: until it is handed back, reconciliation
+    makes no new standbys (``drctl.policies.reconcile.zone_failover_first``)."""
 
     cordoned_gpus: list[str] = Field(default_factory=list)
     """GPUs kept out of placement (drained after a GPU failure)."""
@@ -354,6 +364,13 @@ class FleetSnapshot(Payload):
     """The DR policy as plain data (``DRPolicy.model_dump``), so a workflow sees one consistent
     version for its whole run, even if the file changes meanwhile."""
     instances: list[Instance]
+
+
+class ReconcilePacing(Payload):
+    """How many of a pass's changes run at once (the policy's ``reconcile`` section)."""
+
+    parallel_changes: int = Field(ge=1)
+    loads_per_node: int = Field(ge=1)
 
 
 class ReconcilePlan(Payload):
@@ -369,6 +386,13 @@ class ReconcilePlan(Payload):
     moves: dict[str, str] = Field(default_factory=dict)
     """Moves of misplaced standbys: new instance → the one it replaces. The new one is created
     first and the old one deleted only once it exists: the model never has fewer standbys."""
+    after_zone_failover: list[str] = Field(default_factory=list)
+    """Zones failing over when planned: the plan makes no new standbys
+    (``drctl.policies.reconcile.zone_failover_first``), and its pass waits for those failovers to
+    hand their lease back, then plans again."""
+    pacing: ReconcilePacing | None = None
+    """How many changes at once, from the policy when planned. None in a plan made before it was
+    recorded here: that pass deletes one at a time and creates four at a time, as it did."""
 
 
 class ReconcileResult(Payload):
@@ -382,6 +406,35 @@ class InstanceChange(Payload):
     """Input of the create/retier/delete activities."""
 
     action: ReconcileAction
+
+
+class ZoneNames(Payload):
+    """Input of ``await_zone_failovers``."""
+
+    zones: list[str]
+
+
+class ChangeBatch(Payload):
+    """Input of ``apply_changes``: a pass's changes applied side by side in one activity, at most
+    ``loads_per_node`` of those that load a model on one node at once."""
+
+    actions: list[ReconcileAction]
+    loads_per_node: int = Field(ge=1)
+
+
+class ChangeOutcome(Payload):
+    """What became of one change of a batch: ``detail`` when done, else ``error`` (and its
+    ``error_type``, an :class:`ErrorType`, where the platform gave one)."""
+
+    instance: str
+    detail: str = ""
+    error: str | None = None
+    error_type: str | None = None
+
+
+class ChangeOutcomes(Payload):
+    outcomes: list[ChangeOutcome] = Field(default_factory=list)
+    """In the order of the batch's actions."""
 
 
 # -- GPU drain ----------------------------------------------------------------------------------------

@@ -6,28 +6,37 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
 from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.activities.failover import heartbeat_progress, log_step, with_heartbeats
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
+    ChangeBatch,
+    ChangeOutcome,
+    ChangeOutcomes,
     DrainGpuRequest,
     FleetSnapshot,
     InstanceChange,
     ModelRef,
+    ReconcileAction,
+    ReconcileActionKind,
     ReconcilePlan,
     ReconcileRequest,
+    Role,
     StepReport,
+    ZoneNames,
 )
 from drctl.platforms.base import Platform
 from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
-from drctl.temporal.incidents import busy_models
+from drctl.temporal.incidents import budget_state, busy_in, zones_failing_over, zones_recovering
 
 
 def _elapsed_ms(start: float) -> float:
@@ -65,6 +74,51 @@ async def _platform_step(
     return report
 
 
+CHANGE_ATTEMPTS = 3
+"""Tries of one change of a batch, as the pass's retry policy gives a change of its own (``RETRY``
+in ``drctl.workflows.reconcile``): a transient error is tried again after 0.5 s, then 1 s."""
+
+
+def loads_a_model(action: ReconcileAction) -> bool:
+    """A create or re-tier of a loaded tier: it reads a checkpoint and copies it to a GPU."""
+    return action.kind != ReconcileActionKind.DELETE and action.tier != Role.COLD and action.node is not None
+
+
+async def applied_side_by_side(
+    batch: ChangeBatch, change: Callable[[ReconcileAction], Awaitable[StepReport]]
+) -> ChangeOutcomes:
+    """Each change of ``batch`` made with ``change``, side by side, at most ``loads_per_node`` of
+    those that load a model on one node at once. One change that fails does not fail the others:
+    its outcome says why, after ``CHANGE_ATTEMPTS`` tries, or at once for an error the platform
+    calls final (non-retryable). Every change is idempotent and fenced by its model's epoch, so a
+    retry of the whole batch (its worker died) redoes nothing that was done."""
+    node_gates: dict[str, asyncio.Semaphore] = {}
+
+    async def tried(action: ReconcileAction) -> ChangeOutcome:
+        for attempt in range(1, CHANGE_ATTEMPTS + 1):
+            try:
+                report = await change(action)
+            except ApplicationError as exc:
+                if exc.non_retryable or attempt == CHANGE_ATTEMPTS:
+                    return ChangeOutcome(instance=action.instance, error=str(exc), error_type=exc.type)
+            except Exception as exc:  # one change's failure is its outcome, not the batch's
+                if attempt == CHANGE_ATTEMPTS:
+                    return ChangeOutcome(instance=action.instance, error=f"{type(exc).__name__}: {exc}")
+            else:
+                return ChangeOutcome(instance=action.instance, detail=report.detail)
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last attempt returns")
+
+    async def one(action: ReconcileAction) -> ChangeOutcome:
+        if not loads_a_model(action):
+            return await tried(action)
+        assert action.node is not None
+        async with node_gates.setdefault(action.node, asyncio.Semaphore(batch.loads_per_node)):
+            return await tried(action)
+
+    return ChangeOutcomes(outcomes=list(await asyncio.gather(*(one(a) for a in batch.actions))))
+
+
 class ReconcileActivities:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
@@ -76,8 +130,10 @@ class ReconcileActivities:
             self.create_instance,
             self.retier_instance,
             self.delete_instance,
+            self.apply_changes,
             self.request_reconcile,
             await_reconcile_pass,
+            await_zone_failovers,
             self.cordon_gpu,
             self.uncordon_gpu,
         ]
@@ -98,14 +154,15 @@ class ReconcileActivities:
         a runbook was ejecting that moment, the busy models showed the runbook ended, the epoch was
         the runbook's own, and reconciliation deleted the ejected standby as misplaced."""
         epochs = await self.platform.epochs()
-        busy = await busy_models(activity.client(), activity.info().task_queue)
+        budget = await budget_state(activity.client(), activity.info().task_queue)
         policy = await self.platform.current_policy()
         return FleetSnapshot(
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
             epochs=epochs,
-            busy_models=busy,
+            busy_models=busy_in(budget),
+            zones_failing_over=zones_failing_over(budget, datetime.now(UTC)),
         )
 
     @activity.defn(name=ActivityName.PLAN_RECONCILE)
@@ -149,6 +206,23 @@ class ReconcileActivities:
         return await _platform_step(
             "delete_instance", self.platform.delete_instance(change.action), _change(change), **_step_fields(change)
         )
+
+    @activity.defn(name=ActivityName.APPLY_CHANGES)
+    async def apply_changes(self, batch: ChangeBatch) -> ChangeOutcomes:
+        """A batch of a pass's changes side by side (:func:`applied_side_by_side`), heartbeating.
+
+        Why a batch: after a zone failover a pass has hundreds of changes, each taking tens of
+        milliseconds. As an activity each, their orchestration (schedule, poll, complete, a workflow
+        task) was most of the pass's time, and took the machine from the zone's recoveries."""
+        return await with_heartbeats(applied_side_by_side(batch, self._change))
+
+    async def _change(self, action: ReconcileAction) -> StepReport:
+        call = {
+            ReconcileActionKind.CREATE: self.create_instance,
+            ReconcileActionKind.RETIER: self.retier_instance,
+            ReconcileActionKind.DELETE: self.delete_instance,
+        }[action.kind]
+        return await call(InstanceChange(action=action))
 
     @activity.defn(name=ActivityName.UNCORDON_GPU)
     async def uncordon_gpu(self, request: DrainGpuRequest) -> StepReport:
@@ -200,3 +274,36 @@ async def await_reconcile_pass(workflow_id: str) -> StepReport:
         with contextlib.suppress(BaseException):
             await closed  # its outcome is the other pass's business: only its end matters here
     return StepReport(detail=f"waited for pass {described.run_id} to end", duration_ms=_elapsed_ms(start))
+
+
+ZONE_FAILOVER_POLL_S = 0.5
+ZONE_RECOVERIES_WAIT_S = 30.0
+"""After a zone failover's lease is handed back, how long more to wait for the zone's recoveries
+that the budget held behind it (the prober's reports of the zone's standbys): each keeps its model
+busy, so a pass planned beside them leaves those models for a pass after it, one after another."""
+
+
+@activity.defn(name=ActivityName.AWAIT_ZONE_FAILOVERS)
+async def await_zone_failovers(names: ZoneNames) -> StepReport:
+    """Wait until none of ``names.zones`` is failing over (its failover's lease handed back to the
+    budget, or held past ``ZONE_FAILOVER_FIRST_FOR``), then until the zone's recoveries held behind
+    that lease have ended (at most ``ZONE_RECOVERIES_WAIT_S`` more); asking the budget every half
+    second and heartbeating. Idempotent: a retry asks again."""
+    start = time.monotonic()
+    lease_back_at: float | None = None
+    client, queue = activity.client(), activity.info().task_queue
+    zones = set(names.zones)
+    while True:
+        budget = await budget_state(client, queue)
+        if zones & set(zones_failing_over(budget, datetime.now(UTC))):
+            activity.heartbeat("zone failover running")
+        else:
+            lease_back_at = lease_back_at or time.monotonic()
+            held = zones & zones_recovering(budget)
+            if not held or time.monotonic() - lease_back_at > ZONE_RECOVERIES_WAIT_S:
+                also = f", then {time.monotonic() - lease_back_at:.1f}s for its recoveries"
+                return StepReport(
+                    detail=f"zone failover of {', '.join(names.zones)} ended{also}", duration_ms=_elapsed_ms(start)
+                )
+            activity.heartbeat("the zone's recoveries running")
+        await asyncio.sleep(ZONE_FAILOVER_POLL_S)

@@ -269,6 +269,14 @@ class ReconcilePolicy(_Section):
     interval: PositiveDuration = timedelta(seconds=30)
     """Temporal refuses a schedule every 0s; ``enabled: false`` is how to turn it off."""
     enabled: bool = True
+    max_parallel_changes: Annotated[int, Field(ge=1, le=1000)] = 16
+    """Instances a pass deletes, creates or re-tiers at once: its deletes side by side first (they
+    free the capacity its creates were planned into), then its creates and re-tiers. After a zone
+    failover a pass has hundreds of each; one at a time, the fleet stayed short of its standbys for
+    tens of seconds (``docs/benchmarks.md``)."""
+    max_loads_per_node: Annotated[int, Field(ge=1, le=256)] = 4
+    """Of those, how many load a model on one node at once: each reads a checkpoint from the node's
+    disk or network and copies it to a GPU, and too many at once slow every one of them."""
 
 
 class BudgetPolicy(_Section):

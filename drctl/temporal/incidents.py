@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
@@ -30,6 +30,7 @@ from drctl.payloads import (
     GuardianState,
     Incident,
     IncidentTicket,
+    LeaseKind,
     LeaseRelease,
     LeaseRequest,
     SearchAttr,
@@ -196,14 +197,43 @@ async def budget_state(client: Client, task_queue: str) -> BudgetState | None:
 async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
     """Models with a recovery running or waiting for the budget → that recovery's runbook (or the
     zone failover whose lease covers the model: its runbooks ask the budget nothing more)."""
-    state = await budget_state(client, task_queue)
-    if state is None:
-        return {}
+    return busy_in(await budget_state(client, task_queue))
+
+
+def busy_in(state: BudgetState | None) -> dict[str, str]:
+    """:func:`busy_models` of a budget's state (None: no budget yet, nothing busy)."""
     busy: dict[str, str] = {}
-    for lease in [*state.waiting, *state.running]:
+    for lease in [*state.waiting, *state.running] if state is not None else []:
         for model in [lease.model, *lease.covers] if lease.model else lease.covers:
             busy.setdefault(model, lease.incident)
     return busy
+
+
+ZONE_FAILOVER_FIRST_FOR = timedelta(minutes=5)
+"""How long reconciliation leaves new standbys for after a zone failover (see
+:func:`zones_failing_over`): a zone failover that holds its lease longer is taken for stuck, and
+the fleet's standbys are not held back for it."""
+
+
+def zones_recovering(state: BudgetState | None) -> set[str]:
+    """Zones with a recovery the budget runs or holds (a zone failover's lease or a single one)."""
+    leases = [*state.running, *state.waiting] if state is not None else []
+    return {lease.zone for lease in leases if lease.zone is not None}
+
+
+def zones_failing_over(state: BudgetState | None, now: datetime) -> list[str]:
+    """Zones whose failover's lease is running (granted within ``ZONE_FAILOVER_FIRST_FOR``): while
+    one runs, reconciliation makes no new standbys (``drctl.policies.reconcile.zone_failover_first``)."""
+    running = state.running if state is not None else []
+    return sorted(
+        {
+            lease.zone
+            for lease in running
+            if lease.kind == LeaseKind.ZONE
+            and lease.zone is not None
+            and (lease.granted_at is None or now - lease.granted_at < ZONE_FAILOVER_FIRST_FOR)
+        }
+    )
 
 
 async def guardian_state(client: Client, task_queue: str, model: str) -> GuardianState | None:

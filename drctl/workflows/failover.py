@@ -9,7 +9,7 @@ eject waits until the replacement has been verified (``FailoverResult.eject_defe
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar, cast
 
 from temporalio import workflow
@@ -162,6 +162,11 @@ def error_type(err: FailureError) -> str | None:
     return cause.type if isinstance(cause, ApplicationError) else None
 
 
+def _utc(moment: datetime) -> datetime:
+    """``moment`` comparable with any other: one without a zone is taken as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _ms(delta: timedelta) -> float:
     return round(delta.total_seconds() * 1000, 1)
 
@@ -252,7 +257,7 @@ class FailoverWorkflow:
             return await self._hand_to_guardian(request)
         ref = InstanceRef(model=request.model, instance=request.instance)
 
-        if request.confirmed:
+        if request.confirmed and not self._reported_before_it_existed(request):
             now = workflow.now()
             self._record(
                 "confirm", now, now, None, True, f"skipped: failure established by the caller ({request.trigger})"
@@ -325,6 +330,29 @@ class FailoverWorkflow:
         await self._replenish(request.model)
         how = "an emergency instance" if result.emergency else str(promoted.role)
         return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
+
+    def _reported_before_it_existed(self, request: FailoverRequest) -> bool:
+        """Whether the instance of the claimed listing was made after the failure reported: the
+        report was of an earlier instance of the same id (reconciliation reuses the id of the
+        model's last instance when it replaces it), which waited (for the budget, behind a zone
+        failover) while it was replaced. Such a report is probed like one not confirmed: the
+        healthy replacement ends it ``false-alarm`` rather than being ejected. Before, in the
+        1,000-instance zone outage, the prober's reports of the zone's standbys ejected dozens of
+        their healthy replacements. Data-driven: a listing without creation times (recorded before
+        they were kept) never says so."""
+        claimed = self._claimed_listing(request)
+        if claimed is None or request.failed_at is None:
+            return False
+        made = next((i.created_at for i in claimed.instances if i.id == request.instance), None)
+        if made is None or _utc(made) <= _utc(request.failed_at):
+            return False
+        workflow.logger.info(
+            "%s was made at %s, after the failure reported (%s): probing it first",
+            request.instance,
+            made.isoformat(),
+            request.failed_at.isoformat(),
+        )
+        return True
 
     def _gone_settles(self) -> bool:
         return workflow.patched(GONE_INSTANCE_SETTLES)

@@ -36,16 +36,20 @@ with workflow.unsafe.imports_passed_through():
 
     from drctl.payloads import (
         ActivityName,
+        ChangeBatch,
+        ChangeOutcomes,
         ErrorType,
         FleetSnapshot,
         InstanceChange,
         InstanceRef,
         ReconcileAction,
         ReconcileActionKind,
+        ReconcilePacing,
         ReconcilePlan,
         ReconcileRequest,
         ReconcileResult,
         StepReport,
+        ZoneNames,
         reconcile_pass_workflow_id,
     )
     from drctl.policies.reconcile import plan_pass
@@ -69,7 +73,9 @@ ACTIVITY_FOR = {
     ReconcileActionKind.DELETE: ActivityName.DELETE_INSTANCE,
 }
 MAX_PARALLEL_CREATES = 4
-"""Instances start and load in parallel, a few at a time (each loads a checkpoint)."""
+"""Creates at once of a plan made before it carried its pacing (``ReconcilePlan.pacing``, from the
+policy's ``reconcile.maxParallelChanges`` and ``maxLoadsPerNode``); such a plan's deletes ran one by
+one. A plan is recorded in the pass's history, so a pass replays at the pace it was planned with."""
 
 
 ONE_PASS_AT_A_TIME = "reconcile-one-pass-at-a-time"
@@ -155,7 +161,8 @@ async def observe_and_plan(request: ReconcileRequest) -> ReconcilePlan:
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=RETRY,
     )
-    return plan_pass(snapshot, request.models)
+    # Paced as such a run was (one delete at a time, four creates, no wait for a zone failover).
+    return plan_pass(snapshot, request.models).model_copy(update={"pacing": None, "after_zone_failover": []})
 
 
 async def plan_of_pass(request: ReconcileRequest) -> ReconcilePlan:
@@ -185,26 +192,41 @@ async def reconcile_pass(
     plan = await planner(request)
     result = ReconcileResult(plan=plan, dry_run=request.dry_run)
     show(result)
-    if request.dry_run or not plan.actions:
+    if request.dry_run:
         return result
+    await _act(plan, result)
+    while plan.after_zone_failover:
+        # Its new standbys were left for after a zone failover (zone_failover_first): one pass
+        # waits for it, rather than pass after pass planning beside it, then plans again.
+        waited: StepReport = await workflow.execute_activity(
+            ActivityName.AWAIT_ZONE_FAILOVERS,
+            ZoneNames(zones=plan.after_zone_failover),
+            result_type=StepReport,
+            start_to_close_timeout=timedelta(hours=1),
+            heartbeat_timeout=PASS_WAIT_HEARTBEAT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
+        )
+        result.applied.append(f"waited: {waited.detail} after {waited.duration_ms / 1000:.1f}s; planned again")
+        plan = result.plan = await planner(request)
+        await _act(plan, result)
+    return result
+
+
+async def _act(plan: ReconcilePlan, result: ReconcileResult) -> None:
+    """Apply ``plan``'s actions; what each did goes to ``result``."""
+    if not plan.actions:
+        return
     # A move (a misplaced standby) is a create and a delete; the delete waits for the create.
     moved_out = set(plan.moves.values())
     move_deletes = {
         a.instance: a for a in plan.actions if a.kind == ReconcileActionKind.DELETE and a.instance in moved_out
     }
-    # Deletes first and one by one (they free capacity the creates were planned into).
-    for action in plan.actions:
-        if action.kind == ReconcileActionKind.DELETE and action.instance not in moved_out:
-            await _apply(action, result)
-    gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
-
-    async def bounded(action: ReconcileAction) -> None:
-        async with gate:
-            await _apply(action, result)
-
-    await asyncio.gather(
-        *(bounded(a) for a in plan.actions if a.kind != ReconcileActionKind.DELETE and a.instance not in plan.moves)
-    )
+    deletes = [a for a in plan.actions if a.kind == ReconcileActionKind.DELETE and a.instance not in moved_out]
+    others = [a for a in plan.actions if a.kind != ReconcileActionKind.DELETE and a.instance not in plan.moves]
+    if plan.pacing is None:
+        await _one_delete_at_a_time(deletes, others, result)
+    else:
+        await _in_batches(deletes, others, plan.pacing, result)
     # Then the moves, one by one and in order (each was planned on the pool the ones before it
     # leave): the replacement is created first, and only once it exists is the misplaced
     # standby deleted, so the model never has fewer standbys than before.
@@ -216,32 +238,111 @@ async def reconcile_pass(
             await _apply(old, result)
         elif old is not None:
             result.failed.append(f"kept {old.instance}: its replacement {action.instance} was not created")
-    return result
 
 
-async def _apply(action: ReconcileAction, result: ReconcileResult) -> bool:
-    label = f"{action.kind} {action.instance} ({action.tier})"
+async def _one_delete_at_a_time(
+    deletes: list[ReconcileAction], others: list[ReconcileAction], result: ReconcileResult
+) -> None:
+    """A plan made before it carried its pacing: deletes one by one, then creates four at a time."""
+    for action in deletes:
+        await _apply(action, result)
+    gate = asyncio.Semaphore(MAX_PARALLEL_CREATES)
+
+    async def bounded(action: ReconcileAction) -> None:
+        async with gate:
+            await _apply(action, result)
+
+    await asyncio.gather(*(bounded(a) for a in others))
+
+
+async def _in_batches(
+    deletes: list[ReconcileAction], others: list[ReconcileAction], pacing: ReconcilePacing, result: ReconcileResult
+) -> None:
+    """The deletes first (they free the capacity the creates were planned into), then the creates
+    and re-tiers, in batches of ``parallel_changes`` applied side by side by one activity each
+    (``apply_changes``), one batch after another; a batch loads at most ``loads_per_node`` at once
+    on one node. A batch takes its changes across the nodes in turn, so that one holds work for
+    every node. Each change is one instance's, idempotent and fenced by its model's epoch, so their
+    order among themselves does not matter."""
+    for batch in _batches(deletes, pacing.parallel_changes):
+        await _apply_batch(batch, pacing, result)
+    for batch in _batches(_across_nodes(others), pacing.parallel_changes):
+        await _apply_batch(batch, pacing, result)
+
+
+def _batches(actions: list[ReconcileAction], size: int) -> list[list[ReconcileAction]]:
+    return [actions[i : i + size] for i in range(0, len(actions), size)]
+
+
+def _across_nodes(actions: list[ReconcileAction]) -> list[ReconcileAction]:
+    """``actions`` taken one node at a time in turn (each node's in plan order)."""
+    by_node: dict[str | None, list[ReconcileAction]] = {}
+    for action in actions:
+        by_node.setdefault(action.node, []).append(action)
+    queues = list(by_node.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
+async def _apply_batch(batch: list[ReconcileAction], pacing: ReconcilePacing, result: ReconcileResult) -> None:
+    """One ``apply_changes`` activity; each change's outcome goes to ``result``. A change whose
+    checkpoint failed its checksum is restored and made again on its own (:func:`_apply`)."""
     try:
-        try:
-            report = await _change(action)
-        except STEP_ERRORS as err:
-            if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
-                raise
-            # The checkpoint failed its checksum: restore the good copy, then try once more.
-            restored = await workflow.execute_activity(
-                ActivityName.RESTORE_CHECKPOINT,
-                InstanceRef(model=action.model, instance=action.instance),
-                result_type=StepReport,
-                start_to_close_timeout=timedelta(minutes=10),
-                retry_policy=RETRY,
-            )
-            result.applied.append(f"restore {action.instance}: {restored.detail}")
-            report = await _change(action)
+        done: ChangeOutcomes = await workflow.execute_activity(
+            ActivityName.APPLY_CHANGES,
+            ChangeBatch(actions=batch, loads_per_node=pacing.loads_per_node),
+            result_type=ChangeOutcomes,
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(seconds=5),
+            retry_policy=RETRY,
+        )
+    except STEP_ERRORS as err:
+        result.failed.extend(f"{_label(action)}: {why_failed(err)}" for action in batch)
+        return
+    for action, outcome in zip(batch, done.outcomes, strict=True):
+        if outcome.error is None:
+            result.applied.append(f"{_label(action)}: {outcome.detail}")
+        elif outcome.error_type == ErrorType.CHECKPOINT_CORRUPT:
+            await _apply(action, result, corrupt=True)  # restores the checkpoint, then makes the change
+        else:
+            result.failed.append(f"{_label(action)}: {outcome.error}")
+
+
+def _label(action: ReconcileAction) -> str:
+    return f"{action.kind} {action.instance} ({action.tier})"
+
+
+async def _apply(action: ReconcileAction, result: ReconcileResult, corrupt: bool = False) -> bool:
+    """One change as an activity of its own; ``corrupt``: its checkpoint already failed its
+    checksum (in a batch), so it is restored first."""
+    label = _label(action)
+    try:
+        if corrupt:
+            report = await _restored_then_changed(action, result)
+        else:
+            try:
+                report = await _change(action)
+            except STEP_ERRORS as err:
+                if error_type(err) != ErrorType.CHECKPOINT_CORRUPT:
+                    raise
+                report = await _restored_then_changed(action, result)
     except STEP_ERRORS as err:
         result.failed.append(f"{label}: {why_failed(err)}")
         return False
     result.applied.append(f"{label}: {report.detail}")
     return True
+
+
+async def _restored_then_changed(action: ReconcileAction, result: ReconcileResult) -> StepReport:
+    """The checkpoint failed its checksum: restore the good copy, then try once more."""
+    restored = await workflow.execute_activity(
+        ActivityName.RESTORE_CHECKPOINT,
+        InstanceRef(model=action.model, instance=action.instance),
+        result_type=StepReport,
+        start_to_close_timeout=timedelta(minutes=10),
+        retry_policy=RETRY,
+    )
+    result.applied.append(f"restore {action.instance}: {restored.detail}")
+    return await _change(action)
 
 
 async def _change(action: ReconcileAction) -> StepReport:

@@ -4,6 +4,7 @@ unsafe, see its docstring)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -12,8 +13,9 @@ from temporalio.testing import ActivityEnvironment
 
 from drctl.activities import reconcile
 from drctl.activities.reconcile import ReconcileActivities
-from drctl.payloads import FleetSnapshot, Instance, Role
+from drctl.payloads import BudgetState, FleetSnapshot, Instance, LeaseKind, LeaseRequest, Role, StepReport, ZoneNames
 from drctl.platforms.base import Platform
+from drctl.temporal.incidents import zones_failing_over
 from tests.workflows.fakes import EXAMPLE_POLICY
 
 
@@ -44,15 +46,60 @@ async def test_epochs_then_busy_models_then_instances(monkeypatch: pytest.Monkey
     calls: list[str] = []
     platform = RecordingPlatform(calls)
 
-    async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
+    async def budget_state(client: Client, task_queue: str) -> BudgetState:
         calls.append("busy")
         platform.standby_role = Role.FAILED  # the runbook ejected it and ended meanwhile
-        return {}
+        return BudgetState(running=[zone_lease("az-2")])
 
-    monkeypatch.setattr(reconcile, "busy_models", busy_models)
+    monkeypatch.setattr(reconcile, "budget_state", budget_state)
     activities = ReconcileActivities(cast(Platform, platform))
     env = ActivityEnvironment(client=cast(Client, object()))
     snapshot: FleetSnapshot = await env.run(activities.observe_fleet)
     assert calls == ["epochs", "busy", "instances"]
     # The snapshot shows what the runbook did, not the standby it was ejecting.
     assert [i.role for i in snapshot.instances] == [Role.FAILED]
+    assert snapshot.busy_models == {"llama-2-7b": "zone-az-2"} and snapshot.zones_failing_over == ["az-2"]
+
+
+def zone_lease(zone: str, granted_s_ago: float = 1.0) -> LeaseRequest:
+    return LeaseRequest(
+        holder=f"zone-{zone}",
+        incident=f"zone-{zone}",
+        model="",
+        zone=zone,
+        kind=LeaseKind.ZONE,
+        covers=["llama-2-7b"],
+        granted_at=datetime.now(UTC) - timedelta(seconds=granted_s_ago),
+    )
+
+
+def test_a_zone_failover_goes_first_while_its_lease_runs_unless_it_looks_stuck() -> None:
+    now = datetime.now(UTC)
+    waiting = zone_lease("az-3")
+    state = BudgetState(running=[zone_lease("az-1"), zone_lease("az-2", granted_s_ago=3600)], waiting=[waiting])
+    assert zones_failing_over(state, now) == ["az-1"]
+    assert zones_failing_over(None, now) == []
+
+
+async def test_a_pass_waits_for_the_zone_failover_then_for_the_recoveries_it_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    single = LeaseRequest(holder="guardian-m", incident="failover-m-m-1", model="m", zone="az-1")
+    answers = iter(
+        [
+            BudgetState(running=[zone_lease("az-1")], waiting=[single]),
+            BudgetState(running=[single]),  # the lease handed back: the report it held runs
+            BudgetState(running=[LeaseRequest(holder="g", incident="f", model="n", zone="az-2")]),
+        ]
+    )
+    asked: list[int] = []
+
+    async def budget_state(client: Client, task_queue: str) -> BudgetState:
+        asked.append(1)
+        return next(answers)
+
+    monkeypatch.setattr(reconcile, "budget_state", budget_state)
+    monkeypatch.setattr(reconcile, "ZONE_FAILOVER_POLL_S", 0.0)
+    env = ActivityEnvironment(client=cast(Client, object()))
+    report: StepReport = await env.run(reconcile.await_zone_failovers, ZoneNames(zones=["az-1"]))
+    assert len(asked) == 3 and report.detail.startswith("zone failover of az-1 ended, then ")

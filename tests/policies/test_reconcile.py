@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from drctl.payloads import FleetSnapshot, Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.loader import load_policy_file
 from drctl.policies.placement import GpuSlot, gpu_inventory
-from drctl.policies.reconcile import MAX_MOVES_PER_MODEL, MAX_MOVES_PER_PASS, plan_reconcile, wanted_counts
+from drctl.policies.reconcile import MAX_MOVES_PER_MODEL, MAX_MOVES_PER_PASS, plan_pass, plan_reconcile, wanted_counts
 from drctl.policies.schema import DRPolicy, Priority
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
@@ -614,3 +614,32 @@ def test_a_pass_does_not_plan_the_models_with_a_recovery_in_flight(monkeypatch: 
     assert planned == [[m for m in POLICY.model_names if m != "llama-2-7b"]]
     assert {a.model for a in plan.actions} == {"mistral-7b"}  # the one other model that lost a hot standby
     assert "llama-2-7b: zone-failover-az-1 in flight" in plan.skipped_models
+
+
+LOST = [("mistral-7b", Role.HOT), ("gpt-4-8b", Role.SERVING)]
+
+
+def test_while_a_zone_fails_over_a_pass_deletes_and_creates_serving_but_no_standby() -> None:
+    """The zone's recoveries go first: no new standby, nor a delete that makes room for one, until
+    its failover's lease is handed back; a missing serving instance is still made, and a dead
+    standby still deleted."""
+    fleet = fleet_from_scratch()
+    lost = {next(i.id for i in fleet if (i.model, i.role) == model_role) for model_role in LOST}
+    surplus = next(i for i in fleet if (i.model, i.role) == ("llama-2-7b", Role.COLD))
+    fleet = [i for i in fleet if i.id not in lost] + [surplus.model_copy(update={"id": "llama-2-7b-9"})]
+    snapshot = FleetSnapshot(policy=POLICY.model_dump(mode="json", by_alias=True), instances=fleet)
+    usual = plan_pass(snapshot, None)
+    first = plan_pass(snapshot.model_copy(update={"zones_failing_over": ["az-1"]}), None)
+
+    def made(plan: ReconcilePlan) -> set[tuple[str, Role]]:
+        return {(a.model, a.tier) for a in plan.actions if a.kind != ReconcileActionKind.DELETE}
+
+    assert ("mistral-7b", Role.HOT) in made(usual) and ("gpt-4-8b", Role.SERVING) in made(usual)
+    assert made(first) == {("gpt-4-8b", Role.SERVING)}
+
+    def deleted(plan: ReconcilePlan) -> set[str]:
+        return {a.instance for a in plan.actions if a.kind == ReconcileActionKind.DELETE}
+
+    assert "llama-2-7b-9" in deleted(first) and deleted(first) <= deleted(usual)
+    assert any("failover of zone az-1" in line for line in first.skipped_models)
+    assert first.pacing == usual.pacing and first.pacing is not None

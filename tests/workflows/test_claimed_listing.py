@@ -4,6 +4,8 @@ activity of its own. Time-skipping server, fake platform."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
@@ -100,3 +102,47 @@ async def test_with_local_activities_only_a_confirm_probe_is_recorded_before_the
     assert result.outcome == FailoverOutcome.RECOVERED and list_step(result) == "listed with the epoch claim"
     # The probe heartbeats: a worker that dies holding it costs a second, not the step's 10 s.
     assert scheduled == ([] if confirmed else [(ActivityName.PROBE_INSTANCE, 1.0)])
+
+
+@pytest.mark.parametrize("replacement_healthy", [True, False])
+async def test_a_report_from_before_the_instance_was_made_probes_it_first(
+    time_skipping_env: WorkflowEnvironment, replacement_healthy: bool
+) -> None:
+    """The prober reported llama-2-7b-1 (a standby of a zone failing over) and the report waited;
+    meanwhile reconciliation replaced it with a new llama-2-7b-1 elsewhere. The report is of the
+    old one: the runbook probes the new one first and, healthy, leaves it alone (``false-alarm``);
+    only a replacement that is down too is ejected. Before, the healthy replacement was ejected."""
+    failed_at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    replacement = fleet.instances["llama-2-7b-1"]
+    fleet.instances["llama-2-7b-1"] = replacement.model_copy(update={"created_at": failed_at + timedelta(seconds=5)})
+    if replacement_healthy:
+        fleet.healthy.add("llama-2-7b-1")
+    request = FailoverRequest(
+        model="llama-2-7b", instance="llama-2-7b-1", trigger=Trigger.PROBE, confirmed=True, failed_at=failed_at
+    )
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, FailureReport(request=request, reporter="prober"))
+        result = await result_of(client, queue, ticket)
+    probed = [instance for step, instance in fleet.calls if step == "probe"]
+    assert probed == ["llama-2-7b-1"]
+    if replacement_healthy:
+        assert result.outcome == FailoverOutcome.FALSE_ALARM
+        assert fleet.instances["llama-2-7b-1"].role == Role.HOT
+    else:
+        assert result.outcome == FailoverOutcome.STANDBY_EJECTED
+
+
+async def test_a_report_of_the_instance_itself_is_not_probed_again(time_skipping_env: WorkflowEnvironment) -> None:
+    """Made before the failure reported: the prober's report stands confirmed, nothing is probed."""
+    failed_at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    made = fleet.instances["llama-2-7b-0"].model_copy(update={"created_at": failed_at - timedelta(hours=1)})
+    fleet.instances["llama-2-7b-0"] = made
+    request = FailoverRequest(
+        model="llama-2-7b", instance="llama-2-7b-0", trigger=Trigger.PROBE, confirmed=True, failed_at=failed_at
+    )
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, FailureReport(request=request, reporter="prober"))
+        result = await result_of(client, queue, ticket)
+    assert result.outcome == FailoverOutcome.RECOVERED and "probe" not in [step for step, _ in fleet.calls]

@@ -13,23 +13,28 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from drctl.activities.reconcile import await_reconcile_pass
+from drctl.activities.reconcile import applied_side_by_side, await_reconcile_pass
 from drctl.payloads import (
     ActivityName,
+    ChangeBatch,
+    ChangeOutcomes,
     ErrorType,
     FleetSnapshot,
     Instance,
     InstanceChange,
     InstanceRef,
+    ReconcileAction,
     ReconcileActionKind,
     ReconcilePlan,
     ReconcileRequest,
     ReconcileResult,
     Role,
     StepReport,
+    ZoneNames,
 )
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_pass
+from drctl.policies.schema import DRPolicy
 from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 from tests.policies.test_reconcile import as_seen_on_drctl_up
 
@@ -51,6 +56,22 @@ class FakePlatform:
     plan_dies_first: bool = False
     """The first attempt of the planning activity never answers (its worker died holding it)."""
     plan_attempts: list[tuple[int, datetime]] = field(default_factory=list)
+    policy: DRPolicy = POLICY
+    change_s: float = 0.0
+    """How long each create and delete takes (real time), so that changes overlap."""
+    timeline: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """("start" or "end", "create" or "delete", node) of every change, in order."""
+    paced: bool = True
+    batches: list[int] = field(default_factory=list)
+    zones_failing_over: list[str] = field(default_factory=list)
+    """Zones the budget says are failing over, until the pass waits for them."""
+    """The size of each ``apply_changes`` batch."""
+    """False: plans carry no pacing, as plans made before it did."""
+
+    async def _change(self, kind: str, node: str | None) -> None:
+        self.timeline.append(("start", kind, node))
+        await asyncio.sleep(self.change_s)
+        self.timeline.append(("end", kind, node))
 
     def activities(self) -> list[object]:
         platform = self
@@ -59,9 +80,10 @@ class FakePlatform:
         async def observe() -> FleetSnapshot:
             platform.calls.append("observe")
             return FleetSnapshot(
-                policy=POLICY.model_dump(mode="json", by_alias=True),
+                policy=platform.policy.model_dump(mode="json", by_alias=True),
                 instances=list(platform.instances.values()),
                 busy_models=dict(platform.busy),
+                zones_failing_over=list(platform.zones_failing_over),
             )
 
         @activity.defn(name=ActivityName.PLAN_RECONCILE)
@@ -70,12 +92,14 @@ class FakePlatform:
             platform.plan_attempts.append((info.attempt, info.current_attempt_scheduled_time))
             if platform.plan_dies_first and info.attempt == 1:
                 await asyncio.sleep(3600)  # a worker that died mid-plan: no answer, no heartbeat
-            return plan_pass(await observe(), request.models)
+            made = plan_pass(await observe(), request.models)
+            return made if platform.paced else made.model_copy(update={"pacing": None})
 
         @activity.defn(name=ActivityName.CREATE_INSTANCE)
         async def create(change: InstanceChange) -> StepReport:
             a = change.action
             platform.calls.append(f"create {a.instance} {a.tier}")
+            await platform._change("create", a.node)
             if platform.hold is not None:
                 while not platform.hold.is_set():
                     activity.heartbeat()
@@ -99,6 +123,7 @@ class FakePlatform:
         @activity.defn(name=ActivityName.DELETE_INSTANCE)
         async def delete(change: InstanceChange) -> StepReport:
             platform.calls.append(f"delete {change.action.instance}")
+            await platform._change("delete", change.action.node)
             platform.instances.pop(change.action.instance, None)
             return StepReport(detail="deleted")
 
@@ -108,7 +133,38 @@ class FakePlatform:
             platform.corrupt_models.discard(ref.model)
             return StepReport(detail="restored")
 
-        return [observe, plan, create, retier, delete, restore, await_reconcile_pass]
+        changes = {
+            ReconcileActionKind.CREATE: create,
+            ReconcileActionKind.RETIER: retier,
+            ReconcileActionKind.DELETE: delete,
+        }
+
+        async def change(action: ReconcileAction) -> StepReport:
+            made: StepReport = await changes[action.kind](InstanceChange(action=action))
+            return made
+
+        @activity.defn(name=ActivityName.APPLY_CHANGES)
+        async def apply_changes(batch: ChangeBatch) -> ChangeOutcomes:
+            platform.batches.append(len(batch.actions))
+            return await applied_side_by_side(batch, change)
+
+        @activity.defn(name=ActivityName.AWAIT_ZONE_FAILOVERS)
+        async def await_zone_failovers(names: ZoneNames) -> StepReport:
+            platform.calls.append(f"await {' '.join(names.zones)}")
+            platform.zones_failing_over = []  # the zone failover handed its lease back
+            return StepReport(detail=f"zone failover of {' '.join(names.zones)} ended", duration_ms=1500)
+
+        return [
+            observe,
+            plan,
+            create,
+            retier,
+            delete,
+            apply_changes,
+            restore,
+            await_reconcile_pass,
+            await_zone_failovers,
+        ]
 
 
 async def reconcile(env: WorkflowEnvironment, platform: FakePlatform, **request: object) -> ReconcileResult:
@@ -287,3 +343,95 @@ async def test_a_worker_that_dies_while_planning_delays_the_pass_seconds_not_a_m
     (first, began), (second, retried) = platform.plan_attempts
     assert (first, second) == (1, 2)
     assert (retried - began).total_seconds() < 15
+
+
+def peak(timeline: list[tuple[str, str, str | None]], kind: str, node: str | None = None) -> int:
+    """The most changes of ``kind`` (on ``node``, if given) in flight at once."""
+    now = most = 0
+    for edge, what, where in timeline:
+        if what == kind and (node is None or where == node):
+            now += 1 if edge == "start" else -1
+            most = max(most, now)
+    return most
+
+
+def surplus_cold(count: int) -> dict[str, Instance]:
+    """Cold standbys of gpt-4-8b past what the policy wants: the next pass deletes them."""
+    return {
+        f"gpt-4-8b-{n}": Instance(
+            id=f"gpt-4-8b-{n}", model="gpt-4-8b", role=Role.COLD, gpu="gpu-node-3/1", node="gpu-node-3", zone="az-1"
+        )
+        for n in range(10, 10 + count)
+    }
+
+
+async def test_a_pass_deletes_side_by_side_then_loads_at_most_its_pace_per_node(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """After a zone failover a pass has hundreds of deletes and creates: one delete at a time and
+    four creates kept the fleet short of its standbys for tens of seconds at 1,000 instances. The
+    policy's ``reconcile`` section paces them: ``maxParallelChanges`` in all, ``maxLoadsPerNode``
+    of the loading ones on a node, every delete done before the first create."""
+    policy = POLICY.model_copy(
+        update={"reconcile": POLICY.reconcile.model_copy(update={"max_parallel_changes": 3, "max_loads_per_node": 2})}
+    )
+    platform = FakePlatform(policy=policy, change_s=0.2)
+    built = await reconcile(time_skipping_env, platform)
+    assert built.failed == [] and built.plan.pacing is not None and built.plan.pacing.parallel_changes == 3
+    assert peak(platform.timeline, "create") == 3
+    loading = [i for i in platform.instances.values() if i.role != Role.COLD]
+    per_node = {node: peak(platform.timeline, "create", node) for node in {i.node for i in loading}}
+    assert max(per_node.values()) == 2, per_node
+
+    for standby in [i.id for i in platform.instances.values() if i.role in (Role.HOT, Role.WARM)]:
+        del platform.instances[standby]
+    platform.instances |= surplus_cold(5)
+    platform.timeline.clear()
+    platform.batches.clear()
+    result = await reconcile(time_skipping_env, platform)
+    assert result.failed == []
+    kinds = [what for edge, what, _ in platform.timeline if edge == "start"]
+    assert kinds.count("delete") == 5 and kinds.count("create") >= 3
+    assert peak(platform.timeline, "delete") == 3
+    assert platform.batches[:2] == [3, 2]  # the deletes, in batches of maxParallelChanges
+    edges = [(edge, what) for edge, what, _ in platform.timeline]
+    last_delete_end = len(edges) - 1 - edges[::-1].index(("end", "delete"))
+    assert edges.index(("start", "create")) > last_delete_end
+
+
+async def test_a_plan_made_before_its_pacing_deletes_one_at_a_time(time_skipping_env: WorkflowEnvironment) -> None:
+    """A pass whose plan carries no pacing (recorded before it did) replays as it ran: deletes one
+    by one, then four creates at a time, whatever the policy says now."""
+    platform = FakePlatform(change_s=0.1, paced=False, instances=surplus_cold(5))
+    result = await reconcile(time_skipping_env, platform)
+    assert result.failed == [] and result.plan.pacing is None
+    assert peak(platform.timeline, "delete") == 1
+    assert peak(platform.timeline, "create") == 4
+
+
+async def test_while_a_zone_fails_over_a_pass_deletes_then_waits_for_it_to_make_standbys(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """The zone's recoveries go first: the pass deletes what is surplus and makes the missing
+    serving instance at once, but its new standbys only once the zone failover has handed its lease
+    back, in the same pass (one pass waiting, not one planned after another beside it)."""
+    platform = FakePlatform()
+    await reconcile(time_skipping_env, platform)
+    gone = {i.id: i.role for i in platform.instances.values() if i.model == "mistral-7b" and i.role != Role.COLD}
+    for instance_id in gone:
+        del platform.instances[instance_id]
+    platform.instances |= surplus_cold(1)
+    platform.calls.clear()
+    platform.zones_failing_over = ["az-1"]
+    result = await reconcile(time_skipping_env, platform)
+    assert result.failed == []
+    waited = platform.calls.index("await az-1")
+    before, after = platform.calls[:waited], platform.calls[waited + 1 :]
+    assert "delete gpt-4-8b-10" in before and after[0] == "observe"
+    made_before = [c for c in before if c.startswith("create ")]
+    assert made_before == [c for c in made_before if c.endswith(" serving")] and made_before
+    assert sorted(c.split()[2] for c in after if c.startswith("create ")) == ["hot", "warm"]
+    assert any(line.startswith("waited: zone failover of az-1 ended") for line in result.applied)
+    assert result.plan.after_zone_failover == [] and result.plan.skipped_models == []
+    roles = sorted(i.role.value for i in platform.instances.values() if i.model == "mistral-7b")
+    assert roles == ["cold", "hot", "serving", "warm"]

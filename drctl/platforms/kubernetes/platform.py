@@ -360,6 +360,7 @@ class KubernetesPlatform:
                     node=node,
                     zone=await self._zone(node, zones),
                     note=pod.metadata.name,
+                    created_at=pod.metadata.creation_timestamp,
                 )
             )
         for key, deployment in records.items():  # e.g. a cold standby scaled to 0: a Deployment without a pod
@@ -382,6 +383,7 @@ class KubernetesPlatform:
                     node=node,
                     zone=await self._zone(node, zones),
                     note=f"deployment {deployment.metadata.name}, no pod",
+                    created_at=deployment.metadata.creation_timestamp,
                 )
             )
         return sorted(instances, key=lambda i: i.id)

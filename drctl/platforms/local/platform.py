@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -427,13 +428,15 @@ class LocalPlatform:
             gpu=action.gpu,
             node=action.node,
             zone=action.zone,
+            created_at=datetime.now(UTC),
         )
         # Record and start in one locked step, so two runs creating the same id start one process.
         with self.registry.edit(action.model, action.epoch) as instances:
             existing = instances.get(action.instance, template)
             done = existing.role == action.tier and (existing.lb_priority is not None or action.tier != Role.HOT)
             if action.tier != Role.COLD and not done and not processes.is_alive(existing.pid):
-                existing = self._spawn(instances, existing)
+                # A new process: a new instance of the id, whatever an earlier one's record says.
+                existing = self._spawn(instances, existing).with_changes(created_at=template.created_at)
             instances[existing.id] = existing
         if action.tier == Role.COLD:
             return f"cold standby reserved on {action.gpu} (checkpoint only, no process)"

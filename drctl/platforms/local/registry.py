@@ -262,7 +262,10 @@ class InstanceRegistry:
                 lines[key] = line if line is not None else json.dumps(items[key])
             else:
                 kept[key] = instance.model_copy()
-                items[key] = instance.model_dump(mode="json", exclude={"address"})
+                # Not the address (derived from host and port), nor an unknown creation time: the
+                # file keeps the fields it always had.
+                unkept = {"address"} if instance.created_at is not None else {"address", "created_at"}
+                items[key] = instance.model_dump(mode="json", exclude=unkept)
                 lines[key] = json.dumps(items[key])
         head = "".join(f"{json.dumps(k)}: {json.dumps(v)},\n" for k, v in meta.items())
         body = ",\n".join(lines.values())

@@ -59,6 +59,7 @@ def test_a_local_instance_becomes_the_shared_payload_without_its_process() -> No
         "zone": None,
         "node": None,
         "note": "",
+        "created_at": None,
     }
     with pytest.raises(ValueError, match="pid"):
         Instance.model_validate({**shared.model_dump(), "pid": 7})  # the shared payload has no pid
