@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from drctl.payloads import (
     DrillRequest,
     DrillScenario,
     FailoverRequest,
+    FailureReport,
     LeaseKind,
     LeaseRelease,
     LeaseRequest,
@@ -487,8 +489,9 @@ async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[t
 
 
 async def reconcile(client: Client, queue: str) -> list[Recorded]:
-    """Build the example policy's fleet from nothing, one model's checkpoint corrupt at first."""
-    platform = FakePlatform(corrupt_models={"mistral-7b"})
+    """Build the example policy's fleet from nothing, one model's checkpoint corrupt at first; the
+    plan without its pacing (as plans were made before it): one activity per change."""
+    platform = FakePlatform(corrupt_models={"mistral-7b"}, paced=False)
     async with worker(client, queue, platform.activities()):
         await client.execute_workflow(
             ReconcileStandbysWorkflow.run, ReconcileRequest(), id="reconcile-standbys", task_queue=queue
@@ -504,6 +507,45 @@ async def reconcile(client: Client, queue: str) -> list[Recorded]:
             "ReconcilePassWorkflow: deletes, parallel creates, a corrupt checkpoint restored",
         ),
         Recorded("reconcile-dry-run", "reconcile-dry-run", "ReconcileStandbysWorkflow dry run: plans in line"),
+    ]
+
+
+async def reconcile_batched(client: Client, queue: str) -> list[Recorded]:
+    """Build the example policy's fleet from nothing while a zone fails over: the serving instances
+    at once, then (the failover over) the standbys in batches, one model's checkpoint corrupt."""
+    platform = FakePlatform(corrupt_models={"mistral-7b"}, zones_failing_over=["az-1"])
+    async with worker(client, queue, platform.activities()):
+        await client.execute_workflow(
+            ReconcileStandbysWorkflow.run, ReconcileRequest(), id="reconcile-batched", task_queue=queue
+        )
+    return [
+        Recorded(
+            "reconcile-pass-batched",
+            reconcile_pass_workflow_id(queue),
+            "ReconcilePassWorkflow: serving made, a zone failover awaited, standbys in batches, a checkpoint restored",
+        )
+    ]
+
+
+async def failover_report_before_instance(client: Client, queue: str) -> list[Recorded]:
+    """A prober's report of a standby made after the failure reported (its id reused): probed first."""
+    failed_at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    fleet = FakeFleet.of((f"{MODEL}-0", Role.SERVING), (f"{MODEL}-1", Role.HOT))
+    made = fleet.instances[f"{MODEL}-1"].model_copy(update={"created_at": failed_at + timedelta(seconds=5)})
+    fleet.instances[f"{MODEL}-1"] = made
+    fleet.healthy.add(f"{MODEL}-1")
+    request = FailoverRequest(
+        model=MODEL, instance=f"{MODEL}-1", trigger=Trigger.PROBE, confirmed=True, failed_at=failed_at
+    )
+    async with worker(client, queue, fleet.activities()):
+        ticket = await report_failure(client, queue, FailureReport(request=request, reporter="prober"))
+        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+    return [
+        Recorded(
+            "failover-report-before-instance",
+            ticket.workflow_id,
+            "FailoverWorkflow: a report from before its instance was made, probed first (false-alarm)",
+        )
     ]
 
 
@@ -647,6 +689,8 @@ SCENARIOS: dict[str, Scenario] = {
     "budget-zone-failover-first": budget_zone_failover_first,
     "budget-before-failover-first-patch": budget_before_failover_first_patch,
     "reconcile": reconcile,
+    "reconcile-batched": reconcile_batched,
+    "failover-report-before-instance": failover_report_before_instance,
     "reconcile-before-patch": reconcile_before_patch,
     "reconcile-before-plan-patch": reconcile_before_plan_patch,
     "drain": drain,
