@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -14,6 +15,22 @@ from drctl.workers.binaries import find_binary
 
 @pytest.fixture(scope="session")
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    async with time_skipping_server() as env:
+        yield env
+
+
+@pytest.fixture
+async def own_time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server for one test alone. For a test that skips time on purpose
+    (``env.sleep``): on the session's server a skip also fires the timers of the workflows earlier
+    tests left running (guardians and budgets never end) on task queues no worker polls any more,
+    and their workflow tasks, never taken, can hold the clock still until the skip times out."""
+    async with time_skipping_server() as env:
+        yield env
+
+
+@asynccontextmanager
+async def time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
     path = find_binary("temporal-test-server")
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=path, data_converter=pydantic_data_converter

@@ -299,7 +299,7 @@ def _report(instance: str, reporter: str) -> FailureReport:
 
 
 async def test_a_runbook_that_ends_before_its_joined_signal_does_not_fail_the_guardian(
-    time_skipping_env: WorkflowEnvironment,
+    own_time_skipping_env: WorkflowEnvironment,
 ) -> None:
     """A report joined an incident while it was queued; the guardian tells the runbook once it runs.
     A hot failover can end before that signal lands (on the real stack under load it did, between
@@ -311,6 +311,7 @@ async def test_a_runbook_that_ends_before_its_joined_signal_does_not_fail_the_gu
     )  # fmt: skip
     fleet.promote_gate = asyncio.Event()  # the first runbook holds, the second incident queues behind it
     queue = f"nemesis-{uuid.uuid4().hex[:8]}"
+    time_skipping_env = own_time_skipping_env
     client = time_skipping_env.client
     async with Worker(
         client,
