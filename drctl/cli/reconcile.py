@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Annotated
+from datetime import timedelta
+from typing import Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowQueryFailedError
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
 
 from drctl.cli.common import (
     EXIT_BAD_INPUT,
@@ -21,13 +23,14 @@ from drctl.cli.common import (
     PolicyOption,
     StateOption,
     connect,
+    err,
     fail,
     out,
     show,
     with_policy,
 )
-from drctl.cli.render import reconcile_lines
-from drctl.payloads import RECONCILE_WORKFLOW_ID, ReconcileRequest, ReconcileResult
+from drctl.cli.render import reconcile_lines, reconcile_progress
+from drctl.payloads import RECONCILE_WORKFLOW_ID, ReconcileRequest, ReconcileResult, reconcile_pass_workflow_id
 from drctl.settings import DrctlSettings
 
 
@@ -47,7 +50,7 @@ def reconcile(
         if name not in dr_policy.model_names:
             fail(f"unknown model {name!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
     request = ReconcileRequest(models=model or None, dry_run=dry_run)
-    result = asyncio.run(run_reconcile(settings, request))
+    result = asyncio.run(run_reconcile(settings, request, on_progress=ProgressLine()))
     if as_json:
         out.print_json(result.model_dump_json())
     else:
@@ -56,18 +59,63 @@ def reconcile(
         raise typer.Exit(EXIT_FAILED)
 
 
-async def run_reconcile(settings: DrctlSettings, request: ReconcileRequest) -> ReconcileResult:
-    from drctl.workflows.reconcile import ReconcileStandbysWorkflow
+PROGRESS_EVERY_S = 1.0
+
+
+class ProgressLine:
+    """What a pass going is doing, on stderr: a spinner's line on a terminal, else one line each
+    time it changes (a pass can wait minutes for a zone failover to end)."""
+
+    def __init__(self) -> None:
+        self._said = ""
+        self._status: Any = None
+
+    def __call__(self, line: str) -> None:
+        if line == self._said:
+            return
+        self._said = line
+        if not err.is_terminal:
+            err.print(f"reconcile: {line}", markup=False, highlight=False)
+        elif self._status is None:
+            self._status = err.status(line)
+            self._status.start()
+        else:
+            self._status.update(line)
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+
+async def run_reconcile(
+    settings: DrctlSettings, request: ReconcileRequest, on_progress: ProgressLine | None = None
+) -> ReconcileResult:
+    from drctl.workflows.reconcile import ReconcilePassWorkflow, ReconcileStandbysWorkflow
 
     client = await connect(settings)
     workflow_id = f"reconcile-dry-run-{uuid.uuid4().hex[:8]}" if request.dry_run else RECONCILE_WORKFLOW_ID
+    handle = await client.start_workflow(
+        ReconcileStandbysWorkflow.run,
+        request,
+        id=workflow_id,
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    ended = asyncio.ensure_future(handle.result())
+    passing = client.get_workflow_handle(reconcile_pass_workflow_id(settings.task_queue))
     try:
-        return await client.execute_workflow(
-            ReconcileStandbysWorkflow.run,
-            request,
-            id=workflow_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        )
+        while not (await asyncio.wait({ended}, timeout=PROGRESS_EVERY_S))[0]:
+            if on_progress is None or request.dry_run:  # a dry run plans in line, no pass to ask
+                continue
+            try:
+                going = await passing.query(ReconcilePassWorkflow.progress, rpc_timeout=timedelta(seconds=2))
+            except (RPCError, WorkflowQueryFailedError):
+                continue  # no pass yet, or it just ended: the result says the rest
+            on_progress(reconcile_progress(going))
+        return ended.result()
     except WorkflowFailureError as exc:
         fail(f"reconciliation failed: {exc.cause or exc}")
+    finally:
+        ended.cancel()
+        if on_progress is not None:
+            on_progress.close()

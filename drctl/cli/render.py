@@ -225,6 +225,21 @@ def reconcile_lines(result: ReconcileResult) -> Lines:
     return lines
 
 
+def reconcile_progress(result: ReconcileResult | None) -> str:
+    """One line on a pass going (its ``progress`` query), for ``drctl reconcile`` while it waits."""
+    if result is None:
+        return "planning (or waiting for the pass already going to end)"
+    plan = result.plan
+    waits = [line for line in result.applied if line.startswith("waited: ")]
+    done = f"{len(result.applied) - len(waits) + len(result.failed)} change(s) made"
+    if plan.after_zone_failover and not waits:
+        zones = ", ".join(plan.after_zone_failover)
+        return f"{done}; new standbys wait for the failover of zone {zones} to end (its recoveries go first)"
+    if waits:
+        return f"{done}; the plan after the zone failover has {len(plan.actions)}"
+    return f"{done} of {len(plan.actions)} planned"
+
+
 # -- audit ---------------------------------------------------------------------------------------
 
 

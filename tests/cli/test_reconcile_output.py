@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 
 from drctl.cli.common import make_console, show
-from drctl.cli.render import reconcile_lines
+from drctl.cli.render import reconcile_lines, reconcile_progress
 from drctl.payloads import ReconcileAction, ReconcileActionKind, ReconcilePlan, ReconcileResult, Role
 
 SKIPPED = "llama-2-7b: an instance is being promoted (failover running)"
@@ -53,3 +53,25 @@ def test_a_plan_comes_after_the_models_skipped() -> None:
     assert lines[0] == f"skipped: {SKIPPED}"
     assert lines[1] == "plan (dry run: nothing changed)"
     assert any("gpt-4-8b-3" in line for line in lines[2:])
+
+
+def test_progress_says_what_a_pass_going_does_and_why_it_waits() -> None:
+    delete = ReconcileAction(kind=ReconcileActionKind.DELETE, model="m", instance="m-1", tier=Role.HOT)
+    waiting = ReconcileResult(
+        plan=ReconcilePlan(actions=[delete], after_zone_failover=["az-1"]), dry_run=False, applied=["delete m-1"]
+    )
+    assert reconcile_progress(None).startswith("planning")
+    assert reconcile_progress(waiting) == (
+        "1 change(s) made; new standbys wait for the failover of zone az-1 to end (its recoveries go first)"
+    )
+    after = waiting.model_copy(
+        update={
+            "plan": ReconcilePlan(actions=[delete, delete, delete]),
+            "applied": ["delete m-1", "waited: zone failover of az-1 ended", "create m-2"],
+            "failed": ["create m-3: no room"],
+        }
+    )
+    assert reconcile_progress(after) == "3 change(s) made; the plan after the zone failover has 3"
+    assert reconcile_progress(after.model_copy(update={"applied": ["create m-2"], "failed": []})) == (
+        "1 change(s) made of 3 planned"
+    )
