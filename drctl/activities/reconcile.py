@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import ScheduleOverlapPolicy, WorkflowExecutionStatus
+from temporalio.client import Client, ScheduleOverlapPolicy, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -18,6 +18,7 @@ from drctl.activities.failover import heartbeat_progress, log_step, with_heartbe
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
     ActivityName,
+    BudgetState,
     ChangeBatch,
     ChangeOutcome,
     ChangeOutcomes,
@@ -36,7 +37,13 @@ from drctl.payloads import (
 from drctl.platforms.base import Platform
 from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
-from drctl.temporal.incidents import budget_state, busy_in, zones_failing_over, zones_recovering
+from drctl.temporal.incidents import (
+    budget_state,
+    busy_in,
+    zone_failovers_running,
+    zones_failing_over,
+    zones_recovering,
+)
 
 
 def _elapsed_ms(start: float) -> float:
@@ -154,7 +161,9 @@ class ReconcileActivities:
         a runbook was ejecting that moment, the busy models showed the runbook ended, the epoch was
         the runbook's own, and reconciliation deleted the ejected standby as misplaced."""
         epochs = await self.platform.epochs()
-        budget = await budget_state(activity.client(), activity.info().task_queue)
+        client, queue = activity.client(), activity.info().task_queue
+        budget = await budget_state(client, queue)
+        failing_over = await _zones_failing_over(client, queue, budget)
         policy = await self.platform.current_policy()
         return FleetSnapshot(
             policy=policy.model_dump(mode="json", by_alias=True),
@@ -162,7 +171,7 @@ class ReconcileActivities:
             cordoned_gpus=await self.platform.cordoned_gpus(),
             epochs=epochs,
             busy_models=busy_in(budget),
-            zones_failing_over=zones_failing_over(budget, datetime.now(UTC)),
+            zones_failing_over=failing_over,
         )
 
     @activity.defn(name=ActivityName.PLAN_RECONCILE)
@@ -170,12 +179,12 @@ class ReconcileActivities:
         """Observe the fleet and plan the pass (pure: ``plan_pass``); only the plan goes into the
         workflow's history, however large the fleet."""
         snapshot = await self.observe_fleet()
-        if not activity.info().is_local:  # and once more before planning, which cannot heartbeat
-            activity.heartbeat()
         with span("plan_reconcile", instances=len(snapshot.instances)):
             # In a thread: at 1,000 instances a plan is CPU for a second or more, which on the
-            # event loop held every other activity and workflow task of this worker.
-            return await asyncio.to_thread(plan_pass, snapshot, request.models)
+            # event loop held every other activity and workflow task of this worker. Heartbeating
+            # meanwhile: at 2,000 instances on a loaded machine a plan of every model took longer
+            # than the heartbeat timeout, and every try of it timed out.
+            return await with_heartbeats(asyncio.to_thread(plan_pass, snapshot, request.models))
 
     @activity.defn(name=ActivityName.CORDON_GPU)
     async def cordon_gpu(self, request: DrainGpuRequest) -> StepReport:
@@ -276,6 +285,13 @@ async def await_reconcile_pass(workflow_id: str) -> StepReport:
     return StepReport(detail=f"waited for pass {described.run_id} to end", duration_ms=_elapsed_ms(start))
 
 
+async def _zones_failing_over(client: Client, queue: str, budget: BudgetState | None) -> list[str]:
+    """Zones failing over: their failover's lease runs, or their ``ZoneFailoverWorkflow`` does (from
+    its start, before it has asked the budget), each for at most ``ZONE_FAILOVER_FIRST_FOR``."""
+    now = datetime.now(UTC)
+    return sorted(set(zones_failing_over(budget, now)) | await zone_failovers_running(client, queue, now))
+
+
 ZONE_FAILOVER_POLL_S = 0.5
 ZONE_RECOVERIES_WAIT_S = 30.0
 """After a zone failover's lease is handed back, how long more to wait for the zone's recoveries
@@ -295,7 +311,7 @@ async def await_zone_failovers(names: ZoneNames) -> StepReport:
     zones = set(names.zones)
     while True:
         budget = await budget_state(client, queue)
-        if zones & set(zones_failing_over(budget, datetime.now(UTC))):
+        if zones & set(await _zones_failing_over(client, queue, budget)):
             activity.heartbeat("zone failover running")
         else:
             lease_back_at = lease_back_at or time.monotonic()

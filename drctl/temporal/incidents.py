@@ -36,6 +36,7 @@ from drctl.payloads import (
     SearchAttr,
     budget_workflow_id,
     guardian_workflow_id,
+    zone_failover_workflow_id,
 )
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
@@ -213,6 +214,20 @@ ZONE_FAILOVER_FIRST_FOR = timedelta(minutes=5)
 """How long reconciliation leaves new standbys for after a zone failover (see
 :func:`zones_failing_over`): a zone failover that holds its lease longer is taken for stuck, and
 the fleet's standbys are not held back for it."""
+
+
+async def zone_failovers_running(client: Client, task_queue: str, now: datetime) -> set[str]:
+    """Zones whose ``ZoneFailoverWorkflow`` runs (started within ``ZONE_FAILOVER_FIRST_FOR``): from
+    its start, before its lease is granted too. It cordons the zone and asks the budget first, and
+    a pass planned in that second made the zone's standbys beside its recoveries (at 2,000
+    instances: 62 batches through the failover, which then did not finish in 4 minutes)."""
+    query = f"WorkflowType = 'ZoneFailoverWorkflow' AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}'"
+    prefix = zone_failover_workflow_id("")
+    return {
+        wf.id.removeprefix(prefix)
+        async for wf in client.list_workflows(query)
+        if wf.id.startswith(prefix) and now - wf.start_time < ZONE_FAILOVER_FIRST_FOR
+    }
 
 
 def zones_recovering(state: BudgetState | None) -> set[str]:

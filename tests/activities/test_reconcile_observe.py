@@ -4,6 +4,7 @@ unsafe, see its docstring)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -13,7 +14,18 @@ from temporalio.testing import ActivityEnvironment
 
 from drctl.activities import reconcile
 from drctl.activities.reconcile import ReconcileActivities
-from drctl.payloads import BudgetState, FleetSnapshot, Instance, LeaseKind, LeaseRequest, Role, StepReport, ZoneNames
+from drctl.payloads import (
+    BudgetState,
+    FleetSnapshot,
+    Instance,
+    LeaseKind,
+    LeaseRequest,
+    ReconcilePlan,
+    ReconcileRequest,
+    Role,
+    StepReport,
+    ZoneNames,
+)
 from drctl.platforms.base import Platform
 from drctl.temporal.incidents import zones_failing_over
 from tests.workflows.fakes import EXAMPLE_POLICY
@@ -51,14 +63,18 @@ async def test_epochs_then_busy_models_then_instances(monkeypatch: pytest.Monkey
         platform.standby_role = Role.FAILED  # the runbook ejected it and ended meanwhile
         return BudgetState(running=[zone_lease("az-2")])
 
+    async def zone_failovers_running(client: Client, task_queue: str, now: datetime) -> set[str]:
+        return {"az-3"}  # started, its lease not asked for yet
+
     monkeypatch.setattr(reconcile, "budget_state", budget_state)
+    monkeypatch.setattr(reconcile, "zone_failovers_running", zone_failovers_running)
     activities = ReconcileActivities(cast(Platform, platform))
     env = ActivityEnvironment(client=cast(Client, object()))
     snapshot: FleetSnapshot = await env.run(activities.observe_fleet)
     assert calls == ["epochs", "busy", "instances"]
     # The snapshot shows what the runbook did, not the standby it was ejecting.
     assert [i.role for i in snapshot.instances] == [Role.FAILED]
-    assert snapshot.busy_models == {"llama-2-7b": "zone-az-2"} and snapshot.zones_failing_over == ["az-2"]
+    assert snapshot.busy_models == {"llama-2-7b": "zone-az-2"} and snapshot.zones_failing_over == ["az-2", "az-3"]
 
 
 def zone_lease(zone: str, granted_s_ago: float = 1.0) -> LeaseRequest:
@@ -98,8 +114,39 @@ async def test_a_pass_waits_for_the_zone_failover_then_for_the_recoveries_it_hel
         asked.append(1)
         return next(answers)
 
+    started = iter([{"az-1"}, set(), set()])  # the workflow ends as it hands its lease back
+
+    async def zone_failovers_running(client: Client, task_queue: str, now: datetime) -> set[str]:
+        return next(started)
+
     monkeypatch.setattr(reconcile, "budget_state", budget_state)
+    monkeypatch.setattr(reconcile, "zone_failovers_running", zone_failovers_running)
     monkeypatch.setattr(reconcile, "ZONE_FAILOVER_POLL_S", 0.0)
     env = ActivityEnvironment(client=cast(Client, object()))
     report: StepReport = await env.run(reconcile.await_zone_failovers, ZoneNames(zones=["az-1"]))
     assert len(asked) == 3 and report.detail.startswith("zone failover of az-1 ended, then ")
+
+
+async def test_planning_heartbeats_however_long_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan is CPU in a thread: at 2,000 instances on a loaded machine it took longer than the
+    activity's heartbeat timeout, and without heartbeats meanwhile every try of it timed out."""
+
+    def slow_plan(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePlan:
+        time.sleep(0.7)
+        return ReconcilePlan()
+
+    async def budget_state(client: Client, task_queue: str) -> BudgetState | None:
+        return None
+
+    async def zone_failovers_running(client: Client, task_queue: str, now: datetime) -> set[str]:
+        return set()
+
+    monkeypatch.setattr(reconcile, "plan_pass", slow_plan)
+    monkeypatch.setattr(reconcile, "budget_state", budget_state)
+    monkeypatch.setattr(reconcile, "zone_failovers_running", zone_failovers_running)
+    activities = ReconcileActivities(cast(Platform, RecordingPlatform([])))
+    env = ActivityEnvironment(client=cast(Client, object()))
+    beats: list[object] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    plan: ReconcilePlan = await env.run(activities.plan_reconcile, ReconcileRequest())
+    assert plan == ReconcilePlan() and len(beats) >= 2
