@@ -355,8 +355,9 @@ class FleetSnapshot(Payload):
     """Models with a recovery in flight or waiting for the budget → its runbook: reconcile leaves
     them alone (told by the budget, not inferred from counts)."""
     zones_failing_over: list[str] = Field(default_factory=list)
-    """Zones whose failover's lease the budget is running: until it is handed back, reconciliation
-    makes no new standbys (``drctl.policies.reconcile.zone_failover_first``)."""
+    """Zones failing over: their ``ZoneFailoverWorkflow`` or its budget lease runs (each for at most
+    ``ZONE_FAILOVER_FIRST_FOR``). Meanwhile reconciliation makes no new standbys
+    (``drctl.policies.reconcile.zone_failover_first``)."""
 
     cordoned_gpus: list[str] = Field(default_factory=list)
     """GPUs kept out of placement (drained after a GPU failure)."""

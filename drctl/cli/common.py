@@ -174,13 +174,15 @@ async def await_with_progress(
     query: Callable[[Any], Q | None],
     show: Callable[[Q], None],
     every_s: float = 0.5,
+    asked: WorkflowHandle[Any, Any] | None = None,
 ) -> R:
     """The workflow's result; meanwhile, every ``every_s``, its ``query`` answer handed to ``show``
-    (a query that fails, say before the first workflow task, or has no answer yet is skipped)."""
+    (a query that fails, say before the first workflow task, or has no answer yet is skipped).
+    ``asked``: the workflow to query instead, when another one does the work (a child)."""
     result = asyncio.ensure_future(handle.result())
     while not result.done():
         try:
-            answer = await handle.query(query)
+            answer = await (asked or handle).query(query)
         except Exception:
             answer = None
         if answer is not None:

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError, WorkflowQueryFailedError
+from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.service import RPCError
 
 from drctl.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     PolicyOption,
     StateOption,
+    await_with_progress,
     connect,
     err,
     fail,
@@ -101,21 +100,19 @@ async def run_reconcile(
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
-    ended = asyncio.ensure_future(handle.result())
-    passing = client.get_workflow_handle(reconcile_pass_workflow_id(settings.task_queue))
     try:
-        while not (await asyncio.wait({ended}, timeout=PROGRESS_EVERY_S))[0]:
-            if on_progress is None or request.dry_run:  # a dry run plans in line, no pass to ask
-                continue
-            try:
-                going = await passing.query(ReconcilePassWorkflow.progress, rpc_timeout=timedelta(seconds=2))
-            except (RPCError, WorkflowQueryFailedError):
-                continue  # no pass yet, or it just ended: the result says the rest
-            on_progress(reconcile_progress(going))
-        return ended.result()
+        if on_progress is None or request.dry_run:  # a dry run plans in line: no pass to ask
+            return await handle.result()
+        on_progress(reconcile_progress(None))
+        return await await_with_progress(
+            handle,
+            ReconcilePassWorkflow.progress,
+            lambda going: on_progress(reconcile_progress(going)),
+            every_s=PROGRESS_EVERY_S,
+            asked=client.get_workflow_handle(reconcile_pass_workflow_id(settings.task_queue)),
+        )
     except WorkflowFailureError as exc:
         fail(f"reconciliation failed: {exc.cause or exc}")
     finally:
-        ended.cancel()
         if on_progress is not None:
             on_progress.close()

@@ -515,12 +515,12 @@ def fenced(plan: ReconcilePlan, snapshot: FleetSnapshot) -> ReconcilePlan:
 
 
 def zone_failover_first(plan: ReconcilePlan, zones: list[str]) -> ReconcilePlan:
-    """While a zone fails over (its lease running), a pass makes no new standbys: no standby
+    """While a zone fails over (its workflow or its lease running), a pass makes no new standbys: no standby
     creates, re-tiers or moves, nor the deletes that would make room for them. It still deletes what
     is dead or surplus and still creates a missing serving instance. The zone's recoveries go first:
     in the 1,000-instance zone outage of ``bench/zone_bench.py`` the hundreds of standbys made
     beside them took the machine from them (every model switched 7 s later), and they come in the
-    pass the zone failover asks for as it ends. A zone failover that holds its lease for long is not
+    pass the zone failover asks for as it ends. A zone failover that runs for long is not
     waited for (``drctl.temporal.incidents.ZONE_FAILOVER_FIRST_FOR``)."""
     if not zones:
         return plan
