@@ -293,9 +293,12 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             passes = await reconcile_passes(stack, t0_wall)
             runbooks, runbook_spans = [], []
             kinds: Counter[str] = Counter()  # trigger and outcome: which runbooks ran, and to what end
+            kind_starts: dict[str, list[float]] = {}  # and when each kind started, after the outage
             async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
                 attrs = wf.search_attributes
-                kinds[f"{_first(attrs.get(SearchAttr.TRIGGER))} {_first(attrs.get(SearchAttr.OUTCOME))}"] += 1
+                kind = f"{_first(attrs.get(SearchAttr.TRIGGER))} {_first(attrs.get(SearchAttr.OUTCOME))}"
+                kinds[kind] += 1
+                kind_starts.setdefault(kind, []).append(wf.start_time.timestamp() - t0_wall)
                 if wf.close_time is not None:
                     runbooks.append((wf.close_time - wf.start_time).total_seconds())
                     runbook_spans.append((wf.start_time.timestamp() - t0_wall, wf.close_time.timestamp() - t0_wall))
@@ -322,6 +325,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbooks_closed_by_2s": _by_2s(close for _, close in runbook_spans),
         "runbooks": len(runbooks),
         "runbook_kinds": dict(kinds.most_common()),
+        "runbook_kinds_started": {kind: _spread(kind_starts[kind]) for kind, _ in kinds.most_common()},
         "workflow_task_timeouts": task_timeouts,
         "workflow_cache_evictions": evictions,
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
@@ -392,6 +396,12 @@ def _by_2s(offsets: Any) -> dict[int, int]:
     for offset in offsets:
         buckets[int(offset // 2) * 2] = buckets.get(int(offset // 2) * 2, 0) + 1
     return dict(sorted(buckets.items()))
+
+
+def _spread(offsets: list[float]) -> str:
+    """When runbooks of one kind started (seconds after the outage): first, median, last."""
+    ordered = sorted(offsets)
+    return f"{ordered[0]:.1f} / {statistics.median(ordered):.1f} / {ordered[-1]:.1f} s"
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from drctl.payloads import (
     StepReport,
     ZoneNames,
 )
-from drctl.platforms.base import Platform
+from drctl.platforms.base import BatchedChanges, Platform
 from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import (
@@ -91,18 +91,37 @@ def loads_a_model(action: ReconcileAction) -> bool:
     return action.kind != ReconcileActionKind.DELETE and action.tier != Role.COLD and action.node is not None
 
 
+FirstTry = Callable[[list[ReconcileAction]], Awaitable[list[str | Exception]]]
+"""Makes the first try of several changes at once: each one's detail, or the exception that failed it."""
+
+
 async def applied_side_by_side(
-    batch: ChangeBatch, change: Callable[[ReconcileAction], Awaitable[StepReport]]
+    batch: ChangeBatch,
+    change: Callable[[ReconcileAction], Awaitable[StepReport]],
+    together: Callable[[ReconcileAction], FirstTry | None] = lambda _: None,
 ) -> ChangeOutcomes:
     """Each change of ``batch`` made with ``change``, side by side, at most ``loads_per_node`` of
     those that load a model on one node at once. One change that fails does not fail the others:
     its outcome says why, after ``CHANGE_ATTEMPTS`` tries, or at once for an error the platform
     calls final (non-retryable). Every change is idempotent and fenced by its model's epoch, so a
-    retry of the whole batch (its worker died) redoes nothing that was done."""
+    retry of the whole batch (its worker died) redoes nothing that was done.
+
+    ``together`` names, for an action, what makes the first try of all the batch's actions of its
+    kind at once (the platform's :class:`~drctl.platforms.base.BatchedChanges`), which then keeps
+    ``loads_per_node`` itself; None: the action is made on its own. Deletes go first, then
+    creates, each kind at once; a change whose first try failed is tried again on its own."""
     node_gates: dict[str, asyncio.Semaphore] = {}
 
-    async def tried(action: ReconcileAction) -> ChangeOutcome:
-        for attempt in range(1, CHANGE_ATTEMPTS + 1):
+    def outcome(action: ReconcileAction, result: str | BaseException) -> ChangeOutcome | None:
+        """The change's outcome, or None when it is to be tried again."""
+        if isinstance(result, str):
+            return ChangeOutcome(instance=action.instance, detail=result)
+        if isinstance(result, ApplicationError) and result.non_retryable:
+            return ChangeOutcome(instance=action.instance, error=str(result), error_type=result.type)
+        return None
+
+    async def tried(action: ReconcileAction, first: int = 1) -> ChangeOutcome:
+        for attempt in range(first, CHANGE_ATTEMPTS + 1):
             try:
                 report = await change(action)
             except ApplicationError as exc:
@@ -116,14 +135,39 @@ async def applied_side_by_side(
             await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last attempt returns")
 
-    async def one(action: ReconcileAction) -> ChangeOutcome:
+    async def one(action: ReconcileAction, first: int = 1) -> ChangeOutcome:
         if not loads_a_model(action):
-            return await tried(action)
+            return await tried(action, first)
         assert action.node is not None
         async with node_gates.setdefault(action.node, asyncio.Semaphore(batch.loads_per_node)):
-            return await tried(action)
+            return await tried(action, first)
 
-    return ChangeOutcomes(outcomes=list(await asyncio.gather(*(one(a) for a in batch.actions))))
+    outcomes: dict[int, ChangeOutcome] = {}
+    retried: list[int] = []
+    alone: list[int] = []
+    groups: dict[ReconcileActionKind, tuple[FirstTry, list[int]]] = {}
+    for n, action in enumerate(batch.actions):
+        maker = together(action)
+        if maker is None:
+            alone.append(n)
+        else:
+            groups.setdefault(action.kind, (maker, []))[1].append(n)
+    for kind in sorted(groups, key=lambda k: k != ReconcileActionKind.DELETE):  # deletes free GPUs first
+        maker, members = groups[kind]
+        results = await maker([batch.actions[n] for n in members])
+        for n, result in zip(members, results, strict=True):
+            done = outcome(batch.actions[n], result)
+            if done is None:
+                retried.append(n)
+            else:
+                outcomes[n] = done
+    if retried:
+        await asyncio.sleep(0.5)
+    made = await asyncio.gather(
+        *(one(batch.actions[n]) for n in alone), *(one(batch.actions[n], first=2) for n in retried)
+    )
+    outcomes.update(zip([*alone, *retried], made, strict=True))
+    return ChangeOutcomes(outcomes=[outcomes[n] for n in range(len(batch.actions))])
 
 
 class ReconcileActivities:
@@ -223,7 +267,48 @@ class ReconcileActivities:
         Why a batch: after a zone failover a pass has hundreds of changes, each taking tens of
         milliseconds. As an activity each, their orchestration (schedule, poll, complete, a workflow
         task) was most of the pass's time, and took the machine from the zone's recoveries."""
-        return await with_heartbeats(applied_side_by_side(batch, self._change))
+        return await with_heartbeats(applied_side_by_side(batch, self._change, self._together(batch)))
+
+    def _together(self, batch: ChangeBatch) -> Callable[[ReconcileAction], FirstTry | None]:
+        """Where the platform makes many creates or deletes at once (the local platform: one write
+        of its registry for all), the batch's creates and deletes go to it together."""
+        platform = self.platform
+        if not isinstance(platform, BatchedChanges):
+            return lambda _: None
+
+        async def creates(actions: list[ReconcileAction]) -> list[str | Exception]:
+            return await self._logged(
+                "create_instances",
+                actions,
+                platform.create_instances(actions, heartbeat_progress, batch.loads_per_node),
+            )
+
+        async def deletes(actions: list[ReconcileAction]) -> list[str | Exception]:
+            return await self._logged("delete_instances", actions, platform.delete_instances(actions))
+
+        makers: dict[ReconcileActionKind, FirstTry] = {
+            ReconcileActionKind.CREATE: creates,
+            ReconcileActionKind.DELETE: deletes,
+        }
+        return lambda action: makers.get(action.kind)
+
+    @staticmethod
+    async def _logged(
+        call: str, actions: list[ReconcileAction], made: Awaitable[list[str | Exception]]
+    ) -> list[str | Exception]:
+        """Several changes made at once as one step: in one span ``platform.{call}``, and a log line
+        for each change, as a change made on its own has (:func:`_platform_step`)."""
+        start = time.monotonic()
+        with span(f"platform.{call}", {"changes": len(actions)}):
+            results = await made
+        duration_ms = _elapsed_ms(start)
+        for action, result in zip(actions, results, strict=True):
+            detail = result if isinstance(result, str) else f"failed: {type(result).__name__}: {result}"
+            log_step(
+                call.removesuffix("s"), duration_ms, detail,
+                model=action.model, instance=action.instance, tier=action.tier.value, epoch=action.epoch,
+            )  # fmt: skip
+        return results
 
     async def _change(self, action: ReconcileAction) -> StepReport:
         call = {

@@ -18,8 +18,8 @@ fields.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from drctl.payloads import DrillRestore, DrillScenario, DrillTarget, InjectedFault, Instance, ReconcileAction
 from drctl.platforms import errors
@@ -143,6 +143,27 @@ class Platform(Protocol):
 
     async def uncordon_gpu(self, gpu: str) -> str:
         """Let placement use a GPU again (zone failback, a repaired GPU). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class BatchedChanges(Protocol):
+    """What a platform whose records are one file (the local platform's registry) offers beside
+    ``create_instance`` and ``delete_instance``: many of them with one write of its records and one
+    load-balancer update per model. Asked for (``isinstance``), not assumed: the reconciliation's
+    batches use it where it is, and make their changes one by one, side by side, elsewhere.
+
+    Each action's result is its detail or the exception that failed it, in the order of
+    ``actions``: one change that fails does not fail the others."""
+
+    async def create_instances(
+        self, actions: Sequence[ReconcileAction], progress: ProgressCallback, loads_per_node: int
+    ) -> list[str | Exception]:
+        """``create_instance`` of each action, at most ``loads_per_node`` loading on one node at once."""
+        ...
+
+    async def delete_instances(self, actions: Sequence[ReconcileAction]) -> list[str | Exception]:
+        """``delete_instance`` of each action."""
         ...
 
 

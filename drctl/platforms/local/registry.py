@@ -79,9 +79,16 @@ class EditedInstances(dict[str, LocalInstance]):
     CPU in a zone outage of 1,000 instances). :meth:`peek` reads them without copying, for a caller
     that only looks (the ports already taken)."""
 
-    def __init__(self, kept: dict[str, LocalInstance]) -> None:
+    def __init__(self, kept: dict[str, LocalInstance], epochs: Mapping[str, int] | None = None) -> None:
         super().__init__(kept)
         self._copied: set[str] = set()
+        self._epochs = dict(epochs or {})
+
+    def fence(self, model: str, epoch: int | None) -> None:
+        """Refuse one change of an edit with the non-retryable ``StaleEpoch`` when ``epoch`` is
+        older than the model's: an edit that makes the changes of several models (a batch of a
+        reconciliation pass) fences each on its own, and writes those not refused."""
+        errors.check_epoch(model, epoch, self._epochs.get(model, 0))
 
     def __getitem__(self, key: str) -> LocalInstance:
         value = super().__getitem__(key)
@@ -218,7 +225,7 @@ class InstanceRegistry:
             epochs = _epochs(snapshot)
             if model is not None:
                 errors.check_epoch(model, epoch, epochs.get(model, 0))
-            instances = EditedInstances(snapshot.instances)
+            instances = EditedInstances(snapshot.instances, epochs)
             yield instances
             self._write(snapshot, instances.as_written(), epochs)
 
