@@ -942,6 +942,9 @@ class BudgetState(Payload):
     max_per_zone: int = 3
     trip_after_waiting: int = 50
     max_parallel_zone: int | None = None
+    failed_over: dict[str, datetime] = Field(default_factory=dict)
+    """Zones whose failover handed its lease back, and when: for ``FAILED_OVER_COVERS_FOR`` after,
+    a recovery in one still counts as zone-level (``decide(failed_over=...)``)."""
 
 
 class RunbookOutcome(Payload):

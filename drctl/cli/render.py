@@ -30,6 +30,7 @@ from drctl.payloads import (
     StepTiming,
     ZoneFailoverResult,
 )
+from drctl.policies.budget import FAILED_OVER_COVERS_FOR
 from drctl.policies.explain import ModelExplanation, RtoAssumptions
 from drctl.policies.schema import DRPolicy
 from drctl.settings import DrctlSettings, StateLayout
@@ -424,6 +425,11 @@ def budget_lines(state: BudgetState) -> Lines:
     ]
     for lease in state.waiting:
         lines.append(f"  waiting  {lease.incident}: {lit(state.why_waiting.get(lease.incident, ''))}")
+    lines += [
+        f"  zone {lit(zone)} failed over at {at.isoformat(timespec='seconds')}: its recoveries count as "
+        f"the zone's until {(at + FAILED_OVER_COVERS_FOR).isoformat(timespec='seconds')}"
+        for zone, at in sorted(state.failed_over.items())
+    ]
     lines += [f"  {lit(line)}" for line in state.resets[-3:]]
     return lines
 

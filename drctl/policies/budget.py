@@ -10,7 +10,7 @@ trips and nothing more starts until a person resets it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,6 +18,9 @@ from drctl.payloads import LeaseKind, LeaseRequest
 from drctl.policies.schema import DRPolicy
 
 RATE_WINDOW = timedelta(minutes=1)
+FAILED_OVER_COVERS_FOR = timedelta(minutes=5)
+"""How long after a zone failover hands its lease back the recoveries in its zone still count as
+zone-level (``decide(failed_over=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def decide(
     tripped: bool,
     zone_covers_zone: bool = False,
     zone_failover_first: bool = False,
+    failed_over: Collection[str] = (),
 ) -> Decision:
     """Which of ``waiting`` (oldest first) start now, given those ``running`` and the ``starts`` of
     the last minute. A request that does not fit waits without blocking later ones that do (a full
@@ -88,8 +92,17 @@ def decide(
     compete with the zone's serving instances for the machine. (In the 1,000-instance zone outage of
     ``bench/zone_bench.py`` most came after the lease anyway, and this measured no change there.) A
     zone failover still waiting for its lease holds nothing back: its zone's recoveries start
-    meanwhile, as before."""
+    meanwhile, as before.
+
+    ``failed_over``: zones whose failover has ended (handed its lease back) a short while ago. An
+    instance-level request in one counts as zone-level too: the zone-level decision covers the
+    failures it left behind, which come after its lease was handed back (the prober reports a
+    zone's 500 instances one after another; an Alertmanager group arrives late). Without it they
+    waited on the per-zone cap, and enough of them at once tripped the breaker: a person had to
+    reset it before the zone's models got their standbys back."""
     failing_over = {r.zone for r in (*running, *waiting) if r.kind == LeaseKind.ZONE and r.zone is not None}
+    if zone_covers_zone:
+        failing_over |= set(failed_over)
     recovering = {r.zone for r in running if r.covers and r.zone is not None} if zone_failover_first else set()
 
     def zone_level(request: LeaseRequest) -> bool:

@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         LeaseRequest,
         StepReport,
     )
-    from drctl.policies.budget import BudgetLimits, decide, recent_starts
+    from drctl.policies.budget import FAILED_OVER_COVERS_FOR, BudgetLimits, decide, recent_starts
 
 LEASE_TTL = timedelta(minutes=30)
 """A lease not handed back within this long is taken back (its guardian was terminated by hand)."""
@@ -57,6 +57,14 @@ ZONE_FAILOVER_FIRST = "budget-zone-failover-first"
 """Patch: while a zone failover's lease runs, the single recoveries of its zone that have not
 started wait until it is handed back (``decide(zone_failover_first=True)``), so the prober's
 reports of the zone's standbys do not compete with its serving instances for the machine. Budgets
+started before it decide as they did until they continue as new."""
+
+
+FAILED_OVER_ZONE_COVERS = "budget-failed-over-zone-covers"
+"""Patch: for ``FAILED_OVER_COVERS_FOR`` after a zone failover hands its lease back, a recovery in
+its zone still counts as zone-level (``decide(failed_over=...)``). Before, the zone's stragglers (the
+prober's reports of its standbys) fell back to the per-zone cap once the lease was handed back, and
+enough of them waiting at once tripped the breaker: redundancy then waited for a person. Budgets
 started before it decide as they did until they continue as new."""
 
 
@@ -97,6 +105,9 @@ class BudgetWorkflow:
     @workflow.signal(name="release")
     def release(self, release: LeaseRelease) -> None:
         state = self._state
+        for lease in state.running:
+            if lease.incident == release.incident and lease.kind == LeaseKind.ZONE and lease.covers and lease.zone:
+                state.failed_over[lease.zone] = workflow.now()  # a zone failover's lease: it has ended
         state.running = [r for r in state.running if r.incident != release.incident]
         state.waiting = [w for w in state.waiting if w.incident != release.incident]
         state.why_waiting.pop(release.incident, None)
@@ -148,6 +159,14 @@ class BudgetWorkflow:
     def _zone_failover_first(self) -> bool:
         return workflow.patched(ZONE_FAILOVER_FIRST)
 
+    def _failed_over(self, now: datetime) -> list[str]:
+        """The zones whose failover ended within ``FAILED_OVER_COVERS_FOR`` (older ones forgotten)."""
+        s = self._state
+        s.failed_over = {zone: at for zone, at in s.failed_over.items() if now - at < FAILED_OVER_COVERS_FOR}
+        if not s.failed_over or not workflow.patched(FAILED_OVER_ZONE_COVERS):
+            return []
+        return sorted(s.failed_over)
+
     def _grants_side_by_side(self) -> bool:
         return workflow.patched(GRANTS_SIDE_BY_SIDE)
 
@@ -166,6 +185,7 @@ class BudgetWorkflow:
             tripped=s.tripped is not None,
             zone_covers_zone=self._zone_covers_zone(),
             zone_failover_first=self._zone_failover_first(),
+            failed_over=self._failed_over(now),
         )
         for request in decision.grant:
             s.waiting.remove(request)

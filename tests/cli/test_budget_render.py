@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from drctl.cli.render import budget_lines
@@ -39,3 +41,12 @@ async def test_the_models_a_zone_lease_covers_are_busy_for_reconciliation(monkey
         "llama-2-7b": "zone-failover-az-1",
         "mistral-7b": "failover-mistral-7b-mistral-7b-4",
     }  # and no model named "" for the lease itself
+
+
+def test_a_zone_that_failed_over_says_until_when_its_recoveries_count_as_the_zone_s() -> None:
+    at = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
+    lines = budget_lines(BudgetState(failed_over={"az-1": at}))
+    assert (
+        "  zone az-1 failed over at 2026-12-01T15:00:00+00:00: its recoveries count as the zone's until "
+        "2026-12-01T15:05:00+00:00"
+    ) in lines

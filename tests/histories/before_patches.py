@@ -8,6 +8,8 @@ Each class is registered under the real workflow's name and differs from it only
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from temporalio import workflow
 
 from drctl.payloads import (
@@ -24,7 +26,13 @@ from drctl.payloads import (
     ZoneFailoverRequest,
     ZoneFailoverResult,
 )
-from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST, BudgetWorkflow
+from drctl.workflows.budget import (
+    FAILED_OVER_ZONE_COVERS,
+    GRANTS_SIDE_BY_SIDE,
+    ZONE_COVERS_ZONE,
+    ZONE_FAILOVER_FIRST,
+    BudgetWorkflow,
+)
 from drctl.workflows.failover import (
     DECISION_INPUT_PERSISTED,
     GONE_INSTANCE_SETTLES,
@@ -194,6 +202,19 @@ class BudgetBeforeZoneFailoverFirst(BudgetWorkflow):
         return False
 
 
+@workflow.defn(name="BudgetWorkflow", sandboxed=False)
+class BudgetBeforeFailedOverZoneCovers(BudgetWorkflow):
+    """Before ``budget-failed-over-zone-covers``: once a zone failover handed its lease back, a
+    recovery in its zone was instance-level again."""
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        await super().run(state)
+
+    def _failed_over(self, now: datetime) -> list[str]:
+        return []
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
@@ -207,5 +228,6 @@ BEFORE_PATCHES: dict[str, type] = {
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
     ZONE_FAILOVER_FIRST: BudgetBeforeZoneFailoverFirst,
+    FAILED_OVER_ZONE_COVERS: BudgetBeforeFailedOverZoneCovers,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -64,7 +64,7 @@ from drctl.temporal.incidents import guardian_state, hand_back_lease, report_fai
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
-from drctl.workflows.budget import GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST
+from drctl.workflows.budget import FAILED_OVER_ZONE_COVERS, GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -74,6 +74,7 @@ from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
+    BudgetBeforeFailedOverZoneCovers,
     BudgetBeforeGrantsSideBySide,
     BudgetBeforeZoneCoversZone,
     BudgetBeforeZoneFailoverFirst,
@@ -461,6 +462,47 @@ async def budget_before_failover_first_patch(client: Client, queue: str) -> list
     ]
 
 
+async def standby_report_after_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
+    """A zone failover's lease for az-1 is handed back; then the prober reports a standby in az-1,
+    whose recovery runs (as the zone's, since the budget-failed-over-zone-covers patch)."""
+    fleet = spread_fleet(2)
+    lease_id = "zone-failover-az-1"
+    zone_lease = LeaseRequest(
+        holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+        covers=[MODEL], max_parallel_zone=2,
+    )  # fmt: skip
+    async with worker(client, queue, fleet.activities(), old):
+        assert await request_lease(client, queue, zone_lease)
+        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
+        ticket = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
+        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+
+
+async def budget_failed_over_zone_covers(client: Client, queue: str) -> list[Recorded]:
+    await standby_report_after_zone_failover(client, queue)
+    return [
+        Recorded(
+            "budget-failed-over-zone-covers",
+            budget_workflow_id(queue),
+            "BudgetWorkflow (still running): a standby's recovery in az-1 after its failover, as the zone's",
+        )
+    ]
+
+
+async def budget_before_failed_over_patch(client: Client, queue: str) -> list[Recorded]:
+    """``budget_failed_over_zone_covers`` on a budget started before the budget-failed-over-zone-covers patch."""
+    await standby_report_after_zone_failover(client, queue, old=[BudgetBeforeFailedOverZoneCovers])
+    return [
+        Recorded(
+            "budget-before-failed-over-patch",
+            budget_workflow_id(queue),
+            "BudgetWorkflow started before the budget-failed-over-zone-covers patch: instance-level again",
+            FAILED_OVER_ZONE_COVERS,
+        )
+    ]
+
+
 async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = spread_fleet(3)
     fleet.policy = fleet.policy.model_copy(
@@ -688,6 +730,8 @@ SCENARIOS: dict[str, Scenario] = {
     "budget-before-grants-patch": budget_before_grants_patch,
     "budget-zone-failover-first": budget_zone_failover_first,
     "budget-before-failover-first-patch": budget_before_failover_first_patch,
+    "budget-failed-over-zone-covers": budget_failed_over_zone_covers,
+    "budget-before-failed-over-patch": budget_before_failed_over_patch,
     "reconcile": reconcile,
     "reconcile-batched": reconcile_batched,
     "failover-report-before-instance": failover_report_before_instance,

@@ -157,3 +157,20 @@ def test_a_zone_failover_still_waiting_for_its_lease_holds_nothing_back() -> Non
     waiting = [zone_lease("az-1", slots=4), lease(1), lease(2)]
     decision = decide(running, waiting, [], NOW, limits, tripped=False, zone_covers_zone=True, zone_failover_first=True)
     assert granted(decision.grant) == ["m1", "m2"]  # az-1's own lease waits for az-3's
+
+
+def test_a_zone_that_failed_over_a_moment_ago_still_covers_the_recoveries_left_in_it() -> None:
+    """Once a zone failover has handed its lease back, the reports of its zone that come after (the
+    prober's of its standbys) are still the zone's: zone-level, held only to maxParallelFailovers,
+    passing a tripped breaker, and never tripping it. Another zone's are held as ever."""
+    limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=4)
+    waiting = [*(lease(n) for n in range(1, 7)), lease(7, zone="az-2"), lease(8, zone="az-2"), lease(9, zone="az-2")]
+    decision = decide([], waiting, [], NOW, limits, tripped=False, zone_covers_zone=True, failed_over=["az-1"])
+    assert granted(decision.grant) == ["m1", "m2", "m3", "m4", "m7", "m8"]
+    assert decision.covered == {f"failover-m{n}" for n in range(1, 5)}
+    assert decision.trip is None  # m5, m6 wait for a slot as zone-level; only m9 waits instance-level
+    tripped = decide([], waiting, [], NOW, limits, tripped=True, zone_covers_zone=True, failed_over=["az-1"])
+    assert granted(tripped.grant) == ["m1", "m2", "m3", "m4"]
+    # Before (no zone failed over): the per-zone cap, and the breaker trips.
+    before = decide([], waiting, [], NOW, limits, tripped=False, zone_covers_zone=True)
+    assert granted(before.grant) == ["m1", "m2", "m7", "m8"] and before.trip is not None

@@ -91,3 +91,30 @@ async def test_the_prober_s_reports_in_a_zone_wait_while_its_failover_s_lease_ru
         await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
         result = await result_of(client, queue, standby)
     assert result.outcome == FailoverOutcome.STANDBY_EJECTED
+
+
+async def test_the_zone_s_reports_after_its_failover_ended_run_as_zone_level_and_trip_nothing(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """A zone failover of az-1 hands its lease back; then the prober's reports of the zone's
+    standbys arrive (it reports a zone's instances one after another: at 1,000 instances the last
+    came ~40 s after the outage). They still count as the zone's: the per-zone cap (0 here) holds
+    none back and the breaker (tripping at the first waiting recovery) does not trip. Before, they
+    waited for a person to reset the breaker, and their models for their standbys."""
+    fleet = tripping(spread_fleet(2))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        zone_lease = LeaseRequest(
+            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+            covers=["llama-2-7b"], max_parallel_zone=2,
+        )  # fmt: skip
+        assert await request_lease(client, queue, zone_lease)
+        await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
+        standbys = [
+            await report_failure(client, queue, report(f"{model}-1", "prober", model=model))
+            for model in ("llama-2-7b", "mistral-7b")
+        ]
+        results = [await asyncio.wait_for(result_of(client, queue, t), timeout=30) for t in standbys]
+        after = await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+    assert [r.outcome for r in results] == [FailoverOutcome.STANDBY_EJECTED] * 2
+    assert after.tripped is None and list(after.failed_over) == ["az-1"]
+    assert after.granted_total == 3  # the zone's lease, then each standby's (as zone-level)
