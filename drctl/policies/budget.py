@@ -71,6 +71,7 @@ def decide(
     zone_covers_zone: bool = False,
     zone_failover_first: bool = False,
     failed_over: Collection[str] = (),
+    gone_waits: bool = False,
 ) -> Decision:
     """Which of ``waiting`` (oldest first) start now, given those ``running`` and the ``starts`` of
     the last minute. A request that does not fit waits without blocking later ones that do (a full
@@ -99,11 +100,21 @@ def decide(
     failures it left behind, which come after its lease was handed back (the prober reports a
     zone's 500 instances one after another; an Alertmanager group arrives late). Without it they
     waited on the per-zone cap, and enough of them at once tripped the breaker: a person had to
-    reset it before the zone's models got their standbys back."""
+    reset it before the zone's models got their standbys back.
+
+    ``gone_waits`` (with ``zone_failover_first``): while a zone failover's lease runs, a single
+    recovery of an instance the platform no longer has (its request has no zone: reconciliation
+    deleted it, most likely a standby of the failing zone, whose report waited) waits for the lease
+    too. Its runbook can only end ``already-ejected``; beside the lease it took the machine from the
+    zone's recoveries (48 such runbooks in the 1,000-instance zone outage). It neither trips the
+    breaker nor waits for one more than any of the zone's own."""
     failing_over = {r.zone for r in (*running, *waiting) if r.kind == LeaseKind.ZONE and r.zone is not None}
     if zone_covers_zone:
         failing_over |= set(failed_over)
     recovering = {r.zone for r in running if r.covers and r.zone is not None} if zone_failover_first else set()
+
+    def gone_and_held(request: LeaseRequest) -> bool:
+        return gone_waits and bool(recovering) and request.kind != LeaseKind.ZONE and request.zone is None
 
     def zone_level(request: LeaseRequest) -> bool:
         return request.kind == LeaseKind.ZONE or (zone_covers_zone and request.zone in failing_over)
@@ -161,6 +172,10 @@ def decide(
             if grant_zone_level(request):
                 in_window.append(now)
             continue
+        if gone_and_held(request):
+            zones = ", ".join(sorted(z for z in recovering if z is not None))
+            why[request.incident] = f"its instance is gone: the failover of zone {zones} goes first"
+            continue
         if len(in_window) >= limits.max_per_minute:
             why[request.incident] = (
                 f"{len(in_window)} runbooks started in the last minute (max {limits.max_per_minute})"
@@ -175,7 +190,9 @@ def decide(
         in_window.append(now)
         if request.zone is not None:
             per_zone[request.zone] += 1
-    still_waiting = sum(1 for w in waiting if not zone_level(w)) - sum(1 for g in grant if not zone_level(g))
+    still_waiting = sum(1 for w in waiting if not zone_level(w) and not gone_and_held(w)) - sum(
+        1 for g in grant if not zone_level(g)
+    )
     trip = None
     if still_waiting > limits.trip_after_waiting:
         trip = (

@@ -68,6 +68,12 @@ enough of them waiting at once tripped the breaker: redundancy then waited for a
 started before it decide as they did until they continue as new."""
 
 
+GONE_INSTANCE_WAITS = "budget-gone-instance-waits"
+"""Patch: while a zone failover's lease runs, a single recovery of an instance the platform no
+longer has waits for it too (``decide(gone_waits=True)``). Budgets started before it grant such a
+recovery at once until they continue as new."""
+
+
 @workflow.defn(name="BudgetWorkflow", failure_exception_types=[ValidationError])
 class BudgetWorkflow:
     @workflow.init
@@ -167,6 +173,9 @@ class BudgetWorkflow:
             return []
         return sorted(s.failed_over)
 
+    def _gone_waits(self) -> bool:
+        return workflow.patched(GONE_INSTANCE_WAITS)
+
     def _grants_side_by_side(self) -> bool:
         return workflow.patched(GRANTS_SIDE_BY_SIDE)
 
@@ -186,6 +195,7 @@ class BudgetWorkflow:
             zone_covers_zone=self._zone_covers_zone(),
             zone_failover_first=self._zone_failover_first(),
             failed_over=self._failed_over(now),
+            gone_waits=self._gone_waits(),
         )
         for request in decision.grant:
             s.waiting.remove(request)

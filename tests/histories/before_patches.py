@@ -28,6 +28,7 @@ from drctl.payloads import (
 )
 from drctl.workflows.budget import (
     FAILED_OVER_ZONE_COVERS,
+    GONE_INSTANCE_WAITS,
     GRANTS_SIDE_BY_SIDE,
     ZONE_COVERS_ZONE,
     ZONE_FAILOVER_FIRST,
@@ -215,6 +216,19 @@ class BudgetBeforeFailedOverZoneCovers(BudgetWorkflow):
         return []
 
 
+@workflow.defn(name="BudgetWorkflow", sandboxed=False)
+class BudgetBeforeGoneInstanceWaits(BudgetWorkflow):
+    """Before ``budget-gone-instance-waits``: a recovery of an instance gone from the platform was
+    granted at once, beside a zone failover's lease."""
+
+    @workflow.run
+    async def run(self, state: BudgetState) -> None:
+        await super().run(state)
+
+    def _gone_waits(self) -> bool:
+        return False
+
+
 BEFORE_PATCHES: dict[str, type] = {
     DECISION_INPUT_PERSISTED: FailoverBeforeListingAsActivity,
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
@@ -229,5 +243,6 @@ BEFORE_PATCHES: dict[str, type] = {
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
     ZONE_FAILOVER_FIRST: BudgetBeforeZoneFailoverFirst,
     FAILED_OVER_ZONE_COVERS: BudgetBeforeFailedOverZoneCovers,
+    GONE_INSTANCE_WAITS: BudgetBeforeGoneInstanceWaits,
 }
 """Each ``workflow.patched`` id in drctl/workflows → the workflow as it was before that patch."""

@@ -64,7 +64,13 @@ from drctl.temporal.incidents import guardian_state, hand_back_lease, report_fai
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
 from drctl.workers.runbook_worker import WORKFLOWS
-from drctl.workflows.budget import FAILED_OVER_ZONE_COVERS, GRANTS_SIDE_BY_SIDE, ZONE_COVERS_ZONE, ZONE_FAILOVER_FIRST
+from drctl.workflows.budget import (
+    FAILED_OVER_ZONE_COVERS,
+    GONE_INSTANCE_WAITS,
+    GRANTS_SIDE_BY_SIDE,
+    ZONE_COVERS_ZONE,
+    ZONE_FAILOVER_FIRST,
+)
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
@@ -75,6 +81,7 @@ from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
     BudgetBeforeFailedOverZoneCovers,
+    BudgetBeforeGoneInstanceWaits,
     BudgetBeforeGrantsSideBySide,
     BudgetBeforeZoneCoversZone,
     BudgetBeforeZoneFailoverFirst,
@@ -503,6 +510,49 @@ async def budget_before_failed_over_patch(client: Client, queue: str) -> list[Re
     ]
 
 
+async def gone_instance_during_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
+    """A zone failover's lease for az-1 runs when the prober's report of an instance the platform
+    no longer has arrives (reconciliation deleted it); it waits for the lease (since the
+    budget-gone-instance-waits patch), then its runbook ends already-ejected."""
+    fleet = spread_fleet(2)
+    lease_id = "zone-failover-az-1"
+    zone_lease = LeaseRequest(
+        holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+        covers=[MODEL], max_parallel_zone=2,
+    )  # fmt: skip
+    async with worker(client, queue, fleet.activities(), old):
+        assert await request_lease(client, queue, zone_lease)
+        ticket = await report_failure(client, queue, report("mistral-7b-9", "prober", model="mistral-7b"))
+        await budget_when(client, queue, lambda s: bool(s.waiting) or s.granted_total >= 2)  # held, or granted
+        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
+        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
+        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+
+
+async def budget_gone_instance_waits(client: Client, queue: str) -> list[Recorded]:
+    await gone_instance_during_zone_failover(client, queue)
+    return [
+        Recorded(
+            "budget-gone-instance-waits",
+            budget_workflow_id(queue),
+            "BudgetWorkflow (still running): a gone instance's recovery waits for az-1's failover lease",
+        )
+    ]
+
+
+async def budget_before_gone_instance_patch(client: Client, queue: str) -> list[Recorded]:
+    """``budget_gone_instance_waits`` on a budget started before the budget-gone-instance-waits patch."""
+    await gone_instance_during_zone_failover(client, queue, old=[BudgetBeforeGoneInstanceWaits])
+    return [
+        Recorded(
+            "budget-before-gone-instance-patch",
+            budget_workflow_id(queue),
+            "BudgetWorkflow started before the budget-gone-instance-waits patch: granted beside the lease",
+            GONE_INSTANCE_WAITS,
+        )
+    ]
+
+
 async def three_failures_in_one_zone(client: Client, queue: str, old: Sequence[type] = ()) -> None:
     fleet = spread_fleet(3)
     fleet.policy = fleet.policy.model_copy(
@@ -732,6 +782,8 @@ SCENARIOS: dict[str, Scenario] = {
     "budget-before-failover-first-patch": budget_before_failover_first_patch,
     "budget-failed-over-zone-covers": budget_failed_over_zone_covers,
     "budget-before-failed-over-patch": budget_before_failed_over_patch,
+    "budget-gone-instance-waits": budget_gone_instance_waits,
+    "budget-before-gone-instance-patch": budget_before_gone_instance_patch,
     "reconcile": reconcile,
     "reconcile-batched": reconcile_batched,
     "failover-report-before-instance": failover_report_before_instance,

@@ -6,13 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from drctl.payloads import LeaseKind, LeaseRequest
-from drctl.policies.budget import BudgetLimits, decide
+from drctl.policies.budget import BudgetLimits, Decision, decide
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 LIMITS = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=3, max_parallel_zone=2)
 
 
-def lease(n: int, zone: str = "az-1", kind: LeaseKind = LeaseKind.INSTANCE, rank: int = 0) -> LeaseRequest:
+def lease(n: int, zone: str | None = "az-1", kind: LeaseKind = LeaseKind.INSTANCE, rank: int = 0) -> LeaseRequest:
     return LeaseRequest(
         holder=f"guardian-m{n}", incident=f"failover-m{n}", model=f"m{n}", instance=f"m{n}-0", zone=zone, kind=kind,
         rank=rank,
@@ -174,3 +174,28 @@ def test_a_zone_that_failed_over_a_moment_ago_still_covers_the_recoveries_left_i
     # Before (no zone failed over): the per-zone cap, and the breaker trips.
     before = decide([], waiting, [], NOW, limits, tripped=False, zone_covers_zone=True)
     assert granted(before.grant) == ["m1", "m2", "m7", "m8"] and before.trip is not None
+
+
+def test_while_a_zone_fails_over_a_report_of_an_instance_gone_waits_for_it_and_trips_nothing() -> None:
+    """An instance the platform no longer has comes without a zone (reconciliation deleted it: the
+    failing zone's standby, whose report waited). While a zone failover's lease runs, its recovery
+    (which can only end already-ejected) waits for the lease, without tripping the breaker."""
+    limits = BudgetLimits(max_per_minute=100, max_per_zone=2, trip_after_waiting=1, max_parallel_zone=4)
+    running = [zone_lease("az-1", slots=4)]
+    gone = [lease(n, zone=None) for n in range(1, 5)]
+    waiting = [*gone, lease(5, zone="az-2")]
+
+    def decided(running: list[LeaseRequest], waiting: list[LeaseRequest], gone_waits: bool) -> Decision:
+        return decide(
+            running, waiting, [], NOW, limits, tripped=False, zone_covers_zone=True, zone_failover_first=True,
+            gone_waits=gone_waits,
+        )  # fmt: skip
+
+    decision = decided(running, waiting, gone_waits=True)
+    assert granted(decision.grant) == ["m5"] and decision.trip is None
+    assert decision.why_waiting is not None
+    assert decision.why_waiting["failover-m1"] == "its instance is gone: the failover of zone az-1 goes first"
+    # Before: granted at once, beside the lease (no zone, no zone cap).
+    assert granted(decided(running, waiting, gone_waits=False).grant) == ["m1", "m2", "m3", "m4", "m5"]
+    # The lease handed back: they run.
+    assert granted(decided([], gone, gone_waits=True).grant) == ["m1", "m2", "m3", "m4"]

@@ -118,3 +118,25 @@ async def test_the_zone_s_reports_after_its_failover_ended_run_as_zone_level_and
     assert [r.outcome for r in results] == [FailoverOutcome.STANDBY_EJECTED] * 2
     assert after.tripped is None and list(after.failed_over) == ["az-1"]
     assert after.granted_total == 3  # the zone's lease, then each standby's (as zone-level)
+
+
+async def test_a_report_of_an_instance_gone_waits_while_a_zone_failover_s_lease_runs(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """The prober's report of an instance reconciliation has deleted (a standby of the failing
+    zone) has no zone to be held by: it waits for the zone failover's lease all the same, then its
+    runbook ends already-ejected."""
+    fleet = spread_fleet(2)
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        zone_lease = LeaseRequest(
+            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+            covers=["llama-2-7b"], max_parallel_zone=2,
+        )  # fmt: skip
+        assert await request_lease(client, queue, zone_lease)
+        gone = await report_failure(client, queue, report("mistral-7b-9", "prober", model="mistral-7b"))
+        held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
+        assert held.why_waiting == {gone.workflow_id: "its instance is gone: the failover of zone az-1 goes first"}
+        assert held.tripped is None
+        await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
+        result = await asyncio.wait_for(result_of(client, queue, gone), timeout=30)
+    assert result.outcome == FailoverOutcome.ALREADY_EJECTED
