@@ -195,7 +195,11 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
     stack = LocalStack(settings, policy, say=lambda m: print(f"    {m}", file=sys.stderr), with_prober=True)
     stack.with_node_agents = True
     began = time.monotonic()
-    await stack.start()
+    try:
+        await stack.start()
+    except BaseException:
+        await stack.stop()  # what did start (Temporal, Envoy, the pools) must not outlive the bench
+        raise
     startup_s = time.monotonic() - began
     stopped: list[int] = []
     load = Load(settings.lb_url, policy.model_names, args.rate_hz)

@@ -420,27 +420,39 @@ async def budget_before_grants_patch(client: Client, queue: str) -> list[Recorde
     ]
 
 
-async def standby_report_under_zone_lease(client: Client, queue: str, old: Sequence[type] = ()) -> str:
-    """A zone failover's lease for az-1 is running when the prober reports another model's standby
-    in az-1; the lease is handed back, and the standby's recovery runs. The incident's runbook id."""
+async def report_around_zone_lease(
+    client: Client,
+    queue: str,
+    old: Sequence[type] = (),
+    instance: str = "mistral-7b-1",
+    after_hand_back: bool = False,
+) -> str:
+    """A zone failover takes its lease for az-1; the prober reports ``instance`` (another model's:
+    its standby in az-1, or one the platform no longer has) while the lease runs, or once it has
+    been handed back (``after_hand_back``); the recovery runs. The incident's runbook id."""
     fleet = spread_fleet(2)
     lease_id = "zone-failover-az-1"
     zone_lease = LeaseRequest(
         holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
         covers=[MODEL], max_parallel_zone=2,
     )  # fmt: skip
+    prober_report = report(instance, "prober", model="mistral-7b")
     async with worker(client, queue, fleet.activities(), old):
         assert await request_lease(client, queue, zone_lease)
-        ticket = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
-        await budget_when(client, queue, lambda s: bool(s.waiting) or s.granted_total >= 2)  # held, or granted
-        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
+        if after_hand_back:
+            await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
+            ticket = await report_failure(client, queue, prober_report)
+        else:
+            ticket = await report_failure(client, queue, prober_report)
+            await budget_when(client, queue, lambda s: bool(s.waiting) or s.granted_total >= 2)  # held, or granted
+            await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
         await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
         await budget_when(client, queue, lambda s: not s.running and not s.waiting)
     return ticket.workflow_id
 
 
 async def budget_zone_failover_first(client: Client, queue: str) -> list[Recorded]:
-    runbook = await standby_report_under_zone_lease(client, queue)
+    runbook = await report_around_zone_lease(client, queue)
     return [
         Recorded(
             "budget-zone-failover-first",
@@ -458,7 +470,7 @@ async def budget_zone_failover_first(client: Client, queue: str) -> list[Recorde
 
 async def budget_before_failover_first_patch(client: Client, queue: str) -> list[Recorded]:
     """``budget_zone_failover_first`` on a budget started before the budget-zone-failover-first patch."""
-    await standby_report_under_zone_lease(client, queue, old=[BudgetBeforeZoneFailoverFirst])
+    await report_around_zone_lease(client, queue, old=[BudgetBeforeZoneFailoverFirst])
     return [
         Recorded(
             "budget-before-failover-first-patch",
@@ -469,25 +481,8 @@ async def budget_before_failover_first_patch(client: Client, queue: str) -> list
     ]
 
 
-async def standby_report_after_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
-    """A zone failover's lease for az-1 is handed back; then the prober reports a standby in az-1,
-    whose recovery runs (as the zone's, since the budget-failed-over-zone-covers patch)."""
-    fleet = spread_fleet(2)
-    lease_id = "zone-failover-az-1"
-    zone_lease = LeaseRequest(
-        holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
-        covers=[MODEL], max_parallel_zone=2,
-    )  # fmt: skip
-    async with worker(client, queue, fleet.activities(), old):
-        assert await request_lease(client, queue, zone_lease)
-        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
-        ticket = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
-        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
-        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
-
-
 async def budget_failed_over_zone_covers(client: Client, queue: str) -> list[Recorded]:
-    await standby_report_after_zone_failover(client, queue)
+    await report_around_zone_lease(client, queue, after_hand_back=True)
     return [
         Recorded(
             "budget-failed-over-zone-covers",
@@ -499,7 +494,7 @@ async def budget_failed_over_zone_covers(client: Client, queue: str) -> list[Rec
 
 async def budget_before_failed_over_patch(client: Client, queue: str) -> list[Recorded]:
     """``budget_failed_over_zone_covers`` on a budget started before the budget-failed-over-zone-covers patch."""
-    await standby_report_after_zone_failover(client, queue, old=[BudgetBeforeFailedOverZoneCovers])
+    await report_around_zone_lease(client, queue, old=[BudgetBeforeFailedOverZoneCovers], after_hand_back=True)
     return [
         Recorded(
             "budget-before-failed-over-patch",
@@ -510,27 +505,8 @@ async def budget_before_failed_over_patch(client: Client, queue: str) -> list[Re
     ]
 
 
-async def gone_instance_during_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
-    """A zone failover's lease for az-1 runs when the prober's report of an instance the platform
-    no longer has arrives (reconciliation deleted it); it waits for the lease (since the
-    budget-gone-instance-waits patch), then its runbook ends already-ejected."""
-    fleet = spread_fleet(2)
-    lease_id = "zone-failover-az-1"
-    zone_lease = LeaseRequest(
-        holder=lease_id, incident=lease_id, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
-        covers=[MODEL], max_parallel_zone=2,
-    )  # fmt: skip
-    async with worker(client, queue, fleet.activities(), old):
-        assert await request_lease(client, queue, zone_lease)
-        ticket = await report_failure(client, queue, report("mistral-7b-9", "prober", model="mistral-7b"))
-        await budget_when(client, queue, lambda s: bool(s.waiting) or s.granted_total >= 2)  # held, or granted
-        await hand_back_lease(client, queue, LeaseRelease(incident=lease_id))
-        await asyncio.wait_for(wait_closed(client, queue, ticket), timeout=30)
-        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
-
-
 async def budget_gone_instance_waits(client: Client, queue: str) -> list[Recorded]:
-    await gone_instance_during_zone_failover(client, queue)
+    await report_around_zone_lease(client, queue, instance="mistral-7b-9")
     return [
         Recorded(
             "budget-gone-instance-waits",
@@ -542,7 +518,7 @@ async def budget_gone_instance_waits(client: Client, queue: str) -> list[Recorde
 
 async def budget_before_gone_instance_patch(client: Client, queue: str) -> list[Recorded]:
     """``budget_gone_instance_waits`` on a budget started before the budget-gone-instance-waits patch."""
-    await gone_instance_during_zone_failover(client, queue, old=[BudgetBeforeGoneInstanceWaits])
+    await report_around_zone_lease(client, queue, old=[BudgetBeforeGoneInstanceWaits], instance="mistral-7b-9")
     return [
         Recorded(
             "budget-before-gone-instance-patch",

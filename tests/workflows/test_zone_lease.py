@@ -21,6 +21,14 @@ def under_lease(instance: str, model: str = "llama-2-7b") -> FailureReport:
     return leased.model_copy(update={"lease": LEASE, "zone_level": True})
 
 
+def az1_failover_lease() -> LeaseRequest:
+    """The lease a zone failover of az-1 takes for its whole zone (llama-2-7b serves there)."""
+    return LeaseRequest(
+        holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
+        covers=["llama-2-7b"], max_parallel_zone=2,
+    )  # fmt: skip
+
+
 def tripping(fleet: FakeFleet) -> FakeFleet:
     """A budget whose breaker trips at the first waiting recovery: an instance-level report waits
     for a person, so whatever runs did not come from the budget."""
@@ -79,11 +87,7 @@ async def test_the_prober_s_reports_in_a_zone_wait_while_its_failover_s_lease_ru
     mistral-7b's standby in az-1. Its recovery waits until the lease is handed back, then runs."""
     fleet = spread_fleet(2)
     async with guarded(time_skipping_env, fleet) as (client, queue):
-        zone_lease = LeaseRequest(
-            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
-            covers=["llama-2-7b"], max_parallel_zone=2,
-        )  # fmt: skip
-        assert await request_lease(client, queue, zone_lease)
+        assert await request_lease(client, queue, az1_failover_lease())
         standby = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
         held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
         assert held.why_waiting == {standby.workflow_id: "the failover of zone az-1 goes first (its lease is running)"}
@@ -103,11 +107,7 @@ async def test_the_zone_s_reports_after_its_failover_ended_run_as_zone_level_and
     waited for a person to reset the breaker, and their models for their standbys."""
     fleet = tripping(spread_fleet(2))
     async with guarded(time_skipping_env, fleet) as (client, queue):
-        zone_lease = LeaseRequest(
-            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
-            covers=["llama-2-7b"], max_parallel_zone=2,
-        )  # fmt: skip
-        assert await request_lease(client, queue, zone_lease)
+        assert await request_lease(client, queue, az1_failover_lease())
         await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
         standbys = [
             await report_failure(client, queue, report(f"{model}-1", "prober", model=model))
@@ -128,11 +128,7 @@ async def test_a_report_of_an_instance_gone_waits_while_a_zone_failover_s_lease_
     runbook ends already-ejected."""
     fleet = spread_fleet(2)
     async with guarded(time_skipping_env, fleet) as (client, queue):
-        zone_lease = LeaseRequest(
-            holder=LEASE, incident=LEASE, model="", zone="az-1", kind=LeaseKind.ZONE, slots=2,
-            covers=["llama-2-7b"], max_parallel_zone=2,
-        )  # fmt: skip
-        assert await request_lease(client, queue, zone_lease)
+        assert await request_lease(client, queue, az1_failover_lease())
         gone = await report_failure(client, queue, report("mistral-7b-9", "prober", model="mistral-7b"))
         held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
         assert held.why_waiting == {gone.workflow_id: "its instance is gone: the failover of zone az-1 goes first"}
