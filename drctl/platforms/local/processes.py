@@ -161,11 +161,14 @@ def terminate(pid: int | None, grace_s: float = 3.0) -> bool:
 
     A stopped process (SIGSTOP: a hung node in a drill) is killed at once: it cannot shut down
     gracefully, and continuing it to do so would let it write half a response to a request it held
-    (which the load balancer could then no longer retry elsewhere)."""
+    (which the load balancer could then no longer retry elsewhere). For a pooled instance (a
+    thread), its pool stopped counts: the threads of a process that was just SIGSTOPped enter the
+    stopped state one by one, and one seen still running was sent SIGTERM, which a stopped pool
+    cannot act out, and waited ``grace_s`` for nothing."""
     if not is_alive(pid):
         return False
     assert pid is not None
-    if is_stopped(pid):
+    if is_stopped(pid) or is_stopped(thread_group(pid)):
         signal_group(pid, signal.SIGKILL)
         signal_group(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL; make sure it runs to exit
     else:

@@ -212,6 +212,31 @@ async def test_a_kill_on_a_stopped_node_fences_its_pool_at_once_and_no_second_po
             os.kill(group, signal.SIGCONT)
 
 
+async def test_a_kill_fences_a_stopped_pool_at_once_even_while_the_thread_still_reads_as_running(
+    fleet: PooledFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The threads of a just-SIGSTOPped pool enter the stopped state one by one: the instance's
+    thread may still read as running when its pool reads as stopped (seen once in CI: the kill
+    sent SIGTERM, which a stopped pool cannot act out, and waited its 5 s grace)."""
+    victim = next(i for i in _running(fleet).values() if i.pid is not None)
+    group = processes.thread_group(victim.pid)
+    assert group is not None and group != victim.pid
+    stopped = processes.is_stopped
+    monkeypatch.setattr(processes, "is_stopped", lambda pid: pid != victim.pid and stopped(pid))
+    os.kill(group, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5.0
+        while not stopped(group) and time.monotonic() < deadline:  # as a zone stopped a while ago
+            time.sleep(0.01)
+        began = time.monotonic()
+        assert processes.terminate(victim.pid, grace_s=5.0)
+        assert time.monotonic() - began < 2.0
+        assert not processes.is_alive(group)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group, signal.SIGCONT)
+
+
 async def test_a_pool_too_busy_to_answer_gets_no_second_pool_beside_it(
     fleet: PooledFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
