@@ -561,11 +561,22 @@ class LocalStack:
         self.layout.prober_status_file.unlink(missing_ok=True)
         self._start_python_process("prober", "drctl.detectors.prober")
 
-    async def _wait_prober_ready(self, timeout_s: float = 30.0) -> None:
+    def _prober_ready_timeout_s(self) -> float:
+        """30 s, and 10 ms more per instance (its first round probes every one, on a machine still
+        busy with their loading: at 2,000 instances it once took longer than 30 s), and time for
+        three zone checks where the node agents must be seen (one may miss an agent that is slow
+        to answer at start)."""
+        instances = len(self.platform.registry.view())
+        checks = 3 * self.policy.az_failover.health_check_interval.total_seconds() if self.with_node_agents else 0.0
+        return max(30.0, checks) + 0.01 * instances
+
+    async def _wait_prober_ready(self, timeout_s: float | None = None) -> None:
         """Until the prober has probed once and, with node agents, has seen every node's agent: a
         failure injected before then would go unnoticed by the zone checks (no evidence yet)."""
+        timeout_s = self._prober_ready_timeout_s() if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         nodes = sorted(self.node_agent_ports) if self.with_node_agents else None
+        status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             try:
                 status = json.loads(self.layout.prober_status_file.read_text(encoding="utf-8"))
@@ -576,7 +587,14 @@ class LocalStack:
             if not processes.is_alive(self.pids["prober"]):
                 raise StackError(f"the prober exited; see {self.layout.logs_dir / 'prober.log'}")
             await asyncio.sleep(0.1)
-        raise StackError(f"the prober is not ready after {timeout_s:.0f}s; see {self.layout.logs_dir}/prober.log")
+        missing = "its first round of probes" if status.get("ticks", 0) < 1 else ""
+        if nodes is not None and status.get("nodes_seen") != nodes:
+            unseen = sorted(set(nodes) - set(status.get("nodes_seen") or []))
+            missing += (" and " if missing else "") + f"an answer from the node agents of {', '.join(unseen)}"
+        raise StackError(
+            f"the prober is not ready after {timeout_s:.0f}s (still waiting for {missing or 'its status'}); "
+            f"see {self.layout.logs_dir}/prober.log"
+        )
 
     def start_alert_receiver(self) -> None:
         self._start_python_process("alert_receiver", "drctl.detectors.alert_receiver")

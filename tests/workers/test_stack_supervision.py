@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from drctl.payloads import Role
 from drctl.platforms.local import processes
+from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.settings import StateLayout
-from drctl.workers.stack import LocalStack, PartStatus, isolated_settings, supervision_lines
+from drctl.workers.stack import LocalStack, PartStatus, StackError, isolated_settings, supervision_lines
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml"
 
@@ -111,3 +113,26 @@ def test_status_lines_when_drctl_up_is_not_running(layout: StateLayout) -> None:
     assert supervision_lines(layout) == [
         f"drctl up: not running (supervisor pid {gone} is gone; the next `drctl up` resumes)"
     ]
+
+
+async def test_a_prober_not_ready_says_what_it_still_waits_for_and_the_wait_grows_with_the_fleet(
+    tmp_path: Path,
+) -> None:
+    stack = LocalStack(isolated_settings(tmp_path / "state", EXAMPLE_POLICY), load_policy_file(EXAMPLE_POLICY), print)
+    stack.with_node_agents = True
+    stack.layout.logs_dir.mkdir(parents=True)
+    stack.pids["prober"] = os.getpid()  # a live process: only its status file is read
+    nodes = sorted(stack.node_agent_ports)
+    status = {"ticks": 2, "nodes_seen": nodes[:1]}
+    stack.layout.prober_status_file.write_text(json.dumps(status))
+    with pytest.raises(StackError, match=f"an answer from the node agents of {', '.join(nodes[1:])}"):
+        await stack._wait_prober_ready(timeout_s=0.3)
+    stack.layout.prober_status_file.write_text(json.dumps({"ticks": 3, "nodes_seen": nodes}))
+    await stack._wait_prober_ready(timeout_s=0.3)
+
+    empty = stack._prober_ready_timeout_s()
+    assert empty == 30.0  # three zone checks of the example policy's 10s
+    with stack.platform.registry.edit() as instances:
+        for n in range(2_000):
+            instances[f"m-{n}"] = LocalInstance(id=f"m-{n}", model="m", role=Role.HOT)
+    assert stack._prober_ready_timeout_s() == pytest.approx(empty + 20.0)
