@@ -23,15 +23,39 @@ from drctl.policies.placement import (
     PlacementRequest,
     assign_borrowed,
 )
-from drctl.policies.schema import DRPolicy, ModelPolicy
+from drctl.policies.schema import DRPolicy, ModelPolicy, TenantCapability
 
 
 def remarked(policy: DRPolicy, allocations: Iterable[Allocation]) -> list[Allocation]:
     """Borrowed marks derived again from the caps (:func:`assign_borrowed`), as the next pass
-    derives them from the instances; without a capped tenant nothing is ever borrowed."""
+    derives them from the instances; without a capped tenant nothing is ever borrowed, nor when
+    nothing is marked and every tenant's allocations fit its caps whole (the common case, and
+    one sum instead of a sort of the fleet: the planner asks after every model it creates for)."""
+    items = list(allocations)
     if any(t.capability.memory is not None or t.capability.gpus is not None for t in policy.tenants):
-        return assign_borrowed(allocations, policy.tenants)
-    return list(allocations)
+        if any(a.borrowed for a in items) or not _within_caps(policy, items):
+            return assign_borrowed(items, policy.tenants)
+    return items
+
+
+def _within_caps(policy: DRPolicy, allocations: Sequence[Allocation]) -> bool:
+    """Every tenant's allocations, all of them, within its memory and GPU caps: then
+    :func:`assign_borrowed` marks none (each of its running sums is at most the whole)."""
+    memory: dict[str, int] = {}
+    gpus: dict[str, set[str]] = {}
+    for a in allocations:
+        memory[a.tenant] = memory.get(a.tenant, 0) + a.memory
+        if a.loaded:
+            gpus.setdefault(a.tenant, set()).add(a.gpu)
+    caps: dict[str, TenantCapability] = {}
+    for tenant in policy.tenants:
+        caps.setdefault(tenant.name, tenant.capability)
+    for name, capability in caps.items():
+        if capability.memory is not None and memory.get(name, 0) > capability.memory:
+            return False
+        if capability.gpus is not None and len(gpus.get(name, ())) > capability.gpus:
+            return False
+    return True
 
 
 MAX_MOVES_PER_MODEL = 2

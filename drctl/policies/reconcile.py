@@ -124,7 +124,7 @@ def plan_reconcile(
         # Borrowed marks as the next pass derives them from the instances (a re-tier or a delete
         # changes which allocations are within a tenant's cap): this pass decides on the same.
         if changed:
-            planner.allocations = remarked(policy, planner.allocations)
+            planner.remark()
         created, item = planner.create_missing(model, by_tier, next_index)
         changed = created
         settled.append(item)
@@ -163,12 +163,38 @@ class _CountsPlanner:
         self.by_model: dict[str, list[Instance]] = {}
         for instance in instances:
             self.by_model.setdefault(instance.model, []).append(instance)
-        self.allocations = current_allocations(policy, instances)
+        self._allocations = current_allocations(policy, instances)
+        self._engine: PlacementEngine | None = None
+        """The pool as ``allocations`` occupy it, kept up to date across the creates of a pass (built
+        again after any other change): one engine per create, built over every allocation, made
+        planning N creates O(N x fleet), 0.8 s for the 500 creates after a zone outage of 1,000
+        instances."""
         self.serving_zones = serving_zones(policy)
         """Where serving instances belong (the active zones); empty: anywhere."""
         self.plan = ReconcilePlan()
         self.short_of_room = 0
         """Wanted instances that did not fit for lack of capacity or quota (not for being too large)."""
+
+    @property
+    def allocations(self) -> list[Allocation]:
+        return self._allocations
+
+    @allocations.setter
+    def allocations(self, allocations: list[Allocation]) -> None:
+        self._allocations = allocations
+        self._engine = None
+
+    def remark(self) -> None:
+        """Borrowed marks derived again (:func:`remarked`); the engine stays when none changed."""
+        marked = remarked(self.policy, self._allocations)
+        if any(new is not old for new, old in zip(marked, self._allocations, strict=True)):
+            self.allocations = marked
+
+    def _placement_engine(self) -> PlacementEngine:
+        if self._engine is None:  # as ``place`` builds one: scanning, not indexed
+            pool, tenants = self.policy.gpu_pool, self.policy.tenants
+            self._engine = PlacementEngine(self.inventory, self._allocations, pool, tenants, index=False)
+        return self._engine
 
     def _drop(self, instance_id: str) -> None:
         self.allocations = [a for a in self.allocations if a.instance != instance_id]
@@ -262,10 +288,9 @@ class _CountsPlanner:
                 request = dr_request(model, instance_id, tier, nodes, zones)
                 if self.serving_zones:
                     request = replace(request, serving_zones=self.serving_zones)
+                engine = self._placement_engine()
                 try:
-                    placement = place(
-                        request, self.inventory, self.allocations, self.policy.gpu_pool, self.policy.tenants
-                    )
+                    placement = engine.decide(request)
                 except PlacementError as exc:
                     plan.unplaceable.append(f"{instance_id} ({tier}): {exc.reason}")
                     self.short_of_room += exc.kind in ("capacity", "quota")
@@ -273,8 +298,9 @@ class _CountsPlanner:
                 victims = {a.instance for a in placement.preempted}
                 for victim in placement.preempted:
                     plan.actions.append(_preempt(victim, f"preempted for {instance_id}: {placement.reason}"))
-                self.allocations = [a for a in self.allocations if a.instance not in victims]
-                self.allocations.append(placement.allocation(request))
+                # The engine and the list, changed alike (the engine is not built again).
+                self._allocations = [a for a in self._allocations if a.instance not in victims]
+                self._allocations.append(engine.apply(request, placement))
                 created = True
                 plan.actions.append(
                     ReconcileAction(
