@@ -173,7 +173,7 @@ def decide(
                 in_window.append(now)
             continue
         if gone_and_held(request):
-            zones = ", ".join(sorted(z for z in recovering if z is not None))
+            zones = ", ".join(sorted(recovering))
             why[request.incident] = f"its instance is gone: the failover of zone {zones} goes first"
             continue
         if len(in_window) >= limits.max_per_minute:

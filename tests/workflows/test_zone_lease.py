@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from drctl.payloads import FailoverOutcome, FailureReport, IncidentState, LeaseKind, LeaseRelease, LeaseRequest, Role
@@ -80,21 +81,37 @@ async def test_a_lease_covers_the_incidents_queued_ahead_of_its_own(time_skippin
     assert all(i.state == IncidentState.DONE for i in state.recent)
 
 
+@pytest.mark.parametrize(
+    ("instance", "why", "outcome"),
+    [
+        # mistral-7b's standby in az-1.
+        (
+            "mistral-7b-1",
+            "the failover of zone az-1 goes first (its lease is running)",
+            FailoverOutcome.STANDBY_EJECTED,
+        ),
+        # One reconciliation has deleted (a standby of the failing zone): it has no zone to be held
+        # by, and waits all the same; its runbook then ends already-ejected.
+        ("mistral-7b-9", "its instance is gone: the failover of zone az-1 goes first", FailoverOutcome.ALREADY_EJECTED),
+    ],
+    ids=["standby-in-the-zone", "instance-gone"],
+)
 async def test_the_prober_s_reports_in_a_zone_wait_while_its_failover_s_lease_runs(
-    time_skipping_env: WorkflowEnvironment,
+    time_skipping_env: WorkflowEnvironment, instance: str, why: str, outcome: FailoverOutcome
 ) -> None:
-    """A zone failover holds its lease for az-1 (covering llama-2-7b); the prober reports
-    mistral-7b's standby in az-1. Its recovery waits until the lease is handed back, then runs."""
+    """A zone failover holds its lease for az-1 (covering llama-2-7b); the prober reports another
+    model's instance. Its recovery waits, tripping nothing, until the lease is handed back, then runs."""
     fleet = spread_fleet(2)
     async with guarded(time_skipping_env, fleet) as (client, queue):
         assert await request_lease(client, queue, az1_failover_lease())
-        standby = await report_failure(client, queue, report("mistral-7b-1", "prober", model="mistral-7b"))
+        ticket = await report_failure(client, queue, report(instance, "prober", model="mistral-7b"))
         held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
-        assert held.why_waiting == {standby.workflow_id: "the failover of zone az-1 goes first (its lease is running)"}
-        assert [w.incident for w in held.waiting] == [standby.workflow_id]
+        assert held.why_waiting == {ticket.workflow_id: why}
+        assert [w.incident for w in held.waiting] == [ticket.workflow_id]
+        assert held.tripped is None
         await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
-        result = await result_of(client, queue, standby)
-    assert result.outcome == FailoverOutcome.STANDBY_EJECTED
+        result = await asyncio.wait_for(result_of(client, queue, ticket), timeout=30)
+    assert result.outcome == outcome
 
 
 async def test_the_zone_s_reports_after_its_failover_ended_run_as_zone_level_and_trip_nothing(
@@ -118,21 +135,3 @@ async def test_the_zone_s_reports_after_its_failover_ended_run_as_zone_level_and
     assert [r.outcome for r in results] == [FailoverOutcome.STANDBY_EJECTED] * 2
     assert after.tripped is None and list(after.failed_over) == ["az-1"]
     assert after.granted_total == 3  # the zone's lease, then each standby's (as zone-level)
-
-
-async def test_a_report_of_an_instance_gone_waits_while_a_zone_failover_s_lease_runs(
-    time_skipping_env: WorkflowEnvironment,
-) -> None:
-    """The prober's report of an instance reconciliation has deleted (a standby of the failing
-    zone) has no zone to be held by: it waits for the zone failover's lease all the same, then its
-    runbook ends already-ejected."""
-    fleet = spread_fleet(2)
-    async with guarded(time_skipping_env, fleet) as (client, queue):
-        assert await request_lease(client, queue, az1_failover_lease())
-        gone = await report_failure(client, queue, report("mistral-7b-9", "prober", model="mistral-7b"))
-        held = await budget_when(client, queue, lambda s: bool(s.why_waiting))
-        assert held.why_waiting == {gone.workflow_id: "its instance is gone: the failover of zone az-1 goes first"}
-        assert held.tripped is None
-        await hand_back_lease(client, queue, LeaseRelease(incident=LEASE))
-        result = await asyncio.wait_for(result_of(client, queue, gone), timeout=30)
-    assert result.outcome == FailoverOutcome.ALREADY_EJECTED

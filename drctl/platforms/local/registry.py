@@ -223,9 +223,9 @@ class InstanceRegistry:
         (nothing written) when the model's epoch has moved past ``epoch``."""
         with self._locked() as snapshot:
             epochs = _epochs(snapshot)
-            if model is not None:
-                errors.check_epoch(model, epoch, epochs.get(model, 0))
             instances = EditedInstances(snapshot.instances, epochs)
+            if model is not None:
+                instances.fence(model, epoch)
             yield instances
             self._write(snapshot, instances.as_written(), epochs)
 
