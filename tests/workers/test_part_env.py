@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,19 @@ def test_secret_names() -> None:
     assert not is_secret("DRCTL_POLICY") and not is_secret("DRCTL_NODE_AGENT_URLS")
 
 
+def _environ_after_exec(pid: int, timeout_s: float = 10.0) -> bytes:
+    """The child's environ once it runs the command: between fork and exec /proc shows the
+    parent's or, during exec, an empty environ (a fresh-clone CI run read b'' once)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if b"time.sleep(30)" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            if environ:
+                return environ
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not exec its command in {timeout_s} s")
+
+
 def test_the_processes_environ_holds_only_its_secrets(settings: DrctlSettings, tmp_path: Path) -> None:
     """Read back from /proc/PID/environ of a real child, as an attacker on the host would."""
     pids = {}
@@ -77,7 +91,7 @@ def test_the_processes_environ_holds_only_its_secrets(settings: DrctlSettings, t
         for part in ("prober", "alert_receiver", "worker"):
             env = _env(settings, part)
             pids[part] = processes.spawn([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "p.log", env)
-        environs = {part: Path(f"/proc/{pid}/environ").read_bytes() for part, pid in pids.items()}
+        environs = {part: _environ_after_exec(pid) for part, pid in pids.items()}
     finally:
         for pid in pids.values():
             processes.terminate(pid, grace_s=1.0)
