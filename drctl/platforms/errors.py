@@ -32,6 +32,10 @@ def not_a_standby(instance: str, role: str) -> ApplicationError:
     )
 
 
+def instance_failed(instance: str, why: str) -> ApplicationError:
+    return ApplicationError(f"{instance} failed: {why}", type=ErrorType.INSTANCE_FAILED, non_retryable=True)
+
+
 def checkpoint_corrupt(instance: str, why: str) -> ApplicationError:
     return ApplicationError(
         f"{instance} failed to load its model: {why}", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True

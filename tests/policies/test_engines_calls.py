@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
+from temporalio.exceptions import ApplicationError
 
 from drctl.activities.load import LoadGenerator
 from drctl.detectors.prober import SLEEP_CHECK_EVERY, Prober
-from drctl.payloads import FailoverRequest, IncidentTicket, ReconcileAction, ReconcileActionKind, Role
+from drctl.payloads import ErrorType, FailoverRequest, IncidentTicket, ReconcileAction, ReconcileActionKind, Role
 from drctl.platforms.local import faults
 from drctl.platforms.local.checkpoints import corrupt_checkpoint, ensure_checkpoint
 from drctl.platforms.local.platform import LocalPlatform
@@ -58,6 +62,8 @@ class FakeEngine:
     listed_after: int = 0
     """Answer ``/v1/models`` without the model this many times first (loading)."""
     port: int = 0
+    down: bool = False
+    """The instance fails its health check (503) and Envoy's active health check says so."""
 
     def paths(self, *, admin: bool = False) -> list[str]:
         return [f"{c.method} {c.path}" for c in self.calls if admin or c.path != "/clusters"]
@@ -69,8 +75,8 @@ class FakeEngine:
         )
         route = (request.method, request.path)
         vllm = self.engine == Engine.VLLM
-        if route == ("GET", "/health"):
-            return web.Response(status=200)  # both engines: 200 while the server runs, asleep or not
+        if route == ("GET", "/health"):  # both engines: 200 while the server runs, asleep or not
+            return web.Response(status=503 if self.down else 200)
         if route == ("GET", "/v1/models"):
             listed = self.paths().count("GET /v1/models") > self.listed_after
             return web.json_response({"object": "list", "data": [{"id": MODEL}] if listed else []})
@@ -81,7 +87,7 @@ class FakeEngine:
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
                 "priority": 0,
                 "hostname": INSTANCE,
-                "health_status": {"eds_health_status": "HEALTHY"},
+                "health_status": {"eds_health_status": "HEALTHY", "failed_active_health_check": self.down},
             }
             return web.json_response({"cluster_statuses": [{"name": MODEL, "host_statuses": [host]}]})
         if vllm and route == ("GET", "/is_sleeping"):
@@ -210,6 +216,56 @@ async def test_verify_sends_a_one_token_completion_through_the_load_balancer(
     (completion,) = [c for c in server.calls if c.path == "/v1/completions"]
     assert completion.method == "POST" and completion.model_header == MODEL  # routes by header or body
     assert completion.body == {"model": MODEL, "prompt": "drctl verify", "max_tokens": 1}
+
+
+async def test_verify_fails_the_instance_once_it_fails_its_own_probes_as_long_as_the_prober_would_wait(
+    platform: LocalPlatform, server: FakeEngine
+) -> None:
+    """A standby that hangs or dies after its load check fails verify as the prober would judge it
+    (here 3 probes 1 s apart), not after verify's three 30-second tries: the runbook then tries its next standby."""
+    platform.policy = platform.policy.model_copy(
+        update={"detection": platform.policy.detection.model_copy(update={"probe_interval": timedelta(seconds=1)})}
+    )
+    server.down = True
+    beats: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(ApplicationError) as failed:
+        await platform.verify(record(platform, server, Role.SERVING).to_instance(), lambda _f, s: beats.append(s))
+    took = time.monotonic() - start
+    assert failed.value.type == ErrorType.INSTANCE_FAILED and failed.value.non_retryable
+    assert "/health" in str(failed.value) and "failed_active_health_check" in str(failed.value)
+    # The prober's judgment (3 probes a second apart) after verify's first second without Envoy.
+    assert 1.0 + 3.0 <= took < 10.0, took
+    assert "POST /v1/completions" not in server.paths()  # Envoy never counted it healthy
+    assert beats and all("failed_active_health_check" in b for b in beats)
+
+
+async def test_verify_fails_at_once_when_the_instances_process_is_gone(
+    platform: LocalPlatform, server: FakeEngine
+) -> None:
+    server.down = True
+    instance = record(platform, server, Role.SERVING)
+    with platform.registry.edit() as instances:
+        instances[INSTANCE] = instance.model_copy(update={"pid": dead_pid()})
+    start = time.monotonic()
+    with pytest.raises(ApplicationError) as failed:
+        await platform.verify(instance.to_instance(), lambda _f, _s: None)
+    assert failed.value.type == ErrorType.INSTANCE_FAILED and "is not running" in str(failed.value)
+    assert time.monotonic() - start < 3.0  # the first look at the instance, after Envoy's first second
+
+
+async def test_verify_does_not_probe_an_instance_envoy_counts_healthy_at_once(
+    platform: LocalPlatform, server: FakeEngine
+) -> None:
+    await platform.verify(record(platform, server, Role.SERVING).to_instance(), lambda _f, _s: None)
+    assert "GET /health" not in server.paths()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 async def test_an_instance_process_starts_with_the_engines_environment(server: FakeEngine, tmp_path: Path) -> None:

@@ -60,6 +60,13 @@ VERIFY_LAST_PAUSE_S = 0.05
 """``verify`` checks again after 2 ms, then doubles the pause up to 50 ms: a registration reaches
 Envoy through the xDS server a few milliseconds after the EDS write, and a fixed 50 ms pause made
 every verify (and so every failover) wait 50 to 100 ms for it."""
+VERIFY_ASKS_INSTANCE_AFTER_S = 1.0
+VERIFY_ASKS_INSTANCE_EVERY_S = 0.5
+"""Once Envoy has not counted the instance healthy for a second, ``verify`` also probes the
+instance itself, every half second: an instance that died or hung after its load check (nemesis
+seed 8, round 18: a hot standby SIGSTOPped 0.2 s after its serving instance's kill) fails the step
+as the prober would judge it, instead of three 30-second tries (75 s) before the runbook moves on
+to the next standby. A healthy registration is seen by Envoy in milliseconds and never probed."""
 
 
 class LocalPlatform:
@@ -343,6 +350,7 @@ class LocalPlatform:
         start = time.monotonic()
         last = "not tried"
         pause = VERIFY_FIRST_PAUSE_S
+        watch = _InstanceWatch(self, instance, start)
         while time.monotonic() - start < 30.0:
             try:
                 hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
@@ -359,6 +367,7 @@ class LocalPlatform:
                     last = f"{call.path} via LB {response.status_code}: {response.text[:200]}"
             except (httpx.HTTPError, ValueError, LookupError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            await watch.check(last)
             progress(min(0.99, (time.monotonic() - start) / 30.0), last)
             await asyncio.sleep(pause)
             pause = min(VERIFY_LAST_PAUSE_S, pause * 2)
@@ -829,3 +838,36 @@ def _one(results: list[str | Exception]) -> str:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+class _InstanceWatch:
+    """``verify``'s look at the instance itself while Envoy does not count it healthy: the instance
+    is failed (non-retryable ``InstanceFailed``, so the runbook tries its next standby at once) when
+    its process is gone, or when it has failed every probe for as long as the prober takes to judge
+    an instance failed (``unhealthyThreshold`` times ``probeInterval``)."""
+
+    def __init__(self, platform: LocalPlatform, instance: Instance, start: float) -> None:
+        self._platform = platform
+        self._instance = instance
+        self._next = start + VERIFY_ASKS_INSTANCE_AFTER_S
+        self._down_since: float | None = None
+        detection = platform.policy.detection
+        self._judged_after_s = detection.unhealthy_threshold * detection.probe_interval.total_seconds()
+
+    async def check(self, envoy_says: str) -> None:
+        began = time.monotonic()
+        if began < self._next:
+            return
+        healthy, why = await self._platform.probe(self._instance)
+        now = time.monotonic()
+        self._next = now + VERIFY_ASKS_INSTANCE_EVERY_S
+        if healthy:
+            self._down_since = None
+            return
+        if self._down_since is None:
+            self._down_since = began
+        gone = not processes.is_alive(self._platform._local(self._instance).pid)
+        if gone or now - self._down_since >= self._judged_after_s:
+            raise errors.instance_failed(
+                self._instance.id, f"{why} (for {now - self._down_since:.1f} s during verify; {envoy_says})"
+            )
