@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -298,6 +299,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                     1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
                 )
             passes = await reconcile_passes(stack, t0_wall)
+            zone_detection = zone_check_lines(stack.layout.logs_dir / "prober.log", t0_wall)
             runbooks, runbook_spans = [], []
             kinds: Counter[str] = Counter()  # trigger and outcome: which runbooks ran, and to what end
             kind_starts: dict[str, list[float]] = {}  # and when each kind started, after the outage
@@ -328,6 +330,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "redundancy_back_s": None if back_s is None else round(back_s, 1),
         "zone_failover_s": round(statistics.median(zone_runs), 1) if zone_runs else None,
         "zone_failover_started_s": zone_started,
+        "zone_detection": zone_detection,
         "runbooks_started_by_2s": _by_2s(start for start, _ in runbook_spans),
         "runbooks_closed_by_2s": _by_2s(close for _, close in runbook_spans),
         "runbooks": len(runbooks),
@@ -381,6 +384,23 @@ async def reconcile_passes(stack: LocalStack, t0_wall: float) -> list[str]:
         failed = f"; {len(errors)} failed, first: {errors[0][:160]}" if errors else ""
         lines.append((start, f"{start:.1f}-{end} s: {done}; planned {' / '.join(plans)}{failed}"))
     return [line for _, line in sorted(lines)]
+
+
+ZONE_CHECK_LOG = re.compile(r"^(\S+ \S+) \w+ drctl\.(?:zone_checker|prober): (.*(?:zone|watched instance).*)$")
+
+
+def zone_check_lines(prober_log: Path, t0_wall: float) -> list[str]:
+    """The prober's zone alarms and zone checks after the outage (seconds after it): when the zone
+    was judged down, and what it waited for before."""
+    lines = []
+    for raw in prober_log.read_text(errors="replace").splitlines():
+        match = ZONE_CHECK_LOG.match(raw)
+        if match is None:
+            continue
+        at = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall
+        if at >= -1.0:
+            lines.append(f"{at:.1f} s: {match[2][:160]}")
+    return lines
 
 
 def print_events(history: Any, t0_wall: float) -> None:

@@ -4,9 +4,11 @@ with a length, chunked, closing, slowly or never."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -112,5 +114,78 @@ async def test_refused_and_garbage_are_probe_errors(raw: RawServer) -> None:
         await raw.server.wait_closed()
         with pytest.raises(ProbeError):
             await client.get(raw.address, "/len", 1.0)
+    finally:
+        await client.aclose()
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """Answers at once, from its own thread: while the test's event loop is blocked."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def do_GET(self) -> None:
+        if self.path == "/hang":
+            time.sleep(3)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def threaded() -> Iterator[str]:
+    server = ThreadingHTTPServer((HOST, 0), _Answering)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _block_the_loop(seconds: float) -> None:
+    """Keep this thread's event loop busy, as a thousand other probes' answers would."""
+    asyncio.get_running_loop().call_soon(time.sleep, seconds)
+
+
+async def test_an_answer_that_came_in_time_while_the_loop_was_busy_is_not_a_timeout(threaded: str) -> None:
+    client = ProbeClient()
+    try:
+        assert await client.get(threaded, "/", 1.0) == (200, b"ok")  # connected: nothing to wait for next
+        _block_the_loop(0.5)  # past the deadline; the thread answers meanwhile
+        assert await client.get(threaded, "/", 0.2) == (200, b"ok")
+        assert client.late_deadlines == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_server_still_fails_when_the_loop_was_late_at_its_deadline(threaded: str) -> None:
+    client = ProbeClient()
+    try:
+        assert await client.get(threaded, "/", 1.0) == (200, b"ok")
+        began = time.monotonic()
+        _block_the_loop(0.5)
+        with pytest.raises(ProbeError, match="TimeoutError"):
+            await client.get(threaded, "/hang", 0.2)
+        # Late at the first deadline (0.5 s blocked), so one more timeout from there, not more.
+        assert 0.65 < time.monotonic() - began < 1.5
+        assert client.late_deadlines == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancel_from_outside_is_not_turned_into_a_timeout(raw: RawServer) -> None:
+    client = ProbeClient()
+    try:
+        probe = asyncio.create_task(client.get(raw.address, "/hang", 0.2))
+        await asyncio.sleep(0.05)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
     finally:
         await client.aclose()
