@@ -396,11 +396,18 @@ class ReconcilePlan(Payload):
     recorded here: that pass deletes one at a time and creates four at a time, as it did."""
 
 
+PASS_WAITED = "waited: "
+"""How a reconciliation pass's ``applied`` line of a wait for a zone failover begins."""
+
+
 class ReconcileResult(Payload):
     plan: ReconcilePlan
     dry_run: bool
     applied: list[str] = Field(default_factory=list)
     failed: list[str] = Field(default_factory=list)
+    waits: int = 0
+    """How often the pass waited for a zone failover and planned again (each wait is also a line of
+    ``applied``). 0 in results of passes from before this field, which only have the lines."""
 
 
 class InstanceChange(Payload):

@@ -22,6 +22,7 @@ from drctl.cli.audit_story import Reporter as AuditReporter
 from drctl.cli.audit_story import RunStory as AuditRunStory
 from drctl.cli.audit_story import StoryStep as AuditStoryStep
 from drctl.payloads import (
+    PASS_WAITED,
     BudgetState,
     DrillReport,
     FailoverOutcome,
@@ -231,8 +232,9 @@ def reconcile_progress(result: ReconcileResult | None) -> str:
     if result is None:
         return "planning (or waiting for the pass already going to end)"
     plan = result.plan
-    waits = [line for line in result.applied if line.startswith("waited: ")]
-    done = f"{len(result.applied) - len(waits) + len(result.failed)} change(s) made"
+    # A pass from before ``waits`` was counted has only its lines to tell.
+    waits = result.waits or sum(1 for line in result.applied if line.startswith(PASS_WAITED))
+    done = f"{len(result.applied) - waits + len(result.failed)} change(s) made"
     if plan.after_zone_failover and not waits:
         zones = ", ".join(plan.after_zone_failover)
         return f"{done}; new standbys wait for the failover of zone {zones} to end (its recoveries go first)"

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from drctl.payloads import (
+        PASS_WAITED,
         ActivityName,
         ChangeBatch,
         ChangeOutcomes,
@@ -206,7 +207,8 @@ async def reconcile_pass(
             heartbeat_timeout=PASS_WAIT_HEARTBEAT,
             retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
         )
-        result.applied.append(f"waited: {waited.detail} after {waited.duration_ms / 1000:.1f}s; planned again")
+        result.applied.append(f"{PASS_WAITED}{waited.detail} after {waited.duration_ms / 1000:.1f}s; planned again")
+        result.waits += 1
         plan = result.plan = await planner(request)
         await _act(plan, result)
     return result

@@ -72,6 +72,9 @@ def test_progress_says_what_a_pass_going_does_and_why_it_waits() -> None:
         }
     )
     assert reconcile_progress(after) == "3 change(s) made; the plan after the zone failover has 3"
+    # Counted by the pass itself (``waits``), whatever the wait's line says.
+    counted = after.model_copy(update={"applied": ["delete m-1", "zone az-1 done", "create m-2"], "waits": 1})
+    assert reconcile_progress(counted) == "3 change(s) made; the plan after the zone failover has 3"
     assert reconcile_progress(after.model_copy(update={"applied": ["create m-2"], "failed": []})) == (
         "1 change(s) made of 3 planned"
     )

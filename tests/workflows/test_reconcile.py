@@ -432,6 +432,7 @@ async def test_while_a_zone_fails_over_a_pass_deletes_then_waits_for_it_to_make_
     assert made_before == [c for c in made_before if c.endswith(" serving")] and made_before
     assert sorted(c.split()[2] for c in after if c.startswith("create ")) == ["hot", "warm"]
     assert any(line.startswith("waited: zone failover of az-1 ended") for line in result.applied)
+    assert result.waits == 1
     assert result.plan.after_zone_failover == [] and result.plan.skipped_models == []
     roles = sorted(i.role.value for i in platform.instances.values() if i.model == "mistral-7b")
     assert roles == ["cold", "hot", "serving", "warm"]
