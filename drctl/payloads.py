@@ -361,6 +361,9 @@ class FleetSnapshot(Payload):
 
     cordoned_gpus: list[str] = Field(default_factory=list)
     """GPUs kept out of placement (drained after a GPU failure)."""
+    highest_indexes: dict[str, int] = Field(default_factory=dict)
+    """Model → the highest index its instances' ids have had, deleted ones included, where the
+    platform keeps it (``KeepsIndexes``): a new instance is named past it, never after a deleted one."""
     policy: dict[str, object]
     """The DR policy as plain data (``DRPolicy.model_dump``), so a workflow sees one consistent
     version for its whole run, even if the file changes meanwhile."""

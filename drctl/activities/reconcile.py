@@ -34,7 +34,7 @@ from drctl.payloads import (
     StepReport,
     ZoneNames,
 )
-from drctl.platforms.base import BatchedChanges, Platform
+from drctl.platforms.base import BatchedChanges, KeepsIndexes, Platform
 from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import (
@@ -204,7 +204,8 @@ class ReconcileActivities:
         a worker restart made the budget's answer take 0.5 s), the instances showed a hot standby
         a runbook was ejecting that moment, the busy models showed the runbook ended, the epoch was
         the runbook's own, and reconciliation deleted the ejected standby as misplaced."""
-        epochs = await self.platform.epochs()
+        platform = self.platform
+        epochs = await platform.epochs()
         client, queue = activity.client(), activity.info().task_queue
         budget = await budget_state(client, queue)
         failing_over = await _zones_failing_over(client, queue, budget)
@@ -213,6 +214,7 @@ class ReconcileActivities:
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
+            highest_indexes=await platform.highest_indexes() if isinstance(platform, KeepsIndexes) else {},
             epochs=epochs,
             busy_models=busy_in(budget),
             zones_failing_over=failing_over,

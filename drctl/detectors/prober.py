@@ -102,6 +102,8 @@ class Prober:
         self._asleep: set[str] = set()
         """Instances last seen asleep: asked ``is_sleeping`` on every probe until seen awake."""
         self._fleet: tuple[Mapping[str, LocalInstance], list[LocalInstance]] | None = None
+        self._identity: dict[str, tuple[str | None, int | None]] = {}
+        """Instance id → the address and pid it was probed at (:meth:`_forget_replaced`)."""
         self._exit_cursor = 0
         self.zone_alarm: Callable[[], None] | None = None
         """Called when every watched instance of a zone is down (the zone check looks at once)."""
@@ -120,7 +122,26 @@ class Prober:
         if self._fleet is None or self._fleet[0] is not view:
             instances = [i for i in view.values() if i.role in PROBED_ROLES and i.port is not None]
             self._fleet = (view, instances)
+            self._forget_replaced(instances)
         return self._fleet[1]
+
+    def _forget_replaced(self, instances: list[LocalInstance]) -> None:
+        """Start afresh with an instance whose process or port changed under the same id (restarted,
+        or a new instance given a deleted one's id): the failed probes counted, a report not yet
+        made or one made already were about the process before. Carried over, a failure of the one
+        before was reported as the new one's (a runbook failing over a healthy instance), or a
+        failure of the new one was never reported (it read as reported already)."""
+        for instance in instances:
+            now = (instance.address, instance.pid)
+            before = self._identity.get(instance.id)
+            self._identity[instance.id] = now
+            if before is not None and before != now:
+                self.trackers.pop(instance.id, None)
+                self.next_probe.pop(instance.id, None)
+                self.reported.pop(instance.id, None)
+                self.unreported.pop(instance.id, None)
+                self._probes.pop(instance.id, None)
+                self._asleep.discard(instance.id)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -161,6 +182,7 @@ class Prober:
         gone = set(self.trackers) - {i.id for i in instances}
         for instance_id in gone:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
+            self._identity.pop(instance_id, None)
             self.reported.pop(instance_id, None)
             self._probes.pop(instance_id, None)
             self._asleep.discard(instance_id)

@@ -167,6 +167,18 @@ class BatchedChanges(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsIndexes(Protocol):
+    """A platform that remembers the highest instance index each model has had, deleted instances
+    included, so reconciliation never gives a new instance a deleted one's id. The local platform's
+    registry keeps it; the Kubernetes platform does not yet (a deleted Deployment's name can be
+    taken again there, as before)."""
+
+    async def highest_indexes(self) -> dict[str, int]:
+        """Model → the highest ``N`` of its instances' ids ``model-N``, deleted ones included."""
+        ...
+
+
 def find_instance(instances: list[Instance], model: str, instance_id: str) -> Instance:
     """The instance with ``instance_id``, or the non-retryable ``UnknownInstance`` naming the known ones."""
     for instance in instances:

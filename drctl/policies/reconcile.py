@@ -10,7 +10,7 @@ deterministically inside the workflow and the same plan is what ``drctl reconcil
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from drctl.payloads import (
@@ -56,6 +56,12 @@ def instance_index(instance_id: str) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def next_instance_index(instances: Iterable[Instance], highest_before: int = -1) -> int:
+    """The index of a model's next instance: past its instances' and past ``highest_before`` (the
+    highest its deleted instances had, where the platform remembers it)."""
+    return max(max((instance_index(i.id) for i in instances), default=-1), highest_before) + 1
+
+
 def wanted_counts(model: ModelPolicy) -> dict[Role, int]:
     return {
         Role.SERVING: model.replicas,
@@ -99,15 +105,20 @@ def plan_reconcile(
     instances: Sequence[Instance],
     models: Sequence[str] | None = None,
     cordoned: Iterable[str] = (),
+    highest_indexes: Mapping[str, int] | None = None,
 ) -> ReconcilePlan:
     """The actions that bring each model back to its policy counts, placed on the GPU pool, then
     the moves that repair anti-affinity and spread (see
     :func:`drctl.policies.placement_repair.repair_placement`).
 
+    A new instance is named ``model-N`` past the highest index the model's instances have, and past
+    ``highest_indexes`` (deleted instances' too, where the platform keeps them): never a deleted
+    instance's id.
+
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    planner = _CountsPlanner(policy, instances, set(cordoned))
+    planner = _CountsPlanner(policy, instances, set(cordoned), highest_indexes or {})
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
@@ -152,10 +163,17 @@ ByTier = dict[Role, list[Instance]]
 class _CountsPlanner:
     """One pass's planning of counts: the pool as the plan so far leaves it, and the plan."""
 
-    def __init__(self, policy: DRPolicy, instances: Sequence[Instance], cordoned: set[str]) -> None:
+    def __init__(
+        self,
+        policy: DRPolicy,
+        instances: Sequence[Instance],
+        cordoned: set[str],
+        highest_indexes: Mapping[str, int] | None = None,
+    ) -> None:
         self.policy = policy
         self.instances = instances
         self.cordoned = cordoned
+        self.highest_indexes = highest_indexes or {}
         self.inventory = usable_inventory(policy, cordoned)
         self.slots = {slot.id: slot for slot in self.inventory}
         self.every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
@@ -216,7 +234,7 @@ class _CountsPlanner:
             ids = ", ".join(i.id for i in serving)
             plan.skipped_models.append(f"{model.name}: {ids} all serving (a failover is switching over)")
             return None
-        next_index = max((instance_index(i.id) for i in mine), default=-1) + 1
+        next_index = next_instance_index(mine, self.highest_indexes.get(model.name, -1))
         # Standbys left on a cordoned GPU (drained, or its zone failed over) are moved: deleted
         # here and counted as missing, so they are recreated where placement allows.
         for stranded in [i for i in live if i.role.is_standby and i.gpu in self.cordoned]:
@@ -457,6 +475,7 @@ def plan_emergency(
     model_name: str,
     failed_instance: str,
     cordoned: Iterable[str] = (),
+    highest_indexes: Mapping[str, int] | None = None,
 ) -> ReconcilePlan:
     """A new serving instance for a model whose standbys are all used up or broken.
 
@@ -467,8 +486,8 @@ def plan_emergency(
     inventory = usable_inventory(policy, cordoned)
     allocations = current_allocations(policy, instances)
     failed = next((i for i in instances if i.id == failed_instance), None)
-    next_index = max((instance_index(i.id) for i in instances if i.model == model_name), default=-1) + 1
-    instance_id = f"{model_name}-{next_index}"
+    mine = [i for i in instances if i.model == model_name]
+    instance_id = f"{model_name}-{next_instance_index(mine, (highest_indexes or {}).get(model_name, -1))}"
     request = PlacementRequest(
         instance=instance_id,
         model=model_name,
@@ -580,7 +599,7 @@ def plan_pass(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePla
         # worker's CPU per pass during a zone failover of 1,000 instances (every model busy), and
         # left unplanned they reserve no capacity for actions that will not run.
         models = [m for m in (models if models is not None else policy.model_names) if m not in busy]
-    plan = plan_reconcile(policy, instances, models, snapshot.cordoned_gpus)
+    plan = plan_reconcile(policy, instances, models, snapshot.cordoned_gpus, snapshot.highest_indexes)
     plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
     plan = zone_failover_first(plan, snapshot.zones_failing_over)
     pacing = ReconcilePacing(

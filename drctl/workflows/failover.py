@@ -486,6 +486,7 @@ class FailoverWorkflow:
             request.model,
             request.instance,
             snapshot.cordoned_gpus,
+            snapshot.highest_indexes,  # {} in a snapshot from before the field: as it was
         )
         self._record(
             "place",

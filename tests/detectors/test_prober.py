@@ -139,3 +139,47 @@ async def test_a_serving_instance_found_asleep_is_reported(tmp_path: Path) -> No
     finally:
         await prober.aclose()
         server.close()
+
+
+async def test_a_new_process_under_a_reported_id_is_watched_afresh(tmp_path: Path) -> None:
+    """An id that a new process took (restarted, or a new instance named after a deleted one) is a
+    new instance to the prober: what it counted and reported of the process before does not carry
+    over, so the new one's failure is reported again, and a report still pending of the old one is
+    never made about the new."""
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        instances["llama-2-7b-1"] = LocalInstance(id="llama-2-7b-1", model="llama-2-7b", role=Role.HOT, port=1)
+    reported: list[FailoverRequest] = []
+    accept = True
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        if not accept:
+            raise RuntimeError("Temporal unreachable")
+        reported.append(request)
+        return queued_ticket(request)
+
+    prober = Prober(POLICY, registry, report)
+    try:
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert [r.instance for r in reported] == ["llama-2-7b-1"] and "llama-2-7b-1" in prober.reported
+        # The same id on a new port and process (this test's, alive): reported before, watched afresh.
+        registry.update("llama-2-7b-1", port=2, pid=os.getpid())
+        prober._probed()
+        assert "llama-2-7b-1" not in prober.reported and "llama-2-7b-1" not in prober.trackers
+        # Its process goes too: a failure of its own, reported again.
+        registry.update("llama-2-7b-1", port=3, pid=None)
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert [r.instance for r in reported] == ["llama-2-7b-1"] * 2
+        # A failure not reported yet (Temporal unreachable) is dropped when the id gets a new process.
+        registry.update("llama-2-7b-1", port=4, pid=None)
+        accept = False
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert "llama-2-7b-1" in prober.unreported
+        registry.update("llama-2-7b-1", port=5, pid=os.getpid())
+        prober._probed()
+        assert "llama-2-7b-1" not in prober.unreported
+    finally:
+        await prober.aclose()

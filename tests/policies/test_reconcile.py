@@ -643,3 +643,20 @@ def test_while_a_zone_fails_over_a_pass_deletes_and_creates_serving_but_no_stand
     assert "llama-2-7b-9" in deleted(first) and deleted(first) <= deleted(usual)
     assert any("failover of zone az-1" in line for line in first.skipped_models)
     assert first.pacing == usual.pacing and first.pacing is not None
+
+
+def test_a_new_instance_is_never_named_after_a_deleted_one() -> None:
+    """llama-2-7b's highest instance (its second hot standby) was deleted: the replacement is named
+    past it where the platform remembers it, not after it."""
+    fleet = fleet_from_scratch()
+    last = max((i for i in fleet if i.model == "llama-2-7b"), key=lambda i: int(i.id.rsplit("-", 1)[1]))
+    assert last.role != Role.SERVING
+    remaining = [i for i in fleet if i.id != last.id]
+    forgetful = [a.instance for a in plan_reconcile(POLICY, remaining, ["llama-2-7b"]).actions]
+    assert forgetful == [last.id]  # without the record: the deleted id again
+    remembered = plan_reconcile(POLICY, remaining, ["llama-2-7b"], highest_indexes={"llama-2-7b": 3})
+    assert [a.instance for a in remembered.actions] == ["llama-2-7b-4"]
+    snapshot = FleetSnapshot(
+        policy=POLICY.model_dump(mode="json", by_alias=True), instances=remaining, highest_indexes={"llama-2-7b": 3}
+    )
+    assert [a.instance for a in plan_pass(snapshot, ["llama-2-7b"]).actions] == ["llama-2-7b-4"]

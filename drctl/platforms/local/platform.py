@@ -210,6 +210,9 @@ class LocalPlatform:
             raise errors.unknown_model(model, self.policy.model_names)
         return self.registry.claim_epoch(model)
 
+    async def highest_indexes(self) -> dict[str, int]:
+        return self.registry.highest_indexes()
+
     async def epochs(self) -> dict[str, int]:
         return self.registry.epochs()
 

@@ -10,7 +10,9 @@ platform hands to the runbooks is the plain ``Instance`` (:meth:`LocalInstance.t
 
 The same file keeps each model's fencing **epoch** (it only grows): a runbook's fenced step checks
 its epoch and makes its change under the one lock, so a step of an older runbook cannot slip in
-between a newer runbook's claim and its changes.
+between a newer runbook's claim and its changes. It also keeps the highest instance index each
+model has had (``indexes``, it only grows), so that a new instance never takes the id of one that
+was deleted (see :meth:`InstanceRegistry.highest_indexes`).
 """
 
 from __future__ import annotations
@@ -205,6 +207,16 @@ class InstanceRegistry:
         """Each model's fencing epoch (absent: 0)."""
         return _epochs(self._parse())
 
+    def highest_indexes(self) -> dict[str, int]:
+        """The highest index (``model-N``) of each model's instances, those deleted included.
+
+        Reconciliation names a new instance after the highest index it sees; without the deleted
+        ones, a standby deleted in a zone outage was re-created under its own id (nemesis-free, in
+        every zone outage of ``bench/zone_bench.py``), and whatever still referred to the old one —
+        the prober's count of its failed probes, a detector's late report, the guardian's record of
+        its settled incident, the runbook's workflow id — applied to the new instance."""
+        return _indexes(self._parse())
+
     @contextmanager
     def _locked(self) -> Iterator[_Snapshot]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +267,9 @@ class InstanceRegistry:
             ordered = [instances[key] for key in before.instances]  # the file's order, sorted already
         else:  # sorting 1,000 instances (their ids parsed) on every write was 3 % of the worker's CPU
             ordered = sorted(instances.values(), key=lambda i: (i.model, _index(i.id), i.id))
-        meta = {k: v for k, v in before.meta.items() if k != "epochs"}
+        meta = {k: v for k, v in before.meta.items() if k not in ("epochs", "indexes")}
         meta["epochs"] = dict(sorted(epochs.items()))
+        indexes = _indexes(before)
         kept: dict[str, LocalInstance] = {}
         items: dict[str, dict[str, Any]] = {}
         lines: dict[str, str] = {}
@@ -274,6 +287,9 @@ class InstanceRegistry:
                 unkept = {"address"} if instance.created_at is not None else {"address", "created_at"}
                 items[key] = instance.model_dump(mode="json", exclude=unkept)
                 lines[key] = json.dumps(items[key])
+                if _index(key) > indexes.get(instance.model, -1):
+                    indexes[instance.model] = _index(key)
+        meta["indexes"] = dict(sorted(indexes.items()))
         head = "".join(f"{json.dumps(k)}: {json.dumps(v)},\n" for k, v in meta.items())
         body = ",\n".join(lines.values())
         content = ("{\n" + head + '"instances": [\n' + body + ("\n" if body else "") + "]\n}\n").encode("utf-8")
@@ -285,6 +301,17 @@ class InstanceRegistry:
 
 def _epochs(snapshot: _Snapshot) -> dict[str, int]:
     return {str(k): int(v) for k, v in snapshot.meta.get("epochs", {}).items()}
+
+
+def _indexes(snapshot: _Snapshot) -> dict[str, int]:
+    """The recorded highest indexes; for a file from before they were recorded, its instances'."""
+    recorded = snapshot.meta.get("indexes")
+    if recorded is not None:
+        return {str(k): int(v) for k, v in recorded.items()}
+    indexes: dict[str, int] = {}
+    for instance in snapshot.instances.values():
+        indexes[instance.model] = max(indexes.get(instance.model, -1), _index(instance.id))
+    return indexes
 
 
 def _index(instance_id: str) -> int:

@@ -111,3 +111,27 @@ def test_an_edit_copies_only_what_it_reads_and_keeps_the_rest(tmp_path: Path) ->
     assert (after["m7-0"].note, after["m8-1"].note, after["m9-0"].note) == ("changed", "replaced", "")
     assert after["m20-0"] is before["m20-0"]  # never read: the registry's own object, not re-validated
     assert before["m7-0"].note == ""  # the object handed out before the edit did not change under it
+
+
+def test_the_highest_index_of_each_model_outlives_its_deleted_instances(tmp_path: Path) -> None:
+    registry = fleet(tmp_path / "instances.json")
+    assert registry.highest_indexes() == {"m0": 1, "m1": 1, "m2": 1}
+    with registry.edit() as instances:
+        del instances["m1-1"]  # deleted: a new instance of m1 must not be named m1-1 again
+        instances["m2-7"] = LocalInstance(id="m2-7", model="m2", role=Role.WARM, port=18100)
+    assert registry.highest_indexes() == {"m0": 1, "m1": 1, "m2": 7}
+    assert InstanceRegistry(tmp_path / "instances.json").highest_indexes() == registry.highest_indexes()
+    assert json.loads((tmp_path / "instances.json").read_text())["indexes"] == {"m0": 1, "m1": 1, "m2": 7}
+
+
+def test_a_file_from_before_the_indexes_takes_its_instances_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "instances.json"
+    fleet(path)
+    document = json.loads(path.read_text())
+    del document["indexes"]
+    path.write_text(json.dumps(document))
+    registry = InstanceRegistry(path)
+    assert registry.highest_indexes() == {"m0": 1, "m1": 1, "m2": 1}
+    with registry.edit() as instances:
+        del instances["m0-1"]
+    assert registry.highest_indexes()["m0"] == 1  # recorded at the first write, before the delete
