@@ -170,9 +170,9 @@ class BatchedChanges(Protocol):
 @runtime_checkable
 class KeepsIndexes(Protocol):
     """A platform that remembers the highest instance index each model has had, deleted instances
-    included, so reconciliation never gives a new instance a deleted one's id. The local platform's
-    registry keeps it; the Kubernetes platform does not yet (a deleted Deployment's name can be
-    taken again there, as before)."""
+    included, so reconciliation never gives a new instance a deleted one's id: the local platform
+    in its registry, Kubernetes in the fencing ConfigMap. Asked for (``isinstance``): a platform
+    without it names new instances after the ones it has, as before."""
 
     async def highest_indexes(self) -> dict[str, int]:
         """Model → the highest ``N`` of its instances' ids ``model-N``, deleted ones included."""

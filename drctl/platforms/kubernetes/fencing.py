@@ -6,6 +6,10 @@ read, so two claims can never hand out the same epoch — the claim re-reads and
 steps read the epoch before they act and are refused when theirs is older. The check and the
 change are two API calls, not one transaction: a claim that lands between them is not seen by that
 step (the next fenced step of the old runbook is refused); see docs/design.md.
+
+The same ConfigMap keeps each model's highest instance index, ``index.drctl.io/{model}`` (it only
+grows), raised before an instance's Deployment is created: reconciliation names new instances past
+it, so a new instance never takes the name of a deleted one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from drctl.platforms import errors
 
 CONFIGMAP = "drctl-fencing"
 PREFIX = "epoch.drctl.io/"
+INDEX_PREFIX = "index.drctl.io/"
 CLAIM_TRIES = 20
 
 
@@ -54,32 +59,52 @@ class KubernetesFencing(ConfigMapRecord):
         return {k.removeprefix(PREFIX): int(v) for k, v in annotations.items() if k.startswith(PREFIX)}
 
     async def claim(self, model: str) -> int:
-        for _ in range(CLAIM_TRIES):
-            found = await self._read()
-            if found is None:
-                body = V1ConfigMap(metadata=V1ObjectMeta(name=CONFIGMAP, annotations={PREFIX + model: "1"}))
-                try:
-                    create = self.core.create_namespaced_config_map
-                    await self._call("create", "configmaps", create, self.namespace, body)
-                    return 1
-                except ApiException as exc:
-                    if exc.status == 409:
-                        continue  # created by another claim meanwhile: read it
-                    raise
-            annotations = dict(found.metadata.annotations or {})
+        def next_epoch(annotations: dict[str, str]) -> int:
             epoch = int(annotations.get(PREFIX + model, "0")) + 1
             annotations[PREFIX + model] = str(epoch)
-            found.metadata.annotations = annotations
+            return epoch
+
+        return await self._change(next_epoch, f"claim an epoch for {model}")
+
+    async def highest_indexes(self) -> dict[str, int]:
+        found = await self._read()
+        annotations = (found.metadata.annotations or {}) if found is not None else {}
+        return {k.removeprefix(INDEX_PREFIX): int(v) for k, v in annotations.items() if k.startswith(INDEX_PREFIX)}
+
+    async def record_index(self, model: str, index: int) -> None:
+        """Raise ``model``'s highest instance index to ``index`` (a lower one changes nothing)."""
+        if (await self.highest_indexes()).get(model, -1) >= index:
+            return
+
+        def raised(annotations: dict[str, str]) -> int:
+            highest = max(int(annotations.get(INDEX_PREFIX + model, "-1")), index)
+            annotations[INDEX_PREFIX + model] = str(highest)
+            return highest
+
+        await self._change(raised, f"record instance index {index} of {model}")
+
+    async def _change(self, change: Callable[[dict[str, str]], int], what: str) -> int:
+        """Apply ``change`` to the ConfigMap's annotations and write them with the read's
+        ``resourceVersion``, reading again after a conflict (409). Returns what ``change`` returns."""
+        for _ in range(CLAIM_TRIES):
+            found = await self._read()
+            annotations = dict((found.metadata.annotations or {}) if found is not None else {})
+            result = change(annotations)
             try:
-                await self._call(
-                    "update", "configmaps", self.core.replace_namespaced_config_map, CONFIGMAP, self.namespace, found
-                )
-                return epoch
+                if found is None:
+                    body = V1ConfigMap(metadata=V1ObjectMeta(name=CONFIGMAP, annotations=annotations))
+                    create = self.core.create_namespaced_config_map
+                    await self._call("create", "configmaps", create, self.namespace, body)
+                else:
+                    found.metadata.annotations = annotations
+                    replace = self.core.replace_namespaced_config_map
+                    await self._call("update", "configmaps", replace, CONFIGMAP, self.namespace, found)
+                return result
             except ApiException as exc:
                 if exc.status == 409:
-                    continue  # another claim won: read again
+                    continue  # another claim or record won (or created it meanwhile): read again
                 raise
-        raise RuntimeError(f"could not claim an epoch for {model} after {CLAIM_TRIES} conflicting tries")
+        raise RuntimeError(f"could not {what} after {CLAIM_TRIES} conflicting tries")
 
     async def check(self, model: str, epoch: int | None) -> None:
         if epoch is None:

@@ -81,6 +81,7 @@ from drctl.platforms.kubernetes.templates import (
     InstanceTemplate,
 )
 from drctl.policies.engines import Engine, EngineProfile
+from drctl.policies.reconcile import instance_index
 from drctl.policies.schema import DRPolicy
 
 MODEL = "drctl.io/model"
@@ -616,6 +617,9 @@ class KubernetesPlatform:
     async def epochs(self) -> dict[str, int]:
         return await self.fencing.epochs()
 
+    async def highest_indexes(self) -> dict[str, int]:
+        return await self.fencing.highest_indexes()
+
     async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
         await self.fencing.check(instance.model, epoch)
         changed = await self._set_labels(instance, {SERVING: "false", ROLE: Role.FAILED.value}, epoch, replicas=0)
@@ -876,6 +880,7 @@ class KubernetesPlatform:
             body = V1Deployment.from_dict(self.deployment(action))
         except EngineNotOnKubernetes as exc:
             raise not_built(f"{action.instance}: {exc}") from exc
+        await self.fencing.record_index(action.model, instance_index(action.instance))
         how = "created"
         try:
             await self._call("create", "deployments.apps", self.apps.create_namespaced_deployment, self.namespace, body)

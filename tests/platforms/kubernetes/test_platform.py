@@ -817,3 +817,21 @@ async def test_retiering_warm_to_hot_wakes_the_model(
     detail = await platform.retier_instance(action, lambda _f, _s: None)
     assert "warm → hot" in detail and wake_up.urls == ["http://10.0.0.7:8000/wake_up"]
     assert labels(emulator, "llama-2-xyz")["drctl.io/role"] == "hot"
+
+
+async def test_the_highest_instance_index_is_kept_past_a_delete(platform: KubernetesPlatform, emulator: Any) -> None:
+    """Kept in the fencing ConfigMap, raised before the Deployment is created: reconciliation names
+    the next instance past it, never after a deleted Deployment."""
+
+    def cold(instance: str, kind: ReconcileActionKind = ReconcileActionKind.CREATE) -> ReconcileAction:
+        return ReconcileAction(kind=kind, model="llama", instance=instance, tier=Role.COLD)
+
+    assert await platform.highest_indexes() == {}
+    await platform.create_instance(cold("llama-7"), lambda _f, _s: None)
+    await platform.create_instance(cold("llama-3"), lambda _f, _s: None)  # lower: changes nothing
+    await platform.delete_instance(cold("llama-7", ReconcileActionKind.DELETE))
+    assert await platform.highest_indexes() == {"llama": 7}
+    await platform.claim_epoch("llama")  # the epochs share the ConfigMap: neither loses the other
+    assert await platform.highest_indexes() == {"llama": 7} and await platform.epochs() == {"llama": 1}
+    fencing = emulator.objects[CONFIGMAPS, NS, "drctl-fencing"]
+    assert fencing["metadata"]["annotations"]["index.drctl.io/llama"] == "7"
