@@ -156,7 +156,6 @@ class Prober:
         if self.metrics is not None:
             self.metrics.last_tick.set_to_current_time()
             self.metrics.unreported.set(len(self.unreported))
-        self._kick_reports()
         instances = self._probed()
         interval = self.policy.detection.probe_interval.total_seconds()
         due: list[LocalInstance] = []
@@ -183,11 +182,18 @@ class Prober:
         for instance_id in gone:
             del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
             self._identity.pop(instance_id, None)
+            if self.unreported.pop(instance_id, None) is not None:
+                # Someone acted on it meanwhile (a runbook ejected or promoted it, reconciliation
+                # deleted it): its failure is in hand. Sent anyway, the report (late: the reports
+                # of a failed zone's 500 instances take ~40 s to go out one by one) only ran a
+                # runbook that found it gone, and claimed its model's epoch under reconciliation.
+                log.info("%s is no longer watched (ejected, promoted or deleted): not reported", instance_id)
             self.reported.pop(instance_id, None)
             self._probes.pop(instance_id, None)
             self._asleep.discard(instance_id)
         if gone:
             self._http.forget({i.address for i in instances if i.address is not None})
+        self._kick_reports()  # what is still unreported, tried again every tick
 
     def instances_down(self, zone: str) -> bool:
         """Every instance watched in ``zone`` is down (past its hysteresis); False with none."""
@@ -310,6 +316,8 @@ class Prober:
         (Temporal down, a worker restarting) is tried again next tick: never dropped. Caps are not
         the prober's business any more: the guardian and the fleet's budget delay what must wait."""
         for instance_id, request in list(self.unreported.items()):
+            if self.unreported.get(instance_id) is not request:
+                continue  # dropped meanwhile (no longer watched, or a new process under its id)
             fields = {"model": request.model, "instance": instance_id}
             try:
                 # The trace of a probe-triggered recovery starts at this decision to report.

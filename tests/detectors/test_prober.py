@@ -183,3 +183,36 @@ async def test_a_new_process_under_a_reported_id_is_watched_afresh(tmp_path: Pat
         assert "llama-2-7b-1" not in prober.unreported
     finally:
         await prober.aclose()
+
+
+async def test_a_failure_not_yet_reported_of_an_instance_no_longer_watched_is_not_reported(tmp_path: Path) -> None:
+    """Deleted (or ejected, or being promoted) while its report waited: someone acted on it."""
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        for n in (1, 2):
+            instances[f"llama-2-7b-{n}"] = LocalInstance(
+                id=f"llama-2-7b-{n}", model="llama-2-7b", role=Role.HOT, port=n, zone="az-1"
+            )
+    reported: list[FailoverRequest] = []
+    accept = False
+
+    async def report(request: FailoverRequest) -> IncidentTicket:
+        if not accept:
+            raise RuntimeError("Temporal unreachable")
+        reported.append(request)
+        return queued_ticket(request)
+
+    prober = Prober(POLICY, registry, report)
+    try:
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert sorted(prober.unreported) == ["llama-2-7b-1", "llama-2-7b-2"]
+        with registry.edit() as instances:
+            del instances["llama-2-7b-1"]  # reconciliation deleted it
+            instances["llama-2-7b-2"] = instances["llama-2-7b-2"].with_changes(role=Role.PROMOTING)
+        accept = True
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert reported == [] and prober.unreported == {}
+    finally:
+        await prober.aclose()
