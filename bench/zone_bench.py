@@ -291,6 +291,8 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 if wf.close_time is not None:
                     zone_runs.append((wf.close_time - wf.start_time).total_seconds())
             task_timeouts = 0  # workflow tasks that timed out (a worker too busy to finish one in time)
+            tasks_failed: Counter[str] = Counter()
+            signals: Counter[str] = Counter()
             async for wf in stack.client.list_workflows(
                 "WorkflowType IN ('FailoverWorkflow', 'ModelGuardianWorkflow', 'BudgetWorkflow')"
             ):
@@ -298,6 +300,12 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 task_timeouts += sum(
                     1 for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
                 )
+                for e in history.events:  # workflow tasks whose completion was refused, and why
+                    if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                        cause = e.workflow_task_failed_event_attributes.cause
+                        tasks_failed[f"{wf.workflow_type} {cause}"] += 1
+                    elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+                        signals[wf.workflow_type] += 1
             passes = await reconcile_passes(stack, t0_wall)
             zone_detection = zone_check_lines(stack.layout.logs_dir / "prober.log", t0_wall)
             runbooks, runbook_spans = [], []
@@ -337,6 +345,8 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "runbook_kinds": dict(kinds.most_common()),
         "runbook_kinds_started": {kind: _spread(kind_starts[kind]) for kind, _ in kinds.most_common()},
         "workflow_task_timeouts": task_timeouts,
+        "workflow_tasks_failed": dict(tasks_failed),
+        "signals_received": dict(signals),
         "workflow_cache_evictions": evictions,
         "runbook_median_s": round(statistics.median(runbooks), 2) if runbooks else None,
         "reconcile_passes": passes,
