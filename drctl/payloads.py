@@ -155,6 +155,14 @@ class FailoverRequest(Payload):
     workflow task more per runbook). Used only with ``epoch``; None: the runbook lists itself."""
     plan_only: bool = False
     """Decide and report every step (instances touched, standby promoted), change nothing."""
+    joined: list[str] = Field(default_factory=list)
+    """Reports of this failure that joined its incident before the guardian started this run (the
+    first few), listed in its result as those that join later are (signal ``joined``). Passed here
+    rather than signalled right after the start: a signal that lands while the run's one workflow
+    task completes makes the server refuse the completion, and the task (its local activities too)
+    runs again."""
+    joined_total: int = Field(default=0, ge=0)
+    """How many reports joined before the start in all (``joined`` keeps the first few)."""
     local_activities: bool = True
     """Run the short steps as local activities (recorded as markers in the history, about one
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always

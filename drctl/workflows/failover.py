@@ -113,6 +113,8 @@ MUTATING = frozenset(
     }
 )
 """Steps a plan (``plan_only``) lists instead of running."""
+JOINED_LISTED = 20
+"""Reports that joined a run listed in its result (``joined_total`` counts them all)."""
 HOT_CHECK_TIMEOUT = timedelta(seconds=3)
 """How long a hot standby may take to show it is loaded (it is, unless it is down)."""
 
@@ -199,7 +201,7 @@ class FailoverWorkflow:
     def joined(self, reporter: str) -> None:
         """Another report of this failure (an alert, the CLI, a zone check) joined this run."""
         self._joined_total += 1
-        if len(self._joined) < 20:
+        if len(self._joined) < JOINED_LISTED:
             self._joined.append(reporter[:200])
         if self._result is not None:
             self._result.joined, self._result.joined_total = list(self._joined), self._joined_total
@@ -232,6 +234,9 @@ class FailoverWorkflow:
         self._local_activities = request.local_activities
         self._epoch = request.epoch
         self._plan_only = request.plan_only
+        if request.joined or request.joined_total:  # joined before the start (the guardian says)
+            self._joined = [*(reporter[:200] for reporter in request.joined), *self._joined][:JOINED_LISTED]
+            self._joined_total += max(request.joined_total, len(request.joined))
         started = workflow.now()
         result = FailoverResult(
             model=request.model,

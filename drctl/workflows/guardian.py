@@ -75,6 +75,13 @@ RUNBOOK_IN_REPORT_TRACE = "guardian-runbook-in-report-trace"
 """Patch: an incident's recovery runs under the trace context of the report that opened it, so its
 runbook is in that report's trace. Guardians started before it recover under the context of their
 own start, as they did (the first report's trace), until they continue as new."""
+JOINED_IN_START = "guardian-joined-in-start"
+"""Patch: the reports that joined an incident before its runbook started go into the runbook's
+start (``FailoverRequest.joined``) instead of a ``joined`` signal each right after the start. Such
+a signal landed while the runbook's one workflow task (every step as a local activity) was
+completing, the server refused the completion, and the task ran again: 31 of 261 runbooks in a
+zone outage of 1,000 instances. Guardians started before it signal them, as they did, until they
+continue as new."""
 RECENT_KEPT = 50
 """Closed incidents remembered, so a late report of a recovered failure joins instead of restarting."""
 JOINED_KEPT = 20
@@ -286,7 +293,15 @@ class ModelGuardianWorkflow:
             )
         self._granted.discard(incident.workflow_id)
 
+    def _joined_in_start(self) -> bool:
+        return workflow.patched(JOINED_IN_START)
+
     async def _run_runbook(self, incident: Incident, request: Any) -> FailoverResult | None:
+        told: list[str] = []
+        if self._joined_in_start():
+            told = list(incident.joined)
+            request = request.model_copy(update={"joined": told, "joined_total": incident.joined_total})
+
         def start() -> Any:
             return workflow.start_child_workflow(
                 FailoverWorkflow.run,
@@ -303,7 +318,9 @@ class ModelGuardianWorkflow:
             incident.workflow_id = f"{incident.workflow_id}-e{request.epoch}"
             handle = await start()
         incident.run_id = handle.first_execution_run_id
-        joined_before = list(incident.joined)  # from now on the report handler signals new ones itself
+        # Those that joined since the start's input was made; from now on the report handler
+        # signals new ones itself.
+        joined_before = list(incident.joined)[len(told) :]
         self._running[incident.instance] = handle
         for reporter in joined_before:
             await self._tell_runbook(handle, "joined", reporter)

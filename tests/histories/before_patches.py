@@ -41,7 +41,7 @@ from drctl.workflows.failover import (
     STANDBY_EJECTED_REPLENISHES,
     FailoverWorkflow,
 )
-from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
+from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
 from drctl.workflows.reconcile import (
     ONE_PASS_AT_A_TIME,
     PLAN_IN_ACTIVITY,
@@ -135,6 +135,19 @@ class GuardianBeforeReportTrace(ModelGuardianWorkflow):
 
     async def _recover(self, incident: Incident) -> None:
         await self._recover_incident(incident)
+
+
+@workflow.defn(name="ModelGuardianWorkflow", sandboxed=False)
+class GuardianBeforeJoinedInStart(ModelGuardianWorkflow):
+    """Before ``guardian-joined-in-start``: the reports that joined an incident before its runbook
+    started were signalled to the runbook (``joined``) right after its start."""
+
+    @workflow.run
+    async def run(self, state: GuardianState) -> None:
+        await super().run(state)
+
+    def _joined_in_start(self) -> bool:
+        return False
 
 
 @workflow.defn(name="ZoneFailoverWorkflow", sandboxed=False)
@@ -234,6 +247,7 @@ BEFORE_PATCHES: dict[str, type] = {
     ONE_PASS_AT_A_TIME: ReconcileBeforeOnePassAtATime,
     PLAN_IN_ACTIVITY: ReconcilePassBeforePlanInActivity,
     RUNBOOK_IN_REPORT_TRACE: GuardianBeforeReportTrace,
+    JOINED_IN_START: GuardianBeforeJoinedInStart,
     BATCHED: ZoneFailoverBeforeBatched,
     ONE_LEASE: ZoneFailoverBeforeOneLease,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,

@@ -74,7 +74,7 @@ from drctl.workflows.budget import (
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
-from drctl.workflows.guardian import RUNBOOK_IN_REPORT_TRACE
+from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
 from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
@@ -89,6 +89,7 @@ from tests.histories.before_patches import (
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
     FailoverBeforeStandbyReplenishes,
+    GuardianBeforeJoinedInStart,
     GuardianBeforeReportTrace,
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
@@ -376,6 +377,52 @@ async def guardian_before_trace_patch(client: Client, queue: str) -> list[Record
             guardian_workflow_id(MODEL, queue),
             "ModelGuardianWorkflow started before the guardian-runbook-in-report-trace patch: two incidents",
             RUNBOOK_IN_REPORT_TRACE,
+        )
+    ]
+
+
+async def joined_while_waiting(client: Client, queue: str, old: Sequence[type] = ()) -> str:
+    """mistral-7b's recovery waits for the budget (one per zone; llama-2-7b's runs) while two more
+    reports of its failure join; then both recover. Returns mistral-7b's runbook's workflow id."""
+    fleet = spread_fleet(2)
+    fleet.policy = fleet.policy.model_copy(
+        update={"detection": fleet.policy.detection.model_copy(update={"max_failovers_per_zone": 1})}
+    )
+    fleet.promote_gate = asyncio.Event()
+    async with worker(client, queue, fleet.activities(), old):
+        await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        waiting = await report_failure(client, queue, report("mistral-7b-0", "prober", model="mistral-7b"))
+        await budget_when(client, queue, lambda s: len(s.running) == 1 and len(s.waiting) == 1)
+        for reporter in ("alert abc123", "cli ops@host"):
+            await report_failure(client, queue, report("mistral-7b-0", reporter, model="mistral-7b"))
+        fleet.promote_gate.set()
+        incident = await asyncio.wait_for(wait_closed(client, queue, waiting), timeout=30)
+        await budget_when(client, queue, lambda s: not s.running and not s.waiting)
+    return incident.workflow_id
+
+
+async def guardian_joined_in_start(client: Client, queue: str) -> list[Recorded]:
+    """Reports that joined before the runbook started go into its start input."""
+    runbook = await joined_while_waiting(client, queue)
+    return [
+        Recorded(
+            "guardian-joined-in-start",
+            guardian_workflow_id("mistral-7b", queue),
+            "ModelGuardianWorkflow (still running): two reports joined while the budget held it, in the start",
+        ),
+        Recorded("guardian-joined-in-start-runbook", runbook, "the runbook, started with the two joined reports"),
+    ]
+
+
+async def guardian_before_joined_patch(client: Client, queue: str) -> list[Recorded]:
+    """``guardian_joined_in_start`` on a guardian started before the guardian-joined-in-start patch."""
+    await joined_while_waiting(client, queue, old=[GuardianBeforeJoinedInStart])
+    return [
+        Recorded(
+            "guardian-before-joined-patch",
+            guardian_workflow_id("mistral-7b", queue),
+            "ModelGuardianWorkflow started before the guardian-joined-in-start patch: joined reports signalled",
+            JOINED_IN_START,
         )
     ]
 
@@ -751,6 +798,8 @@ SCENARIOS: dict[str, Scenario] = {
     "guardian-direct-start": guardian_direct_start,
     "guardian-report-trace": guardian_report_trace,
     "guardian-before-trace-patch": guardian_before_trace_patch,
+    "guardian-joined-in-start": guardian_joined_in_start,
+    "guardian-before-joined-patch": guardian_before_joined_patch,
     "budget-tripped": budget_tripped,
     "budget-before-zone-patch": budget_before_zone_patch,
     "budget-before-grants-patch": budget_before_grants_patch,

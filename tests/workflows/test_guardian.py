@@ -263,3 +263,30 @@ async def test_a_waiter_learns_the_run_before_it_ends_then_long_polls_its_result
         fleet.promote_gate.set()
         result = await asyncio.wait_for(runbook_result(client, incident), timeout=30)
     assert result.outcome == FailoverOutcome.RECOVERED and result.promoted == "llama-2-7b-1"
+
+
+async def test_reports_that_joined_before_the_runbook_started_are_in_its_start_not_signalled(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """mistral-7b's recovery waits for the budget (one per zone, llama-2-7b's runs) while two more
+    reports of its failure join: its runbook lists them from its start input. Signalled right after
+    the start instead, one could land while the runbook's one workflow task completed, and the
+    server refused the completion (the task ran again)."""
+    fleet = spread_fleet(2)
+    fleet.policy = fleet.policy.model_copy(
+        update={"detection": fleet.policy.detection.model_copy(update={"max_failovers_per_zone": 1})}
+    )
+    fleet.promote_gate = asyncio.Event()
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        await report_failure(client, queue, report("llama-2-7b-0", "prober"))
+        waiting = await report_failure(client, queue, report("mistral-7b-0", "prober", model="mistral-7b"))
+        await budget_when(client, queue, lambda s: len(s.running) == 1 and len(s.waiting) == 1)
+        for reporter in ("alert abc123", "cli ops@host"):
+            assert (await report_failure(client, queue, report("mistral-7b-0", reporter, model="mistral-7b"))).joined
+        fleet.promote_gate.set()
+        result = await result_of(client, queue, waiting)
+        incident = await wait_closed(client, queue, waiting)
+        history = await client.get_workflow_handle(incident.workflow_id, run_id=incident.run_id).fetch_history()
+    assert result.outcome == FailoverOutcome.RECOVERED
+    assert result.joined == ["alert abc123", "cli ops@host"] and result.joined_total == 2
+    assert not [e for e in history.events if e.HasField("workflow_execution_signaled_event_attributes")]
