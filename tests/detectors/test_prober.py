@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from drctl.detectors.prober import Prober
@@ -17,6 +18,20 @@ from drctl.policies.loader import load_policy_file
 from tests.detectors.tickets import queued_ticket
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml")
+
+
+@dataclass
+class Guardians:
+    """Where the prober's reports go: accepted (and kept) while reachable, refused while not."""
+
+    reachable: bool = True
+    reported: list[FailoverRequest] = field(default_factory=list)
+
+    async def report(self, request: FailoverRequest) -> IncidentTicket:
+        if not self.reachable:
+            raise RuntimeError("Temporal unreachable")
+        self.reported.append(request)
+        return queued_ticket(request)
 
 
 async def settle(prober: Prober) -> None:
@@ -149,16 +164,9 @@ async def test_a_new_process_under_a_reported_id_is_watched_afresh(tmp_path: Pat
     registry = InstanceRegistry(tmp_path / "instances.json")
     with registry.edit() as instances:
         instances["llama-2-7b-1"] = LocalInstance(id="llama-2-7b-1", model="llama-2-7b", role=Role.HOT, port=1)
-    reported: list[FailoverRequest] = []
-    accept = True
-
-    async def report(request: FailoverRequest) -> IncidentTicket:
-        if not accept:
-            raise RuntimeError("Temporal unreachable")
-        reported.append(request)
-        return queued_ticket(request)
-
-    prober = Prober(POLICY, registry, report)
+    guardians = Guardians()
+    reported = guardians.reported
+    prober = Prober(POLICY, registry, guardians.report)
     try:
         await prober.tick(time.monotonic())
         await settle(prober)
@@ -174,7 +182,7 @@ async def test_a_new_process_under_a_reported_id_is_watched_afresh(tmp_path: Pat
         assert [r.instance for r in reported] == ["llama-2-7b-1"] * 2
         # A failure not reported yet (Temporal unreachable) is dropped when the id gets a new process.
         registry.update("llama-2-7b-1", port=4, pid=None)
-        accept = False
+        guardians.reachable = False
         await prober.tick(time.monotonic())
         await settle(prober)
         assert "llama-2-7b-1" in prober.unreported
@@ -193,16 +201,9 @@ async def test_a_failure_not_yet_reported_of_an_instance_no_longer_watched_is_no
             instances[f"llama-2-7b-{n}"] = LocalInstance(
                 id=f"llama-2-7b-{n}", model="llama-2-7b", role=Role.HOT, port=n, zone="az-1"
             )
-    reported: list[FailoverRequest] = []
-    accept = False
-
-    async def report(request: FailoverRequest) -> IncidentTicket:
-        if not accept:
-            raise RuntimeError("Temporal unreachable")
-        reported.append(request)
-        return queued_ticket(request)
-
-    prober = Prober(POLICY, registry, report)
+    guardians = Guardians(reachable=False)
+    reported = guardians.reported
+    prober = Prober(POLICY, registry, guardians.report)
     try:
         await prober.tick(time.monotonic())
         await settle(prober)
@@ -210,7 +211,7 @@ async def test_a_failure_not_yet_reported_of_an_instance_no_longer_watched_is_no
         with registry.edit() as instances:
             del instances["llama-2-7b-1"]  # reconciliation deleted it
             instances["llama-2-7b-2"] = instances["llama-2-7b-2"].with_changes(role=Role.PROMOTING)
-        accept = True
+        guardians.reachable = True
         await prober.tick(time.monotonic())
         await settle(prober)
         assert reported == [] and prober.unreported == {}
