@@ -204,8 +204,7 @@ class ReconcileActivities:
         a worker restart made the budget's answer take 0.5 s), the instances showed a hot standby
         a runbook was ejecting that moment, the busy models showed the runbook ended, the epoch was
         the runbook's own, and reconciliation deleted the ejected standby as misplaced."""
-        platform = self.platform
-        epochs = await platform.epochs()
+        epochs = await self.platform.epochs()
         client, queue = activity.client(), activity.info().task_queue
         budget = await budget_state(client, queue)
         failing_over = await _zones_failing_over(client, queue, budget)
@@ -214,7 +213,7 @@ class ReconcileActivities:
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
-            highest_indexes=await platform.highest_indexes() if isinstance(platform, KeepsIndexes) else {},
+            highest_indexes=await self.platform.highest_indexes() if isinstance(self.platform, KeepsIndexes) else {},
             epochs=epochs,
             busy_models=busy_in(budget),
             zones_failing_over=failing_over,

@@ -136,12 +136,18 @@ class Prober:
             before = self._identity.get(instance.id)
             self._identity[instance.id] = now
             if before is not None and before != now:
-                self.trackers.pop(instance.id, None)
-                self.next_probe.pop(instance.id, None)
-                self.reported.pop(instance.id, None)
-                self.unreported.pop(instance.id, None)
-                self._probes.pop(instance.id, None)
-                self._asleep.discard(instance.id)
+                self._forget(instance.id)
+                self._identity[instance.id] = now
+
+    def _forget(self, instance_id: str) -> FailoverRequest | None:
+        """Drop all the prober knows of ``instance_id``; returns its failure not yet reported, if any."""
+        self.trackers.pop(instance_id, None)
+        self.next_probe.pop(instance_id, None)
+        self.reported.pop(instance_id, None)
+        self._probes.pop(instance_id, None)
+        self._asleep.discard(instance_id)
+        self._identity.pop(instance_id, None)
+        return self.unreported.pop(instance_id, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -179,18 +185,13 @@ class Prober:
             await self._handle(instance, event, tracker, now, exited=final)
         self._sound_zone_alarm(instances)
         gone = set(self.trackers) - {i.id for i in instances}
-        for instance_id in gone:
-            del self.trackers[instance_id]  # ejected or deleted: no longer ours to watch
-            self._identity.pop(instance_id, None)
-            if self.unreported.pop(instance_id, None) is not None:
+        for instance_id in gone:  # ejected or deleted: no longer ours to watch
+            if self._forget(instance_id) is not None:
                 # Someone acted on it meanwhile (a runbook ejected or promoted it, reconciliation
                 # deleted it): its failure is in hand. Sent anyway, the report (late: the reports
                 # of a failed zone's 500 instances take ~40 s to go out one by one) only ran a
                 # runbook that found it gone, and claimed its model's epoch under reconciliation.
                 log.info("%s is no longer watched (ejected, promoted or deleted): not reported", instance_id)
-            self.reported.pop(instance_id, None)
-            self._probes.pop(instance_id, None)
-            self._asleep.discard(instance_id)
         if gone:
             self._http.forget({i.address for i in instances if i.address is not None})
         self._kick_reports()  # what is still unreported, tried again every tick

@@ -54,9 +54,13 @@ class KubernetesFencing(ConfigMapRecord):
     configmap = CONFIGMAP
 
     async def epochs(self) -> dict[str, int]:
+        return await self._by_model(PREFIX)
+
+    async def _by_model(self, prefix: str) -> dict[str, int]:
+        """The annotations ``{prefix}{model}`` as model → number (none while there is no ConfigMap)."""
         found = await self._read()
         annotations = (found.metadata.annotations or {}) if found is not None else {}
-        return {k.removeprefix(PREFIX): int(v) for k, v in annotations.items() if k.startswith(PREFIX)}
+        return {k.removeprefix(prefix): int(v) for k, v in annotations.items() if k.startswith(prefix)}
 
     async def claim(self, model: str) -> int:
         def next_epoch(annotations: dict[str, str]) -> int:
@@ -67,29 +71,29 @@ class KubernetesFencing(ConfigMapRecord):
         return await self._change(next_epoch, f"claim an epoch for {model}")
 
     async def highest_indexes(self) -> dict[str, int]:
-        found = await self._read()
-        annotations = (found.metadata.annotations or {}) if found is not None else {}
-        return {k.removeprefix(INDEX_PREFIX): int(v) for k, v in annotations.items() if k.startswith(INDEX_PREFIX)}
+        return await self._by_model(INDEX_PREFIX)
 
     async def record_index(self, model: str, index: int) -> None:
         """Raise ``model``'s highest instance index to ``index`` (a lower one changes nothing)."""
-        if (await self.highest_indexes()).get(model, -1) >= index:
-            return
 
         def raised(annotations: dict[str, str]) -> int:
-            highest = max(int(annotations.get(INDEX_PREFIX + model, "-1")), index)
-            annotations[INDEX_PREFIX + model] = str(highest)
-            return highest
+            if index > int(annotations.get(INDEX_PREFIX + model, "-1")):
+                annotations[INDEX_PREFIX + model] = str(index)
+            return index
 
         await self._change(raised, f"record instance index {index} of {model}")
 
     async def _change(self, change: Callable[[dict[str, str]], int], what: str) -> int:
         """Apply ``change`` to the ConfigMap's annotations and write them with the read's
-        ``resourceVersion``, reading again after a conflict (409). Returns what ``change`` returns."""
+        ``resourceVersion``, reading again after a conflict (409); nothing is written when ``change``
+        left them as they were. Returns what ``change`` returns."""
         for _ in range(CLAIM_TRIES):
             found = await self._read()
-            annotations = dict((found.metadata.annotations or {}) if found is not None else {})
+            before = (found.metadata.annotations or {}) if found is not None else {}
+            annotations = dict(before)
             result = change(annotations)
+            if annotations == before:
+                return result
             try:
                 if found is None:
                     body = V1ConfigMap(metadata=V1ObjectMeta(name=CONFIGMAP, annotations=annotations))

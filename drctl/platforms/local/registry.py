@@ -30,6 +30,7 @@ from pydantic import model_validator
 
 from drctl.payloads import Instance
 from drctl.platforms import errors
+from drctl.policies.reconcile import instance_index
 
 
 class LocalInstance(Instance):
@@ -266,7 +267,7 @@ class InstanceRegistry:
         if instances.keys() == before.instances.keys():
             ordered = [instances[key] for key in before.instances]  # the file's order, sorted already
         else:  # sorting 1,000 instances (their ids parsed) on every write was 3 % of the worker's CPU
-            ordered = sorted(instances.values(), key=lambda i: (i.model, _index(i.id), i.id))
+            ordered = sorted(instances.values(), key=lambda i: (i.model, instance_index(i.id), i.id))
         meta = {k: v for k, v in before.meta.items() if k not in ("epochs", "indexes")}
         meta["epochs"] = dict(sorted(epochs.items()))
         indexes = _indexes(before)
@@ -287,8 +288,7 @@ class InstanceRegistry:
                 unkept = {"address"} if instance.created_at is not None else {"address", "created_at"}
                 items[key] = instance.model_dump(mode="json", exclude=unkept)
                 lines[key] = json.dumps(items[key])
-                if _index(key) > indexes.get(instance.model, -1):
-                    indexes[instance.model] = _index(key)
+                indexes[instance.model] = max(indexes.get(instance.model, -1), instance_index(key))
         meta["indexes"] = dict(sorted(indexes.items()))
         head = "".join(f"{json.dumps(k)}: {json.dumps(v)},\n" for k, v in meta.items())
         body = ",\n".join(lines.values())
@@ -310,10 +310,5 @@ def _indexes(snapshot: _Snapshot) -> dict[str, int]:
         return {str(k): int(v) for k, v in recorded.items()}
     indexes: dict[str, int] = {}
     for instance in snapshot.instances.values():
-        indexes[instance.model] = max(indexes.get(instance.model, -1), _index(instance.id))
+        indexes[instance.model] = max(indexes.get(instance.model, -1), instance_index(instance.id))
     return indexes
-
-
-def _index(instance_id: str) -> int:
-    tail = instance_id.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
