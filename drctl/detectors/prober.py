@@ -15,7 +15,8 @@ request), and the registry is parsed again only when its file changed.
 Hysteresis, flap hold-down and the failover caps are pure decisions in ``drctl.policies.probing``.
 
 With node agents configured it also runs the zone health check (:mod:`drctl.detectors.zone_checker`),
-which starts ``ZoneFailoverWorkflow`` for a zone whose nodes all stop answering.
+which starts ``ZoneFailoverWorkflow`` for a zone whose nodes all stop answering; while that runs,
+the prober's own reports of the zone's instances wait for it to end (:meth:`Prober.hand_zone_over`).
 """
 
 from __future__ import annotations
@@ -108,10 +109,16 @@ class Prober:
         self.zone_alarm: Callable[[], None] | None = None
         """Called when every watched instance of a zone is down (the zone check looks at once)."""
         self._zones_alarmed: set[str] = set()
+        self._zones_handed_over: dict[str, float] = {}
+        """Zone → until when (monotonic) the failures of its instances are left to the zone failover
+        the prober started for it (:meth:`hand_zone_over`)."""
+        self._zone_failovers: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
         if self._reporting is not None:
             self._reporting.cancel()
+        for task in self._zone_failovers:
+            task.cancel()
         await self._http.aclose()
 
     def _probed(self) -> list[LocalInstance]:
@@ -195,6 +202,43 @@ class Prober:
         if gone:
             self._http.forget({i.address for i in instances if i.address is not None})
         self._kick_reports()  # what is still unreported, tried again every tick
+
+    def hand_zone_over(self, zone: str, ended: Awaitable[object], at_most_s: float) -> None:
+        """Leave the failures of ``zone``'s instances to the zone failover the prober has started for
+        it, until ``ended`` (the failover's result, whatever it is) or ``at_most_s`` from now (a
+        failover that runs that long is taken for stuck). They are held, not dropped: reported once
+        the failover has ended, if they are still watched then (a serving instance it moved, a
+        standby reconciliation replaced, are not).
+
+        Why: the zone failover reports every serving instance of the zone itself, and the prober's
+        own reports of the zone's 500 instances (at 1,000), sent one by one through the failover,
+        were each an Update of a guardian beside the failover's recoveries; a report of an instance
+        whose runbook was running was signalled into it, landed while its one workflow task
+        completed, and the task ran again with every step in it (28 of 250 runbooks)."""
+        self._zones_handed_over[zone] = time.monotonic() + at_most_s
+        log.info("the failures of %s's instances are left to its zone failover until it ends", zone)
+
+        async def take_back() -> None:
+            try:
+                await ended
+            except Exception as err:  # failed, terminated, unreachable: the prober's reports go out
+                log.info("zone failover of %s: %s", zone, err)
+            finally:
+                self._zones_handed_over.pop(zone, None)
+                log.info("zone failover of %s ended: its instances' failures are reported again", zone)
+                self._kick_reports()
+
+        task = asyncio.create_task(take_back())
+        self._zone_failovers.add(task)
+        task.add_done_callback(self._zone_failovers.discard)
+
+    def _left_to_zone_failover(self, instance_id: str) -> bool:
+        """``instance_id`` is in a zone handed over to its zone failover (:meth:`hand_zone_over`)."""
+        if not self._zones_handed_over or self._fleet is None:
+            return False
+        instance = self._fleet[0].get(instance_id)
+        until = self._zones_handed_over.get(instance.zone) if instance is not None and instance.zone else None
+        return until is not None and time.monotonic() < until
 
     def instances_down(self, zone: str) -> bool:
         """Every instance watched in ``zone`` is down (past its hysteresis); False with none."""
@@ -319,6 +363,8 @@ class Prober:
         for instance_id, request in list(self.unreported.items()):
             if self.unreported.get(instance_id) is not request:
                 continue  # dropped meanwhile (no longer watched, or a new process under its id)
+            if self._left_to_zone_failover(instance_id):
+                continue  # held while its zone fails over (asked again per report: it can start meanwhile)
             fields = {"model": request.model, "instance": instance_id}
             try:
                 # The trace of a probe-triggered recovery starts at this decision to report.
@@ -376,7 +422,7 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
     loops = [prober.run(stop)]
     checker = None
     if settings.node_agent_urls or settings.node_agent_service:
-        checker = zone_checker(settings, policy, client)
+        checker = zone_checker(settings, policy, client, prober)
         checker.instances_down = prober.instances_down
         prober.zone_alarm = checker.wake.set
         loops.append(checker.run(stop))
@@ -419,14 +465,22 @@ async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, 
             pass
 
 
-def zone_checker(settings: DrctlSettings, policy: DRPolicy, client: Client) -> ZoneChecker:
+def zone_checker(
+    settings: DrctlSettings, policy: DRPolicy, client: Client, prober: Prober | None = None
+) -> ZoneChecker:
+    """The zone check, starting ``ZoneFailoverWorkflow``; with ``prober``, the failures of the zone's
+    instances are left to the failover while it runs (:meth:`Prober.hand_zone_over`), unless the
+    policy wants an operator's approval first (until then the instances recover one by one)."""
     from drctl.payloads import ZoneFailoverRequest
+    from drctl.temporal.incidents import ZONE_FAILOVER_FIRST_FOR
     from drctl.temporal.runbooks import start_zone_failover
 
     async def start(zone: str, reason: str) -> str:
         with span("prober.zone_failover", trigger=Trigger.PROBE.value) as current:
             current.set_attribute("drctl.zone", zone)
             handle = await start_zone_failover(client, settings, ZoneFailoverRequest(zone=zone, reason=reason))
+        if prober is not None and not policy.az_failover.require_approval:
+            prober.hand_zone_over(zone, handle.result(), ZONE_FAILOVER_FIRST_FOR.total_seconds())
         return handle.id
 
     return ZoneChecker(policy, settings.node_agent_urls, start, settings.node_agent_service)

@@ -217,3 +217,61 @@ async def test_a_failure_not_yet_reported_of_an_instance_no_longer_watched_is_no
         assert reported == [] and prober.unreported == {}
     finally:
         await prober.aclose()
+
+
+async def test_failures_in_a_zone_handed_to_its_failover_are_held_until_it_ends(tmp_path: Path) -> None:
+    """The zone failover reports the zone's serving instances itself: the prober's reports of them
+    wait until it has ended, then go out for what is still watched (never dropped)."""
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        for n, zone in ((1, "az-1"), (2, "az-1"), (3, "az-2")):
+            instances[f"llama-2-7b-{n}"] = LocalInstance(
+                id=f"llama-2-7b-{n}", model="llama-2-7b", role=Role.SERVING, port=n, zone=zone
+            )
+    guardians = Guardians()
+    prober = Prober(POLICY, registry, guardians.report)
+    ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    try:
+        prober.hand_zone_over("az-1", ended, at_most_s=60)
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        # The other zone's failure goes out at once; az-1's are held.
+        assert [r.instance for r in guardians.reported] == ["llama-2-7b-3"]
+        assert sorted(prober.unreported) == ["llama-2-7b-1", "llama-2-7b-2"]
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert len(guardians.reported) == 1
+        with registry.edit() as instances:
+            del instances["llama-2-7b-1"]  # the failover moved it (ejected): nothing left to report
+        await prober.tick(time.monotonic())
+        ended.set_exception(RuntimeError("zone failover failed"))  # ended, whatever the outcome
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(guardians.reported) == 2:
+                break
+        assert sorted(r.instance for r in guardians.reported) == ["llama-2-7b-2", "llama-2-7b-3"]
+        assert prober.unreported == {}
+    finally:
+        await prober.aclose()
+
+
+async def test_a_zone_failover_that_runs_too_long_no_longer_holds_the_reports(tmp_path: Path) -> None:
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        instances["llama-2-7b-1"] = LocalInstance(
+            id="llama-2-7b-1", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
+        )
+    guardians = Guardians()
+    prober = Prober(POLICY, registry, guardians.report)
+    never: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    try:
+        prober.hand_zone_over("az-1", never, at_most_s=0.2)
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert guardians.reported == [] and list(prober.unreported) == ["llama-2-7b-1"]
+        await asyncio.sleep(0.25)  # taken for stuck: the prober reports again
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert [r.instance for r in guardians.reported] == ["llama-2-7b-1"]
+    finally:
+        await prober.aclose()
