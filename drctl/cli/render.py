@@ -122,13 +122,18 @@ def status_table(rows: list[dict[str, object]]) -> Table:
     return table
 
 
-def prober_line(state: str, detail: str, unreported: int, zones: dict[str, str] | None, cordoned: list[str]) -> str:
+def prober_line(
+    state: str, detail: str, unreported: int, zones: dict[str, str] | None, cordoned: list[str], held: int = 0
+) -> str:
     """``prober: running (pid 7, 42 ticks); zones: az-1 up; cordoned GPUs: n/0``. The failures not
-    reported yet and the zone verdicts are given only for a prober that is running (the caller
-    passes none otherwise); the cordoned GPUs are the platform's, current whatever the prober."""
+    reported yet (``held``: of them, those waiting for their zone's failover to end) and the zone
+    verdicts are given only for a prober that is running (the caller passes none otherwise); the
+    cordoned GPUs are the platform's, current whatever the prober."""
     line = f"prober: {state} ({lit(detail)})"
     if unreported:
         line += f" [yellow]{unreported} failure(s) not reported yet (Temporal?)[/]"
+    if held:
+        line += f" {held} failure(s) left to their zone's failover until it ends"
     if zones:
         line += "; zones: " + ", ".join(f"{lit(zone)} {lit(verdict)}" for zone, verdict in sorted(zones.items()))
     if cordoned:

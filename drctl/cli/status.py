@@ -149,6 +149,8 @@ class ProberView:
     """``running``, ``not answering`` (alive, not writing) or ``not running``."""
     detail: str
     unreported: int = 0
+    held: int = 0
+    """Failures held while their zone's failover runs (it reports the zone's serving instances)."""
     zones: dict[str, str] | None = None
 
 
@@ -159,7 +161,7 @@ def detector_lines(layout: StateLayout, now: datetime | None = None) -> Lines:
 
     lines: Lines = [Text(line) for line in supervision_lines(layout)]
     view = read_prober(layout.prober_status_file, now or datetime.now(UTC))
-    lines.append(prober_line(view.state, view.detail, view.unreported, view.zones, cordoned_gpus(layout)))
+    lines.append(prober_line(view.state, view.detail, view.unreported, view.zones, cordoned_gpus(layout), view.held))
     return lines
 
 
@@ -183,11 +185,13 @@ def read_prober(path: Path, now: datetime) -> ProberView:
         since = "never" if age is None else f"{age.total_seconds():.0f}s ago"
         return ProberView("not answering", f"pid {pid}, last status {since}")
     unreported = status.get("unreported") or []
+    held = status.get("held_for_zone_failover") or []
     zones = status.get("zones")
     return ProberView(
         "running",
         f"pid {pid}, {status.get('ticks')} ticks",
         unreported=len(unreported) if isinstance(unreported, list) else 0,
+        held=len(held) if isinstance(held, list) else 0,
         zones={str(k): str(v) for k, v in zones.items()} if isinstance(zones, dict) else None,
     )
 

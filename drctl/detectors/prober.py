@@ -168,7 +168,9 @@ class Prober:
         self.ticks += 1
         if self.metrics is not None:
             self.metrics.last_tick.set_to_current_time()
-            self.metrics.unreported.set(len(self.unreported))
+            held = len(self.held_for_zone_failover())
+            self.metrics.unreported.set(len(self.unreported) - held)
+            self.metrics.held_for_zone_failover.set(held)
         instances = self._probed()
         interval = self.policy.detection.probe_interval.total_seconds()
         due: list[LocalInstance] = []
@@ -239,6 +241,13 @@ class Prober:
         instance = self._fleet[0].get(instance_id)
         until = self._zones_handed_over.get(instance.zone) if instance is not None and instance.zone else None
         return until is not None and time.monotonic() < until
+
+    def held_for_zone_failover(self) -> list[str]:
+        """The failures not reported yet because their zone's failover runs: not "unreported" in
+        the status or the metrics (``DrctlFailuresUnreported`` would fire on a long zone failover)."""
+        if not self._zones_handed_over:
+            return []
+        return sorted(i for i in self.unreported if self._left_to_zone_failover(i))
 
     def instances_down(self, zone: str) -> bool:
         """Every instance watched in ``zone`` is down (past its hysteresis); False with none."""
@@ -448,7 +457,8 @@ async def write_status(path: Path, prober: Prober, checker: ZoneChecker | None, 
             "pid": os.getpid(),
             "updated_at": datetime.now(UTC).isoformat(),
             "ticks": prober.ticks,
-            "unreported": sorted(prober.unreported),
+            "unreported": sorted(set(prober.unreported) - set(held := prober.held_for_zone_failover())),
+            "held_for_zone_failover": held,
             "report_errors": prober.report_errors,
             "zone_checks": None if checker is None else checker.checks,
             "zones": None if checker is None else checker.verdicts,

@@ -382,6 +382,11 @@ class ProberMetrics:
         self.unreported = Gauge(
             "drctl_prober_unreported_failures", "Confirmed failures not yet accepted by a guardian", registry=r
         )
+        self.held_for_zone_failover = Gauge(
+            "drctl_prober_failures_held_for_zone_failover",
+            "Confirmed failures held while the zone failover the prober started for their zone runs",
+            registry=r,
+        )
         self.last_tick = Gauge(
             "drctl_prober_last_tick_timestamp_seconds", "When the prober last went round its instances", registry=r
         )

@@ -81,6 +81,23 @@ def test_a_live_prober_that_wrote_just_now_is_shown_with_its_verdicts(tmp_path: 
     assert "1 failure(s) not reported yet" in text and "zones: az-1 down, az-2 up" in text
 
 
+def test_failures_held_for_a_zone_failover_are_not_called_unreported(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    status = {
+        "pid": os.getpid(),
+        "updated_at": (NOW - timedelta(seconds=1)).isoformat(),
+        "ticks": 7,
+        "unreported": [],
+        "held_for_zone_failover": ["llama-2-7b-0", "mistral-7b-0"],
+        "zones": {"az-1": "down"},
+    }
+    layout.prober_status_file.write_text(json.dumps(status))
+    text = _text(detector_lines(layout, NOW))
+    assert "2 failure(s) left to their zone's failover until it ends" in text
+    assert "not reported yet" not in text
+
+
 def test_a_status_file_not_written_lately_is_not_current(tmp_path: Path, sleeping_prober: int) -> None:
     layout = StateLayout(tmp_path)
     stale = NOW - PROBER_STALE_AFTER - timedelta(seconds=5)

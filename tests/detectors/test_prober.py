@@ -235,9 +235,10 @@ async def test_failures_in_a_zone_handed_to_its_failover_are_held_until_it_ends(
         prober.hand_zone_over("az-1", ended, at_most_s=60)
         await prober.tick(time.monotonic())
         await settle(prober)
-        # The other zone's failure goes out at once; az-1's are held.
+        # The other zone's failure goes out at once; az-1's are held (held, not "unreported").
         assert [r.instance for r in guardians.reported] == ["llama-2-7b-3"]
         assert sorted(prober.unreported) == ["llama-2-7b-1", "llama-2-7b-2"]
+        assert prober.held_for_zone_failover() == ["llama-2-7b-1", "llama-2-7b-2"]
         await prober.tick(time.monotonic())
         await settle(prober)
         assert len(guardians.reported) == 1
@@ -250,7 +251,7 @@ async def test_failures_in_a_zone_handed_to_its_failover_are_held_until_it_ends(
             if len(guardians.reported) == 2:
                 break
         assert sorted(r.instance for r in guardians.reported) == ["llama-2-7b-2", "llama-2-7b-3"]
-        assert prober.unreported == {}
+        assert prober.unreported == {} and prober.held_for_zone_failover() == []
     finally:
         await prober.aclose()
 
