@@ -228,14 +228,18 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             else:
                 victims += [i.pid for i in instances if i.zone == DOWN_ZONE and i.pid is not None]
             profiler = None
-            if args.profile:
-                # py-spy (a dev tool: pip install py-spy) samples the worker through the outage.
-                out = Path(args.profile) / f"worker-{models}.txt"
-                profiler = await asyncio.create_subprocess_exec(
+
+            async def start_profiler() -> asyncio.subprocess.Process:
+                # py-spy (a dev tool: pip install py-spy) samples the worker from the outage (or the switch).
+                out = Path(args.profile) / f"worker-{models}-{args.profile_from}.txt"
+                return await asyncio.create_subprocess_exec(
                     "py-spy", "record", "--nonblocking", "--format", "raw",
                     "-d", str(int(args.profile_s or args.timeout)), "-p", str(stack.pids["worker"]), "-o", str(out),
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 )  # fmt: skip
+
+            if args.profile and args.profile_from == "outage":
+                profiler = await start_profiler()
             up_pools = [p.pid for p in pools if p.name not in down_nodes]
             cpu_parts = {name: pid for name, pid in stack.pids.items() if name not in down_nodes}
             cpu_before = {name: cpu_s(pid) for name, pid in cpu_parts.items()}
@@ -260,6 +264,8 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 }
                 if switched_s is None and affected <= serving_up:
                     switched_s = now
+                    if args.profile and args.profile_from == "switch":
+                        profiler = await start_profiler()
                 if done_s is None:  # CPU seconds each part spent from the outage to the last runbook
                     cpu_spent = {name: cpu_s(pid) - cpu_before[name] for name, pid in cpu_parts.items()}
                     cpu_spent["pools (up zone)"] = sum(cpu_s(pid) for pid in up_pools) - pools_before
@@ -452,7 +458,13 @@ def main() -> None:
     parser.add_argument("--loads-per-node", type=int, default=None, help="reconcile.maxLoadsPerNode")
     parser.add_argument("--runbooks-per-minute", type=int, default=None, help="budget.maxRunbooksPerMinute")
     parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
-    parser.add_argument("--profile-s", type=float, default=None, help="sample only this long after the outage")
+    parser.add_argument("--profile-s", type=float, default=None, help="sample only this long after it started")
+    parser.add_argument(
+        "--profile-from",
+        choices=("outage", "switch"),
+        default="outage",
+        help="start sampling at the outage or once every model switched",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--events", action="store_true", help="print the zone failover's history, folded")
     args = parser.parse_args()

@@ -746,6 +746,14 @@ def envoy_yaml(document: dict[str, Any]) -> str:
     return yaml.dump(document, Dumper=_EnvoyDumper, sort_keys=False, allow_unicode=True)
 
 
+def eds_text(document: dict[str, Any]) -> str:
+    """An EDS document as JSON, which is YAML as well (the file keeps its ``.yaml`` name, and Envoy's
+    YAML reader and the xDS server read it as they did): every string quoted, as
+    :func:`envoy_yaml` does, at a hundredth of PyYAML's cost (0.01 ms against 0.9 ms a write, and
+    every registration, ejection and batch of creates writes one)."""
+    return json.dumps(document, ensure_ascii=False) + "\n"
+
+
 def eds_file(eds_dir: Path, model: str) -> Path:
     """Where the model's endpoints are: a folder per model, so Envoy's watch of it sees only its writes."""
     return eds_dir / model / "eds.yaml"
@@ -756,7 +764,7 @@ def write_eds(eds_dir: Path, model: str, endpoints: Sequence[Endpoint]) -> None:
     path = eds_file(eds_dir, model)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    text = envoy_yaml(eds_document(model, endpoints))
+    text = eds_text(eds_document(model, endpoints))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eds.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -62,7 +63,9 @@ class AssignmentError(ValueError):
 def read_assignment(path: Path, model: str) -> ClusterLoadAssignment:
     """The ``ClusterLoadAssignment`` in the EDS file ``path`` (as ``envoy.eds_document`` writes it)."""
     try:
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        text = path.read_text(encoding="utf-8")
+        # JSON as written since the ninth session (``envoy.eds_text``); YAML from before.
+        document = json.loads(text) if text.startswith("{") else yaml.load(text, Loader=_Loader)
         (resource,) = document["resources"]
         fields = {k: v for k, v in resource.items() if k != "@type"}
         assignment = ClusterLoadAssignment.from_dict(fields)

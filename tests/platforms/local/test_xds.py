@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from drctl.platforms.local import xds
 from drctl.platforms.local.envoy import XDS_CLUSTER, cluster_hosts, envoy_yaml, render_bootstrap, write_eds
@@ -110,6 +112,23 @@ def test_store_reads_files_and_reports_only_real_changes(tmp_path: Path) -> None
     _, version = store.resource("m0")
     assert version != "none"
     assert store.resource("unknown")[1] == "none"
+
+
+def test_an_eds_file_as_json_and_one_written_as_yaml_before_read_alike(tmp_path: Path) -> None:
+    """EDS files are JSON since the ninth session (a hundredth of PyYAML's cost); a state folder
+    from before has YAML ones, and the same assignment must come out of either."""
+    from drctl.platforms.local.envoy import Endpoint, eds_document, eds_file
+
+    endpoints = [Endpoint(host=HOST, port=9, priority=0, instance="n"), Endpoint(HOST, 10, 1, "1e3")]
+    write_eds(tmp_path, "y", endpoints)
+    as_json = eds_file(tmp_path, "y").read_text()
+    assert json.loads(as_json) == yaml.safe_load(as_json) == eds_document("y", endpoints)
+    old = tmp_path / "old" / "eds.yaml"
+    old.parent.mkdir()
+    old.write_text(envoy_yaml(eds_document("y", endpoints)))
+    assert xds.read_assignment(old, "y") == xds.read_assignment(eds_file(tmp_path, "y"), "y")
+    read = xds.read_assignment(old, "y")
+    assert [e.endpoint.hostname for p in read.endpoints for e in p.lb_endpoints] == ["n", "1e3"]
 
 
 def test_a_bad_file_is_skipped_and_the_last_assignment_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
