@@ -109,9 +109,9 @@ class Prober:
         self.zone_alarm: Callable[[], None] | None = None
         """Called when every watched instance of a zone is down (the zone check looks at once)."""
         self._zones_alarmed: set[str] = set()
-        self._zones_handed_over: dict[str, float] = {}
+        self._zones_handed_over: dict[str, tuple[float, object]] = {}
         """Zone → until when (monotonic) the failures of its instances are left to the zone failover
-        the prober started for it (:meth:`hand_zone_over`)."""
+        the prober started for it (:meth:`hand_zone_over`), and which hand-over that is."""
         self._zone_failovers: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
@@ -217,7 +217,7 @@ class Prober:
         were each an Update of a guardian beside the failover's recoveries; a report of an instance
         whose runbook was running was signalled into it, landed while its one workflow task
         completed, and the task ran again with every step in it (28 of 250 runbooks)."""
-        self._zones_handed_over[zone] = time.monotonic() + at_most_s
+        hand_over = self._zones_handed_over[zone] = (time.monotonic() + at_most_s, object())
         log.info("the failures of %s's instances are left to its zone failover until it ends", zone)
 
         async def take_back() -> None:
@@ -226,7 +226,8 @@ class Prober:
             except Exception as err:  # failed, terminated, unreachable: the prober's reports go out
                 log.info("zone failover of %s: %s", zone, err)
             finally:
-                self._zones_handed_over.pop(zone, None)
+                if self._zones_handed_over.get(zone) is hand_over:  # not a later failover's hand-over
+                    del self._zones_handed_over[zone]
                 log.info("zone failover of %s ended: its instances' failures are reported again", zone)
                 self._kick_reports()
 
@@ -239,8 +240,8 @@ class Prober:
         if not self._zones_handed_over or self._fleet is None:
             return False
         instance = self._fleet[0].get(instance_id)
-        until = self._zones_handed_over.get(instance.zone) if instance is not None and instance.zone else None
-        return until is not None and time.monotonic() < until
+        hand_over = self._zones_handed_over.get(instance.zone) if instance is not None and instance.zone else None
+        return hand_over is not None and time.monotonic() < hand_over[0]
 
     def held_for_zone_failover(self) -> list[str]:
         """The failures not reported yet because their zone's failover runs: not "unreported" in

@@ -276,3 +276,31 @@ async def test_a_zone_failover_that_runs_too_long_no_longer_holds_the_reports(tm
         assert [r.instance for r in guardians.reported] == ["llama-2-7b-1"]
     finally:
         await prober.aclose()
+
+
+async def test_the_end_of_an_earlier_zone_failover_does_not_end_a_later_ones_hold(tmp_path: Path) -> None:
+    registry = InstanceRegistry(tmp_path / "instances.json")
+    with registry.edit() as instances:
+        instances["llama-2-7b-1"] = LocalInstance(
+            id="llama-2-7b-1", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
+        )
+    guardians = Guardians()
+    prober = Prober(POLICY, registry, guardians.report)
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[object] = loop.create_future()
+    second: asyncio.Future[object] = loop.create_future()
+    try:
+        prober.hand_zone_over("az-1", first, at_most_s=60)
+        prober.hand_zone_over("az-1", second, at_most_s=60)
+        first.set_result(None)
+        await prober.tick(time.monotonic())
+        await settle(prober)
+        assert guardians.reported == [] and prober.held_for_zone_failover() == ["llama-2-7b-1"]
+        second.set_result(None)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if guardians.reported:
+                break
+        assert [r.instance for r in guardians.reported] == ["llama-2-7b-1"]
+    finally:
+        await prober.aclose()
