@@ -240,6 +240,15 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
 
             if args.profile and args.profile_from == "outage":
                 profiler = await start_profiler()
+            server_profiler = None
+            if args.perf_temporal:
+                # perf (linux-perf) samples the Temporal server (Go) through the same window.
+                server_profiler = await asyncio.create_subprocess_exec(
+                    "perf", "record", "-F", "499", "-g", "-p", str(stack.pids["temporal"]),
+                    "-o", str(Path(args.perf_temporal) / f"temporal-{models}.perf"),
+                    "--", "sleep", str(int(args.profile_s or args.timeout)),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
             up_pools = [p.pid for p in pools if p.name not in down_nodes]
             cpu_parts = {name: pid for name, pid in stack.pids.items() if name not in down_nodes}
             cpu_before = {name: cpu_s(pid) for name, pid in cpu_parts.items()}
@@ -276,10 +285,11 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 in_down = {i.model for i in fleet if i.zone == DOWN_ZONE and i.role in (Role.SERVING, Role.HOT)}
                 if done_s is not None and set(policy.model_names) <= (serving_up & hot_up) and not in_down:
                     back_s = now
-            if profiler is not None:
-                with contextlib.suppress(ProcessLookupError):  # --profile-s: it may have ended
-                    profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
-                await profiler.wait()
+            for sampler in (profiler, server_profiler):
+                if sampler is not None:
+                    with contextlib.suppress(ProcessLookupError):  # --profile-s: it may have ended
+                        sampler.send_signal(signal.SIGINT)  # both write what they have on SIGINT
+                    await sampler.wait()
             updates = await envoy_updates(http, settings.envoy_admin_url) - updates0
             evictions = await cache_evictions(http, settings)
             zone_runs = []
@@ -459,6 +469,7 @@ def main() -> None:
     parser.add_argument("--runbooks-per-minute", type=int, default=None, help="budget.maxRunbooksPerMinute")
     parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
     parser.add_argument("--profile-s", type=float, default=None, help="sample only this long after it started")
+    parser.add_argument("--perf-temporal", default=None, help="folder for a perf record of the Temporal server")
     parser.add_argument(
         "--profile-from",
         choices=("outage", "switch"),

@@ -22,7 +22,14 @@ from drctl.platforms.local import processes
 from drctl.platforms.local.registry import LocalInstance
 from drctl.policies.loader import load_policy_file
 from drctl.settings import StateLayout
-from drctl.workers.stack import LocalStack, PartStatus, StackError, isolated_settings, supervision_lines
+from drctl.workers.stack import (
+    STABLE_AFTER_S,
+    LocalStack,
+    PartStatus,
+    StackError,
+    isolated_settings,
+    supervision_lines,
+)
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "dr-policy.yaml"
 
@@ -30,6 +37,16 @@ EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "dr-policy.y
 def test_back_off_is_none_then_doubles_to_a_cap() -> None:
     delays = [PartStatus(crashes_in_a_row=n).backoff_s() for n in range(1, 10)]
     assert delays == [0.0, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
+
+
+def test_a_part_that_ran_a_while_is_not_crash_looping() -> None:
+    part = PartStatus(crashes_in_a_row=5, up_since=100.0)
+    part.seen_alive(105.0)  # five seconds after its restart: still in a row
+    assert part.backoff_s() == 1.6
+    part.seen_alive(100.0 + STABLE_AFTER_S + 0.1)
+    assert part.crashes_in_a_row == 0
+    part.crashes_in_a_row += 1  # its next death
+    assert part.backoff_s() == 0.0  # restarted at once
 
 
 async def test_a_part_that_keeps_dying_is_restarted_with_growing_back_off(tmp_path: Path) -> None:
