@@ -59,14 +59,28 @@ async def report_failure(client: Client, task_queue: str, report: FailureReport)
             [SearchAttributePair(SearchAttributeKey.for_keyword(SearchAttr.MODEL), model)]
         ),
     )
-    # (temporalio types an async update handler's result as its coroutine: hence the ignore)
-    ticket: IncidentTicket = await client.execute_update_with_start_workflow(
-        ModelGuardianWorkflow.report,  # type: ignore[arg-type]
-        report,
-        start_workflow_operation=start,
-        rpc_timeout=RPC_TIMEOUT,
-    )
+    try:
+        # (temporalio types an async update handler's result as its coroutine: hence the ignore)
+        ticket: IncidentTicket = await client.execute_update_with_start_workflow(
+            ModelGuardianWorkflow.report,  # type: ignore[arg-type]
+            report,
+            start_workflow_operation=start,
+            rpc_timeout=RPC_TIMEOUT,
+        )
+    except BaseException:
+        _forget_start_error(start)
+        raise
     return ticket
+
+
+def _forget_start_error(start: WithStartWorkflowOperation[Any, Any]) -> None:
+    """A failed update-with-start leaves its error on the start operation's handle as well, which no
+    one awaits here: asyncio then logs "Future exception was never retrieved" with a traceback (the
+    alert receiver's log, each time a report timed out while the worker was down). The error the
+    caller gets is the update's; this one is marked seen."""
+    started = getattr(start, "_workflow_handle", None)  # the SDK's future (temporalio 1.35)
+    if isinstance(started, asyncio.Future) and started.done() and not started.cancelled():
+        started.exception()
 
 
 async def _wait_for_incident(
