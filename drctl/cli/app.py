@@ -12,8 +12,24 @@ import os
 import sys
 
 import typer
+from temporalio.client import RPCTimeoutOrCancelledError
+from temporalio.service import RPCError
 
 from drctl.cli import audit, budget, drills, failover, policy, reconcile, runbooks, stack, status, trace
+
+
+def temporal_failure(exc: RPCTimeoutOrCancelledError | RPCError) -> str:
+    """What a Temporal call that failed after the connection means to an operator. A call that timed
+    out waits for drctl's worker (an Update is answered by the workflow, so by a worker): with none
+    polling, a report to a guardian times out after 10 s."""
+    if isinstance(exc, RPCTimeoutOrCancelledError):
+        return (
+            "Temporal did not answer in time: no drctl worker may be running "
+            "(`drctl status` shows it; `drctl up` restarts it). A report may still be recorded and "
+            "acted on once a worker runs; `drctl audit` shows what ran."
+        )
+    return f"Temporal refused the call: {exc.message or exc} (status {exc.status.name})"
+
 
 app = typer.Typer(
     help="drctl: disaster recovery for GPU model-inference fleets (failover runbooks as Temporal workflows).",
@@ -44,6 +60,10 @@ def main() -> None:
     try:
         app()
         code = 0
+    except (RPCTimeoutOrCancelledError, RPCError) as exc:
+        # Temporal answered the connection but not the call: said in one line, not a traceback.
+        print(f"error: {temporal_failure(exc)}", file=sys.stderr)
+        code = 1
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

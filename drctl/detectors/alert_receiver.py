@@ -62,7 +62,7 @@ from temporalio.api.common.v1 import WorkflowType
 from temporalio.api.enums.v1 import WorkflowIdConflictPolicy, WorkflowIdReusePolicy
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import StartWorkflowExecutionRequest
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, RPCTimeoutOrCancelledError, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.converter import encode_search_attributes
 from temporalio.service import RPCError, RPCStatusCode
@@ -386,7 +386,9 @@ class AlertReceiver:
             if isinstance(outcome, AlertResult):
                 results.append(outcome)
             elif isinstance(outcome, Exception):
-                if not isinstance(outcome, RPCError | RuntimeError | TimeoutError):  # not Temporal's: a bug
+                # Temporal down, or up without a worker to answer the guardian's Update in time:
+                # said in the alert_temporal_error event below, and Alertmanager delivers again.
+                if not isinstance(outcome, RPCError | RPCTimeoutOrCancelledError | RuntimeError | TimeoutError):
                     log.error("alerts[%d]: unexpected error", plan.index, exc_info=outcome)
                 detail = f"{type(outcome).__name__}: {outcome}"
                 failures.append(f"alerts[{plan.index}] ({plan.workflow_id}): {detail}")
