@@ -153,6 +153,8 @@ class LocalStack:
         self._wake: dict[str, asyncio.Event] = {}
         self._worker_check: asyncio.Task[None] | None = None
         self._prometheus_binary = "prometheus"
+        self._not_ours = False
+        """Another ``drctl up`` runs on this state folder (:meth:`stop_leftovers`): nothing to stop."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -198,6 +200,12 @@ class LocalStack:
         self.say(f"stack up in {time.monotonic() - started:.1f}s")
 
     async def stop(self) -> None:
+        """Stop every part and model instance of this stack (the ``finally`` of ``drctl up``). Nothing,
+        when :meth:`start` found another ``drctl up`` running on the state folder: its fleet, parts
+        and stack file are not this one's (a refused second ``drctl up`` stopped them all)."""
+        if self._not_ours:
+            await self.platform.close()
+            return
         self.say("stopping…")
         await self._cancel_restarts()
         for name in ["prometheus", "prober", "alert_receiver", *self.node_agent_ports]:
@@ -372,6 +380,7 @@ class LocalStack:
             info = {}
         supervisor = info.get("supervisor_pid")
         if supervisor != os.getpid() and _runs_drctl(supervisor):
+            self._not_ours = True
             raise StackError(
                 f"`drctl up` (pid {supervisor}) is running on {self.layout.root}; stop it first (Ctrl-C there)"
             )

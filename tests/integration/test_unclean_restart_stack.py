@@ -50,6 +50,18 @@ async def test_unclean_stop_adopts_live_instances_and_fails_over_dead_ones(
         left = json.loads(layout.stack_file.read_text())["pids"]
         before = InstanceRegistry(layout.instances_file).load()
 
+        # A second `drctl up` on the same folder is refused, and touches nothing of the running one
+        # (it used to stop every model instance and remove the stack file on its way out).
+        second = await asyncio.create_subprocess_exec(
+            *command, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        said_second = (await asyncio.wait_for(second.communicate(), 60))[0].decode()
+        assert second.returncode == 1 and f"`drctl up` (pid {up}) is running" in said_second, said_second
+        assert "stopping" not in said_second and "Traceback" not in said_second, said_second
+        assert layout.stack_file.exists()
+        assert all(processes.is_alive(i.pid) for i in before.values() if i.pid is not None)
+        assert all(processes.is_alive(pid) for pid in left.values())
+
         # The supervisor dies hard: everything it started runs on, orphaned.
         os.kill(up, signal.SIGKILL)
         assert all(processes.is_alive(pid) for pid in left.values())
