@@ -64,6 +64,8 @@ class FakeEngine:
     port: int = 0
     down: bool = False
     """The instance fails its health check (503) and Envoy's active health check says so."""
+    served_by: str = INSTANCE
+    """Who answers a completion sent through "Envoy" (one with the ``model-name`` header)."""
 
     def paths(self, *, admin: bool = False) -> list[str]:
         return [f"{c.method} {c.path}" for c in self.calls if admin or c.path != "/clusters"]
@@ -81,7 +83,9 @@ class FakeEngine:
             listed = self.paths().count("GET /v1/models") > self.listed_after
             return web.json_response({"object": "list", "data": [{"id": MODEL}] if listed else []})
         if route == ("POST", "/v1/completions"):
-            return web.json_response({"object": "text_completion", "model": body["model"], "choices": [{"text": "x"}]})
+            answer = {"object": "text_completion", "model": body["model"], "choices": [{"text": "x"}]}
+            via_lb = request.headers.get("model-name") is not None
+            return web.json_response(answer, headers={"x-drctl-instance": self.served_by} if via_lb else None)
         if route == ("GET", "/clusters"):
             host = {
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
@@ -216,6 +220,19 @@ async def test_verify_sends_a_one_token_completion_through_the_load_balancer(
     (completion,) = [c for c in server.calls if c.path == "/v1/completions"]
     assert completion.method == "POST" and completion.model_header == MODEL  # routes by header or body
     assert completion.body == {"model": MODEL, "prompt": "drctl verify", "max_tokens": 1}
+
+
+async def test_verify_checks_the_instance_itself_when_another_answered_through_the_load_balancer(
+    platform: LocalPlatform, server: FakeEngine
+) -> None:
+    """The instance it replaces still serves until this one is verified (a zone failover of a zone
+    that is up): Envoy's answer from it says nothing of the promoted one, which is then asked itself."""
+    server.served_by = "m-9"
+    detail = await platform.verify(record(platform, server, Role.SERVING).to_instance(), lambda _f, _s: None)
+    assert "(served by m-9), and m-0 itself 200" in detail
+    via_lb, direct = [c for c in server.calls if c.path == "/v1/completions"]
+    assert via_lb.model_header == MODEL and direct.model_header is None
+    assert direct.body == {"model": MODEL, "prompt": "drctl verify", "max_tokens": 1}
 
 
 async def test_verify_fails_the_instance_once_it_fails_its_own_probes_as_long_as_the_prober_would_wait(

@@ -346,10 +346,14 @@ class LocalPlatform:
     async def verify(self, instance: Instance, progress: ProgressCallback) -> str:
         """A real one-token completion through Envoy succeeds (OpenAI's ``POST /v1/completions``,
         the model in the body and in the ``model-name`` header, so it routes by either), and Envoy
-        counts the instance healthy at priority 0."""
+        counts the instance healthy at priority 0. When another instance answered through Envoy (the
+        one it replaces still serves until it is verified: a zone failover of a zone that is up, a
+        drain), the same completion is also sent to the instance itself, so what is verified is the
+        promoted instance serving, not only the model."""
         call = self._engine(instance.model).completion(instance.model, prompt="drctl verify")
         url = f"{self.settings.lb_url}{call.path}"
-        port = self._local(instance).port
+        local = self._local(instance)
+        port = local.port
         start = time.monotonic()
         last = "not tried"
         pause = VERIFY_FIRST_PAUSE_S
@@ -365,8 +369,16 @@ class LocalPlatform:
                         call.method, url, json=call.json, headers={MODEL_HEADER: instance.model}, timeout=5.0
                     )
                     if response.status_code == 200 and response.json().get("model") == instance.model:
-                        served_by = response.headers.get("x-drctl-instance", "?")
-                        return f"{call.path} via LB 200 (served by {served_by}); Envoy: healthy at priority 0"
+                        served_by = response.headers.get(envoy.INSTANCE_HEADER, "?")
+                        itself = ""
+                        if served_by != instance.id:
+                            direct = await self._http.request(
+                                call.method, self._url(local, call.path), json=call.json, timeout=5.0
+                            )
+                            if direct.status_code != 200 or direct.json().get("model") != instance.model:
+                                raise ValueError(f"{instance.id} itself answered {direct.status_code}")
+                            itself = f", and {instance.id} itself 200"
+                        return f"{call.path} via LB 200 (served by {served_by}){itself}; Envoy: healthy at priority 0"
                     last = f"{call.path} via LB {response.status_code}: {response.text[:200]}"
             except (httpx.HTTPError, ValueError, LookupError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
