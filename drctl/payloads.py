@@ -34,6 +34,9 @@ class Trigger(StrEnum):
     PROBE = "probe"
     DRILL = "drill"
     GPU_HEALTH = "gpu-health"
+    ZONE_FAILOVER = "zone-failover"
+    """A zone failover's report of a serving instance of its zone (whoever started the zone failover:
+    the zone checks, an alert, the CLI); before, these were recorded as ``alert``."""
 
 
 class Role(StrEnum):

@@ -268,7 +268,7 @@ def _reports(
             request=FailoverRequest(
                 model=i.model,
                 instance=i.id,
-                trigger=Trigger.ALERT,
+                trigger=Trigger.ZONE_FAILOVER,
                 confirmed=True,
                 reason=reason,
                 prefer_zone=policy.az_failover.standby_zone,

@@ -4,6 +4,7 @@ fail over (critical first), and with requireApproval nothing moves before the ap
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 from temporalio import activity
@@ -18,6 +19,7 @@ from drctl.payloads import (
     ReportBatch,
     Role,
     RunbookOutcomes,
+    Trigger,
     ZoneApproval,
     ZoneFailoverRequest,
     ZoneFailoverResult,
@@ -216,11 +218,17 @@ async def test_a_zone_fails_over_under_one_lease_max_parallel_at_a_time(
         assert sorted(promotes) == ["extra-0-1", "llama-2-7b-1"]
         fleet.promote_gate.set()
         result = await handle.result()
-        scheduled = [
-            event.activity_task_scheduled_event_attributes.activity_type.name
+        scheduled_events = [
+            event.activity_task_scheduled_event_attributes
             async for event in handle.fetch_history_events()
             if event.HasField("activity_task_scheduled_event_attributes")
         ]
+        scheduled = [attrs.activity_type.name for attrs in scheduled_events]
+        (reported,) = [
+            a.input.payloads[0] for a in scheduled_events if a.activity_type.name == ActivityName.REPORT_AND_AWAIT
+        ]
+        # The runbooks it opens say so in the audit (they read `alert` before).
+        assert {r["request"]["trigger"] for r in json.loads(reported.data)["reports"]} == {Trigger.ZONE_FAILOVER}
         # Handed back before the zone failover asked for reconciliation (an Update, not a signal):
         # the budget holds it no more the moment the zone failover has ended.
         after = await budget_state(client, queue)
