@@ -20,10 +20,11 @@ from typing import Annotated
 
 import typer
 
-from drctl.cli.common import PolicyOption, StateOption, fail, make_settings, out, show, with_policy
+from drctl.cli.common import EXIT_BAD_INPUT, PolicyOption, StateOption, fail, make_settings, out, show, with_policy
 from drctl.cli.policy_path import PolicyNotFound, find_policy
 from drctl.cli.render import dot, summary_panel
 from drctl.cli.status import status_rows
+from drctl.policies.schema import DRPolicy
 from drctl.workers.binaries import MissingBinaryError
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -76,6 +77,7 @@ def up(
             prometheus_binary()  # before anything starts (or is removed by --fresh)
         except MissingBinaryError as exc:
             fail(str(exc))
+    _check_alert_tokens(dr_policy)
 
     def say(line: str) -> None:
         show([dot(line)])
@@ -120,6 +122,25 @@ def up(
         asyncio.run(run())
     except (StackError, MissingBinaryError) as exc:
         fail(str(exc))
+
+
+def _check_alert_tokens(dr_policy: DRPolicy) -> None:
+    """Alert tokens the receiver would refuse (both variables set, an unreadable file, a tenant the
+    policy lacks) stop ``drctl up`` before anything starts (exit 2). Before, the stack came up
+    saying "alert receiver on …" while the receiver exited at once and was restarted every 10 s,
+    the reason only in its log."""
+    from pydantic import ValidationError
+
+    from drctl.detectors.alert_receiver import AlertReceiverSettings, check_token_tenants, load_tokens
+    from drctl.detectors.alerts import TokenError
+    from drctl.workers.stack import alert_tokens_configured
+
+    if not alert_tokens_configured():
+        return  # no receiver to start
+    try:
+        check_token_tenants(load_tokens(AlertReceiverSettings()), dr_policy)
+    except (TokenError, ValidationError) as exc:
+        fail(f"alert receiver: {exc}", EXIT_BAD_INPUT)
 
 
 def worker(log_format: LogFormatOption = None) -> None:
