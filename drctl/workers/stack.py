@@ -807,6 +807,8 @@ def supervision_lines(layout: StateLayout) -> list[str]:
         state = part.get("state", "up")
         if state == "up" and not processes.is_alive(part.get("pid")):
             state = "down"
+        elif state == "up" and processes.is_stopped(part.get("pid")):
+            state = "stopped (SIGSTOP: it does nothing until SIGCONT)"  # alive, so not restarted
         line = f"{name}: {state} (pid {part.get('pid')})"
         if part.get("restarts"):
             line += f", restarted {part['restarts']}\N{MULTIPLICATION SIGN}"

@@ -123,6 +123,24 @@ def test_status_lines_show_each_part_and_its_restarts(layout: StateLayout) -> No
     ]
 
 
+def test_a_stopped_part_is_not_called_up(layout: StateLayout) -> None:
+    """A SIGSTOPped worker is alive (the supervisor does not restart it) but does nothing."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not processes.is_stopped(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        _write(layout, os.getpid(), {"worker": {"pid": child.pid, "state": "up", "restarts": 0}})
+        assert supervision_lines(layout) == [
+            f"worker: stopped (SIGSTOP: it does nothing until SIGCONT) (pid {child.pid})"
+        ]
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_status_lines_when_drctl_up_is_not_running(layout: StateLayout) -> None:
     assert supervision_lines(layout) == ["drctl up: not running (no stack file)"]
     gone = _dead_pid()
