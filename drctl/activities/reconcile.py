@@ -342,7 +342,11 @@ class ReconcileActivities:
             return StepReport(
                 detail="no reconcile schedule (drctl up creates it); not replenished", duration_ms=_elapsed_ms(start)
             )
-        return StepReport(detail=f"reconciliation triggered for {ref.model}'s standbys", duration_ms=_elapsed_ms(start))
+        # The pass replenishes every model, not only the one named (a zone failover names its first):
+        # "triggered for llama-2-7b's standbys" after a zone failover read as the only model seen to.
+        return StepReport(
+            detail="reconciliation triggered: a pass over every model's standbys", duration_ms=_elapsed_ms(start)
+        )
 
 
 @activity.defn(name=ActivityName.AWAIT_RECONCILE_PASS)

@@ -467,10 +467,14 @@ def plan_notification(notification: WebhookNotification, policy: DRPolicy, tenan
     if bad:
         raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid alert labels", bad)
     if unknown:
-        known = ", ".join(policy.model_names[:20]) + (" …" if len(policy.models) > 20 else "")
-        raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, f"unknown model or GPU (the policy has: {known})", unknown)
+        if any("unknown model" in line for line in unknown):
+            known = ", ".join(policy.model_names[:20]) + (" …" if len(policy.models) > 20 else "")
+            summary = f"unknown model, GPU or zone (the policy's models: {known})"
+        else:  # each line names what is known of its GPU or zone
+            summary = "unknown GPU or zone"
+        raise Rejection(HTTPStatus.UNPROCESSABLE_ENTITY, summary, unknown)
     if forbidden:
-        raise Rejection(HTTPStatus.FORBIDDEN, "alerts about another tenant's models", forbidden)
+        raise Rejection(HTTPStatus.FORBIDDEN, "alerts this token may not send", forbidden)
     return [_plan_alert(i, alert, tenant) for i, alert in enumerate(notification.alerts)]
 
 

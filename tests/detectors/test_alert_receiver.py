@@ -68,6 +68,8 @@ from drctl.payloads import (
 from drctl.policies.schema import DRPolicy
 from drctl.temporal import incidents as temporal_incidents
 from drctl.temporal.incidents import guardian_state, report_failure
+from drctl.temporal.search_attributes import register_search_attributes
+from drctl.workers.binaries import find_binary
 from drctl.workflows.guardian import ModelGuardianWorkflow
 
 TOKEN_A = "team-a-0123456789abcdef0123456789"
@@ -697,20 +699,26 @@ async def test_temporal_failure_answers_503_so_alertmanager_retries() -> None:
 
 
 async def test_a_guardian_no_worker_answers_in_time_is_503_without_a_traceback(
-    time_skipping_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Temporal up, drctl's worker down (killed, restarting): the report's Update times out. That is
     Temporal's failure, answered 503 for Alertmanager to deliver again, not logged as a bug."""
     monkeypatch.setattr(temporal_incidents, "RPC_TIMEOUT", timedelta(seconds=1))
-    app = await build_app(time_skipping_env.client, POLICY, TOKENS, task_queue=f"no-worker-{uuid.uuid4()}")
-    runner, url = await serve(app)
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            response = await http.post(
-                "/alerts", json=notification(instance_alert()), headers={"Authorization": f"Bearer {TOKEN_A}"}
-            )
-    finally:
-        await runner.cleanup()
+    # The dev server drctl runs (the time-skipping test server, skipping time, failed the Update
+    # otherwise than by the client's time-out, now and then).
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=find_binary("temporal"), data_converter=pydantic_data_converter
+    ) as env:
+        await register_search_attributes(env.client, "default")
+        app = await build_app(env.client, POLICY, TOKENS, task_queue=f"no-worker-{uuid.uuid4()}")
+        runner, url = await serve(app)
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                response = await http.post(
+                    "/alerts", json=notification(instance_alert()), headers={"Authorization": f"Bearer {TOKEN_A}"}
+                )
+        finally:
+            await runner.cleanup()
     assert response.status_code == 503
     [result] = response.json()["alerts"]
     assert result["action"] == "error" and "Timeout" in result["detail"]
