@@ -54,7 +54,12 @@ def audit(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="only this model")] = None,
     outcome: Annotated[
-        str | None, typer.Option(help="only this outcome: " + ", ".join(o.value for o in FailoverOutcome))
+        str | None,
+        typer.Option(
+            help="only this outcome: "
+            + ", ".join(o.value for o in FailoverOutcome)
+            + " (plans, from --plan, are listed only with --outcome planned)"
+        ),
     ] = None,
     since: Annotated[str | None, typer.Option(help="only failovers started within this long, e.g. 1h, 30m, 7d")] = None,
     limit: Annotated[int, typer.Option(help="at most this many rows")] = 50,
@@ -140,6 +145,10 @@ def audit_query(model: str | None, outcome: str | None, since: str | None, now: 
             clauses.append(f"({SearchAttr.OUTCOME} = '{outcome}' OR ExecutionStatus = 'Failed')")
         else:
             clauses.append(f"{SearchAttr.OUTCOME} = '{outcome}'")
+    else:
+        # A plan (`drctl failover --plan`) changed nothing: not a failover, unless asked for. A run
+        # that failed before recording an outcome has none, and is listed.
+        clauses.append(f"({SearchAttr.OUTCOME} != '{FailoverOutcome.PLANNED}' OR {SearchAttr.OUTCOME} IS NULL)")
     if since:
         clauses.append(_since_clause(since, now))
     return " AND ".join(clauses)

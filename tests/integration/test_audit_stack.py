@@ -90,5 +90,15 @@ async def test_bad_input_from_the_ui_fails_with_one_line_and_shows_in_the_audit(
     assert handle.id in [r["workflow_id"] for r in json.loads(failed.stdout)]
     shown = _cli(local_stack, "audit", "show", handle.id)
     assert "invalid FailoverRequest" in shown.stdout and "Traceback" not in shown.stderr
+    # A plan changed nothing: not among the failovers, unless asked for.
+    [serving] = [i.id for i in local_stack.platform.registry.of_model(MODEL) if i.role == Role.SERVING]
+    planned = _cli(local_stack, "failover", MODEL, serving, "--plan", "--json")
+    assert planned.returncode == 0, planned.stderr
+    await asyncio.sleep(1.5)
+    plans = [r for r in json.loads(_cli(local_stack, "audit", "--outcome", "planned", "--json").stdout)]
+    assert plans and all(r["outcome"] == "planned" for r in plans)
+    default = json.loads(_cli(local_stack, "audit", "--json").stdout)
+    assert handle.id in [r["workflow_id"] for r in default]  # no outcome recorded: still listed
+    assert not {r["workflow_id"] for r in plans} & {r["workflow_id"] for r in default}
     missing = _cli(local_stack, "audit", "show", "no-such-run")
     assert missing.returncode == 1 and missing.stderr.strip() == "error: no workflow 'no-such-run'"
