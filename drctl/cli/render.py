@@ -179,7 +179,9 @@ def result_lines(result: FailoverResult) -> Lines:
 
 def plan_budget_lines(result: FailoverResult, budget: BudgetState | None) -> Lines:
     """After a ``--plan``: the steps in order, and the budget the failover would take a lease of."""
-    lines: Lines = [Text("would run, in order: " + (" → ".join(result.plan) or "nothing"))]
+    if not result.plan:  # nothing to change (a healthy instance, nothing to promote): no lease either
+        return [Text("would run: nothing (nothing to change), and take no lease of the budget")]
+    lines: Lines = [Text("would run, in order: " + " → ".join(result.plan))]
     if budget is not None:
         lines.append(
             Text(

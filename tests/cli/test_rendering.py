@@ -72,3 +72,20 @@ def test_other_bad_input_with_brackets_is_exit_2_with_the_value_shown(runner: Cl
     assert result.exit_code == 2, result.output
     value = next(a for a in args if "[" in a)
     assert repr(value) in _output(result) and "Traceback" not in result.output
+
+
+def test_a_plan_with_nothing_to_do_takes_no_lease() -> None:
+    """``failover --plan`` of a healthy instance said "would run: nothing", then that it would take
+    a lease of the budget."""
+    from datetime import UTC, datetime
+
+    from drctl.cli.render import plan_budget_lines
+    from drctl.payloads import FailoverOutcome, FailoverResult
+
+    empty = FailoverResult(model="m", instance="m-0", outcome=FailoverOutcome.PLANNED, started_at=datetime.now(UTC))
+    lines = [str(line) for line in plan_budget_lines(empty, None)]
+    assert lines == ["would run: nothing (nothing to change), and take no lease of the budget"]
+    steps = empty.model_copy(update={"plan": ["promote m-1", "register m-1"]})
+    lines = [str(line) for line in plan_budget_lines(steps, None)]
+    assert lines[0] == "would run, in order: promote m-1 → register m-1"
+    assert lines[-1] == "this failover would take one lease of the budget"
