@@ -276,6 +276,9 @@ def audit_table(query: str, rows: list[dict[str, object]]) -> Table:
             *(cell(row[k] or "-") for k in ("model", "instance", "trigger", "outcome", "tier", "rto_ms", "status")),
             cell(row["workflow_id"]),
         )
+    if not rows:
+        table.caption = "no failover matches (none has run yet, or the filters leave none)"
+        table.caption_justify = "left"
     return table
 
 

@@ -89,3 +89,13 @@ def test_a_plan_with_nothing_to_do_takes_no_lease() -> None:
     lines = [str(line) for line in plan_budget_lines(steps, None)]
     assert lines[0] == "would run, in order: promote m-1 → register m-1"
     assert lines[-1] == "this failover would take one lease of the budget"
+
+
+def test_an_empty_audit_says_so() -> None:
+    from rich.console import Console
+
+    from drctl.cli.render import audit_table
+
+    console = Console(width=200, record=True)
+    console.print(audit_table("WorkflowType = 'FailoverWorkflow'", []))
+    assert "no failover matches" in console.export_text()
