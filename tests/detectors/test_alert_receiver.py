@@ -677,19 +677,24 @@ async def test_healthz_is_503_when_temporal_is_unreachable() -> None:
     assert response.json()["status"] == "unavailable"
 
 
+async def _one_alert_posted(app: web.Application) -> httpx.Response:
+    """The answer to one instance alert posted to ``app``, served for it alone."""
+    runner, url = await serve(app)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await http.post(
+                "/alerts", json=notification(instance_alert()), headers={"Authorization": f"Bearer {TOKEN_A}"}
+            )
+    finally:
+        await runner.cleanup()
+
+
 async def test_temporal_failure_answers_503_so_alertmanager_retries() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     client = await Client.connect(f"127.0.0.1:{port}", lazy=True, data_converter=pydantic_data_converter)
-    runner, url = await serve(await build_app(client, POLICY, TOKENS))
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            response = await http.post(
-                "/alerts", json=notification(instance_alert()), headers={"Authorization": f"Bearer {TOKEN_A}"}
-            )
-    finally:
-        await runner.cleanup()
+    response = await _one_alert_posted(await build_app(client, POLICY, TOKENS))
     assert response.status_code == 503
     body = response.json()
     assert body["error"].startswith("Temporal failed; retry")
@@ -710,15 +715,9 @@ async def test_a_guardian_no_worker_answers_in_time_is_503_without_a_traceback(
         dev_server_existing_path=find_binary("temporal"), data_converter=pydantic_data_converter
     ) as env:
         await register_search_attributes(env.client, "default")
-        app = await build_app(env.client, POLICY, TOKENS, task_queue=f"no-worker-{uuid.uuid4()}")
-        runner, url = await serve(app)
-        try:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-                response = await http.post(
-                    "/alerts", json=notification(instance_alert()), headers={"Authorization": f"Bearer {TOKEN_A}"}
-                )
-        finally:
-            await runner.cleanup()
+        response = await _one_alert_posted(
+            await build_app(env.client, POLICY, TOKENS, task_queue=f"no-worker-{uuid.uuid4()}")
+        )
     assert response.status_code == 503
     [result] = response.json()["alerts"]
     assert result["action"] == "error" and "Timeout" in result["detail"]

@@ -246,24 +246,34 @@ async def test_failures_in_a_zone_handed_to_its_failover_are_held_until_it_ends(
             del instances["llama-2-7b-1"]  # the failover moved it (ejected): nothing left to report
         await prober.tick(time.monotonic())
         ended.set_exception(RuntimeError("zone failover failed"))  # ended, whatever the outcome
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if len(guardians.reported) == 2:
-                break
+        await _until_reported(guardians, 2)
         assert sorted(r.instance for r in guardians.reported) == ["llama-2-7b-2", "llama-2-7b-3"]
         assert prober.unreported == {} and prober.held_for_zone_failover() == []
     finally:
         await prober.aclose()
 
 
-async def test_a_zone_failover_that_runs_too_long_no_longer_holds_the_reports(tmp_path: Path) -> None:
+def _prober_of_one_serving_instance_in_az_1(tmp_path: Path, guardians: Guardians) -> Prober:
+    """A prober watching ``llama-2-7b-1``, serving in az-1, whose process is gone (pid None)."""
     registry = InstanceRegistry(tmp_path / "instances.json")
     with registry.edit() as instances:
         instances["llama-2-7b-1"] = LocalInstance(
             id="llama-2-7b-1", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
         )
+    return Prober(POLICY, registry, guardians.report)
+
+
+async def _until_reported(guardians: Guardians, count: int) -> None:
+    """Until ``count`` reports went out (the prober reports in the background), at most 0.5 s."""
+    for _ in range(50):
+        if len(guardians.reported) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_zone_failover_that_runs_too_long_no_longer_holds_the_reports(tmp_path: Path) -> None:
     guardians = Guardians()
-    prober = Prober(POLICY, registry, guardians.report)
+    prober = _prober_of_one_serving_instance_in_az_1(tmp_path, guardians)
     never: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     try:
         prober.hand_zone_over("az-1", never, at_most_s=0.2)
@@ -279,13 +289,8 @@ async def test_a_zone_failover_that_runs_too_long_no_longer_holds_the_reports(tm
 
 
 async def test_the_end_of_an_earlier_zone_failover_does_not_end_a_later_ones_hold(tmp_path: Path) -> None:
-    registry = InstanceRegistry(tmp_path / "instances.json")
-    with registry.edit() as instances:
-        instances["llama-2-7b-1"] = LocalInstance(
-            id="llama-2-7b-1", model="llama-2-7b", role=Role.SERVING, port=1, zone="az-1"
-        )
     guardians = Guardians()
-    prober = Prober(POLICY, registry, guardians.report)
+    prober = _prober_of_one_serving_instance_in_az_1(tmp_path, guardians)
     loop = asyncio.get_running_loop()
     first: asyncio.Future[object] = loop.create_future()
     second: asyncio.Future[object] = loop.create_future()
@@ -297,10 +302,7 @@ async def test_the_end_of_an_earlier_zone_failover_does_not_end_a_later_ones_hol
         await settle(prober)
         assert guardians.reported == [] and prober.held_for_zone_failover() == ["llama-2-7b-1"]
         second.set_result(None)
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if guardians.reported:
-                break
+        await _until_reported(guardians, 1)
         assert [r.instance for r in guardians.reported] == ["llama-2-7b-1"]
     finally:
         await prober.aclose()
