@@ -57,6 +57,16 @@ class RawServer:
 
 
 @pytest.fixture
+async def client() -> AsyncIterator[ProbeClient]:
+    """The prober's client, closed after the test (before the servers it talked to)."""
+    made = ProbeClient()
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+@pytest.fixture
 async def raw() -> AsyncIterator[RawServer]:
     made = RawServer()
     made.server = await asyncio.start_server(made.handle, HOST, 0)
@@ -69,53 +79,39 @@ async def raw() -> AsyncIterator[RawServer]:
             writer.close()
 
 
-async def test_answers_reuse_one_connection(raw: RawServer) -> None:
-    client = ProbeClient()
-    try:
-        for _ in range(5):
-            assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
-        assert raw.connections == 1
-        assert await client.get(raw.address, "/chunked", 1.0) == (503, b"hello world")
-        assert raw.connections == 1
-    finally:
-        await client.aclose()
-
-
-async def test_a_closing_answer_is_read_and_the_next_probe_connects_again(raw: RawServer) -> None:
-    client = ProbeClient()
-    try:
-        assert await client.get(raw.address, "/close", 1.0) == (200, b"ok")
+async def test_answers_reuse_one_connection(raw: RawServer, client: ProbeClient) -> None:
+    for _ in range(5):
         assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
-        assert raw.connections == 2
-    finally:
-        await client.aclose()
+    assert raw.connections == 1
+    assert await client.get(raw.address, "/chunked", 1.0) == (503, b"hello world")
+    assert raw.connections == 1
 
 
-async def test_a_hung_server_misses_the_deadline_and_its_connection_is_not_reused(raw: RawServer) -> None:
-    client = ProbeClient()
-    try:
-        began = time.monotonic()
-        with pytest.raises(ProbeError, match="TimeoutError"):
-            await client.get(raw.address, "/hang", 0.2)
-        assert 0.15 < time.monotonic() - began < 1.0
-        assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
-        assert raw.connections == 2
-    finally:
-        await client.aclose()
+async def test_a_closing_answer_is_read_and_the_next_probe_connects_again(raw: RawServer, client: ProbeClient) -> None:
+    assert await client.get(raw.address, "/close", 1.0) == (200, b"ok")
+    assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
+    assert raw.connections == 2
 
 
-async def test_refused_and_garbage_are_probe_errors(raw: RawServer) -> None:
-    client = ProbeClient()
-    try:
-        with pytest.raises(ProbeError, match="not an HTTP"):
-            await client.get(raw.address, "/garbage", 1.0)
-        assert raw.server is not None
-        raw.server.close()
-        await raw.server.wait_closed()
-        with pytest.raises(ProbeError):
-            await client.get(raw.address, "/len", 1.0)
-    finally:
-        await client.aclose()
+async def test_a_hung_server_misses_the_deadline_and_its_connection_is_not_reused(
+    raw: RawServer, client: ProbeClient
+) -> None:
+    began = time.monotonic()
+    with pytest.raises(ProbeError, match="TimeoutError"):
+        await client.get(raw.address, "/hang", 0.2)
+    assert 0.15 < time.monotonic() - began < 1.0
+    assert await client.get(raw.address, "/len", 1.0) == (200, b'{"status":"ok"}')
+    assert raw.connections == 2
+
+
+async def test_refused_and_garbage_are_probe_errors(raw: RawServer, client: ProbeClient) -> None:
+    with pytest.raises(ProbeError, match="not an HTTP"):
+        await client.get(raw.address, "/garbage", 1.0)
+    assert raw.server is not None
+    raw.server.close()
+    await raw.server.wait_closed()
+    with pytest.raises(ProbeError):
+        await client.get(raw.address, "/len", 1.0)
 
 
 class _Answering(BaseHTTPRequestHandler):
@@ -155,42 +151,34 @@ def _block_the_loop(seconds: float) -> None:
     asyncio.get_running_loop().call_soon(time.sleep, seconds)
 
 
-async def test_an_answer_that_came_in_time_while_the_loop_was_busy_is_not_a_timeout(threaded: str) -> None:
-    client = ProbeClient()
-    try:
-        assert await client.get(threaded, "/", 1.0) == (200, b"ok")  # connected: nothing to wait for next
-        # Past the deadline; the thread answers meanwhile, so the loop, once free, finds the answer
-        # and the expired deadline in the same turn (an answer there before the loop was blocked
-        # would be read first, and there would be nothing to test).
-        _block_the_loop(0.5)
-        assert await client.get(threaded, "/soon", 0.2) == (200, b"ok")
-        assert client.late_deadlines == 1
-    finally:
-        await client.aclose()
+async def test_an_answer_that_came_in_time_while_the_loop_was_busy_is_not_a_timeout(
+    threaded: str, client: ProbeClient
+) -> None:
+    assert await client.get(threaded, "/", 1.0) == (200, b"ok")  # connected: nothing to wait for next
+    # Past the deadline; the thread answers meanwhile, so the loop, once free, finds the answer
+    # and the expired deadline in the same turn (an answer there before the loop was blocked
+    # would be read first, and there would be nothing to test).
+    _block_the_loop(0.5)
+    assert await client.get(threaded, "/soon", 0.2) == (200, b"ok")
+    assert client.late_deadlines == 1
 
 
-async def test_a_hung_server_still_fails_when_the_loop_was_late_at_its_deadline(threaded: str) -> None:
-    client = ProbeClient()
-    try:
-        assert await client.get(threaded, "/", 1.0) == (200, b"ok")
-        began = time.monotonic()
-        _block_the_loop(0.5)
-        with pytest.raises(ProbeError, match="TimeoutError"):
-            await client.get(threaded, "/hang", 0.2)
-        # Late at the first deadline (0.5 s blocked), so one more timeout from there, not more.
-        assert 0.65 < time.monotonic() - began < 1.5
-        assert client.late_deadlines == 1
-    finally:
-        await client.aclose()
+async def test_a_hung_server_still_fails_when_the_loop_was_late_at_its_deadline(
+    threaded: str, client: ProbeClient
+) -> None:
+    assert await client.get(threaded, "/", 1.0) == (200, b"ok")
+    began = time.monotonic()
+    _block_the_loop(0.5)
+    with pytest.raises(ProbeError, match="TimeoutError"):
+        await client.get(threaded, "/hang", 0.2)
+    # Late at the first deadline (0.5 s blocked), so one more timeout from there, not more.
+    assert 0.65 < time.monotonic() - began < 1.5
+    assert client.late_deadlines == 1
 
 
-async def test_a_cancel_from_outside_is_not_turned_into_a_timeout(raw: RawServer) -> None:
-    client = ProbeClient()
-    try:
-        probe = asyncio.create_task(client.get(raw.address, "/hang", 0.2))
-        await asyncio.sleep(0.05)
-        probe.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await probe
-    finally:
-        await client.aclose()
+async def test_a_cancel_from_outside_is_not_turned_into_a_timeout(raw: RawServer, client: ProbeClient) -> None:
+    probe = asyncio.create_task(client.get(raw.address, "/hang", 0.2))
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
