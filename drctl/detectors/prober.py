@@ -140,11 +140,9 @@ class Prober:
         failure of the new one was never reported (it read as reported already)."""
         for instance in instances:
             now = (instance.address, instance.pid)
-            before = self._identity.get(instance.id)
-            self._identity[instance.id] = now
-            if before is not None and before != now:
+            if self._identity.get(instance.id, now) != now:
                 self._forget(instance.id)
-                self._identity[instance.id] = now
+            self._identity[instance.id] = now
 
     def _forget(self, instance_id: str) -> FailoverRequest | None:
         """Drop all the prober knows of ``instance_id``; returns its failure not yet reported, if any."""

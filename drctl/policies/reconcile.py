@@ -118,7 +118,7 @@ def plan_reconcile(
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    planner = _CountsPlanner(policy, instances, set(cordoned), highest_indexes or {})
+    planner = _CountsPlanner(policy, instances, set(cordoned), highest_indexes)
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
