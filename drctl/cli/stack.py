@@ -131,14 +131,14 @@ def _check_alert_tokens(dr_policy: DRPolicy) -> None:
     the reason only in its log."""
     from pydantic import ValidationError
 
-    from drctl.detectors.alert_receiver import AlertReceiverSettings, check_token_tenants, load_tokens
+    from drctl.detectors.alert_receiver import AlertReceiverSettings, checked_tokens
     from drctl.detectors.alerts import TokenError
     from drctl.workers.stack import alert_tokens_configured
 
     if not alert_tokens_configured():
         return  # no receiver to start
     try:
-        check_token_tenants(load_tokens(AlertReceiverSettings()), dr_policy)
+        checked_tokens(AlertReceiverSettings(), dr_policy)
     except (TokenError, ValidationError) as exc:
         fail(f"alert receiver: {exc}", EXIT_BAD_INPUT)
 

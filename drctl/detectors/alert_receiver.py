@@ -587,6 +587,14 @@ def _event(level: int, event: str, **fields: Any) -> None:
     log.log(level, json.dumps(record, default=str, sort_keys=False), extra={"drctl": record, **extra})
 
 
+def checked_tokens(settings: AlertReceiverSettings, policy: DRPolicy) -> TokenSet:
+    """The configured tokens, refused (``TokenError``) as the receiver refuses them at its start;
+    ``drctl up`` asks before it starts anything."""
+    tokens = load_tokens(settings)
+    check_token_tenants(tokens, policy)
+    return tokens
+
+
 def check_token_tenants(tokens: TokenSet, policy: DRPolicy) -> None:
     """A token for a tenant the policy lacks is a typo or a leftover: refuse to start."""
     unknown = tokens.tenants - {t.name for t in policy.tenants} - {PLATFORM_TENANT}
@@ -697,9 +705,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging(args.log_format)
     try:
-        tokens = load_tokens(settings)
         policy = load_policy_file(settings.policy)
-        check_token_tenants(tokens, policy)
+        tokens = checked_tokens(settings, policy)
     except (TokenError, PolicyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
