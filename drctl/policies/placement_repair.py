@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from drctl.payloads import Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan, Role
 from drctl.policies.placement import (
     SERVING_TIERS,
+    STANDBY_JUDGED,
     Allocation,
     GpuSlot,
     Placement,
@@ -197,12 +198,16 @@ class _PlacementRepair:
             return None  # never placed, or on a GPU gone from the pool: nothing to judge
         nodes, zones = self.domains[item.model.name]
         here = dr_request(item.model, member.id, member.tier, nodes, zones)
-        current = self.engine.penalty(here, member.gpu)
+        current = self.engine.penalty(here, member.gpu)[:STANDBY_JUDGED]
         if not any(current):
             return None
         if item.model.name not in self.lowest:
             anyone = dr_request(item.model, "", member.tier, nodes, zones)
-            ranked = [(p, s.id) for p, s in self.engine.penalties(anyone) if s.memory >= item.model.gpu_memory]
+            ranked = [
+                (p[:STANDBY_JUDGED], s.id)
+                for p, s in self.engine.penalties(anyone)
+                if s.memory >= item.model.gpu_memory
+            ]
             self.lowest[item.model.name] = sorted(ranked)
         for penalty, gpu in self.lowest[item.model.name]:  # (its own copy counts only on its own GPU, left out)
             if penalty >= current:
@@ -256,7 +261,7 @@ class _PlacementRepair:
         except PlacementError as exc:
             self.why_not[member.id] = exc.reason
             return None
-        if placement.preempted or self.engine.penalty(here, placement.gpu.id) >= current:
+        if placement.preempted or self.engine.penalty(here, placement.gpu.id)[:STANDBY_JUDGED] >= current:
             self.why_not[member.id] = no_better(placement, gpu)
             return None
         return placement

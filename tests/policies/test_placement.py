@@ -241,7 +241,14 @@ def penalty_of(
     if request.tier in SERVING_TIERS:
         on_node = sum(1 for a in serving if node_of[a.gpu] == slot.node)
         return (*key, on_node, sum(1 for a in serving if a.gpu == slot.id), int(bool(on)))
-    return (*key, int(any(a.tier in SERVING_TIERS for a in on)), int(any(a.model == request.model for a in on)))
+    standbys = [a for a in allocs if a.tier not in SERVING_TIERS and a.gpu in node_of]
+    return (
+        *key,
+        int(any(a.tier in SERVING_TIERS for a in on)),
+        int(any(a.model == request.model for a in on)),
+        sum(1 for a in standbys if node_of[a.gpu] == slot.node),
+        sum(1 for a in standbys if a.gpu == slot.id),
+    )
 
 
 def plain_options(step: Step, scenario: Scenario) -> dict[str, tuple[tuple[object, ...], bool]]:
@@ -342,7 +349,8 @@ def spread_scenarios(draw: st.DrawFn) -> Scenario:
 def test_spread_placement_is_the_best_feasible_gpu(scenario: Scenario) -> None:
     """With ``spread`` and ``avoid_zones``: the chosen GPU is the first feasible one by (penalty: a
     protected node, an avoided zone, then serving instances on the node and the GPU and a busy GPU
-    for a serving request, a serving instance or the model on the GPU for a standby; within cap;
+    for a serving request, a serving instance or the model on the GPU, then standbys on the node and
+    the GPU for a standby; within cap;
     fewest of the model in the zone; least left free; model cached; order). ``penalty`` agrees
     with the rules on every GPU, and a fresh ``place`` agrees with the incremental engine."""
     for step in run(scenario):
@@ -893,9 +901,14 @@ def test_penalty_judges_an_instance_where_it_stands_without_itself() -> None:
         DEFAULT,
     )
     here = replace(spread("m-1", 16, "cold", protects=frozenset({"a"})), avoid_zones=frozenset({"az-1"}))
-    # On the serving node and zone, beside a serving instance (its own model's, which counts once).
-    assert engine.penalty(here, "a/0") == (1, 1, 1, 1)
-    assert engine.penalty(here, "a/1") == (1, 1, 0, 0)
-    assert engine.penalty(here, "b/0") == (0, 0, 0, 0)
+    # On the serving node and zone, beside a serving instance (its own model's, which counts once);
+    # no other standby on the node or the GPU (its own allocation left out).
+    assert engine.penalty(here, "a/0") == (1, 1, 1, 1, 0, 0)
+    assert engine.penalty(here, "a/1") == (1, 1, 0, 0, 0, 0)
+    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 0, 0)
+    # Another model's standby on b/0: node b and GPU b/0 count it, b/1 only by its node.
+    engine.add(alloc("x-1", "b/0", 16, "hot", model="x"))
+    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 1, 1)
+    assert engine.penalty(here, "b/1") == (0, 0, 0, 0, 1, 0)
     with pytest.raises(PlacementError, match="not in the inventory"):
         engine.penalty(here, "z/9")
