@@ -73,6 +73,7 @@ over a changing state (reconciliation) should keep one and :meth:`~PlacementEngi
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Sequence
@@ -882,50 +883,32 @@ class PlacementEngine:
         with self._without(request.instance):
             return self._penalty(request, i)
 
-    def penalties(self, request: PlacementRequest) -> list[tuple[tuple[int, ...], GpuSlot]]:
-        """:meth:`penalty` of every GPU of the inventory, in GPU order (the same tuples, computed in
-        one loop: reconcile asks this of every model with a misplaced standby, over the whole pool)."""
+    def lowest_judged(
+        self, request: PlacementRequest, memory: int, count: int = 2
+    ) -> list[tuple[tuple[int, ...], str]]:
+        """The ``count`` lowest (judged penalty, GPU id) of the GPUs of at least ``memory``, lowest
+        first: a standby's :meth:`penalty` cut to its first :data:`STANDBY_JUDGED` components, what
+        placement repair judges it by. One loop over the pool, no sort: repair asks this of every
+        model with a standby beside a serving instance (at 1,000 models, most of them)."""
         with self._without(request.instance):
             protects, avoid = request.protects, request.avoid_zones
-            if not request.spread:
-                return [((int(slot.node in protects), int(slot.zone in avoid)), slot) for slot in self._slots]
-            spread = self._spread_use()
-            out: list[tuple[tuple[int, ...], GpuSlot]] = []
-            if request.tier in SERVING_TIERS:
-                node_serving = spread.node_serving
-                for i, slot in enumerate(self._slots):
-                    out.append(
-                        (
-                            (
-                                int(slot.node in protects),
-                                int(slot.zone in avoid),
-                                node_serving.get(slot.node, 0),
-                                spread.serving[i],
-                                int(spread.count[i] > 0),
-                            ),
-                            slot,
-                        )
-                    )
-                return out
+            serving = self._spread_use().serving
             gpus = self._model(request.model).gpus
             zone_of = self._zone_of
-            node_standby = spread.node_standby
-            for i, slot in enumerate(self._slots):
-                copies = gpus.get(zone_of[i], {}).get(i, 0)
-                out.append(
+            ranked = (
+                (
                     (
-                        (
-                            int(slot.node in protects),
-                            int(slot.zone in avoid),
-                            int(spread.serving[i] > 0),
-                            int(copies > 0),
-                            node_standby.get(slot.node, 0),
-                            spread.count[i] - spread.serving[i],
-                        ),
-                        slot,
-                    )
+                        int(slot.node in protects),
+                        int(slot.zone in avoid),
+                        int(serving[i] > 0),
+                        int(gpus.get(zone_of[i], {}).get(i, 0) > 0),
+                    ),
+                    slot.id,
                 )
-            return out
+                for i, slot in enumerate(self._slots)
+                if slot.memory >= memory
+            )
+            return heapq.nsmallest(count, ranked)
 
     def _penalty(self, request: PlacementRequest, i: int) -> tuple[int, ...]:
         slot = self._slots[i]

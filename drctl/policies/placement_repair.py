@@ -172,8 +172,9 @@ class _PlacementRepair:
     why_not: dict[str, str] = field(default_factory=dict)
     """Misplaced standby → why it was not moved (the last reason seen)."""
     lowest: dict[str, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)
-    """Per model, every usable GPU big enough by penalty (for a standby of the model, room or not):
-    whether the pool allows better than a place. Dropped whenever the pool changes."""
+    """Per model, the two usable GPUs big enough with the lowest judged penalty (for a standby of the
+    model, room or not): whether the pool allows better than a place. Dropped whenever the pool
+    changes."""
 
     def __post_init__(self) -> None:
         self.engine = self.engine_of(self.allocations)
@@ -203,12 +204,8 @@ class _PlacementRepair:
             return None
         if item.model.name not in self.lowest:
             anyone = dr_request(item.model, "", member.tier, nodes, zones)
-            ranked = [
-                (p[:STANDBY_JUDGED], s.id)
-                for p, s in self.engine.penalties(anyone)
-                if s.memory >= item.model.gpu_memory
-            ]
-            self.lowest[item.model.name] = sorted(ranked)
+            # The two lowest are enough: the member's own GPU is at most one of them.
+            self.lowest[item.model.name] = self.engine.lowest_judged(anyone, item.model.gpu_memory)
         for penalty, gpu in self.lowest[item.model.name]:  # (its own copy counts only on its own GPU, left out)
             if penalty >= current:
                 return None

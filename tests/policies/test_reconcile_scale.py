@@ -9,7 +9,7 @@ import pytest
 
 from bench.reconcile_bench import converge, policy_of, snapshot_of
 from drctl.payloads import FleetSnapshot, Instance, ReconcileActionKind, Role
-from drctl.policies.placement import PlacementEngine, assign_borrowed
+from drctl.policies.placement import STANDBY_JUDGED, PlacementEngine, assign_borrowed
 from drctl.policies.placement_repair import dr_request, remarked
 from drctl.policies.reconcile import (
     MAX_LISTED_VIOLATIONS,
@@ -40,8 +40,9 @@ def test_listed_keeps_the_first_lines_and_counts_the_rest() -> None:
     assert listed(lines, limit=20) == [*lines[:20], "... and 5 more like these"]
 
 
-def test_penalties_of_every_gpu_match_the_penalty_of_each() -> None:
-    """``penalties`` computes every GPU's penalty in one loop; it must agree with ``penalty``."""
+def test_lowest_judged_are_the_lowest_penalties_cut_to_what_repair_judges() -> None:
+    """``lowest_judged`` finds the two lowest judged penalties in one loop, without computing or
+    sorting every GPU's full penalty; it must agree with ``penalty`` of each GPU, cut and sorted."""
     policy = policy_of(MODELS)
     fleet, _ = converge(policy)
     inventory = usable_inventory(policy)
@@ -50,16 +51,19 @@ def test_penalties_of_every_gpu_match_the_penalty_of_each() -> None:
     serving_zone = {i.model: i.zone for i in fleet if i.role == Role.SERVING}
     checked = 0
     for model in policy.models[:15]:
-        for tier in (Role.SERVING, Role.HOT, Role.COLD):
-            nodes = frozenset({serving_node[model.name]} if tier != Role.SERVING else set())
-            zones = frozenset({serving_zone[model.name]} if tier != Role.SERVING else set())
-            request = dr_request(model, f"{model.name}-x", tier, nodes, zones)
-            fast = engine.penalties(request)
-            assert [slot.id for _, slot in fast] == [slot.id for slot in inventory]
-            for penalty, slot in fast:
-                assert penalty == engine.penalty(request, slot.id), (model.name, tier, slot.id)
-                checked += 1
-    assert checked == 15 * 3 * len(inventory)
+        for tier in (Role.HOT, Role.COLD):
+            request = dr_request(
+                model, "", tier, frozenset({serving_node[model.name]}), frozenset({serving_zone[model.name]})
+            )
+            every = sorted(
+                (engine.penalty(request, slot.id)[:STANDBY_JUDGED], slot.id)
+                for slot in inventory
+                if slot.memory >= model.gpu_memory
+            )
+            assert engine.lowest_judged(request, model.gpu_memory) == every[:2]
+            assert engine.lowest_judged(request, model.gpu_memory, count=5) == every[:5]
+            checked += 1
+    assert checked == 30
 
 
 def _zone_outage(policy: DRPolicy) -> FleetSnapshot:
