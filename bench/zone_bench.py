@@ -240,15 +240,20 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
 
             if args.profile and args.profile_from == "outage":
                 profiler = await start_profiler()
-            server_profiler = None
-            if args.perf_temporal:
-                # perf (linux-perf) samples the Temporal server (Go) through the same window.
-                server_profiler = await asyncio.create_subprocess_exec(
-                    "perf", "record", "-F", "499", "-g", "-p", str(stack.pids["temporal"]),
-                    "-o", str(Path(args.perf_temporal) / f"temporal-{models}.perf"),
+            perf_samplers: list[asyncio.subprocess.Process] = []
+            for part in args.perf_parts if args.perf else []:
+                # perf (linux-perf) samples a part (the Temporal server, the worker...) through the
+                # same window: native frames too, so the Go runtime's or CPython's GC shows.
+                perf_command = [
+                    "perf", "record", "-F", "499", "-g", "-p", str(stack.pids[part]),
+                    "-o", str(Path(args.perf) / f"{part}-{models}.perf"),
                     "--", "sleep", str(int(args.profile_s or args.timeout)),
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                )  # fmt: skip
+                ]  # fmt: skip
+                perf_samplers.append(
+                    await asyncio.create_subprocess_exec(
+                        *perf_command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+                    )
+                )
             up_pools = [p.pid for p in pools if p.name not in down_nodes]
             cpu_parts = {name: pid for name, pid in stack.pids.items() if name not in down_nodes}
             cpu_before = {name: cpu_s(pid) for name, pid in cpu_parts.items()}
@@ -285,7 +290,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 in_down = {i.model for i in fleet if i.zone == DOWN_ZONE and i.role in (Role.SERVING, Role.HOT)}
                 if done_s is not None and set(policy.model_names) <= (serving_up & hot_up) and not in_down:
                     back_s = now
-            for sampler in (profiler, server_profiler):
+            for sampler in (profiler, *perf_samplers):
                 if sampler is not None:
                     with contextlib.suppress(ProcessLookupError):  # --profile-s: it may have ended
                         sampler.send_signal(signal.SIGINT)  # both write what they have on SIGINT
@@ -469,7 +474,13 @@ def main() -> None:
     parser.add_argument("--runbooks-per-minute", type=int, default=None, help="budget.maxRunbooksPerMinute")
     parser.add_argument("--profile", default=None, help="folder for py-spy samples of the worker (raw format)")
     parser.add_argument("--profile-s", type=float, default=None, help="sample only this long after it started")
-    parser.add_argument("--perf-temporal", default=None, help="folder for a perf record of the Temporal server")
+    parser.add_argument("--perf", default=None, help="folder for perf records of --perf-parts through the outage")
+    parser.add_argument(
+        "--perf-parts",
+        nargs="+",
+        default=["temporal"],
+        help="the stack's parts perf samples with --perf (default: temporal; e.g. temporal worker)",
+    )
     parser.add_argument(
         "--profile-from",
         choices=("outage", "switch"),

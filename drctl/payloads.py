@@ -533,6 +533,8 @@ class ZoneFailbackResult(Payload):
     zone: str
     uncordoned_gpus: list[str] = Field(default_factory=list)
     reconcile: str = ""
+    plan: list[str] = Field(default_factory=list)
+    """With ``plan_only``: what the failback would do, one line per step; nothing changed."""
 
 
 def zone_failback_workflow_id(zone: str) -> str:

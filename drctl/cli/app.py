@@ -12,7 +12,8 @@ import os
 import sys
 
 import typer
-from temporalio.client import RPCTimeoutOrCancelledError
+from temporalio.client import RPCTimeoutOrCancelledError, WorkflowFailureError
+from temporalio.exceptions import FailureError
 from temporalio.service import RPCError
 
 from drctl.cli import audit, budget, drills, failover, policy, reconcile, runbooks, stack, status, trace
@@ -29,6 +30,15 @@ def temporal_failure(exc: RPCTimeoutOrCancelledError | RPCError) -> str:
             "acted on once a worker runs; `drctl audit` shows what ran."
         )
     return f"Temporal refused the call: {exc.message or exc} (status {exc.status.name})"
+
+
+def workflow_failure(exc: WorkflowFailureError) -> str:
+    """A runbook the command followed failed (or was terminated or timed out): what Temporal says
+    of its end, in one line (the history has the rest: `drctl audit show ID`)."""
+    cause = exc.cause
+    while isinstance(cause, FailureError) and cause.cause is not None and not str(cause):
+        cause = cause.cause  # an empty wrapper: say what it wraps
+    return f"the workflow failed: {cause or exc}"
 
 
 app = typer.Typer(
@@ -63,6 +73,9 @@ def main() -> None:
     except (RPCTimeoutOrCancelledError, RPCError) as exc:
         # Temporal answered the connection but not the call: said in one line, not a traceback.
         print(f"error: {temporal_failure(exc)}", file=sys.stderr)
+        code = 1
+    except WorkflowFailureError as exc:
+        print(f"error: {workflow_failure(exc)}", file=sys.stderr)
         code = 1
     except SystemExit as exc:
         if isinstance(exc.code, str):

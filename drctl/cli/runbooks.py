@@ -100,6 +100,9 @@ def require_zone(dr_policy: DRPolicy, zone: str) -> None:
         fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(dr_policy.zones))}", EXIT_BAD_INPUT)
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="print the result (or the plan) as JSON")]
+
+
 def zone_failover(
     zone: Annotated[str, typer.Argument(help="the failed zone, e.g. az-1 (the policy's az_failover.activeZones)")],
     reason: Annotated[str, typer.Option(help="why; recorded in the workflow history")] = "manual zone failover",
@@ -107,6 +110,7 @@ def zone_failover(
     plan: Annotated[
         bool, typer.Option("--plan", help="print what it would do (GPUs, instances, standbys, budget), change nothing")
     ] = False,
+    as_json: JsonOption = False,
     policy: PolicyOption = None,
 ) -> None:
     """Move the serving of every model out of ZONE: cordon its GPUs, fail its serving instances over.
@@ -126,15 +130,23 @@ def zone_failover(
         client = await connect(settings, interceptors)
         if plan:
             with span("drctl zone-failover --plan", zone=zone, trigger="manual"):
-                await _plan_zone_failover(client, settings, request)
+                await _plan_zone_failover(client, settings, request, as_json)
         else:
-            await _zone_failover(client, settings, request, waits_for_approval=waits)
+            await _zone_failover(client, settings, request, waits_for_approval=waits, as_json=as_json)
 
     with traced_command(settings) as interceptors:
         asyncio.run(run(interceptors))
 
 
-async def _plan_zone_failover(client: Client, settings: DrctlSettings, request: ZoneFailoverRequest) -> None:
+def _print_plan(title: str, lines: list[str]) -> None:
+    out.print(title, highlight=False)
+    for number, line in enumerate(lines, start=1):
+        out.print(f"  {number}. {line}", highlight=False, markup=False)
+
+
+async def _plan_zone_failover(
+    client: Client, settings: DrctlSettings, request: ZoneFailoverRequest, as_json: bool
+) -> None:
     from drctl.workflows.zone import ZoneFailoverWorkflow
 
     planned = await client.execute_workflow(
@@ -143,22 +155,29 @@ async def _plan_zone_failover(client: Client, settings: DrctlSettings, request: 
         id=f"plan-zone-failover-{request.zone}-{uuid.uuid4().hex[:6]}",
         task_queue=settings.task_queue,
     )
-    out.print(f"plan of the failover of zone {request.zone} (nothing will be changed):", highlight=False)
-    for number, line in enumerate(planned.plan, start=1):
-        out.print(f"  {number}. {line}", highlight=False, markup=False)
+    if as_json:
+        out.print_json(planned.model_dump_json())
+        return
+    _print_plan(f"plan of the failover of zone {request.zone} (nothing will be changed):", planned.plan)
 
 
 async def _zone_failover(
-    client: Client, settings: DrctlSettings, request: ZoneFailoverRequest, waits_for_approval: bool
+    client: Client, settings: DrctlSettings, request: ZoneFailoverRequest, waits_for_approval: bool, as_json: bool
 ) -> None:
     """Start (or join) the zone's failover and show each model moved (the workflow's ``progress``
-    query) while it runs, then the result."""
+    query) while it runs, then the result (with ``as_json``: only the result, as JSON)."""
     from drctl.temporal.runbooks import start_zone_failover
     from drctl.workflows.zone import ZoneFailoverWorkflow
 
     zone = request.zone
     with span("drctl zone-failover", zone=zone, trigger="manual"):
         handle = await start_zone_failover(client, settings, request)
+    if as_json:
+        result = await handle.result()
+        out.print_json(result.model_dump_json())
+        if result.failed:
+            raise typer.Exit(EXIT_FAILED)
+        return
     out.print(f"zone failover workflow [bold]{handle.id}[/]", highlight=False)
     if waits_for_approval:
         out.print(f"waiting for approval: drctl approve {zone} --approver NAME (or the UI's Update 'approve')")
@@ -182,6 +201,10 @@ async def _zone_failover(
 
 def failback(
     zone: Annotated[str, typer.Argument(help="the zone to take back into placement")],
+    plan: Annotated[
+        bool, typer.Option("--plan", help="print what it would do (GPUs back in placement), change nothing")
+    ] = False,
+    as_json: JsonOption = False,
     policy: PolicyOption = None,
 ) -> None:
     """Fail back a zone, only when asked: its GPUs return to placement and standbys are placed there
@@ -191,23 +214,32 @@ def failback(
 
     settings, dr_policy = with_policy(policy)
     require_zone(dr_policy, zone)
+    request = ZoneFailoverRequest(zone=zone, reason="failback", plan_only=plan)
 
     async def run(interceptors: list[Interceptor]) -> None:
         client = await connect(settings, interceptors)
-        with span("drctl failback", zone=zone, trigger="manual"):
+        with span("drctl failback" + (" --plan" if plan else ""), zone=zone, trigger="manual"):
             handle = await client.start_workflow(
                 ZoneFailbackWorkflow.run,
-                ZoneFailoverRequest(zone=zone, reason="failback"),
-                id=zone_failback_workflow_id(zone),
+                request,
+                # A plan is a run of its own: it never joins (or blocks) the zone's real failback.
+                id=f"plan-{zone_failback_workflow_id(zone)}-{uuid.uuid4().hex[:6]}"
+                if plan
+                else zone_failback_workflow_id(zone),
                 task_queue=settings.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
         result = await handle.result()
-        out.print(
-            f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}",
-            highlight=False,
-            markup=False,
-        )
+        if as_json:
+            out.print_json(result.model_dump_json())
+        elif plan:
+            _print_plan(f"plan of the failback of zone {zone} (nothing will be changed):", result.plan)
+        else:
+            out.print(
+                f"{zone}: {len(result.uncordoned_gpus)} GPU(s) back in placement; {result.reconcile}",
+                highlight=False,
+                markup=False,
+            )
 
     with traced_command(settings) as interceptors:
         asyncio.run(run(interceptors))

@@ -386,15 +386,25 @@ class ZoneFailbackWorkflow:
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailbackResult:
         result = ZoneFailbackResult(zone=request.zone)
         snapshot, policy = await observe_fleet()
-        for slot in gpu_inventory(policy.gpu_pool):
-            if slot.zone == request.zone and slot.id in snapshot.cordoned_gpus:
-                await workflow.execute_activity(
-                    ActivityName.UNCORDON_GPU,
-                    DrainGpuRequest(gpu=slot.id, reason=f"zone {request.zone} failback"),
-                    result_type=StepReport,
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY,
-                )
-                result.uncordoned_gpus.append(slot.id)
+        cordoned = [
+            slot.id
+            for slot in gpu_inventory(policy.gpu_pool)
+            if slot.zone == request.zone and slot.id in snapshot.cordoned_gpus
+        ]
+        if request.plan_only:
+            result.plan = [
+                f"uncordon {len(cordoned)} GPU(s) of {request.zone}: {', '.join(cordoned) or '- (none is cordoned)'}",
+                "request reconciliation (standbys may be placed there again; serving stays where it is)",
+            ]
+            return result
+        for gpu in cordoned:
+            await workflow.execute_activity(
+                ActivityName.UNCORDON_GPU,
+                DrainGpuRequest(gpu=gpu, reason=f"zone {request.zone} failback"),
+                result_type=StepReport,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
+            result.uncordoned_gpus.append(gpu)
         result.reconcile = await request_reconcile(policy)
         return result

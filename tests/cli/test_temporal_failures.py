@@ -4,7 +4,8 @@ call) ends ``drctl`` with one line and exit 1, never a traceback."""
 from __future__ import annotations
 
 import pytest
-from temporalio.client import WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.exceptions import ApplicationError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.cli import app as cli
@@ -46,3 +47,27 @@ def test_a_refused_call_says_what_temporal_said(
     err = capsys.readouterr().err
     assert code == 1 and "namespace drctl not found" in err and "NOT_FOUND" in err
     assert "Traceback" not in err
+
+
+def _wrapped(outer: ApplicationError, inner: BaseException) -> ApplicationError:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("cause", "said"),
+    [
+        (ApplicationError("no standby could take over", type="NoStandby"), "no standby could take over"),
+        (TerminatedError("terminated by sre-on-call", []), "terminated by sre-on-call"),
+        # An empty wrapper says what it wraps.
+        (_wrapped(ApplicationError(""), ApplicationError("the zone's lease was taken back")), "lease was taken back"),
+    ],
+)
+def test_a_followed_workflow_that_failed_is_one_line_with_its_cause(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cause: BaseException, said: str
+) -> None:
+    code = _run_main(monkeypatch, WorkflowFailureError(cause=cause))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: the workflow failed") and said in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

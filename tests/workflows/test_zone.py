@@ -133,6 +133,31 @@ async def test_failback_returns_the_zone_to_placement_only_when_asked(time_skipp
     assert fleet.instances["llama-2-7b-1"].role == Role.SERVING  # serving stays where it is
 
 
+async def test_failback_plan_lists_the_gpus_it_would_return_and_changes_nothing(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = fleet_across_zones()
+    await run_zone(time_skipping_env, fleet, zone="az-1")
+    cordoned = set(fleet.cordoned)
+    calls = len(fleet.calls)
+    queue = f"failback-{uuid.uuid4()}"
+    async with Worker(
+        time_skipping_env.client, task_queue=queue, workflows=[ZoneFailbackWorkflow], activities=fleet.activities()
+    ):
+        result = await time_skipping_env.client.execute_workflow(
+            ZoneFailbackWorkflow.run,
+            ZoneFailoverRequest(zone="az-1", plan_only=True),
+            id=f"failback-{uuid.uuid4()}",
+            task_queue=queue,
+        )
+    assert fleet.cordoned == cordoned and len(cordoned) == 8  # nothing returned to placement
+    assert not [c for c in fleet.calls[calls:] if c[0] in ("uncordon", "replenish")]
+    assert result.uncordoned_gpus == [] and result.reconcile == ""
+    assert result.plan[0].startswith("uncordon 8 GPU(s) of az-1: ")
+    assert all(gpu in result.plan[0] for gpu in cordoned)
+    assert result.plan[1].startswith("request reconciliation")
+
+
 async def test_serving_moves_to_the_standby_zone_first(time_skipping_env: WorkflowEnvironment) -> None:
     fleet = fleet_across_zones()
     # A second hot llama standby, in the other active zone, with the lower id: without the
