@@ -23,8 +23,9 @@ not fit and trips to a person past ``tripAfterWaiting`` waiting — whoever repo
 Zones are judged from Node objects: a node is up when its ``Ready`` condition is True or, with node
 agents configured (``DRCTL_NODE_AGENT_URLS`` / ``_SERVICE``), when its GPU node agent answers — the
 second opinion, so that nodes which only lost their kubelet's connection to the API server do not
-move a zone. An active zone (``az_failover.activeZones``, nodes by ``topology.kubernetes.io/zone``)
-none of whose known nodes is up fails a check; after ``failoverThreshold`` checks in a row, one every
+move a zone. A checked zone (the active ones, ``az_failover.activeZones``, the standby zone and every
+zone a node is labelled with, by ``topology.kubernetes.io/zone``) none of whose known nodes is up
+fails a check; after ``failoverThreshold`` checks in a row, one every
 ``healthCheckInterval`` (:class:`drctl.policies.zone_health.ZoneHealthTracker`, the zone checker's),
 ``ZoneFailoverWorkflow`` is started through the zone checker's starter. While a zone looks down its
 instances are not reported one by one: they are the zone failover's (it reports every serving
@@ -532,9 +533,20 @@ class KubeWatcher:
             return seen.zone
         return next((self.state.zone(p.node) for p in self.state.pods.values() if p.instance == instance), None)
 
+    def checked_zones(self) -> list[str]:
+        """The zones the zone checks watch: the active ones, the standby zone (where a zone failover
+        moves serving) and every zone a watched node is labelled with, as the prober checks every
+        zone of the policy (:attr:`~drctl.policies.schema.DRPolicy.checked_zones`)."""
+        assert self.zones is not None
+        active = list(dict.fromkeys(self.zones.active_zones))
+        others = {node.zone for node in self.state.nodes.values() if node.zone}
+        if self.zones.standby_zone:
+            others.add(self.zones.standby_zone)
+        return active + sorted(others - set(active))
+
     def zone_looks_down(self, zone: str | None) -> bool:
-        """An active zone none of whose nodes is up right now: its instances are the zone failover's."""
-        if self.zones is None or zone is None or zone not in self.zones.active_zones:
+        """A checked zone none of whose nodes is up right now: its instances are the zone failover's."""
+        if self.zones is None or zone is None or zone not in self.checked_zones():
             return False
         verdict = zone_verdicts(self.state.nodes.values(), self.agent_up, [zone])[zone]
         return verdict == ZoneVerdict.DOWN or zone in self.zones_failing
@@ -542,7 +554,7 @@ class KubeWatcher:
     def check_zones(self) -> dict[str, ZoneVerdict]:
         """One zone check from the nodes as watched (and the agents' last answers)."""
         assert self.zones is not None
-        verdicts = zone_verdicts(self.state.nodes.values(), self.agent_up, self.zones.active_zones)
+        verdicts = zone_verdicts(self.state.nodes.values(), self.agent_up, self.checked_zones())
         for zone, verdict in verdicts.items():
             failures_before = self.zone_tracker.failures.get(zone, 0)
             if self.zone_tracker.observe(zone, verdict):
@@ -758,10 +770,10 @@ async def run_kube_watcher(settings: DrctlSettings, stop: asyncio.Event, client:
         agent_service=settings.node_agent_service,
     )
     log.info(
-        "watching pods labelled %s in %r, and nodes; zones %s; as %s (lease %s)",
+        "watching pods labelled %s in %r, and nodes; zones %s (and those of the nodes); as %s (lease %s)",
         MODEL,
         settings.kubernetes_namespace,
-        policy.az_failover.active_zones,
+        policy.checked_zones,
         elector.identity,
         LEASE_NAME,
     )

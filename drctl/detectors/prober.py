@@ -434,9 +434,7 @@ async def run_prober(settings: DrctlSettings, stop: asyncio.Event, client: Clien
         checker.instances_down = prober.instances_down
         prober.zone_alarm = checker.wake.set
         loops.append(checker.run(stop))
-        log.info(
-            "checking zones %s every %s", policy.az_failover.active_zones, policy.az_failover.health_check_interval
-        )
+        log.info("checking zones %s every %s", policy.checked_zones, policy.az_failover.health_check_interval)
     loops.append(write_status(StateLayout(settings.state_dir).prober_status_file, prober, checker, stop))
     try:
         await asyncio.gather(*loops)

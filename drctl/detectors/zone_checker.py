@@ -1,5 +1,7 @@
-"""The zone health check: every ``healthCheckInterval`` each active zone is checked through its
-nodes' GPU node agents, and after ``failoverThreshold`` failed checks in a row (the seed: 10 s x 3)
+"""The zone health check: every ``healthCheckInterval`` each zone of the policy
+(:attr:`~drctl.policies.schema.DRPolicy.checked_zones`: the active zones, the standby zone, where a
+zone failover moves serving, and every other zone of the pool) is checked through its nodes' GPU
+node agents, and after ``failoverThreshold`` failed checks in a row (the seed: 10 s x 3)
 ``ZoneFailoverWorkflow`` is started for it — the same runbook ``drctl zone-failover`` starts, which
 waits for an operator's approval when the policy says ``requireApproval``.
 
@@ -49,7 +51,7 @@ class ZoneChecker:
     """(zone, workflow id) of every zone failover this checker started."""
     checks: int = 0
     verdicts: dict[str, str] = field(default_factory=dict)
-    """The last check's verdict per active zone."""
+    """The last check's verdict per checked zone."""
     instances_down: Callable[[str], bool] | None = None
     """Zone → the prober has every instance it watches there down (at least one): the second
     signal that lets a zone be judged down at its first failed check (``confirmFromInstances``)."""
@@ -62,7 +64,7 @@ class ZoneChecker:
         self.zone_of_node = {node.name: node.zone for node in self.policy.gpu_pool.nodes}
 
     async def check_once(self, http: httpx.AsyncClient, alarmed: bool = False) -> dict[str, ZoneVerdict]:
-        """One zone check: ask every agent, decide every active zone, start failovers that are due.
+        """One zone check: ask every agent, decide every checked zone, start failovers that are due.
         ``alarmed``: the prober's zone alarm asked for it (every instance of a zone is down), so it
         waits :data:`ALARM_AGENT_TIMEOUT_S` at most for each agent."""
         urls = await node_agents.agent_urls(self.agent_urls, self.agent_service)
@@ -81,7 +83,7 @@ class ZoneChecker:
             elif url in self.node_of:
                 node_up.setdefault(self.node_of[url], False)
         verdicts: dict[str, ZoneVerdict] = {}
-        for zone in self.policy.az_failover.active_zones:
+        for zone in self.policy.checked_zones:
             nodes = [n for n, z in self.zone_of_node.items() if z == zone]
             verdict = verdicts[zone] = zone_verdict(node_up, nodes)
             failures_before = self.tracker.failures.get(zone, 0)

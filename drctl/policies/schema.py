@@ -350,5 +350,17 @@ class DRPolicy(_Section):
         return set(self.az_failover.active_zones) | {node.zone for node in self.gpu_pool.nodes}
 
     @property
+    def checked_zones(self) -> list[str]:
+        """The zones the zone health checks watch: the active ones first, then the standby zone and
+        every other zone of the pool. Serving leaves the active zones (a zone failover moves it to
+        the standby zone; without zone roles it is placed anywhere), and a zone the checks did not
+        watch failed instance by instance, its failures queued behind the budget's per-zone cap
+        until the breaker tripped and waited for a person."""
+        active = list(dict.fromkeys(self.az_failover.active_zones))
+        standby = self.az_failover.standby_zone
+        others = sorted(({standby} if standby else set()) | {node.zone for node in self.gpu_pool.nodes})
+        return active + [zone for zone in others if zone not in active]
+
+    @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]

@@ -254,6 +254,14 @@ class ZoneFailoverWorkflow:
         return lease
 
 
+def standby_zone_for(request: ZoneFailoverRequest, policy: DRPolicy) -> str | None:
+    """The zone whose standbys the runbooks try first: the policy's standby zone, unless that is
+    the zone failing over (the zone checks watch it too: serving moves there after an active
+    zone's failover). Then none: the runbooks try the standbys in the active zones first."""
+    standby = policy.az_failover.standby_zone
+    return None if standby == request.zone else standby
+
+
 def _reports(
     request: ZoneFailoverRequest,
     policy: DRPolicy,
@@ -271,7 +279,7 @@ def _reports(
                 trigger=Trigger.ZONE_FAILOVER,
                 confirmed=True,
                 reason=reason,
-                prefer_zone=policy.az_failover.standby_zone,
+                prefer_zone=standby_zone_for(request, policy),
             ),
             reporter=reporter,
             zone_level=True,
@@ -365,7 +373,7 @@ def _plan_lines(
     lines.append(f"cordon {len(gpus)} GPU(s) of {request.zone}: {', '.join(gpus) or '-'}")
     for instance in serving:
         model = [i for i in snapshot.instances if i.model == instance.model]
-        candidates = standby_candidates(model, instance.id, policy.az_failover.standby_zone)
+        candidates = standby_candidates(model, instance.id, standby_zone_for(request, policy))
         pick = next((c for c in candidates if c.zone != request.zone), candidates[0] if candidates else None)
         target = f"{pick.id} ({pick.role}, {pick.zone or '-'})" if pick else "no standby: an emergency instance"
         lines.append(f"report {instance.id} to guardian-{instance.model}: promote {target}")

@@ -143,7 +143,7 @@ async def replica(
         )
         stop = asyncio.Event()
         running = Replica(name, watcher, stop, asyncio.create_task(watcher.run(stop)))
-        await wait_for(lambda: len(watcher.state.pods) == 4 and len(watcher.state.nodes) == 3)
+        await wait_for(lambda: len(watcher.state.pods) == 4 and len(watcher.state.nodes) >= len(NODE_ZONES))
         try:
             yield running
         finally:
@@ -287,3 +287,22 @@ async def test_node_agents_are_the_second_opinion_on_a_zone(emulator: Any) -> No
     finally:
         await runner.cleanup()
         await agent.aclose()
+
+
+async def test_the_standby_zone_is_failed_over_as_a_zone_too(emulator: Any) -> None:
+    """az-3 is the example policy's standby zone, where a zone failover moves serving: its nodes all
+    NotReady fail it over as a zone, as an active zone's would (it was not checked before)."""
+    assert POLICY.az_failover.standby_zone == "az-3" and "az-3" not in POLICY.az_failover.active_zones
+    emulator.objects[NODES, None, "gpu-node-2"] = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "gpu-node-2", "labels": {"topology.kubernetes.io/zone": "az-3"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    guardians = Guardians()
+    async with replica(emulator, guardians, "a") as a:
+        await wait_for(a.watcher.leading)
+        await asyncio.sleep(0.2)
+        await set_ready(emulator, "node", "gpu-node-2", "False")
+        await wait_for(lambda: guardians.zones == [("a", "az-3")])
+        assert a.watcher.zone_tracker.tripped == {"az-3"}

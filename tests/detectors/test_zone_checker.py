@@ -38,7 +38,12 @@ async def test_zone_fails_over_after_threshold_checks_with_every_node_silent() -
     checker = ZoneChecker(POLICY, [url for _, _, url in agents.values()], start)
     try:
         async with httpx.AsyncClient() as http:
-            assert await checker.check_once(http) == {"az-1": ZoneVerdict.UP, "az-2": ZoneVerdict.UP}
+            # az-3 (the standby zone) is checked too; no agent of its node has answered yet.
+            assert await checker.check_once(http) == {
+                "az-1": ZoneVerdict.UP,
+                "az-2": ZoneVerdict.UP,
+                "az-3": ZoneVerdict.UNKNOWN,
+            }
             # One node of az-1 gone: the zone still answers (a node is the instance runbooks' job).
             await agents["gpu-node-0"][1].cleanup()
             assert (await checker.check_once(http))["az-1"] == ZoneVerdict.UP
@@ -46,7 +51,7 @@ async def test_zone_fails_over_after_threshold_checks_with_every_node_silent() -
             threshold = POLICY.az_failover.failover_threshold
             for check in range(threshold + 2):
                 verdicts = await checker.check_once(http)
-                assert verdicts == {"az-1": ZoneVerdict.DOWN, "az-2": ZoneVerdict.UP}
+                assert verdicts == {"az-1": ZoneVerdict.DOWN, "az-2": ZoneVerdict.UP, "az-3": ZoneVerdict.UNKNOWN}
                 assert len(started) == (0 if check < threshold - 1 else 1)
             assert started[0][0] == "az-1" and f"{threshold} failed checks" in started[0][1]
             assert checker.started == [("az-1", "zone-failover-az-1")]
@@ -54,6 +59,32 @@ async def test_zone_fails_over_after_threshold_checks_with_every_node_silent() -
         for agent, runner, _ in agents.values():
             await runner.cleanup()
             await agent.aclose()
+
+
+async def test_the_standby_zone_is_checked_too() -> None:
+    """After an active zone's failover serving runs in the standby zone (az-3): when that zone goes
+    silent it fails over like an active one, instead of failing instance by instance behind the
+    budget's per-zone cap."""
+    agent, runner, url = await start_agent("gpu-node-2")
+    started: list[str] = []
+
+    async def start(zone: str, reason: str) -> str:
+        started.append(zone)
+        return f"zone-failover-{zone}"
+
+    assert POLICY.az_failover.standby_zone == "az-3" and "az-3" not in POLICY.az_failover.active_zones
+    assert POLICY.checked_zones == ["az-1", "az-2", "az-3"]
+    checker = ZoneChecker(POLICY, [url], start)
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await checker.check_once(http))["az-3"] == ZoneVerdict.UP
+            await runner.cleanup()
+            for _ in range(POLICY.az_failover.failover_threshold):
+                assert (await checker.check_once(http))["az-3"] == ZoneVerdict.DOWN
+            assert started == ["az-3"]
+    finally:
+        await runner.cleanup()
+        await agent.aclose()
 
 
 @pytest.mark.parametrize("urls", [[], ["http://127.0.0.1:9"]])

@@ -173,6 +173,26 @@ async def test_serving_moves_to_the_standby_zone_first(time_skipping_env: Workfl
     assert "llama-2-7b-0 → llama-2-7b-2 (recovered)" in result.moved  # az-3, the policy's standbyZone
 
 
+async def test_a_failover_of_the_standby_zone_prefers_the_active_zones(time_skipping_env: WorkflowEnvironment) -> None:
+    """The zone checks watch the standby zone too (serving moves there after an active zone's
+    failover). Failing it over, its own standbys (down with it) are not tried first: the active
+    zones' are."""
+    fleet = fleet_across_zones()
+    assert fleet.policy.az_failover.standby_zone == "az-3"
+    fleet.instances["llama-2-7b-0"] = fleet.instances["llama-2-7b-0"].model_copy(
+        update={"zone": "az-3", "gpu": "gpu-node-2/1", "node": "gpu-node-2"}
+    )
+    fleet.instances["llama-2-7b-2"] = Instance(
+        id="llama-2-7b-2", model="llama-2-7b", role=Role.HOT, zone="az-2", gpu="gpu-node-1/1", node="gpu-node-1",
+        lb_priority=1,
+    )  # fmt: skip
+    result = await run_zone(time_skipping_env, fleet, zone="az-3", reason="standby zone down")
+    # llama-2-7b-1 (hot, az-3) has the lower id and was the standby zone's: it is passed over.
+    assert result.moved == ["llama-2-7b-0 → llama-2-7b-2 (recovered)"]
+    plan = await run_zone(time_skipping_env, fleet_across_zones(), zone="az-3", plan_only=True)
+    assert not [line for line in plan.plan if line.startswith("report ")]  # nothing serves in az-3 there
+
+
 async def test_plan_lists_what_the_zone_failover_would_do_and_changes_nothing(
     time_skipping_env: WorkflowEnvironment,
 ) -> None:
