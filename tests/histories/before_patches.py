@@ -39,6 +39,7 @@ from drctl.workflows.failover import (
     GONE_INSTANCE_SETTLES,
     PREFERS_ACTIVE_ZONES,
     STANDBY_EJECTED_REPLENISHES,
+    ZONE_FAILOVER_REPLENISHES,
     FailoverWorkflow,
 )
 from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE, ModelGuardianWorkflow
@@ -89,6 +90,19 @@ class FailoverBeforeStandbyReplenishes(FailoverWorkflow):
         return await super().run(request)
 
     def _standby_ejected_replenishes(self) -> bool:
+        return False
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeZoneFailoverReplenishesOnce(FailoverWorkflow):
+    """Before ``failover-zone-failover-replenishes-once``: a runbook the zone failover reported
+    triggered the reconcile schedule itself, as every recovery does."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    def _zone_failover_replenishes_once(self) -> bool:
         return False
 
 
@@ -253,6 +267,7 @@ BEFORE_PATCHES: dict[str, type] = {
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,
+    ZONE_FAILOVER_REPLENISHES: FailoverBeforeZoneFailoverReplenishesOnce,
     ZONE_COVERS_ZONE: BudgetBeforeZoneCoversZone,
     GRANTS_SIDE_BY_SIDE: BudgetBeforeGrantsSideBySide,
     ZONE_FAILOVER_FIRST: BudgetBeforeZoneFailoverFirst,

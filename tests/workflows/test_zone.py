@@ -84,6 +84,8 @@ async def test_zone_serving_fails_over_critical_first_and_zone_gpus_are_cordoned
     assert fleet.instances["mistral-7b-0"].role == Role.SERVING  # other zones untouched
     # Last: reconciliation, so standbys leave the cordoned zone now rather than at the next schedule.
     assert fleet.calls[-1][0] == "replenish" and result.reconcile == "triggered"
+    # Asked once, by the zone failover: its runbooks leave it to it (one trigger each before).
+    assert [step for step, _ in fleet.calls].count("replenish") == 1
 
 
 async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowEnvironment) -> None:
