@@ -195,7 +195,8 @@ class PlacementRequest:
     """DR spread over failure domains (see :meth:`PlacementEngine.penalty`): a serving instance
     prefers the nodes and GPUs with the fewest serving instances of the fleet, then an empty GPU; a
     standby prefers a GPU without a serving instance and without another instance of its model,
-    then the node and the GPU with the fewest standbys. Without it, best fit packs (the seed's behaviour)."""
+    then the node and the GPU with the fewest standbys of its class. Without it, best fit packs
+    (the seed's behaviour)."""
     serving_zones: frozenset[str] = frozenset()
     """Zones where serving belongs (:func:`serving_zones`: an active-passive policy's active zones).
     A serving (or promoting) request is placed outside them only when no GPU in them can take it
@@ -284,11 +285,23 @@ class _Candidate:
     leftover: int
 
 
-STANDBY_JUDGED = 4
+def standby_class(tier: str) -> str:
+    """What DR spread counts a standby as: ``promotable`` (hot or warm: a failover promotes these
+    first, and they serve where they stand) or ``cold`` (a reservation, promoted only when no hot
+    or warm one works). Standbys spread within their class: two hot or warm standbys of different
+    models on one GPU would serve from it together after their zone's failover."""
+    return "cold" if tier == "cold" else "promotable"
+
+
+STANDBY_JUDGED = 5
 """How many leading components of a standby's penalty (:meth:`PlacementEngine.penalty`) placement
 repair judges a standby by: anti-affinity, avoided zone, beside a serving instance, beside its own
-model. The ones after them (standbys on the node, on the GPU) only choose where a new standby goes:
-moving a loaded standby for a count one higher than another node's would reload it for little."""
+model, standbys of its class (:func:`standby_class`) on its node. So repair spreads standbys back
+over the nodes after a zone comes back (a failback: while the zone was cordoned its standbys all
+went elsewhere); a standby moves for balance only to a node with fewer of its class by more than
+:data:`~drctl.policies.placement_repair.BALANCE_SLACK`. The last component (standbys of its class
+on its GPU) only chooses where a new standby goes: within a node, moving a loaded standby would
+reload it for little."""
 
 
 @dataclass
@@ -301,8 +314,11 @@ class _SpreadUse:
     """GPU ordinal → allocations on it, every tier."""
     node_serving: dict[str, int] = field(default_factory=dict)
     """node → serving (or promoting) allocations on its GPUs."""
-    node_standby: dict[str, int] = field(default_factory=dict)
-    """node → standby allocations on its GPUs: what a zone failover turns into serving there."""
+    node_standby: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(:func:`standby_class`, node) → standby allocations of that class on its GPUs: what a zone
+    failover turns into serving there."""
+    gpu_standby: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(:func:`standby_class`, GPU ordinal) → standby allocations of that class on it."""
 
 
 @dataclass
@@ -467,7 +483,10 @@ class PlacementEngine:
             spread.serving[i] += sign
             spread.node_serving[node] = spread.node_serving.get(node, 0) + sign
         else:
-            spread.node_standby[node] = spread.node_standby.get(node, 0) + sign
+            key = (standby_class(a.tier), node)
+            spread.node_standby[key] = spread.node_standby.get(key, 0) + sign
+            at = (standby_class(a.tier), i)
+            spread.gpu_standby[at] = spread.gpu_standby.get(at, 0) + sign
 
     def _gpu_allocs(self) -> list[dict[str, Allocation]]:
         if self._by_gpu is None:
@@ -855,8 +874,8 @@ class PlacementEngine:
                         *penalty,
                         int(spread.serving[i] > 0),
                         int(copies.get(i, 0) > 0),
-                        spread.node_standby.get(slot.node, 0),
-                        spread.count[i] - spread.serving[i],
+                        spread.node_standby.get((standby_class(request.tier), slot.node), 0),
+                        spread.gpu_standby.get((standby_class(request.tier), i), 0),
                     )
             outside = int(bool(zoned) and slot.zone not in zoned)
             key = (penalty[0], outside, penalty, borrowed, zones.get(zone_of[i], 0), free - m, -copies.get(i, 0), i)
@@ -873,9 +892,11 @@ class PlacementEngine:
         then with ``spread``, for a serving (or promoting) request: 3. serving instances on the GPU's
         node, 4. serving instances on the GPU, 5. the GPU holds anything; for a standby: 3. the GPU
         holds a serving instance, 4. the GPU holds another instance of the request's model, 5.
-        standbys on the GPU's node, 6. standbys on the GPU. (5 and 6: standbys become serving where
-        they stand when their serving peers' zone fails. Packed by best fit, a zone failover of 500
-        models left 75 % of them serving from one node of the surviving zone and 40 from one GPU.)
+        standbys of the request's class (:func:`standby_class`: hot and warm, or cold) on the GPU's
+        node, 6. standbys of its class on the GPU. (5 and 6: standbys become serving where they
+        stand when their serving peers' zone fails, hot and warm ones first. Packed by best fit, a
+        zone failover of 500 models left 75 % of them serving from one node of the surviving zone
+        and 40 from one GPU.)
         """
         i = self._ord.get(gpu)
         if i is None:
@@ -888,11 +909,12 @@ class PlacementEngine:
     ) -> list[tuple[tuple[int, ...], str]]:
         """The ``count`` lowest (judged penalty, GPU id) of the GPUs of at least ``memory``, lowest
         first: a standby's :meth:`penalty` cut to its first :data:`STANDBY_JUDGED` components, what
-        placement repair judges it by. One loop over the pool, no sort: repair asks this of every
-        model with a standby beside a serving instance (at 1,000 models, most of them)."""
+        placement repair judges it by. One loop over the pool and a partial sort (``heapq``):
+        repair asks this of every model with a standby it might move (at 1,000 models, most)."""
         with self._without(request.instance):
-            protects, avoid = request.protects, request.avoid_zones
-            serving = self._spread_use().serving
+            protects, avoid, kind = request.protects, request.avoid_zones, standby_class(request.tier)
+            spread = self._spread_use()
+            serving, node_standby = spread.serving, spread.node_standby
             gpus = self._model(request.model).gpus
             zone_of = self._zone_of
             ranked = (
@@ -902,6 +924,7 @@ class PlacementEngine:
                         int(slot.zone in avoid),
                         int(serving[i] > 0),
                         int(gpus.get(zone_of[i], {}).get(i, 0) > 0),
+                        node_standby.get((kind, slot.node), 0),
                     ),
                     slot.id,
                 )
@@ -922,8 +945,8 @@ class PlacementEngine:
             *key,
             int(spread.serving[i] > 0),
             int(self._copies(request.model, i) > 0),
-            spread.node_standby.get(slot.node, 0),
-            spread.count[i] - spread.serving[i],
+            spread.node_standby.get((standby_class(request.tier), slot.node), 0),
+            spread.gpu_standby.get((standby_class(request.tier), i), 0),
         )
 
     def _zone_note(self, request: PlacementRequest, slot: GpuSlot) -> str:

@@ -87,6 +87,25 @@ class SettledModel:
     next_index: int
 
 
+BALANCE_SLACK = 2
+"""How many standbys of its tier fewer (its own left out) another node must hold before a standby
+is moved there for balance alone: moved when its node holds at least three more than the other.
+One more is a tie; two more, left alone (a re-tiered standby beside one of its tier would
+otherwise be moved right after, reloading it); a zone failed back, with every standby elsewhere,
+is well past it."""
+
+
+def judged_better(candidate: tuple[int, ...], current: tuple[int, ...]) -> bool:
+    """Whether a place judged ``candidate`` (:meth:`PlacementEngine.penalty`) is better than a
+    standby's ``current`` (cut to :data:`STANDBY_JUDGED`): lower in the first four components, or
+    equal there and lower by more than :data:`BALANCE_SLACK` in its tier's standbys on the node.
+    Monotone in the penalties' order, so the lowest candidate decides for every other."""
+    head, now = candidate[: STANDBY_JUDGED - 1], current[: STANDBY_JUDGED - 1]
+    if head != now:
+        return head < now
+    return candidate[STANDBY_JUDGED - 1] + BALANCE_SLACK <= current[STANDBY_JUDGED - 1]
+
+
 def dr_request(
     model: ModelPolicy, instance_id: str, tier: Role, nodes: frozenset[str], zones: frozenset[str]
 ) -> PlacementRequest:
@@ -171,10 +190,9 @@ class _PlacementRepair:
     moves: int = 0
     why_not: dict[str, str] = field(default_factory=dict)
     """Misplaced standby → why it was not moved (the last reason seen)."""
-    lowest: dict[str, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)
-    """Per model, the two usable GPUs big enough with the lowest judged penalty (for a standby of the
-    model, room or not): whether the pool allows better than a place. Dropped whenever the pool
-    changes."""
+    lowest: dict[tuple[str, str], list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)
+    """Per model and standby tier, the two usable GPUs big enough with the lowest judged penalty
+    (room or not): whether the pool allows better than a place. Dropped whenever the pool changes."""
 
     def __post_init__(self) -> None:
         self.engine = self.engine_of(self.allocations)
@@ -202,12 +220,13 @@ class _PlacementRepair:
         current = self.engine.penalty(here, member.gpu)[:STANDBY_JUDGED]
         if not any(current):
             return None
-        if item.model.name not in self.lowest:
+        key = (item.model.name, member.tier.value)
+        if key not in self.lowest:
             anyone = dr_request(item.model, "", member.tier, nodes, zones)
             # The two lowest are enough: the member's own GPU is at most one of them.
-            self.lowest[item.model.name] = self.engine.lowest_judged(anyone, item.model.gpu_memory)
-        for penalty, gpu in self.lowest[item.model.name]:  # (its own copy counts only on its own GPU, left out)
-            if penalty >= current:
+            self.lowest[key] = self.engine.lowest_judged(anyone, item.model.gpu_memory)
+        for penalty, gpu in self.lowest[key]:  # (its own copy counts only on its own GPU, left out)
+            if not judged_better(penalty, current):
                 return None
             if gpu != member.gpu:
                 return here, member.gpu, current
@@ -258,7 +277,7 @@ class _PlacementRepair:
         except PlacementError as exc:
             self.why_not[member.id] = exc.reason
             return None
-        if placement.preempted or self.engine.penalty(here, placement.gpu.id)[:STANDBY_JUDGED] >= current:
+        if placement.preempted or not judged_better(self.engine.penalty(here, placement.gpu.id), current):
             self.why_not[member.id] = no_better(placement, gpu)
             return None
         return placement
@@ -413,6 +432,9 @@ def describe(engine: PlacementEngine, request: PlacementRequest, gpu: str, penal
     same = sorted(a.instance for a in on_gpu if a.model == request.model and a.tier not in SERVING_TIERS)
     if penalty[3] and same:  # (its model's serving instance there is said above)
         parts.append(f"beside {', '.join(same)} of its model on GPU {gpu}")
+    if not parts and len(penalty) > 4 and penalty[4]:
+        # Only the balance of the nodes: the one it stands on has more of its tier than another.
+        parts.append(f"one of {penalty[4] + 1} {request.tier} standbys on node {slot.node}, where another has fewer")
     return f"{request.instance} ({request.tier} standby on {gpu}) " + ", ".join(parts)
 
 

@@ -241,7 +241,9 @@ def penalty_of(
     if request.tier in SERVING_TIERS:
         on_node = sum(1 for a in serving if node_of[a.gpu] == slot.node)
         return (*key, on_node, sum(1 for a in serving if a.gpu == slot.id), int(bool(on)))
-    standbys = [a for a in allocs if a.tier not in SERVING_TIERS and a.gpu in node_of]
+    # Standbys of the request's class: cold with cold, hot and warm together.
+    kind = request.tier == "cold"
+    standbys = [a for a in allocs if a.tier not in SERVING_TIERS and a.gpu in node_of and (a.tier == "cold") == kind]
     return (
         *key,
         int(any(a.tier in SERVING_TIERS for a in on)),
@@ -906,9 +908,14 @@ def test_penalty_judges_an_instance_where_it_stands_without_itself() -> None:
     assert engine.penalty(here, "a/0") == (1, 1, 1, 1, 0, 0)
     assert engine.penalty(here, "a/1") == (1, 1, 0, 0, 0, 0)
     assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 0, 0)
-    # Another model's standby on b/0: node b and GPU b/0 count it, b/1 only by its node.
-    engine.add(alloc("x-1", "b/0", 16, "hot", model="x"))
+    # Another model's cold standby on b/0: node b and GPU b/0 count it, b/1 only by its node; a hot
+    # one counts for hot and warm standbys, not for a cold one.
+    engine.add(alloc("x-1", "b/0", 16, "cold", model="x"))
+    engine.add(alloc("y-1", "b/1", 16, "hot", model="y"))
     assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 1, 1)
     assert engine.penalty(here, "b/1") == (0, 0, 0, 0, 1, 0)
+    warm = replace(here, tier="warm")
+    assert engine.penalty(warm, "b/0") == (0, 0, 0, 0, 1, 0)
+    assert engine.penalty(warm, "b/1") == (0, 0, 0, 0, 1, 1)
     with pytest.raises(PlacementError, match="not in the inventory"):
         engine.penalty(here, "z/9")

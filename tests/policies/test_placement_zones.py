@@ -194,7 +194,7 @@ def test_without_zone_roles_placement_is_as_before() -> None:
     """Without ``az_failover`` (its default ``activeZones: [az-1]`` names no standby zone), with no
     active zones, or with no standby zone: no zone roles, and the same plan each time, placed as
     drctl placed before zone roles existed (gpt-4-8b serving from gpu-node-2, in az-3; the
-    standbys spread over the four nodes, the fewest standbys per node first)."""
+    standbys spread over the four nodes, the fewest of their class per node first)."""
     before = [
         ("llama-2-7b-0", "serving", "gpu-node-0/0"),
         ("llama-2-7b-1", "hot", "gpu-node-1/0"),
@@ -203,11 +203,11 @@ def test_without_zone_roles_placement_is_as_before() -> None:
         ("mistral-7b-0", "serving", "gpu-node-1/2"),
         ("mistral-7b-1", "hot", "gpu-node-0/1"),
         ("mistral-7b-2", "warm", "gpu-node-3/0"),
-        ("mistral-7b-3", "cold", "gpu-node-2/1"),
-        ("gpt-4-8b-0", "serving", "gpu-node-2/2"),
-        ("gpt-4-8b-1", "warm", "gpu-node-0/2"),
-        ("gpt-4-8b-2", "cold", "gpu-node-3/1"),
-        ("gpt-4-8b-3", "cold", "gpu-node-1/3"),
+        ("mistral-7b-3", "cold", "gpu-node-2/0"),
+        ("gpt-4-8b-0", "serving", "gpu-node-2/1"),
+        ("gpt-4-8b-1", "warm", "gpu-node-1/1"),
+        ("gpt-4-8b-2", "cold", "gpu-node-0/1"),
+        ("gpt-4-8b-3", "cold", "gpu-node-3/0"),
     ]
     for policy in (
         without_zone_roles(POLICY),
@@ -301,3 +301,49 @@ def test_during_a_zone_failover_serving_in_the_standby_zone_is_not_a_violation()
     # A single drained GPU is no zone failover: still said.
     plan = plan_reconcile(POLICY, fleet, cordoned=az2[:1])
     assert any("outside the active zones" in v for v in plan.violations)
+
+
+def _settled(policy: DRPolicy, fleet: list[Instance], cordoned: Sequence[str] = ()) -> list[Instance]:
+    """Reconcile passes applied until one plans nothing (at most 10)."""
+    for _ in range(10):
+        plan = plan_reconcile(policy, fleet, cordoned=cordoned)
+        if not plan.actions:
+            return fleet
+        fleet = apply(fleet, plan.actions)
+    raise AssertionError("reconciliation did not settle in 10 passes")
+
+
+def _zone_failed_over(fleet: list[Instance], zone: str) -> list[Instance]:
+    """Each model serving in ``zone`` served by a standby elsewhere (the standby zone first, as its
+    runbook picks); the zone's instances gone."""
+    out: list[Instance] = []
+    for model in POLICY.model_names:
+        mine = [i for i in fleet if i.model == model]
+        failed = next((i for i in mine if i.role == Role.SERVING and i.zone == zone), None)
+        taker = None
+        if failed is not None:
+            order = sorted(
+                (i for i in mine if i.role != Role.SERVING and i.zone != zone),
+                key=lambda i: (["hot", "warm", "cold"].index(i.role.value), i.zone != "az-3", i.id),
+            )
+            taker = order[0].id
+        out += [i.model_copy(update={"role": Role.SERVING}) if i.id == taker else i for i in mine if i.zone != zone]
+    return out
+
+
+def test_after_a_failback_the_standbys_spread_back_and_the_next_failover_stacks_nothing() -> None:
+    """While az-2 is failed over every standby must leave it and avoid az-1 (where everything
+    serves): all of them go to az-3's one node. After the failback reconciliation moves some of
+    them back onto az-2 (a node with more of a class than another by more than the slack), so the
+    failover of az-1 that follows does not serve every model from one node and GPU."""
+    zone_gpus = {z: [s.id for s in gpu_inventory(POLICY.gpu_pool) if s.zone == z] for z in ("az-1", "az-2")}
+    fleet = _settled(POLICY, [])
+    fleet = _settled(POLICY, _zone_failed_over(fleet, "az-2"), zone_gpus["az-2"])
+    assert {i.node for i in fleet if i.role != Role.SERVING} == {"gpu-node-2"}
+    fleet = _settled(POLICY, fleet)  # failback: az-2's GPUs usable again
+    assert sum(1 for i in fleet if i.role != Role.SERVING and i.node == "gpu-node-1") >= 3
+    fleet = _settled(POLICY, _zone_failed_over(fleet, "az-1"), zone_gpus["az-1"])
+    serving = [i for i in fleet if i.role == Role.SERVING]
+    assert len(serving) == 3 and len({i.gpu for i in serving}) == 3, serving
+    plan = plan_reconcile(POLICY, fleet, cordoned=zone_gpus["az-1"])
+    assert not [v for v in plan.violations if "stacked" in v]
