@@ -61,6 +61,9 @@ class LoadGenerator:
     timeout_s: float = 30.0
     streams: bool = True
     """Keep one streamed chat completion open at all times, beside the requests."""
+    max_inflight: int = 0
+    """Requests in flight at most; a request due past it is counted failed, not sent (see
+    :meth:`_not_sent`). 0: twice the rate, at least 64 (the connection pool's size)."""
     samples: list[Sample] = field(default_factory=list)
     stream_samples: list[StreamSample] = field(default_factory=list)
 
@@ -69,8 +72,9 @@ class LoadGenerator:
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._streamer: asyncio.Task[None] | None = None
+        self.max_inflight = self.max_inflight or max(64, self.rps * 2)
         self._http = httpx.AsyncClient(
-            timeout=self.timeout_s, limits=httpx.Limits(max_connections=max(64, self.rps * 2))
+            timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_inflight + 1)
         )
 
     def start(self) -> None:
@@ -96,9 +100,12 @@ class LoadGenerator:
         next_at = time.monotonic()
         n = 0
         while not self._stop.is_set():
-            task = asyncio.create_task(self._one(url, n))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            if len(self._inflight) >= self.max_inflight:
+                self._not_sent()
+            else:
+                task = asyncio.create_task(self._one(url, n))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
             n += 1
             next_at += period
             delay = next_at - time.monotonic()
@@ -107,6 +114,15 @@ class LoadGenerator:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 except TimeoutError:
                     pass
+
+    def _not_sent(self) -> None:
+        """A request due while :attr:`max_inflight` wait for answers (the model is down and the
+        load balancer holds requests for its RTO): counted failed, not sent. Queued on a full
+        connection pool instead, they piled up by the hundreds and httpx's pool spent the worker's
+        whole CPU matching them to connections, stalling every workflow on it (a drill with no
+        prober running, found by a helper trying the stack)."""
+        error = f"not sent: {len(self._inflight)} requests already in flight"
+        self.samples.append(Sample(time.monotonic(), 0.0, False, None, "not-sent", error))
 
     async def _one(self, url: str, n: int) -> None:
         sent = time.monotonic()

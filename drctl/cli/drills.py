@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -48,8 +49,15 @@ def drill(
     rps: Annotated[int, typer.Option(help="requests per second sent through the load balancer")] = 50,
     timeout: Annotated[str, typer.Option(help="give up waiting for recovery after this long")] = "3m",
     every: Annotated[
-        str | None, typer.Option(help="instead of running now, run it on a Temporal Schedule this often, e.g. 24h")
+        str | None,
+        typer.Option(
+            help="instead of running now, run it on a Temporal Schedule this often, e.g. 24h "
+            "(at least 5m and at least --timeout: each run injects a real fault)"
+        ),
     ] = None,
+    unschedule: Annotated[
+        bool, typer.Option("--unschedule", help="delete the drill's schedule (made with --every) and exit")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     policy: PolicyOption = None,
     state_dir: StateOption = None,
@@ -63,6 +71,7 @@ def drill(
     drctl drill pod-crash
     drctl drill zone-outage --model mistral-7b
     drctl drill gpu-failure --every 24h      # a Temporal Schedule
+    drctl drill gpu-failure --unschedule     # ... deleted
     """
     settings, dr_policy = with_policy(policy, state_dir)
     scenarios = [s.value for s in DrillScenario]
@@ -70,12 +79,25 @@ def drill(
         fail(f"unknown scenario {scenario!r}; one of: {', '.join(scenarios)}", EXIT_BAD_INPUT)
     if model is not None and model not in dr_policy.model_names:
         fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    if unschedule:
+        if every is not None:
+            fail("--unschedule and --every do not go together: one deletes the schedule, one makes it", EXIT_BAD_INPUT)
+        asyncio.run(_unschedule(settings, scenario, model))
+        return
     try:
         timeout_s = parse_duration(timeout).total_seconds()
         interval = parse_duration(every) if every else None
         request = DrillRequest(scenario=DrillScenario(scenario), model=model, rps=rps, timeout_s=timeout_s)
+    except ValidationError as exc:
+        fail(f"bad option: {options_said(exc)}", EXIT_BAD_INPUT)
     except ValueError as exc:
         fail(f"bad option: {exc}", EXIT_BAD_INPUT)
+    if interval is not None and interval.total_seconds() < max(MIN_SCHEDULE_S, timeout_s):
+        fail(
+            f"--every {every} is too often: a scheduled drill injects a real fault each time; "
+            f"at least {MIN_SCHEDULE_S // 60:.0f}m and at least --timeout ({timeout})",
+            EXIT_BAD_INPUT,
+        )
 
     async def run() -> None:
         client = await connect(settings)
@@ -85,6 +107,32 @@ def drill(
             await _run_now(client, settings, request, as_json)
 
     asyncio.run(run())
+
+
+MIN_SCHEDULE_S = 300.0
+"""The most often a drill may be scheduled (``--every``): each run kills or hangs a serving
+instance of the running fleet, so "every 1s" (accepted before) was an outage generator."""
+
+OPTION_OF = {"rps": "--rps", "timeout_s": "--timeout", "model": "--model", "scenario": "SCENARIO"}
+
+
+def options_said(exc: ValidationError) -> str:
+    """pydantic's complaint about a drill request, in the command's own terms (``--rps: ...``)."""
+    return "; ".join(
+        f"{OPTION_OF.get(str(error['loc'][0]), str(error['loc'][0])) if error['loc'] else 'request'}: {error['msg']}"
+        for error in exc.errors()
+    )
+
+
+async def _unschedule(settings: DrctlSettings, scenario: str, model: str | None) -> None:
+    from drctl.temporal.schedules import delete_drill_schedule
+
+    client = await connect(settings)
+    schedule_id, deleted = await delete_drill_schedule(client, scenario, model)
+    if deleted:
+        out.print(f"drill schedule [bold]{schedule_id}[/] deleted", highlight=False)
+    else:
+        fail(f"no drill schedule {schedule_id} (nothing deleted)")
 
 
 async def _schedule(

@@ -17,6 +17,7 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.payloads import (
     RECONCILE_SCHEDULE_ID,
@@ -101,3 +102,16 @@ async def ensure_drill_schedule(
         state=ScheduleState(note=f"drctl: DR drill {request.scenario} every {every}"),
     )
     return schedule_id, await create_or_update(client, schedule_id, schedule)
+
+
+async def delete_drill_schedule(client: Client, scenario: str, model: str | None) -> tuple[str, bool]:
+    """Delete the drill's schedule; returns (its id, whether there was one). A drill it started and
+    that is running goes on to its end (it restores its fault and writes its report)."""
+    schedule_id = drill_schedule_id(scenario, model)
+    try:
+        await client.get_schedule_handle(schedule_id).delete()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return schedule_id, False
+    return schedule_id, True

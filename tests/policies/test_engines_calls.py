@@ -364,6 +364,41 @@ async def test_the_load_generator_sends_openai_completions(server: FakeEngine) -
     assert all(c.model_header == MODEL and c.body["model"] == MODEL for c in server.calls)
 
 
+async def test_the_load_generator_counts_requests_past_its_cap_failed_and_does_not_queue_them() -> None:
+    """A model that does not answer (down, its requests held by the load balancer): at most
+    ``max_inflight`` requests wait, the ones due after them are counted failed without being sent.
+    Queued on the connection pool instead, they pegged the worker's CPU."""
+    hold = asyncio.Event()
+    arrived = 0
+
+    async def never_answers(_: web.Request) -> web.Response:
+        nonlocal arrived
+        arrived += 1
+        await hold.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", never_answers)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        load = LoadGenerator(f"http://127.0.0.1:{port}", MODEL, rps=100, streams=False, max_inflight=5, timeout_s=5)
+        load.start()
+        await asyncio.sleep(0.5)
+        hold.set()  # the held requests are answered now
+        samples = await load.stop()
+    finally:
+        await runner.cleanup()
+    assert arrived == 5  # never more than the cap were sent
+    not_sent = [s for s in samples if s.status == "not-sent"]
+    assert len(not_sent) >= 30 and not any(s.ok for s in not_sent)
+    assert "5 requests already in flight" in not_sent[0].error
+    assert sum(1 for s in samples if s.ok) == 5
+
+
 async def test_the_demo_reload_finds_a_corrupted_checkpoint(tmp_path: Path) -> None:
     """The drill's default (the demo engine) against drctl's real stand-in: sleep level 2, then the
     wake-up reloads and re-verifies the checkpoint, and says that it does not match."""
