@@ -63,7 +63,9 @@ class LoadGenerator:
     """Keep one streamed chat completion open at all times, beside the requests."""
     max_inflight: int = 0
     """Requests in flight at most; a request due past it is counted failed, not sent (see
-    :meth:`_not_sent`). 0: twice the rate, at least 64 (the connection pool's size)."""
+    :meth:`_not_sent`). 0: eight seconds of requests at the rate, at least 256 (the connection
+    pool is this size: a request waits for an answer, never for a connection). A warm standby's
+    switch holds requests ~2 s (docs/benchmarks.md), well within it."""
     samples: list[Sample] = field(default_factory=list)
     stream_samples: list[StreamSample] = field(default_factory=list)
 
@@ -72,7 +74,7 @@ class LoadGenerator:
         self._inflight: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._streamer: asyncio.Task[None] | None = None
-        self.max_inflight = self.max_inflight or max(64, self.rps * 2)
+        self.max_inflight = self.max_inflight or max(256, self.rps * 8)
         self._http = httpx.AsyncClient(
             timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_inflight + 1)
         )
