@@ -160,6 +160,8 @@ def parse_notification(body: bytes) -> WebhookNotification:
         raise Rejection(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({exc})") from None
     except RecursionError:  # brackets that never close: the scan leaves them to the parser
         raise Rejection(HTTPStatus.BAD_REQUEST, f"body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as exc:  # a number of more than 4,300 digits (Python's limit on int parsing)
+        raise Rejection(HTTPStatus.BAD_REQUEST, f"body is not acceptable JSON ({str(exc).split(';')[0]})") from None
     alerts = document.get("alerts") if isinstance(document, dict) else None
     if isinstance(alerts, list) and len(alerts) > MAX_ALERTS:
         raise Rejection(

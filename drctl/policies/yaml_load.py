@@ -136,7 +136,10 @@ class _Builder:
             return event.value  # only meaningful as a mapping key; checked where it is used
         construct: Callable[[SafeConstructor, ScalarNode], Any] = SafeConstructor.yaml_constructors[tag]
         node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-        return construct(_CONSTRUCTOR, node)
+        try:
+            return construct(_CONSTRUCTOR, node)
+        except ValueError as exc:  # a number of more than 4,300 digits (Python's limit on int parsing)
+            raise _error(f"cannot read this value: {str(exc).split(';')[0]}", event.start_mark) from None
 
     # the tree
 

@@ -328,7 +328,9 @@ class FailoverWorkflow:
             return self._finish(FailoverOutcome.PLANNED, f"would promote {promoted.id} ({promoted.role})")
 
         verified_at = self._verified_at or workflow.now()
-        failure_start = request.failed_at or started
+        # A failure cannot start after its runbook did: a report dated later (an alert's startsAt
+        # in the future, a clock ahead) counts from the start, not as an RTO of 0.
+        failure_start = min(_utc(request.failed_at), _utc(started)) if request.failed_at else started
         result.promoted = promoted.id
         result.tier = None if result.emergency else promoted.role
         result.switch_ms = _ms(verified_at - started)

@@ -474,6 +474,14 @@ async def test_malformed_json_is_400(rx: Receiver) -> None:
     assert "not valid JSON" in response.json()["error"]
 
 
+async def test_a_number_longer_than_python_reads_is_400_not_500(rx: Receiver) -> None:
+    """More than 4,300 digits: ``json.loads`` raises ``ValueError`` (not ``JSONDecodeError``)."""
+    body = b'{"version": "4", "truncatedAlerts": ' + b"9" * 5000 + b', "alerts": []}'
+    response = await rx.post(body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "4300 digits" in response.json()["error"] and "set_int_max_str_digits" not in response.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [

@@ -127,3 +127,11 @@ tail: 1
         ("nothing",): 1,
         (): 1,
     }
+
+
+def test_a_number_longer_than_python_reads_is_a_yaml_error_at_its_line() -> None:
+    """More than 4,300 digits: ``int()`` raises ``ValueError``; it escaped as a traceback (exit 1)."""
+    with pytest.raises(yaml.MarkedYAMLError, match="4300 digits") as raised:
+        load("models:\n  - name: m\n    hotStandby: " + "1" * 5001 + "\n")
+    assert raised.value.problem_mark is not None and raised.value.problem_mark.line == 2
+    assert "set_int_max_str_digits" not in str(raised.value)

@@ -81,6 +81,30 @@ async def test_happy_path_promotes_hot_standby_and_ejects_after_verify(
     assert sum(s.activity_ms or 0 for s in result.steps) == 21.5
 
 
+@pytest.mark.parametrize("failed_ago_s", [-3600.0, 120.0])
+async def test_rto_counts_from_the_failure_unless_it_is_dated_after_the_runbook(
+    time_skipping_env: WorkflowEnvironment, failed_ago_s: float
+) -> None:
+    """An alert's ``startsAt`` an hour in the future (a client's clock, or a lie) counted an RTO of
+    0 ms; a failure two minutes old counts its two minutes."""
+    from datetime import UTC, datetime, timedelta
+
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    failed_at = datetime.now(UTC) - timedelta(seconds=failed_ago_s)
+    async with worker_for(time_skipping_env, fleet) as (client, queue):
+        result = await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model="llama-2-7b", instance="llama-2-7b-0", reason="test", epoch=1, failed_at=failed_at),
+            id=f"rto-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+    assert result.outcome == FailoverOutcome.RECOVERED and result.rto_ms is not None and result.switch_ms is not None
+    if failed_ago_s < 0:
+        assert result.rto_ms == result.switch_ms > 0  # from the runbook's start
+    else:
+        assert result.rto_ms >= failed_ago_s * 1000
+
+
 async def test_eject_first_when_another_instance_still_serves(time_skipping_env: WorkflowEnvironment) -> None:
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.SERVING), ("llama-2-7b-2", Role.WARM))
     result = await run_failover(time_skipping_env, fleet)
