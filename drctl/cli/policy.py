@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from drctl.cli.common import EXIT_BAD_INPUT, fail, load_policy, out, show
-from drctl.cli.render import explain_data, explain_lines, validated_line
+from drctl.cli.render import explain_data, explain_lines, lit, validated_line
 
 if TYPE_CHECKING:
     from drctl.policies.explain import RtoAssumptions
@@ -19,9 +19,20 @@ app = typer.Typer(help="Check DR policy files.", no_args_is_help=True)
 
 
 @app.command("validate")
-def validate(file: Annotated[Path, typer.Argument(help="policy YAML file")]) -> None:
-    """Check a policy file; print every error with its path and line, exit non-zero on any."""
-    show([validated_line(file, load_policy(file))])
+def validate(
+    file: Annotated[Path, typer.Argument(help="policy YAML file")],
+    strict: Annotated[bool, typer.Option("--strict", help="exit 2 on a warning too, not only on an error")] = False,
+) -> None:
+    """Check a policy file; print every error with its path and line, exit 2 on any. Then warn about
+    what validates but most likely is a mistake (an active zone without nodes, models that do not
+    fit the pool, ...): exit 0 unless --strict."""
+    from drctl.policies.sanity import policy_warnings
+
+    policy = load_policy(file)
+    warnings = policy_warnings(policy)
+    show([validated_line(file, policy), *(f"[yellow]warning[/]: {lit(line)}" for line in warnings)])
+    if warnings and strict:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command("explain")
