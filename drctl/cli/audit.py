@@ -62,7 +62,7 @@ def audit(
         ),
     ] = None,
     since: Annotated[str | None, typer.Option(help="only failovers started within this long, e.g. 1h, 30m, 7d")] = None,
-    limit: Annotated[int, typer.Option(help="at most this many rows")] = 50,
+    limit: Annotated[int, typer.Option(help="at most this many rows", min=1)] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """List past failovers from Temporal visibility (search attributes), newest first; `audit show

@@ -94,6 +94,26 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+def input_said(exc: ValueError, options: dict[str, str] | None = None) -> str:
+    """A request the command built that does not validate, said in the command's own terms
+    (``--reason: String should have at most 500 characters``), not as pydantic's dump. ``options``:
+    field name → the option or argument a user typed it as (default ``--field-name``)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return clip_input(str(exc))
+    said = []
+    for error in errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = (options or {}).get(field, "--" + field.replace("_", "-")) if field else "request"
+        said.append(f"{name}: {error['msg']}")
+    return "; ".join(said)
+
+
+def clip_input(value: str, limit: int = 80) -> str:
+    """What a user typed, shown back at most ``limit`` characters long (a 5,000-character id was)."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
+
+
 def with_policy(policy: Path | None = None, state_dir: Path | None = None) -> tuple[DrctlSettings, DRPolicy]:
     """The settings and the policy a command acts on: found as :mod:`drctl.cli.policy_path` says
     (``settings.policy`` is then the file found, which the stack hands on to what it starts), and

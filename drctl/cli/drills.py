@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -23,9 +22,11 @@ from drctl.cli.common import (
     PolicyOption,
     StateOption,
     await_with_progress,
+    clip_input,
     connect,
     err,
     fail,
+    input_said,
     out,
     show,
     with_policy,
@@ -78,7 +79,7 @@ def drill(
     if scenario not in scenarios:
         fail(f"unknown scenario {scenario!r}; one of: {', '.join(scenarios)}", EXIT_BAD_INPUT)
     if model is not None and model not in dr_policy.model_names:
-        fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+        fail(f"unknown model {clip_input(model)!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
     if unschedule:
         if every is not None:
             fail("--unschedule and --every do not go together: one deletes the schedule, one makes it", EXIT_BAD_INPUT)
@@ -88,10 +89,8 @@ def drill(
         timeout_s = parse_duration(timeout).total_seconds()
         interval = parse_duration(every) if every else None
         request = DrillRequest(scenario=DrillScenario(scenario), model=model, rps=rps, timeout_s=timeout_s)
-    except ValidationError as exc:
-        fail(f"bad option: {options_said(exc)}", EXIT_BAD_INPUT)
     except ValueError as exc:
-        fail(f"bad option: {exc}", EXIT_BAD_INPUT)
+        fail(f"bad option: {input_said(exc, OPTION_OF)}", EXIT_BAD_INPUT)
     if interval is not None and interval.total_seconds() < max(MIN_SCHEDULE_S, timeout_s):
         fail(
             f"--every {every} is too often: a scheduled drill injects a real fault each time; "
@@ -114,14 +113,7 @@ MIN_SCHEDULE_S = 300.0
 instance of the running fleet, so "every 1s" (accepted before) was an outage generator."""
 
 OPTION_OF = {"rps": "--rps", "timeout_s": "--timeout", "model": "--model", "scenario": "SCENARIO"}
-
-
-def options_said(exc: ValidationError) -> str:
-    """pydantic's complaint about a drill request, in the command's own terms (``--rps: ...``)."""
-    return "; ".join(
-        f"{OPTION_OF.get(str(error['loc'][0]), str(error['loc'][0])) if error['loc'] else 'request'}: {error['msg']}"
-        for error in exc.errors()
-    )
+"""DrillRequest's fields as the command's options (for :func:`~drctl.cli.common.input_said`)."""
 
 
 async def _unschedule(settings: DrctlSettings, scenario: str, model: str | None) -> None:

@@ -21,8 +21,10 @@ from drctl.cli.common import (
     PolicyOption,
     StateOption,
     await_with_progress,
+    clip_input,
     connect,
     fail,
+    input_said,
     out,
     platform_place,
     read_fleet,
@@ -74,7 +76,7 @@ def failover(
     """
     settings, dr_policy = with_policy(policy, state_dir)
     if model not in dr_policy.model_names:
-        fail(f"unknown model {model!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+        fail(f"unknown model {clip_input(model)!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
     # The instance is checked where it lives: through the platform DRCTL_PLATFORM names (the local
     # registry, or the cluster), never a local file behind its back.
     fleet, _ = asyncio.run(read_fleet(settings, dr_policy, [model]))
@@ -83,11 +85,11 @@ def failover(
         hint = "is `drctl up` running?" if settings.platform == "local" else "has reconciliation created them?"
         fail(f"no instances of {model} in {platform_place(settings)}; {hint}", EXIT_BAD_INPUT)
     if instance not in known:
-        fail(f"{model} has no instance {instance!r}; known: {', '.join(known)}", EXIT_BAD_INPUT)
+        fail(f"{model} has no instance {clip_input(instance)!r}; known: {', '.join(known)}", EXIT_BAD_INPUT)
     try:
         request = FailoverRequest(model=model, instance=instance, reason=reason, trigger=Trigger.MANUAL)
     except ValueError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+        fail(input_said(exc, {"instance": "INSTANCE", "model": "MODEL"}), EXIT_BAD_INPUT)
     if plan:
         request = request.model_copy(update={"plan_only": True})
     # The trace of a failover reported by hand starts in this command (`drctl trace WORKFLOW_ID`).

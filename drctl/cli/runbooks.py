@@ -24,9 +24,10 @@ from drctl.cli.common import (
     PolicyOption,
     StateOption,
     await_with_progress,
+    clip_input,
     connect,
     fail,
-    make_settings,
+    input_said,
     out,
     show,
     with_policy,
@@ -64,11 +65,11 @@ def drain(
     known = [slot.id for slot in gpu_inventory(dr_policy.gpu_pool)]
     if gpu not in known:
         more = " …" if len(known) > 8 else ""
-        fail(f"unknown GPU {gpu!r}; the pool has {', '.join(known[:8])}{more}", EXIT_BAD_INPUT)
+        fail(f"unknown GPU {clip_input(gpu)!r}; the pool has {', '.join(known[:8])}{more}", EXIT_BAD_INPUT)
     try:
         request = DrainGpuRequest(gpu=gpu, reason=reason)
     except ValueError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+        fail(input_said(exc, {"gpu": "GPU"}), EXIT_BAD_INPUT)
 
     async def run(interceptors: list[Interceptor]) -> None:
         client = await connect(settings, interceptors)
@@ -97,7 +98,7 @@ def drain(
 
 def require_zone(dr_policy: DRPolicy, zone: str) -> None:
     if zone not in dr_policy.zones:
-        fail(f"unknown zone {zone!r}; the policy has: {', '.join(sorted(dr_policy.zones))}", EXIT_BAD_INPUT)
+        fail(f"unknown zone {clip_input(zone)!r}; the policy has: {', '.join(sorted(dr_policy.zones))}", EXIT_BAD_INPUT)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result (or the plan) as JSON")]
@@ -123,7 +124,7 @@ def zone_failover(
     try:
         request = ZoneFailoverRequest(zone=zone, reason=reason, approved=approved)
     except ValueError as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
+        fail(input_said(exc, {"zone": "ZONE"}), EXIT_BAD_INPUT)
     waits = dr_policy.az_failover.require_approval and not approved
 
     async def run(interceptors: list[Interceptor]) -> None:
@@ -249,12 +250,16 @@ def approve(
     zone: Annotated[str, typer.Argument(help="the zone whose failover waits for approval")],
     approver: Annotated[str, typer.Option(help="who approves; recorded in the history")],
     comment: Annotated[str, typer.Option(help="optional note")] = "",
+    policy: PolicyOption = None,
 ) -> None:
     """Approve a zone failover that waits for an operator (the policy's az_failover.requireApproval)."""
     from drctl.payloads import ZoneApproval, zone_failover_workflow_id
     from drctl.workflows.zone import ZoneFailoverWorkflow
 
-    settings = make_settings()
+    settings, dr_policy = with_policy(policy)
+    require_zone(dr_policy, zone)
+    if not approver.strip():
+        fail("--approver: say who approves (it is recorded in the workflow history)", EXIT_BAD_INPUT)
 
     async def run() -> None:
         client = await connect(settings)
