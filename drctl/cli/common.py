@@ -109,7 +109,7 @@ def input_said(exc: ValueError, options: dict[str, str] | None = None) -> str:
     return "; ".join(said)
 
 
-def clip_input(value: str, limit: int = 80) -> str:
+def clip_input(value: str, limit: int = 200) -> str:
     """What a user typed, shown back at most ``limit`` characters long (a 5,000-character id was)."""
     return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
 

@@ -20,7 +20,7 @@ LONG = "g" * 5000
     [
         (["zone-failover", "az-1", "--reason", "x" * 600, "--plan"], "error: --reason: String should have at most 500"),
         (["drain", "gpu-node-0/0", "--reason", "x" * 600], "error: --reason: String should have at most 500"),
-        (["drain", LONG], f"unknown GPU '{'g' * 80}… (5000 characters)'"),
+        (["drain", LONG], f"unknown GPU '{'g' * 200}… (5000 characters)'"),
         (["approve", "az-9", "--approver", "bob"], "unknown zone 'az-9'"),
         (["approve", "az-1", "--approver", " "], "--approver: say who approves"),
         (["drill", "pod-crash", "--model", LONG], "(5000 characters)"),
