@@ -161,7 +161,7 @@ def alert_receiver(ctx: typer.Context) -> None:
     from drctl.detectors.alert_receiver import main as receiver_main
 
     _hand_on_policy()
-    receiver_main(list(ctx.args))
+    receiver_main(list(ctx.args), prog="drctl alert-receiver")
 
 
 def node_agent(ctx: typer.Context) -> None:
@@ -171,7 +171,7 @@ def node_agent(ctx: typer.Context) -> None:
     from drctl.detectors.gpu_node_agent import main as agent_main
 
     _hand_on_policy()
-    raise typer.Exit(agent_main(list(ctx.args)))
+    raise typer.Exit(agent_main(list(ctx.args), prog="drctl node-agent"))
 
 
 def _hand_on_policy() -> None:

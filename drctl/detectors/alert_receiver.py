@@ -693,10 +693,10 @@ async def serve(settings: AlertReceiverSettings, policy: DRPolicy, tokens: Token
         tracing.shutdown()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m drctl.detectors.alert_receiver") -> None:
     settings = AlertReceiverSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m drctl.detectors.alert_receiver",
+        prog=prog,
         description="Receive Alertmanager webhooks and start failover runbooks (settings: DRCTL_* variables).",
     )
     parser.add_argument("--host", default=settings.alert_receiver_host, help="address to listen on [%(default)s]")

@@ -653,9 +653,9 @@ async def serve(
 # -- command line -------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m drctl.detectors.gpu_node_agent") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m drctl.detectors.gpu_node_agent",
+        prog=prog,
         description="GPU node agent: NVML readings, Xid events and health per GPU over HTTP.",
     )
     parser.add_argument("--node", required=True, help="this node's name in the policy's gpuPool.nodes")
@@ -723,10 +723,10 @@ async def run_agent(
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m drctl.detectors.gpu_node_agent") -> int:
     from drctl.service import configure_logging
 
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     configure_logging(args.log_format)  # --log-format, else DRCTL_LOG_FORMAT, else text
     from drctl.policies.loader import PolicyError, load_policy_file
     from drctl.settings import DrctlSettings
