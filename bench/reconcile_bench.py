@@ -38,6 +38,22 @@ MODEL_MEMORY_GIB = 16
 GPU_MEMORY_GIB = 80
 
 
+def model_documents(models: int, memory_gib: int, prefix: str = "model-") -> list[dict[str, object]]:
+    """The generated fleet's models: 1 serving + 1 hot standby each, every fifth model also a warm
+    and a cold standby, ``memory_gib`` each."""
+    return [
+        {
+            "name": f"{prefix}{i:04d}",
+            "engine": "demo",
+            "hotStandby": 1,
+            "warmStandby": 1 if i % 5 == 0 else 0,
+            "coldStandby": 1 if i % 5 == 0 else 0,
+            "gpuMemory": f"{memory_gib}Gi",
+        }
+        for i in range(models)
+    ]
+
+
 def policy_of(models: int) -> DRPolicy:
     """``models`` models on enough 16-GPU nodes (two zones) for their instances, with room to spare."""
     instances = sum(2 + (2 if i % 5 == 0 else 0) for i in range(models))
@@ -46,17 +62,7 @@ def policy_of(models: int) -> DRPolicy:
     nodes += nodes % 2
     return DRPolicy.model_validate(
         {
-            "models": [
-                {
-                    "name": f"model-{i:04d}",
-                    "engine": "demo",
-                    "hotStandby": 1,
-                    "warmStandby": 1 if i % 5 == 0 else 0,
-                    "coldStandby": 1 if i % 5 == 0 else 0,
-                    "gpuMemory": f"{MODEL_MEMORY_GIB}Gi",
-                }
-                for i in range(models)
-            ],
+            "models": model_documents(models, MODEL_MEMORY_GIB),
             "gpuPool": {
                 "overcommitRatio": 1.5,
                 "nodes": [

@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.reconcile_bench import model_documents
 from drctl.payloads import FleetSnapshot, Instance, ReconcileActionKind, Role
 from drctl.policies.placement import gpu_inventory
 from drctl.policies.reconcile import plan_pass
@@ -54,17 +55,7 @@ def policy_of(models: int, nodes: int, gpus: int) -> DRPolicy:
     memory_gib = max(1, GPU_MEMORY_GIB // (per_gpu + 1))
     return DRPolicy.model_validate(
         {
-            "models": [
-                {
-                    "name": f"m{i:04d}",
-                    "engine": "demo",
-                    "hotStandby": 1,
-                    "warmStandby": 1 if i % 5 == 0 else 0,
-                    "coldStandby": 1 if i % 5 == 0 else 0,
-                    "gpuMemory": f"{memory_gib}Gi",
-                }
-                for i in range(models)
-            ],
+            "models": model_documents(models, memory_gib, prefix="m"),
             "gpuPool": {
                 "nodes": [
                     {"name": f"node-{n:02d}", "zone": f"az-{n % 2 + 1}", "gpus": gpus, "gpuMemory": "80Gi"}

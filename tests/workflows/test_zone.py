@@ -52,6 +52,13 @@ def fleet_across_zones() -> FakeFleet:
     return FakeFleet(instances={i.id: i for i in instances})
 
 
+def hot_llama_2(zone: str, gpu: str) -> Instance:
+    """A second hot standby of llama-2-7b, ``llama-2-7b-2``, on ``gpu`` in ``zone``."""
+    return Instance(
+        id="llama-2-7b-2", model="llama-2-7b", role=Role.HOT, zone=zone, gpu=gpu, node=gpu.split("/")[0], lb_priority=1
+    )
+
+
 async def run_zone(env: WorkflowEnvironment, fleet: FakeFleet, **request: object) -> ZoneFailoverResult:
     queue = f"zone-{uuid.uuid4()}"
     async with Worker(
@@ -167,10 +174,7 @@ async def test_serving_moves_to_the_standby_zone_first(time_skipping_env: Workfl
     fleet.instances["llama-2-7b-1"] = fleet.instances["llama-2-7b-1"].model_copy(
         update={"zone": "az-2", "gpu": "gpu-node-1/0", "node": "gpu-node-1"}
     )
-    fleet.instances["llama-2-7b-2"] = Instance(
-        id="llama-2-7b-2", model="llama-2-7b", role=Role.HOT, zone="az-3", gpu="gpu-node-2/0", node="gpu-node-2",
-        lb_priority=1,
-    )  # fmt: skip
+    fleet.instances["llama-2-7b-2"] = hot_llama_2("az-3", "gpu-node-2/0")
     result = await run_zone(time_skipping_env, fleet, zone="az-1", reason="zone down")
     assert "llama-2-7b-0 → llama-2-7b-2 (recovered)" in result.moved  # az-3, the policy's standbyZone
 
@@ -184,10 +188,7 @@ async def test_a_failover_of_the_standby_zone_prefers_the_active_zones(time_skip
     fleet.instances["llama-2-7b-0"] = fleet.instances["llama-2-7b-0"].model_copy(
         update={"zone": "az-3", "gpu": "gpu-node-2/1", "node": "gpu-node-2"}
     )
-    fleet.instances["llama-2-7b-2"] = Instance(
-        id="llama-2-7b-2", model="llama-2-7b", role=Role.HOT, zone="az-2", gpu="gpu-node-1/1", node="gpu-node-1",
-        lb_priority=1,
-    )  # fmt: skip
+    fleet.instances["llama-2-7b-2"] = hot_llama_2("az-2", "gpu-node-1/1")
     result = await run_zone(time_skipping_env, fleet, zone="az-3", reason="standby zone down")
     # llama-2-7b-1 (hot, az-3) has the lower id and was the standby zone's: it is passed over.
     assert result.moved == ["llama-2-7b-0 → llama-2-7b-2 (recovered)"]
