@@ -23,6 +23,7 @@ from drctl.policies.placement import (
     PlacementError,
     PlacementRequest,
     assign_borrowed,
+    standby_class,
 )
 from drctl.policies.schema import DRPolicy, ModelPolicy, TenantCapability
 
@@ -88,17 +89,17 @@ class SettledModel:
 
 
 BALANCE_SLACK = 2
-"""How many standbys of its tier fewer (its own left out) another node must hold before a standby
-is moved there for balance alone: moved when its node holds at least three more than the other.
-One more is a tie; two more, left alone (a re-tiered standby beside one of its tier would
-otherwise be moved right after, reloading it); a zone failed back, with every standby elsewhere,
-is well past it."""
+"""How many standbys of its class (:func:`~drctl.policies.placement.standby_class`) fewer, its own
+left out, another node must hold before a standby is moved there for balance alone: moved when
+its node holds at least three more than the other. One more is a tie; two more, left alone (a
+re-tiered standby beside one of its class would otherwise be moved right after, reloading it); a
+zone failed back, with every standby elsewhere, is well past it."""
 
 
 def judged_better(candidate: tuple[int, ...], current: tuple[int, ...]) -> bool:
     """Whether a place judged ``candidate`` (:meth:`PlacementEngine.penalty`) is better than a
     standby's ``current`` (cut to :data:`STANDBY_JUDGED`): lower in the first four components, or
-    equal there and lower by more than :data:`BALANCE_SLACK` in its tier's standbys on the node.
+    equal there and lower by at least :data:`BALANCE_SLACK` in its class's standbys on the node.
     Monotone in the penalties' order, so the lowest candidate decides for every other."""
     head, now = candidate[: STANDBY_JUDGED - 1], current[: STANDBY_JUDGED - 1]
     if head != now:
@@ -433,8 +434,9 @@ def describe(engine: PlacementEngine, request: PlacementRequest, gpu: str, penal
     if penalty[3] and same:  # (its model's serving instance there is said above)
         parts.append(f"beside {', '.join(same)} of its model on GPU {gpu}")
     if not parts and len(penalty) > 4 and penalty[4]:
-        # Only the balance of the nodes: the one it stands on has more of its tier than another.
-        parts.append(f"one of {penalty[4] + 1} {request.tier} standbys on node {slot.node}, where another has fewer")
+        # Only the balance of the nodes: the one it stands on has more of its class than another.
+        kind = "cold" if standby_class(request.tier) == "cold" else "hot or warm"
+        parts.append(f"one of {penalty[4] + 1} {kind} standbys on node {slot.node}, where another has fewer")
     return f"{request.instance} ({request.tier} standby on {gpu}) " + ", ".join(parts)
 
 
