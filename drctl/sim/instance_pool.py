@@ -212,7 +212,19 @@ class PooledInstance:
             self.server.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (Linux)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
+            self._wait_thread_gone()
         log(self.instance, f"{reason} (pooled, pid {self.pid})")
+
+    def _wait_thread_gone(self, timeout_s: float = 1.0) -> None:
+        """Until the kernel has the thread (its pid) no more: ``join`` returns when the thread has
+        finished its Python code, a moment before the OS thread exits, and on a busy machine
+        ``/proc`` still showed the "killed" instance alive after the kill was answered (CI)."""
+        if not self.pid:
+            return  # never started
+        task = f"/proc/self/task/{self.pid}"
+        deadline = time.monotonic() + timeout_s
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 class PooledHTTPServer(DemoHTTPServer):
