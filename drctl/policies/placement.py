@@ -194,8 +194,9 @@ class PlacementRequest:
     spread: bool = False
     """DR spread over failure domains (see :meth:`PlacementEngine.penalty`): a serving instance
     prefers the nodes and GPUs with the fewest serving instances of the fleet, then an empty GPU; a
-    standby prefers a GPU without a serving instance and without another instance of its model,
-    then the node and the GPU with the fewest standbys of its class. Without it, best fit packs
+    standby prefers a GPU without a serving instance and without another instance of its model, a
+    zone with the fewest of its model, then the node and the GPU with the fewest standbys of its
+    class. Without it, best fit packs
     (the seed's behaviour)."""
     serving_zones: frozenset[str] = frozenset()
     """Zones where serving belongs (:func:`serving_zones`: an active-passive policy's active zones).
@@ -293,10 +294,11 @@ def standby_class(tier: str) -> str:
     return "cold" if tier == "cold" else "promotable"
 
 
-STANDBY_JUDGED = 5
+STANDBY_JUDGED = 6
 """How many leading components of a standby's penalty (:meth:`PlacementEngine.penalty`) placement
 repair judges a standby by: anti-affinity, avoided zone, beside a serving instance, beside its own
-model, standbys of its class (:func:`standby_class`) on its node. So repair spreads standbys back
+model, its model's other instances in the zone, standbys of its class (:func:`standby_class`) on
+its node. So repair spreads a model's standbys over the zones, and standbys back
 over the nodes after a zone comes back (a failback: while the zone was cordoned its standbys all
 went elsewhere); a standby moves for balance only to a node with fewer of its class by more than
 :data:`~drctl.policies.placement_repair.BALANCE_SLACK`. The last component (standbys of its class
@@ -874,6 +876,7 @@ class PlacementEngine:
                         *penalty,
                         int(spread.serving[i] > 0),
                         int(copies.get(i, 0) > 0),
+                        zones.get(zone_of[i], 0),
                         spread.node_standby.get((standby_class(request.tier), slot.node), 0),
                         spread.gpu_standby.get((standby_class(request.tier), i), 0),
                     )
@@ -891,10 +894,12 @@ class PlacementEngine:
         1. on a node in ``protects`` (anti-affinity); 2. in a zone in ``avoid_zones``;
         then with ``spread``, for a serving (or promoting) request: 3. serving instances on the GPU's
         node, 4. serving instances on the GPU, 5. the GPU holds anything; for a standby: 3. the GPU
-        holds a serving instance, 4. the GPU holds another instance of the request's model, 5.
-        standbys of the request's class (:func:`standby_class`: hot and warm, or cold) on the GPU's
-        node, 6. standbys of its class on the GPU. (5 and 6: standbys become serving where they
-        stand when their serving peers' zone fails, hot and warm ones first. Packed by best fit, a
+        holds a serving instance, 4. the GPU holds another instance of the request's model, 5. the
+        request's model's instances in the GPU's zone (its standbys spread over the zones before
+        anything else is balanced), 6. standbys of the request's class (:func:`standby_class`: hot
+        and warm, or cold) on the GPU's node, 7. standbys of its class on the GPU. (6 and 7:
+        standbys become serving where they stand when their serving peers' zone fails, hot and warm
+        ones first. Packed by best fit, a
         zone failover of 500 models left 75 % of them serving from one node of the surviving zone
         and 40 from one GPU.)
         """
@@ -915,7 +920,8 @@ class PlacementEngine:
             protects, avoid, kind = request.protects, request.avoid_zones, standby_class(request.tier)
             spread = self._spread_use()
             serving, node_standby = spread.serving, spread.node_standby
-            gpus = self._model(request.model).gpus
+            use = self._model(request.model)
+            gpus, in_zone = use.gpus, use.zones
             zone_of = self._zone_of
             ranked = (
                 (
@@ -924,6 +930,7 @@ class PlacementEngine:
                         int(slot.zone in avoid),
                         int(serving[i] > 0),
                         int(gpus.get(zone_of[i], {}).get(i, 0) > 0),
+                        in_zone.get(zone_of[i], 0),
                         node_standby.get((kind, slot.node), 0),
                     ),
                     slot.id,
@@ -945,6 +952,7 @@ class PlacementEngine:
             *key,
             int(spread.serving[i] > 0),
             int(self._copies(request.model, i) > 0),
+            self._model(request.model).zones.get(slot.zone, 0),
             spread.node_standby.get((standby_class(request.tier), slot.node), 0),
             spread.gpu_standby.get((standby_class(request.tier), i), 0),
         )

@@ -98,7 +98,7 @@ zone failed back, with every standby elsewhere, is well past it."""
 
 def judged_better(candidate: tuple[int, ...], current: tuple[int, ...]) -> bool:
     """Whether a place judged ``candidate`` (:meth:`PlacementEngine.penalty`) is better than a
-    standby's ``current`` (cut to :data:`STANDBY_JUDGED`): lower in the first four components, or
+    standby's ``current`` (cut to :data:`STANDBY_JUDGED`): lower in all but the last component, or
     equal there and lower by at least :data:`BALANCE_SLACK` in its class's standbys on the node.
     Monotone in the penalties' order, so the lowest candidate decides for every other."""
     head, now = candidate[: STANDBY_JUDGED - 1], current[: STANDBY_JUDGED - 1]
@@ -434,9 +434,11 @@ def describe(engine: PlacementEngine, request: PlacementRequest, gpu: str, penal
     if penalty[3] and same:  # (its model's serving instance there is said above)
         parts.append(f"beside {', '.join(same)} of its model on GPU {gpu}")
     if not parts and len(penalty) > 4 and penalty[4]:
+        parts.append(f"one of {penalty[4] + 1} instances of {request.model} in zone {slot.zone}")
+    if not parts and len(penalty) > 5 and penalty[5]:
         # Only the balance of the nodes: the one it stands on has more of its class than another.
         kind = "cold" if standby_class(request.tier) == "cold" else "hot or warm"
-        parts.append(f"one of {penalty[4] + 1} {kind} standbys on node {slot.node}, where another has fewer")
+        parts.append(f"one of {penalty[5] + 1} {kind} standbys on node {slot.node}, where another has fewer")
     return f"{request.instance} ({request.tier} standby on {gpu}) " + ", ".join(parts)
 
 

@@ -244,10 +244,12 @@ def penalty_of(
     # Standbys of the request's class: cold with cold, hot and warm together.
     kind = request.tier == "cold"
     standbys = [a for a in allocs if a.tier not in SERVING_TIERS and a.gpu in node_of and (a.tier == "cold") == kind]
+    zone_of = {s.id: s.zone for s in inventory}
     return (
         *key,
         int(any(a.tier in SERVING_TIERS for a in on)),
         int(any(a.model == request.model for a in on)),
+        sum(1 for a in allocs if a.model == request.model and zone_of.get(a.gpu) == slot.zone),
         sum(1 for a in standbys if node_of[a.gpu] == slot.node),
         sum(1 for a in standbys if a.gpu == slot.id),
     )
@@ -884,6 +886,23 @@ def test_spread_keeps_a_standby_off_serving_gpus_and_off_its_own_model() -> None
     assert placement.gpu.id == "a/0" and "beside a serving instance" in placement.reason
 
 
+def test_a_model_s_standbys_spread_over_the_zones_before_the_fleet_s_standbys_balance() -> None:
+    """Node b holds none of the fleet's hot standbys, c three: m's first hot standby goes to b, and
+    its second to c, in another zone, although b still holds fewer of the fleet's. (With the
+    fleet's balance first, both went to b: one node, one zone, both of m's standbys.)"""
+    pool = pool_of(("a", "az-1", 2, 80), ("b", "az-2", 2, 80), ("c", "az-3", 2, 80))
+    inventory = gpu_inventory(pool)
+    fleet = [alloc("m-0", "a/0", 16, model="m")] + [
+        alloc(f"x{n}-1", f"c/{n % 2}", 16, "hot", model=f"x{n}") for n in range(3)
+    ]
+    away = replace(spread("m-1", 16, "hot", protects=frozenset({"a"})), avoid_zones=frozenset({"az-1"}))
+    first = place(away, inventory, fleet, pool, DEFAULT)
+    assert first.gpu.node == "b"
+    fleet.append(first.allocation(away))
+    second = replace(away, instance="m-2")
+    assert place(second, inventory, fleet, pool, DEFAULT).gpu.node == "c"
+
+
 def test_avoided_zones_are_left_while_another_zone_fits() -> None:
     pool = pool_of(("a", "az-1", 1, 80), ("b", "az-1", 1, 80), ("c", "az-2", 1, 40))
     inventory = gpu_inventory(pool)
@@ -905,17 +924,17 @@ def test_penalty_judges_an_instance_where_it_stands_without_itself() -> None:
     here = replace(spread("m-1", 16, "cold", protects=frozenset({"a"})), avoid_zones=frozenset({"az-1"}))
     # On the serving node and zone, beside a serving instance (its own model's, which counts once);
     # no other standby on the node or the GPU (its own allocation left out).
-    assert engine.penalty(here, "a/0") == (1, 1, 1, 1, 0, 0)
-    assert engine.penalty(here, "a/1") == (1, 1, 0, 0, 0, 0)
-    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 0, 0)
+    assert engine.penalty(here, "a/0") == (1, 1, 1, 1, 1, 0, 0)  # m-0 in az-1 too
+    assert engine.penalty(here, "a/1") == (1, 1, 0, 0, 1, 0, 0)
+    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 0, 0, 0)
     # Another model's cold standby on b/0: node b and GPU b/0 count it, b/1 only by its node; a hot
     # one counts for hot and warm standbys, not for a cold one.
     engine.add(alloc("x-1", "b/0", 16, "cold", model="x"))
     engine.add(alloc("y-1", "b/1", 16, "hot", model="y"))
-    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 1, 1)
-    assert engine.penalty(here, "b/1") == (0, 0, 0, 0, 1, 0)
+    assert engine.penalty(here, "b/0") == (0, 0, 0, 0, 0, 1, 1)
+    assert engine.penalty(here, "b/1") == (0, 0, 0, 0, 0, 1, 0)
     warm = replace(here, tier="warm")
-    assert engine.penalty(warm, "b/0") == (0, 0, 0, 0, 1, 0)
-    assert engine.penalty(warm, "b/1") == (0, 0, 0, 0, 1, 1)
+    assert engine.penalty(warm, "b/0") == (0, 0, 0, 0, 0, 1, 0)
+    assert engine.penalty(warm, "b/1") == (0, 0, 0, 0, 0, 1, 1)
     with pytest.raises(PlacementError, match="not in the inventory"):
         engine.penalty(here, "z/9")

@@ -194,7 +194,7 @@ def test_without_zone_roles_placement_is_as_before() -> None:
     """Without ``az_failover`` (its default ``activeZones: [az-1]`` names no standby zone), with no
     active zones, or with no standby zone: no zone roles, and the same plan each time, placed as
     drctl placed before zone roles existed (gpt-4-8b serving from gpu-node-2, in az-3; the
-    standbys spread over the four nodes, the fewest of their class per node first)."""
+    standbys spread over the zones for their model, then over the nodes by class)."""
     before = [
         ("llama-2-7b-0", "serving", "gpu-node-0/0"),
         ("llama-2-7b-1", "hot", "gpu-node-1/0"),
@@ -202,12 +202,12 @@ def test_without_zone_roles_placement_is_as_before() -> None:
         ("llama-2-7b-3", "cold", "gpu-node-1/1"),
         ("mistral-7b-0", "serving", "gpu-node-1/2"),
         ("mistral-7b-1", "hot", "gpu-node-0/1"),
-        ("mistral-7b-2", "warm", "gpu-node-3/0"),
+        ("mistral-7b-2", "warm", "gpu-node-2/1"),
         ("mistral-7b-3", "cold", "gpu-node-2/0"),
-        ("gpt-4-8b-0", "serving", "gpu-node-2/1"),
-        ("gpt-4-8b-1", "warm", "gpu-node-1/1"),
-        ("gpt-4-8b-2", "cold", "gpu-node-0/1"),
-        ("gpt-4-8b-3", "cold", "gpu-node-3/0"),
+        ("gpt-4-8b-0", "serving", "gpu-node-2/2"),
+        ("gpt-4-8b-1", "warm", "gpu-node-3/0"),
+        ("gpt-4-8b-2", "cold", "gpu-node-1/0"),
+        ("gpt-4-8b-3", "cold", "gpu-node-0/1"),
     ]
     for policy in (
         without_zone_roles(POLICY),

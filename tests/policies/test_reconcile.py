@@ -109,9 +109,16 @@ def test_surplus_warm_becomes_missing_hot() -> None:
     )
     fleet = [i for i in fleet if i.id != hot.id] + [extra_warm]
     plan = plan_reconcile(POLICY, fleet)
-    assert [(a.kind, a.instance, a.tier) for a in plan.actions] == [
-        (ReconcileActionKind.RETIER, "mistral-7b-9", Role.HOT)
-    ]
+    # The surplus warm standby becomes the missing hot one (no new instance to load)...
+    assert (ReconcileActionKind.RETIER, "mistral-7b-9", Role.HOT) == (
+        plan.actions[0].kind,
+        plan.actions[0].instance,
+        plan.actions[0].tier,
+    )
+    # ... and, standing in az-3 with two more of mistral while az-1 has none, it moves there: a
+    # model's standbys spread over the zones (placement repair judges that too).
+    assert plan.moves == {"mistral-7b-10": "mistral-7b-9"}
+    assert next(a for a in plan.actions if a.instance == "mistral-7b-10").zone == "az-1"
 
 
 def test_surplus_is_deleted_newest_first() -> None:
