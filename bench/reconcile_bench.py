@@ -23,12 +23,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drctl.payloads import FleetSnapshot, Instance, ReconcileActionKind, ReconcilePlan
+from drctl.payloads import FleetSnapshot, Instance, ReconcileAction, ReconcileActionKind, ReconcilePlan
 from drctl.policies.reconcile import plan_pass
 from drctl.policies.schema import DRPolicy
 from drctl.temporal.converter import drctl_data_converter
@@ -86,20 +87,25 @@ def converge(policy: DRPolicy) -> tuple[list[Instance], int]:
         plan = plan_pass(snapshot_of(policy, list(instances.values())), None)
         if not plan.actions:
             return list(instances.values()), passes
-        for action in plan.actions:
-            if action.kind == ReconcileActionKind.DELETE:
-                instances.pop(action.instance, None)
-            else:
-                instances[action.instance] = Instance(
-                    id=action.instance,
-                    model=action.model,
-                    role=action.tier,
-                    gpu=action.gpu,
-                    node=action.node,
-                    zone=action.zone,
-                    address=f"127.0.0.1:{20000 + len(instances)}",
-                )
+        apply_actions(instances, plan.actions)
     raise RuntimeError("the planner did not converge in 9 passes")
+
+
+def apply_actions(instances: dict[str, Instance], actions: Sequence[ReconcileAction]) -> None:
+    """A plan's actions applied to ``instances`` (id → instance) as the platform would."""
+    for action in actions:
+        if action.kind == ReconcileActionKind.DELETE:
+            instances.pop(action.instance, None)
+        else:
+            instances[action.instance] = Instance(
+                id=action.instance,
+                model=action.model,
+                role=action.tier,
+                gpu=action.gpu,
+                node=action.node,
+                zone=action.zone,
+                address=f"127.0.0.1:{20000 + len(instances)}",
+            )
 
 
 def encoded_size(value: Any) -> int:

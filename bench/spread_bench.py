@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reconcile_bench import model_documents
-from drctl.payloads import FleetSnapshot, Instance, ReconcileActionKind, Role
+from bench.reconcile_bench import apply_actions, model_documents
+from drctl.payloads import FleetSnapshot, Instance, Role
 from drctl.policies.placement import gpu_inventory
 from drctl.policies.reconcile import plan_pass
 from drctl.policies.schema import DRPolicy
@@ -79,18 +79,7 @@ def settle(policy: DRPolicy, fleet: list[Instance], cordoned: list[str]) -> tupl
         plan = plan_pass(snapshot, None)
         if not plan.actions:
             return list(instances.values()), passes
-        for action in plan.actions:
-            if action.kind == ReconcileActionKind.DELETE:
-                instances.pop(action.instance, None)
-            else:
-                instances[action.instance] = Instance(
-                    id=action.instance,
-                    model=action.model,
-                    role=action.tier,
-                    gpu=action.gpu,
-                    node=action.node,
-                    zone=action.zone,
-                )
+        apply_actions(instances, plan.actions)
     raise RuntimeError("reconciliation did not settle in 19 passes")
 
 
