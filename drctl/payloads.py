@@ -405,6 +405,8 @@ class ReconcilePlan(Payload):
     """Zones failing over when planned: the plan makes no new standbys
     (``drctl.policies.reconcile.zone_failover_first``), and its pass waits for those failovers to
     hand their lease back, then plans again."""
+    cordoned: list[str] = Field(default_factory=list)
+    """The GPUs cordoned in the fleet the plan was made from."""
     pacing: ReconcilePacing | None = None
     """How many changes at once, from the policy when planned. None in a plan made before it was
     recorded here: that pass deletes one at a time and creates four at a time, as it did."""
@@ -434,6 +436,10 @@ class ZoneNames(Payload):
     """Input of ``await_zone_failovers``."""
 
     zones: list[str]
+    cordoned: list[str] | None = None
+    """The GPUs cordoned when the waiting pass planned (``ReconcilePlan.cordoned``): the wait ends
+    as soon as they differ, so the pass plans again on the zone failover's cordon. None (a pass
+    from before): waits for the zone failover only."""
 
 
 class ChangeBatch(Payload):

@@ -605,7 +605,9 @@ def plan_pass(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePla
     pacing = ReconcilePacing(
         parallel_changes=policy.reconcile.max_parallel_changes, loads_per_node=policy.reconcile.max_loads_per_node
     )
-    return plan.model_copy(update={"violations": listed(plan.violations), "pacing": pacing})
+    return plan.model_copy(
+        update={"violations": listed(plan.violations), "pacing": pacing, "cordoned": sorted(snapshot.cordoned_gpus)}
+    )
 
 
 MAX_LISTED_VIOLATIONS = 20

@@ -201,7 +201,7 @@ async def reconcile_pass(
         # waits for it, rather than pass after pass planning beside it, then plans again.
         waited: StepReport = await workflow.execute_activity(
             ActivityName.AWAIT_ZONE_FAILOVERS,
-            ZoneNames(zones=plan.after_zone_failover),
+            ZoneNames(zones=plan.after_zone_failover, cordoned=plan.cordoned),
             result_type=StepReport,
             start_to_close_timeout=timedelta(hours=1),
             heartbeat_timeout=PASS_WAIT_HEARTBEAT,

@@ -127,6 +127,39 @@ async def test_a_pass_waits_for_the_zone_failover_then_for_the_recoveries_it_hel
     assert len(asked) == 3 and report.detail.startswith("zone failover of az-1 ended, then ")
 
 
+async def test_a_waiting_pass_plans_again_when_the_zone_is_cordoned_after_its_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planned after the zone failover's workflow started but before its cordon: the wait ends
+    when the cordon appears (the pass then plans again and deletes the zone's standbys), not when
+    the zone failover has ended."""
+    asked: list[int] = []
+
+    async def budget_state(client: Client, task_queue: str) -> BudgetState:
+        asked.append(1)
+        return BudgetState(running=[zone_lease("az-1")])
+
+    async def zone_failovers_running(client: Client, task_queue: str, now: datetime) -> set[str]:
+        return {"az-1"}
+
+    cordons = iter([["gpu-node-9/0"], ["gpu-node-9/0"], ["gpu-node-0/0", "gpu-node-0/1", "gpu-node-9/0"]])
+
+    async def cordoned_now() -> list[str]:
+        return next(cordons)
+
+    monkeypatch.setattr(reconcile, "budget_state", budget_state)
+    monkeypatch.setattr(reconcile, "zone_failovers_running", zone_failovers_running)
+    monkeypatch.setattr(reconcile, "ZONE_FAILOVER_POLL_S", 0.0)
+    env = ActivityEnvironment(client=cast(Client, object()))
+    names = ZoneNames(zones=["az-1"], cordoned=["gpu-node-9/0"])
+    report: StepReport = await env.run(reconcile.await_zone_failovers, names, cordoned_now)
+    assert report.detail == "2 GPU(s) cordoned or returned since the plan: planning again"
+    assert len(asked) == 2  # two rounds of the zone failover running, then the cordon landed
+    # A pass from before (no cordons recorded) waits for the zone failover only, as it did.
+    still = ZoneNames(zones=["az-1"])
+    assert still.cordoned is None
+
+
 async def test_planning_heartbeats_however_long_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plan is CPU in a thread: at 2,000 instances on a loaded machine it took longer than the
     activity's heartbeat timeout, and without heartbeats meanwhile every try of it timed out."""
