@@ -538,11 +538,7 @@ class KubeWatcher:
         moves serving) and every zone a watched node is labelled with, as the prober checks every
         zone of the policy (:attr:`~drctl.policies.schema.DRPolicy.checked_zones`)."""
         assert self.zones is not None
-        active = list(dict.fromkeys(self.zones.active_zones))
-        others = {node.zone for node in self.state.nodes.values() if node.zone}
-        if self.zones.standby_zone:
-            others.add(self.zones.standby_zone)
-        return active + sorted(others - set(active))
+        return self.zones.checked_zones(node.zone for node in self.state.nodes.values() if node.zone)
 
     def zone_looks_down(self, zone: str | None) -> bool:
         """A checked zone none of whose nodes is up right now: its instances are the zone failover's."""

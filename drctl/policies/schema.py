@@ -9,6 +9,7 @@ of silently ignored.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
@@ -105,6 +106,16 @@ class ZoneFailoverPolicy(_Section):
     """Judge a zone down at the first failed check, without waiting ``failoverThreshold`` checks,
     when the prober also has every instance it watches in the zone down (each past its own
     ``unhealthyThreshold``): two independent signals agree. False: always wait the threshold."""
+
+    def checked_zones(self, node_zones: Iterable[str]) -> list[str]:
+        """The zones the zone health checks watch, given the zones the nodes are in: the active ones
+        first, then the standby zone and every zone of ``node_zones``. Serving leaves the active
+        zones (a zone failover moves it to the standby zone; without zone roles it is placed
+        anywhere), and a zone the checks did not watch failed instance by instance, its failures
+        queued behind the budget's per-zone cap until the breaker tripped and waited for a person."""
+        active = list(dict.fromkeys(self.active_zones))
+        others = set(node_zones) | ({self.standby_zone} if self.standby_zone else set())
+        return active + sorted(others - set(active))
 
 
 class HealthCheckPolicy(_Section):
@@ -351,15 +362,9 @@ class DRPolicy(_Section):
 
     @property
     def checked_zones(self) -> list[str]:
-        """The zones the zone health checks watch: the active ones first, then the standby zone and
-        every other zone of the pool. Serving leaves the active zones (a zone failover moves it to
-        the standby zone; without zone roles it is placed anywhere), and a zone the checks did not
-        watch failed instance by instance, its failures queued behind the budget's per-zone cap
-        until the breaker tripped and waited for a person."""
-        active = list(dict.fromkeys(self.az_failover.active_zones))
-        standby = self.az_failover.standby_zone
-        others = sorted(({standby} if standby else set()) | {node.zone for node in self.gpu_pool.nodes})
-        return active + [zone for zone in others if zone not in active]
+        """The zones the zone health checks watch: :meth:`ZoneFailoverPolicy.checked_zones` of the
+        pool's nodes."""
+        return self.az_failover.checked_zones(node.zone for node in self.gpu_pool.nodes)
 
     @property
     def model_names(self) -> list[str]:
