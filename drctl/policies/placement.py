@@ -852,6 +852,7 @@ class PlacementEngine:
         protects, avoid = request.protects, request.avoid_zones
         spread = self._spread_use() if request.spread else None
         serving = request.tier in SERVING_TIERS
+        kind = standby_class(request.tier)
         zoned = request.zoned
         slots, zone_of = self._slots, self._zone_of
         best: tuple[int, int, tuple[int, ...], bool, int, int, int, int] | None = None
@@ -877,8 +878,8 @@ class PlacementEngine:
                         int(spread.serving[i] > 0),
                         int(copies.get(i, 0) > 0),
                         zones.get(zone_of[i], 0),
-                        spread.node_standby.get((standby_class(request.tier), slot.node), 0),
-                        spread.gpu_standby.get((standby_class(request.tier), i), 0),
+                        spread.node_standby.get((kind, slot.node), 0),
+                        spread.gpu_standby.get((kind, i), 0),
                     )
             outside = int(bool(zoned) and slot.zone not in zoned)
             key = (penalty[0], outside, penalty, borrowed, zones.get(zone_of[i], 0), free - m, -copies.get(i, 0), i)
