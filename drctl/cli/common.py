@@ -114,6 +114,12 @@ def clip_input(value: str, limit: int = 200) -> str:
     return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
 
 
+def require_model(dr_policy: DRPolicy, model: str) -> None:
+    """Exit 2 with the policy's models when ``model`` is not one of them."""
+    if model not in dr_policy.model_names:
+        fail(f"unknown model {clip_input(model)!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+
+
 def with_policy(policy: Path | None = None, state_dir: Path | None = None) -> tuple[DrctlSettings, DRPolicy]:
     """The settings and the policy a command acts on: found as :mod:`drctl.cli.policy_path` says
     (``settings.policy`` is then the file found, which the stack hands on to what it starts), and

@@ -22,12 +22,12 @@ from drctl.cli.common import (
     PolicyOption,
     StateOption,
     await_with_progress,
-    clip_input,
     connect,
     err,
     fail,
     input_said,
     out,
+    require_model,
     show,
     with_policy,
 )
@@ -78,8 +78,8 @@ def drill(
     scenarios = [s.value for s in DrillScenario]
     if scenario not in scenarios:
         fail(f"unknown scenario {scenario!r}; one of: {', '.join(scenarios)}", EXIT_BAD_INPUT)
-    if model is not None and model not in dr_policy.model_names:
-        fail(f"unknown model {clip_input(model)!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    if model is not None:
+        require_model(dr_policy, model)
     if unschedule:
         if every is not None:
             fail("--unschedule and --every do not go together: one deletes the schedule, one makes it", EXIT_BAD_INPUT)

@@ -29,6 +29,7 @@ from drctl.cli.common import (
     platform_place,
     read_fleet,
     reporter,
+    require_model,
     show,
     with_policy,
 )
@@ -75,8 +76,7 @@ def failover(
     With --plan, the same runbook code decides every step and lists them, changing nothing.
     """
     settings, dr_policy = with_policy(policy, state_dir)
-    if model not in dr_policy.model_names:
-        fail(f"unknown model {clip_input(model)!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+    require_model(dr_policy, model)
     # The instance is checked where it lives: through the platform DRCTL_PLATFORM names (the local
     # registry, or the cluster), never a local file behind its back.
     fleet, _ = asyncio.run(read_fleet(settings, dr_policy, [model]))

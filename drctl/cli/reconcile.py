@@ -16,7 +16,6 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 
 from drctl.cli.common import (
-    EXIT_BAD_INPUT,
     EXIT_FAILED,
     PolicyOption,
     StateOption,
@@ -25,6 +24,7 @@ from drctl.cli.common import (
     err,
     fail,
     out,
+    require_model,
     show,
     with_policy,
 )
@@ -46,8 +46,7 @@ def reconcile(
     """
     settings, dr_policy = with_policy(policy, state_dir)
     for name in model or []:
-        if name not in dr_policy.model_names:
-            fail(f"unknown model {name!r}; the policy has: {', '.join(dr_policy.model_names)}", EXIT_BAD_INPUT)
+        require_model(dr_policy, name)
     request = ReconcileRequest(models=model or None, dry_run=dry_run)
     result = asyncio.run(run_reconcile(settings, request, on_progress=ProgressLine()))
     if as_json:
