@@ -171,6 +171,11 @@ class FailoverRequest(Payload):
     server round trip cheaper each; see docs/benchmarks.md). Loading a warm or cold standby always
     runs as a regular activity: it can take minutes and heartbeats. False: every step is a regular
     activity, each an ActivityTaskScheduled event in the UI."""
+    switched: SwitchRecord | None = None
+    """The failure was already recovered by a zone failover's batch (``ZoneFailoverWorkflow``
+    switched the model to its hot standby in one activity with the rest of the zone): this run
+    records that recovery, its steps and timings, as the model's runbook in the audit, and changes
+    nothing. None: an ordinary runbook."""
 
 
 class AlertResolved(Payload):
@@ -246,6 +251,79 @@ class FailoverResult(Payload):
     probe: a healthy instance at confirm ends it as a false alarm; a dead one is failed over."""
 
 
+class SwitchRecord(Payload):
+    """One model's switch to its hot standby, done in a zone failover's batch (see
+    ``FailoverRequest.switched``)."""
+
+    standby: str
+    tier: Role = Role.HOT
+    epoch: int
+    steps: list[StepTiming] = Field(default_factory=list)
+    started_at: datetime
+    verified_at: datetime
+    handled_by: str
+    """The ``ZoneFailoverWorkflow`` whose batch switched it."""
+
+
+FailoverRequest.model_rebuild()
+
+
+class ZoneSwitch(Payload):
+    """A zone failover's decision for one failed serving instance: switch to ``standby`` (hot, out
+    of the failed zone) under ``epoch``, claimed for the model with the listing it was decided from."""
+
+    model: str
+    instance: str
+    standby: str
+    epoch: int
+    defer_eject: bool = True
+    """The failed instance is the model's last serving one: ejected once the standby serves."""
+    started_at: datetime
+
+
+class ZoneSwitchClaim(Payload):
+    """The serving instances of a failed zone that a zone failover may switch in one batch."""
+
+    zone: str
+    instances: list[InstanceRef]
+    prefer_zone: str | None = None
+    lease: str
+    """The zone failover's lease: models under any other lease are busy with a recovery of their own."""
+
+
+class ZoneSwitchPlan(Payload):
+    switches: list[ZoneSwitch] = Field(default_factory=list)
+    left: dict[str, str] = Field(default_factory=dict)
+    """Instance → why it is left to its model's guardian (a recovery of the model already runs, no
+    hot standby out of the zone, a second failed instance of the model)."""
+    duration_ms: float = 0.0
+
+
+class ZoneSwitchBatch(Payload):
+    switches: list[ZoneSwitch]
+    reason: str = ""
+    handled_by: str
+    """The zone failover's workflow id: each switch's record names it."""
+    at_once: int = 16
+
+
+class ZoneSwitchDone(Payload):
+    model: str
+    instance: str
+    standby: str
+    switched: bool
+    stale: bool = False
+    """A newer runbook of the model claimed a higher epoch: nothing more was done here."""
+    detail: str = ""
+    record: str | None = None
+    """The workflow id of the ``FailoverWorkflow`` that records the switch."""
+
+
+class ZoneSwitchOutcomes(Payload):
+    done: list[ZoneSwitchDone] = Field(default_factory=list)
+    duration_ms: float = 0.0
+
+
 class ActivityName:
     """Activity type names. Workflows call activities by these names so any implementation (local,
     Kubernetes, a test fake) registers under the same name."""
@@ -275,6 +353,8 @@ class ActivityName:
     HAND_BACK_LEASE = "hand_back_lease"
     AWAIT_RECONCILE_PASS = "await_reconcile_pass"
     AWAIT_ZONE_FAILOVERS = "await_zone_failovers"
+    PLAN_ZONE_SWITCH = "plan_zone_switch"
+    SWITCH_ZONE_TO_HOT = "switch_zone_to_hot"
     BUDGET_ALERT = "raise_budget_alert"
     DRILL_PREPARE = "drill_prepare"
     DRILL_RUN = "drill_run"

@@ -91,3 +91,23 @@ def plan_failover(instances: Sequence[Instance], failed_instance: str) -> Failov
     if failed.role == Role.SERVING:
         return FailoverPlan.REPLACE
     return FailoverPlan.EJECT_ONLY
+
+
+def hot_switch(
+    instances: Sequence[Instance], failed_instance: str, failed_zone: str, prefer_zone: str | None = None
+) -> Instance | None:
+    """The hot standby a zone failover switches ``failed_instance`` to in its batch, or None when
+    this recovery needs the model's own runbook (its guardian). Only the plain case is batched: the
+    failed instance serves, nothing of the model is mid-promotion, and the runbook's first choice
+    (:func:`standby_candidates`, the zone failover's order) is a hot standby known to be outside
+    ``failed_zone``. Anything else (a warm or cold standby to load, no standby, a standby in the
+    failed zone) goes through the runbook, which tries standby after standby."""
+    if plan_failover(instances, failed_instance) != FailoverPlan.REPLACE:
+        return None
+    if any(i.role == Role.PROMOTING for i in instances):
+        return None
+    candidates = standby_candidates(instances, failed_instance, prefer_zone)
+    first = candidates[0] if candidates else None
+    if first is None or first.role != Role.HOT or first.zone is None or first.zone == failed_zone:
+        return None
+    return first

@@ -19,12 +19,15 @@ from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
 )
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.payloads import (
     WORKFLOW_TASK_TIMEOUT,
     BudgetState,
+    FailoverRequest,
     FailoverResult,
     FailureReport,
     GuardianState,
@@ -35,10 +38,12 @@ from drctl.payloads import (
     LeaseRequest,
     SearchAttr,
     budget_workflow_id,
+    failover_workflow_id,
     guardian_workflow_id,
     zone_failover_workflow_id,
 )
 from drctl.workflows.budget import BudgetWorkflow
+from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
 
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -213,6 +218,56 @@ async def busy_models(client: Client, task_queue: str) -> dict[str, str]:
     """Models with a recovery running or waiting for the budget → that recovery's runbook (or the
     zone failover whose lease covers the model: its runbooks ask the budget nothing more)."""
     return busy_in(await budget_state(client, task_queue))
+
+
+async def start_switch_record(client: Client, task_queue: str, request: FailoverRequest) -> str:
+    """Start the ``FailoverWorkflow`` that records a switch a zone failover's batch made
+    (``request.switched``), once. Its id is the model's usual runbook id; when a run of that id
+    exists already, it is this record (started by an earlier attempt: its memo says so) or another
+    run (an earlier failure of an instance of the same id), and the next id is tried: with the
+    epoch (``-z{epoch}``), then numbered. Returns the id the record runs under."""
+    switched = request.switched
+    assert switched is not None
+    plain = failover_workflow_id(request.model, request.instance)
+    memo = {"switched_by": switched.handled_by, "epoch": switched.epoch}
+    ids = [plain, f"{plain}-z{switched.epoch}", *(f"{plain}-z{switched.epoch}-{n}" for n in range(2, RECORD_IDS))]
+    for workflow_id in ids:
+        try:
+            await client.start_workflow(
+                FailoverWorkflow.run,
+                request,
+                id=workflow_id,
+                task_queue=task_queue,
+                task_timeout=WORKFLOW_TASK_TIMEOUT,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                memo=memo,
+                request_eager_start=True,
+                rpc_timeout=RPC_TIMEOUT,
+            )
+            return workflow_id
+        except WorkflowAlreadyStartedError:
+            existing = await client.get_workflow_handle(workflow_id).describe(rpc_timeout=RPC_TIMEOUT)
+            if await existing.memo() == memo:
+                return workflow_id  # this record, started by an earlier attempt
+    raise RuntimeError(f"every id for the record of {request.instance}'s switch is taken: {', '.join(ids)}")
+
+
+RECORD_IDS = 10
+"""Ids a switch's record tries (see :func:`start_switch_record`) before it gives up (and the
+activity is retried)."""
+
+
+def busy_except(state: BudgetState | None, lease: str) -> dict[str, str]:
+    """:func:`busy_in`, leaving out what the lease ``lease`` (a zone failover's own) covers."""
+    if state is None:
+        return {}
+    others = state.model_copy(
+        update={
+            "running": [r for r in state.running if r.incident != lease],
+            "waiting": [w for w in state.waiting if w.incident != lease],
+        }
+    )
+    return busy_in(others)
 
 
 def busy_in(state: BudgetState | None) -> dict[str, str]:

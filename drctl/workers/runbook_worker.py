@@ -28,6 +28,7 @@ from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
 from drctl.activities.reconcile import ReconcileActivities
+from drctl.activities.zone_switch import ZoneSwitchActivities
 from drctl.payloads import RECONCILE_SCHEDULE_ID
 from drctl.platforms.factory import make_platform
 from drctl.policies.loader import load_policy_file
@@ -108,6 +109,7 @@ async def run_worker(settings: DrctlSettings, stop: asyncio.Event) -> None:
             *FailoverActivities(platform).all(),
             *ReconcileActivities(platform).all(),
             *IncidentActivities(platform).all(),
+            *ZoneSwitchActivities(platform).all(),
             *DrillActivities(platform, settings, client).all(),
         ],
         graceful_shutdown_timeout=timedelta(seconds=5),

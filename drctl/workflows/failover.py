@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         SearchAttr,
         StepReport,
         StepTiming,
+        SwitchRecord,
         Trigger,
     )
     from drctl.policies.reconcile import plan_emergency
@@ -265,6 +266,8 @@ class FailoverWorkflow:
                 OUTCOME_KEY.value_set(FailoverOutcome.RUNNING.value),
             ]
         )
+        if request.switched is not None and not request.plan_only:
+            return self._record_switch(request, request.switched)
         if request.epoch is None and not request.plan_only:
             return await self._hand_to_guardian(request)
         ref = InstanceRef(model=request.model, instance=request.instance)
@@ -344,6 +347,37 @@ class FailoverWorkflow:
         await self._replenish(request)
         how = "an emergency instance" if result.emergency else str(promoted.role)
         return self._finish(FailoverOutcome.RECOVERED, f"{promoted.id} ({how}) serves {request.model}")
+
+    def _record_switch(self, request: FailoverRequest, switched: SwitchRecord) -> FailoverResult:
+        """A zone failover's batch switched the model already (``drctl.activities.zone_switch``):
+        this run is its record, with the batch's steps and timings, and changes nothing. Its times
+        are the switch's own: it started when the batch claimed the model's epoch and ended with
+        its last step, whenever the record itself ran."""
+        assert self._result is not None
+        result = self._result
+        result.started_at = switched.started_at
+        result.epoch = switched.epoch
+        result.steps = list(switched.steps)
+        result.handled_by = switched.handled_by
+        result.promoted = switched.standby
+        result.tier = switched.tier
+        result.switch_ms = _ms(switched.verified_at - switched.started_at)
+        start = _utc(switched.started_at)
+        failure_start = min(_utc(request.failed_at), start) if request.failed_at else start
+        result.rto_ms = max(0.0, _ms(_utc(switched.verified_at) - failure_start))
+        workflow.upsert_search_attributes(
+            [TIER_KEY.value_set(switched.tier.value), RTO_KEY.value_set(int(result.rto_ms))]
+        )
+        self._finish(
+            FailoverOutcome.RECOVERED,
+            f"{switched.standby} ({switched.tier}) serves {request.model}: switched in the batch of "
+            f"{switched.handled_by}, with the rest of its zone",
+        )
+        ends = [s.started_at + timedelta(milliseconds=s.duration_ms) for s in result.steps]
+        result.finished_at = max([_utc(switched.verified_at), *(_utc(e) for e in ends)])
+        activity_total = sum(s.activity_ms or 0.0 for s in result.steps)
+        result.orchestration_ms = round(max(0.0, _ms(result.finished_at - start) - activity_total), 1)
+        return result
 
     def _reported_before_it_existed(self, request: FailoverRequest) -> bool:
         """Whether the instance of the claimed listing was made after the failure reported: the

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         IncidentTicket,
         IncidentTickets,
         Instance,
+        InstanceRef,
         LeaseAnswer,
         LeaseGrant,
         LeaseKind,
@@ -47,10 +48,14 @@ with workflow.unsafe.imports_passed_through():
         ZoneFailbackResult,
         ZoneFailoverRequest,
         ZoneFailoverResult,
+        ZoneSwitchBatch,
+        ZoneSwitchClaim,
+        ZoneSwitchOutcomes,
+        ZoneSwitchPlan,
     )
     from drctl.policies.placement import gpu_inventory
     from drctl.policies.schema import DRPolicy
-    from drctl.policies.standby import standby_candidates
+    from drctl.policies.standby import hot_switch, standby_candidates
     from drctl.workflows.reports import REPORT_RETRY, recover_through_guardians
 
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=5)
@@ -70,6 +75,14 @@ without asking the budget. Before (``BATCHED``), each instance's guardian asked 
 granted by a signal and handed the lease back: about five of a recovery's ten workflow tasks, which
 at 1,000 instances kept the machine busy with orchestration rather than with recoveries. Runs
 started before it go on as batched (or one at a time)."""
+SWITCH_IN_BATCH = "zone-failover-switches-hot-in-batch"
+"""Patch: under its lease, the zone failover switches the zone's plain recoveries (a serving
+instance whose runbook would promote a hot standby out of the zone, its model busy with nothing
+else) itself, in one activity that decides and claims their epochs and one that switches them side
+by side (``drctl.activities.zone_switch``), each switch recorded as its model's
+``FailoverWorkflow``; only the rest go to the guardians. Before (``ONE_LEASE``), every serving
+instance took a report, an epoch claim and a runbook of its own: at 500 recoveries the zone waited
+on the orchestration (~180 ms of CPU each). Runs started before it report every instance."""
 REPORT_TIMEOUT = timedelta(minutes=10)
 """Reporting a whole zone (hundreds of Update-with-starts on a loaded machine), heartbeating."""
 
@@ -207,13 +220,17 @@ class ZoneFailoverWorkflow:
         if not serving:
             return
         lease = await self._take_zone_lease(request, policy, serving)
-        reports = _reports(request, policy, serving, lease=lease.incident)
+        rest = serving
         try:
-            outcomes = await _followed_to_the_end(
-                ActivityName.REPORT_AND_AWAIT, ReportBatch(reports=reports, at_once=lease.slots)
-            )
+            if workflow.patched(SWITCH_IN_BATCH):
+                rest = await _switch_in_batch(request, policy, serving, lease, result)
+            if rest:
+                reports = _reports(request, policy, rest, lease=lease.incident)
+                outcomes = await _followed_to_the_end(
+                    ActivityName.REPORT_AND_AWAIT, ReportBatch(reports=reports, at_once=lease.slots)
+                )
         except ActivityError as exc:
-            result.failed.extend(f"{i.id}: {exc}" for i in serving)
+            result.failed.extend(f"{i.id}: {exc}" for i in rest)
             result.pending = []
             return
         finally:
@@ -226,7 +243,8 @@ class ZoneFailoverWorkflow:
                 start_to_close_timeout=STEP_TIMEOUT,
                 retry_policy=REPORT_RETRY,
             )
-        _record_outcomes(serving, outcomes.outcomes, result)
+        if rest:
+            _record_outcomes(rest, outcomes.outcomes, result)
 
     async def _take_zone_lease(
         self, request: ZoneFailoverRequest, policy: DRPolicy, instances: list[Instance]
@@ -260,6 +278,57 @@ def standby_zone_for(request: ZoneFailoverRequest, policy: DRPolicy) -> str | No
     zone's failover). Then none: the runbooks try the standbys in the active zones first."""
     standby = policy.az_failover.standby_zone
     return None if standby == request.zone else standby
+
+
+async def _switch_in_batch(
+    request: ZoneFailoverRequest,
+    policy: DRPolicy,
+    serving: list[Instance],
+    lease: LeaseRequest,
+    result: ZoneFailoverResult,
+) -> list[Instance]:
+    """Switch the zone's plain recoveries to their hot standbys in one batch (``SWITCH_IN_BATCH``):
+    the plan (which switch, under which epochs) recorded first, then the switches, at most the
+    lease's slots at a time. Returns the serving instances left to their guardians: those the
+    plan left, and those whose switch did not happen (a standby that did not answer, taken out; a
+    newer runbook of the model). A plan that cannot be made leaves them all to the guardians."""
+    reason = f"zone {request.zone} failover: {request.reason}"[:500]
+    try:
+        plan: ZoneSwitchPlan = await workflow.execute_activity(
+            ActivityName.PLAN_ZONE_SWITCH,
+            ZoneSwitchClaim(
+                zone=request.zone,
+                instances=[InstanceRef(model=i.model, instance=i.id) for i in serving],
+                prefer_zone=standby_zone_for(request, policy),
+                lease=lease.incident,
+            ),
+            result_type=ZoneSwitchPlan,
+            start_to_close_timeout=REPORT_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=RETRY,
+        )
+    except ActivityError as exc:
+        workflow.logger.warning("zone %s: no batch (%s): every instance through its guardian", request.zone, exc)
+        return serving
+    if not plan.switches:
+        return serving
+    outcomes: ZoneSwitchOutcomes = await workflow.execute_activity(
+        ActivityName.SWITCH_ZONE_TO_HOT,
+        ZoneSwitchBatch(
+            switches=plan.switches, reason=reason, handled_by=workflow.info().workflow_id, at_once=lease.slots
+        ),
+        result_type=ZoneSwitchOutcomes,
+        start_to_close_timeout=REPORT_TIMEOUT,
+        heartbeat_timeout=timedelta(seconds=10),
+        retry_policy=REPORT_RETRY,
+    )
+    switched = {d.instance: d for d in outcomes.done if d.switched}
+    for instance in serving:
+        done = switched.get(instance.id)
+        if done is not None:
+            result.moved.append(f"{instance.id} → {done.standby} ({FailoverOutcome.RECOVERED.value})")
+            result.pending.remove(instance.id)
+    return [i for i in serving if i.id not in switched]
 
 
 def _reports(
@@ -374,6 +443,10 @@ def _plan_lines(
     for instance in serving:
         model = [i for i in snapshot.instances if i.model == instance.model]
         candidates = standby_candidates(model, instance.id, standby_zone_for(request, policy))
+        hot = hot_switch(model, instance.id, request.zone, standby_zone_for(request, policy))
+        if hot is not None:
+            lines.append(f"switch {instance.id} to {hot.id} (hot, {hot.zone}) in the zone's batch")
+            continue
         pick = next((c for c in candidates if c.zone != request.zone), candidates[0] if candidates else None)
         target = f"{pick.id} ({pick.role}, {pick.zone or '-'})" if pick else "no standby: an emergency instance"
         lines.append(f"report {instance.id} to guardian-{instance.model}: promote {target}")

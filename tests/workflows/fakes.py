@@ -10,6 +10,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from drctl.activities.incidents import IncidentActivities
+from drctl.activities.zone_switch import ZoneSwitchActivities
 from drctl.payloads import (
     ActivityName,
     DrainGpuRequest,
@@ -45,6 +46,8 @@ class FakeFleet:
     """Standbys whose promotion fails."""
     calls: list[tuple[str, str]] = field(default_factory=list)
     promote_gate: asyncio.Event | None = None
+    gated: set[str] | None = None
+    """The standbys whose promotion waits for ``promote_gate`` (None: every one)."""
     policy: DRPolicy = field(default_factory=lambda: EXAMPLE_POLICY)
     cordoned: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
@@ -84,35 +87,20 @@ class FakeFleet:
                 model=ref.model, instances=[i for i in fleet.instances.values() if i.model == ref.model]
             )
 
+        platform = FakePlatform(fleet)
+
         @activity.defn(name=ActivityName.EJECT_INSTANCE)
         async def eject(req: EjectRequest) -> StepReport:
-            fleet.fence("eject", req.model, req.instance, req.epoch)
-            fleet.calls.append(("eject", req.instance))
-            inst = fleet.instances[req.instance]
-            fleet.instances[req.instance] = inst.model_copy(update={"role": Role.FAILED, "lb_priority": None})
-            return StepReport(detail="ejected", duration_ms=2)
+            detail = await platform.eject(fleet.instances[req.instance], req.reason, req.epoch)
+            return StepReport(detail=detail, duration_ms=2)
 
         @activity.defn(name=ActivityName.PROMOTE_STANDBY)
         async def promote(ref: InstanceRef) -> StepReport:
-            fleet.fence("promote", ref.model, ref.instance, ref.epoch)
-            fleet.calls.append(("promote", ref.instance))
-            if fleet.promote_gate is not None:
-                await fleet.promote_gate.wait()
-                fleet.fence("promote", ref.model, ref.instance, ref.epoch)
-            if ref.instance in fleet.broken:
-                raise ApplicationError("checksum mismatch", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True)
-            inst = fleet.instances[ref.instance]
-            fleet.instances[ref.instance] = inst.model_copy(update={"role": Role.PROMOTING})
-            return StepReport(detail="promoted", duration_ms=3)
+            return StepReport(detail=await platform.promote(fleet.instances[ref.instance], ref.epoch), duration_ms=3)
 
         @activity.defn(name=ActivityName.LOAD_MODEL)
         async def load(ref: InstanceRef) -> StepReport:
-            fleet.calls.append(("load", ref.instance))
-            if ref.instance in fleet.hung:
-                await asyncio.sleep(3600)
-            if ref.instance in fleet.corrupt:
-                raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
-            return StepReport(detail="loaded", duration_ms=4)
+            return StepReport(detail=await platform.wait_loaded(fleet.instances[ref.instance]), duration_ms=4)
 
         @activity.defn(name=ActivityName.RESTORE_CHECKPOINT)
         async def restore(ref: InstanceRef) -> StepReport:
@@ -122,16 +110,12 @@ class FakeFleet:
 
         @activity.defn(name=ActivityName.REGISTER_INSTANCE)
         async def register(req: RegisterRequest) -> StepReport:
-            fleet.fence("register", req.model, req.instance, req.epoch)
-            fleet.calls.append(("register", req.instance))
-            inst = fleet.instances[req.instance]
-            fleet.instances[req.instance] = inst.model_copy(update={"role": Role.SERVING, "lb_priority": req.priority})
-            return StepReport(detail="registered", duration_ms=5)
+            detail = await platform.register(fleet.instances[req.instance], req.priority, req.epoch)
+            return StepReport(detail=detail, duration_ms=5)
 
         @activity.defn(name=ActivityName.VERIFY_SERVING)
         async def verify(ref: InstanceRef) -> StepReport:
-            fleet.calls.append(("verify", ref.instance))
-            return StepReport(detail="200 via LB", duration_ms=6)
+            return StepReport(detail=await platform.verify(fleet.instances[ref.instance]), duration_ms=6)
 
         @activity.defn(name=ActivityName.REQUEST_RECONCILE)
         async def request_reconcile(ref: ModelRef) -> StepReport:
@@ -182,7 +166,8 @@ class FakeFleet:
             return StepReport(detail="uncordoned")
 
         return [
-            *IncidentActivities(FakePlatform(fleet)).all(),  # type: ignore[arg-type]
+            *IncidentActivities(platform).all(),  # type: ignore[arg-type]
+            *ZoneSwitchActivities(platform).all(),  # type: ignore[arg-type]
             cordon,
             uncordon,
             probe,
@@ -236,3 +221,50 @@ class FakePlatform:
         if instance_id not in self.fleet.instances:
             raise ApplicationError("no such instance", type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True)
         return self.fleet.instances[instance_id]
+
+    # The runbook's steps, as the fake activities above run them and as the zone failover's batch
+    # (``drctl.activities.zone_switch``, real activities over this platform) runs them.
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        fleet = self.fleet
+        fleet.fence("eject", instance.model, instance.id, epoch)
+        fleet.calls.append(("eject", instance.id))
+        current = fleet.instances[instance.id]
+        fleet.instances[instance.id] = current.model_copy(update={"role": Role.FAILED, "lb_priority": None})
+        return "ejected"
+
+    async def promote(self, instance: Instance, epoch: int | None = None) -> str:
+        fleet = self.fleet
+        fleet.fence("promote", instance.model, instance.id, epoch)
+        current = fleet.instances[instance.id]
+        if current.role == Role.SERVING:  # as both platforms: a retry finds it done
+            return "already serving"
+        fleet.calls.append(("promote", instance.id))
+        if fleet.promote_gate is not None and (fleet.gated is None or instance.id in fleet.gated):
+            await fleet.promote_gate.wait()
+            fleet.fence("promote", instance.model, instance.id, epoch)
+        if instance.id in fleet.broken:
+            raise ApplicationError("checksum mismatch", type=ErrorType.MODEL_LOAD_FAILED, non_retryable=True)
+        fleet.instances[instance.id] = fleet.instances[instance.id].model_copy(update={"role": Role.PROMOTING})
+        return "promoted"
+
+    async def wait_loaded(self, instance: Instance, progress: object = None) -> str:
+        fleet = self.fleet
+        fleet.calls.append(("load", instance.id))
+        if instance.id in fleet.hung:
+            await asyncio.sleep(3600)
+        if instance.id in fleet.corrupt:
+            raise ApplicationError("checksum mismatch", type=ErrorType.CHECKPOINT_CORRUPT, non_retryable=True)
+        return "loaded"
+
+    async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
+        fleet = self.fleet
+        fleet.fence("register", instance.model, instance.id, epoch)
+        fleet.calls.append(("register", instance.id))
+        current = fleet.instances[instance.id]
+        fleet.instances[instance.id] = current.model_copy(update={"role": Role.SERVING, "lb_priority": priority})
+        return "registered"
+
+    async def verify(self, instance: Instance, progress: object = None) -> str:
+        self.fleet.calls.append(("verify", instance.id))
+        return "200 via LB"

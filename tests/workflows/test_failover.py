@@ -87,10 +87,12 @@ async def test_rto_counts_from_the_failure_unless_it_is_dated_after_the_runbook(
 ) -> None:
     """An alert's ``startsAt`` an hour in the future (a client's clock, or a lie) counted an RTO of
     0 ms; a failure two minutes old counts its two minutes."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, timedelta
 
     fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
-    failed_at = datetime.now(UTC) - timedelta(seconds=failed_ago_s)
+    # The server's clock, not this machine's: earlier tests on the session's time-skipping server
+    # may have skipped it years ahead (seen: ten), and a wall-clock "in an hour" was then long past.
+    failed_at = (await time_skipping_env.get_current_time()).astimezone(UTC) - timedelta(seconds=failed_ago_s)
     async with worker_for(time_skipping_env, fleet) as (client, queue):
         result = await client.execute_workflow(
             FailoverWorkflow.run,

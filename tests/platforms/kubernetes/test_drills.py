@@ -64,6 +64,7 @@ from drctl.activities.drill import DrillActivities
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
 from drctl.activities.reconcile import ReconcileActivities
+from drctl.activities.zone_switch import ZoneSwitchActivities
 from drctl.detectors.gpu_node_agent import NodeAgent, serve
 from drctl.detectors.kube_watcher import KubeWatcher
 from drctl.payloads import (
@@ -1034,6 +1035,7 @@ async def test_a_pod_crash_drill_runs_through_the_drill_workflow_on_the_cluster(
                         *FailoverActivities(platform).all(),
                         *ReconcileActivities(platform).all(),
                         *IncidentActivities(platform).all(),
+                        *ZoneSwitchActivities(platform).all(),
                         *DrillActivities(platform, settings, temporal.client).all(),
                     ],
                     graceful_shutdown_timeout=timedelta(seconds=1),

@@ -36,6 +36,7 @@ from temporalio.worker import Worker
 from drctl.activities.failover import FailoverActivities
 from drctl.activities.incidents import IncidentActivities
 from drctl.activities.reconcile import ReconcileActivities
+from drctl.activities.zone_switch import ZoneSwitchActivities
 from drctl.payloads import (
     DrainGpuRequest,
     DrainGpuResult,
@@ -262,6 +263,7 @@ async def worker(
                 *FailoverActivities(platform).all(),
                 *ReconcileActivities(platform).all(),
                 *IncidentActivities(platform).all(),
+                *ZoneSwitchActivities(platform).all(),
             ],
             graceful_shutdown_timeout=timedelta(seconds=1),
         ):
