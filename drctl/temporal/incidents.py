@@ -43,7 +43,7 @@ from drctl.payloads import (
     zone_failover_workflow_id,
 )
 from drctl.workflows.budget import BudgetWorkflow
-from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.failover import FailoverWorkflow, switch_record_attributes
 from drctl.workflows.guardian import ModelGuardianWorkflow
 
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -241,7 +241,9 @@ async def start_switch_record(client: Client, task_queue: str, request: Failover
                 task_timeout=WORKFLOW_TASK_TIMEOUT,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 memo=memo,
-                request_eager_start=True,
+                search_attributes=TypedSearchAttributes(
+                    [SearchAttributePair(u.key, u.value) for u in switch_record_attributes(request, switched)]
+                ),
                 rpc_timeout=RPC_TIMEOUT,
             )
             return workflow_id

@@ -10,10 +10,10 @@ eject waits until the replacement has been verified (``FailoverResult.eject_defe
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
@@ -181,6 +181,27 @@ def _ms(delta: timedelta) -> float:
     return round(delta.total_seconds() * 1000, 1)
 
 
+def switch_record_rto_ms(request: FailoverRequest, switched: SwitchRecord) -> float:
+    """A batched switch's RTO: from the failure (when reported, and not after the switch began) to
+    the standby verified."""
+    start = _utc(switched.started_at)
+    failure_start = min(_utc(request.failed_at), start) if request.failed_at else start
+    return max(0.0, _ms(_utc(switched.verified_at) - failure_start))
+
+
+def switch_record_attributes(request: FailoverRequest, switched: SwitchRecord) -> list[SearchAttributeUpdate[Any]]:
+    """The search attributes of a batched switch's record, set with its start: what an ordinary
+    runbook upserts as it goes (model, instance, trigger, outcome, tier, RTO)."""
+    return [
+        MODEL_KEY.value_set(request.model),
+        INSTANCE_KEY.value_set(request.instance),
+        TRIGGER_KEY.value_set(request.trigger.value),
+        OUTCOME_KEY.value_set(FailoverOutcome.RECOVERED.value),
+        TIER_KEY.value_set(switched.tier.value),
+        RTO_KEY.value_set(int(switch_record_rto_ms(request, switched))),
+    ]
+
+
 @workflow.defn(name="FailoverWorkflow", failure_exception_types=[ValidationError])
 class FailoverWorkflow:
     """One failover per failed instance (workflow ID ``failover-{model}-{instance}``), run by the
@@ -258,6 +279,8 @@ class FailoverWorkflow:
             joined_total=self._joined_total,
         )
         self._result = result
+        if request.switched is not None and not request.plan_only:
+            return self._record_switch(request, request.switched)
         workflow.upsert_search_attributes(
             [
                 MODEL_KEY.value_set(request.model),
@@ -266,8 +289,6 @@ class FailoverWorkflow:
                 OUTCOME_KEY.value_set(FailoverOutcome.RUNNING.value),
             ]
         )
-        if request.switched is not None and not request.plan_only:
-            return self._record_switch(request, request.switched)
         if request.epoch is None and not request.plan_only:
             return await self._hand_to_guardian(request)
         ref = InstanceRef(model=request.model, instance=request.instance)
@@ -350,33 +371,30 @@ class FailoverWorkflow:
 
     def _record_switch(self, request: FailoverRequest, switched: SwitchRecord) -> FailoverResult:
         """A zone failover's batch switched the model already (``drctl.activities.zone_switch``):
-        this run is its record, with the batch's steps and timings, and changes nothing. Its times
-        are the switch's own: it started when the batch claimed the model's epoch and ended with
-        its last step, whenever the record itself ran."""
+        this run is its record, with the batch's steps and timings, and changes nothing. Its search
+        attributes came with its start (:func:`switch_record_attributes`): it upserts none, so
+        the record is one workflow task. Its times are the switch's own: it started when the batch
+        claimed the model's epoch and ended with its last step, whenever the record itself ran."""
         assert self._result is not None
         result = self._result
+        start = _utc(switched.started_at)
+        ends = [_utc(s.started_at) + timedelta(milliseconds=s.duration_ms) for s in switched.steps]
         result.started_at = switched.started_at
+        result.finished_at = max([_utc(switched.verified_at), *ends])
         result.epoch = switched.epoch
         result.steps = list(switched.steps)
         result.handled_by = switched.handled_by
         result.promoted = switched.standby
         result.tier = switched.tier
         result.switch_ms = _ms(switched.verified_at - switched.started_at)
-        start = _utc(switched.started_at)
-        failure_start = min(_utc(request.failed_at), start) if request.failed_at else start
-        result.rto_ms = max(0.0, _ms(_utc(switched.verified_at) - failure_start))
-        workflow.upsert_search_attributes(
-            [TIER_KEY.value_set(switched.tier.value), RTO_KEY.value_set(int(result.rto_ms))]
-        )
-        self._finish(
-            FailoverOutcome.RECOVERED,
-            f"{switched.standby} ({switched.tier}) serves {request.model}: switched in the batch of "
-            f"{switched.handled_by}, with the rest of its zone",
-        )
-        ends = [s.started_at + timedelta(milliseconds=s.duration_ms) for s in result.steps]
-        result.finished_at = max([_utc(switched.verified_at), *(_utc(e) for e in ends)])
+        result.rto_ms = switch_record_rto_ms(request, switched)
         activity_total = sum(s.activity_ms or 0.0 for s in result.steps)
         result.orchestration_ms = round(max(0.0, _ms(result.finished_at - start) - activity_total), 1)
+        result.outcome = FailoverOutcome.RECOVERED
+        result.reason = (
+            f"{switched.standby} ({switched.tier}) serves {request.model}: switched in the batch of "
+            f"{switched.handled_by}, with the rest of its zone"
+        )
         return result
 
     def _reported_before_it_existed(self, request: FailoverRequest) -> bool:

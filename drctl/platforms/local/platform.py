@@ -39,7 +39,7 @@ from drctl.platforms.local.checkpoints import (
     restore_checkpoint,
 )
 from drctl.platforms.local.fault_injection import LocalFaultInjector
-from drctl.platforms.local.registry import EditedInstances, InstanceRegistry, LocalInstance
+from drctl.platforms.local.registry import EditedInstances, GroupCommit, InstanceRegistry, LocalInstance
 from drctl.policies.engines import MODEL_HEADER, EngineProfile, HttpCall
 from drctl.policies.loader import load_policy_file
 from drctl.policies.reconcile import plan_reconcile
@@ -77,6 +77,7 @@ class LocalPlatform:
         """The policy file's content when ``policy`` was last parsed from it (None: not yet)."""
         self.layout = StateLayout(settings.state_dir)
         self.registry = InstanceRegistry(self.layout.instances_file)
+        self._commits = GroupCommit(self.registry)
         self.pools = pools.InstancePools(self.layout, settings.instance_pool_base_port)
         """Pooled mode's processes, one per node (``DRCTL_INSTANCE_MODE=pooled``; see ``pools``)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
@@ -225,7 +226,7 @@ class LocalPlatform:
         local = self._local(instance)
         if instance.role == Role.FAILED and instance.lb_priority is None and not processes.is_alive(local.pid):
             return "already ejected"
-        self.registry.update(instance.id, epoch=epoch, role=Role.FAILED, lb_priority=None, note=reason[:200])
+        await self._commits.update(instance.id, epoch=epoch, role=Role.FAILED, lb_priority=None, note=reason[:200])
         self.sync_load_balancer(instance.model)
         if not processes.is_alive(local.pid):
             return "removed from LB, marked failed"
@@ -254,12 +255,12 @@ class LocalPlatform:
         elif not instance.role.is_standby:
             raise errors.not_a_standby(instance.id, instance.role)
         if instance.role == Role.HOT:
-            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+            await self._commits.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return "hot standby: already loaded and registered at priority 1"
         if instance.role == Role.WARM and processes.is_alive(local.pid):
             engine = self._engine(instance.model)
             if engine.wake is None:
-                self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+                await self._commits.update(instance.id, epoch=epoch, role=Role.PROMOTING)
                 return f"warm standby: {engine.engine} cannot sleep, so it is awake already"
             response = await self._send(local, engine.wake, timeout_s=60.0)
             if response.status_code != 200:
@@ -267,7 +268,7 @@ class LocalPlatform:
                 raise errors.model_load_failed(
                     instance.id, f"{engine.wake.path} answered {response.status_code}" + (f": {said}" if said else "")
                 )
-            self.registry.update(instance.id, epoch=epoch, role=Role.PROMOTING)
+            await self._commits.update(instance.id, epoch=epoch, role=Role.PROMOTING)
             return f"warm standby woken up ({engine.wake.path})"
         # Cold, or a warm standby whose process is gone: start a process and load from the checkpoint.
         started = self._start_process(local.with_changes(role=Role.PROMOTING), epoch)
@@ -339,7 +340,7 @@ class LocalPlatform:
 
     async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
         role = Role.SERVING if priority == 0 else Role.HOT
-        self.registry.update(instance.id, epoch=epoch, role=role, lb_priority=priority)
+        await self._commits.update(instance.id, epoch=epoch, role=role, lb_priority=priority)
         self.sync_load_balancer(instance.model)
         return f"registered at priority {priority}"
 

@@ -17,6 +17,7 @@ was deleted (see :meth:`InstanceRegistry.highest_indexes`).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -252,13 +253,31 @@ class InstanceRegistry:
 
     def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> LocalInstance:
         """Change one instance's fields; with ``epoch``, fenced on the instance's model."""
+        (updated,) = self.update_many([(instance_id, epoch, changes)])
+        if isinstance(updated, Exception):
+            raise updated
+        return updated  # the registry keeps a copy of its own (_write)
+
+    def update_many(self, changes: list[tuple[str, int | None, dict[str, object]]]) -> list[LocalInstance | Exception]:
+        """:meth:`update` for several instances under one lock and one write: each change (instance,
+        epoch, fields) is fenced on its own, and what it came to (the instance, or the error it was
+        refused with) is in the answer at its place; the rest are written together."""
         with self._locked() as snapshot:
             epochs = _epochs(snapshot)
-            current = snapshot.instances[instance_id]
-            errors.check_epoch(current.model, epoch, epochs.get(current.model, 0))
-            updated = current.with_changes(**changes)
-            self._write(snapshot, {**snapshot.instances, instance_id: updated}, epochs)
-            return updated  # the registry keeps a copy of its own (_write)
+            instances = dict(snapshot.instances)
+            results: list[LocalInstance | Exception] = []
+            for instance_id, epoch, fields in changes:
+                try:
+                    current = instances[instance_id]
+                    errors.check_epoch(current.model, epoch, epochs.get(current.model, 0))
+                    instances[instance_id] = current.with_changes(**fields)
+                except Exception as err:  # refused (stale epoch, unknown id, bad field): this one only
+                    results.append(err)
+                    continue
+                results.append(instances[instance_id])
+            if any(not isinstance(r, Exception) for r in results):
+                self._write(snapshot, instances, epochs)
+            return results
 
     def _write(self, before: _Snapshot, instances: dict[str, LocalInstance], epochs: dict[str, int]) -> None:
         """Write the file: one line per instance, so the cost of a change is the instances it
@@ -312,3 +331,40 @@ def _indexes(snapshot: _Snapshot) -> dict[str, int]:
     for instance in snapshot.instances.values():
         indexes[instance.model] = max(indexes.get(instance.model, -1), instance_index(instance.id))
     return indexes
+
+
+class GroupCommit:
+    """Registry updates made side by side go to the file in one write (:meth:`InstanceRegistry.update_many`).
+
+    Each write rewrites the whole file (1,000 instances: ~150 KB) and renames it, on the event loop.
+    In a zone failover's batch, sixteen switches at a time each made four of them (claim, promote,
+    register, eject): a quarter of the worker's samples, and every other switch waited behind each.
+    An update here waits for the next turn of the loop, when every update asked for meanwhile is
+    written together; each caller gets its own instance or its own error, as from
+    :meth:`InstanceRegistry.update`."""
+
+    def __init__(self, registry: InstanceRegistry) -> None:
+        self.registry = registry
+        self._pending: list[tuple[str, int | None, dict[str, object], asyncio.Future[LocalInstance]]] = []
+
+    async def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> LocalInstance:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[LocalInstance] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((instance_id, epoch, changes, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            results = self.registry.update_many([(iid, epoch, changes) for iid, epoch, changes, _ in batch])
+        except Exception as err:  # the file could not be written: every change of the batch failed
+            results = [err] * len(batch)
+        for (_, _, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

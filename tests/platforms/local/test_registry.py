@@ -3,6 +3,7 @@ process that writes it and in every process that reads it, and what it hands out
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import ErrorType, Role
-from drctl.platforms.local.registry import InstanceRegistry, LocalInstance
+from drctl.platforms.local.registry import GroupCommit, InstanceRegistry, LocalInstance
 
 
 def fleet(path: Path, models: int = 3) -> InstanceRegistry:
@@ -135,3 +136,38 @@ def test_a_file_from_before_the_indexes_takes_its_instances_indexes(tmp_path: Pa
     with registry.edit() as instances:
         del instances["m0-1"]
     assert registry.highest_indexes()["m0"] == 1  # recorded at the first write, before the delete
+
+
+async def test_updates_made_side_by_side_are_written_together_each_fenced_on_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three updates asked for in one turn of the event loop: one write of the file. The one with
+    a stale epoch is refused on its own (its caller gets ``StaleEpoch``), the others land."""
+    registry = fleet(tmp_path / "instances.json")
+    registry.claim_epoch("m1")
+    registry.claim_epoch("m1")
+    writes: list[int] = []
+    real_write = registry._write
+
+    def counted(*args: object) -> None:
+        writes.append(1)
+        real_write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry, "_write", counted)
+    commits = GroupCommit(registry)
+    results = await asyncio.gather(
+        commits.update("m0-0", note="a"),
+        commits.update("m1-0", epoch=1, note="stale"),
+        commits.update("m2-1", epoch=None, role=Role.PROMOTING),
+        return_exceptions=True,
+    )
+    assert len(writes) == 1
+    assert isinstance(results[0], LocalInstance) and results[0].note == "a"
+    assert isinstance(results[1], ApplicationError) and results[1].type == ErrorType.STALE_EPOCH
+    assert isinstance(results[2], LocalInstance) and results[2].role == Role.PROMOTING
+    kept = InstanceRegistry(tmp_path / "instances.json").view()  # as another process reads it
+    assert kept["m0-0"].note == "a" and kept["m1-0"].note == "" and kept["m2-1"].role == Role.PROMOTING
+    # One after another (each awaited before the next is asked for): one write each.
+    await commits.update("m0-0", note="b")
+    await commits.update("m0-1", note="c")
+    assert len(writes) == 3
