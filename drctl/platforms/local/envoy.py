@@ -69,7 +69,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -765,14 +764,16 @@ def write_eds(eds_dir: Path, model: str, endpoints: Sequence[Endpoint]) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     text = eds_text(eds_document(model, endpoints))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eds.", suffix=".tmp")
+    # A name of this process's own (``mkstemp``'s random names cost more than the write, in a zone
+    # failover's batch): one process writes a model's file at a time, as this call does not yield.
+    tmp = folder / f".eds.{os.getpid()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             os.fchmod(f.fileno(), 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -209,7 +209,7 @@ class LocalPlatform:
     async def claim_epoch(self, model: str) -> int:
         if model not in self.policy.model_names:
             raise errors.unknown_model(model, self.policy.model_names)
-        return self.registry.claim_epoch(model)
+        return await self._commits.claim_epoch(model)
 
     async def highest_indexes(self) -> dict[str, int]:
         return self.registry.highest_indexes()

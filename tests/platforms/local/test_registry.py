@@ -171,3 +171,14 @@ async def test_updates_made_side_by_side_are_written_together_each_fenced_on_its
     await commits.update("m0-0", note="b")
     await commits.update("m0-1", note="c")
     assert len(writes) == 3
+
+
+async def test_epochs_claimed_side_by_side_are_written_together_and_each_is_new(tmp_path: Path) -> None:
+    registry = fleet(tmp_path / "instances.json")
+    commits = GroupCommit(registry)
+    claimed = await asyncio.gather(commits.claim_epoch("m0"), commits.claim_epoch("m1"), commits.claim_epoch("m0"))
+    assert claimed == [1, 1, 2]  # a model twice gets two epochs, in order
+    assert InstanceRegistry(tmp_path / "instances.json").epochs() == {"m0": 2, "m1": 1}
+    with pytest.raises(ApplicationError) as refused:
+        await commits.update("m0-0", epoch=1, note="stale")
+    assert refused.value.type == ErrorType.STALE_EPOCH
