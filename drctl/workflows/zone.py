@@ -147,6 +147,9 @@ class ZoneFailoverWorkflow:
     def _batched(self) -> bool:
         return workflow.patched(BATCHED)
 
+    def _switches_in_batch(self) -> bool:
+        return workflow.patched(SWITCH_IN_BATCH)
+
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         result = self._result = ZoneFailoverResult(zone=request.zone)
@@ -222,7 +225,7 @@ class ZoneFailoverWorkflow:
         lease = await self._take_zone_lease(request, policy, serving)
         rest = serving
         try:
-            if workflow.patched(SWITCH_IN_BATCH):
+            if self._switches_in_batch():
                 rest = await _switch_in_batch(request, policy, serving, lease, result)
             if rest:
                 reports = _reports(request, policy, rest, lease=lease.incident)

@@ -51,7 +51,7 @@ from drctl.workflows.reconcile import (
     observe_and_plan,
     reconcile_pass,
 )
-from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
 
 
 @workflow.defn(name="FailoverWorkflow", sandboxed=False)
@@ -194,6 +194,19 @@ class ZoneFailoverBeforeOneLease(ZoneFailoverWorkflow):
         return False
 
 
+@workflow.defn(name="ZoneFailoverWorkflow", sandboxed=False)
+class ZoneFailoverBeforeSwitchInBatch(ZoneFailoverWorkflow):
+    """Before ``zone-failover-switches-hot-in-batch``: under the zone's one lease, every serving
+    instance was reported to its guardian and followed to the end of its runbook."""
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
+        return await super().run(request)
+
+    def _switches_in_batch(self) -> bool:
+        return False
+
+
 @workflow.defn(name="BudgetWorkflow", sandboxed=False)
 class BudgetBeforeZoneCoversZone(BudgetWorkflow):
     """Before ``budget-zone-covers-zone``: only a zone-level request was zone-level."""
@@ -264,6 +277,7 @@ BEFORE_PATCHES: dict[str, type] = {
     JOINED_IN_START: GuardianBeforeJoinedInStart,
     BATCHED: ZoneFailoverBeforeBatched,
     ONE_LEASE: ZoneFailoverBeforeOneLease,
+    SWITCH_IN_BATCH: ZoneFailoverBeforeSwitchInBatch,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,

@@ -55,6 +55,7 @@ from drctl.payloads import (
     ZoneApproval,
     ZoneFailoverRequest,
     budget_workflow_id,
+    failover_workflow_id,
     guardian_workflow_id,
     reconcile_pass_workflow_id,
 )
@@ -76,7 +77,7 @@ from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
-from drctl.workflows.zone import BATCHED, ONE_LEASE, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
@@ -96,6 +97,7 @@ from tests.histories.before_patches import (
     ReconcilePassBeforePlanInActivity,
     ZoneFailoverBeforeBatched,
     ZoneFailoverBeforeOneLease,
+    ZoneFailoverBeforeSwitchInBatch,
 )
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_drain import on
@@ -103,7 +105,7 @@ from tests.workflows.test_drill import FakeDrill
 from tests.workflows.test_failover_zones import listing_with_serving_zones, two_hot_standbys
 from tests.workflows.test_guardian import budget_when, report, spread_fleet
 from tests.workflows.test_reconcile import FakePlatform
-from tests.workflows.test_zone import fleet_across_zones
+from tests.workflows.test_zone import fleet_across_zones, warm_standbys
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifest.json"
@@ -735,12 +737,47 @@ async def drain(client: Client, queue: str) -> list[Recorded]:
 async def zone_with_approval(client: Client, queue: str) -> list[Recorded]:
     await approve_zone_failover(client, queue)
     return [
-        Recorded("zone-failover-approval", "zone", "ZoneFailoverWorkflow: waits for the approve Update, moves two"),
+        Recorded(
+            "zone-failover-approval",
+            "zone",
+            "ZoneFailoverWorkflow: waits for the approve Update, switches two to their hot standbys in its batch",
+        ),
+        Recorded(
+            "failover-switch-record",
+            failover_workflow_id("llama-2-7b", "llama-2-7b-0"),
+            "FailoverWorkflow recording a switch the zone failover's batch made (one task, no activity)",
+        ),
+    ]
+
+
+async def zone_warm_standbys(client: Client, queue: str) -> list[Recorded]:
+    """``zone_with_approval`` with warm standbys: nothing to switch in the batch, both instances
+    reported to their guardians under the zone failover's lease."""
+    await approve_zone_failover(client, queue, warm=True)
+    return [
+        Recorded(
+            "zone-failover-warm",
+            "zone",
+            "ZoneFailoverWorkflow: warm standbys, so no switch in its batch: both through their guardians",
+        ),
         Recorded(
             "guardian-under-zone-lease",
             guardian_workflow_id("llama-2-7b", queue),
             "ModelGuardianWorkflow (still running): a report under the zone failover's lease, no budget asked",
         ),
+    ]
+
+
+async def zone_before_switch_in_batch(client: Client, queue: str) -> list[Recorded]:
+    """``zone_with_approval`` on a run started before the zone-failover-switches-hot-in-batch patch."""
+    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeSwitchInBatch])
+    return [
+        Recorded(
+            "zone-failover-before-switch-in-batch",
+            "zone",
+            "ZoneFailoverWorkflow started before the zone-failover-switches-hot-in-batch patch: all via guardians",
+            SWITCH_IN_BATCH,
+        )
     ]
 
 
@@ -770,8 +807,8 @@ async def zone_before_one_lease(client: Client, queue: str) -> list[Recorded]:
     ]
 
 
-async def approve_zone_failover(client: Client, queue: str, old: Sequence[type] = ()) -> None:
-    fleet = fleet_across_zones()
+async def approve_zone_failover(client: Client, queue: str, old: Sequence[type] = (), warm: bool = False) -> None:
+    fleet = warm_standbys(fleet_across_zones()) if warm else fleet_across_zones()
     fleet.policy = fleet.policy.model_copy(
         update={"az_failover": fleet.policy.az_failover.model_copy(update={"require_approval": True})}
     )
@@ -832,6 +869,8 @@ SCENARIOS: dict[str, Scenario] = {
     "reconcile-before-plan-patch": reconcile_before_plan_patch,
     "drain": drain,
     "zone-approval": zone_with_approval,
+    "zone-warm-standbys": zone_warm_standbys,
+    "zone-before-switch-in-batch": zone_before_switch_in_batch,
     "zone-before-batched": zone_before_batched,
     "zone-before-one-lease": zone_before_one_lease,
     "drill": drill,
