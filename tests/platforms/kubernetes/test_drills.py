@@ -27,10 +27,10 @@ root filesystem, user ids), a real kubelet's exec, or real vLLM failing to reloa
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 import copy
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
