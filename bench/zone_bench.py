@@ -50,7 +50,7 @@ import yaml
 from temporalio.api.enums.v1 import EventType
 from temporalio.service import RPCError
 
-from drctl.payloads import Role, SearchAttr, guardian_workflow_id
+from drctl.payloads import FailoverResult, Role, SearchAttr, guardian_workflow_id
 from drctl.platforms.local.pools import InstancePools
 from drctl.policies.loader import load_policy_file
 from drctl.settings import DrctlSettings
@@ -204,16 +204,24 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         raise
     startup_s = time.monotonic() - began
     stopped: list[int] = []
+    # --kill-worker-at: the stack's supervisor (as under ``drctl up``) starts the killed worker again.
+    supervisor_stop = asyncio.Event()
+    supervisor = asyncio.create_task(stack.supervise(supervisor_stop)) if args.kill_worker_at is not None else None
+    worker_killed_at: float | None = None
     load = Load(settings.lb_url, policy.model_names, args.rate_hz)
     loader = asyncio.create_task(load.run())
     try:
         async with httpx.AsyncClient(timeout=10) as http:
             await asyncio.sleep(3)
-            prober = stack.pids["prober"]
-            cpu0 = cpu_s(prober)
-            await asyncio.sleep(5)
-            prober_idle = (cpu_s(prober) - cpu0) / 5
             pools = InstancePools(stack.layout, settings.instance_pool_base_port).recorded()
+            # What each part costs before the outage (the load, the probes, Envoy's health checks):
+            # the machine the recoveries have is what is left of it.
+            idle_pids = {**stack.pids, **{f"pool {p.name}": p.pid for p in pools}}
+            idle0, bench0 = {name: cpu_s(pid) for name, pid in idle_pids.items()}, time.process_time()
+            await asyncio.sleep(5)
+            idle_cpu = {name: (cpu_s(pid) - idle0[name]) / 5 for name, pid in idle_pids.items()}
+            idle_cpu["bench (load, polling)"] = (time.process_time() - bench0) / 5
+            prober_idle = idle_cpu["prober"]
             parts = [*stack.pids.values(), *(p.pid for p in pools)]
             instances = list(stack.platform.registry.load().values())
             instance_pids = {i.pid for i in instances if i.pid is not None} if args.mode == "process" else set()
@@ -257,6 +265,8 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 )
             up_pools = [p.pid for p in pools if p.name not in down_nodes]
             cpu_parts = {name: pid for name, pid in stack.pids.items() if name not in down_nodes}
+            if args.kill_worker_at is not None:
+                cpu_parts.pop("worker", None)  # killed mid-way: its CPU is not comparable
             cpu_before = {name: cpu_s(pid) for name, pid in cpu_parts.items()}
             pools_before, bench_before = sum(cpu_s(pid) for pid in up_pools), time.process_time()
             t0, t0_wall = time.monotonic(), time.time()
@@ -271,6 +281,9 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             while time.monotonic() < deadline and back_s is None:
                 await asyncio.sleep(0.1)
                 now = time.monotonic() - t0
+                if args.kill_worker_at is not None and worker_killed_at is None and now >= args.kill_worker_at:
+                    os.kill(stack.pids["worker"], signal.SIGKILL)  # the zone failover's orchestrator, mid-way
+                    worker_killed_at = round(now, 1)
                 # Read, not copied (``view``): copying 1,000 instances ten times a second was most
                 # of the bench's own CPU, taken from the stack it measures.
                 fleet = list(stack.platform.registry.view().values())
@@ -336,6 +349,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             runbooks, runbook_spans = [], []
             kinds: Counter[str] = Counter()  # trigger and outcome: which runbooks ran, and to what end
             kind_starts: dict[str, list[float]] = {}  # and when each kind started, after the outage
+            step_ms: dict[str, list[float]] = {}
             async for wf in stack.client.list_workflows("WorkflowType = 'FailoverWorkflow'"):
                 attrs = wf.search_attributes
                 kind = f"{_first(attrs.get(SearchAttr.TRIGGER))} {_first(attrs.get(SearchAttr.OUTCOME))}"
@@ -344,7 +358,20 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 if wf.close_time is not None:
                     runbooks.append((wf.close_time - wf.start_time).total_seconds())
                     runbook_spans.append((wf.start_time.timestamp() - t0_wall, wf.close_time.timestamp() - t0_wall))
+                if kind == "zone-failover recovered":  # where a recovery's time goes, step by step
+                    ended = await stack.client.get_workflow_handle(
+                        wf.id, run_id=wf.run_id, result_type=FailoverResult
+                    ).result()
+                    for step in ended.steps:
+                        step_ms.setdefault(step.step, []).append(step.duration_ms)
+            final = list(stack.platform.registry.view().values())
+            serving_now = Counter(i.model for i in final if i.role == Role.SERVING and i.lb_priority == 0)
+            serving_off = sorted(m for m in policy.model_names if serving_now[m] != 1)
     finally:
+        supervisor_stop.set()
+        if supervisor is not None:
+            with contextlib.suppress(Exception):
+                await supervisor
         load.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(loader, 70)
@@ -381,8 +408,13 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "skipped_ticks": load.skipped,
         "failures": load.failures,
         "prober_idle_cpu_pct": round(prober_idle * 100, 1),
+        "idle_cpu_pct": {k: round(v * 100, 1) for k, v in sorted(idle_cpu.items(), key=lambda kv: -kv[1]) if v > 0.005},
+        "idle_cpu_pct_total": round(sum(idle_cpu.values()) * 100, 1),
         "cpu_s_until_runbooks_done": {k: round(v, 1) for k, v in sorted(cpu_spent.items(), key=lambda kv: -kv[1])},
         "stack_rss_gib": round(rss / 2**30, 2),
+        "zone_failover_step_median_ms": {k: round(statistics.median(v), 1) for k, v in step_ms.items()},
+        "worker_killed_at_s": worker_killed_at,
+        "models_not_serving_once": serving_off,
     }
 
 
@@ -490,6 +522,12 @@ def main() -> None:
         choices=("outage", "switch"),
         default="outage",
         help="start sampling at the outage or once every model switched",
+    )
+    parser.add_argument(
+        "--kill-worker-at",
+        type=float,
+        default=None,
+        help="kill -9 the worker this many seconds after the outage (the stack's supervisor starts it again)",
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--events", action="store_true", help="print the zone failover's history, folded")

@@ -195,6 +195,12 @@ def _started_by(run: RunHistory, given: dict[str, Any], handled_by: str | None, 
     epoch = given.get("epoch")
     if given.get("plan_only"):
         return "a plan only (drctl failover --plan): nothing was changed"
+    switched = _dict(given.get("switched"))
+    if switched:
+        return (
+            f"the zone failover {switched.get('handled_by', '?')}, which switched it in its batch (fencing epoch "
+            f"{epoch}): this run records that switch, its steps and times"
+        )
     if parent and parent.startswith("guardian-"):
         by = f" on a report from {first}" if first else ""
         return f"the model's guardian {parent} (fencing epoch {epoch}){by}"

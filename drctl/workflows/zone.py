@@ -1,10 +1,14 @@
 """ZoneFailoverWorkflow: active-passive zone failover (seed §4.1 ``az_failover``).
 
-Every GPU of the failed zone is cordoned (nothing is placed there again until failback), then each
-serving instance in the zone is reported to its model's guardian (the failure already confirmed),
-which runs its ``FailoverWorkflow`` — or joins the one the prober started — critical models first,
-at most ``maxParallelFailovers`` at a time. When the policy says ``requireApproval``, nothing
-moves until an operator approves through the ``approve`` Update.
+Every GPU of the failed zone is cordoned (nothing is placed there again until failback), and the
+zone failover takes one zone-level lease from the budget. Under it, the zone's plain recoveries (a
+serving instance whose runbook would promote a hot standby out of the zone, its model busy with
+nothing else) are switched in one batch (:func:`_switch_in_batch`, ``drctl.activities.zone_switch``),
+each recorded as its model's ``FailoverWorkflow``; every other serving instance in the zone is
+reported to its model's guardian (the failure already confirmed), which runs its
+``FailoverWorkflow`` — or joins the one the prober started. Critical models go first, at most
+``maxParallelFailovers`` at a time. When the policy says ``requireApproval``, nothing moves until
+an operator approves through the ``approve`` Update.
 """
 
 from __future__ import annotations
@@ -214,7 +218,8 @@ class ZoneFailoverWorkflow:
     async def _move_under_one_lease(
         self, request: ZoneFailoverRequest, policy: DRPolicy, serving: list[Instance], result: ZoneFailoverResult
     ) -> None:
-        """Take the zone's one lease, then report every serving instance under it and follow each
+        """Take the zone's one lease, then switch the plain recoveries in one batch
+        (``SWITCH_IN_BATCH``), report every other serving instance under the lease and follow each
         runbook to its end, critical models first, at most the lease's slots at a time; hand the
         lease back at the end, whatever happened. The zone's standbys are left to reconciliation
         (requested at the end: it moves those on the cordoned GPUs in one pass) and to the

@@ -8,7 +8,7 @@ import io
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from drctl.cli import audit
 from drctl.cli.audit_story import build_story, parse_reporter
 from drctl.cli.common import show
 from drctl.cli.render import audit_story_lines, audit_story_markdown, audit_table
-from drctl.payloads import FailoverRequest, Role
+from drctl.payloads import FailoverRequest, Role, StepTiming, SwitchRecord, Trigger
 from drctl.settings import DrctlSettings
 from drctl.temporal.converter import drctl_data_converter
 from drctl.temporal.history import read_run
@@ -184,3 +184,40 @@ def test_a_run_that_failed_on_bad_input_shows_why_not_dashes() -> None:
     row["failure"] = "invalid FailoverRequest: model 'NOPE!': string should match pattern"
     output = text_of([audit_table("q", [row])])
     assert "invalid FailoverRequest: model 'NOPE!'" in output
+
+
+async def test_story_of_a_switch_recorded_for_a_zone_failovers_batch(time_skipping_env: WorkflowEnvironment) -> None:
+    """A zone failover switched llama in its batch; the record's story has the batch's steps, the
+    standby, the RTO, and says it was the zone failover's switch (not a run "started directly")."""
+    client = drctl_client(time_skipping_env)
+    queue, workflow_id = f"test-{uuid.uuid4()}", f"failover-llama-2-7b-0-{uuid.uuid4().hex[:6]}"
+    began = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+    steps = [
+        StepTiming(step="pick", started_at=began, duration_ms=0.0, detail="hot standby llama-2-7b-1, epoch 4"),
+        StepTiming(step="promote", started_at=began, duration_ms=3.0, activity_ms=2.5, detail="promoted"),
+        StepTiming(step="verify", started_at=began + timedelta(milliseconds=3), duration_ms=40.0, detail="200"),
+        StepTiming(step="eject", started_at=began + timedelta(milliseconds=43), duration_ms=2.0, detail="ejected"),
+    ]
+    record = FailoverRequest(
+        model="llama-2-7b",
+        instance="llama-2-7b-0",
+        trigger=Trigger.ZONE_FAILOVER,
+        confirmed=True,
+        epoch=4,
+        switched=SwitchRecord(
+            standby="llama-2-7b-1",
+            epoch=4,
+            steps=steps,
+            started_at=began,
+            verified_at=began + timedelta(milliseconds=43),
+            handled_by="zone-failover-az-1",
+        ),
+    )
+    async with Worker(client, task_queue=queue, workflows=[FailoverWorkflow]):
+        result = await client.execute_workflow(FailoverWorkflow.run, record, id=workflow_id, task_queue=queue)
+    assert result.outcome == "recovered" and result.rto_ms == 43.0 and result.switch_ms == 43.0
+    story = build_story(await read_run(client, workflow_id), rto_target_ms=120_000.0)
+    assert story.trigger == "zone-failover" and story.outcome == "recovered"
+    assert story.started_by.startswith("the zone failover zone-failover-az-1, which switched it in its batch")
+    assert [s.step for s in story.steps] == ["pick", "promote", "verify", "eject"]
+    assert story.standby == "llama-2-7b-1" and story.standby_tier == "hot" and story.rto_met is True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from drctl.payloads import Instance, Role
-from drctl.policies.standby import FailoverPlan, must_defer_eject, plan_failover, standby_candidates
+from drctl.policies.standby import FailoverPlan, hot_switch, must_defer_eject, plan_failover, standby_candidates
 
 
 def fleet(*roles: Role) -> list[Instance]:
@@ -108,3 +110,35 @@ def test_a_zone_failover_orders_as_before_and_no_active_zones_change_nothing() -
     assert [c.id for c in zone_failover] == ["m-1", "m-3", "m-2"]
     assert [c.id for c in standby_candidates(instances, "m-0", prefer_zone="az-3")] == ["m-1", "m-3", "m-2"]
     assert standby_candidates(instances, "m-0", active_zones=()) == standby_candidates(instances, "m-0")
+
+
+def _in(iid: str, role: Role, zone: str | None, node: str = "n") -> Instance:
+    return Instance(id=iid, model="m", role=role, zone=zone, node=f"{node}-{zone}")
+
+
+@pytest.mark.parametrize(
+    ("instances", "expected"),
+    [
+        # The plain case: the serving instance's hot standby, out of the failed zone.
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.HOT, "az-2")], "m-1"),
+        # The runbook's first choice is what the batch takes: the standby zone's hot standby.
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.HOT, "az-2"), _in("m-2", Role.HOT, "az-3")], "m-2"),
+        # A warm standby only: loading is the runbook's (its guardian's).
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.WARM, "az-2")], None),
+        # The only hot standby is in the failed zone: down with it, the runbook tries the next.
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.HOT, "az-1"), _in("m-2", Role.WARM, "az-2")], None),
+        # A hot standby whose zone is not known cannot be said to be out of the failed one.
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.HOT, None)], None),
+        # Something of the model is mid-promotion: an earlier runbook's, the guardian's to finish.
+        ([_in("m-0", Role.SERVING, "az-1"), _in("m-1", Role.HOT, "az-2"), _in("m-2", Role.PROMOTING, "az-2")], None),
+        # Not serving (already failed and ejected): nothing to switch.
+        ([_in("m-0", Role.FAILED, "az-1"), _in("m-1", Role.HOT, "az-2")], None),
+        # No standby at all: an emergency instance, the runbook's.
+        ([_in("m-0", Role.SERVING, "az-1")], None),
+    ],
+)
+def test_a_zone_failover_batches_only_the_plain_switch_to_a_hot_standby_out_of_the_zone(
+    instances: list[Instance], expected: str | None
+) -> None:
+    chosen = hot_switch(instances, "m-0", "az-1", prefer_zone="az-3")
+    assert (chosen.id if chosen else None) == expected

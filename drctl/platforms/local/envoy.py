@@ -69,6 +69,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -764,9 +765,10 @@ def write_eds(eds_dir: Path, model: str, endpoints: Sequence[Endpoint]) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     text = eds_text(eds_document(model, endpoints))
-    # A name of this process's own (``mkstemp``'s random names cost more than the write, in a zone
-    # failover's batch): one process writes a model's file at a time, as this call does not yield.
-    tmp = folder / f".eds.{os.getpid()}.tmp"
+    # A name of this thread's own (``mkstemp``'s random names cost more than the write, in a zone
+    # failover's batch): a thread writes a model's file one call after another (this call does not
+    # yield), and reconciliation writes from threads of its own beside the event loop's.
+    tmp = folder / f".eds.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
