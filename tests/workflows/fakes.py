@@ -225,12 +225,15 @@ class FakePlatform:
     # The runbook's steps, as the fake activities above run them and as the zone failover's batch
     # (``drctl.activities.zone_switch``, real activities over this platform) runs them.
 
-    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+    def _fenced_change(self, step: str, instance: Instance, epoch: int | None, **fields: object) -> None:
+        """A fenced step that changes the instance's fields (refused as stale: nothing changes)."""
         fleet = self.fleet
-        fleet.fence("eject", instance.model, instance.id, epoch)
-        fleet.calls.append(("eject", instance.id))
-        current = fleet.instances[instance.id]
-        fleet.instances[instance.id] = current.model_copy(update={"role": Role.FAILED, "lb_priority": None})
+        fleet.fence(step, instance.model, instance.id, epoch)
+        fleet.calls.append((step, instance.id))
+        fleet.instances[instance.id] = fleet.instances[instance.id].model_copy(update=fields)
+
+    async def eject(self, instance: Instance, reason: str, epoch: int | None = None) -> str:
+        self._fenced_change("eject", instance, epoch, role=Role.FAILED, lb_priority=None)
         return "ejected"
 
     async def promote(self, instance: Instance, epoch: int | None = None) -> str:
@@ -258,11 +261,7 @@ class FakePlatform:
         return "loaded"
 
     async def register(self, instance: Instance, priority: int, epoch: int | None = None) -> str:
-        fleet = self.fleet
-        fleet.fence("register", instance.model, instance.id, epoch)
-        fleet.calls.append(("register", instance.id))
-        current = fleet.instances[instance.id]
-        fleet.instances[instance.id] = current.model_copy(update={"role": Role.SERVING, "lb_priority": priority})
+        self._fenced_change("register", instance, epoch, role=Role.SERVING, lb_priority=priority)
         return "registered"
 
     async def verify(self, instance: Instance, progress: object = None) -> str:

@@ -78,14 +78,34 @@ def hot_llama_2(zone: str, gpu: str) -> Instance:
     )
 
 
-async def run_zone(env: WorkflowEnvironment, fleet: FakeFleet, **request: object) -> ZoneFailoverResult:
-    queue = f"zone-{uuid.uuid4()}"
-    async with Worker(
-        env.client,
+def _with_extra_models(fleet: FakeFleet, count: int) -> FakeFleet:
+    """``extra-N``: serving in az-1, a hot standby in az-3."""
+    for n in range(count):
+        model = f"extra-{n}"
+        fleet.instances[f"{model}-0"] = Instance(
+            id=f"{model}-0", model=model, role=Role.SERVING, zone="az-1", gpu="gpu-node-0/1", node="gpu-node-0",
+            lb_priority=0,
+        )  # fmt: skip
+        fleet.instances[f"{model}-1"] = Instance(
+            id=f"{model}-1", model=model, role=Role.HOT, zone="az-3", gpu="gpu-node-2/1", node="gpu-node-2",
+            lb_priority=1,
+        )  # fmt: skip
+    return fleet
+
+
+def zone_worker(client: Client, queue: str, activities: list[object]) -> Worker:
+    """A worker of the zone failover's workflows over ``activities`` (a fleet's fakes, some swapped)."""
+    return Worker(
+        client,
         task_queue=queue,
         workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=fleet.activities(),
-    ):
+        activities=activities,  # type: ignore[arg-type]
+    )
+
+
+async def run_zone(env: WorkflowEnvironment, fleet: FakeFleet, **request: object) -> ZoneFailoverResult:
+    queue = f"zone-{uuid.uuid4()}"
+    async with zone_worker(env.client, queue, fleet.activities()):
         return await env.client.execute_workflow(
             ZoneFailoverWorkflow.run,
             ZoneFailoverRequest.model_validate(request),
@@ -120,12 +140,7 @@ async def test_approval_gate_holds_until_the_update(time_skipping_env: WorkflowE
         update={"az_failover": fleet.policy.az_failover.model_copy(update={"require_approval": True})}
     )
     queue = f"zone-{uuid.uuid4()}"
-    async with Worker(
-        time_skipping_env.client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=fleet.activities(),
-    ):
+    async with zone_worker(time_skipping_env.client, queue, fleet.activities()):
         handle = await time_skipping_env.client.start_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-2"), id=f"zone-{uuid.uuid4()}", task_queue=queue
         )
@@ -243,17 +258,7 @@ async def test_a_zone_fails_over_under_one_lease_max_parallel_at_a_time(
     lease of two slots (``maxParallelFailovers``) for the five, reports and follows them in one
     activity, and two runbooks run at a time; the guardians ask the budget nothing (one grant in
     all, not five). The standby is left to reconciliation."""
-    fleet = fleet_across_zones()
-    for n in range(3):
-        model = f"extra-{n}"
-        fleet.instances[f"{model}-0"] = Instance(
-            id=f"{model}-0", model=model, role=Role.SERVING, zone="az-1", gpu="gpu-node-0/1", node="gpu-node-0",
-            lb_priority=0,
-        )  # fmt: skip
-        fleet.instances[f"{model}-1"] = Instance(
-            id=f"{model}-1", model=model, role=Role.HOT, zone="az-3", gpu="gpu-node-2/1", node="gpu-node-2",
-            lb_priority=1,
-        )  # fmt: skip
+    fleet = _with_extra_models(fleet_across_zones(), 3)
     warm_standbys(fleet)  # through the guardians (the batch switches to hot standbys only)
     # mistral serves from az-2; its second hot standby is in the failed zone: not the zone
     # failover's (reconciliation moves it), and mistral is not in the lease.
@@ -267,12 +272,7 @@ async def test_a_zone_fails_over_under_one_lease_max_parallel_at_a_time(
     fleet.promote_gate = asyncio.Event()
     queue = f"zone-{uuid.uuid4()}"
     client = time_skipping_env.client
-    async with Worker(
-        client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=fleet.activities(),
-    ):
+    async with zone_worker(client, queue, fleet.activities()):
         handle = await client.start_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
         )
@@ -331,12 +331,7 @@ async def test_a_zone_failover_whose_report_activity_is_cut_short_recovers_each_
 
     queue = f"zone-{uuid.uuid4()}"
     activities = [a for a in fleet.activities() if getattr(a, "__name__", "") != "report_and_await"]
-    async with Worker(
-        time_skipping_env.client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=[*activities, cut_short],
-    ):
+    async with zone_worker(time_skipping_env.client, queue, [*activities, cut_short]):
         result = await time_skipping_env.client.execute_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
         )
@@ -345,21 +340,6 @@ async def test_a_zone_failover_whose_report_activity_is_cut_short_recovers_each_
     promotes = [subject for step, subject in fleet.calls if step == "promote"]
     assert sorted(promotes) == ["gpt-4-8b-1", "llama-2-7b-1"]  # once each, across both attempts
     assert after.waiting == [] and after.granted_total == 1
-
-
-def _with_extra_models(fleet: FakeFleet, count: int) -> FakeFleet:
-    """``extra-N``: serving in az-1, a hot standby in az-3."""
-    for n in range(count):
-        model = f"extra-{n}"
-        fleet.instances[f"{model}-0"] = Instance(
-            id=f"{model}-0", model=model, role=Role.SERVING, zone="az-1", gpu="gpu-node-0/1", node="gpu-node-0",
-            lb_priority=0,
-        )  # fmt: skip
-        fleet.instances[f"{model}-1"] = Instance(
-            id=f"{model}-1", model=model, role=Role.HOT, zone="az-3", gpu="gpu-node-2/1", node="gpu-node-2",
-            lb_priority=1,
-        )  # fmt: skip
-    return fleet
 
 
 async def _record_id(client: Client, zone_failover: str, model: str, instance: str, epoch: int) -> str:
@@ -395,12 +375,7 @@ async def test_hot_standbys_switch_in_one_batch_each_recorded_as_its_models_runb
     fleet.promote_gate = asyncio.Event()
     queue = f"zone-{uuid.uuid4()}"
     client = time_skipping_env.client
-    async with Worker(
-        client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=fleet.activities(),
-    ):
+    async with zone_worker(client, queue, fleet.activities()):
         handle = await client.start_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
         )
@@ -468,12 +443,7 @@ async def test_a_model_already_recovering_is_left_to_its_guardian(time_skipping_
     fleet.promote_gate, fleet.gated = asyncio.Event(), {"gpt-4-8b-1"}
     queue = f"zone-{uuid.uuid4()}"
     client = time_skipping_env.client
-    async with Worker(
-        client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=fleet.activities(),
-    ):
+    async with zone_worker(client, queue, fleet.activities()):
         report = FailureReport(
             request=FailoverRequest(model="gpt-4-8b", instance="gpt-4-8b-2", confirmed=True, trigger=Trigger.PROBE),
             reporter="test",
@@ -522,12 +492,7 @@ async def test_a_switch_batch_cut_short_switches_each_model_once_and_records_it_
     queue = f"zone-{uuid.uuid4()}"
     activities = [a for a in fleet.activities() if getattr(a, "__name__", "") != "switch_zone_to_hot"]
     client = time_skipping_env.client
-    async with Worker(
-        client,
-        task_queue=queue,
-        workflows=[ZoneFailoverWorkflow, FailoverWorkflow, ModelGuardianWorkflow, BudgetWorkflow],
-        activities=[*activities, cut_short],
-    ):
+    async with zone_worker(client, queue, [*activities, cut_short]):
         zone_id = f"zone-{uuid.uuid4()}"
         result = await client.execute_workflow(
             ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=zone_id, task_queue=queue
