@@ -604,6 +604,9 @@ class ZoneFailoverResult(Payload):
     failed: list[str] = Field(default_factory=list)
     pending: list[str] = Field(default_factory=list)
     """Serving instances in the zone not handled yet (progress while it runs)."""
+    switching: list[str] = Field(default_factory=list)
+    """Serving instances the zone failover's batch is switching to their hot standbys now: they
+    come into ``moved`` (or go to their guardians) together, when the batch ends."""
     cordoned_gpus: list[str] = Field(default_factory=list)
     reconcile: str = ""
     """Reconciliation requested at the end, so standbys leave the cordoned zone at once."""

@@ -195,6 +195,9 @@ def plan_budget_lines(result: FailoverResult, budget: BudgetState | None) -> Lin
 
 
 def zone_progress_line(line: str, progress: ZoneFailoverResult) -> str:
+    if line.startswith("switching ") and progress.switching:
+        count = len(progress.switching)
+        return f"… switching {count} serving instance{'s' if count != 1 else ''} to their hot standbys in one batch"
     mark = "[green]✓[/]" if line in progress.moved else "[red]✗[/]"
     return f"{mark} {lit(line)}"
 

@@ -187,6 +187,10 @@ async def _zone_failover(
     def progress(result: ZoneFailoverResult) -> None:
         new = [line for line in result.moved + result.failed if line not in shown]
         shown.update(new)
+        batch = f"switching {len(result.switching)}"
+        if result.switching and batch not in shown:  # once: the batch's moves come when it ends
+            shown.add(batch)
+            new.insert(0, batch)
         show([zone_progress_line(line, result) for line in new])
 
     result = await await_with_progress(handle, ZoneFailoverWorkflow.progress, progress)

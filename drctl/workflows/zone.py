@@ -320,6 +320,7 @@ async def _switch_in_batch(
         return serving
     if not plan.switches:
         return serving
+    result.switching = [s.instance for s in plan.switches]  # progress: what the batch is doing
     outcomes: ZoneSwitchOutcomes = await workflow.execute_activity(
         ActivityName.SWITCH_ZONE_TO_HOT,
         ZoneSwitchBatch(
@@ -330,6 +331,7 @@ async def _switch_in_batch(
         heartbeat_timeout=timedelta(seconds=10),
         retry_policy=REPORT_RETRY,
     )
+    result.switching = []
     switched = {d.instance: d for d in outcomes.done if d.switched}
     for instance in serving:
         done = switched.get(instance.id)

@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from drctl.cli.app import app
+from drctl.cli.render import zone_progress_line
+from drctl.payloads import ZoneFailoverResult
 from drctl.policies.schema import MODEL_NAME_PATTERN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +102,12 @@ def test_an_empty_audit_says_so() -> None:
     console = Console(width=200, record=True)
     console.print(audit_table("WorkflowType = 'FailoverWorkflow'", []))
     assert "no failover matches" in console.export_text()
+
+
+def test_a_zone_failovers_batch_shows_as_one_line_while_it_runs() -> None:
+    running = ZoneFailoverResult(zone="az-1", switching=["m0-0", "m1-0", "m2-0"], pending=["m0-0", "m1-0", "m2-0"])
+    assert zone_progress_line("switching 3", running) == (
+        "… switching 3 serving instances to their hot standbys in one batch"
+    )
+    done = ZoneFailoverResult(zone="az-1", moved=["m0-0 → m0-1 (recovered)"])
+    assert zone_progress_line("m0-0 → m0-1 (recovered)", done).startswith("[green]✓[/]")

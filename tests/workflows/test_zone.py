@@ -386,8 +386,11 @@ async def test_hot_standbys_switch_in_one_batch_each_recorded_as_its_models_runb
         await asyncio.sleep(0.5)  # a third switch, were it let through, would have promoted by now
         promotes = [s for step, s in fleet.calls if step == "promote"]
         assert sorted(promotes) == ["extra-0-1", "llama-2-7b-1"]  # two slots: the critical model first
+        during = await handle.query(ZoneFailoverWorkflow.progress)
+        assert during is not None and len(during.switching) == 5 and during.moved == []  # what it does now
         fleet.promote_gate.set()
         result = await handle.result()
+        assert result.switching == []
         scheduled = await _scheduled(handle)
         record_id = await _record_id(client, handle.id, "llama-2-7b", "llama-2-7b-0", fleet.epochs["llama-2-7b"])
         record = await client.get_workflow_handle(record_id, result_type=FailoverResult).result()
