@@ -14,8 +14,9 @@ it, so a new instance never takes the name of a deleted one.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes.client import CoreV1Api, V1ConfigMap, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
@@ -26,6 +27,7 @@ CONFIGMAP = "drctl-fencing"
 PREFIX = "epoch.drctl.io/"
 INDEX_PREFIX = "index.drctl.io/"
 CLAIM_TRIES = 20
+T = TypeVar("T")
 
 
 class ConfigMapRecord:
@@ -53,6 +55,12 @@ class ConfigMapRecord:
 class KubernetesFencing(ConfigMapRecord):
     configmap = CONFIGMAP
 
+    def __init__(self, core: CoreV1Api, namespace: str, call: Callable[..., Any]) -> None:
+        super().__init__(core, namespace, call)
+        self._claims: list[tuple[str, asyncio.Future[int]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        """Claims being written (kept so that they are not collected mid-way)."""
+
     async def epochs(self) -> dict[str, int]:
         return await self._by_model(PREFIX)
 
@@ -63,12 +71,40 @@ class KubernetesFencing(ConfigMapRecord):
         return {k.removeprefix(prefix): int(v) for k, v in annotations.items() if k.startswith(prefix)}
 
     async def claim(self, model: str) -> int:
-        def next_epoch(annotations: dict[str, str]) -> int:
-            epoch = int(annotations.get(PREFIX + model, "0")) + 1
-            annotations[PREFIX + model] = str(epoch)
-            return epoch
+        """The model's next epoch. Claims asked for in one turn of the event loop go in one
+        read-and-replace of the ConfigMap: a zone failover's batch claims hundreds side by side,
+        and one at a time they refused each other (409) until some ran out of tries."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if not self._claims:
+            loop.call_soon(lambda: self._flushes.add(loop.create_task(self._claim_together())))
+        self._claims.append((model, future))
+        return await future
 
-        return await self._change(next_epoch, f"claim an epoch for {model}")
+    async def _claim_together(self) -> None:
+        claims, self._claims = self._claims, []
+        try:
+
+            def next_epochs(annotations: dict[str, str]) -> list[int]:
+                epochs = []
+                for model, _ in claims:  # a model twice gets two epochs, in order
+                    epoch = int(annotations.get(PREFIX + model, "0")) + 1
+                    annotations[PREFIX + model] = str(epoch)
+                    epochs.append(epoch)
+                return epochs
+
+            models = sorted({model for model, _ in claims})
+            claimed = await self._change(next_epochs, f"claim an epoch for {', '.join(models)}"[:300])
+        except Exception as err:  # no epoch was claimed: each claimer gets the error
+            for _, future in claims:
+                if not future.done():
+                    future.set_exception(err)
+        else:
+            for (_, future), epoch in zip(claims, claimed, strict=True):
+                if not future.done():
+                    future.set_result(epoch)
+        finally:
+            self._flushes = {task for task in self._flushes if not task.done()}
 
     async def highest_indexes(self) -> dict[str, int]:
         return await self._by_model(INDEX_PREFIX)
@@ -83,7 +119,7 @@ class KubernetesFencing(ConfigMapRecord):
 
         await self._change(raised, f"record instance index {index} of {model}")
 
-    async def _change(self, change: Callable[[dict[str, str]], int], what: str) -> int:
+    async def _change(self, change: Callable[[dict[str, str]], T], what: str) -> T:
         """Apply ``change`` to the ConfigMap's annotations and write them with the read's
         ``resourceVersion``, reading again after a conflict (409); nothing is written when ``change``
         left them as they were. Returns what ``change`` returns."""

@@ -835,3 +835,18 @@ async def test_the_highest_instance_index_is_kept_past_a_delete(platform: Kubern
     assert await platform.highest_indexes() == {"llama": 7} and await platform.epochs() == {"llama": 1}
     fencing = emulator.objects[CONFIGMAPS, NS, "drctl-fencing"]
     assert fencing["metadata"]["annotations"]["index.drctl.io/llama"] == "7"
+
+
+async def test_epochs_claimed_side_by_side_are_each_new_and_written_together(
+    platform: KubernetesPlatform, emulator: Any
+) -> None:
+    """A zone failover's batch claims many epochs at once: each claimer gets its own (a model twice
+    gets two, in order), none is handed out twice, and the ConfigMap holds the last of each."""
+    models = ["llama", "mistral", "llama", "qwen", "llama", "mistral"]
+    claimed = await asyncio.gather(*(platform.claim_epoch(m) for m in models))
+    assert claimed == [1, 1, 2, 1, 3, 2]
+    assert await platform.epochs() == {"llama": 3, "mistral": 2, "qwen": 1}
+    # A claim after them goes on from there; a fenced step with an older epoch is refused.
+    assert await platform.claim_epoch("qwen") == 2
+    annotations = emulator.objects[CONFIGMAPS, NS, "drctl-fencing"]["metadata"]["annotations"]
+    assert annotations["epoch.drctl.io/llama"] == "3" and annotations["epoch.drctl.io/qwen"] == "2"
