@@ -9,8 +9,9 @@ not the orchestration; docs/benchmarks.md, "Eleventh session".) The steps are th
 own (:class:`FailoverActivities`, the same platform calls in the same order, the same fencing
 epochs), run side by side; what the guardians would have serialized is settled before: a model
 with any other recovery under way (its lease in the budget) is left to its guardian, and every
-switch is fenced by an epoch claimed after that check. Everything that is not the plain case (a standby to load, a hot standby that does not
-answer, a stale epoch) goes to the guardians as before, under the zone failover's lease.
+switch is fenced by an epoch claimed after that check. Everything that is not the plain case (a
+standby to load, a hot standby that does not answer, a stale epoch) goes to the guardians as
+before, under the zone failover's lease.
 
 The record of each switch is a ``FailoverWorkflow`` (``FailoverRequest.switched``): the audit,
 exports, metrics and drills read it as they read any runbook.
