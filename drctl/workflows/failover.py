@@ -181,12 +181,18 @@ def _ms(delta: timedelta) -> float:
     return round(delta.total_seconds() * 1000, 1)
 
 
+def rto_ms(failed_at: datetime | None, started: datetime, verified: datetime) -> float:
+    """From the failure to the replacement verified. A failure cannot start after its recovery did:
+    one reported later (an alert's startsAt in the future, a clock ahead) or not at all counts from
+    the recovery's start, not as an RTO of 0."""
+    start = _utc(started)
+    failure_start = min(_utc(failed_at), start) if failed_at else start
+    return max(0.0, _ms(_utc(verified) - failure_start))
+
+
 def switch_record_rto_ms(request: FailoverRequest, switched: SwitchRecord) -> float:
-    """A batched switch's RTO: from the failure (when reported, and not after the switch began) to
-    the standby verified."""
-    start = _utc(switched.started_at)
-    failure_start = min(_utc(request.failed_at), start) if request.failed_at else start
-    return max(0.0, _ms(_utc(switched.verified_at) - failure_start))
+    """A batched switch's RTO: :func:`rto_ms` from the batch's claim of the model's epoch."""
+    return rto_ms(request.failed_at, switched.started_at, switched.verified_at)
 
 
 def switch_record_attributes(request: FailoverRequest, switched: SwitchRecord) -> list[SearchAttributeUpdate[Any]]:
@@ -352,13 +358,10 @@ class FailoverWorkflow:
             return self._finish(FailoverOutcome.PLANNED, f"would promote {promoted.id} ({promoted.role})")
 
         verified_at = self._verified_at or workflow.now()
-        # A failure cannot start after its runbook did: a report dated later (an alert's startsAt
-        # in the future, a clock ahead) counts from the start, not as an RTO of 0.
-        failure_start = min(_utc(request.failed_at), _utc(started)) if request.failed_at else started
         result.promoted = promoted.id
         result.tier = None if result.emergency else promoted.role
         result.switch_ms = _ms(verified_at - started)
-        result.rto_ms = max(0.0, _ms(verified_at - failure_start))
+        result.rto_ms = rto_ms(request.failed_at, started, verified_at)
         workflow.upsert_search_attributes(
             [
                 TIER_KEY.value_set("emergency" if result.emergency else promoted.role.value),
