@@ -14,7 +14,6 @@ it, so a new instance never takes the name of a deleted one.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from kubernetes.client import CoreV1Api, V1ConfigMap, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
 
 from drctl.platforms import errors
+from drctl.platforms.coalesce import Coalescer
 
 CONFIGMAP = "drctl-fencing"
 PREFIX = "epoch.drctl.io/"
@@ -57,9 +57,7 @@ class KubernetesFencing(ConfigMapRecord):
 
     def __init__(self, core: CoreV1Api, namespace: str, call: Callable[..., Any]) -> None:
         super().__init__(core, namespace, call)
-        self._claims: list[tuple[str, asyncio.Future[int]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()
-        """Claims being written (kept so that they are not collected mid-way)."""
+        self._claims: Coalescer[str, int] = Coalescer(self._claim_together)
 
     async def epochs(self) -> dict[str, int]:
         return await self._by_model(PREFIX)
@@ -72,39 +70,21 @@ class KubernetesFencing(ConfigMapRecord):
 
     async def claim(self, model: str) -> int:
         """The model's next epoch. Claims asked for in one turn of the event loop go in one
-        read-and-replace of the ConfigMap: a zone failover's batch claims hundreds side by side,
-        and one at a time they refused each other (409) until some ran out of tries."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        if not self._claims:
-            loop.call_soon(lambda: self._flushes.add(loop.create_task(self._claim_together())))
-        self._claims.append((model, future))
-        return await future
+        read-and-replace of the ConfigMap (:class:`Coalescer`): a zone failover's batch claims
+        hundreds side by side, and one at a time they refused each other (409) until some ran out
+        of tries."""
+        return await self._claims(model)
 
-    async def _claim_together(self) -> None:
-        claims, self._claims = self._claims, []
-        try:
+    async def _claim_together(self, models: list[str]) -> list[int]:
+        def next_epochs(annotations: dict[str, str]) -> list[int]:
+            epochs = []
+            for model in models:  # a model twice gets two epochs, in order
+                epoch = int(annotations.get(PREFIX + model, "0")) + 1
+                annotations[PREFIX + model] = str(epoch)
+                epochs.append(epoch)
+            return epochs
 
-            def next_epochs(annotations: dict[str, str]) -> list[int]:
-                epochs = []
-                for model, _ in claims:  # a model twice gets two epochs, in order
-                    epoch = int(annotations.get(PREFIX + model, "0")) + 1
-                    annotations[PREFIX + model] = str(epoch)
-                    epochs.append(epoch)
-                return epochs
-
-            models = sorted({model for model, _ in claims})
-            claimed = await self._change(next_epochs, f"claim an epoch for {', '.join(models)}"[:300])
-        except Exception as err:  # no epoch was claimed: each claimer gets the error
-            for _, future in claims:
-                if not future.done():
-                    future.set_exception(err)
-        else:
-            for (_, future), epoch in zip(claims, claimed, strict=True):
-                if not future.done():
-                    future.set_result(epoch)
-        finally:
-            self._flushes = {task for task in self._flushes if not task.done()}
+        return await self._change(next_epochs, f"claim an epoch for {', '.join(sorted(set(models)))}"[:300])
 
     async def highest_indexes(self) -> dict[str, int]:
         return await self._by_model(INDEX_PREFIX)

@@ -17,7 +17,6 @@ was deleted (see :meth:`InstanceRegistry.highest_indexes`).
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
@@ -31,6 +30,7 @@ from pydantic import model_validator
 
 from drctl.payloads import Instance
 from drctl.platforms import errors
+from drctl.platforms.coalesce import Coalescer
 from drctl.policies.reconcile import instance_index
 
 
@@ -352,58 +352,29 @@ def _indexes(snapshot: _Snapshot) -> dict[str, int]:
 
 
 class GroupCommit:
-    """Registry changes made side by side go to the file in one write.
+    """Registry changes made side by side go to the file in one write (:class:`Coalescer`).
 
     Each write rewrites the whole file (1,000 instances: ~150 KB) and renames it, on the event loop.
     In a zone failover's batch, sixteen switches at a time each made four of them (claim, promote,
     register, eject): a quarter of the worker's samples, and every other switch waited behind each.
-    A change here waits for the next turn of the loop, when every change asked for meanwhile is
-    written together (:meth:`InstanceRegistry.update_many`, :meth:`InstanceRegistry.claim_epochs`);
-    each caller gets its own answer or its own error, as from the registry's own methods."""
+    Here the changes asked for in one turn of the loop are written together
+    (:meth:`InstanceRegistry.update_many`, :meth:`InstanceRegistry.claim_epochs`); each caller gets
+    its own answer or its own error, as from the registry's own methods."""
 
     def __init__(self, registry: InstanceRegistry) -> None:
         self.registry = registry
-        self._updates: list[tuple[str, int | None, dict[str, object], asyncio.Future[LocalInstance]]] = []
-        self._claims: list[tuple[str, asyncio.Future[int]]] = []
+
+        async def updates(changes: list[tuple[str, int | None, dict[str, object]]]) -> list[LocalInstance | Exception]:
+            return registry.update_many(changes)
+
+        async def claims(models: list[str]) -> list[int]:
+            return registry.claim_epochs(models)
+
+        self._updates: Coalescer[tuple[str, int | None, dict[str, object]], LocalInstance] = Coalescer(updates)
+        self._claims: Coalescer[str, int] = Coalescer(claims)
 
     async def update(self, instance_id: str, epoch: int | None = None, **changes: object) -> LocalInstance:
-        future: asyncio.Future[LocalInstance] = self._next_turn().create_future()
-        self._updates.append((instance_id, epoch, changes, future))
-        return await future
+        return await self._updates((instance_id, epoch, changes))
 
     async def claim_epoch(self, model: str) -> int:
-        future: asyncio.Future[int] = self._next_turn().create_future()
-        self._claims.append((model, future))
-        return await future
-
-    def _next_turn(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if not self._updates and not self._claims:
-            loop.call_soon(self._flush)
-        return loop
-
-    def _flush(self) -> None:
-        claims, self._claims = self._claims, []
-        updates, self._updates = self._updates, []
-        if claims:
-            try:
-                epochs: list[int | Exception] = list(self.registry.claim_epochs([model for model, _ in claims]))
-            except Exception as err:  # the file could not be written: no epoch was claimed
-                epochs = [err] * len(claims)
-            _answer([future for _, future in claims], epochs)
-        if updates:
-            try:
-                results = self.registry.update_many([(iid, epoch, changes) for iid, epoch, changes, _ in updates])
-            except Exception as err:  # the file could not be written: every change of the batch failed
-                results = [err] * len(updates)
-            _answer([future for *_, future in updates], results)
-
-
-def _answer(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
-    for future, result in zip(futures, results, strict=True):
-        if future.done():
-            continue  # its caller was cancelled
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        return await self._claims(model)
