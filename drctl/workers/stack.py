@@ -219,6 +219,9 @@ class LocalStack:
             if name in self.pids:
                 processes.terminate(self.pids.pop(name), grace_s=5.0)
         await self.platform.close()
+        if self.layout.eds_dir != self.layout.state_eds_dir:
+            # In memory, nothing else would ever remove them; the next ``drctl up`` writes them all.
+            shutil.rmtree(self.layout.eds_dir.parent, ignore_errors=True)
         self.layout.stack_file.unlink(missing_ok=True)
         self.say("stopped")
 
@@ -499,9 +502,13 @@ class LocalStack:
         """Write Envoy's bootstrap from the policy and start it. EDS files start empty for a new fleet;
         a resumed fleet keeps its files until ``ensure_fleet`` rewrites them from the registry."""
         s = self.settings
-        self.layout.eds_dir.mkdir(parents=True, exist_ok=True)
+        layout = self.layout
+        layout.envoy_dir.mkdir(parents=True, exist_ok=True)
+        layout.eds_dir.mkdir(parents=True, exist_ok=True)
         if keep_eds:
-            envoy.adopt_old_eds_layout(self.layout.eds_dir, self.policy.model_names)
+            envoy.adopt_old_eds_layout(layout.state_eds_dir, self.policy.model_names)
+            if layout.eds_dir != layout.state_eds_dir:  # kept in the state folder by an earlier drctl
+                envoy.copy_missing_eds(layout.state_eds_dir, layout.eds_dir, self.policy.model_names)
         for model in self.policy.model_names:
             if not keep_eds or not self.layout.eds_file(model).exists():
                 envoy.write_eds(self.layout.eds_dir, model, [])

@@ -69,6 +69,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -790,6 +791,21 @@ def adopt_old_eds_layout(eds_dir: Path, models: Sequence[str]) -> list[str]:
             os.replace(old, new)
             moved.append(model)
     return moved
+
+
+def copy_missing_eds(source_dir: Path, eds_dir: Path, models: Sequence[str]) -> list[str]:
+    """Copy each model's EDS file from ``source_dir`` where ``eds_dir`` has none (a fleet resumed
+    after an upgrade keeps the endpoints an earlier drctl kept in the state folder)."""
+    copied = []
+    for model in models:
+        old, new = eds_file(source_dir, model), eds_file(eds_dir, model)
+        if old.exists() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            tmp = new.with_name(f".eds.{os.getpid()}.{threading.get_ident()}.tmp")
+            shutil.copyfile(old, tmp)
+            os.replace(tmp, new)
+            copied.append(model)
+    return copied
 
 
 def _host_status(raw: dict[str, Any]) -> HostStatus:

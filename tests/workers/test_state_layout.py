@@ -1,0 +1,50 @@
+"""Where the local platform keeps Envoy's endpoints: in this user's own folder in memory, or in the
+state folder when there is no such folder to trust."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from drctl.settings import StateLayout, memory_folder
+
+
+def test_each_state_folder_has_its_own_folder_in_this_users_private_memory_folder(tmp_path: Path) -> None:
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    first, second = memory_folder(tmp_path / "a", memory), memory_folder(tmp_path / "b", memory)
+    assert first is not None and second is not None
+    assert first.parent == second.parent == memory / f"drctl-{os.getuid()}"
+    assert first != second
+    assert memory_folder(tmp_path / "a", memory) == first  # every part of a stack works out the same
+    assert (first.parent.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("made_by_someone", ["a link", "a folder others may enter", "a file"])
+def test_a_per_user_folder_someone_else_could_write_in_is_not_used(tmp_path: Path, made_by_someone: str) -> None:
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    top = memory / f"drctl-{os.getuid()}"
+    if made_by_someone == "a link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        top.symlink_to(elsewhere)
+    elif made_by_someone == "a folder others may enter":
+        top.mkdir()
+        top.chmod(0o777)
+    else:
+        top.write_text("")
+    assert memory_folder(tmp_path / "state", memory) is None
+
+
+def test_without_memory_to_use_the_endpoints_stay_in_the_state_folder(tmp_path: Path) -> None:
+    assert memory_folder(tmp_path / "state", tmp_path / "no-such-memory") is None
+    layout = StateLayout(tmp_path / "state")
+    expected = memory_folder(layout.root)
+    if expected is None:
+        assert layout.eds_dir == layout.state_eds_dir == layout.root / "envoy" / "eds"
+    else:
+        assert layout.eds_dir == expected / "eds"
+        assert layout.eds_file("m") == expected / "eds" / "m" / "eds.yaml"
