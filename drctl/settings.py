@@ -215,17 +215,28 @@ def read_secret_file(path: Path, setting: str) -> str:
 
 
 MEMORY_ROOT = Path("/dev/shm")
-"""Where the local platform keeps the files it can lose (Envoy's endpoints): memory (tmpfs)."""
+"""Where the local platform keeps the files it can lose (Envoy's endpoints): memory (tmpfs).
+``DRCTL_MEMORY_ROOT`` sets another place (``none``: none, they stay in the state folder); like every
+``DRCTL_`` variable it reaches the stack's parts, which must all agree on it."""
 
 
-def memory_folder(root: Path, base: Path = MEMORY_ROOT) -> Path | None:
+def memory_root() -> Path | None:
+    value = os.environ.get("DRCTL_MEMORY_ROOT", str(MEMORY_ROOT)).strip()
+    return None if value.lower() in ("", "none") else Path(value)
+
+
+def memory_folder(root: Path, base: Path | None = None) -> Path | None:
     """This user's folder in memory for state folder ``root`` (``/dev/shm/drctl-<uid>/<key>``),
-    None where there is no such memory or its folder is not this user's alone.
+    None where there is no such memory (``base``, else :func:`memory_root`) or its folder is not
+    this user's alone.
 
     ``/dev/shm`` is writable by every user: the per-user folder is made with mode 0700 and used only
     if it is a real folder (not a link), owned by this user, that no one else may enter (one made
     beforehand by another user would let that user rewrite where Envoy sends requests). Every part
     of a stack (worker, xDS server, CLI) works this out alike from the state folder alone."""
+    base = base if base is not None else memory_root()
+    if base is None:
+        return None
     top = base / f"drctl-{os.getuid()}"
     try:
         top.mkdir(mode=0o700, exist_ok=True)

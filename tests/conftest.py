@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -11,6 +15,17 @@ from temporalio.testing import WorkflowEnvironment
 
 from drctl.temporal.search_attributes import register_search_attributes
 from drctl.workers.binaries import find_binary
+
+# Envoy's endpoint files go in memory (``drctl.settings.memory_folder``), where nothing removes
+# those of a stack that was never stopped cleanly (most tests' platforms): the session gives them
+# a place of its own, in memory as for a user, and removes it at the end. Set before any stack
+# part starts, so that every process of every test agrees on it.
+_MEMORY_ROOT = tempfile.mkdtemp(prefix="drctl-tests-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+os.environ.setdefault("DRCTL_MEMORY_ROOT", _MEMORY_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_MEMORY_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

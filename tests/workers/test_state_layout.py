@@ -39,8 +39,18 @@ def test_a_per_user_folder_someone_else_could_write_in_is_not_used(tmp_path: Pat
     assert memory_folder(tmp_path / "state", memory) is None
 
 
-def test_without_memory_to_use_the_endpoints_stay_in_the_state_folder(tmp_path: Path) -> None:
+def test_without_memory_to_use_the_endpoints_stay_in_the_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert memory_folder(tmp_path / "state", tmp_path / "no-such-memory") is None
+    monkeypatch.setenv("DRCTL_MEMORY_ROOT", "none")
+    kept = StateLayout(tmp_path / "kept")
+    assert kept.eds_dir == kept.state_eds_dir == kept.root / "envoy" / "eds"
+    monkeypatch.setenv("DRCTL_MEMORY_ROOT", str(tmp_path / "memory"))
+    (tmp_path / "memory").mkdir()
+    moved = StateLayout(tmp_path / "moved")
+    assert moved.eds_dir.is_relative_to(tmp_path / "memory" / f"drctl-{os.getuid()}")
+    monkeypatch.delenv("DRCTL_MEMORY_ROOT")
     layout = StateLayout(tmp_path / "state")
     expected = memory_folder(layout.root)
     if expected is None:

@@ -21,6 +21,7 @@ import yaml
 from drctl.platforms.local import xds
 from drctl.platforms.local.envoy import XDS_CLUSTER, cluster_hosts, envoy_yaml, render_bootstrap, write_eds
 from drctl.policies.schema import DRPolicy
+from drctl.settings import StateLayout
 from tests.platforms.local.test_envoy import (
     HOST,
     _free_port,
@@ -166,7 +167,8 @@ async def start_server_process(
 async def test_envoy_routes_by_the_assignments_the_server_sends(tmp_path: Path) -> None:
     procs: list[asyncio.subprocess.Process] = []
     state_dir = tmp_path / "state"
-    eds_dir = state_dir / "envoy" / "eds"
+    state_dir.mkdir()
+    eds_dir = StateLayout(state_dir).eds_dir  # where the server (another process) works out they are
     policy = policy_of(2)
     port = _free_port()
     try:
