@@ -366,10 +366,11 @@ class GroupCommit:
     meanwhile. On this project's disk a write held the loop 4-7 ms in a zone outage of 1,000
     instances, half of it waiting on the file system; in a thread, what the loop asks for meanwhile
     goes in the next write. A step waits a little longer for its write (promote, register, eject
-    ~40 ms against ~25), every other step a lot less (the hot check and verify ~150/245 ms against
-    ~275/420: they wait on the loop), and the zone's switch took ~22 % less (docs/benchmarks.md,
-    twelfth session). The file's own lock (``flock``) keeps these writes and any other (a
-    reconciliation's, another process's) apart, as it always did."""
+    40-75 ms against ~22), the steps that wait on the loop less (the hot check and verify ~150/250 ms
+    against ~275/420), and the zone's switch at 1,000 instances was faster in four of five
+    alternated pairs, median 15.8 against 19.3 s (docs/benchmarks.md, twelfth session; noisy).
+    The file's own lock (``flock``) keeps these writes and any other (a reconciliation's, another
+    process's) apart, as it always did."""
 
     def __init__(self, registry: InstanceRegistry) -> None:
         self.registry = registry
