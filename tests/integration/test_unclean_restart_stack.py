@@ -37,6 +37,8 @@ async def test_unclean_stop_adopts_live_instances_and_fails_over_dead_ones(
     for key, value in settings.model_dump(mode="json").items():
         if value is not None:
             env[f"DRCTL_{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    if "DRCTL_MEMORY_ROOT" in os.environ:  # where this test's stack keeps Envoy's endpoints, as ours does
+        env["DRCTL_MEMORY_ROOT"] = os.environ["DRCTL_MEMORY_ROOT"]
     command = [sys.executable, "-c", "from drctl.cli.app import main; main()", "up"]
     up = processes.spawn(command, layout.root / "drctl-up.out", env=env)
     said: list[str] = []
