@@ -22,6 +22,16 @@ updates during the outage (``update_success`` summed over the clusters), the pro
 idle before the outage, and the stack's memory (RSS of every part and pool). ``--mode process``
 runs one demo-server process per instance (the default mode of ``drctl up``), which needs ~23 MiB
 each.
+
+Before and after a change, run the *before* from its own checkout: the stack's parts start as
+``python -m drctl...`` in the working directory, which ``-m`` puts ahead of ``PYTHONPATH``, so a run
+from the new checkout with only ``PYTHONPATH`` set to the old one runs the new worker::
+
+    git worktree add /tmp/before REV
+    (cd /tmp/before && PYTHONPATH=/tmp/before /path/to/.venv/bin/python bench/zone_bench.py ...)
+
+Runs of the same code spread by a fifth or more on a 2-core machine: alternate, and look for
+leftover busy processes (``ps aux --sort=-%cpu``) first.
 """
 
 from __future__ import annotations
