@@ -510,8 +510,8 @@ class LocalStack:
             if layout.eds_dir != layout.state_eds_dir:  # kept in the state folder by an earlier drctl
                 envoy.copy_missing_eds(layout.state_eds_dir, layout.eds_dir, self.policy.model_names)
         for model in self.policy.model_names:
-            if not keep_eds or not self.layout.eds_file(model).exists():
-                envoy.write_eds(self.layout.eds_dir, model, [])
+            if not keep_eds or not layout.eds_file(model).exists():
+                envoy.write_eds(layout.eds_dir, model, [])
         bootstrap = envoy.render_bootstrap(
             self.policy,
             listen_host=s.host,

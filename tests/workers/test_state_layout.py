@@ -58,3 +58,18 @@ def test_without_memory_to_use_the_endpoints_stay_in_the_state_folder(
     else:
         assert layout.eds_dir == expected / "eds"
         assert layout.eds_file("m") == expected / "eds" / "m" / "eds.yaml"
+
+
+def test_a_resumed_fleet_takes_the_endpoints_an_earlier_drctl_kept_in_the_state_folder(tmp_path: Path) -> None:
+    """Only where the memory folder has none: a file written there since is newer than the copy."""
+    from drctl.platforms.local.envoy import Endpoint, copy_missing_eds, eds_file, write_eds
+
+    state, memory = tmp_path / "state-eds", tmp_path / "memory-eds"
+    write_eds(state, "kept", [Endpoint(host="127.0.0.1", port=8001, priority=0, instance="kept-0")])
+    write_eds(state, "newer", [Endpoint(host="127.0.0.1", port=8002, priority=0, instance="newer-0")])
+    write_eds(memory, "newer", [Endpoint(host="127.0.0.1", port=9002, priority=0, instance="newer-1")])
+    assert copy_missing_eds(state, memory, ["kept", "newer", "absent"]) == ["kept"]
+    assert eds_file(memory, "kept").read_text() == eds_file(state, "kept").read_text()
+    assert "9002" in eds_file(memory, "newer").read_text()
+    assert not eds_file(memory, "absent").exists()
+    assert [p.name for p in eds_file(memory, "kept").parent.iterdir()] == ["eds.yaml"]  # no temp file left

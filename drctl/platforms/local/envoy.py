@@ -69,7 +69,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -762,10 +761,12 @@ def eds_file(eds_dir: Path, model: str) -> Path:
 
 def write_eds(eds_dir: Path, model: str, endpoints: Sequence[Endpoint]) -> None:
     """Atomically replace the model's EDS file: Envoy sees the old file or the new one, never half."""
-    path = eds_file(eds_dir, model)
+    _replace_eds(eds_file(eds_dir, model), eds_text(eds_document(model, endpoints)))
+
+
+def _replace_eds(path: Path, text: str) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    text = eds_text(eds_document(model, endpoints))
     # A name of this thread's own (``mkstemp``'s random names cost more than the write, in a zone
     # failover's batch): a thread writes a model's file one call after another (this call does not
     # yield), and reconciliation writes from threads of its own beside the event loop's.
@@ -800,10 +801,7 @@ def copy_missing_eds(source_dir: Path, eds_dir: Path, models: Sequence[str]) -> 
     for model in models:
         old, new = eds_file(source_dir, model), eds_file(eds_dir, model)
         if old.exists() and not new.exists():
-            new.parent.mkdir(parents=True, exist_ok=True)
-            tmp = new.with_name(f".eds.{os.getpid()}.{threading.get_ident()}.tmp")
-            shutil.copyfile(old, tmp)
-            os.replace(tmp, new)
+            _replace_eds(new, old.read_text(encoding="utf-8"))
             copied.append(model)
     return copied
 
