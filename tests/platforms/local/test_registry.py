@@ -11,6 +11,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from drctl.payloads import ErrorType, Role
+from drctl.platforms.local import registry as registry_module
 from drctl.platforms.local.registry import GroupCommit, InstanceRegistry, LocalInstance
 
 
@@ -182,3 +183,36 @@ async def test_epochs_claimed_side_by_side_are_written_together_and_each_is_new(
     with pytest.raises(ApplicationError) as refused:
         await commits.update("m0-0", epoch=1, note="stale")
     assert refused.value.type == ErrorType.STALE_EPOCH
+
+
+def test_a_read_between_a_write_and_its_end_does_not_parse_the_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write in a thread (``GroupCommit``) lets the event loop run at its rename: a read there
+    sees the new file before the write has recorded it as parsed. It takes what the write put there
+    instead of parsing the whole file again (at 1,000 instances, 4-5 ms for every write)."""
+    registry = fleet(tmp_path / "instances.json")
+    parses: list[bytes] = []
+    real_parse = registry._snapshot_of
+
+    def counted(content: bytes) -> object:
+        parses.append(content)
+        return real_parse(content)
+
+    monkeypatch.setattr(registry, "_snapshot_of", counted)
+    real_replace = registry_module.os.replace
+    seen_in_between: list[str] = []
+
+    def replace_then_read(src: object, dst: object) -> None:
+        real_replace(src, dst)  # type: ignore[arg-type]
+        seen_in_between.append(registry.view()["m1-0"].note)  # the loop, in the window
+
+    monkeypatch.setattr(registry_module.os, "replace", replace_then_read)
+    registry.update("m1-0", note="promoted")
+    assert seen_in_between == ["promoted"]
+    assert parses == []
+    assert registry.view()["m1-0"].note == "promoted" and parses == []
+    # What another process wrote is still parsed (the content is the key, not who wrote it).
+    monkeypatch.setattr(registry_module.os, "replace", real_replace)
+    InstanceRegistry(tmp_path / "instances.json").update("m2-0", note="elsewhere")
+    assert registry.view()["m2-0"].note == "elsewhere" and len(parses) == 1
