@@ -8,7 +8,8 @@ a small JSON answer over a kept-alive connection: httpx 1.4 ms, aiohttp 0.6 ms, 
 that needs more than a core and one that needs a tenth of one.
 
 It does only what probing needs: ``GET`` with no request body, a status line, headers, and a body
-sized by ``Content-Length`` or chunked (what vLLM's uvicorn, SGLang and the demo server send), with
+sized by ``Content-Length`` or chunked (what vLLM's uvicorn, SGLang and the demo server send; read
+as :mod:`drctl.platforms.keepalive_http` reads it, which runbook steps use the same way), with
 a deadline over the whole exchange. Any error or a missed deadline closes the connection (a hung
 server's socket is never reused: the next probe connects again) and raises :class:`ProbeError`.
 """
@@ -18,8 +19,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-MAX_BODY = 1 << 20
-"""A probe answer larger than this is not a health answer: the exchange fails."""
+from drctl.platforms.keepalive_http import ExchangeError, read_body, read_head
+
 LATE_LOOP_MARGIN = 0.1
 """A deadline the event loop reaches later than this share of the timeout was missed by the prober,
 not necessarily by the instance (see :class:`_Deadline`)."""
@@ -54,7 +55,7 @@ class ProbeClient:
             try:
                 async with _Deadline(timeout_s, self):
                     return await self._exchange(address, path)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ProbeError) as exc:
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ProbeError, ExchangeError) as exc:
                 self._drop(address)
                 raise ProbeError(f"GET http://{address}{path}: {type(exc).__name__} {exc}".rstrip()) from exc
 
@@ -65,35 +66,11 @@ class ProbeClient:
             reader, writer = await asyncio.open_connection(host, int(port))
             connection = self._connections[address] = _Connection(reader, writer)
         connection.writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: */*\r\n\r\n".encode("latin-1"))
-        reader = connection.reader
-        status_line = await reader.readuntil(b"\r\n")
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ProbeError(f"not an HTTP/1.x answer: {status_line[:60]!r}")
-        status = int(parts[1])
-        length: int | None = None
-        chunked = close = False
-        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value.strip())
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif name == b"connection":
-                close = b"close" in value.lower()
-        if chunked:
-            body = await _read_chunked(reader)
-        elif length is not None:
-            if length > MAX_BODY:
-                raise ProbeError(f"answer of {length} bytes")
-            body = await reader.readexactly(length)
-        else:
-            body = await reader.read(MAX_BODY)  # no length: the body runs to the connection's end
-            close = True
+        head = await read_head(connection.reader)
+        body, close = await read_body(connection.reader, head)
         if close:
             self._drop(address)
-        return status, body
+        return head.status, body
 
     def _drop(self, address: str) -> None:
         connection = self._connections.pop(address, None)
@@ -158,17 +135,3 @@ class _Deadline:
         self._handle.cancel()
         if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
             raise TimeoutError(f"no answer within {self._timeout_s:g} s") from exc
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    body = bytearray()
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass  # trailers
-            return bytes(body)
-        if len(body) + size > MAX_BODY:
-            raise ProbeError("chunked answer too large")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)

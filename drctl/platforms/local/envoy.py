@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import yaml
@@ -832,12 +833,24 @@ async def cluster_hosts(admin_url: str, model: str, client: httpx.AsyncClient | 
 
     Raises ``LookupError`` if Envoy has no such cluster, ``httpx.HTTPError`` if the admin API fails.
     """
-    url = f"{admin_url.rstrip('/')}/clusters"
-    params = {"format": "json", "filter": f"^{re.escape(model)}$"}
     async with _client_or_own(client, 5.0) as http:
-        response = await http.get(url, params=params)
+        response = await http.get(cluster_url(admin_url, model))
     response.raise_for_status()
-    for cluster in response.json().get("cluster_statuses", []):
+    return hosts_of(response.json(), model, admin_url)
+
+
+def cluster_url(admin_url: str, model: str) -> str:
+    """The admin API's URL for ``model``'s cluster alone (see :func:`cluster_hosts`)."""
+    query = urlencode({"format": "json", "filter": f"^{re.escape(model)}$"})
+    return f"{admin_url.rstrip('/')}/clusters?{query}"
+
+
+def hosts_of(clusters: Any, model: str, admin_url: str) -> list[HostStatus]:
+    """The hosts of ``model``'s cluster in the admin API's ``/clusters?format=json`` answer.
+    Raises ``LookupError`` if there is no such cluster, ``ValueError`` if it is not that answer."""
+    if not isinstance(clusters, dict):
+        raise ValueError(f"Envoy at {admin_url}: not a /clusters answer")
+    for cluster in clusters.get("cluster_statuses", []):
         if cluster.get("name") == model:
             return [_host_status(raw) for raw in cluster.get("host_statuses", [])]
     raise LookupError(f"Envoy at {admin_url} has no cluster {model!r}")

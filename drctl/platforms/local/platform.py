@@ -30,6 +30,7 @@ import httpx
 from drctl.payloads import Instance, ReconcileAction, Role
 from drctl.platforms import errors
 from drctl.platforms.base import ProgressCallback, find_instance
+from drctl.platforms.keepalive_http import Answer, ExchangeError, KeepAliveClient
 from drctl.platforms.local import envoy, pools, processes
 from drctl.platforms.local.checkpoints import (
     CHECKSUM_MISMATCH,
@@ -69,6 +70,10 @@ as the prober would judge it, instead of three 30-second tries (75 s) before the
 to the next standby. A healthy registration is seen by Envoy in milliseconds and never probed."""
 
 
+FETCH_ERRORS = (ExchangeError, TimeoutError, httpx.HTTPError)
+"""What :meth:`LocalPlatform._fetch` raises when a request fails or gets no answer in time."""
+
+
 class LocalPlatform:
     def __init__(self, settings: DrctlSettings, policy: DRPolicy) -> None:
         self.settings = settings
@@ -81,6 +86,8 @@ class LocalPlatform:
         self.pools = pools.InstancePools(self.layout, settings.instance_pool_base_port)
         """Pooled mode's processes, one per node (``DRCTL_INSTANCE_MODE=pooled``; see ``pools``)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=0.5))
+        self._keepalive = KeepAliveClient()
+        """The requests runbook steps make in a loop (probes, the load check, verify): see :meth:`_fetch`."""
         self._draining: dict[asyncio.Task[None], int | None] = {}
         """Ejected processes still draining their connections, stopped when the task ends."""
         self._to_settle: list[str] = []
@@ -106,6 +113,7 @@ class LocalPlatform:
             task.cancel()
             await asyncio.to_thread(processes.terminate, pid)
         await self._http.aclose()
+        await self._keepalive.aclose()
 
     async def warm_up(self) -> None:
         """Make the HTTP client's first request now: it costs ~30 ms once, which would otherwise
@@ -167,8 +175,8 @@ class LocalPlatform:
         timeout = self.policy.detection.probe_timeout.total_seconds()
         for attempt in range(3):
             try:
-                response = await self._http.get(self._url(local, engine.health_path), timeout=timeout)
-            except httpx.HTTPError as exc:
+                response = await self._fetch("GET", self._url(local, engine.health_path), timeout_s=timeout)
+            except FETCH_ERRORS as exc:
                 last = f"{engine.health_path} unreachable: {type(exc).__name__}"
             else:
                 up = response.status_code == 200
@@ -191,8 +199,8 @@ class LocalPlatform:
         if engine.load_progress_path is None:
             return None
         try:
-            return (await self._http.get(self._url(local, engine.load_progress_path), timeout=timeout_s)).text
-        except httpx.HTTPError:
+            return (await self._fetch("GET", self._url(local, engine.load_progress_path), timeout_s=timeout_s)).text
+        except FETCH_ERRORS:
             return None
 
     async def _asleep(self, local: LocalInstance, engine: EngineProfile, timeout_s: float) -> bool | None:
@@ -200,9 +208,9 @@ class LocalPlatform:
         if engine.is_sleeping_path is None:
             return None
         try:
-            response = await self._http.get(self._url(local, engine.is_sleeping_path), timeout=timeout_s)
+            response = await self._fetch("GET", self._url(local, engine.is_sleeping_path), timeout_s=timeout_s)
             asleep = response.json().get("is_sleeping") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (*FETCH_ERRORS, ValueError, AttributeError):
             return None
         return asleep if isinstance(asleep, bool) else None
 
@@ -303,22 +311,22 @@ class LocalPlatform:
         starting: dict[str, Any] = {"state": "starting", "progress": 0.0}
         if engine.load_progress_path is not None:
             try:
-                response = await self._http.get(self._url(local, engine.load_progress_path), timeout=1.0)
+                response = await self._fetch("GET", self._url(local, engine.load_progress_path), timeout_s=1.0)
                 state = response.json()
-            except (httpx.HTTPError, ValueError):
+            except (*FETCH_ERRORS, ValueError):
                 return starting
             return state if isinstance(state, dict) else starting
         try:
-            response = await self._http.get(self._url(local, engine.models_path), timeout=1.0)
-        except httpx.HTTPError:
+            response = await self._fetch("GET", self._url(local, engine.models_path), timeout_s=1.0)
+        except FETCH_ERRORS:
             return starting  # vLLM's and SGLang's servers listen once the weights are loaded
         if response.status_code == 200 and engine.lists_model(response.text, local.model):
             return {"state": "ready", "progress": 1.0}
         # Up, the model not listed yet. A server that says its model failed (the demo's health
         # answer) has failed for good: say so now rather than at the timeout.
         try:
-            health = await self._http.get(self._url(local, engine.health_path), timeout=1.0)
-        except httpx.HTTPError:
+            health = await self._fetch("GET", self._url(local, engine.health_path), timeout_s=1.0)
+        except FETCH_ERRORS:
             return {"state": "loading", "progress": 0.0}
         verdict = engine.judge_health(health.status_code, health.text, asleep=None, may_sleep=True)
         if verdict.final:
@@ -361,27 +369,27 @@ class LocalPlatform:
         watch = _InstanceWatch(self, instance, start)
         while time.monotonic() - start < 30.0:
             try:
-                hosts = await envoy.cluster_hosts(self.settings.envoy_admin_url, instance.model, self._http)
+                clusters = await self._fetch("GET", envoy.cluster_url(self.settings.envoy_admin_url, instance.model))
+                clusters.raise_for_status()
+                hosts = envoy.hosts_of(clusters.json(), instance.model, self.settings.envoy_admin_url)
                 mine = [h for h in hosts if h.port == port]
                 if not mine or not mine[0].healthy or mine[0].priority != 0:
                     last = f"Envoy: {mine[0] if mine else 'host not in cluster yet'}"
                 else:
-                    response = await self._http.request(
-                        call.method, url, json=call.json, headers={MODEL_HEADER: instance.model}, timeout=5.0
+                    response = await self._fetch(
+                        call.method, url, json=call.json, headers={MODEL_HEADER: instance.model}, timeout_s=5.0
                     )
                     if response.status_code == 200 and response.json().get("model") == instance.model:
-                        served_by = response.headers.get(envoy.INSTANCE_HEADER, "?")
+                        served_by = response.header(envoy.INSTANCE_HEADER, "?")
                         itself = ""
                         if served_by != instance.id:
-                            direct = await self._http.request(
-                                call.method, self._url(local, call.path), json=call.json, timeout=5.0
-                            )
+                            direct = await self._fetch(call.method, self._url(local, call.path), json=call.json)
                             if direct.status_code != 200 or direct.json().get("model") != instance.model:
                                 raise ValueError(f"{instance.id} itself answered {direct.status_code}")
                             itself = f", and {instance.id} itself 200"
                         return f"{call.path} via LB 200 (served by {served_by}){itself}; Envoy: healthy at priority 0"
                     last = f"{call.path} via LB {response.status_code}: {response.text[:200]}"
-            except (httpx.HTTPError, ValueError, LookupError) as exc:
+            except (*FETCH_ERRORS, ValueError, LookupError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             await watch.check(last)
             progress(min(0.99, (time.monotonic() - start) / 30.0), last)
@@ -811,6 +819,24 @@ class LocalPlatform:
             return self.policy.model(model).engine_profile
         except KeyError:
             raise errors.unknown_model(model, self.policy.model_names) from None
+
+    async def _fetch(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: object = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float = 5.0,
+    ) -> Answer:
+        """A request a runbook step makes in a loop: over a kept-alive connection
+        (:mod:`drctl.platforms.keepalive_http`, ~0.1 ms of the event loop where httpx took 2-4 ms;
+        in a zone failover's batch the loop is what every switch waits on), or through httpx for
+        anything but plain ``http://``. Raises one of :data:`FETCH_ERRORS`."""
+        if url.startswith("http://"):
+            return await self._keepalive.request(method, url, json_body=json, headers=headers, timeout_s=timeout_s)
+        response = await self._http.request(method, url, json=json, headers=headers, timeout=timeout_s)
+        return Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, response.content)
 
     async def _send(self, instance: LocalInstance, call: HttpCall, timeout_s: float) -> httpx.Response:
         """One of the engine profile's calls (sleep, wake up) on the instance."""
