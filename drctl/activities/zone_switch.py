@@ -58,8 +58,9 @@ CLAIMS_AT_ONCE = 32
 HOT_CHECK_S = 3.0
 """How long a hot standby may take to show it is loaded (the runbook's ``HOT_CHECK_TIMEOUT``)."""
 HEARTBEAT_S = 1.0
-RECORDS_AT_ONCE = 8
-"""Record starts in flight at once (each a workflow start on the server)."""
+RECORDS_AT_ONCE = 16
+"""Record starts in flight at once (each a workflow start on the server, its one workflow task
+run here as it comes back with the start)."""
 
 
 def _elapsed_ms(start: float) -> float:

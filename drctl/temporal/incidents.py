@@ -245,6 +245,11 @@ async def start_switch_record(client: Client, task_queue: str, request: Failover
                     [SearchAttributePair(u.key, u.value) for u in switch_record_attributes(request, switched)]
                 ),
                 rpc_timeout=RPC_TIMEOUT,
+                # Its one workflow task comes back with the start, to this worker: no dispatch
+                # through the server's matching. The batch starts its records after every switch
+                # (eagerly *beside* the switches, their tasks timed out on the busy worker), and
+                # there it halved the Temporal server's CPU (docs/benchmarks.md, thirteenth session).
+                request_eager_start=True,
             )
             return workflow_id
         except WorkflowAlreadyStartedError:
