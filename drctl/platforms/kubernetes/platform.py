@@ -546,7 +546,7 @@ class KubernetesPlatform:
         )
 
     async def list_instances(self, model: str) -> list[Instance]:
-        if model not in self.policy.model_names:
+        if not self.policy.has_model(model):
             raise errors.unknown_model(model, self.policy.model_names)
         return await self._instances(f"{MODEL}={model}")
 
@@ -610,7 +610,7 @@ class KubernetesPlatform:
         return f"deleted {len(pods)} pod(s) of {instance.id}; its Deployment starts a fresh one that fetches the model"
 
     async def claim_epoch(self, model: str) -> int:
-        if model not in self.policy.model_names:
+        if not self.policy.has_model(model):
             raise errors.unknown_model(model, self.policy.model_names)
         return await self.fencing.claim(model)
 
@@ -873,7 +873,7 @@ class KubernetesPlatform:
         """The Deployment, then (unless cold) a wait for its pod to be Ready — the instance is loaded
         when this returns, as the interface says — and a warm standby put to sleep. A retry finds
         the Deployment (409) and carries on waiting."""
-        if action.model not in self.policy.model_names:
+        if not self.policy.has_model(action.model):
             raise errors.unknown_model(action.model, self.policy.model_names)
         await self.fencing.check(action.model, action.epoch)
         try:

@@ -139,7 +139,7 @@ class LocalPlatform:
     # -- the Platform interface -------------------------------------------------------------
 
     async def list_instances(self, model: str) -> list[Instance]:
-        if model not in self.policy.model_names:
+        if not self.policy.has_model(model):
             raise errors.unknown_model(model, self.policy.model_names)
         return [i.to_instance() for i in self.registry.of_model(model)]
 
@@ -215,7 +215,7 @@ class LocalPlatform:
         return asleep if isinstance(asleep, bool) else None
 
     async def claim_epoch(self, model: str) -> int:
-        if model not in self.policy.model_names:
+        if not self.policy.has_model(model):
             raise errors.unknown_model(model, self.policy.model_names)
         return await self._commits.claim_epoch(model)
 
@@ -517,7 +517,7 @@ class LocalPlatform:
         """Inside a registry edit: the action's instance recorded and its process started (to be
         loaded), or what there is to say when nothing needs loading (a cold reservation, an
         instance already in its tier). Fenced by the action's epoch."""
-        if action.model not in self.policy.model_names:
+        if not self.policy.has_model(action.model):
             raise errors.unknown_model(action.model, self.policy.model_names)
         instances.fence(action.model, action.epoch)
         template = LocalInstance(

@@ -4,6 +4,7 @@ process that writes it and in every process that reads it, and what it hands out
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from pathlib import Path
 
@@ -216,3 +217,63 @@ def test_a_read_between_a_write_and_its_end_does_not_parse_the_file_again(
     monkeypatch.setattr(registry_module.os, "replace", real_replace)
     InstanceRegistry(tmp_path / "instances.json").update("m2-0", note="elsewhere")
     assert registry.view()["m2-0"].note == "elsewhere" and len(parses) == 1
+
+
+def test_a_look_at_an_unchanged_file_does_not_read_it_and_a_change_is_still_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry keeps the file of its last snapshot open and compares the path's identity
+    (inode, size, time) with it: looks at an unchanged file read nothing. A write by another
+    process (a new file renamed over) and an edit in place by hand are both seen."""
+    path = tmp_path / "instances.json"
+    registry = fleet(path)
+    other = InstanceRegistry(path)
+    reads: list[str] = []
+    real_open = registry_module.os.open
+
+    def counted(file: object, flags: int, *args: object) -> int:
+        if str(file) == str(path):
+            reads.append(str(file))
+        return real_open(file, flags, *args)  # type: ignore[arg-type]
+
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if str(self) == str(path):
+            reads.append(str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(registry_module.os, "open", counted)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    registry.update("m0-0", note="mine")
+    for _ in range(5):
+        assert registry.view()["m0-0"].note == "mine"
+    assert reads == []  # its own write, held open: never read back
+    other.update("m1-0", note="theirs")  # another process: reads the file once, writes a new one
+    reads.clear()
+    assert registry.view()["m1-0"].note == "theirs" and len(reads) == 1
+    assert registry.view()["m1-0"].note == "theirs" and len(reads) == 1
+    # By hand, in place (the same inode): its size or time tells.
+    text = path.read_text()
+    with open(path, "r+") as file:
+        file.write(text.replace('"note": "theirs"', '"note": "by hand, longer"'))
+    assert registry.view()["m1-0"].note == "by hand, longer"
+    path.unlink()
+    assert dict(registry.view()) == {}
+
+
+def test_the_registry_holds_one_file_open_however_often_it_is_written_and_read(tmp_path: Path) -> None:
+    fds = Path("/proc/self/fd")
+    registry = fleet(tmp_path / "instances.json")
+    other = InstanceRegistry(tmp_path / "instances.json")
+    registry.view(), other.view()
+    gc.collect()  # the registries of earlier tests, and the files they hold
+    before = len(list(fds.iterdir()))
+    for n in range(30):
+        registry.update("m0-0", note=f"n{n}")
+        other.update("m1-0", note=f"n{n}")
+        registry.view(), other.view()
+    assert len(list(fds.iterdir())) == before
+    del registry, other
+    gc.collect()
+    assert len(list(fds.iterdir())) == before - 2
