@@ -28,7 +28,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from drctl.activities.failover import FailoverActivities, with_heartbeats
+from drctl.activities.failover import FailoverActivities, with_heartbeats, without_progress_heartbeats
 from drctl.activities.incidents import in_order_at_most
 from drctl.activities.listing import ModelListing
 from drctl.payloads import (
@@ -171,9 +171,10 @@ class ZoneSwitchActivities:
         async def recorded(done: ZoneSwitchDone, record: FailoverRequest) -> None:
             done.record = await start_switch_record(client, queue, record)
 
-        switched = await with_heartbeats(
-            in_order_at_most(max(1, batch.at_once), [one(s) for s in batch.switches]), every_s=HEARTBEAT_S
-        )
+        with without_progress_heartbeats():  # the batch heartbeats for its switches
+            switched = await with_heartbeats(
+                in_order_at_most(max(1, batch.at_once), [one(s) for s in batch.switches]), every_s=HEARTBEAT_S
+            )
         # The records once every switch is done: they are the audit, not the recovery, and started
         # beside the switches (eagerly, each after its own) they made the switch slower (92 of
         # 250 records' workflow tasks timed out on the busy worker at 1,000 instances).

@@ -59,8 +59,13 @@ class LocalInstance(Instance):
 
     def to_instance(self) -> Instance:
         """The shared payload, without the process details: what crosses the ``Platform``
-        interface (Temporal's pydantic converter would serialise a subclass's extra fields)."""
-        return Instance.model_validate(self.model_dump(include=set(Instance.model_fields)))
+        interface (Temporal's pydantic converter would serialise a subclass's extra fields).
+        Built from this instance's fields as they are, not validated again: they were when this
+        one was, and each is immutable (a string, number, enum or time), so nothing is shared
+        that could change. (Dumping and validating again was 2-3 % of the worker's samples in a
+        zone failover's batch at 1,000 instances.)"""
+        fields = {name: getattr(self, name) for name in Instance.model_fields}
+        return Instance.model_construct(_fields_set=set(fields), **fields)
 
 
 @dataclass(frozen=True)
