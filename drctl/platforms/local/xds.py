@@ -52,11 +52,6 @@ RESCAN_INTERVAL_S = 5.0
 """How often every file's modification time is compared, in case the watcher missed a write."""
 WATCH_STEP_MS = 5
 """watchfiles yields a change once no other came for this long: the delay a write adds to a failover."""
-WATCH_DEBOUNCE_MS = 25
-"""...and, while changes keep coming, what it has gathered at least this often. At 200 ms (the value
-before the thirteenth session) a zone failover's batch, writing EDS files every few milliseconds,
-saw each registration reach Envoy 100 ms late on average, and every switch's verify waited for it
-(median verify 126 ms at 1,000 instances)."""
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -253,12 +248,7 @@ class AggregatedDiscovery(AggregatedDiscoveryServiceBase):
 
 async def _watch(store: AssignmentStore, stop: asyncio.Event) -> None:
     async for changes in watchfiles.awatch(
-        store.eds_dir,
-        stop_event=stop,
-        step=WATCH_STEP_MS,
-        debounce=WATCH_DEBOUNCE_MS,
-        recursive=True,
-        rust_timeout=1000,
+        store.eds_dir, stop_event=stop, step=WATCH_STEP_MS, debounce=200, recursive=True, rust_timeout=1000
     ):
         models = {m for _, path in changes if (m := store.model_of(Path(path))) is not None}
         if models:
