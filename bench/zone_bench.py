@@ -389,6 +389,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
             final = list(stack.platform.registry.view().values())
             serving_now = Counter(i.model for i in final if i.role == Role.SERVING and i.lb_priority == 0)
             serving_off = sorted(m for m in policy.model_names if serving_now[m] != 1)
+            why_off = {m: await explain_model(stack, m, final, t0_wall) for m in serving_off[:3]}
     finally:
         supervisor_stop.set()
         if supervisor is not None:
@@ -437,7 +438,46 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "zone_failover_step_median_ms": {k: round(statistics.median(v), 1) for k, v in step_ms.items()},
         "worker_killed_at_s": worker_killed_at,
         "models_not_serving_once": serving_off,
+        "models_not_serving_once_explained": why_off,
     }
+
+
+async def explain_model(stack: LocalStack, model: str, final: list[Any], t0_wall: float) -> list[str]:
+    """What a model that does not end with one serving instance has, and every runbook and
+    reconciliation change of it since the outage (seconds after it): to tell a race from a slow end."""
+    assert stack.client is not None
+    lines = [
+        f"{i.id}: {i.role} priority {i.lb_priority} zone {i.zone} pid {i.pid} created {i.created_at} {i.note[:80]}"
+        for i in final
+        if i.model == model
+    ]
+    async for wf in stack.client.list_workflows(f"WorkflowType = 'FailoverWorkflow' AND DrctlModel = '{model}'"):
+        at = wf.start_time.timestamp() - t0_wall
+        attrs = wf.search_attributes
+        outcome = f"{_first(attrs.get(SearchAttr.TRIGGER))} {_first(attrs.get(SearchAttr.OUTCOME))}"
+        lines.append(f"{at:.1f} s runbook {wf.id} ({outcome})")
+        if wf.close_time is not None:
+            with contextlib.suppress(Exception):
+                handle = stack.client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=FailoverResult)
+                ended = await handle.result()
+                for step in ended.steps:
+                    lines.append(f"    {step.started_at.timestamp() - t0_wall:.2f} s {step.step}: {step.detail[:120]}")
+    async for wf in stack.client.list_workflows("WorkflowType = 'ReconcilePassWorkflow'"):
+        if wf.start_time.timestamp() < t0_wall:
+            continue
+        history = await stack.client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+        for e in history.events:
+            if e.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                continue
+            at = e.event_time.ToDatetime(datetime.UTC).timestamp() - t0_wall
+            result = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data or b"null")
+            if isinstance(result, dict) and "actions" in result:
+                lines += [
+                    f"{at:.1f} s {wf.id} planned {a['kind']} {a['instance']} ({a['tier']}) epoch {a.get('epoch')}"
+                    for a in result["actions"]
+                    if a.get("model") == model
+                ]
+    return lines
 
 
 async def reconcile_passes(stack: LocalStack, t0_wall: float) -> list[str]:
@@ -465,6 +505,9 @@ async def reconcile_passes(stack: LocalStack, t0_wall: float) -> list[str]:
                     plan = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data)
                     asked = Counter(f"{a['kind']} {a['tier']}" for a in plan["actions"])
                     plans.append(", ".join(f"{n} {what}" for what, n in sorted(asked.items())) or "nothing")
+                elif kind == "await_zone_failovers":  # why the wait ended: the failover's end, or a cordon
+                    waited = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data)
+                    plans.append(f"(waited: {waited['detail'][:80]})")
                 elif kind == "apply_changes":
                     done = json.loads(e.activity_task_completed_event_attributes.result.payloads[0].data)
                     errors.extend(o["error"] for o in done["outcomes"] if o.get("error"))
