@@ -148,11 +148,11 @@ class KeepAliveClient:
         """``method url`` (``http://host:port/path?query``) with ``json_body`` (None: no body).
         Raises ``ExchangeError`` (with the cause) on any failure, ``TimeoutError`` past ``timeout_s``."""
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
-            raise ExchangeError(f"only http://host:port URLs: {url!r}")
-        address = f"{parts.hostname}:{parts.port}"
+        if parts.scheme != "http" or not parts.hostname:
+            raise ExchangeError(f"only http:// URLs: {url!r}")
+        address = f"{parts.hostname}:{parts.port or 80}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {address}", "Accept: */*"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: */*"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         body = b""
         if json_body is not None:

@@ -96,6 +96,7 @@ async def test_requests_one_after_another_share_one_connection_and_json_goes_as_
     method, _, headers, body = server.requests[0]
     assert (method, headers["content-type"], json.loads(body)) == ("POST", "application/json", {"prompt": "hi"})
     assert server.requests[1][2]["model-name"] == "m" and server.requests[1][3] == b""
+    assert server.requests[0][2]["host"] == f"{HOST}:{server.port}"
 
 
 async def test_side_by_side_requests_each_get_a_connection_then_share_them(
@@ -144,5 +145,5 @@ async def test_failures_are_exchange_errors_or_timeouts_and_their_connections_ar
     assert server.connections == 4  # none of the failed ones was handed back
     with pytest.raises(ExchangeError, match="ConnectionRefusedError"):
         await client.request("GET", f"http://{HOST}:1/", timeout_s=2)
-    with pytest.raises(ExchangeError, match="only http://"):
+    with pytest.raises(ExchangeError, match="only http:// URLs"):
         await client.request("GET", "https://example.invalid/", timeout_s=2)
