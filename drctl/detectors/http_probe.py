@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from drctl.platforms.keepalive_http import ExchangeError, read_body, read_head
+from drctl.platforms.keepalive_http import Connection, ExchangeError, read_body, read_head
 
 LATE_LOOP_MARGIN = 0.1
 """A deadline the event loop reaches later than this share of the timeout was missed by the prober,
@@ -31,19 +31,10 @@ class ProbeError(Exception):
 
 
 @dataclass
-class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@dataclass
 class ProbeClient:
     """Connections by ``host:port``; one exchange at a time on each (a lock per address)."""
 
-    _connections: dict[str, _Connection] = field(default_factory=dict)
+    _connections: dict[str, Connection] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     late_deadlines: int = 0
     """Deadlines the event loop reached late, each given one more timeout (:class:`_Deadline`)."""
@@ -61,10 +52,8 @@ class ProbeClient:
 
     async def _exchange(self, address: str, path: str) -> tuple[int, bytes]:
         connection = self._connections.get(address)
-        if connection is None or connection.writer.is_closing() or connection.reader.at_eof():
-            host, _, port = address.rpartition(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            connection = self._connections[address] = _Connection(reader, writer)
+        if connection is None or not connection.usable():
+            connection = self._connections[address] = await Connection.open(address)
         connection.writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: */*\r\n\r\n".encode("latin-1"))
         head = await read_head(connection.reader)
         body, close = await read_body(connection.reader, head)

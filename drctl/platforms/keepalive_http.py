@@ -11,8 +11,9 @@ It does only what those requests need: ``http://`` (loopback: the local platform
 Envoy's listener and admin API), a request with an optional JSON body, an answer sized by
 ``Content-Length``, chunked, or running to the connection's end. A connection is reused only after
 a complete answer that did not say ``Connection: close``; any error, a cancellation or a missed
-deadline closes it. A reused connection that the server had closed meanwhile (the request written,
-no answer) is tried once more on a new one, as clients of kept-alive connections do.
+deadline closes it. A request on a reused connection that the server had closed meanwhile (the
+request written, no answer) is tried once more on a new connection, as clients of kept-alive
+connections do, and the address's other idle connections are closed with it.
 """
 
 from __future__ import annotations
@@ -119,12 +120,25 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 @dataclass
-class _Connection:
+class Connection:
+    """One kept-alive connection (the prober's, one per instance, and :class:`KeepAliveClient`'s)."""
+
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
+    @classmethod
+    async def open(cls, address: str) -> Connection:
+        """A new connection to ``address`` (``host:port``); ``OSError`` if it cannot be made."""
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        return cls(reader, writer)
+
     def usable(self) -> bool:
+        """Still open at both ends, as far as this side knows."""
         return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 _FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ExchangeError)
@@ -134,7 +148,7 @@ _FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, Va
 class KeepAliveClient:
     """Idle connections by ``host:port``; a request takes one (or opens one) and hands it back."""
 
-    _idle: dict[str, list[_Connection]] = field(default_factory=dict)
+    _idle: dict[str, list[Connection]] = field(default_factory=dict)
 
     async def request(
         self,
@@ -172,40 +186,40 @@ class KeepAliveClient:
                 answered = True
                 body, close = await read_body(connection.reader, head)
             except BaseException as err:
-                connection.writer.close()
+                connection.close()
                 if reused and not answered and isinstance(err, _FAILURES):
-                    continue  # closed by the server while idle: once more, on a new connection
+                    # Closed by the server while idle (a restart closes them all): once more, on a
+                    # new connection.
+                    self._close_idle(address)
+                    continue
                 if isinstance(err, _FAILURES):
                     raise ExchangeError(f"{url}: {type(err).__name__} {err}".rstrip()) from err
                 raise
-            if close:
-                connection.writer.close()
+            idle = self._idle.setdefault(address, [])
+            if close or len(idle) >= IDLE_PER_ADDRESS:
+                connection.close()
             else:
-                idle = self._idle.setdefault(address, [])
-                if len(idle) < IDLE_PER_ADDRESS:
-                    idle.append(connection)
-                else:
-                    connection.writer.close()
+                idle.append(connection)
             return Answer(head.status, head.headers, body)
 
-    async def _connection(self, address: str) -> tuple[_Connection, bool]:
+    async def _connection(self, address: str) -> tuple[Connection, bool]:
         """An idle connection that is still open (reused: True), else a new one."""
         idle = self._idle.get(address, [])
         while idle:
             connection = idle.pop()
             if connection.usable():
                 return connection, True
-            connection.writer.close()
-        host, _, port = address.rpartition(":")
+            connection.close()
         try:
-            reader, writer = await asyncio.open_connection(host, int(port))
+            return await Connection.open(address), False
         except OSError as err:
             raise ExchangeError(f"http://{address}: {type(err).__name__} {err}".rstrip()) from err
-        return _Connection(reader, writer), False
+
+    def _close_idle(self, address: str) -> None:
+        for connection in self._idle.pop(address, []):
+            connection.close()
 
     async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
-                connection.writer.close()
-        self._idle.clear()
+        for address in list(self._idle):
+            self._close_idle(address)
         await asyncio.sleep(0)

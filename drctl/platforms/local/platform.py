@@ -367,9 +367,10 @@ class LocalPlatform:
         last = "not tried"
         pause = VERIFY_FIRST_PAUSE_S
         watch = _InstanceWatch(self, instance, start)
+        cluster = envoy.cluster_url(self.settings.envoy_admin_url, instance.model)
         while time.monotonic() - start < 30.0:
             try:
-                clusters = await self._fetch("GET", envoy.cluster_url(self.settings.envoy_admin_url, instance.model))
+                clusters = await self._fetch("GET", cluster)
                 clusters.raise_for_status()
                 hosts = envoy.hosts_of(clusters.json(), instance.model, self.settings.envoy_admin_url)
                 mine = [h for h in hosts if h.port == port]
