@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -320,6 +321,12 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                 in_down = {i.model for i in fleet if i.zone == DOWN_ZONE and i.role in (Role.SERVING, Role.HOT)}
                 if done_s is not None and set(policy.model_names) <= (serving_up & hot_up) and not in_down:
                     back_s = now
+            # The fleet as the measured window ends, judged here and not after the analysis below:
+            # that analysis loaded the machine until the prober judged az-2's instances down, and a
+            # runbook it started, caught between its register and its deferred eject, showed a
+            # model with two serving instances (a run at --parallel 32 in the fourteenth session).
+            final = list(stack.platform.registry.view().values())
+            running_at_end = await running_runbooks(stack)
             # The load ends with the measured window: the analysis below (hundreds of histories
             # fetched from Temporal) loads the machine as no outage does, and requests failed in it
             # were counted as the outage's (140 in one run, az-2's instances judged down at 111 s).
@@ -386,7 +393,6 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
                     ).result()
                     for step in ended.steps:
                         step_ms.setdefault(step.step, []).append(step.duration_ms)
-            final = list(stack.platform.registry.view().values())
             serving_now = Counter(i.model for i in final if i.role == Role.SERVING and i.lb_priority == 0)
             serving_off = sorted(m for m in policy.model_names if serving_now[m] != 1)
             why_off = {m: await explain_model(stack, m, final, t0_wall) for m in serving_off[:3]}
@@ -437,6 +443,7 @@ async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[
         "stack_rss_gib": round(rss / 2**30, 2),
         "zone_failover_step_median_ms": {k: round(statistics.median(v), 1) for k, v in step_ms.items()},
         "worker_killed_at_s": worker_killed_at,
+        "runbooks_running_at_end": running_at_end,
         "models_not_serving_once": serving_off,
         "models_not_serving_once_explained": why_off,
     }
@@ -594,6 +601,19 @@ def main() -> None:
         default=None,
         help="kill -9 the worker this many seconds after the outage (the stack's supervisor starts it again)",
     )
+    parser.add_argument(
+        "--keep-failed",
+        type=Path,
+        default=None,
+        help="copy a run's state folder (the stack's logs) here when a model did not end serving once "
+        "or a client request failed",
+    )
+    parser.add_argument(
+        "--keep-slower-than",
+        type=float,
+        default=None,
+        help="with --keep-failed, keep a run's state folder too when its switch took longer (seconds)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--events", action="store_true", help="print the zone failover's history, folded")
     args = parser.parse_args()
@@ -602,6 +622,12 @@ def main() -> None:
         print(f"{models} models ({models * 2} instances), {args.mode} …", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="drctl-zone-bench-") as tmp:
             rows.append(asyncio.run(measure(models, args, Path(tmp))))
+            row = rows[-1]
+            slow = args.keep_slower_than is not None and (row["switched_s"] or 1e9) > args.keep_slower_than
+            if args.keep_failed is not None and (row["models_not_serving_once"] or row["failed"] or slow):
+                kept = args.keep_failed / f"{models}-models-{time.strftime('%H%M%S')}"
+                shutil.copytree(tmp, kept, ignore_dangling_symlinks=True, ignore=shutil.ignore_patterns("*.sock"))
+                print(f"    state folder kept in {kept}", file=sys.stderr)
         print(f"    {rows[-1]}", file=sys.stderr)
     if args.json:
         print(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "rows": rows}, indent=2))

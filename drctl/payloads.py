@@ -339,6 +339,7 @@ class ActivityName:
     OBSERVE_FLEET = "observe_fleet"
     PLAN_RECONCILE = "plan_reconcile"
     CORDON_GPU = "cordon_gpu"
+    CORDON_GPUS = "cordon_gpus"
     UNCORDON_GPU = "uncordon_gpu"
     CREATE_INSTANCE = "create_instance"
     RETIER_INSTANCE = "retier_instance"
@@ -552,6 +553,14 @@ class DrainGpuRequest(Payload):
     """Input of ``DrainGpuWorkflow``: move everything off one GPU and keep it out of placement."""
 
     gpu: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*/[0-9]{1,3}$", description="GPU id, {node}/{index}")]
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class CordonGpusRequest(Payload):
+    """Input of the ``cordon_gpus`` activity: keep every GPU of a failed zone out of placement in
+    one activity (a zone failover's cordon)."""
+
+    gpus: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*/[0-9]{1,3}$")]] = Field(max_length=4096)
     reason: Annotated[str, Field(max_length=500)] = ""
 
 

@@ -22,6 +22,7 @@ from drctl.payloads import (
     ChangeBatch,
     ChangeOutcome,
     ChangeOutcomes,
+    CordonGpusRequest,
     DrainGpuRequest,
     FleetSnapshot,
     InstanceChange,
@@ -186,6 +187,7 @@ class ReconcileActivities:
             await_reconcile_pass,
             self.await_zone_failovers,
             self.cordon_gpu,
+            self.cordon_gpus,
             self.uncordon_gpu,
         ]
 
@@ -241,6 +243,22 @@ class ReconcileActivities:
         return await _platform_step(
             "cordon_gpu", self.platform.cordon_gpu(request.gpu, request.reason), {"gpu": request.gpu}, gpu=request.gpu
         )
+
+    @activity.defn(name=ActivityName.CORDON_GPUS)
+    async def cordon_gpus(self, request: CordonGpusRequest) -> StepReport:
+        """Every GPU of ``request`` cordoned, in turn, in this one activity (each cordon is
+        idempotent: a retry finds the ones done). A zone failover cordons its zone so; as one
+        activity per GPU side by side, one of a zone's 32 tasks was once not done for the activity's
+        whole 30 s timeout, and the zone's switch waited for it (``zone_bench.py``, fourteenth
+        session)."""
+        start = time.monotonic()
+        with span("platform.cordon_gpus", {"gpus": len(request.gpus)}):
+            for gpu in request.gpus:
+                await self.platform.cordon_gpu(gpu, request.reason)
+        detail = f"{len(request.gpus)} GPU(s) cordoned: kept out of placement"
+        report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
+        log_step("cordon_gpus", report.duration_ms, detail)
+        return report
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:

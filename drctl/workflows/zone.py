@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
 
     from drctl.payloads import (
         ActivityName,
+        CordonGpusRequest,
         DrainGpuRequest,
         FailoverOutcome,
         FailoverRequest,
@@ -87,6 +88,13 @@ by side (``drctl.activities.zone_switch``), each switch recorded as its model's
 ``FailoverWorkflow``; only the rest go to the guardians. Before (``ONE_LEASE``), every serving
 instance took a report, an epoch claim and a runbook of its own: at 500 recoveries the zone waited
 on the orchestration (~180 ms of CPU each). Runs started before it report every instance."""
+CORDON_AT_ONCE = "zone-failover-cordons-at-once"
+"""Patch: the zone's GPUs are cordoned in one activity (``cordon_gpus``), within
+``CORDON_TIMEOUT``. Before (``BATCHED``), one activity per GPU side by side, each within
+``STEP_TIMEOUT``: at 1,000 instances one of the 32 was once not done for its whole 30 s, and the
+switch, which waits for the cordons, waited with it. Runs started before it cordon side by side."""
+CORDON_TIMEOUT = timedelta(seconds=10)
+"""A zone's cordons are a few writes (a file, a ConfigMap); a try not done by then is tried again."""
 REPORT_TIMEOUT = timedelta(minutes=10)
 """Reporting a whole zone (hundreds of Update-with-starts on a loaded machine), heartbeating."""
 
@@ -154,6 +162,24 @@ class ZoneFailoverWorkflow:
     def _switches_in_batch(self) -> bool:
         return workflow.patched(SWITCH_IN_BATCH)
 
+    def _cordons_at_once(self) -> bool:
+        return workflow.patched(CORDON_AT_ONCE)
+
+    async def _cordon_zone(self, request: ZoneFailoverRequest, policy: DRPolicy, result: ZoneFailoverResult) -> None:
+        """Every GPU of the zone cordoned: in one activity (``CORDON_AT_ONCE``), or side by side."""
+        if not self._cordons_at_once():
+            await _cordon_side_by_side(request, policy, result)
+            return
+        gpus = [slot.id for slot in gpu_inventory(policy.gpu_pool) if slot.zone == request.zone]
+        await workflow.execute_activity(
+            ActivityName.CORDON_GPUS,
+            CordonGpusRequest(gpus=gpus, reason=f"zone {request.zone} failed over: {request.reason}"[:500]),
+            result_type=StepReport,
+            start_to_close_timeout=CORDON_TIMEOUT,
+            retry_policy=RETRY,
+        )
+        result.cordoned_gpus.extend(gpus)
+
     @workflow.run
     async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
         result = self._result = ZoneFailoverResult(zone=request.zone)
@@ -172,12 +198,12 @@ class ZoneFailoverWorkflow:
             self._approval.approver if self._approval else ("pre-approved" if request.approved else None)
         )
         if self._one_lease():
-            await _cordon_side_by_side(request, policy, result)
+            await self._cordon_zone(request, policy, result)
             await self._move_under_one_lease(request, policy, serving, result)
             result.reconcile = await request_reconcile(policy)
             return result
         if self._batched():
-            await _cordon_side_by_side(request, policy, result)
+            await self._cordon_zone(request, policy, result)
             await _move_as_one_batch(request, policy, serving, result)
             result.reconcile = await request_reconcile(policy)
             return result

@@ -51,7 +51,7 @@ from drctl.workflows.reconcile import (
     observe_and_plan,
     reconcile_pass,
 )
-from drctl.workflows.zone import BATCHED, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, CORDON_AT_ONCE, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
 
 
 @workflow.defn(name="FailoverWorkflow", sandboxed=False)
@@ -207,6 +207,19 @@ class ZoneFailoverBeforeSwitchInBatch(ZoneFailoverWorkflow):
         return False
 
 
+@workflow.defn(name="ZoneFailoverWorkflow", sandboxed=False)
+class ZoneFailoverBeforeCordonAtOnce(ZoneFailoverWorkflow):
+    """Before ``zone-failover-cordons-at-once``: one ``cordon_gpu`` activity per GPU of the zone,
+    side by side."""
+
+    @workflow.run
+    async def run(self, request: ZoneFailoverRequest) -> ZoneFailoverResult:
+        return await super().run(request)
+
+    def _cordons_at_once(self) -> bool:
+        return False
+
+
 @workflow.defn(name="BudgetWorkflow", sandboxed=False)
 class BudgetBeforeZoneCoversZone(BudgetWorkflow):
     """Before ``budget-zone-covers-zone``: only a zone-level request was zone-level."""
@@ -278,6 +291,7 @@ BEFORE_PATCHES: dict[str, type] = {
     BATCHED: ZoneFailoverBeforeBatched,
     ONE_LEASE: ZoneFailoverBeforeOneLease,
     SWITCH_IN_BATCH: ZoneFailoverBeforeSwitchInBatch,
+    CORDON_AT_ONCE: ZoneFailoverBeforeCordonAtOnce,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,

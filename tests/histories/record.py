@@ -77,7 +77,7 @@ from drctl.workflows.drill import DrillWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
-from drctl.workflows.zone import BATCHED, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
+from drctl.workflows.zone import BATCHED, CORDON_AT_ONCE, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
 from tests.histories import REPLAY_QUEUE_PREFIX, workflow_type
 from tests.histories.before_patches import (
     BEFORE_PATCHES,
@@ -96,6 +96,7 @@ from tests.histories.before_patches import (
     ReconcileBeforeOnePassAtATime,
     ReconcilePassBeforePlanInActivity,
     ZoneFailoverBeforeBatched,
+    ZoneFailoverBeforeCordonAtOnce,
     ZoneFailoverBeforeOneLease,
     ZoneFailoverBeforeSwitchInBatch,
 )
@@ -781,6 +782,19 @@ async def zone_before_switch_in_batch(client: Client, queue: str) -> list[Record
     ]
 
 
+async def zone_before_cordon_at_once(client: Client, queue: str) -> list[Recorded]:
+    """``zone_with_approval`` on a run started before the zone-failover-cordons-at-once patch."""
+    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeCordonAtOnce])
+    return [
+        Recorded(
+            "zone-failover-before-cordon-at-once",
+            "zone",
+            "ZoneFailoverWorkflow started before the zone-failover-cordons-at-once patch: a cordon per GPU",
+            CORDON_AT_ONCE,
+        )
+    ]
+
+
 async def zone_before_batched(client: Client, queue: str) -> list[Recorded]:
     """``zone_with_approval`` on a run started before the zone-failover-batched patch."""
     await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeBatched])
@@ -871,6 +885,7 @@ SCENARIOS: dict[str, Scenario] = {
     "zone-approval": zone_with_approval,
     "zone-warm-standbys": zone_warm_standbys,
     "zone-before-switch-in-batch": zone_before_switch_in_batch,
+    "zone-before-cordon-at-once": zone_before_cordon_at_once,
     "zone-before-batched": zone_before_batched,
     "zone-before-one-lease": zone_before_one_lease,
     "drill": drill,

@@ -13,6 +13,7 @@ from drctl.activities.incidents import IncidentActivities
 from drctl.activities.zone_switch import ZoneSwitchActivities
 from drctl.payloads import (
     ActivityName,
+    CordonGpusRequest,
     DrainGpuRequest,
     EjectRequest,
     ErrorType,
@@ -159,6 +160,12 @@ class FakeFleet:
             fleet.cordoned.add(request.gpu)
             return StepReport(detail="cordoned")
 
+        @activity.defn(name=ActivityName.CORDON_GPUS)
+        async def cordon_all(request: CordonGpusRequest) -> StepReport:
+            fleet.calls.extend(("cordon", gpu) for gpu in request.gpus)
+            fleet.cordoned.update(request.gpus)
+            return StepReport(detail=f"{len(request.gpus)} GPU(s) cordoned")
+
         @activity.defn(name=ActivityName.UNCORDON_GPU)
         async def uncordon(request: DrainGpuRequest) -> StepReport:
             fleet.calls.append(("uncordon", request.gpu))
@@ -169,6 +176,7 @@ class FakeFleet:
             *IncidentActivities(platform).all(),  # type: ignore[arg-type]
             *ZoneSwitchActivities(platform).all(),  # type: ignore[arg-type]
             cordon,
+            cordon_all,
             uncordon,
             probe,
             list_instances,

@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 
 from drctl.payloads import (
     ActivityName,
+    CordonGpusRequest,
     FailoverOutcome,
     FailoverRequest,
     FailoverResult,
@@ -26,6 +27,7 @@ from drctl.payloads import (
     Role,
     RunbookOutcomes,
     SearchAttr,
+    StepReport,
     Trigger,
     ZoneApproval,
     ZoneFailoverRequest,
@@ -38,7 +40,7 @@ from drctl.temporal.incidents import RECORD_IDS, budget_state, report_failure
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
-from drctl.workflows.zone import ZoneFailbackWorkflow, ZoneFailoverWorkflow
+from drctl.workflows.zone import CORDON_TIMEOUT, STEP_TIMEOUT, ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_guardian import budget_when
 
@@ -340,6 +342,46 @@ async def test_a_zone_failover_whose_report_activity_is_cut_short_recovers_each_
     promotes = [subject for step, subject in fleet.calls if step == "promote"]
     assert sorted(promotes) == ["gpt-4-8b-1", "llama-2-7b-1"]  # once each, across both attempts
     assert after.waiting == [] and after.granted_total == 1
+
+
+async def test_the_zone_is_cordoned_in_one_activity_and_a_try_not_done_is_tried_again_within_seconds(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """The zone's GPUs are cordoned by one ``cordon_gpus`` activity. Its first try never ends (a
+    task lost between the server and the worker, as one of 32 side-by-side cordons once was at
+    1,000 instances): the next try runs after ``CORDON_TIMEOUT``, not after the 30 s of a step,
+    and the zone fails over."""
+    fleet = fleet_across_zones()
+    real = next(a for a in fleet.activities() if getattr(a, "__name__", "") == "cordon_all")
+
+    @activity.defn(name=ActivityName.CORDON_GPUS)
+    async def first_try_lost(request: CordonGpusRequest) -> StepReport:
+        if activity.info().attempt == 1:
+            await asyncio.Event().wait()
+        return await real(request)  # type: ignore[operator]
+
+    queue = f"zone-{uuid.uuid4()}"
+    activities = [a for a in fleet.activities() if getattr(a, "__name__", "") != "cordon_all"]
+    async with zone_worker(time_skipping_env.client, queue, [*activities, first_try_lost]):
+        handle = await time_skipping_env.client.start_workflow(
+            ZoneFailoverWorkflow.run, ZoneFailoverRequest(zone="az-1"), id=f"zone-{uuid.uuid4()}", task_queue=queue
+        )
+        result = await handle.result()
+        history = await handle.fetch_history()
+    assert sorted(result.moved) == ["gpt-4-8b-0 → gpt-4-8b-1 (recovered)", "llama-2-7b-0 → llama-2-7b-1 (recovered)"]
+    assert (
+        {g.split("/")[0] for g in fleet.cordoned}
+        == {"gpu-node-0", "gpu-node-3"}
+        == {g.split("/")[0] for g in result.cordoned_gpus}
+    )
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled.count(ActivityName.CORDON_GPUS) == 1 and ActivityName.CORDON_GPU not in scheduled
+    took = history.events[-1].event_time.ToDatetime() - history.events[0].event_time.ToDatetime()
+    assert CORDON_TIMEOUT <= took < STEP_TIMEOUT
 
 
 async def _record_id(client: Client, zone_failover: str, model: str, instance: str, epoch: int) -> str:
