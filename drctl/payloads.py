@@ -453,6 +453,10 @@ class FleetSnapshot(Payload):
 
     cordoned_gpus: list[str] = Field(default_factory=list)
     """GPUs kept out of placement (drained after a GPU failure)."""
+    hung_gpus: list[str] = Field(default_factory=list)
+    """GPUs of nodes the platform sees hung now (``SeesHungNodes``): placement does not choose
+    them, but unlike a cordon nothing on them is moved for it (absent in snapshots from before the
+    field: none)."""
     highest_indexes: dict[str, int] = Field(default_factory=dict)
     """Model → the highest index its instances' ids have had, deleted ones included, where the
     platform keeps it (``KeepsIndexes``): a new instance is named past it, never after a deleted one."""

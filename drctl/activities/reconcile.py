@@ -35,7 +35,7 @@ from drctl.payloads import (
     StepReport,
     ZoneNames,
 )
-from drctl.platforms.base import BatchedChanges, KeepsIndexes, Platform
+from drctl.platforms.base import BatchedChanges, KeepsIndexes, Platform, SeesHungNodes
 from drctl.policies.reconcile import plan_pass
 from drctl.telemetry.tracing import span
 from drctl.temporal.incidents import (
@@ -220,6 +220,7 @@ class ReconcileActivities:
             policy=policy.model_dump(mode="json", by_alias=True),
             instances=await self.platform.all_instances(),
             cordoned_gpus=await self.platform.cordoned_gpus(),
+            hung_gpus=await self.platform.hung_gpus() if isinstance(self.platform, SeesHungNodes) else [],
             highest_indexes=await self.platform.highest_indexes() if isinstance(self.platform, KeepsIndexes) else {},
             epochs=epochs,
             busy_models=busy_in(budget),

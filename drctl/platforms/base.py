@@ -168,6 +168,18 @@ class BatchedChanges(Protocol):
 
 
 @runtime_checkable
+class SeesHungNodes(Protocol):
+    """A platform that can tell, right now, which nodes look hung without a detector's verdict: the
+    local platform in pooled mode, whose node is a pool process (stopped by SIGSTOP in a zone
+    outage or a node-down drill). Asked for (``isinstance``). Kubernetes needs none: the GPUs of
+    its NotReady Nodes are in ``cordoned_gpus`` already."""
+
+    async def hung_gpus(self) -> list[str]:
+        """The GPUs of the nodes that look hung now; placement does not choose them."""
+        ...
+
+
+@runtime_checkable
 class KeepsIndexes(Protocol):
     """A platform that remembers the highest instance index each model has had, deleted instances
     included, so reconciliation never gives a new instance a deleted one's id: the local platform

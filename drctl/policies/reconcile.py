@@ -106,10 +106,15 @@ def plan_reconcile(
     models: Sequence[str] | None = None,
     cordoned: Iterable[str] = (),
     highest_indexes: Mapping[str, int] | None = None,
+    hung: Iterable[str] = (),
 ) -> ReconcilePlan:
     """The actions that bring each model back to its policy counts, placed on the GPU pool, then
     the moves that repair anti-affinity and spread (see
     :func:`drctl.policies.placement_repair.repair_placement`).
+
+    Neither a ``cordoned`` GPU nor a ``hung`` one (its node looks hung now) is chosen for a new
+    instance; standbys on a cordoned GPU are moved off it, those on a hung one are left to the
+    detectors and runbooks (a node that resumes keeps them).
 
     A new instance is named ``model-N`` past the highest index the model's instances have, and past
     ``highest_indexes`` (deleted instances' too, where the platform keeps them): never a deleted
@@ -118,7 +123,7 @@ def plan_reconcile(
     Most important models are planned first so they get capacity first. A model with an instance
     mid-promotion is left alone: a failover is running and will settle it.
     """
-    planner = _CountsPlanner(policy, instances, set(cordoned), highest_indexes)
+    planner = _CountsPlanner(policy, instances, set(cordoned), highest_indexes, set(hung))
     order = sorted(policy.models, key=lambda m: (-m.priority.rank, m.name))
     # Every model's surplus and stranded standbys go first, whatever its priority: the capacity
     # they free is there for whatever any model is missing.
@@ -169,12 +174,13 @@ class _CountsPlanner:
         instances: Sequence[Instance],
         cordoned: set[str],
         highest_indexes: Mapping[str, int] | None = None,
+        hung: set[str] | None = None,
     ) -> None:
         self.policy = policy
         self.instances = instances
         self.cordoned = cordoned
         self.highest_indexes = highest_indexes or {}
-        self.inventory = usable_inventory(policy, cordoned)
+        self.inventory = usable_inventory(policy, cordoned | (hung or set()))
         self.slots = {slot.id: slot for slot in self.inventory}
         self.every_gpu = {slot.id: slot for slot in gpu_inventory(policy.gpu_pool)}
         self.reported = {i.id: i for i in instances}
@@ -476,14 +482,16 @@ def plan_emergency(
     failed_instance: str,
     cordoned: Iterable[str] = (),
     highest_indexes: Mapping[str, int] | None = None,
+    hung: Iterable[str] = (),
 ) -> ReconcilePlan:
     """A new serving instance for a model whose standbys are all used up or broken.
 
-    Placed on the pool away from the failed instance's node; a critical model may preempt strictly
-    lower-priority instances (placement says which, and the plan deletes them first).
+    Placed on the pool away from the failed instance's node, on neither a cordoned nor a hung GPU;
+    a critical model may preempt strictly lower-priority instances (placement says which, and the
+    plan deletes them first).
     """
     model = policy.model(model_name)
-    inventory = usable_inventory(policy, cordoned)
+    inventory = usable_inventory(policy, [*cordoned, *hung])
     allocations = current_allocations(policy, instances)
     failed = next((i for i in instances if i.id == failed_instance), None)
     mine = [i for i in instances if i.model == model_name]
@@ -599,7 +607,9 @@ def plan_pass(snapshot: FleetSnapshot, models: list[str] | None) -> ReconcilePla
         # worker's CPU per pass during a zone failover of 1,000 instances (every model busy), and
         # left unplanned they reserve no capacity for actions that will not run.
         models = [m for m in (models if models is not None else policy.model_names) if m not in busy]
-    plan = plan_reconcile(policy, instances, models, snapshot.cordoned_gpus, snapshot.highest_indexes)
+    plan = plan_reconcile(
+        policy, instances, models, snapshot.cordoned_gpus, snapshot.highest_indexes, snapshot.hung_gpus
+    )
     plan = fenced(plan.model_copy(update={"actions": [*cleanup, *plan.actions]}), snapshot)
     plan = zone_failover_first(plan, snapshot.zones_failing_over)
     pacing = ReconcilePacing(

@@ -559,6 +559,7 @@ class FailoverWorkflow:
             request.instance,
             snapshot.cordoned_gpus,
             snapshot.highest_indexes,  # {} in a snapshot from before the field: as it was
+            snapshot.hung_gpus,  # [] likewise
         )
         self._record(
             "place",

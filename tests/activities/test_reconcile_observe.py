@@ -75,6 +75,26 @@ async def test_epochs_then_busy_models_then_instances(monkeypatch: pytest.Monkey
     # The snapshot shows what the runbook did, not the standby it was ejecting.
     assert [i.role for i in snapshot.instances] == [Role.FAILED]
     assert snapshot.busy_models == {"llama-2-7b": "zone-az-2"} and snapshot.zones_failing_over == ["az-2", "az-3"]
+    assert snapshot.hung_gpus == []  # a platform that cannot tell (no ``hung_gpus``): none
+
+
+class HungNodePlatform(RecordingPlatform):
+    async def hung_gpus(self) -> list[str]:
+        return ["gpu-node-0/0", "gpu-node-0/1"]
+
+
+async def test_the_snapshot_has_the_gpus_of_the_nodes_the_platform_sees_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def nothing_busy(client: Client, task_queue: str) -> BudgetState:
+        return BudgetState()
+
+    async def no_zone_failover(client: Client, task_queue: str, now: datetime) -> set[str]:
+        return set()
+
+    monkeypatch.setattr(reconcile, "budget_state", nothing_busy)
+    monkeypatch.setattr(reconcile, "zone_failovers_running", no_zone_failover)
+    activities = ReconcileActivities(cast(Platform, HungNodePlatform([])))
+    snapshot: FleetSnapshot = await ActivityEnvironment(client=cast(Client, object())).run(activities.observe_fleet)
+    assert snapshot.hung_gpus == ["gpu-node-0/0", "gpu-node-0/1"] and snapshot.cordoned_gpus == []
 
 
 def zone_lease(zone: str, granted_s_ago: float = 1.0) -> LeaseRequest:

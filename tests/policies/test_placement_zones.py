@@ -347,3 +347,40 @@ def test_after_a_failback_the_standbys_spread_back_and_the_next_failover_stacks_
     assert len(serving) == 3 and len({i.gpu for i in serving}) == 3, serving
     plan = plan_reconcile(POLICY, fleet, cordoned=zone_gpus["az-1"])
     assert not [v for v in plan.violations if "stacked" in v]
+
+
+# -- hung nodes -------------------------------------------------------------------------------------
+
+
+def test_a_replacement_is_not_placed_on_a_hung_node_and_nothing_on_it_moves() -> None:
+    """A zone's nodes hang (its instance pools stopped) before any zone failover cordons them: a
+    standby lost meanwhile is replaced away from them, while the standbys on them stay put (a
+    cordon would move them; a hang may end, and its failures are the runbooks')."""
+    fleet = _settled(POLICY, [])
+    hung_zone = max(sorted(ACTIVE), key=lambda z: sum(1 for i in fleet if i.zone == z and i.role.is_standby))
+    hung = [s.id for s in gpu_inventory(POLICY.gpu_pool) if s.zone == hung_zone]
+    lost = next(i for i in fleet if i.zone == hung_zone and i.role == Role.HOT)
+    fleet = [i for i in fleet if i.id != lost.id]  # its runbook ejected it: reconciliation replaces it
+    where_free = plan_reconcile(POLICY, fleet)
+    assert [(a.kind, a.zone) for a in where_free.actions if a.model == lost.model] == [
+        (ReconcileActionKind.CREATE, hung_zone)
+    ], "without the hang the replacement goes back to the same zone: the test needs that"
+    plan = plan_reconcile(POLICY, fleet, hung=hung)
+    creates = [a for a in plan.actions if a.kind == ReconcileActionKind.CREATE]
+    assert lost.model in {a.model for a in creates} and not [a for a in creates if a.gpu in hung]
+    on_hung = {i.id for i in fleet if i.gpu in hung}
+    assert on_hung and not [a for a in plan.actions if a.instance in on_hung]
+    cordoned = plan_reconcile(POLICY, fleet, cordoned=hung)
+    assert {
+        a.instance for a in cordoned.actions if a.kind == ReconcileActionKind.DELETE
+    } & on_hung  # a cordon moves them
+
+
+def test_an_emergency_instance_is_not_placed_on_a_hung_node() -> None:
+    fleet = [i for i in _settled(POLICY, []) if i.model != "llama-2-7b" or i.role == Role.SERVING]
+    failed = next(i for i in fleet if i.model == "llama-2-7b")
+    free = plan_emergency(POLICY, fleet, "llama-2-7b", failed.id)
+    chosen = free.actions[-1].node
+    hung = [s.id for s in gpu_inventory(POLICY.gpu_pool) if s.node == chosen]
+    plan = plan_emergency(POLICY, fleet, "llama-2-7b", failed.id, hung=hung)
+    assert plan.actions and plan.actions[-1].node != chosen and plan.actions[-1].gpu not in hung

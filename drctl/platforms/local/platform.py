@@ -434,6 +434,21 @@ class LocalPlatform:
     async def cordoned_gpus(self) -> list[str]:
         return sorted(self._read_cordoned())
 
+    async def hung_gpus(self) -> list[str]:
+        """The GPUs of every node whose instance pool is stopped (pooled mode; SIGSTOP, as a zone
+        outage or a node-down drill does): a create there fails after its try ("looks hung"), so
+        placement skips them. Read from ``/proc`` at each look and never recorded, unlike a cordon:
+        a node that resumes is back in placement at the next pass, and nothing on a hung node is
+        moved for it (its failures are the detectors' and the runbooks'). Per-process instances
+        have no node process to tell by: none then."""
+        hung = {pool.name for pool in self.pools.recorded() if processes.is_stopped(pool.pid)}
+        return [
+            f"{node.name}/{index}"
+            for node in self.policy.gpu_pool.nodes
+            if pools.pool_name(node.name) in hung
+            for index in range(node.gpus)
+        ]
+
     async def uncordon_gpu(self, gpu: str) -> str:
         cordoned = self._read_cordoned()
         if cordoned.pop(gpu, None) is None:

@@ -252,3 +252,30 @@ async def test_a_pool_too_busy_to_answer_gets_no_second_pool_beside_it(
         node_pools.ensure(pool.name)
     assert [p.pid for p in node_pools.recorded() if p.name == pool.name] == [pool.pid]
     assert processes.is_alive(pool.pid)
+
+
+async def test_the_gpus_of_a_node_whose_pool_is_stopped_are_hung_until_it_resumes(fleet: PooledFleet) -> None:
+    """Placement's view of a hung node (``SeesHungNodes``): every GPU of the node whose pool is
+    SIGSTOPped, read from ``/proc`` at each look and never recorded (not a cordon)."""
+    platform = fleet.platform()
+    victim = next(i for i in _running(fleet).values() if i.pid is not None)
+    group = processes.thread_group(victim.pid)
+    assert group is not None and victim.node is not None
+    node = next(n for n in platform.policy.gpu_pool.nodes if n.name == victim.node)
+    assert await platform.hung_gpus() == []
+    os.kill(group, signal.SIGSTOP)
+    try:
+        for _ in range(500):
+            if processes.is_stopped(group):
+                break
+            await asyncio.sleep(0.01)
+        assert await platform.hung_gpus() == [f"{node.name}/{n}" for n in range(node.gpus)]
+        assert await platform.cordoned_gpus() == []
+    finally:
+        os.kill(group, signal.SIGCONT)
+    for _ in range(500):
+        if not processes.is_stopped(group):
+            break
+        await asyncio.sleep(0.01)
+    assert await platform.hung_gpus() == []
+    await platform.close()
