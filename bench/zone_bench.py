@@ -77,7 +77,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dr-policy.yaml"
 
 
 def policy_document(
-    models: int, parallel: int | None = None, reconcile: dict[str, int] | None = None
+    models: int,
+    parallel: int | None = None,
+    reconcile: dict[str, int] | None = None,
+    switches: int | None = None,
 ) -> dict[str, Any]:
     example = yaml.safe_load(EXAMPLE.read_text())
     # Instances per GPU when the whole fleet runs in one zone (half the nodes), with room to spare.
@@ -89,7 +92,8 @@ def policy_document(
             for i in range(models)
         ],
         "az_failover": {"activeZones": [DOWN_ZONE, UP_ZONE], "healthCheckInterval": "10s", "failoverThreshold": 3}
-        | ({"maxParallelFailovers": parallel} if parallel else {}),
+        | ({"maxParallelFailovers": parallel} if parallel else {})
+        | ({"maxParallelSwitches": switches} if switches else {}),
         "tenants": [{"name": "default", "weight": 5, "capability": {"gpus": NODES * GPUS, "memory": "100Ti"}}],
         "gpuPool": {
             "nodes": [
@@ -203,7 +207,9 @@ async def running_runbooks(stack: LocalStack) -> int:
 async def measure(models: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     policy_path = workdir / "policy.yaml"
     pacing = {"maxParallelChanges": args.reconcile_parallel, "maxLoadsPerNode": args.loads_per_node}
-    document = policy_document(models, args.parallel, {k: v for k, v in pacing.items() if v is not None})
+    document = policy_document(
+        models, args.parallel, {k: v for k, v in pacing.items() if v is not None}, switches=args.switches
+    )
     if args.runbooks_per_minute:
         document["budget"] = {"maxRunbooksPerMinute": args.runbooks_per_minute}
     policy_path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -577,6 +583,9 @@ def main() -> None:
     parser.add_argument("--rate-hz", type=float, default=2.0, help="requests per second per model")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for redundancy")
     parser.add_argument("--parallel", type=int, default=None, help="az_failover.maxParallelFailovers (policy: 4)")
+    parser.add_argument(
+        "--switches", type=int, default=None, help="az_failover.maxParallelSwitches: hot switches at once (policy: 32)"
+    )
     parser.add_argument("--reconcile-parallel", type=int, default=None, help="reconcile.maxParallelChanges")
     parser.add_argument("--loads-per-node", type=int, default=None, help="reconcile.maxLoadsPerNode")
     parser.add_argument("--runbooks-per-minute", type=int, default=None, help="budget.maxRunbooksPerMinute")

@@ -407,12 +407,16 @@ async def test_hot_standbys_switch_in_one_batch_each_recorded_as_its_models_runb
     time_skipping_env: WorkflowEnvironment,
 ) -> None:
     """Every serving instance of the zone has a hot standby out of it: the zone failover plans and
-    switches them in two activities, at most ``maxParallelFailovers`` at a time, critical first,
+    switches them in two activities, at most ``maxParallelSwitches`` at a time, critical first,
     reports nothing to a guardian, and each switch is a ``FailoverWorkflow`` in the audit (the
     model's usual runbook id, trigger ``zone-failover``, the batch's steps and epoch)."""
     fleet = _with_extra_models(fleet_across_zones(), 3)
     fleet.policy = fleet.policy.model_copy(
-        update={"az_failover": fleet.policy.az_failover.model_copy(update={"max_parallel_failovers": 2})}
+        update={
+            "az_failover": fleet.policy.az_failover.model_copy(
+                update={"max_parallel_switches": 2, "max_parallel_failovers": 1}
+            )
+        }
     )
     fleet.promote_gate = asyncio.Event()
     queue = f"zone-{uuid.uuid4()}"
