@@ -247,15 +247,19 @@ class ReconcileActivities:
 
     @activity.defn(name=ActivityName.CORDON_GPUS)
     async def cordon_gpus(self, request: CordonGpusRequest) -> StepReport:
-        """Every GPU of ``request`` cordoned, in turn, in this one activity (each cordon is
-        idempotent: a retry finds the ones done). A zone failover cordons its zone so; as one
-        activity per GPU side by side, one of a zone's 32 tasks was once not done for the activity's
-        whole 30 s timeout, and the zone's switch waited for it (``zone_bench.py``, fourteenth
-        session)."""
+        """Every GPU of ``request`` cordoned, in turn, in this one activity, heartbeating (each
+        cordon is idempotent: a retry finds the ones done). A zone failover cordons its zone so; as
+        one activity per GPU side by side, one of a zone's 32 tasks was once not done for the
+        activity's whole 30 s timeout, and the zone's switch waited for it (``zone_bench.py``,
+        fourteenth session)."""
         start = time.monotonic()
-        with span("platform.cordon_gpus", {"gpus": len(request.gpus)}):
+
+        async def every_gpu() -> None:
             for gpu in request.gpus:
                 await self.platform.cordon_gpu(gpu, request.reason)
+
+        with span("platform.cordon_gpus", {"gpus": len(request.gpus)}):
+            await with_heartbeats(every_gpu(), every_s=1.0)
         detail = f"{len(request.gpus)} GPU(s) cordoned: kept out of placement"
         report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
         log_step("cordon_gpus", report.duration_ms, detail)

@@ -89,12 +89,15 @@ by side (``drctl.activities.zone_switch``), each switch recorded as its model's
 instance took a report, an epoch claim and a runbook of its own: at 500 recoveries the zone waited
 on the orchestration (~180 ms of CPU each). Runs started before it report every instance."""
 CORDON_AT_ONCE = "zone-failover-cordons-at-once"
-"""Patch: the zone's GPUs are cordoned in one activity (``cordon_gpus``), within
-``CORDON_TIMEOUT``. Before (``BATCHED``), one activity per GPU side by side, each within
-``STEP_TIMEOUT``: at 1,000 instances one of the 32 was once not done for its whole 30 s, and the
-switch, which waits for the cordons, waited with it. Runs started before it cordon side by side."""
-CORDON_TIMEOUT = timedelta(seconds=10)
-"""A zone's cordons are a few writes (a file, a ConfigMap); a try not done by then is tried again."""
+"""Patch: the zone's GPUs are cordoned in one activity (``cordon_gpus``) that heartbeats: a try
+that goes silent for ``CORDON_HEARTBEAT`` is tried again. Before (``BATCHED``), one activity per
+GPU side by side, each within ``STEP_TIMEOUT`` and silent: at 1,000 instances one of the 32 was
+once not done for its whole 30 s, and the switch, which waits for the cordons, waited with it.
+Runs started before it cordon side by side."""
+CORDON_HEARTBEAT = timedelta(seconds=5)
+CORDON_TIMEOUT = timedelta(minutes=2)
+"""A zone's cordons are a write each (a file, a ConfigMap update): a zone of hundreds of GPUs on a
+slow API server still fits, heartbeating."""
 REPORT_TIMEOUT = timedelta(minutes=10)
 """Reporting a whole zone (hundreds of Update-with-starts on a loaded machine), heartbeating."""
 
@@ -176,6 +179,7 @@ class ZoneFailoverWorkflow:
             CordonGpusRequest(gpus=gpus, reason=f"zone {request.zone} failed over: {request.reason}"[:500]),
             result_type=StepReport,
             start_to_close_timeout=CORDON_TIMEOUT,
+            heartbeat_timeout=CORDON_HEARTBEAT,
             retry_policy=RETRY,
         )
         result.cordoned_gpus.extend(gpus)

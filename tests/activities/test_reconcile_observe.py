@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
+from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
@@ -16,6 +17,7 @@ from drctl.activities import reconcile
 from drctl.activities.reconcile import ReconcileActivities
 from drctl.payloads import (
     BudgetState,
+    CordonGpusRequest,
     FleetSnapshot,
     Instance,
     LeaseKind,
@@ -203,3 +205,35 @@ async def test_planning_heartbeats_however_long_it_takes(monkeypatch: pytest.Mon
     env.on_heartbeat = lambda *details: beats.append(details)
     plan: ReconcilePlan = await env.run(activities.plan_reconcile, ReconcileRequest())
     assert plan == ReconcilePlan() and len(beats) >= 2
+
+
+class CordoningPlatform:
+    """Cordons as the local platform does: idempotent, one GPU at a time."""
+
+    def __init__(self) -> None:
+        self.cordoned: dict[str, str] = {"gpu-node-0/1": "drained"}
+        self.asked: list[str] = []
+
+    async def cordon_gpu(self, gpu: str, reason: str) -> str:
+        self.asked.append(gpu)
+        if gpu in self.cordoned:
+            return f"{gpu} already cordoned"
+        self.cordoned[gpu] = reason
+        return f"{gpu} cordoned"
+
+
+async def test_a_zone_is_cordoned_gpu_by_gpu_in_one_activity() -> None:
+    platform = CordoningPlatform()
+    activities = ReconcileActivities(cast(Platform, platform))
+    gpus = ["gpu-node-0/0", "gpu-node-0/1", "gpu-node-2/0"]
+    report: StepReport = await ActivityEnvironment().run(
+        activities.cordon_gpus, CordonGpusRequest(gpus=gpus, reason="zone az-1 failed over")
+    )
+    assert platform.asked == gpus and report.detail.startswith("3 GPU(s) cordoned")
+    assert platform.cordoned == {
+        "gpu-node-0/0": "zone az-1 failed over",
+        "gpu-node-0/1": "drained",  # already cordoned: kept as it was
+        "gpu-node-2/0": "zone az-1 failed over",
+    }
+    with pytest.raises(ValidationError):
+        CordonGpusRequest(gpus=["not a gpu"])

@@ -40,7 +40,7 @@ from drctl.temporal.incidents import RECORD_IDS, budget_state, report_failure
 from drctl.workflows.budget import BudgetWorkflow
 from drctl.workflows.failover import FailoverWorkflow
 from drctl.workflows.guardian import ModelGuardianWorkflow
-from drctl.workflows.zone import CORDON_TIMEOUT, STEP_TIMEOUT, ZoneFailbackWorkflow, ZoneFailoverWorkflow
+from drctl.workflows.zone import CORDON_HEARTBEAT, STEP_TIMEOUT, ZoneFailbackWorkflow, ZoneFailoverWorkflow
 from tests.workflows.fakes import FakeFleet
 from tests.workflows.test_guardian import budget_when
 
@@ -349,8 +349,8 @@ async def test_the_zone_is_cordoned_in_one_activity_and_a_try_not_done_is_tried_
 ) -> None:
     """The zone's GPUs are cordoned by one ``cordon_gpus`` activity. Its first try never ends (a
     task lost between the server and the worker, as one of 32 side-by-side cordons once was at
-    1,000 instances): the next try runs after ``CORDON_TIMEOUT``, not after the 30 s of a step,
-    and the zone fails over."""
+    1,000 instances): it does not heartbeat, so the next try runs after ``CORDON_HEARTBEAT``, not
+    after the 30 s of a step, and the zone fails over."""
     fleet = fleet_across_zones()
     real = next(a for a in fleet.activities() if getattr(a, "__name__", "") == "cordon_all")
 
@@ -381,7 +381,7 @@ async def test_the_zone_is_cordoned_in_one_activity_and_a_try_not_done_is_tried_
     ]
     assert scheduled.count(ActivityName.CORDON_GPUS) == 1 and ActivityName.CORDON_GPU not in scheduled
     took = history.events[-1].event_time.ToDatetime() - history.events[0].event_time.ToDatetime()
-    assert CORDON_TIMEOUT <= took < STEP_TIMEOUT
+    assert CORDON_HEARTBEAT <= took < STEP_TIMEOUT
 
 
 async def _record_id(client: Client, zone_failover: str, model: str, instance: str, epoch: int) -> str:
