@@ -252,18 +252,14 @@ class ReconcileActivities:
         one activity per GPU side by side, one of a zone's 32 tasks was once not done for the
         activity's whole 30 s timeout, and the zone's switch waited for it (``zone_bench.py``,
         fourteenth session)."""
-        start = time.monotonic()
 
-        async def every_gpu() -> None:
+        async def every_gpu() -> str:
             for gpu in request.gpus:
                 await self.platform.cordon_gpu(gpu, request.reason)
+            return f"{len(request.gpus)} GPU(s) cordoned: kept out of placement"
 
-        with span("platform.cordon_gpus", {"gpus": len(request.gpus)}):
-            await with_heartbeats(every_gpu(), every_s=1.0)
-        detail = f"{len(request.gpus)} GPU(s) cordoned: kept out of placement"
-        report = StepReport(detail=detail, duration_ms=_elapsed_ms(start))
-        log_step("cordon_gpus", report.duration_ms, detail)
-        return report
+        cordoning = with_heartbeats(every_gpu(), every_s=1.0)
+        return await _platform_step("cordon_gpus", cordoning, {"gpus": len(request.gpus)})
 
     @activity.defn(name=ActivityName.CREATE_INSTANCE)
     async def create_instance(self, change: InstanceChange) -> StepReport:

@@ -170,18 +170,19 @@ class ZoneFailoverWorkflow:
 
     async def _cordon_zone(self, request: ZoneFailoverRequest, policy: DRPolicy, result: ZoneFailoverResult) -> None:
         """Every GPU of the zone cordoned: in one activity (``CORDON_AT_ONCE``), or side by side."""
-        if not self._cordons_at_once():
-            await _cordon_side_by_side(request, policy, result)
-            return
         gpus = [slot.id for slot in gpu_inventory(policy.gpu_pool) if slot.zone == request.zone]
-        await workflow.execute_activity(
-            ActivityName.CORDON_GPUS,
-            CordonGpusRequest(gpus=gpus, reason=f"zone {request.zone} failed over: {request.reason}"[:500]),
-            result_type=StepReport,
-            start_to_close_timeout=CORDON_TIMEOUT,
-            heartbeat_timeout=CORDON_HEARTBEAT,
-            retry_policy=RETRY,
-        )
+        reason = f"zone {request.zone} failed over: {request.reason}"[:500]
+        if self._cordons_at_once():
+            await workflow.execute_activity(
+                ActivityName.CORDON_GPUS,
+                CordonGpusRequest(gpus=gpus, reason=reason),
+                result_type=StepReport,
+                start_to_close_timeout=CORDON_TIMEOUT,
+                heartbeat_timeout=CORDON_HEARTBEAT,
+                retry_policy=RETRY,
+            )
+        else:
+            await _cordon_side_by_side(gpus, reason)
         result.cordoned_gpus.extend(gpus)
 
     @workflow.run
@@ -423,10 +424,8 @@ def _record_outcomes(serving: list[Instance], outcomes: list[RunbookOutcome], re
     result.pending = []
 
 
-async def _cordon_side_by_side(request: ZoneFailoverRequest, policy: DRPolicy, result: ZoneFailoverResult) -> None:
-    """Cordon every GPU of the zone, the activities side by side (each is idempotent)."""
-    gpus = [slot.id for slot in gpu_inventory(policy.gpu_pool) if slot.zone == request.zone]
-    reason = f"zone {request.zone} failed over: {request.reason}"[:500]
+async def _cordon_side_by_side(gpus: list[str], reason: str) -> None:
+    """Cordon ``gpus``, one activity each, side by side (each is idempotent): before ``CORDON_AT_ONCE``."""
     await asyncio.gather(
         *(
             workflow.execute_activity(
@@ -439,7 +438,6 @@ async def _cordon_side_by_side(request: ZoneFailoverRequest, policy: DRPolicy, r
             for gpu in gpus
         )
     )
-    result.cordoned_gpus.extend(gpus)
 
 
 async def _move_as_one_batch(

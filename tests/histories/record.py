@@ -769,56 +769,15 @@ async def zone_warm_standbys(client: Client, queue: str) -> list[Recorded]:
     ]
 
 
-async def zone_before_switch_in_batch(client: Client, queue: str) -> list[Recorded]:
-    """``zone_with_approval`` on a run started before the zone-failover-switches-hot-in-batch patch."""
-    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeSwitchInBatch])
-    return [
-        Recorded(
-            "zone-failover-before-switch-in-batch",
-            "zone",
-            "ZoneFailoverWorkflow started before the zone-failover-switches-hot-in-batch patch: all via guardians",
-            SWITCH_IN_BATCH,
-        )
-    ]
+def zone_before(name: str, old: type, patch: str, what: str) -> Scenario:
+    """``zone_with_approval`` on a run started before ``patch``, by ``old`` (the workflow as it
+    was), recorded as ``name``."""
 
+    async def scenario(client: Client, queue: str) -> list[Recorded]:
+        await approve_zone_failover(client, queue, old=[old])
+        return [Recorded(name, "zone", f"ZoneFailoverWorkflow started before the {patch} patch: {what}", patch)]
 
-async def zone_before_cordon_at_once(client: Client, queue: str) -> list[Recorded]:
-    """``zone_with_approval`` on a run started before the zone-failover-cordons-at-once patch."""
-    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeCordonAtOnce])
-    return [
-        Recorded(
-            "zone-failover-before-cordon-at-once",
-            "zone",
-            "ZoneFailoverWorkflow started before the zone-failover-cordons-at-once patch: a cordon per GPU",
-            CORDON_AT_ONCE,
-        )
-    ]
-
-
-async def zone_before_batched(client: Client, queue: str) -> list[Recorded]:
-    """``zone_with_approval`` on a run started before the zone-failover-batched patch."""
-    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeBatched])
-    return [
-        Recorded(
-            "zone-failover-before-batched",
-            "zone",
-            "ZoneFailoverWorkflow started before the zone-failover-batched patch: approve, move two one by one",
-            BATCHED,
-        )
-    ]
-
-
-async def zone_before_one_lease(client: Client, queue: str) -> list[Recorded]:
-    """``zone_with_approval`` on a run started before the zone-failover-one-lease patch."""
-    await approve_zone_failover(client, queue, old=[ZoneFailoverBeforeOneLease])
-    return [
-        Recorded(
-            "zone-failover-before-one-lease",
-            "zone",
-            "ZoneFailoverWorkflow started before the zone-failover-one-lease patch: approve, a lease per instance",
-            ONE_LEASE,
-        )
-    ]
+    return scenario
 
 
 async def approve_zone_failover(client: Client, queue: str, old: Sequence[type] = (), warm: bool = False) -> None:
@@ -884,10 +843,18 @@ SCENARIOS: dict[str, Scenario] = {
     "drain": drain,
     "zone-approval": zone_with_approval,
     "zone-warm-standbys": zone_warm_standbys,
-    "zone-before-switch-in-batch": zone_before_switch_in_batch,
-    "zone-before-cordon-at-once": zone_before_cordon_at_once,
-    "zone-before-batched": zone_before_batched,
-    "zone-before-one-lease": zone_before_one_lease,
+    "zone-before-switch-in-batch": zone_before(
+        "zone-failover-before-switch-in-batch", ZoneFailoverBeforeSwitchInBatch, SWITCH_IN_BATCH, "all via guardians"
+    ),
+    "zone-before-cordon-at-once": zone_before(
+        "zone-failover-before-cordon-at-once", ZoneFailoverBeforeCordonAtOnce, CORDON_AT_ONCE, "a cordon per GPU"
+    ),
+    "zone-before-batched": zone_before(
+        "zone-failover-before-batched", ZoneFailoverBeforeBatched, BATCHED, "approve, move two one by one"
+    ),
+    "zone-before-one-lease": zone_before(
+        "zone-failover-before-one-lease", ZoneFailoverBeforeOneLease, ONE_LEASE, "approve, a lease per instance"
+    ),
     "drill": drill,
 }
 

@@ -81,6 +81,7 @@ from drctl.platforms.kubernetes.templates import (
     InstanceTemplate,
 )
 from drctl.policies.engines import Engine, EngineProfile
+from drctl.policies.placement import gpu_inventory
 from drctl.policies.reconcile import instance_index
 from drctl.policies.schema import DRPolicy
 
@@ -813,12 +814,7 @@ class KubernetesPlatform:
                 for answer in await node_agents.drained_gpus(urls, client):
                     from_agents.update(answer.drain)
         closed = await self.closed_nodes()
-        from_nodes = {
-            f"{node.name}/{index}"
-            for node in self.policy.gpu_pool.nodes
-            if node.name in closed
-            for index in range(node.gpus)
-        }
+        from_nodes = {slot.id for slot in gpu_inventory(self.policy.gpu_pool) if slot.node in closed}
         return sorted(set(await self.cordons.cordoned()) | from_agents | from_nodes)
 
     async def closed_nodes(self) -> dict[str, str]:

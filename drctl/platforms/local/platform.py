@@ -43,6 +43,7 @@ from drctl.platforms.local.fault_injection import LocalFaultInjector
 from drctl.platforms.local.registry import EditedInstances, GroupCommit, InstanceRegistry, LocalInstance
 from drctl.policies.engines import MODEL_HEADER, EngineProfile, HttpCall
 from drctl.policies.loader import load_policy_file
+from drctl.policies.placement import gpu_inventory
 from drctl.policies.reconcile import plan_reconcile
 from drctl.policies.schema import DRPolicy, ModelPolicy
 from drctl.settings import DrctlSettings, StateLayout
@@ -442,12 +443,7 @@ class LocalPlatform:
         moved for it (its failures are the detectors' and the runbooks'). Per-process instances
         have no node process to tell by: none then."""
         hung = {pool.name for pool in self.pools.recorded() if processes.is_stopped(pool.pid)}
-        return [
-            f"{node.name}/{index}"
-            for node in self.policy.gpu_pool.nodes
-            if pools.pool_name(node.name) in hung
-            for index in range(node.gpus)
-        ]
+        return [slot.id for slot in gpu_inventory(self.policy.gpu_pool) if pools.pool_name(slot.node) in hung]
 
     async def uncordon_gpu(self, gpu: str) -> str:
         cordoned = self._read_cordoned()
