@@ -8,6 +8,7 @@ script). Bad input exits 2 with a message, a failure 1; never a traceback (see `
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -64,6 +65,22 @@ app.command()(runbooks.failback)
 app.command()(runbooks.approve)
 app.command()(drills.drill)
 app.command()(stack.worker)
+
+
+def one_line_summaries(group: typer.Typer) -> None:
+    """Each command's line in its group's ``--help`` list: the first paragraph of its docstring as
+    one line. Typer's rich help keeps the docstring's line breaks there, so a summary wrapped in
+    the source showed as ragged lines in the list (its own ``--help`` page was already reflowed)."""
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            one_line_summaries(sub.typer_instance)
+
+
+one_line_summaries(app)
 
 
 def main() -> None:

@@ -55,3 +55,18 @@ def test_a_piped_json_output_of_a_command_parses(tmp_path: Path) -> None:
     done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [item["model"] for item in json.loads(done.stdout)] == ["llama-2-7b", "mistral-7b", "gpt-4-8b"]
+
+
+def test_the_command_list_shows_each_summary_reflowed() -> None:
+    """A command's summary wrapped in its docstring is one paragraph in ``drctl --help``'s list,
+    not the docstring's line breaks (``one_line_summaries``)."""
+    from typer.testing import CliRunner
+
+    from drctl.cli.app import app
+
+    done = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert done.exit_code == 0, done.output
+    rows = [line for line in done.output.splitlines() if line.strip(" │").startswith(("trace ", "failback "))]
+    assert len(rows) == 2, done.output
+    assert "the trigger (alert, prober, CLI), the workflow, each activity" in rows[0]
+    assert "Serving stays where the failover put it." in rows[1]
