@@ -100,6 +100,12 @@ PREFERS_ACTIVE_ZONES = "failover-prefers-active-zones"
 tier, the standbys in the active zones (``InstanceList.serving_zones``) first, so the standby it
 promotes serves where the zone checks watch (:func:`standby_candidates`). Runs from before order
 their standbys as they did, whatever their listing says."""
+DIRECT_START_CHECKS_INPUT = "failover-direct-start-checks-input"
+"""Patch: a run started directly (the Temporal UI or CLI, no epoch) lists the model before it
+reports to the guardian: an unknown model, or a manual report of an instance the model does not
+have, fails the run at once with the platform's message, as ``drctl failover`` refuses it. Before,
+an unknown model's guardian failed and this run followed it for up to an hour, and an unknown
+instance's runbook failed while this run ended ``joined``, the error left in its reason."""
 ZONE_FAILOVER_REPLENISHES = "failover-zone-failover-replenishes-once"
 """Patch: a runbook the zone failover reported (``Trigger.ZONE_FAILOVER``) does not trigger the
 reconcile schedule itself: the zone failover asks for reconciliation once, after the last of its
@@ -426,6 +432,9 @@ class FailoverWorkflow:
     def _gone_settles(self) -> bool:
         return workflow.patched(GONE_INSTANCE_SETTLES)
 
+    def _direct_start_checks_input(self) -> bool:
+        return workflow.patched(DIRECT_START_CHECKS_INPUT)
+
     def _zone_failover_replenishes_once(self) -> bool:
         return workflow.patched(ZONE_FAILOVER_REPLENISHES)
 
@@ -711,6 +720,18 @@ class FailoverWorkflow:
         """Started directly: report to the model's guardian, follow the runbook it runs, end ``joined``."""
         assert self._result is not None
         own = workflow.info().workflow_id
+        if self._direct_start_checks_input():
+            # An unknown model fails the step itself (UnknownModel, not retried).
+            listing = await self._step("list", ActivityName.LIST_INSTANCES, ModelRef(model=request.model), InstanceList)
+            known = [i.id for i in listing.instances]
+            if request.trigger == Trigger.MANUAL and request.instance not in known:
+                # A detector's late report of a replaced instance still goes on (it settles, see
+                # GONE_INSTANCE_SETTLES); an operator's wrong id is refused, as the CLI refuses it.
+                raise ApplicationError(
+                    f"{request.model} has no instance {request.instance!r} (known: {', '.join(known) or 'none'})",
+                    type=ErrorType.UNKNOWN_INSTANCE,
+                    non_retryable=True,
+                )
         tickets = await self._step(
             "report",
             ActivityName.REPORT_FAILURE,

@@ -36,6 +36,7 @@ from drctl.workflows.budget import (
 )
 from drctl.workflows.failover import (
     DECISION_INPUT_PERSISTED,
+    DIRECT_START_CHECKS_INPUT,
     GONE_INSTANCE_SETTLES,
     PREFERS_ACTIVE_ZONES,
     STANDBY_EJECTED_REPLENISHES,
@@ -77,6 +78,19 @@ class FailoverBeforeGoneInstanceSettles(FailoverWorkflow):
         return await super().run(request)
 
     def _gone_settles(self) -> bool:
+        return False
+
+
+@workflow.defn(name="FailoverWorkflow", sandboxed=False)
+class FailoverBeforeDirectStartChecksInput(FailoverWorkflow):
+    """Before ``failover-direct-start-checks-input``: a run started directly reported to the
+    guardian at once, without listing the model first."""
+
+    @workflow.run
+    async def run(self, request: FailoverRequest) -> FailoverResult:
+        return await super().run(request)
+
+    def _direct_start_checks_input(self) -> bool:
         return False
 
 
@@ -293,6 +307,7 @@ BEFORE_PATCHES: dict[str, type] = {
     SWITCH_IN_BATCH: ZoneFailoverBeforeSwitchInBatch,
     CORDON_AT_ONCE: ZoneFailoverBeforeCordonAtOnce,
     GONE_INSTANCE_SETTLES: FailoverBeforeGoneInstanceSettles,
+    DIRECT_START_CHECKS_INPUT: FailoverBeforeDirectStartChecksInput,
     PREFERS_ACTIVE_ZONES: FailoverBeforeActiveZones,
     STANDBY_EJECTED_REPLENISHES: FailoverBeforeStandbyReplenishes,
     ZONE_FAILOVER_REPLENISHES: FailoverBeforeZoneFailoverReplenishesOnce,

@@ -74,7 +74,7 @@ from drctl.workflows.budget import (
 )
 from drctl.workflows.drain import DrainGpuWorkflow
 from drctl.workflows.drill import DrillWorkflow
-from drctl.workflows.failover import FailoverWorkflow
+from drctl.workflows.failover import DIRECT_START_CHECKS_INPUT, FailoverWorkflow
 from drctl.workflows.guardian import JOINED_IN_START, RUNBOOK_IN_REPORT_TRACE
 from drctl.workflows.reconcile import ONE_PASS_AT_A_TIME, PLAN_IN_ACTIVITY, ReconcileStandbysWorkflow
 from drctl.workflows.zone import BATCHED, CORDON_AT_ONCE, ONE_LEASE, SWITCH_IN_BATCH, ZoneFailoverWorkflow
@@ -87,6 +87,7 @@ from tests.histories.before_patches import (
     BudgetBeforeZoneCoversZone,
     BudgetBeforeZoneFailoverFirst,
     FailoverBeforeActiveZones,
+    FailoverBeforeDirectStartChecksInput,
     FailoverBeforeGoneInstanceSettles,
     FailoverBeforeListingAsActivity,
     FailoverBeforeStandbyReplenishes,
@@ -359,6 +360,27 @@ async def guardian_direct_start(client: Client, queue: str) -> list[Recorded]:
         Recorded("failover-direct-start", "failover-direct-start", "started directly: reports, follows, ends joined"),
         Recorded("guardian-direct-start", guardian_workflow_id(MODEL, queue), "the guardian that ran it"),
         Recorded("guardian-direct-start-runbook", state.recent[0].workflow_id, "the runbook the guardian started"),
+    ]
+
+
+async def direct_start_before_checks(client: Client, queue: str) -> list[Recorded]:
+    """``guardian_direct_start`` on a run started before failover-direct-start-checks-input."""
+    fleet = fleet_of(("0", Role.SERVING), ("1", Role.HOT))
+    async with worker(client, queue, fleet.activities(), [FailoverBeforeDirectStartChecksInput]):
+        await client.execute_workflow(
+            FailoverWorkflow.run,
+            FailoverRequest(model=MODEL, instance=f"{MODEL}-0", reason="from the UI"),
+            id="failover-direct-start-before-checks",
+            task_queue=queue,
+        )
+        await budget_when(client, queue, lambda s: not s.running)
+    return [
+        Recorded(
+            "failover-direct-start-before-checks",
+            "failover-direct-start-before-checks",
+            "the same, on a run started before failover-direct-start-checks-input: reports without listing",
+            DIRECT_START_CHECKS_INPUT,
+        )
     ]
 
 
@@ -822,6 +844,7 @@ SCENARIOS: dict[str, Scenario] = {
     **FAILOVERS,
     "guardian-joined": guardian_joined,
     "guardian-direct-start": guardian_direct_start,
+    "direct-start-before-checks": direct_start_before_checks,
     "guardian-report-trace": guardian_report_trace,
     "guardian-before-trace-patch": guardian_before_trace_patch,
     "guardian-joined-in-start": guardian_joined_in_start,

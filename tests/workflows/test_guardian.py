@@ -8,13 +8,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from temporalio.client import Client
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from drctl.payloads import (
     BudgetReset,
     BudgetState,
+    ErrorType,
     FailoverOutcome,
     FailoverRequest,
     FailoverResult,
@@ -120,6 +123,35 @@ async def test_a_direct_start_hands_the_failure_to_the_guardian(time_skipping_en
     assert handled.outcome == FailoverOutcome.RECOVERED and handled.epoch is not None
     assert [s for s, _ in fleet.calls].count("promote") == 1
     assert state is not None and [i.outcome for i in state.recent] == [FailoverOutcome.RECOVERED]
+
+
+@pytest.mark.parametrize(
+    ("model", "instance"),
+    [("llama-2-7b", "llama-2-7b-9"), ("no-such-model", "no-such-model-0")],
+    ids=["unknown instance", "unknown model"],
+)
+async def test_a_direct_start_of_a_wrong_id_fails_at_once_and_reports_nothing(
+    time_skipping_env: WorkflowEnvironment, model: str, instance: str
+) -> None:
+    """From the UI, a typo must fail the run with what is wrong, not open an incident whose runbook
+    fails (the run ended ``joined``) or wait an hour on a guardian that failed (unknown model)."""
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(
+                client.execute_workflow(
+                    FailoverWorkflow.run,
+                    FailoverRequest(model=model, instance=instance, reason="typo in the UI"),
+                    id=f"ui-{uuid.uuid4().hex[:6]}",
+                    task_queue=queue,
+                ),
+                timeout=30,
+            )
+        assert await guardian_state(client, queue, model) is None  # nothing reported
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == ErrorType.UNKNOWN_INSTANCE
+    assert f"{model} has no instance {instance!r}" in cause.message
+    assert [step for step, _ in fleet.calls] == ["list"]  # listed, nothing claimed or changed
 
 
 async def test_two_failures_of_one_model_run_one_after_the_other_on_different_standbys(
