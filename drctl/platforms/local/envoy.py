@@ -31,7 +31,9 @@ Routes, matched in this order (the first match wins):
    not JSON (or not sent as JSON), 404 ``NotFoundError`` "The model `X` does not exist." for a
    ``model`` outside the fleet (X quoted only if printable ASCII, at most 256 characters), 404 for
    a body without a (string or number) ``model``.
-5. ``GET /v1/models`` → the fleet's models as OpenAI's model list (Envoy answers it).
+5. ``GET /v1/models`` → the fleet's models as OpenAI's model list, and ``GET /v1/models/{model}``
+   → that model's object (OpenAI's "retrieve model"), or a 404 ``NotFoundError`` for a name outside
+   the fleet (Envoy answers them).
 6. Anything else → 404 in the same shape, naming the fleet's models.
 
 Why this order: Envoy first picks a route from the headers alone, before any body has arrived.
@@ -403,7 +405,8 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
             {**_openai_path(), "dynamic_metadata": [_request_metadata("error", string_match={"exact": "invalid"})]},
             400,
             _openai_error(
-                "The request body is not valid JSON (send a JSON object with content-type: application/json).",
+                "The request body was not read as JSON: send a JSON object, with the header content-type: "
+                "application/json (curl: -H 'content-type: application/json').",
                 "BadRequestError",
                 400,
                 param=None,
@@ -450,12 +453,35 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
                 "inline_string": json.dumps(
                     {
                         "object": "list",
-                        "data": [{"id": m, "object": "model", "created": 0, "owned_by": "drctl"} for m in models],
+                        "data": [_model_object(m) for m in models],
                     }
                 )
             },
         },
         "response_headers_to_add": [_json_content_type()],
+        "typed_per_filter_config": _no_body_parsing(),
+    }
+    # OpenAI's "retrieve model" (openai-python's ``models.retrieve``): the model object, as in the list.
+    model_objects = [
+        {
+            "name": f"{m}-object",
+            "match": {"path": f"/v1/models/{m}", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "direct_response": {"status": 200, "body": {"inline_string": json.dumps(_model_object(m))}},
+            "response_headers_to_add": [_json_content_type()],
+            "typed_per_filter_config": _no_body_parsing(),
+        }
+        for m in models
+    ]
+    no_such_model = {
+        **_direct_error(
+            "model-object-unknown",
+            {
+                "safe_regex": {"regex": "/v1/models/[^/]+"},
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            404,
+            _openai_error(f"The model does not exist; the fleet serves: {fleet}.", "NotFoundError", 404),
+        ),
         "typed_per_filter_config": _no_body_parsing(),
     }
     unknown = {
@@ -473,7 +499,12 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
         ),
         "typed_per_filter_config": _no_body_parsing(),
     }
-    return [*by_path, *by_body, *by_header, *body_errors, model_list, unknown]
+    return [*by_path, *by_body, *by_header, *body_errors, model_list, *model_objects, no_such_model, unknown]
+
+
+def _model_object(model: str) -> dict[str, Any]:
+    """OpenAI's model object, as ``GET /v1/models`` lists it and ``GET /v1/models/{model}`` returns it."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "drctl"}
 
 
 def _json_content_type() -> dict[str, Any]:

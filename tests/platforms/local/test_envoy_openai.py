@@ -191,6 +191,8 @@ def test_routes_in_order_and_the_body_filter_only_where_a_body_names_the_model()
         "openai-unknown-model-unquoted",
         "openai-no-model",
         "model-list",
+        *(f"{m}-object" for m in models),
+        "model-object-unknown",
         "unknown-model",
     ]
     # json_to_metadata (which holds the request until its body is whole) runs only on the routes
@@ -260,6 +262,12 @@ async def test_path_and_header_routes_still_work_and_the_header_wins(fleet: Flee
 
         listing = await client.get(fleet.url("/v1/models"))
         assert [m["id"] for m in listing.json()["data"]] == [ALPHA, BETA, GAMMA]
+        # OpenAI's "retrieve model": the object the list has; a name outside the fleet, OpenAI's 404.
+        retrieved = await client.get(fleet.url(f"/v1/models/{BETA}"))
+        assert retrieved.status_code == 200 and retrieved.json() == listing.json()["data"][1]
+        missing = await client.get(fleet.url("/v1/models/nope"))
+        assert missing.status_code == 404
+        assert missing.json() == _not_found(f"The model does not exist; the fleet serves: {ALPHA}, {BETA}, {GAMMA}.")
 
 
 async def test_an_unknown_or_missing_model_and_a_bad_body_get_openais_errors(fleet: Fleet) -> None:
@@ -268,7 +276,8 @@ async def test_an_unknown_or_missing_model_and_a_bad_body_get_openais_errors(fle
     unquoted = _not_found(f"The model does not exist; the fleet serves: {fleet_list}.")
     bad = {
         "error": {
-            "message": "The request body is not valid JSON (send a JSON object with content-type: application/json).",
+            "message": "The request body was not read as JSON: send a JSON object, with the header content-type: "
+            "application/json (curl: -H 'content-type: application/json').",
             "type": "BadRequestError",
             "param": None,
             "code": 400,
@@ -430,6 +439,9 @@ async def test_the_openai_client_unchanged(fleet: Fleet) -> None:
 
     models = [m.id async for m in client.models.list()]
     assert models == [ALPHA, BETA, GAMMA]
+    assert (await client.models.retrieve(GAMMA)).id == GAMMA
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("nope")
 
     with pytest.raises(openai.NotFoundError) as caught:
         await client.completions.create(model="nope", prompt="hi", max_tokens=1)
