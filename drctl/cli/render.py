@@ -333,10 +333,17 @@ def _story_facts(story: AuditRunStory) -> list[tuple[str, str]]:
         facts.append(("standby chosen", f"{story.standby} ({story.standby_tier or '?'})"))
     if story.standby_why:
         facts.append(("why", story.standby_why))
-    if story.rto_ms is not None or story.rto_target_ms is not None:
-        verdict = {True: "met", False: "MISSED", None: "no target known"}[story.rto_met]
+    if story.rto_ms is not None and story.rto_target_ms is not None:
+        verdict = "met" if story.rto_met else "MISSED"
         facts.append(
             ("RTO", f"{_ms_text(story.rto_ms)} against a target of {_ms_text(story.rto_target_ms)}: {verdict}")
+        )
+    elif story.rto_ms is not None:
+        facts.append(("RTO", f"{_ms_text(story.rto_ms)} (no target known for the model)"))
+    elif story.rto_target_ms is not None:
+        # No recovery to time (a false alarm, a plan, a failed run): the target alone, said as such.
+        facts.append(
+            ("RTO", f"none measured (nothing was recovered); the model's target is {_ms_text(story.rto_target_ms)}")
         )
     facts += [("result", line) for line in story.summary]
     if story.task_failures:

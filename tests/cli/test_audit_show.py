@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from drctl.cli import audit
-from drctl.cli.audit_story import build_story, parse_reporter
+from drctl.cli.audit_story import RunStory, build_story, parse_reporter
 from drctl.cli.common import show
 from drctl.cli.render import audit_story_lines, audit_story_markdown, audit_table
 from drctl.payloads import FailoverRequest, Role, StepTiming, SwitchRecord, Trigger
@@ -221,3 +221,25 @@ async def test_story_of_a_switch_recorded_for_a_zone_failovers_batch(time_skippi
     assert story.started_by.startswith("the zone failover zone-failover-az-1, which switched it in its batch")
     assert [s.step for s in story.steps] == ["pick", "promote", "verify", "eject"]
     assert story.standby == "llama-2-7b-1" and story.standby_tier == "hot" and story.rto_met is True
+
+
+@pytest.mark.parametrize(
+    ("rto_ms", "target_ms", "met", "says"),
+    [
+        (800.0, 30_000.0, True, "800 ms against a target of 30.0 s: met"),
+        (45_000.0, 30_000.0, False, "45.0 s against a target of 30.0 s: MISSED"),
+        (800.0, None, None, "800 ms (no target known for the model)"),
+        (None, 30_000.0, None, "none measured (nothing was recovered); the model's target is 30.0 s"),
+    ],
+)
+def test_the_rto_line_says_what_was_measured_and_against_what(
+    rto_ms: float | None, target_ms: float | None, met: bool | None, says: str
+) -> None:
+    """A false alarm has a target but no RTO: it must not read "against a target of 30 s: no target"."""
+    story = RunStory(
+        workflow_id="failover-x", run_id="r", workflow_type="FailoverWorkflow", status="completed",
+        rto_ms=rto_ms, rto_target_ms=target_ms, rto_met=met,
+    )  # fmt: skip
+    text = " ".join(text_of(audit_story_lines(story)).split())
+    assert f"RTO {says}" in text
+    assert "no target known against" not in text and "against a target of - " not in text
