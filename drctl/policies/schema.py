@@ -66,11 +66,11 @@ class ModelPolicy(_Section):
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     priority: Priority = Priority.NORMAL
     tenant: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = "default"
-    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    replicas: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     """Serving instances (priority 0 in the load balancer). The seed implies one."""
-    hot_standby: Annotated[int, Field(ge=0, le=64)] = 0
-    warm_standby: Annotated[int, Field(ge=0, le=64)] = 0
-    cold_standby: Annotated[int, Field(ge=0, le=64)] = 0
+    hot_standby: Annotated[int, Field(strict=True, ge=0, le=64)] = 0
+    warm_standby: Annotated[int, Field(strict=True, ge=0, le=64)] = 0
+    cold_standby: Annotated[int, Field(strict=True, ge=0, le=64)] = 0
     rto: PositiveDuration = timedelta(minutes=5)
     rpo: Duration = timedelta(minutes=5)
     gpu_memory: PositiveByteSize = parse_size("16Gi")
@@ -98,13 +98,13 @@ class ZoneFailoverPolicy(_Section):
     active_zones: list[str] = Field(default_factory=lambda: ["az-1"])
     standby_zone: str | None = None
     health_check_interval: PositiveDuration = timedelta(seconds=10)
-    failover_threshold: Annotated[int, Field(ge=1)] = 3
+    failover_threshold: Annotated[int, Field(strict=True, ge=1)] = 3
     require_approval: bool = False
     """Wait for an operator's approval (a workflow Update) before moving a zone's serving."""
-    max_parallel_failovers: Annotated[int, Field(ge=1, le=64)] = 4
+    max_parallel_failovers: Annotated[int, Field(strict=True, ge=1, le=64)] = 4
     """Runbooks of a zone failover running at once (its lease's slots): those that load a warm or
     cold standby, and every other recovery the zone's guardians run."""
-    max_parallel_switches: Annotated[int, Field(ge=1, le=256)] = 32
+    max_parallel_switches: Annotated[int, Field(strict=True, ge=1, le=256)] = 32
     """Hot standbys a zone failover switches at once in its batch (promote, hot check, register,
     verify, eject: nothing is loaded). At 1,000 instances on a 2-core machine every model switched
     in ~10 s at 16, ~9 s at 32 and ~7 s at 64 (docs/benchmarks.md); at 4 the batch waited on its
@@ -134,24 +134,24 @@ class HealthCheckPolicy(_Section):
 
     interval: PositiveDuration = timedelta(seconds=1)
     timeout: PositiveDuration = timedelta(milliseconds=500)
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
-    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(strict=True, ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(strict=True, ge=1)] = 2
     path: str = "/healthz"
 
 
 class OutlierDetectionPolicy(_Section):
     """Passive ejection of endpoints that return 5xx (seed §3: 5 consecutive, 30 s, 60 s, 50 %)."""
 
-    consecutive5xx: Annotated[int, Field(ge=1, alias="consecutive5xx")] = 5
+    consecutive5xx: Annotated[int, Field(strict=True, ge=1, alias="consecutive5xx")] = 5
     interval: PositiveDuration = timedelta(seconds=30)
     base_ejection_time: PositiveDuration = timedelta(seconds=60)
-    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    max_ejection_percent: Annotated[int, Field(strict=True, ge=0, le=100)] = 50
 
 
 class RetryPolicy(_Section):
     """Route retries (seed §3: connect-failure, refused-stream, gateway errors)."""
 
-    attempts: Annotated[int, Field(ge=0, le=10)] = 3
+    attempts: Annotated[int, Field(strict=True, ge=0, le=10)] = 3
     per_try_timeout: PositiveDuration = timedelta(seconds=5)
     retry_on: str = "connect-failure,refused-stream,gateway-error,reset"
 
@@ -210,7 +210,7 @@ class GpuNodePolicy(_Section):
 
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     zone: str = "az-1"
-    gpus: Annotated[int, Field(ge=1, le=64)] = 4
+    gpus: Annotated[int, Field(strict=True, ge=1, le=64)] = 4
     """A node without GPUs has no place in the pool: leave it out instead."""
     gpu_memory: PositiveByteSize = parse_size("80Gi")
     """Memory of each GPU on the node."""
@@ -247,7 +247,7 @@ class GpuPoolPolicy(_Section):
 class TenantCapability(_Section):
     """Caps of one tenant (seed §2.1 ``capability``); None = no cap."""
 
-    gpus: Annotated[int, Field(ge=0)] | None = None
+    gpus: Annotated[int, Field(strict=True, ge=0)] | None = None
     memory: ByteSize | None = None
 
 
@@ -255,7 +255,7 @@ class TenantPolicy(_Section):
     """A tenant's queue on the shared pool (seed §2.1: weight, capability, reclaimable)."""
 
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
-    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    weight: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1
     capability: TenantCapability = TenantCapability()
     reclaimable: bool = True
     """Whether capacity this tenant does not use may be lent to others (and taken back)."""
@@ -266,17 +266,17 @@ class DetectionPolicy(_Section):
 
     probe_interval: PositiveDuration = timedelta(seconds=5)
     probe_timeout: PositiveDuration = timedelta(seconds=1)
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
-    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(strict=True, ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(strict=True, ge=1)] = 2
     flap_window: PositiveDuration = timedelta(minutes=5)
-    flap_limit: Annotated[int, Field(ge=2)] = 3
+    flap_limit: Annotated[int, Field(strict=True, ge=2)] = 3
     """This many down-transitions within ``flapWindow`` hold the instance out instead of failing
     it over again and again."""
     hold_down: PositiveDuration = timedelta(minutes=10)
-    max_failovers_per_model: Annotated[int, Field(ge=1, le=1)] = 1
+    max_failovers_per_model: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
     """Recoveries of one model at once: always 1 (the model's guardian runs its incidents one after
     the other, so two runbooks never pick the same standby). Kept so older policies still load."""
-    max_failovers_per_zone: Annotated[int, Field(ge=1)] = 3
+    max_failovers_per_zone: Annotated[int, Field(strict=True, ge=1)] = 3
     """Recoveries running at once in one zone, fleet-wide (the budget's per-zone cap): past it a
     recovery waits for a running one to end. See ``budget``."""
 
@@ -287,12 +287,12 @@ class ReconcilePolicy(_Section):
     interval: PositiveDuration = timedelta(seconds=30)
     """Temporal refuses a schedule every 0s; ``enabled: false`` is how to turn it off."""
     enabled: bool = True
-    max_parallel_changes: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_parallel_changes: Annotated[int, Field(strict=True, ge=1, le=1000)] = 16
     """Instances a pass deletes, creates or re-tiers at once: its deletes side by side first (they
     free the capacity its creates were planned into), then its creates and re-tiers. After a zone
     failover a pass has hundreds of each; one at a time, the fleet stayed short of its standbys for
     tens of seconds (``docs/benchmarks.md``)."""
-    max_loads_per_node: Annotated[int, Field(ge=1, le=256)] = 4
+    max_loads_per_node: Annotated[int, Field(strict=True, ge=1, le=256)] = 4
     """Of those, how many load a model on one node at once: each reads a checkpoint from the node's
     disk or network and copies it to a GPU, and too many at once slow every one of them."""
 
@@ -307,8 +307,8 @@ class BudgetPolicy(_Section):
     person resets it (``drctl budget reset``), because that many failures at once is more likely a
     problem of drctl's view (network, a zone, a bad probe) than of that many instances."""
 
-    max_runbooks_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 120
-    trip_after_waiting: Annotated[int, Field(ge=1, le=100_000)] = 50
+    max_runbooks_per_minute: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 120
+    trip_after_waiting: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 50
 
 
 class DRPolicy(_Section):

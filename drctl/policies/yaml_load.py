@@ -81,6 +81,12 @@ def _error(problem: str, mark: Any, context: str | None = None, context_mark: An
     return ConstructorError(context, context_mark, problem, mark)
 
 
+def _duplicate(key: Any, mark: Any, mapping_mark: Any) -> ConstructorError:
+    """A key given twice in one mapping: PyYAML keeps the last silently, so a policy's ``rto: 10s``
+    followed by ``rto: 20s`` would read as 20 s with no word. A mistake either way: refused."""
+    return _error(f"found duplicate key {str(key)[:64]!r}", mark, "while constructing a mapping", mapping_mark)
+
+
 class _Frame:
     """A mapping or sequence being read."""
 
@@ -160,6 +166,8 @@ class _Builder:
                 value = _MergeKey
             elif type(value) is not str and not isinstance(value, Hashable):
                 raise _error("found unhashable key", mark, "while constructing a mapping", top.mark)
+            elif value in top.own:
+                raise _duplicate(value, mark, top.mark)
             top.key, top.key_mark, top.has_key = value, mark, True
             return
         top.has_key = False
@@ -258,6 +266,8 @@ def load(text: str) -> Any:
                         if not top.is_map:
                             top.items.append(cached[1])
                         elif not top.has_key:
+                            if cached[1] in top.own:
+                                raise _duplicate(cached[1], event.start_mark, top.mark)
                             top.key, top.key_mark, top.has_key = cached[1], event.start_mark, True
                         elif top.key is _MergeKey:
                             top.has_key = False

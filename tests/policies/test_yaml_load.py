@@ -50,7 +50,6 @@ def test_random_documents_load_like_safe_load(flow: bool) -> None:
         "k: |\n  line\n  two\n",
         "k: >-\n  folded\n  text\n",
         "=: 3\n",
-        "a: 1\na: 2\n",
         "[1, [2, [3, {a: [4]}]]]",
         "--- {a: 1}\n...\n",
         "!!map {a: !!seq [1]}",
@@ -58,6 +57,19 @@ def test_random_documents_load_like_safe_load(flow: bool) -> None:
 )
 def test_corner_cases_load_like_safe_load(text: str) -> None:
     assert load(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("a: 1\na: 2\n", 2), ("m:\n  - rto: 10s\n    x: 1\n    rto: 20s\n", 4), ("{a: 1, b: {c: 1, c: 1}}", 1)],
+)
+def test_a_key_given_twice_is_refused_where_safe_load_keeps_the_last(text: str, line: int) -> None:
+    """Unlike ``yaml.safe_load``: a policy with ``rto`` twice in one model is a mistake, not 'the last wins'."""
+    with pytest.raises(yaml.YAMLError) as refused:
+        load(text)
+    assert "found duplicate key" in str(refused.value)
+    mark = getattr(refused.value, "problem_mark", None)
+    assert mark is not None and mark.line + 1 == line
 
 
 @pytest.mark.parametrize(

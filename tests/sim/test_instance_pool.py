@@ -187,7 +187,11 @@ def test_a_hung_instance_that_is_killed_writes_nothing(pool: PoolProcess, checkp
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(0.1)
         assert pool.signal(a["pid"], "TERM").json()["state"] == "stopped"
-        assert sock.recv(100) == b""  # closed without a byte of an answer
+        try:
+            answer = sock.recv(100)
+        except ConnectionResetError:  # closed with the request unread: the kernel resets it (a busy machine)
+            answer = b""
+        assert answer == b""  # closed without a byte of an answer
     assert not processes.is_alive(a["pid"])
 
 

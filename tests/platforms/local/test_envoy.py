@@ -333,17 +333,24 @@ async def test_routes_by_path_and_header_to_the_serving_host(stack: Stack) -> No
         by_header = await client.get(f"{stack.lb_url}/generate", headers={"model-name": MODEL})
         assert by_header.status_code == 200
         assert by_header.json() == {"backend": "a", "path": "/generate"}
+        # No trailing slash: not the model's prefix but OpenAI's retrieve-model, which Envoy answers.
+        retrieved = await client.get(f"{stack.lb_url}/v1/models/{MODEL}")
+        assert retrieved.status_code == 200 and retrieved.json()["id"] == MODEL
 
         for unknown in (
             await client.post(f"{stack.lb_url}/v1/models/nope/predict", json={}),
             await client.get(f"{stack.lb_url}/generate", headers={"model-name": "nope"}),
-            await client.get(f"{stack.lb_url}/v1/models/{MODEL}"),  # no trailing slash: not the model prefix
         ):
             assert unknown.status_code == 404
             assert unknown.headers["content-type"] == "application/json"
             error = unknown.json()["error"]
             assert (error["type"], error["code"], error["param"]) == ("NotFoundError", 404, "model")
             assert error["message"].endswith(f"header. The fleet serves: {MODEL}, {EMPTY_MODEL}.")
+        outside = await client.get(f"{stack.lb_url}/v1/models/nope")  # OpenAI's retrieve-model, a name outside
+        assert outside.status_code == 404
+        assert (
+            outside.json()["error"]["message"] == f"The model does not exist; the fleet serves: {MODEL}, {EMPTY_MODEL}."
+        )
 
         # A known model without endpoints is routed (Envoy read its file) but has nobody to serve it;
         # Envoy's own 503 comes in OpenAI's error shape.
