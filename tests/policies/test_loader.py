@@ -96,6 +96,19 @@ def test_negative_standby_count_and_duplicate_model() -> None:
     assert any("listed twice" in i for i in _issues(dup))
 
 
+@pytest.mark.parametrize("count", ["true", '"2"', "2.0"])
+def test_a_count_that_is_not_an_integer_is_refused(count: str) -> None:
+    """YAML's ``true`` or a quoted ``"2"`` read as 1 and 2 before: a count is an integer, nothing else."""
+    issues = _issues(SEED_POLICY.replace("hotStandby: 2", f"hotStandby: {count}"))
+    assert any("models[0] (llama-2-7b).hotStandby: Input should be a valid integer" in i for i in issues), issues
+
+
+def test_a_key_given_twice_is_refused_with_its_line() -> None:
+    text = SEED_POLICY.replace("rto: 30s", "rto: 30s\n    rto: 20s", 1)
+    line = text.splitlines().index("    rto: 20s") + 1
+    assert _issues(text) == [f"line {line}: <top level>: not valid YAML: found duplicate key 'rto'"]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("", "got empty"), ("- a\n- b\n", "got a list"), ("models: [\n", "not valid YAML"), ("models: []\n", "models")],
