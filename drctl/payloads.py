@@ -377,6 +377,8 @@ class ErrorType:
     """The checkpoint failed its checksum while loading: restore a good copy, then load again."""
     STALE_EPOCH = "StaleEpoch"
     """A newer runbook of the model claimed a higher fencing epoch: this step must change nothing."""
+    GUARDIAN_CLOSED = "GuardianClosed"
+    """The model's guardian has closed (failed, terminated) with the incident waited for still open."""
 
 
 class SearchAttr:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import (
     SearchAttributeKey,
     SearchAttributePair,
@@ -21,12 +21,13 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from drctl.payloads import (
     WORKFLOW_TASK_TIMEOUT,
     BudgetState,
+    ErrorType,
     FailoverRequest,
     FailoverResult,
     FailureReport,
@@ -102,6 +103,7 @@ async def _wait_for_incident(
     every ``poll_s``, doubling up to ``poll_max_s`` when given. None once ``wait_s`` has passed."""
     loop = asyncio.get_running_loop()
     deadline = None if wait_s is None else loop.time() + wait_s
+    next_look = loop.time() + GUARDIAN_LOOK_S
     while True:
         state = await guardian_state(client, task_queue, ticket.model)
         queued, closed = (state.queue, state.recent) if state is not None else ([], [])
@@ -111,9 +113,32 @@ async def _wait_for_incident(
                     return incident
         if deadline is not None and loop.time() > deadline:
             return None
+        if loop.time() >= next_look:
+            next_look = loop.time() + GUARDIAN_LOOK_S
+            await _guardian_still_runs(client, task_queue, ticket)
         await asyncio.sleep(poll_s)
         if poll_max_s is not None:
             poll_s = min(poll_max_s, poll_s * 2)
+
+
+GUARDIAN_LOOK_S = 10.0
+"""How often a wait for an incident also asks whether its guardian still runs (a describe)."""
+
+
+async def _guardian_still_runs(client: Client, task_queue: str, ticket: IncidentTicket) -> None:
+    """Raise (not retried) when the ticket's guardian has closed: its query still answers (from its
+    history) with the incident queued, so a wait would never end. Seen with an unknown model,
+    whose guardian fails at its epoch claim, before direct starts checked their model."""
+    workflow_id = guardian_workflow_id(ticket.model, task_queue)
+    description = await client.get_workflow_handle(workflow_id).describe(rpc_timeout=RPC_TIMEOUT)
+    status = description.status
+    if status is not None and status != WorkflowExecutionStatus.RUNNING:
+        raise ApplicationError(
+            f"{workflow_id} is {status.name.lower()}: the incident of {ticket.instance} it held will not be "
+            f"run (`drctl audit show {workflow_id}` says why)",
+            type=ErrorType.GUARDIAN_CLOSED,
+            non_retryable=True,
+        )
 
 
 async def wait_closed(client: Client, task_queue: str, ticket: IncidentTicket, poll_s: float = 0.1) -> Incident:

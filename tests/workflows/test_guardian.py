@@ -322,3 +322,26 @@ async def test_reports_that_joined_before_the_runbook_started_are_in_its_start_n
     assert result.outcome == FailoverOutcome.RECOVERED
     assert result.joined == ["alert abc123", "cli ops@host"] and result.joined_total == 2
     assert not [e for e in history.events if e.HasField("workflow_execution_signaled_event_attributes")]
+
+
+async def test_a_wait_on_a_guardian_that_failed_ends_with_why(
+    time_skipping_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guardian that fails (here: its epoch claim refused, as for a model the platform does not
+    know) still answers its query with the incident queued; a wait for that incident must end."""
+    from drctl.platforms import errors
+    from drctl.temporal import incidents
+    from tests.workflows.fakes import FakePlatform
+
+    async def refused(self: FakePlatform, model: str) -> int:
+        raise errors.unknown_model(model, ["llama-2-7b"])
+
+    monkeypatch.setattr(FakePlatform, "claim_epoch", refused)
+    monkeypatch.setattr(incidents, "GUARDIAN_LOOK_S", 0.2)
+    fleet = FakeFleet.of(("llama-2-7b-0", Role.SERVING), ("llama-2-7b-1", Role.HOT))
+    async with guarded(time_skipping_env, fleet) as (client, queue):
+        ticket = await report_failure(client, queue, report("llama-2-7b-0", "cli ops@host"))
+        with pytest.raises(ApplicationError) as ended:
+            await asyncio.wait_for(wait_running(client, queue, ticket), timeout=30)
+    assert ended.value.type == ErrorType.GUARDIAN_CLOSED and ended.value.non_retryable
+    assert "is failed: the incident of llama-2-7b-0 it held will not be run" in ended.value.message
