@@ -24,6 +24,7 @@ from drctl.activities.listing import ModelListing
 from drctl.payloads import (
     ActivityName,
     EpochGrant,
+    ErrorType,
     FailureReport,
     IncidentTicket,
     IncidentTickets,
@@ -66,7 +67,13 @@ async def in_order_at_most(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]
 async def _followed(client: Client, queue: str, ticket: IncidentTicket) -> RunbookOutcome:
     """The end of the runbook that handles ``ticket``'s incident, once it has ended. A ticket that
     names its run is followed at once; otherwise its guardian is asked until the run has started."""
-    run = ticket if ticket.run_id is not None else await wait_running(client, queue, ticket)
+    try:
+        run = ticket if ticket.run_id is not None else await wait_running(client, queue, ticket)
+    except ApplicationError as err:
+        if err.type != ErrorType.GUARDIAN_CLOSED:
+            raise
+        # One model's guardian gone: that ticket's end, not the whole batch's (a zone failover's).
+        return RunbookOutcome(workflow_id=ticket.workflow_id, outcome="failed", detail=err.message[:300])
     workflow_id = run.workflow_id
     try:
         result = await runbook_result(client, run)

@@ -329,6 +329,7 @@ async def test_a_wait_on_a_guardian_that_failed_ends_with_why(
 ) -> None:
     """A guardian that fails (here: its epoch claim refused, as for a model the platform does not
     know) still answers its query with the incident queued; a wait for that incident must end."""
+    from drctl.activities.incidents import _followed
     from drctl.platforms import errors
     from drctl.temporal import incidents
     from tests.workflows.fakes import FakePlatform
@@ -343,5 +344,8 @@ async def test_a_wait_on_a_guardian_that_failed_ends_with_why(
         ticket = await report_failure(client, queue, report("llama-2-7b-0", "cli ops@host"))
         with pytest.raises(ApplicationError) as ended:
             await asyncio.wait_for(wait_running(client, queue, ticket), timeout=30)
+        # What a zone failover's batch follows: that ticket ends failed, the batch goes on.
+        followed = await asyncio.wait_for(_followed(client, queue, ticket), timeout=30)
+    assert followed.outcome == "failed" and "will not be run" in followed.detail
     assert ended.value.type == ErrorType.GUARDIAN_CLOSED and ended.value.non_retryable
     assert "is failed: the incident of llama-2-7b-0 it held will not be run" in ended.value.message
