@@ -331,6 +331,11 @@ def _echoable_name() -> dict[str, Any]:
     return {"safe_regex": {"regex": "[ -~]+"}}
 
 
+def _get_only() -> list[dict[str, Any]]:
+    """A route's header matchers for ``GET`` requests only (the model list and model objects)."""
+    return [{"name": ":method", "string_match": {"exact": "GET"}}]
+
+
 def _openai_path() -> dict[str, Any]:
     return {"safe_regex": {"regex": OPENAI_PATH_REGEX}}
 
@@ -444,40 +449,17 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
             ),
         ),
     ]
-    model_list = {
-        "name": "model-list",
-        "match": {"path": "/v1/models", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-        "direct_response": {
-            "status": 200,
-            "body": {
-                "inline_string": json.dumps(
-                    {
-                        "object": "list",
-                        "data": [_model_object(m) for m in models],
-                    }
-                )
-            },
-        },
-        "response_headers_to_add": [_json_content_type()],
-        "typed_per_filter_config": _no_body_parsing(),
-    }
+    model_list = _json_answer(
+        "model-list", "/v1/models", {"object": "list", "data": [_model_object(m) for m in models]}
+    )
     # OpenAI's "retrieve model" (openai-python's ``models.retrieve``): the model object, as in the list.
-    model_objects = [
-        {
-            "name": f"{m}-object",
-            "match": {"path": f"/v1/models/{m}", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-            "direct_response": {"status": 200, "body": {"inline_string": json.dumps(_model_object(m))}},
-            "response_headers_to_add": [_json_content_type()],
-            "typed_per_filter_config": _no_body_parsing(),
-        }
-        for m in models
-    ]
+    model_objects = [_json_answer(f"{m}-object", f"/v1/models/{m}", _model_object(m)) for m in models]
     no_such_model = {
         **_direct_error(
             "model-object-unknown",
             {
                 "safe_regex": {"regex": "/v1/models/[^/]+"},
-                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+                "headers": _get_only(),
             },
             404,
             _openai_error(f"The model does not exist; the fleet serves: {fleet}.", "NotFoundError", 404),
@@ -500,6 +482,17 @@ def _routes(policy: DRPolicy) -> list[dict[str, Any]]:
         "typed_per_filter_config": _no_body_parsing(),
     }
     return [*by_path, *by_body, *by_header, *body_errors, model_list, *model_objects, no_such_model, unknown]
+
+
+def _json_answer(name: str, path: str, body: Any) -> dict[str, Any]:
+    """A route Envoy answers itself: ``GET path`` → 200 with ``body`` as JSON, the body unread."""
+    return {
+        "name": name,
+        "match": {"path": path, "headers": _get_only()},
+        "direct_response": {"status": 200, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [_json_content_type()],
+        "typed_per_filter_config": _no_body_parsing(),
+    }
 
 
 def _model_object(model: str) -> dict[str, Any]:
