@@ -399,6 +399,12 @@ RECONCILE_SCHEDULE_ID = "drctl-reconcile-standbys"
 RECONCILE_WORKFLOW_ID = "reconcile-standbys"
 
 
+def unknown_instance_message(model: str, instance: str, known: list[str]) -> str:
+    """What an ``UnknownInstance`` error says, where the platform raises it and where a runbook
+    started directly refuses a wrong id before reporting it."""
+    return f"{model} has no instance {instance!r} (known: {', '.join(known) or 'none'})"
+
+
 def failover_workflow_id(model: str, instance: str) -> str:
     """One failover per failed instance: a second start with this ID joins the running one."""
     return f"failover-{model}-{instance}"

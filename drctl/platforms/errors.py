@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from temporalio.exceptions import ApplicationError
 
-from drctl.payloads import ErrorType
+from drctl.payloads import ErrorType, unknown_instance_message
 
 
 def unknown_instance(model: str, instance: str, known: list[str]) -> ApplicationError:
-    listed = ", ".join(known) or "none"
     return ApplicationError(
-        f"{model} has no instance {instance!r} (known: {listed})", type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True
+        unknown_instance_message(model, instance, known), type=ErrorType.UNKNOWN_INSTANCE, non_retryable=True
     )
 
 

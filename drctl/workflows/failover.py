@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         StepTiming,
         SwitchRecord,
         Trigger,
+        unknown_instance_message,
     )
     from drctl.policies.reconcile import plan_emergency
     from drctl.policies.schema import DRPolicy
@@ -728,7 +729,7 @@ class FailoverWorkflow:
                 # A detector's late report of a replaced instance still goes on (it settles, see
                 # GONE_INSTANCE_SETTLES); an operator's wrong id is refused, as the CLI refuses it.
                 raise ApplicationError(
-                    f"{request.model} has no instance {request.instance!r} (known: {', '.join(known) or 'none'})",
+                    unknown_instance_message(request.model, request.instance, known),
                     type=ErrorType.UNKNOWN_INSTANCE,
                     non_retryable=True,
                 )
