@@ -34,6 +34,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable
@@ -46,6 +47,9 @@ from temporalio.client import Client
 from temporalio.common import TypedSearchAttributes
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.zone_bench import cpu_s
 from drctl.activities.incidents import in_order_at_most
 from drctl.activities.zone_switch import RECORDS_AT_ONCE
 from drctl.payloads import FailoverRequest, StepTiming, SwitchRecord, Trigger
@@ -53,7 +57,7 @@ from drctl.temporal.converter import drctl_data_converter
 from drctl.temporal.incidents import start_switch_record
 from drctl.temporal.search_attributes import dev_server_flags
 from drctl.workers.binaries import find_binary
-from drctl.workers.stack import SQLITE_PRAGMAS
+from drctl.workers.stack import SQLITE_PRAGMAS, free_ports
 from drctl.workflows.failover import FailoverWorkflow
 
 TASK_QUEUE = "temporal-floor"
@@ -79,27 +83,14 @@ class FloorSteps:
         return steps
 
 
-def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def spawn_dev_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
     """The dev server as the stack runs it, on ``port``, its database and log in ``folder``."""
+    http_port, metrics_port = free_ports(2)
     command = [
         find_binary("temporal"), "server", "start-dev",
         "--db-filename", str(folder / "temporal.db"),
         "--ip", "127.0.0.1", "--port", str(port),
-        "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+        "--http-port", str(http_port), "--metrics-port", str(metrics_port),
         "--headless", "--log-level", "warn",
         *SQLITE_PRAGMAS, *dev_server_flags(),
     ]  # fmt: skip
@@ -107,7 +98,7 @@ def spawn_dev_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 async def start_dev_server(folder: Path) -> tuple[subprocess.Popen[bytes], Client]:
-    port = free_port()
+    (port,) = free_ports(1)
     server = spawn_dev_server(folder, port)
     deadline = time.monotonic() + 60
     while True:
@@ -194,11 +185,11 @@ async def bench_records(client: Client, server_pid: int, count: int) -> dict[str
                 else bare_start(client, switch_record(m, tag))
                 for m in range(count)
             ]
-            cpu, began = process_cpu_s(server_pid), time.monotonic()
+            cpu, began = cpu_s(server_pid), time.monotonic()
             await in_order_at_most(RECORDS_AT_ONCE, starts)
             took = time.monotonic() - began
             await asyncio.sleep(1.0)  # the server's queues (visibility, close) finish their share
-            per_record[kind].append((process_cpu_s(server_pid) - cpu) / count * 1000)
+            per_record[kind].append((cpu_s(server_pid) - cpu) / count * 1000)
             rates[kind].append(count / took)
     return {
         kind: {
